@@ -1,0 +1,1 @@
+//! Named file locks (placeholder).
