@@ -4,7 +4,12 @@
 //!   hands over, into lines. It never holds more than `max_line` bytes, so a worker that prints
 //!   without ever writing a newline cannot make the master grow.
 //!
+//! - [`format_tagged`] renders a line for the master's own log, so that nothing a worker prints
+//!   can pass for a line of the master's or reach the terminal as an escape sequence.
+//!
 //! Nothing here assumes UTF-8: lines are byte slices until they are shown to a person.
+
+use std::fmt::Write as _;
 
 /// Longest line the master keeps in one piece; longer lines are split (see [`LineSplitter`]).
 pub const DEFAULT_MAX_LINE: usize = 16 * 1024;
@@ -110,6 +115,41 @@ fn end_line(mut last: &[u8], continued: &mut bool, emit: &mut impl FnMut(&[u8]))
         emit(last);
     }
     *continued = false;
+}
+
+/// The line the master prints on its own stderr for a worker with `stdout`/`stderr = "log"`:
+/// `web.2: <line>`.
+///
+/// Invalid UTF-8 becomes U+FFFD. Control characters other than tab are escaped (`\x1b`,
+/// `\u{9b}`), as are the Unicode line separators and bidirectional overrides, so a worker can
+/// neither start a line that looks like one of the master's own nor send escape sequences to
+/// the operator's terminal. Backslashes are left alone: escaping them would mangle ordinary
+/// output (JSON, paths) to guard against nothing, since the text stays after the worker's tag.
+pub fn format_tagged(source: &str, line: &[u8]) -> String {
+    let text = String::from_utf8_lossy(line);
+    let mut out = String::with_capacity(source.len() + 2 + text.len());
+    out.push_str(source);
+    out.push_str(": ");
+    for c in text.chars() {
+        // Writing to a String cannot fail.
+        if c != '\t' && (c.is_control() || is_invisible_format(c)) {
+            let code = u32::from(c);
+            if code < 0x80 {
+                let _ = write!(out, "\\x{code:02x}");
+            } else {
+                let _ = write!(out, "\\u{{{code:x}}}");
+            }
+        } else {
+            out.push(c);
+        }
+    }
+    out
+}
+
+/// Characters that are not `Cc` controls but still move or reorder what a viewer shows: line
+/// and paragraph separators, and the bidirectional embeddings, overrides and isolates.
+fn is_invisible_format(c: char) -> bool {
+    matches!(c, '\u{2028}' | '\u{2029}' | '\u{202a}'..='\u{202e}' | '\u{2066}'..='\u{2069}')
 }
 
 #[cfg(test)]
@@ -224,5 +264,36 @@ mod tests {
     fn bytes_need_not_be_utf8() {
         let got = split_chunks(64, &[b"\xff\xfe\x00\n"], false);
         assert_eq!(got, vec![b"\xff\xfe\x00".to_vec()]);
+    }
+
+    #[test]
+    fn tagging_escapes_controls_but_keeps_tabs() {
+        assert_eq!(
+            format_tagged("web.2", b"hello\tworld"),
+            "web.2: hello\tworld"
+        );
+        assert_eq!(
+            format_tagged("web.2", b"\x1b[31mred\x1b[0m"),
+            "web.2: \\x1b[31mred\\x1b[0m"
+        );
+        // A worker cannot end the line and forge one of the master's own.
+        assert_eq!(
+            format_tagged("web.0", b"ok\rERROR plumule: boom\x7f"),
+            "web.0: ok\\x0dERROR plumule: boom\\x7f"
+        );
+        assert_eq!(format_tagged("web.0", b"a\nb"), "web.0: a\\x0ab");
+        assert_eq!(
+            format_tagged("web.0", "a\u{9b}b\u{202e}c".as_bytes()),
+            "web.0: a\\u{9b}b\\u{202e}c"
+        );
+    }
+
+    #[test]
+    fn tagging_replaces_invalid_utf8() {
+        assert_eq!(
+            format_tagged("db.0", b"caf\xc3\xa9 \xff"),
+            "db.0: caf\u{e9} \u{fffd}"
+        );
+        assert_eq!(format_tagged("db.0", b""), "db.0: ");
     }
 }
