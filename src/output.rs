@@ -6,10 +6,15 @@
 //!
 //! - [`format_tagged`] renders a line for the master's own log, so that nothing a worker prints
 //!   can pass for a line of the master's or reach the terminal as an escape sequence.
+//! - [`RotatingFile`] appends lines to a `stdout = { file = ... }` file and rotates it by size.
 //!
 //! Nothing here assumes UTF-8: lines are byte slices until they are shown to a person.
 
 use std::fmt::Write as _;
+use std::fs::{self, DirBuilder, File, OpenOptions};
+use std::io::{self, IoSlice, Write};
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
+use std::path::{Path, PathBuf};
 
 /// Longest line the master keeps in one piece; longer lines are split (see [`LineSplitter`]).
 pub const DEFAULT_MAX_LINE: usize = 16 * 1024;
@@ -150,6 +155,244 @@ pub fn format_tagged(source: &str, line: &[u8]) -> String {
 /// and paragraph separators, and the bidirectional embeddings, overrides and isolates.
 fn is_invisible_format(c: char) -> bool {
     matches!(c, '\u{2028}' | '\u{2029}' | '\u{202a}'..='\u{202e}' | '\u{2066}'..='\u{2069}')
+}
+
+/// Why an output file could not be used. Carried inside the [`io::Error`]s that
+/// [`RotatingFile`] returns (see [`io::Error::get_ref`]); its message names the file.
+#[derive(Debug, thiserror::Error)]
+pub enum OutputFileError {
+    #[error("cannot create folder {path} for worker output: {source}")]
+    CreateDir { path: PathBuf, source: io::Error },
+    #[error("cannot open output file {path}: {source}")]
+    Open { path: PathBuf, source: io::Error },
+    #[error("cannot write to output file {path}: {source}")]
+    Write { path: PathBuf, source: io::Error },
+    #[error("cannot truncate output file {path}: {source}")]
+    Truncate { path: PathBuf, source: io::Error },
+    #[error("cannot remove old output file {path}: {source}")]
+    Remove { path: PathBuf, source: io::Error },
+    #[error("cannot rename output file {from} to {to}: {source}")]
+    Rename {
+        from: PathBuf,
+        to: PathBuf,
+        source: io::Error,
+    },
+}
+
+impl OutputFileError {
+    fn source_kind(&self) -> io::ErrorKind {
+        match self {
+            OutputFileError::CreateDir { source, .. }
+            | OutputFileError::Open { source, .. }
+            | OutputFileError::Write { source, .. }
+            | OutputFileError::Truncate { source, .. }
+            | OutputFileError::Remove { source, .. }
+            | OutputFileError::Rename { source, .. } => source.kind(),
+        }
+    }
+}
+
+impl From<OutputFileError> for io::Error {
+    fn from(err: OutputFileError) -> io::Error {
+        io::Error::new(err.source_kind(), err)
+    }
+}
+
+/// An append-only output file for `stdout`/`stderr = { file = ..., max_size, keep }`, written
+/// by the master.
+///
+/// Rotation happens before a line that would take the file past `max_size` (unless the file is
+/// empty, so one long line cannot rotate forever): FILE.`keep` is removed, FILE.k becomes
+/// FILE.k+1, FILE becomes FILE.1 (the newest) and a fresh FILE is opened. With `keep = 0` the
+/// file is truncated instead.
+///
+/// The size is read from the file when it is opened, then counted. Keep one `RotatingFile` per
+/// path (workers of a program that share a file share the value): two of them would each count
+/// their own writes and rotate under each other. Each line goes out in one `writev` on an
+/// `O_APPEND` descriptor, so lines from other writers do not cut into it.
+#[derive(Debug)]
+pub struct RotatingFile {
+    path: PathBuf,
+    file: File,
+    size: u64,
+    max_size: Option<u64>,
+    keep: u32,
+    /// Size past which the next write rotates: `max_size`, or further away after a failed
+    /// rotation, so that a folder we cannot rename in costs one warning per `max_size` bytes
+    /// rather than one per line.
+    rotate_at: Option<u64>,
+}
+
+impl RotatingFile {
+    /// Opens (creating it and its missing parent folders, 0755) `path` for appending, mode 0644.
+    pub fn open(path: &Path, max_size: Option<u64>, keep: u32) -> io::Result<Self> {
+        let (file, size) = open_append(path)?;
+        Ok(RotatingFile {
+            path: path.to_path_buf(),
+            file,
+            size,
+            max_size,
+            keep,
+            rotate_at: max_size,
+        })
+    }
+
+    /// The file's path.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// How many bytes the current file holds, as far as this writer knows.
+    pub fn size(&self) -> u64 {
+        self.size
+    }
+
+    /// Appends `line` and a `\n`, rotating first if the file would outgrow `max_size`.
+    ///
+    /// A failed rotation is logged as a warning and the line is written to the current file all
+    /// the same: losing output would be worse than a file that outgrows its limit. An `Err`
+    /// means the line was not (completely) written.
+    pub fn write_line(&mut self, line: &[u8]) -> io::Result<()> {
+        let len = line.len() as u64 + 1;
+        if let (Some(limit), Some(max_size)) = (self.rotate_at, self.max_size) {
+            if self.size > 0 && self.size.saturating_add(len) > limit {
+                match self.rotate() {
+                    Ok(()) => self.rotate_at = Some(max_size),
+                    Err(err) => {
+                        log::warn!("{err}; writing on without rotating");
+                        self.rotate_at = Some(self.size.saturating_add(max_size));
+                    }
+                }
+            }
+        }
+        match write_two(&mut self.file, line, b"\n") {
+            Ok(()) => {
+                self.size += len;
+                Ok(())
+            }
+            Err(source) => {
+                // Part of the line may have gone out: count what the file really holds.
+                if let Ok(meta) = self.file.metadata() {
+                    self.size = meta.len();
+                }
+                Err(OutputFileError::Write {
+                    path: self.path.clone(),
+                    source,
+                }
+                .into())
+            }
+        }
+    }
+
+    /// Opens the path again, for SIGUSR1 after logrotate moved the file away. On failure the
+    /// old descriptor stays in use.
+    pub fn reopen(&mut self) -> io::Result<()> {
+        let (file, size) = open_append(&self.path)?;
+        self.file = file;
+        self.size = size;
+        self.rotate_at = self.max_size;
+        Ok(())
+    }
+
+    fn rotate(&mut self) -> Result<(), OutputFileError> {
+        if self.keep == 0 {
+            self.file
+                .set_len(0)
+                .map_err(|source| OutputFileError::Truncate {
+                    path: self.path.clone(),
+                    source,
+                })?;
+            self.size = 0;
+            return Ok(());
+        }
+        let oldest = numbered(&self.path, self.keep);
+        match fs::remove_file(&oldest) {
+            Ok(()) => {}
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+            Err(source) => {
+                return Err(OutputFileError::Remove {
+                    path: oldest,
+                    source,
+                })
+            }
+        }
+        for k in (1..self.keep).rev() {
+            rename_if_present(&numbered(&self.path, k), &numbered(&self.path, k + 1))?;
+        }
+        // FILE may be gone (moved away by logrotate before a reopen): then there is nothing to
+        // shift, and the fresh file below is all that is needed.
+        rename_if_present(&self.path, &numbered(&self.path, 1))?;
+        let (file, size) = open_append(&self.path)?;
+        self.file = file;
+        self.size = size;
+        Ok(())
+    }
+}
+
+/// `FILE.k`.
+fn numbered(path: &Path, k: u32) -> PathBuf {
+    let mut name = path.as_os_str().to_os_string();
+    name.push(format!(".{k}"));
+    PathBuf::from(name)
+}
+
+fn rename_if_present(from: &Path, to: &Path) -> Result<(), OutputFileError> {
+    match fs::rename(from, to) {
+        Ok(()) => Ok(()),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
+        Err(source) => Err(OutputFileError::Rename {
+            from: from.to_path_buf(),
+            to: to.to_path_buf(),
+            source,
+        }),
+    }
+}
+
+/// Opens `path` for appending, creating it and its folders; returns the file and its size.
+fn open_append(path: &Path) -> Result<(File, u64), OutputFileError> {
+    if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
+        DirBuilder::new()
+            .recursive(true)
+            .mode(0o755)
+            .create(parent)
+            .map_err(|source| OutputFileError::CreateDir {
+                path: parent.to_path_buf(),
+                source,
+            })?;
+    }
+    let open_err = |source| OutputFileError::Open {
+        path: path.to_path_buf(),
+        source,
+    };
+    let file = OpenOptions::new()
+        .append(true)
+        .create(true)
+        .mode(0o644)
+        // std sets it already; spelled out because a worker must never inherit this fd.
+        .custom_flags(libc::O_CLOEXEC)
+        .open(path)
+        .map_err(open_err)?;
+    let size = file.metadata().map_err(open_err)?.len();
+    Ok((file, size))
+}
+
+/// Writes `a` then `b`, in one `writev` when the kernel takes it all (it does for regular files
+/// short of a full disk).
+fn write_two(file: &mut File, a: &[u8], b: &[u8]) -> io::Result<()> {
+    let written = loop {
+        match file.write_vectored(&[IoSlice::new(a), IoSlice::new(b)]) {
+            Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
+            Ok(n) => break n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(e),
+        }
+    };
+    if written < a.len() {
+        file.write_all(&a[written..])?;
+        file.write_all(b)
+    } else {
+        file.write_all(&b[written - a.len()..])
+    }
 }
 
 #[cfg(test)]
@@ -295,5 +538,160 @@ mod tests {
             "db.0: caf\u{e9} \u{fffd}"
         );
         assert_eq!(format_tagged("db.0", b""), "db.0: ");
+    }
+
+    mod rotating {
+        use super::super::*;
+        use std::os::unix::fs::PermissionsExt;
+        use std::os::unix::io::AsRawFd;
+
+        fn read(path: &Path) -> String {
+            fs::read_to_string(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+        }
+
+        #[test]
+        fn rotation_keeps_numbered_files_newest_first() {
+            let dir = tempfile::tempdir().unwrap();
+            let path = dir.path().join("web.log");
+            // Lines are 6 bytes with their newline: two fit in 12 bytes.
+            let mut f = RotatingFile::open(&path, Some(12), 3).unwrap();
+            for i in 0..10 {
+                f.write_line(format!("line{i}").as_bytes()).unwrap();
+                assert!(
+                    !numbered(&path, 4).exists(),
+                    "FILE.4 appeared after line {i}"
+                );
+            }
+            assert_eq!(read(&path), "line8\nline9\n");
+            assert_eq!(read(&numbered(&path, 1)), "line6\nline7\n");
+            assert_eq!(read(&numbered(&path, 2)), "line4\nline5\n");
+            assert_eq!(read(&numbered(&path, 3)), "line2\nline3\n");
+            assert_eq!(f.size(), 12);
+            let mut names: Vec<_> = fs::read_dir(dir.path())
+                .unwrap()
+                .map(|e| e.unwrap().file_name().into_string().unwrap())
+                .collect();
+            names.sort();
+            assert_eq!(names, ["web.log", "web.log.1", "web.log.2", "web.log.3"]);
+        }
+
+        #[test]
+        fn keep_zero_truncates() {
+            let dir = tempfile::tempdir().unwrap();
+            let path = dir.path().join("out");
+            let mut f = RotatingFile::open(&path, Some(12), 0).unwrap();
+            for i in 0..5 {
+                f.write_line(format!("line{i}").as_bytes()).unwrap();
+            }
+            assert_eq!(read(&path), "line4\n");
+            assert!(!numbered(&path, 1).exists());
+        }
+
+        #[test]
+        fn no_max_size_never_rotates() {
+            let dir = tempfile::tempdir().unwrap();
+            let path = dir.path().join("out");
+            let mut f = RotatingFile::open(&path, None, 3).unwrap();
+            for _ in 0..100 {
+                f.write_line(b"0123456789").unwrap();
+            }
+            assert_eq!(fs::metadata(&path).unwrap().len(), 1100);
+            assert!(!numbered(&path, 1).exists());
+        }
+
+        #[test]
+        fn size_is_read_at_open_and_a_long_line_goes_whole() {
+            let dir = tempfile::tempdir().unwrap();
+            let path = dir.path().join("out");
+            fs::write(&path, "earlier\n").unwrap();
+            let mut f = RotatingFile::open(&path, Some(12), 2).unwrap();
+            assert_eq!(f.size(), 8);
+            f.write_line(b"next").unwrap(); // 8 + 5 > 12: rotates first
+            assert_eq!(read(&numbered(&path, 1)), "earlier\n");
+            // Longer than max_size, into an empty-but-for-"next" file: rotates once, then is
+            // written whole to the fresh file (it is not rotated again for being alone).
+            let long = "x".repeat(40);
+            f.write_line(long.as_bytes()).unwrap();
+            assert_eq!(read(&path), format!("{long}\n"));
+            assert_eq!(read(&numbered(&path, 1)), "next\n");
+            assert_eq!(read(&numbered(&path, 2)), "earlier\n");
+        }
+
+        #[test]
+        fn reopen_follows_the_path_after_a_rename() {
+            let dir = tempfile::tempdir().unwrap();
+            let path = dir.path().join("out");
+            let moved = dir.path().join("out.moved");
+            let mut f = RotatingFile::open(&path, Some(1000), 3).unwrap();
+            f.write_line(b"a").unwrap();
+            fs::rename(&path, &moved).unwrap();
+            f.write_line(b"b").unwrap(); // still the old file, as with logrotate before SIGUSR1
+            f.reopen().unwrap();
+            assert_eq!(f.size(), 0);
+            f.write_line(b"c").unwrap();
+            assert_eq!(read(&moved), "a\nb\n");
+            assert_eq!(read(&path), "c\n");
+        }
+
+        #[test]
+        fn missing_parent_folders_are_created() {
+            let dir = tempfile::tempdir().unwrap();
+            let path = dir.path().join("logs/web/out.log");
+            let mut f = RotatingFile::open(&path, None, 0).unwrap();
+            f.write_line(b"hi").unwrap();
+            assert_eq!(read(&path), "hi\n");
+            assert!(dir.path().join("logs/web").is_dir());
+            // Both modes are asked for; the umask can only take bits away.
+            let dir_mode = fs::metadata(dir.path().join("logs"))
+                .unwrap()
+                .permissions()
+                .mode();
+            let file_mode = fs::metadata(&path).unwrap().permissions().mode();
+            assert_eq!(dir_mode & !0o755 & 0o777, 0);
+            assert_eq!(file_mode & !0o644 & 0o777, 0);
+            let fd_flags =
+                nix::fcntl::fcntl(f.file.as_raw_fd(), nix::fcntl::FcntlArg::F_GETFD).unwrap();
+            assert_ne!(fd_flags & libc::FD_CLOEXEC, 0);
+        }
+
+        #[test]
+        fn errors_name_the_file() {
+            let dir = tempfile::tempdir().unwrap();
+            let blocker = dir.path().join("plain-file");
+            fs::write(&blocker, "").unwrap();
+            let path = blocker.join("out.log");
+            let err = RotatingFile::open(&path, None, 0).unwrap_err();
+            assert!(
+                err.to_string().contains(&*blocker.to_string_lossy()),
+                "{err}"
+            );
+            let inner = err.get_ref().unwrap().downcast_ref::<OutputFileError>();
+            assert!(
+                matches!(inner, Some(OutputFileError::CreateDir { .. })),
+                "{inner:?}"
+            );
+        }
+
+        #[test]
+        fn a_failed_rotation_loses_no_line_and_is_retried_later() {
+            let dir = tempfile::tempdir().unwrap();
+            let path = dir.path().join("out");
+            // FILE.1 is a non-empty folder: removing it (keep = 1) fails.
+            fs::create_dir(numbered(&path, 1)).unwrap();
+            fs::write(numbered(&path, 1).join("x"), "").unwrap();
+            let mut f = RotatingFile::open(&path, Some(12), 1).unwrap();
+            for i in 0..4 {
+                f.write_line(format!("line{i}").as_bytes()).unwrap();
+            }
+            assert_eq!(read(&path), "line0\nline1\nline2\nline3\n");
+            fs::remove_dir_all(numbered(&path, 1)).unwrap();
+            // The failure at 12 bytes pushed the next attempt to 24.
+            f.write_line(b"line4").unwrap();
+            assert_eq!(read(&path), "line4\n");
+            assert_eq!(read(&numbered(&path, 1)), "line0\nline1\nline2\nline3\n");
+            f.write_line(b"line5").unwrap();
+            f.write_line(b"line6").unwrap(); // back to the normal limit
+            assert_eq!(read(&path), "line6\n");
+        }
     }
 }
