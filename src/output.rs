@@ -3,18 +3,20 @@
 //! - [`LineSplitter`] turns bytes read from a non-blocking pipe, in whatever chunks the kernel
 //!   hands over, into lines. It never holds more than `max_line` bytes, so a worker that prints
 //!   without ever writing a newline cannot make the master grow.
-//!
 //! - [`format_tagged`] renders a line for the master's own log, so that nothing a worker prints
 //!   can pass for a line of the master's or reach the terminal as an escape sequence.
 //! - [`RotatingFile`] appends lines to a `stdout = { file = ... }` file and rotates it by size.
+//! - [`LogRing`] remembers recent lines for `plumule logs`, bounded in lines and in bytes.
 //!
 //! Nothing here assumes UTF-8: lines are byte slices until they are shown to a person.
 
-use std::fmt::Write as _;
+use std::collections::VecDeque;
+use std::fmt::{self, Write as _};
 use std::fs::{self, DirBuilder, File, OpenOptions};
 use std::io::{self, IoSlice, Write};
 use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
+use std::time::SystemTime;
 
 /// Longest line the master keeps in one piece; longer lines are split (see [`LineSplitter`]).
 pub const DEFAULT_MAX_LINE: usize = 16 * 1024;
@@ -395,6 +397,155 @@ fn write_two(file: &mut File, a: &[u8], b: &[u8]) -> io::Result<()> {
     }
 }
 
+/// Which of a worker's output streams a line came from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Stream {
+    Stdout,
+    Stderr,
+}
+
+impl Stream {
+    /// `"stdout"` or `"stderr"`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Stream::Stdout => "stdout",
+            Stream::Stderr => "stderr",
+        }
+    }
+}
+
+impl fmt::Display for Stream {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// One line of worker output, as kept by [`LogRing`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LogLine {
+    /// When the master read it.
+    pub time: SystemTime,
+    /// The worker, as `PROGRAM.ID` (`web.2`).
+    pub source: String,
+    pub stream: Stream,
+    /// Without its newline; not necessarily UTF-8.
+    pub line: Vec<u8>,
+}
+
+impl LogLine {
+    /// Whether this line belongs to `filter`: a program (`web`, every worker of it) or one
+    /// worker (`web.2`). `web` matches neither `webapp.0` nor `web2.0`.
+    pub fn matches(&self, filter: &str) -> bool {
+        source_matches(&self.source, filter)
+    }
+
+    /// What the line costs against [`LogRing`]'s byte bound.
+    fn cost(&self) -> usize {
+        self.source.len() + self.line.len()
+    }
+}
+
+fn source_matches(source: &str, filter: &str) -> bool {
+    if filter.contains('.') {
+        source == filter
+    } else {
+        // Program names have no dots (SPEC §9), so the program is what precedes the first one.
+        source
+            .split_once('.')
+            .map_or(source, |(program, _)| program)
+            == filter
+    }
+}
+
+/// Recent worker output kept in memory for `plumule logs`, oldest first.
+///
+/// Bounded twice: at most `max_lines` lines, and at most `max_bytes` bytes of sources plus
+/// lines; the oldest lines go first when either bound is crossed. A single line that would not
+/// fit in `max_bytes` on its own is cut to fit.
+#[derive(Debug)]
+pub struct LogRing {
+    lines: VecDeque<LogLine>,
+    max_lines: usize,
+    max_bytes: usize,
+    /// Sum of [`LogLine::cost`] over `lines`.
+    bytes: usize,
+}
+
+impl LogRing {
+    pub fn new(max_lines: usize, max_bytes: usize) -> Self {
+        LogRing {
+            lines: VecDeque::new(),
+            max_lines,
+            max_bytes,
+            bytes: 0,
+        }
+    }
+
+    /// Keeps `line`, stamped with the current time.
+    pub fn push(&mut self, source: &str, stream: Stream, line: &[u8]) {
+        self.push_at(SystemTime::now(), source, stream, line);
+    }
+
+    /// Keeps `line` with the given time stamp.
+    pub fn push_at(&mut self, time: SystemTime, source: &str, stream: Stream, line: &[u8]) {
+        if self.max_lines == 0 || source.len() > self.max_bytes {
+            return;
+        }
+        let room = self.max_bytes - source.len();
+        let entry = LogLine {
+            time,
+            source: source.to_owned(),
+            stream,
+            line: line[..line.len().min(room)].to_vec(),
+        };
+        self.bytes += entry.cost();
+        self.lines.push_back(entry);
+        while self.lines.len() > self.max_lines || self.bytes > self.max_bytes {
+            let Some(old) = self.lines.pop_front() else {
+                break;
+            };
+            self.bytes -= old.cost();
+        }
+    }
+
+    /// The last `n` lines that match `filter` (see [`LogLine::matches`]; `None` matches all),
+    /// oldest first.
+    pub fn tail<'a>(
+        &'a self,
+        n: usize,
+        filter: Option<&'a str>,
+    ) -> impl Iterator<Item = &'a LogLine> + 'a {
+        let wanted = move |l: &LogLine| filter.map_or(true, |f| l.matches(f));
+        // Walk back to the n-th match from the end, then forward from there: no allocation.
+        let mut start = self.lines.len();
+        let mut found = 0;
+        for (i, l) in self.lines.iter().enumerate().rev() {
+            if found == n {
+                break;
+            }
+            if wanted(l) {
+                found += 1;
+                start = i;
+            }
+        }
+        self.lines.range(start..).filter(move |l| wanted(l))
+    }
+
+    /// How many lines are kept.
+    pub fn len(&self) -> usize {
+        self.lines.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.lines.is_empty()
+    }
+
+    /// How many bytes of sources and lines are kept.
+    pub fn bytes(&self) -> usize {
+        self.bytes
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -692,6 +843,115 @@ mod tests {
             f.write_line(b"line5").unwrap();
             f.write_line(b"line6").unwrap(); // back to the normal limit
             assert_eq!(read(&path), "line6\n");
+        }
+    }
+
+    mod ring {
+        use super::super::*;
+        use std::time::Duration;
+
+        fn texts<'a>(it: impl Iterator<Item = &'a LogLine>) -> Vec<String> {
+            it.map(|l| format!("{} {}", l.source, String::from_utf8_lossy(&l.line)))
+                .collect()
+        }
+
+        #[test]
+        fn evicts_oldest_past_max_lines() {
+            let mut ring = LogRing::new(3, 1 << 20);
+            for i in 0..5 {
+                ring.push("web.0", Stream::Stdout, format!("l{i}").as_bytes());
+            }
+            assert_eq!(ring.len(), 3);
+            assert_eq!(
+                texts(ring.tail(10, None)),
+                ["web.0 l2", "web.0 l3", "web.0 l4"]
+            );
+            assert_eq!(ring.bytes(), 3 * (5 + 2));
+        }
+
+        #[test]
+        fn evicts_oldest_past_max_bytes() {
+            // Each entry costs 5 (source) + 5 (line) = 10 bytes.
+            let mut ring = LogRing::new(100, 25);
+            ring.push("web.0", Stream::Stdout, b"aaaaa");
+            ring.push("web.1", Stream::Stderr, b"bbbbb");
+            assert_eq!(ring.len(), 2);
+            ring.push("web.0", Stream::Stdout, b"ccccc");
+            assert_eq!(texts(ring.tail(10, None)), ["web.1 bbbbb", "web.0 ccccc"]);
+            assert_eq!(ring.bytes(), 20);
+            // One big line pushes out everything before it, and is cut to the bound itself.
+            ring.push("web.2", Stream::Stdout, &[b'x'; 100]);
+            assert_eq!(ring.len(), 1);
+            assert_eq!(ring.bytes(), 25);
+            assert_eq!(ring.tail(1, None).next().unwrap().line.len(), 20);
+        }
+
+        #[test]
+        fn zero_bounds_keep_nothing() {
+            let mut ring = LogRing::new(0, 100);
+            ring.push("web.0", Stream::Stdout, b"x");
+            assert!(ring.is_empty());
+            let mut ring = LogRing::new(10, 3);
+            ring.push("web.0", Stream::Stdout, b"x");
+            assert!(ring.is_empty());
+            assert_eq!(ring.tail(5, None).count(), 0);
+        }
+
+        #[test]
+        fn filters_by_program_or_worker() {
+            let mut ring = LogRing::new(100, 1 << 20);
+            for (source, line) in [
+                ("web.0", "a"),
+                ("webapp.0", "b"),
+                ("web.2", "c"),
+                ("web2.0", "d"),
+                ("web.0", "e"),
+                ("db.0", "f"),
+            ] {
+                ring.push(source, Stream::Stdout, line.as_bytes());
+            }
+            assert_eq!(
+                texts(ring.tail(10, Some("web"))),
+                ["web.0 a", "web.2 c", "web.0 e"]
+            );
+            assert_eq!(texts(ring.tail(10, Some("web.0"))), ["web.0 a", "web.0 e"]);
+            assert_eq!(texts(ring.tail(10, Some("webapp"))), ["webapp.0 b"]);
+            assert_eq!(ring.tail(10, Some("web.1")).count(), 0);
+            assert_eq!(ring.tail(10, Some("we")).count(), 0);
+        }
+
+        #[test]
+        fn tail_takes_the_last_n_matches_oldest_first() {
+            let mut ring = LogRing::new(100, 1 << 20);
+            for i in 0..6 {
+                let source = if i % 2 == 0 { "web.0" } else { "db.0" };
+                ring.push(source, Stream::Stdout, format!("{i}").as_bytes());
+            }
+            assert_eq!(texts(ring.tail(2, None)), ["web.0 4", "db.0 5"]);
+            assert_eq!(texts(ring.tail(2, Some("web"))), ["web.0 2", "web.0 4"]);
+            assert_eq!(ring.tail(0, None).count(), 0);
+            assert_eq!(ring.tail(100, Some("db")).count(), 3);
+        }
+
+        #[test]
+        fn lines_keep_time_and_stream() {
+            let mut ring = LogRing::new(10, 1000);
+            let t = SystemTime::UNIX_EPOCH + Duration::from_secs(1_700_000_000);
+            ring.push_at(t, "web.1", Stream::Stderr, b"\xffoops");
+            let before = SystemTime::now();
+            ring.push("web.1", Stream::Stdout, b"later");
+            let lines: Vec<_> = ring.tail(2, None).collect();
+            assert_eq!(
+                *lines[0],
+                LogLine {
+                    time: t,
+                    source: "web.1".into(),
+                    stream: Stream::Stderr,
+                    line: b"\xffoops".to_vec(),
+                }
+            );
+            assert!(lines[1].time >= before);
+            assert_eq!(lines[1].stream.to_string(), "stdout");
         }
     }
 }
