@@ -7,7 +7,7 @@
 use std::sync::Arc;
 use std::time::Instant;
 
-use crate::config::Program;
+use crate::config::{Program, ReloadMode};
 use crate::slot::{Slot, SlotState};
 
 /// A program's settings and its worker slots.
@@ -18,12 +18,14 @@ pub struct Pool {
     pub scale: Option<u32>,
     /// The program left the config: its workers drain, then the pool is dropped.
     pub removed: bool,
+    /// Bumped when a reload changes a key that needs a new process.
+    pub generation: u64,
     pub slots: Vec<Slot>,
 }
 
 impl Pool {
     pub fn new(program: Arc<Program>) -> Self {
-        Pool { program, scale: None, removed: false, slots: Vec::new() }
+        Pool { program, scale: None, removed: false, generation: 0, slots: Vec::new() }
     }
 
     /// How many workers should run.
@@ -37,6 +39,37 @@ impl Pool {
 
     pub fn live(&self) -> usize {
         self.slots.iter().filter(|s| s.is_live()).count()
+    }
+
+    /// Whether a successor may start beside the old process: not when they would contend
+    /// for an exclusive lock (the successor could never take it), then the old one stops first.
+    pub fn rolls_side_by_side(&self) -> bool {
+        self.program.locks.iter().all(|l| l.shared)
+    }
+
+    /// Whether the pool is as it should be: every wanted worker running (or given up on:
+    /// failed, exited, or crashing in backoff), nothing beyond the count, no rolling restart
+    /// under way. Control commands answer once their pools are settled.
+    pub fn settled(&self) -> bool {
+        let desired = self.desired();
+        if self.slots.len() < desired as usize {
+            return false;
+        }
+        let rolling = self.program.reload != ReloadMode::None;
+        self.slots.iter().all(|s| {
+            if s.retiring.is_some() {
+                return false;
+            }
+            if s.id >= desired || !s.enabled {
+                return !s.is_live();
+            }
+            match &s.state {
+                SlotState::Running { .. } => !rolling || s.generation == self.generation,
+                SlotState::Failed { .. } | SlotState::Exited { .. } => true,
+                SlotState::Backoff { .. } => s.crashes > 0,
+                _ => false,
+            }
+        })
     }
 }
 
@@ -53,6 +86,14 @@ pub enum Action {
     CancelBackoff { pool: usize, id: u32 },
     /// Drop the last slot of the pool: it is dead and beyond the desired count.
     Forget { pool: usize, id: u32 },
+    /// Rolling restart: start a successor beside the running process, which retires.
+    Roll { pool: usize, id: u32 },
+    /// Rolling restart where both would contend for a lock: stop, then start again.
+    Restart { pool: usize, id: u32 },
+    /// The successor is up: send the stop signal to the retiring process.
+    Retire { pool: usize, id: u32 },
+    /// SIGKILL the retiring process's group.
+    KillRetiring { pool: usize, id: u32 },
 }
 
 #[derive(Debug, Default, PartialEq)]
@@ -74,6 +115,34 @@ pub enum Phase {
     Running,
     /// Graceful stop: everything stops; past the deadline everything left is killed.
     ShuttingDown { deadline: Instant },
+}
+
+/// One worker at a time: while a slot of the pool is mid-roll, nothing else starts rolling.
+fn plan_roll(plan: &mut Plan, p: usize, pool: &Pool, desired: u32) {
+    let mid_roll = pool.slots.iter().any(|s| {
+        let fresh = s.generation == pool.generation;
+        s.retiring.is_some()
+            || (s.restart_after_stop && matches!(s.state, SlotState::Stopping { .. }))
+            || (fresh && matches!(s.state, SlotState::Starting { .. }))
+            || (fresh && matches!(s.state, SlotState::Backoff { .. }) && s.crashes == 0)
+    });
+    if mid_roll {
+        return;
+    }
+    let stale = pool.slots.iter().find(|s| {
+        s.id < desired
+            && s.enabled
+            && s.generation != pool.generation
+            && matches!(s.state, SlotState::Running { .. } | SlotState::Starting { .. })
+    });
+    if let Some(s) = stale {
+        let side_by_side = pool.rolls_side_by_side() && matches!(s.state, SlotState::Running { .. });
+        plan.actions.push(if side_by_side {
+            Action::Roll { pool: p, id: s.id }
+        } else {
+            Action::Restart { pool: p, id: s.id }
+        });
+    }
 }
 
 /// Compares the pools with what they should be at `now` and lists the actions to take.
@@ -108,6 +177,27 @@ pub fn plan(pools: &[Pool], phase: Phase, now: Instant) -> Plan {
                 }
                 _ => {}
             }
+        }
+        for slot in &pool.slots {
+            let Some(r) = &slot.retiring else { continue };
+            let (pool, id) = (p, slot.id);
+            match r.kill_at {
+                None => {
+                    let successor_done = !matches!(
+                        slot.state,
+                        SlotState::Starting { .. } | SlotState::Backoff { .. }
+                    );
+                    if successor_done || phase != Phase::Running {
+                        plan.actions.push(Action::Retire { pool, id });
+                    }
+                }
+                Some(t) if !r.killed && t <= now => plan.actions.push(Action::KillRetiring { pool, id }),
+                Some(t) if !r.killed => plan.wake(t),
+                Some(_) => {}
+            }
+        }
+        if phase == Phase::Running && pool.program.reload != ReloadMode::None {
+            plan_roll(&mut plan, p, pool, desired);
         }
         // Trailing dead slots beyond the desired count go; the highest ids first.
         if phase == Phase::Running {
@@ -254,7 +344,7 @@ mod tests {
         let mut p = with_states(2, vec![running(1, now), SlotState::Stopped]);
         p.removed = true;
         let got = plan(&[p], Phase::Running, now);
-        assert_eq!(got.actions, vec![Stop { pool: 0, id: 0 }]);
+        assert_eq!(got.actions, vec![Stop { pool: 0, id: 0 }, Forget { pool: 0, id: 1 }]);
     }
 
     #[test]
@@ -272,6 +362,7 @@ mod tests {
         let mut p = p;
         let far = now + Duration::from_secs(10);
         p.slots[0].state = SlotState::Stopping { pid: Pid::from_raw(1), since: now, kill_at: far, killed: false };
+        p.slots[1].state = SlotState::Stopped;
         let got = plan(&[p], Phase::ShuttingDown { deadline }, deadline);
         assert_eq!(got.actions, vec![Kill { pool: 0, id: 0 }]);
     }

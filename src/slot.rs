@@ -107,11 +107,26 @@ impl SlotState {
     }
 }
 
+/// The previous process of a slot during a rolling restart: it keeps serving until its
+/// successor is running, then it is stopped. `status` shows it as `stopping`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Retiring {
+    pub pid: Pid,
+    pub since: Instant,
+    /// Set once the stop signal was sent.
+    pub kill_at: Option<Instant>,
+    pub killed: bool,
+}
+
 /// One worker place of a program.
 #[derive(Debug, Clone)]
 pub struct Slot {
     pub id: u32,
     pub state: SlotState,
+    /// The pool's config generation the current process was spawned with.
+    pub generation: u64,
+    /// The process being replaced by a rolling restart.
+    pub retiring: Option<Retiring>,
     /// False once the operator stopped this worker; `start` sets it again.
     pub enabled: bool,
     /// Restarts since the master started (operator restarts excluded).
@@ -155,6 +170,8 @@ impl Slot {
         Slot {
             id,
             state: SlotState::Stopped,
+            generation: 0,
+            retiring: None,
             enabled: true,
             restarts: 0,
             crashes: 0,
@@ -170,9 +187,9 @@ impl Slot {
         self.state.pid()
     }
 
-    /// Whether the slot has a process (alive or not yet reaped).
+    /// Whether the slot has a process (alive or not yet reaped), its retiring one included.
     pub fn is_live(&self) -> bool {
-        self.state.pid().is_some()
+        self.state.pid().is_some() || self.retiring.is_some()
     }
 
     /// One line of why, for `status`: lock waited for, restart delay, failure reason.

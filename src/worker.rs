@@ -99,7 +99,7 @@ pub fn prepare(program: &Program, id: u32, workers: u32, ctx: &Context) -> Resul
 /// The worker's environment, in a stable order.
 pub fn environment(program: &Program, id: u32, workers: u32, ctx: &Context) -> Vec<(OsString, OsString)> {
     let mut env: Vec<(OsString, OsString)> = Vec::new();
-    let mut set = |env: &mut Vec<(OsString, OsString)>, k: &OsStr, v: &OsStr| {
+    let set = |env: &mut Vec<(OsString, OsString)>, k: &OsStr, v: &OsStr| {
         match env.iter_mut().find(|(key, _)| key == k) {
             Some(entry) => entry.1 = v.to_os_string(),
             None => env.push((k.to_os_string(), v.to_os_string())),
@@ -209,7 +209,10 @@ mod tests {
         assert!(err.contains("command not found: no-such-command-xyz"), "{err}");
         let err = resolve("/nonexistent/x", OsStr::new("/bin"), None).unwrap_err();
         assert!(err.contains("/nonexistent/x") && err.contains("No such file"), "{err}");
-        let err = resolve("/etc/hostname", OsStr::new("/bin"), None).unwrap_err();
+        let dir = tempfile::tempdir().unwrap();
+        let plain = dir.path().join("plain");
+        std::fs::write(&plain, "data").unwrap();
+        let err = resolve(plain.to_str().unwrap(), OsStr::new("/bin"), None).unwrap_err();
         assert!(err.contains("not executable"), "{err}");
     }
 
