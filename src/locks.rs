@@ -11,6 +11,7 @@
 //!   one that is a symlink, not a directory, or writable by others (o+w, sticky bit or not: in
 //!   such a directory anybody could swap a lock file and break the exclusion). [`open_lock_file`]
 //!   never follows a symlink planted at the lock path and refuses anything but a regular file.
+//! - **Taking locks** ([`acquire`]), released by dropping the [`LockGuard`].
 //!
 //! # Invariants
 //!
@@ -26,15 +27,55 @@
 //!   name once, with exclusive winning over shared for a name listed twice
 //!   ([`acquisition_order`]). Two programs sharing two locks therefore never deadlock, and a
 //!   worker never waits on itself by opening the same lock file twice.
+//! - A lock is never taken by polling: `Wait::Block` sleeps in `flock`, and `Wait::Timeout`
+//!   sleeps there until a timer set to the deadline interrupts it (see [`Wait::Timeout`] for its costs; it is
+//!   meant for client processes such as `plumule lock`, never for the master).
 
 use std::fs::{self, File, OpenOptions, Permissions};
 use std::io;
-use std::os::fd::OwnedFd;
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::os::unix::fs::{DirBuilderExt, FileTypeExt, MetadataExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+// fs2's trait methods are always called as `FileExt::method(&file)`: since Rust 1.89 `File` has
+// inherent `lock_shared`, `try_lock_shared` and `unlock` methods, which win over trait methods in
+// method-call syntax and (for `try_lock*`) return a different error type. The crate's
+// rust-version (1.80) predates them, so fs2 it is.
+use fs2::FileExt;
 
 /// Longest valid lock name, in bytes.
 pub const MAX_NAME_LEN: usize = 100;
+
+/// Which kind of lock to take.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Mode {
+    /// One holder at a time (`LOCK_EX`).
+    Exclusive,
+    /// Any number of shared holders, excluding every exclusive one (`LOCK_SH`).
+    Shared,
+}
+
+/// What to do when the lock is held elsewhere.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Wait {
+    /// Wait as long as it takes.
+    Block,
+    /// Fail at once with [`LockError::Busy`].
+    NonBlock,
+    /// Wait at most this long, then fail with [`LockError::Busy`]. A zero duration is `NonBlock`.
+    ///
+    /// `flock` has no timeout, so while the wait lasts, SIGALRM gets a handler that does nothing
+    /// (installed without `SA_RESTART`, so the signal makes `flock` return EINTR), SIGALRM is
+    /// unblocked in the calling thread, and a POSIX timer aimed at that thread alone fires at the
+    /// deadline. Afterwards the timer is deleted, the thread's mask restored and, once no thread
+    /// of the process waits any more, the previous SIGALRM action put back. Several threads may
+    /// wait at once. Costs to know of: a process-wide SIGALRM (e.g. from `alarm(2)`) that arrives
+    /// during the wait is swallowed, and a SIGALRM action installed by someone else during the
+    /// wait is overwritten when it ends. This is for client processes (`plumule lock`, library
+    /// users); the master never waits for a lock and must not use it.
+    Timeout(Duration),
+}
 
 /// Why a lock could not be taken, or its directory or file not used.
 #[derive(Debug, thiserror::Error)]
@@ -42,6 +83,13 @@ pub enum LockError {
     /// The name is not a valid lock name (see [`validate_name`]).
     #[error("invalid lock name {name:?}: {reason}")]
     InvalidName { name: String, reason: String },
+    /// The lock is held elsewhere: `Wait::NonBlock` (`waited` is `None`), or `Wait::Timeout`
+    /// expired (`waited` is the timeout).
+    #[error("{}", busy_message(.name, *.waited))]
+    Busy {
+        name: String,
+        waited: Option<Duration>,
+    },
     /// The missing lock directory could not be created.
     #[error("cannot create lock directory {}: {source}", .path.display())]
     CreateDir { path: PathBuf, source: io::Error },
@@ -60,6 +108,30 @@ pub enum LockError {
     /// The lock file could not be opened or created.
     #[error("cannot open lock file {}: {source}", .path.display())]
     Open { path: PathBuf, source: io::Error },
+    /// `flock` failed for another reason than contention.
+    #[error("cannot lock {}: {source}", .path.display())]
+    Lock { path: PathBuf, source: io::Error },
+    /// The timer behind `Wait::Timeout` could not be set up.
+    #[error("cannot arm the timeout for lock {name}: {source}")]
+    Timer { name: String, source: io::Error },
+}
+
+fn busy_message(name: &str, waited: Option<Duration>) -> String {
+    match waited {
+        None => format!("lock {name} is held by another process"),
+        Some(waited) => format!(
+            "lock {name} is still held by another process after {}",
+            humantime::format_duration(waited)
+        ),
+    }
+}
+
+impl LockError {
+    /// True when the lock is merely held elsewhere (`--nonblock`, or the timeout expired): the
+    /// one error that trying again later may cure.
+    pub fn is_busy(&self) -> bool {
+        matches!(self, LockError::Busy { .. })
+    }
 }
 
 /// Checks a lock name (after `{worker}` expansion): `[A-Za-z0-9._-]{1,100}`, not starting with a
@@ -309,10 +381,413 @@ fn open_error(path: &Path, err: io::Error) -> LockError {
     }
 }
 
+/// A held lock. Dropping it unlocks (`LOCK_UN`, which releases the lock even where a forked child
+/// still shares the descriptor) and closes the file.
+#[derive(Debug)]
+pub struct LockGuard {
+    file: File,
+    name: String,
+    path: PathBuf,
+    mode: Mode,
+}
+
+impl LockGuard {
+    /// The lock's name.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// The lock file.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Whether the lock is held exclusive or shared.
+    pub fn mode(&self) -> Mode {
+        self.mode
+    }
+}
+
+impl AsFd for LockGuard {
+    fn as_fd(&self) -> BorrowedFd<'_> {
+        self.file.as_fd()
+    }
+}
+
+impl Drop for LockGuard {
+    fn drop(&mut self) {
+        // Failing to unlock leaves closing the file, which releases the lock unless the
+        // descriptor was shared; nothing better can be done here.
+        let _ = FileExt::unlock(&self.file);
+    }
+}
+
+/// Takes lock `name` in `lock_dir` (creating the directory and the lock file when missing, see
+/// [`ensure_dir`] and [`open_lock_file`]) and returns the guard that holds it.
+///
+/// A lock held elsewhere gives [`LockError::Busy`] with `Wait::NonBlock`, or once a
+/// `Wait::Timeout` expires (read its documentation before using it in a multi-threaded program
+/// that uses SIGALRM). `Wait::Block` waits until the lock is free, through EINTR.
+pub fn acquire(
+    lock_dir: &Path,
+    name: &str,
+    mode: Mode,
+    wait: Wait,
+) -> Result<LockGuard, LockError> {
+    validate_name(name).map_err(|reason| LockError::InvalidName {
+        name: name.to_string(),
+        reason,
+    })?;
+    ensure_dir(lock_dir)?;
+    let path = lock_path(lock_dir, name);
+    let file = File::from(open_lock_file(&path, false)?);
+    let failed = |source| LockError::Lock {
+        path: path.clone(),
+        source,
+    };
+    let busy = |waited| LockError::Busy {
+        name: name.to_string(),
+        waited,
+    };
+
+    match wait {
+        Wait::Block => lock_blocking(&file, mode).map_err(failed)?,
+        Wait::NonBlock => {
+            if !try_lock(&file, mode).map_err(failed)? {
+                return Err(busy(None));
+            }
+        }
+        Wait::Timeout(timeout) => {
+            if !lock_within(&file, mode, timeout).map_err(|err| match err {
+                TimedError::Lock(source) => failed(source),
+                TimedError::Timer(source) => LockError::Timer {
+                    name: name.to_string(),
+                    source,
+                },
+            })? {
+                let waited = (!timeout.is_zero()).then_some(timeout);
+                return Err(busy(waited));
+            }
+        }
+    }
+    Ok(LockGuard {
+        file,
+        name: name.to_string(),
+        path,
+        mode,
+    })
+}
+
+/// One blocking `flock`; EINTR when a signal handler ran meanwhile.
+fn flock_wait(file: &File, mode: Mode) -> io::Result<()> {
+    match mode {
+        Mode::Exclusive => FileExt::lock_exclusive(file),
+        Mode::Shared => FileExt::lock_shared(file),
+    }
+}
+
+/// Waits for the lock as long as it takes, through EINTR.
+fn lock_blocking(file: &File, mode: Mode) -> io::Result<()> {
+    loop {
+        match flock_wait(file, mode) {
+            Err(err) if err.kind() == io::ErrorKind::Interrupted => continue,
+            other => return other,
+        }
+    }
+}
+
+enum TimedError {
+    Lock(io::Error),
+    Timer(io::Error),
+}
+
+/// Ok(true): locked within `timeout`; Ok(false): still held elsewhere when it expired.
+fn lock_within(file: &File, mode: Mode, timeout: Duration) -> Result<bool, TimedError> {
+    let started = Instant::now();
+    // Free locks are the common case: take them without touching signals.
+    if try_lock(file, mode).map_err(TimedError::Lock)? {
+        return Ok(true);
+    }
+    if timeout.is_zero() {
+        return Ok(false);
+    }
+    // A deadline past the end of time is no deadline.
+    let Some(deadline) = started.checked_add(timeout) else {
+        return lock_blocking(file, mode)
+            .map(|()| true)
+            .map_err(TimedError::Lock);
+    };
+    let remaining = deadline.saturating_duration_since(Instant::now());
+    if remaining.is_zero() {
+        return Ok(false);
+    }
+    let _alarm = alarm::Alarm::arm(remaining).map_err(TimedError::Timer)?;
+    loop {
+        match flock_wait(file, mode) {
+            Ok(()) => return Ok(true),
+            // Our timer, or another signal: give up only once the deadline has passed.
+            Err(err) if err.kind() == io::ErrorKind::Interrupted => {
+                if Instant::now() >= deadline {
+                    return Ok(false);
+                }
+            }
+            Err(err) => return Err(TimedError::Lock(err)),
+        }
+    }
+}
+
+/// Ok(true): locked; Ok(false): held elsewhere.
+fn try_lock(file: &File, mode: Mode) -> io::Result<bool> {
+    let result = match mode {
+        Mode::Exclusive => FileExt::try_lock_exclusive(file),
+        Mode::Shared => FileExt::try_lock_shared(file),
+    };
+    match result {
+        Ok(()) => Ok(true),
+        Err(err) if err.raw_os_error() == Some(libc::EWOULDBLOCK) => Ok(false),
+        Err(err) => Err(err),
+    }
+}
+
+/// The SIGALRM timer behind [`Wait::Timeout`].
+///
+/// This is the module's only `unsafe` outside tests; it belongs in `sys/` once that module exists.
+mod alarm {
+    use std::io;
+    use std::sync::{Mutex, MutexGuard};
+    use std::time::Duration;
+
+    use nix::sys::signal::{
+        self, SaFlags, SigAction, SigEvent, SigHandler, SigSet, SigevNotify, SigmaskHow, Signal,
+    };
+    use nix::sys::time::TimeSpec;
+
+    /// How often the timer fires again after the deadline. It only matters when the first signal
+    /// arrived just *before* the thread entered `flock` (it then found nothing to interrupt); the
+    /// repeat makes sure that wait is interrupted too, instead of lasting forever.
+    const REFIRE: Duration = Duration::from_millis(10);
+
+    /// Longer timer settings are clamped (they would overflow `time_t` conversions); the caller
+    /// re-checks its deadline on every wake-up, so a clamped timer only wakes it early.
+    const LONGEST: Duration = Duration::from_secs(u32::MAX as u64);
+
+    /// An armed timer that interrupts the calling thread's blocking calls with EINTR.
+    ///
+    /// Field order is drop order, and it matters: the timer is deleted first (a signal it raised
+    /// meanwhile is delivered to the no-op handler as `timer_delete` returns, SIGALRM being still
+    /// unblocked), then SIGALRM is blocked again if it was, then the previous handler returns.
+    /// The other way round, a late SIGALRM could meet the default action and kill the process.
+    pub(super) struct Alarm {
+        _timer: Timer,
+        _mask: Unblocked,
+        _handler: HandlerInUse,
+    }
+
+    impl Alarm {
+        /// Installs the no-op handler, unblocks SIGALRM in this thread and arms a timer aimed at
+        /// this thread that fires after `after`, then every [`REFIRE`].
+        pub(super) fn arm(after: Duration) -> io::Result<Alarm> {
+            let handler = HandlerInUse::new()?;
+            let mask = Unblocked::new()?;
+            let timer = Timer::new()?;
+            timer.set(after.clamp(Duration::from_nanos(1), LONGEST), REFIRE)?;
+            Ok(Alarm {
+                _timer: timer,
+                _mask: mask,
+                _handler: handler,
+            })
+        }
+    }
+
+    extern "C" fn wake(_: libc::c_int) {
+        // Nothing: the signal's only job is to make the interrupted call return EINTR.
+    }
+
+    /// How many threads currently rely on the no-op handler, and what it replaced.
+    struct Installed {
+        users: usize,
+        previous: Option<SigAction>,
+    }
+
+    static INSTALLED: Mutex<Installed> = Mutex::new(Installed {
+        users: 0,
+        previous: None,
+    });
+
+    fn installed() -> MutexGuard<'static, Installed> {
+        // The state stays consistent even if a holder panicked (no panics between updates).
+        INSTALLED
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    /// One thread's use of the no-op SIGALRM handler. The first user installs it, the last one
+    /// puts the previous action back, so concurrent waits do not undo each other's handler.
+    struct HandlerInUse(());
+
+    impl HandlerInUse {
+        fn new() -> io::Result<HandlerInUse> {
+            let mut state = installed();
+            if state.users == 0 {
+                // No SA_RESTART: the blocked flock must return EINTR rather than resume.
+                let action =
+                    SigAction::new(SigHandler::Handler(wake), SaFlags::empty(), SigSet::empty());
+                // SAFETY: `wake` does nothing at all, so it is async-signal-safe whatever the
+                // thread was doing when the signal came; SIGALRM is neither SIGKILL nor SIGSTOP.
+                let previous = unsafe { signal::sigaction(Signal::SIGALRM, &action) }?;
+                state.previous = Some(previous);
+            }
+            state.users += 1;
+            Ok(HandlerInUse(()))
+        }
+    }
+
+    impl Drop for HandlerInUse {
+        fn drop(&mut self) {
+            let mut state = installed();
+            state.users -= 1;
+            if state.users == 0 {
+                if let Some(previous) = state.previous.take() {
+                    // SAFETY: this puts back exactly the action that was in place before ours,
+                    // as the kernel returned it; its handler (if any) was fit to be one then.
+                    let _ = unsafe { signal::sigaction(Signal::SIGALRM, &previous) };
+                }
+            }
+        }
+    }
+
+    /// SIGALRM unblocked in this thread (a blocked one could not interrupt flock). Blocked again
+    /// on drop if it was blocked before; the rest of the mask is left alone.
+    struct Unblocked {
+        was_blocked: bool,
+    }
+
+    fn alarm_set() -> SigSet {
+        let mut set = SigSet::empty();
+        set.add(Signal::SIGALRM);
+        set
+    }
+
+    impl Unblocked {
+        fn new() -> io::Result<Unblocked> {
+            let mut before = SigSet::empty();
+            signal::pthread_sigmask(
+                SigmaskHow::SIG_UNBLOCK,
+                Some(&alarm_set()),
+                Some(&mut before),
+            )?;
+            Ok(Unblocked {
+                was_blocked: before.contains(Signal::SIGALRM),
+            })
+        }
+    }
+
+    impl Drop for Unblocked {
+        fn drop(&mut self) {
+            if self.was_blocked {
+                let _ = signal::pthread_sigmask(SigmaskHow::SIG_BLOCK, Some(&alarm_set()), None);
+            }
+        }
+    }
+
+    /// A POSIX timer on CLOCK_MONOTONIC that sends SIGALRM to the thread that created it, and to
+    /// no other: `alarm(2)` or `setitimer(2)` signal the whole process, and any thread of a
+    /// multi-threaded process could take the signal while the waiting one sleeps on.
+    struct Timer(libc::timer_t);
+
+    impl Timer {
+        fn new() -> io::Result<Timer> {
+            let mut event = SigEvent::new(SigevNotify::SigevThreadId {
+                signal: Signal::SIGALRM,
+                thread_id: nix::unistd::gettid().as_raw(),
+                si_value: 0,
+            })
+            .sigevent();
+            let mut timer: libc::timer_t = std::ptr::null_mut();
+            // SAFETY: `event` and `timer` are valid for the call; on success the kernel stores
+            // the new timer's id in `timer`, which `Drop` deletes exactly once.
+            let rc = unsafe { libc::timer_create(libc::CLOCK_MONOTONIC, &mut event, &mut timer) };
+            if rc != 0 {
+                return Err(io::Error::last_os_error());
+            }
+            Ok(Timer(timer))
+        }
+
+        fn set(&self, first: Duration, then: Duration) -> io::Result<()> {
+            let spec = libc::itimerspec {
+                it_interval: *TimeSpec::from(then).as_ref(),
+                it_value: *TimeSpec::from(first).as_ref(),
+            };
+            // SAFETY: `self.0` is a live timer of this process (deleted only on drop), `spec` is
+            // valid for the call, and a null old value is allowed.
+            let rc = unsafe { libc::timer_settime(self.0, 0, &spec, std::ptr::null_mut()) };
+            if rc != 0 {
+                return Err(io::Error::last_os_error());
+            }
+            Ok(())
+        }
+    }
+
+    impl Drop for Timer {
+        fn drop(&mut self) {
+            // SAFETY: `self.0` came from a successful timer_create and is deleted only here.
+            unsafe { libc::timer_delete(self.0) };
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::os::fd::AsRawFd;
     use std::os::unix::fs::symlink;
+    use std::sync::{Mutex, MutexGuard};
+    use std::thread;
+
+    /// Tests that use `Wait::Timeout` (which swaps the SIGALRM action) or read that action run one
+    /// at a time, so none sees another's temporary handler.
+    static SIGALRM_TESTS: Mutex<()> = Mutex::new(());
+
+    fn sigalrm_serial() -> MutexGuard<'static, ()> {
+        SIGALRM_TESTS
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    /// The current SIGALRM handler and flags.
+    fn sigalrm_action() -> (libc::sighandler_t, libc::c_int) {
+        // SAFETY: an all-zero `struct sigaction` is a valid value (SIG_DFL, empty mask).
+        let mut current: libc::sigaction = unsafe { std::mem::zeroed() };
+        // SAFETY: a null new action only queries; `current` is valid for writing.
+        let rc = unsafe { libc::sigaction(libc::SIGALRM, std::ptr::null(), &mut current) };
+        assert_eq!(rc, 0, "sigaction query: {}", io::Error::last_os_error());
+        // glibc adds SA_RESTORER (0x04000000, not exported by libc) to whatever it installs,
+        // SIG_DFL included: not a change.
+        const SA_RESTORER: libc::c_int = 0x0400_0000;
+        (current.sa_sigaction, current.sa_flags & !SA_RESTORER)
+    }
+
+    /// Waits until `done` holds, failing with what never happened once `within` has passed.
+    fn wait_for(what: &str, within: Duration, mut done: impl FnMut() -> bool) {
+        let deadline = Instant::now() + within;
+        while !done() {
+            assert!(
+                Instant::now() < deadline,
+                "{what} did not happen within {within:?}"
+            );
+            thread::sleep(Duration::from_millis(5));
+        }
+    }
+
+    /// True while some process waits in flock for the file `path` (a `->` line in /proc/locks).
+    fn has_waiter(path: &Path) -> bool {
+        let inode = fs::metadata(path).unwrap().ino();
+        let locks = fs::read_to_string("/proc/locks").unwrap();
+        locks
+            .lines()
+            .any(|line| line.contains("->") && line.contains(&format!(":{inode} ")))
+    }
+
     fn scratch() -> (tempfile::TempDir, PathBuf) {
         let tmp = tempfile::tempdir().unwrap();
         let dir = tmp.path().join("locks");
@@ -417,8 +892,14 @@ mod tests {
                 "{mode:o}: {err}"
             );
             assert!(err.to_string().contains("writable by other users"), "{err}");
+            let err = acquire(&dir, "x", Mode::Exclusive, Wait::NonBlock).unwrap_err();
+            assert!(matches!(err, LockError::UnsafeDir { .. }), "{err}");
         }
         chmod(&dir, 0o755);
+        assert!(
+            !lock_path(&dir, "x").exists(),
+            "no lock file made in a refused dir"
+        );
 
         let link = tmp.path().join("link");
         symlink(&dir, &link).unwrap();
@@ -447,6 +928,14 @@ mod tests {
     }
 
     #[test]
+    fn lock_fds_are_close_on_exec() {
+        let (_tmp, dir) = scratch();
+        let guard = acquire(&dir, "x", Mode::Exclusive, Wait::NonBlock).unwrap();
+        let flags = nix::fcntl::fcntl(guard.as_fd().as_raw_fd(), nix::fcntl::FcntlArg::F_GETFD);
+        assert_ne!(flags.unwrap() & libc::FD_CLOEXEC, 0);
+    }
+
+    #[test]
     fn symlink_at_lock_path_is_refused_and_target_untouched() {
         let (tmp, dir) = scratch();
         ensure_dir(&dir).unwrap();
@@ -459,13 +948,15 @@ mod tests {
         let err = open_lock_file(&path, false).unwrap_err();
         assert!(matches!(err, LockError::Symlink { .. }), "{err}");
         assert!(err.to_string().contains("refusing symlink"), "{err}");
+        let err = acquire(&dir, "x", Mode::Exclusive, Wait::NonBlock).unwrap_err();
+        assert!(matches!(err, LockError::Symlink { .. }), "{err}");
         assert_eq!(fs::read_to_string(&target).unwrap(), "keep me");
         assert_eq!(mode_of(&target), 0o600);
 
         // A dangling symlink does not get its target created.
         let missing = tmp.path().join("missing");
         symlink(&missing, lock_path(&dir, "y")).unwrap();
-        let err = open_lock_file(&lock_path(&dir, "y"), false).unwrap_err();
+        let err = acquire(&dir, "y", Mode::Shared, Wait::NonBlock).unwrap_err();
         assert!(matches!(err, LockError::Symlink { .. }), "{err}");
         assert!(!missing.exists());
     }
@@ -487,5 +978,131 @@ mod tests {
             err.to_string().contains("a FIFO, not a regular file"),
             "{err}"
         );
+    }
+
+    #[test]
+    fn exclusive_excludes_everything_until_dropped() {
+        // flock locks belong to the open file description: two opens in one process conflict.
+        let (_tmp, dir) = scratch();
+        let held = acquire(&dir, "x", Mode::Exclusive, Wait::Block).unwrap();
+        assert_eq!((held.name(), held.mode()), ("x", Mode::Exclusive));
+        assert_eq!(held.path(), lock_path(&dir, "x"));
+        for mode in [Mode::Exclusive, Mode::Shared] {
+            let err = acquire(&dir, "x", mode, Wait::NonBlock).unwrap_err();
+            assert!(err.is_busy(), "{mode:?}: {err}");
+            assert_eq!(err.to_string(), "lock x is held by another process");
+        }
+        // Other names, such as another worker's `disk-{worker}`, are independent.
+        let _other = acquire(
+            &dir,
+            &expand("disk-{worker}", 1),
+            Mode::Exclusive,
+            Wait::NonBlock,
+        )
+        .unwrap();
+        drop(held);
+        acquire(&dir, "x", Mode::Exclusive, Wait::NonBlock).unwrap();
+    }
+
+    #[test]
+    fn shared_locks_coexist_and_exclude_exclusive() {
+        let (_tmp, dir) = scratch();
+        let first = acquire(&dir, "x", Mode::Shared, Wait::NonBlock).unwrap();
+        let second = acquire(&dir, "x", Mode::Shared, Wait::NonBlock).unwrap();
+        let err = acquire(&dir, "x", Mode::Exclusive, Wait::NonBlock).unwrap_err();
+        assert!(err.is_busy(), "{err}");
+        drop(first);
+        assert!(acquire(&dir, "x", Mode::Exclusive, Wait::NonBlock)
+            .unwrap_err()
+            .is_busy());
+        drop(second);
+        acquire(&dir, "x", Mode::Exclusive, Wait::NonBlock).unwrap();
+    }
+
+    #[test]
+    fn invalid_names_are_refused_before_touching_the_disk() {
+        let (_tmp, dir) = scratch();
+        let err = acquire(&dir, "../x", Mode::Exclusive, Wait::NonBlock).unwrap_err();
+        assert!(matches!(err, LockError::InvalidName { .. }), "{err}");
+        assert!(!dir.exists());
+    }
+
+    #[test]
+    fn a_blocked_waiter_proceeds_when_the_holder_lets_go() {
+        let _serial = sigalrm_serial();
+        let before = sigalrm_action();
+        let (_tmp, dir) = scratch();
+        for wait in [Wait::Block, Wait::Timeout(Duration::from_secs(10))] {
+            let held = acquire(&dir, "x", Mode::Exclusive, Wait::Block).unwrap();
+            let path = held.path().to_path_buf();
+            // Let go only once the waiter below is really asleep in flock.
+            let releaser = thread::spawn(move || {
+                wait_for("a waiter in /proc/locks", Duration::from_secs(10), || {
+                    has_waiter(&path)
+                });
+                drop(held);
+            });
+            let started = Instant::now();
+            let guard = acquire(&dir, "x", Mode::Shared, wait).unwrap();
+            assert!(started.elapsed() < Duration::from_secs(10), "{wait:?}");
+            releaser.join().unwrap();
+            drop(guard);
+        }
+        assert_eq!(sigalrm_action(), before);
+    }
+
+    #[test]
+    fn timeout_gives_busy_after_the_timeout_and_restores_sigalrm() {
+        let _serial = sigalrm_serial();
+        let before = sigalrm_action();
+        let (_tmp, dir) = scratch();
+        let _held = acquire(&dir, "x", Mode::Exclusive, Wait::Block).unwrap();
+        let timeout = Duration::from_millis(300);
+        let started = Instant::now();
+        let err = acquire(&dir, "x", Mode::Exclusive, Wait::Timeout(timeout)).unwrap_err();
+        let waited = started.elapsed();
+        assert!(err.is_busy(), "{err}");
+        assert_eq!(
+            err.to_string(),
+            "lock x is still held by another process after 300ms"
+        );
+        assert!(waited >= timeout, "gave up after {waited:?}");
+        assert!(
+            waited < Duration::from_secs(10),
+            "gave up only after {waited:?}"
+        );
+        assert_eq!(sigalrm_action(), before);
+
+        let err = acquire(&dir, "x", Mode::Shared, Wait::Timeout(Duration::ZERO)).unwrap_err();
+        assert!(err.is_busy(), "{err}");
+    }
+
+    #[test]
+    fn concurrent_timeouts_each_expire_and_restore_sigalrm_once() {
+        let _serial = sigalrm_serial();
+        let before = sigalrm_action();
+        let (_tmp, dir) = scratch();
+        let _held = acquire(&dir, "x", Mode::Exclusive, Wait::Block).unwrap();
+        let waiters: Vec<_> = [150, 400]
+            .into_iter()
+            .map(|ms| {
+                let dir = dir.clone();
+                thread::spawn(move || {
+                    let timeout = Duration::from_millis(ms);
+                    let started = Instant::now();
+                    let result = acquire(&dir, "x", Mode::Shared, Wait::Timeout(timeout));
+                    (result.map(drop), started.elapsed(), timeout)
+                })
+            })
+            .collect();
+        for waiter in waiters {
+            let (result, waited, timeout) = waiter.join().unwrap();
+            assert!(result.unwrap_err().is_busy());
+            assert!(
+                waited >= timeout && waited < Duration::from_secs(10),
+                "{waited:?}"
+            );
+        }
+        assert_eq!(sigalrm_action(), before);
     }
 }
