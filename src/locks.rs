@@ -11,7 +11,8 @@
 //!   one that is a symlink, not a directory, or writable by others (o+w, sticky bit or not: in
 //!   such a directory anybody could swap a lock file and break the exclusion). [`open_lock_file`]
 //!   never follows a symlink planted at the lock path and refuses anything but a regular file.
-//! - **Taking locks** ([`acquire`]), released by dropping the [`LockGuard`].
+//! - **Taking locks** ([`acquire`]), released by dropping the [`LockGuard`], and running a
+//!   command under a lock ([`run_locked`], the body of `plumule lock`).
 //!
 //! # Invariants
 //!
@@ -22,7 +23,7 @@
 //!   process that opened the file for a worker (the master) must close its own copy once the
 //!   worker has it, or the lock outlives the worker.
 //! - Every descriptor made here is close-on-exec ([`open_lock_file`]): handing one to a child
-//!   across exec is always a deliberate act of the caller.
+//!   across exec is always deliberate (the copy [`run_locked`] gives CMD is the one case here).
 //! - **One global order.** A process that takes several locks takes them sorted by name, each
 //!   name once, with exclusive winning over shared for a name listed twice
 //!   ([`acquisition_order`]). Two programs sharing two locks therefore never deadlock, and a
@@ -30,12 +31,39 @@
 //! - A lock is never taken by polling: `Wait::Block` sleeps in `flock`, and `Wait::Timeout`
 //!   sleeps there until a timer set to the deadline interrupts it (see [`Wait::Timeout`] for its costs; it is
 //!   meant for client processes such as `plumule lock`, never for the master).
+//!
+//! # `plumule lock NAME [--shared] [--timeout DUR | --nonblock] -- CMD…`
+//!
+//! [`run_locked`] takes the lock, runs CMD with inherited stdio, waits for it, releases the lock
+//! and returns the exit code, flock(1)-style:
+//!
+//! | code | meaning |
+//! |---|---|
+//! | CMD's own | CMD exited (0 included) |
+//! | 128 + N | CMD was killed by signal N, as a shell reports it |
+//! | 75 ([`EXIT_BUSY`], EX_TEMPFAIL) | the lock was held elsewhere: `--nonblock`, or `--timeout` expired |
+//! | 2 ([`EXIT_USAGE`]) | invalid lock name or no CMD (the CLI parser reports other usage errors with 2 too) |
+//! | 126 ([`EXIT_CANNOT_EXEC`]) | CMD exists but cannot be executed |
+//! | 127 ([`EXIT_NOT_FOUND`]) | CMD was not found |
+//! | 1 ([`EXIT_FAILURE`]) | any other error: unsafe lock dir, lock file not openable, … |
+//!
+//! CMD inherits a descriptor of the lock (flock(1) does the same), so that the lock outlives
+//! `plumule lock` itself: if `plumule lock` is killed while CMD runs, CMD still excludes everybody
+//! else until it exits. When CMD exits, `plumule lock` unlocks explicitly, so a daemon that CMD
+//! left running in the background does *not* keep the lock (unlike flock(1)).
+//!
+//! Signals are not forwarded: CMD runs in the caller's process group, so a terminal's ^C reaches
+//! both; a signal sent to `plumule lock` alone kills it (default action) while CMD keeps running,
+//! still holding the lock through its inherited descriptor.
 
+use std::ffi::OsString;
 use std::fs::{self, File, OpenOptions, Permissions};
 use std::io;
-use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
 use std::os::unix::fs::{DirBuilderExt, FileTypeExt, MetadataExt, OpenOptionsExt, PermissionsExt};
+use std::os::unix::process::ExitStatusExt;
 use std::path::{Path, PathBuf};
+use std::process::{Command, ExitStatus};
 use std::time::{Duration, Instant};
 
 // fs2's trait methods are always called as `FileExt::method(&file)`: since Rust 1.89 `File` has
@@ -46,6 +74,17 @@ use fs2::FileExt;
 
 /// Longest valid lock name, in bytes.
 pub const MAX_NAME_LEN: usize = 100;
+
+/// `run_locked`: another error (unsafe lock dir, lock file not openable, wait failed).
+pub const EXIT_FAILURE: i32 = 1;
+/// `run_locked`: invalid lock name, or no command.
+pub const EXIT_USAGE: i32 = 2;
+/// `run_locked`: the lock could not be taken (`--nonblock` or `--timeout`). EX_TEMPFAIL.
+pub const EXIT_BUSY: i32 = 75;
+/// `run_locked`: the command was found but cannot be executed.
+pub const EXIT_CANNOT_EXEC: i32 = 126;
+/// `run_locked`: the command was not found.
+pub const EXIT_NOT_FOUND: i32 = 127;
 
 /// Which kind of lock to take.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -549,6 +588,103 @@ fn try_lock(file: &File, mode: Mode) -> io::Result<bool> {
     }
 }
 
+/// `plumule lock NAME [--shared] [--timeout DUR | --nonblock] -- CMD…`: runs `cmd` (program and
+/// arguments, looked up in PATH, stdio inherited) holding lock `name`, and returns the exit code
+/// for the process. Messages go to stderr. See the module documentation for the exit codes, the
+/// inherited descriptor and signals.
+///
+/// Meant for the `plumule lock` process itself: the descriptor CMD inherits is made inheritable
+/// just around the spawn, and a process that forks from other threads meanwhile would leak it.
+pub fn run_locked(lock_dir: &Path, name: &str, mode: Mode, wait: Wait, cmd: &[OsString]) -> i32 {
+    if let Err(reason) = validate_name(name) {
+        eprintln!("plumule lock: invalid lock name {name:?}: {reason}");
+        return EXIT_USAGE;
+    }
+    let Some((program, args)) = cmd.split_first() else {
+        eprintln!("plumule lock: no command given (plumule lock NAME [OPTIONS] -- CMD...)");
+        return EXIT_USAGE;
+    };
+    let guard = match acquire(lock_dir, name, mode, wait) {
+        Ok(guard) => guard,
+        Err(err) => {
+            eprintln!("plumule lock: {err}");
+            return if err.is_busy() {
+                EXIT_BUSY
+            } else {
+                EXIT_FAILURE
+            };
+        }
+    };
+    let inherited = match inheritable_copy(&guard) {
+        Ok(file) => file,
+        Err(err) => {
+            eprintln!("plumule lock: cannot pass lock {name} to the command: {err}");
+            return EXIT_FAILURE;
+        }
+    };
+    let spawned = Command::new(program).args(args).spawn();
+    // CMD has its copy (or none, if it did not start); ours must not reach anything else.
+    drop(inherited);
+    let mut child = match spawned {
+        Ok(child) => child,
+        Err(err) => {
+            eprintln!(
+                "plumule lock: cannot run {}: {err}",
+                program.to_string_lossy()
+            );
+            return spawn_failure_code(&err);
+        }
+    };
+    let status = match child.wait() {
+        Ok(status) => status,
+        Err(err) => {
+            eprintln!(
+                "plumule lock: cannot wait for {}: {err}",
+                program.to_string_lossy()
+            );
+            return EXIT_FAILURE;
+        }
+    };
+    drop(guard);
+    exit_code(status)
+}
+
+/// A descriptor of the guard's open file description without close-on-exec, for CMD to inherit.
+fn inheritable_copy(guard: &LockGuard) -> io::Result<File> {
+    use nix::fcntl::{fcntl, FcntlArg, FdFlag};
+    let copy = guard.file.try_clone()?;
+    fcntl(copy.as_raw_fd(), FcntlArg::F_SETFD(FdFlag::empty()))?;
+    Ok(copy)
+}
+
+/// The shell's codes for a command that could not be started.
+fn spawn_failure_code(err: &io::Error) -> i32 {
+    match err.raw_os_error() {
+        Some(libc::ENOENT) => EXIT_NOT_FOUND,
+        Some(
+            libc::EACCES
+            | libc::EPERM
+            | libc::ENOEXEC
+            | libc::EISDIR
+            | libc::ENOTDIR
+            | libc::ETXTBSY
+            | libc::ELOOP
+            | libc::ENAMETOOLONG
+            | libc::E2BIG,
+        ) => EXIT_CANNOT_EXEC,
+        _ => EXIT_FAILURE,
+    }
+}
+
+/// A shell's `$?` for a finished command.
+fn exit_code(status: ExitStatus) -> i32 {
+    match (status.code(), status.signal()) {
+        (Some(code), _) => code,
+        (None, Some(signal)) => 128 + signal,
+        (None, None) => EXIT_FAILURE,
+    }
+}
+
 /// The SIGALRM timer behind [`Wait::Timeout`].
 ///
 /// This is the module's only `unsafe` outside tests; it belongs in `sys/` once that module exists.
@@ -739,6 +875,7 @@ mod alarm {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::io::Write;
     use std::os::fd::AsRawFd;
     use std::os::unix::fs::symlink;
     use std::sync::{Mutex, MutexGuard};
@@ -800,6 +937,10 @@ mod tests {
 
     fn chmod(path: &Path, mode: u32) {
         fs::set_permissions(path, Permissions::from_mode(mode)).unwrap();
+    }
+
+    fn args(items: &[&str]) -> Vec<OsString> {
+        items.iter().map(OsString::from).collect()
     }
 
     #[test]
@@ -1104,5 +1245,110 @@ mod tests {
             );
         }
         assert_eq!(sigalrm_action(), before);
+    }
+
+    #[test]
+    fn run_locked_passes_the_exit_status_through() {
+        let (_tmp, dir) = scratch();
+        let run = |cmd: &[&str]| run_locked(&dir, "x", Mode::Exclusive, Wait::Block, &args(cmd));
+        assert_eq!(run(&["sh", "-c", "exit 0"]), 0);
+        assert_eq!(run(&["sh", "-c", "exit 7"]), 7);
+        assert_eq!(run(&["sh", "-c", "kill -TERM $$"]), 128 + libc::SIGTERM);
+    }
+
+    #[test]
+    fn run_locked_gives_75_when_the_lock_is_busy() {
+        let _serial = sigalrm_serial();
+        let (tmp, dir) = scratch();
+        let marker = tmp.path().join("ran");
+        let cmd = args(&["sh", "-c", r#": > "$1""#, "sh", marker.to_str().unwrap()]);
+        let _held = acquire(&dir, "x", Mode::Exclusive, Wait::Block).unwrap();
+        assert_eq!(
+            run_locked(&dir, "x", Mode::Shared, Wait::NonBlock, &cmd),
+            EXIT_BUSY
+        );
+        let timeout = Wait::Timeout(Duration::from_millis(100));
+        assert_eq!(
+            run_locked(&dir, "x", Mode::Exclusive, timeout, &cmd),
+            EXIT_BUSY
+        );
+        assert!(!marker.exists(), "the command ran without the lock");
+    }
+
+    #[test]
+    fn run_locked_usage_and_exec_errors() {
+        let (tmp, dir) = scratch();
+        let run = |name: &str, cmd: &[&str]| {
+            run_locked(&dir, name, Mode::Exclusive, Wait::NonBlock, &args(cmd))
+        };
+        assert_eq!(run("a/b", &["true"]), EXIT_USAGE);
+        assert_eq!(run("", &["true"]), EXIT_USAGE);
+        assert_eq!(run("x", &[]), EXIT_USAGE);
+        assert_eq!(run("x", &["plumule-test-no-such-command"]), EXIT_NOT_FOUND);
+        let script = tmp.path().join("not-executable");
+        fs::write(&script, "#!/bin/sh\n").unwrap();
+        chmod(&script, 0o644);
+        assert_eq!(run("x", &[script.to_str().unwrap()]), EXIT_CANNOT_EXEC);
+        chmod(&dir, 0o777);
+        assert_eq!(run("x", &["true"]), EXIT_FAILURE);
+    }
+
+    #[test]
+    fn run_locked_holds_the_lock_while_the_command_runs() {
+        let _serial = sigalrm_serial();
+        let (tmp, dir) = scratch();
+        let ready = tmp.path().join("ready");
+        let go = tmp.path().join("go");
+        let fds = tmp.path().join("fds");
+        nix::unistd::mkfifo(&go, nix::sys::stat::Mode::from_bits_truncate(0o600)).unwrap();
+        // Lists its descriptors' targets, says it runs, then waits for a line on the FIFO.
+        let script = r#"for fd in /proc/$$/fd/*; do readlink "$fd"; done > "$1"; : > "$2"; read line < "$3""#;
+        let cmd = args(&[
+            "sh",
+            "-c",
+            script,
+            "sh",
+            fds.to_str().unwrap(),
+            ready.to_str().unwrap(),
+            go.to_str().unwrap(),
+        ]);
+        let runner = {
+            let dir = dir.clone();
+            thread::spawn(move || run_locked(&dir, "x", Mode::Exclusive, Wait::Block, &cmd))
+        };
+        wait_for("the command to start", Duration::from_secs(10), || {
+            ready.exists()
+        });
+        let err = acquire(&dir, "x", Mode::Shared, Wait::NonBlock).unwrap_err();
+        assert!(err.is_busy(), "{err}");
+        // CMD inherited a descriptor of the lock (so it keeps it if `plumule lock` dies).
+        let lock_file = lock_path(&dir, "x").to_str().unwrap().to_string();
+        let inherited = fs::read_to_string(&fds).unwrap();
+        assert!(inherited.lines().any(|l| l == lock_file), "{inherited}");
+
+        let mut writer = None;
+        wait_for(
+            "the command to open the FIFO",
+            Duration::from_secs(10),
+            || {
+                let opened = OpenOptions::new()
+                    .write(true)
+                    .custom_flags(libc::O_NONBLOCK)
+                    .open(&go);
+                writer = opened.ok();
+                writer.is_some()
+            },
+        );
+        writer.unwrap().write_all(b"go\n").unwrap();
+        assert_eq!(runner.join().unwrap(), 0);
+        // Free again. Not NonBlock: a child that another test spawns at the wrong moment may
+        // briefly hold an inherited copy.
+        acquire(
+            &dir,
+            "x",
+            Mode::Exclusive,
+            Wait::Timeout(Duration::from_secs(10)),
+        )
+        .unwrap();
     }
 }
