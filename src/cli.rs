@@ -278,5 +278,9 @@ fn lock_dir(cli_path: Option<PathBuf>) -> PathBuf {
             Err(e) => eprintln!("plumule: ignoring invalid config {}: {e}", path.display()),
         }
     }
-    config::default_dirs().lock_dir
+    // No file: the defaults of an empty config are this user's.
+    match config::parse("", &std::env::current_dir().unwrap_or_default().join("plumule.toml")) {
+        Ok(c) => c.lock_dir,
+        Err(_) => PathBuf::from("/run/plumule/locks"),
+    }
 }

@@ -20,8 +20,32 @@ pub fn socket_path(socket: Option<&Path>, config_path: Option<&Path>) -> Result<
         }
     }
     let path = config::find_config_path(config_path);
-    let c = config::load(&path).map_err(|e| format!("cannot find the master's socket: {e}"))?;
-    Ok(c.runtime_dir.join("control.sock"))
+    Ok(runtime_dir_of(&path)?.join("control.sock"))
+}
+
+/// The runtime dir a config file names, read leniently: a client must still reach the master
+/// when the file has just been edited into something invalid (that is what `reload` reports).
+fn runtime_dir_of(path: &Path) -> Result<PathBuf, String> {
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| format!("cannot find the master's socket: cannot read {}: {e}", path.display()))?;
+    let folder = std::path::absolute(path)
+        .ok()
+        .and_then(|p| p.parent().map(Path::to_path_buf))
+        .unwrap_or_default();
+    let table: Option<toml::Table> = toml::from_str(&text).ok();
+    let named = table
+        .as_ref()
+        .and_then(|t| t.get("plumule"))
+        .and_then(|p| p.get("runtime_dir"))
+        .and_then(|v| v.as_str())
+        .map(|d| folder.join(d));
+    if let Some(dir) = named {
+        return Ok(dir);
+    }
+    // Unset: the same defaults as the master's, from an empty config beside the file.
+    config::parse("", &folder.join("plumule.toml"))
+        .map(|c| c.runtime_dir)
+        .map_err(|e| format!("cannot find the master's socket: {e}"))
 }
 
 /// Sends `req` and waits for its answer.

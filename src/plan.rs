@@ -37,6 +37,15 @@ impl Pool {
         }
     }
 
+    /// Whether every wanted worker is running and ready: what `after` waits for.
+    pub fn ready(&self) -> bool {
+        let desired = self.desired();
+        self.slots.len() >= desired as usize
+            && self.slots.iter().filter(|s| s.id < desired && s.enabled).all(|s| {
+                matches!(s.state, SlotState::Running { .. })
+            })
+    }
+
     pub fn live(&self) -> usize {
         self.slots.iter().filter(|s| s.is_live()).count()
     }
@@ -94,6 +103,10 @@ pub enum Action {
     Retire { pool: usize, id: u32 },
     /// SIGKILL the retiring process's group.
     KillRetiring { pool: usize, id: u32 },
+    /// Not ready within `ready_timeout`: stop it; the start counts as a quick crash.
+    ReadyTimeout { pool: usize, id: u32 },
+    /// No `WATCHDOG=1` in time: SIGABRT, then SIGKILL after `stop_timeout`.
+    WatchdogMiss { pool: usize, id: u32 },
 }
 
 #[derive(Debug, Default, PartialEq)]
@@ -115,6 +128,23 @@ pub enum Phase {
     Running,
     /// Graceful stop: everything stops; past the deadline everything left is killed.
     ShuttingDown { deadline: Instant },
+}
+
+fn pool_program(pools: &[Pool], p: usize) -> &Program {
+    &pools[p].program
+}
+
+/// The first program named in `pool`'s `after` that is not ready yet.
+pub fn waiting_for<'a>(pools: &'a [Pool], pool: &'a Pool) -> Option<&'a str> {
+    pool.program.after.iter().map(String::as_str).find(|dep| {
+        pools.iter().any(|p| p.program.name == *dep && !p.removed && !p.ready())
+    })
+}
+
+/// Whether a program that starts after `pool` still has processes: then `pool` must wait
+/// before stopping.
+fn dependents_live(pools: &[Pool], pool: &Pool) -> bool {
+    pools.iter().any(|p| p.program.after.contains(&pool.program.name) && p.live() > 0)
 }
 
 /// One worker at a time: while a slot of the pool is mid-roll, nothing else starts rolling.
@@ -151,22 +181,47 @@ pub fn plan(pools: &[Pool], phase: Phase, now: Instant) -> Plan {
     for (p, pool) in pools.iter().enumerate() {
         let desired = match phase {
             Phase::Running => pool.desired(),
+            // Reverse `after` order: a program stops once those that start after it are gone.
+            Phase::ShuttingDown { .. } if dependents_live(pools, pool) => pool.desired().max(pool.slots.len() as u32),
             Phase::ShuttingDown { .. } => 0,
         };
+        // `after`: nothing of this program is forked before its dependencies are ready.
+        let may_start = waiting_for(pools, pool).is_none();
+        let shutting_down = phase != Phase::Running;
         for slot in &pool.slots {
-            let wanted = slot.id < desired && slot.enabled;
+            let wanted = slot.id < desired && (slot.enabled || shutting_down);
             let (pool, id) = (p, slot.id);
             match &slot.state {
+                SlotState::Stopped | SlotState::Backoff { .. } if wanted && shutting_down => {}
+                SlotState::Stopped if wanted && !may_start => {}
                 SlotState::Stopped if wanted => plan.actions.push(Action::Spawn { pool, id }),
                 SlotState::Backoff { .. } if !wanted => {
                     plan.actions.push(Action::CancelBackoff { pool, id })
                 }
-                SlotState::Backoff { until } if *until <= now => {
+                SlotState::Backoff { until } if *until <= now && may_start => {
                     plan.actions.push(Action::Spawn { pool, id })
                 }
+                SlotState::Backoff { until } if *until <= now => {}
                 SlotState::Backoff { until } => plan.wake(*until),
                 SlotState::Starting { .. } | SlotState::Running { .. } if !wanted => {
                     plan.actions.push(Action::Stop { pool, id })
+                }
+                SlotState::Starting { since, wait: crate::slot::StartWait::Ready, .. } => {
+                    let due = *since + pool_program(pools, pool).ready_timeout;
+                    if due <= now {
+                        plan.actions.push(Action::ReadyTimeout { pool, id });
+                    } else {
+                        plan.wake(due);
+                    }
+                }
+                SlotState::Running { .. } => {
+                    if let Some(due) = slot.watchdog_at {
+                        if due <= now {
+                            plan.actions.push(Action::WatchdogMiss { pool, id });
+                        } else {
+                            plan.wake(due);
+                        }
+                    }
                 }
                 SlotState::Stopping { kill_at, killed: false, .. } => {
                     if *kill_at <= now {
@@ -365,6 +420,53 @@ mod tests {
         p.slots[1].state = SlotState::Stopped;
         let got = plan(&[p], Phase::ShuttingDown { deadline }, deadline);
         assert_eq!(got.actions, vec![Kill { pool: 0, id: 0 }]);
+    }
+
+    #[test]
+    fn after_holds_spawns_until_dependencies_run_and_stops_in_reverse() {
+        let now = Instant::now();
+        let db = with_states(1, vec![SlotState::Starting { pid: Pid::from_raw(1), since: now, wait: crate::slot::StartWait::Ready }]);
+        let mut web = Pool::new(Arc::new({
+            let mut p = program("web", 1);
+            p.after = vec!["web-db".into()];
+            p
+        }));
+        web.slots.push(Slot::new(0));
+        let mut db = db;
+        db.program = Arc::new(program("web-db", 1));
+        let pools = vec![db.clone(), web.clone()];
+        assert_eq!(waiting_for(&pools, &pools[1]), Some("web-db"));
+        let got = plan(&pools, Phase::Running, now);
+        assert!(!got.actions.contains(&Spawn { pool: 1, id: 0 }), "{:?}", got.actions);
+
+        db.slots[0].state = running(1, now);
+        let pools = vec![db.clone(), web.clone()];
+        assert_eq!(waiting_for(&pools, &pools[1]), None);
+        assert_eq!(plan(&pools, Phase::Running, now).actions, vec![Spawn { pool: 1, id: 0 }]);
+
+        // Shutting down: web stops first; db waits until web is gone.
+        web.slots[0].state = running(2, now);
+        let pools = vec![db.clone(), web.clone()];
+        let deadline = now + Duration::from_secs(10);
+        let got = plan(&pools, Phase::ShuttingDown { deadline }, now);
+        assert_eq!(got.actions, vec![Stop { pool: 1, id: 0 }]);
+        web.slots[0].state = SlotState::Stopped;
+        let pools = vec![db, web];
+        let got = plan(&pools, Phase::ShuttingDown { deadline }, now);
+        assert_eq!(got.actions, vec![Stop { pool: 0, id: 0 }]);
+    }
+
+    #[test]
+    fn ready_timeout_and_watchdog_deadlines() {
+        let now = Instant::now();
+        let mut p = with_states(1, vec![SlotState::Starting { pid: Pid::from_raw(1), since: now, wait: crate::slot::StartWait::Ready }]);
+        let timeout = p.program.ready_timeout;
+        assert_eq!(plan(&[p.clone()], Phase::Running, now).wake_at, Some(now + timeout));
+        assert_eq!(plan(&[p.clone()], Phase::Running, now + timeout).actions, vec![ReadyTimeout { pool: 0, id: 0 }]);
+        p.slots[0].state = running(1, now);
+        p.slots[0].watchdog_at = Some(now + ms(300));
+        assert_eq!(plan(&[p.clone()], Phase::Running, now).wake_at, Some(now + ms(300)));
+        assert_eq!(plan(&[p], Phase::Running, now + ms(300)).actions, vec![WatchdogMiss { pool: 0, id: 0 }]);
     }
 
     #[test]

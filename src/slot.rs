@@ -142,6 +142,19 @@ pub struct Slot {
     pub start_error: Option<String>,
     /// The worker's last `STATUS=` line.
     pub status: Option<String>,
+    /// When the worker's next `WATCHDOG=1` is due (`watchdog` set and running).
+    pub watchdog_at: Option<Instant>,
+    /// Why plumule is stopping this worker, when the stop is a failure of the worker's.
+    pub stop_reason: Option<StopReason>,
+}
+
+/// A stop that counts as a crash of the worker: it is restarted per its policy afterwards.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StopReason {
+    /// Not ready within `ready_timeout`: counts as a quick crash.
+    ReadyTimeout,
+    /// Missed its `WATCHDOG=1`.
+    Watchdog,
 }
 
 /// What happened to a slot, fed to [`Slot::transition`].
@@ -151,6 +164,8 @@ pub enum Event {
     WaitingForLock { name: String },
     Exec,
     Ready,
+    /// `WATCHDOG=1` from the worker.
+    WatchdogPing,
     /// Begin a stop: the stop signal was sent, SIGKILL is due at `kill_at`.
     Stop { kill_at: Instant },
     Killed,
@@ -180,6 +195,8 @@ impl Slot {
             restart_after_stop: false,
             start_error: None,
             status: None,
+            watchdog_at: None,
+            stop_reason: None,
         }
     }
 
@@ -206,6 +223,11 @@ impl Slot {
                 crate::format_duration(until.saturating_duration_since(now))
             )),
             SlotState::Exited { exit } => Some(format!("finished: {exit}")),
+            SlotState::Stopping { .. } => match self.stop_reason {
+                Some(StopReason::ReadyTimeout) => Some("not ready within ready_timeout".into()),
+                Some(StopReason::Watchdog) => Some("missed its watchdog".into()),
+                None => None,
+            },
             SlotState::Failed { reason } => Some(reason.clone()),
             _ => None,
         }
@@ -237,11 +259,19 @@ impl Slot {
                 Some(S::Starting { pid: *pid, since: *since, wait: StartWait::Lock(name) })
             }
             (Event::Exec, S::Starting { pid, since, .. }) => Some(match program.ready {
-                ReadyMode::Started => S::Running { pid: *pid, since: *since },
+                ReadyMode::Started => {
+                    self.watchdog_at = program.watchdog.map(|w| now + w);
+                    S::Running { pid: *pid, since: *since }
+                }
                 ReadyMode::Notify => S::Starting { pid: *pid, since: *since, wait: StartWait::Ready },
             }),
             (Event::Ready, S::Starting { pid, since, wait: StartWait::Ready }) => {
+                self.watchdog_at = program.watchdog.map(|w| now + w);
                 Some(S::Running { pid: *pid, since: *since })
+            }
+            (Event::WatchdogPing, S::Running { .. }) => {
+                self.watchdog_at = program.watchdog.map(|w| now + w);
+                None
             }
             (Event::Stop { kill_at }, S::Starting { pid, since, .. } | S::Running { pid, since }) => {
                 Some(S::Stopping { pid: *pid, since: *since, kill_at, killed: false })
@@ -249,8 +279,16 @@ impl Slot {
             (Event::Killed, S::Stopping { pid, since, kill_at, .. }) => {
                 Some(S::Stopping { pid: *pid, since: *since, kill_at: *kill_at, killed: true })
             }
-            (Event::Exited { exit, .. }, S::Stopping { .. }) => {
+            (Event::Exited { exit, jitter }, S::Stopping { since, .. }) => {
                 self.last_exit = Some(exit);
+                self.watchdog_at = None;
+                if let Some(reason) = self.stop_reason.take() {
+                    let ran = match reason {
+                        StopReason::ReadyTimeout => Duration::ZERO,
+                        StopReason::Watchdog => now.saturating_duration_since(*since),
+                    };
+                    return Some(self.after_exit(exit, ran, jitter, program, now));
+                }
                 if std::mem::take(&mut self.restart_after_stop) && self.enabled {
                     Some(S::Backoff { until: now })
                 } else {
@@ -259,6 +297,7 @@ impl Slot {
             }
             (Event::Exited { exit, jitter }, S::Starting { since, .. } | S::Running { since, .. }) => {
                 self.last_exit = Some(exit);
+                self.watchdog_at = None;
                 let ran = now.saturating_duration_since(*since);
                 Some(self.after_exit(exit, ran, jitter, program, now))
             }
@@ -482,6 +521,39 @@ pub(crate) mod tests {
         assert_eq!(slot.detail(t).as_deref(), Some("waiting for READY=1"));
         slot.transition(Event::Ready, &p, t);
         assert_eq!(slot.state.name(), "running");
+    }
+
+    #[test]
+    fn ready_timeout_counts_as_a_quick_crash_and_watchdog_restarts() {
+        let mut p = program();
+        p.ready = ReadyMode::Notify;
+        p.watchdog = Some(ms(500));
+        p.healthy_after = ms(10);
+        p.backoff = Backoff { initial: ms(100), max: ms(1000), multiplier: 2.0, jitter: 0.0 };
+        let t = Instant::now();
+        let mut slot = Slot::new(0);
+        slot.transition(Event::Spawned { pid: pid(3) }, &p, t);
+        slot.transition(Event::Exec, &p, t);
+        slot.stop_reason = Some(StopReason::ReadyTimeout);
+        slot.transition(Event::Stop { kill_at: t + ms(100) }, &p, t + ms(50));
+        assert_eq!(slot.detail(t).as_deref(), Some("not ready within ready_timeout"));
+        slot.transition(Event::Exited { exit: Exit::Signal(Signal::SIGTERM), jitter: 0.0 }, &p, t + ms(60));
+        assert_eq!(slot.state, SlotState::Backoff { until: t + ms(160) }, "quick crash: initial delay");
+        assert_eq!(slot.crashes, 1);
+
+        let t = t + ms(200);
+        slot.transition(Event::Spawned { pid: pid(4) }, &p, t);
+        slot.transition(Event::Exec, &p, t);
+        assert_eq!(slot.watchdog_at, None, "the watchdog starts at READY=1");
+        slot.transition(Event::Ready, &p, t);
+        assert_eq!(slot.watchdog_at, Some(t + ms(500)));
+        slot.transition(Event::WatchdogPing, &p, t + ms(400));
+        assert_eq!(slot.watchdog_at, Some(t + ms(900)));
+        slot.stop_reason = Some(StopReason::Watchdog);
+        slot.transition(Event::Stop { kill_at: t + ms(2000) }, &p, t + ms(900));
+        slot.transition(Event::Exited { exit: Exit::Signal(Signal::SIGABRT), jitter: 0.0 }, &p, t + ms(901));
+        assert_eq!(slot.state, SlotState::Backoff { until: t + ms(901) }, "healthy run: at once");
+        assert_eq!(slot.watchdog_at, None);
     }
 
     #[test]

@@ -287,6 +287,25 @@ impl Master {
                     r.kill_at = Some(deadline);
                 }
             }
+            Action::ReadyTimeout { pool, id } => {
+                let program = Arc::clone(&self.pools[pool].program);
+                log::error!(
+                    "{}.{}: not ready after {}; stopping it",
+                    program.name,
+                    id,
+                    crate::format_duration(program.ready_timeout)
+                );
+                self.pools[pool].slots[id as usize].stop_reason = Some(crate::slot::StopReason::ReadyTimeout);
+                self.stop(pool, id, now);
+            }
+            Action::WatchdogMiss { pool, id } => {
+                let (program, slot) = self.slot_mut(pool, id);
+                let Some(pid) = slot.pid() else { return };
+                log::error!("{}.{}: missed its watchdog; sending ABRT", program.name, id);
+                let _ = nix::sys::signal::kill(pid, Signal::SIGABRT);
+                slot.stop_reason = Some(crate::slot::StopReason::Watchdog);
+                slot.transition(Event::Stop { kill_at: now + program.stop_timeout }, &program, now);
+            }
             Action::KillRetiring { pool, id } => {
                 if let Some(r) = self.pools[pool].slots[id as usize].retiring.as_mut() {
                     let _ = sys::process::signal_group(r.pid, Signal::SIGKILL);

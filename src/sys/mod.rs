@@ -2,6 +2,7 @@
 //! Each `unsafe` block carries a `// SAFETY:` line naming the invariant it relies on.
 
 pub mod pidfile;
+pub mod notify;
 pub mod process;
 pub mod signals;
 pub mod spawn;
