@@ -69,6 +69,12 @@ pub fn prepare(program: &Program, id: u32, workers: u32, ctx: &Context) -> Resul
         })
         .collect();
 
+    let pid_vars = env
+        .iter()
+        .enumerate()
+        .filter(|(_, (k, _))| k == "WATCHDOG_PID" || k == "LISTEN_PID")
+        .map(|(i, _)| i)
+        .collect();
     let request = Request {
         program: cstring(exe.into_os_string().as_bytes()),
         argv: argv.into_iter().map(cstring).collect(),
@@ -91,7 +97,7 @@ pub fn prepare(program: &Program, id: u32, workers: u32, ctx: &Context) -> Resul
         locks: lock_requests,
         lock_mode: ctx.lock_mode,
         nofile: ctx.nofile,
-        listen_pid_env: None,
+        pid_vars,
     };
     Ok(Prepared { request, lock_names: locks.into_iter().map(|(n, _)| n).collect() })
 }
@@ -127,6 +133,11 @@ pub fn environment(program: &Program, id: u32, workers: u32, ctx: &Context) -> V
     }
     if let Some(sock) = &ctx.notify_socket {
         set(&mut env, "NOTIFY_SOCKET".as_ref(), sock.as_os_str());
+    }
+    if let Some(w) = program.watchdog {
+        set(&mut env, "WATCHDOG_USEC".as_ref(), w.as_micros().to_string().as_ref());
+        // The value is the worker's own pid, written by the child after fork.
+        set(&mut env, "WATCHDOG_PID".as_ref(), "0".as_ref());
     }
     set(&mut env, "PLUMULE_PROGRAM".as_ref(), program.name.as_ref());
     set(&mut env, "PLUMULE_WORKER_ID".as_ref(), id.to_string().as_ref());

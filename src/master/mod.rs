@@ -91,6 +91,7 @@ enum Source {
     Signals,
     Listener,
     Client(u64),
+    Notify,
     Status(Pid),
     Output(Pid, Stream),
 }
@@ -109,6 +110,40 @@ pub struct Master {
     groups_dirty: bool,
     control: Option<crate::control::ControlServer>,
     waiters: Vec<requests::Waiter>,
+    systemd: SystemdLink,
+    notify_socket: Option<sys::notify::NotifySocket>,
+}
+
+/// What the master tells systemd, and when.
+struct SystemdLink {
+    notifier: sys::notify::Notifier,
+    ready_sent: bool,
+    /// A reload is being applied: READY=1 once these programs are settled.
+    reloading: Option<Vec<String>>,
+    last_status: String,
+    /// Half of `$WATCHDOG_USEC`, when systemd watches us.
+    watchdog_every: Option<Duration>,
+    watchdog_next: Option<Instant>,
+}
+
+impl SystemdLink {
+    fn from_env(now: Instant) -> SystemdLink {
+        let notifier = sys::notify::Notifier::from_env();
+        let ours = std::env::var("WATCHDOG_PID").ok().and_then(|p| p.parse::<u32>().ok());
+        let watchdog_every = std::env::var("WATCHDOG_USEC")
+            .ok()
+            .and_then(|u| u.parse::<u64>().ok())
+            .filter(|&u| u > 0 && ours.is_none_or(|p| p == std::process::id()) && notifier.enabled())
+            .map(|u| Duration::from_micros(u / 2));
+        SystemdLink {
+            notifier,
+            ready_sent: false,
+            reloading: None,
+            last_status: String::new(),
+            watchdog_every,
+            watchdog_next: watchdog_every.map(|w| now + w),
+        }
+    }
 }
 
 /// Creates a missing directory with `mode`; refuses one that others may write to.
@@ -148,11 +183,17 @@ impl Master {
             .ok();
         orphans::stop_leftovers(&config.runtime_dir);
         let dev_null = sys::dev_null().map_err(MasterError::Setup)?;
+        let notify_path = config.runtime_dir.join("notify.sock");
+        let notify_socket = sys::notify::NotifySocket::bind(&notify_path).map_err(|e| MasterError::Dir {
+            what: "notify socket",
+            path: notify_path.clone(),
+            reason: e.to_string(),
+        })?;
         let ctx = worker::Context {
             lock_dir: config.lock_dir.clone(),
             lock_mode: if config.control_group.is_some() { 0o664 } else { 0o644 },
             nofile,
-            notify_socket: None,
+            notify_socket: Some(notify_path),
         };
         let pools = config.programs.iter().map(|p| Pool::new(Arc::new(p.clone()))).collect();
         let access = crate::control::Access {
@@ -177,6 +218,8 @@ impl Master {
             groups_dirty: false,
             control: Some(control),
             waiters: Vec::new(),
+            systemd: SystemdLink::from_env(Instant::now()),
+            notify_socket: Some(notify_socket),
         })
     }
 
@@ -193,6 +236,9 @@ impl Master {
             let now = Instant::now();
             let mut wake_at = self.settle(now);
             self.check_waiters(now);
+            if let Some(t) = self.tell_systemd(now) {
+                wake_at = Some(wake_at.map_or(t, |w| w.min(t)));
+            }
             if let Some(t) = self.control.as_mut().and_then(|c| c.expire(now)) {
                 wake_at = Some(wake_at.map_or(t, |w| w.min(t)));
             }
@@ -223,6 +269,7 @@ impl Master {
                         }
                     }
                     Source::Client(id) => self.serve_client(id, fd.revents),
+                    Source::Notify => self.read_notifications(Instant::now()),
                     Source::Signals => {}
                 }
             }
@@ -438,6 +485,9 @@ impl Master {
             sources.push(source);
         };
         add(self.signals.fd(), Source::Signals);
+        if let Some(n) = &self.notify_socket {
+            add(n.fd(), Source::Notify);
+        }
         if let Some(c) = &self.control {
             // During a graceful stop no new client is taken; those connected still get answers.
             if self.phase == Phase::Running {
@@ -491,6 +541,114 @@ impl Master {
             crate::format_duration(self.config.shutdown_timeout)
         );
         self.phase = Phase::ShuttingDown { deadline };
+        let extend = (self.config.shutdown_timeout + Duration::from_secs(5)).as_micros();
+        self.systemd.notifier.send(&format!("STOPPING=1\nEXTEND_TIMEOUT_USEC={extend}"));
+    }
+
+    /// READY=1 once every program has settled (first start, then after each reload),
+    /// STATUS= when the summary changes, WATCHDOG=1 when due. Returns the next watchdog time.
+    fn tell_systemd(&mut self, now: Instant) -> Option<Instant> {
+        if !self.systemd.notifier.enabled() {
+            return None;
+        }
+        if self.phase == Phase::Running {
+            let settled = |pools: &[Pool], names: Option<&Vec<String>>| {
+                pools.iter().filter(|p| names.is_none_or(|n| n.contains(&p.program.name))).all(Pool::settled)
+            };
+            if !self.systemd.ready_sent && settled(&self.pools, None) {
+                self.systemd.ready_sent = true;
+                self.systemd.notifier.send(&format!("READY=1\nSTATUS={}", self.summary()));
+                self.systemd.last_status = self.summary();
+            }
+            if let Some(names) = &self.systemd.reloading {
+                if settled(&self.pools, Some(names)) {
+                    self.systemd.reloading = None;
+                    self.systemd.notifier.send("READY=1");
+                }
+            }
+        }
+        let status = self.summary();
+        if status != self.systemd.last_status {
+            self.systemd.notifier.send(&format!("STATUS={status}"));
+            self.systemd.last_status = status;
+        }
+        if let (Some(every), Some(next)) = (self.systemd.watchdog_every, self.systemd.watchdog_next) {
+            if next <= now {
+                self.systemd.notifier.send("WATCHDOG=1");
+                self.systemd.watchdog_next = Some(now + every);
+            }
+        }
+        self.systemd.watchdog_next
+    }
+
+    /// "12/12 workers running, 0 failed", plus what is degraded.
+    fn summary(&self) -> String {
+        let mut wanted = 0;
+        let mut running = 0;
+        let mut failed = Vec::new();
+        for pool in &self.pools {
+            let desired = pool.desired();
+            wanted += desired;
+            for slot in pool.slots.iter().filter(|s| s.id < desired) {
+                match slot.state {
+                    crate::slot::SlotState::Running { .. } => running += 1,
+                    crate::slot::SlotState::Failed { .. } => failed.push(format!("{}.{}", pool.program.name, slot.id)),
+                    _ => {}
+                }
+            }
+        }
+        let mut s = format!("{running}/{wanted} workers running, {} failed", failed.len());
+        if !failed.is_empty() {
+            failed.truncate(5);
+            s.push_str(&format!(" ({})", failed.join(", ")));
+        }
+        if self.phase != Phase::Running {
+            s = format!("stopping: {s}");
+        }
+        s
+    }
+
+    /// Messages on plumule's notify socket, from workers (or their children).
+    fn read_notifications(&mut self, now: Instant) {
+        let Some(sock) = &self.notify_socket else { return };
+        let mut messages = Vec::new();
+        while let Some(m) = sock.recv() {
+            messages.push(m);
+            if messages.len() >= 256 {
+                break;
+            }
+        }
+        for (sender, text) in messages {
+            self.on_notification(Pid::from_raw(sender), &text, now);
+        }
+    }
+
+    fn on_notification(&mut self, sender: Pid, text: &str, now: Instant) {
+        // A worker's children speak for it too (as with NotifyAccess=all): match the group.
+        let pid = if self.procs.contains_key(&sender) {
+            sender
+        } else {
+            match nix::unistd::getpgid(Some(sender)) {
+                Ok(pgid) if self.procs.contains_key(&pgid) => pgid,
+                _ => {
+                    log::debug!("notify socket: ignoring a message from pid {sender}, not a worker");
+                    return;
+                }
+            }
+        };
+        let Some(proc) = self.procs.get(&pid) else { return };
+        let (name, id) = (Arc::clone(&proc.program), proc.id);
+        let Some((program, slot)) = self.find_slot(&name, id, pid) else { return };
+        for line in text.lines() {
+            match line.split_once('=') {
+                Some(("READY", "1")) => {
+                    slot.transition(Event::Ready, &program, now);
+                }
+                Some(("WATCHDOG", "1")) => slot.transition(Event::WatchdogPing, &program, now),
+                Some(("STATUS", s)) => slot.status = Some(s.chars().take(256).collect()),
+                _ => {}
+            }
+        }
     }
 
     fn reopen_files(&mut self) {
@@ -656,6 +814,9 @@ impl Master {
         self.abandon_waiters();
         if let Some(c) = self.control.take() {
             c.close();
+        }
+        if let Some(n) = self.notify_socket.take() {
+            n.close();
         }
         orphans::remove(&self.config.runtime_dir);
         if let Some(p) = self.pidfile.take() {

@@ -251,11 +251,15 @@ impl Master {
     /// Re-reads the config file and applies the difference. On error nothing changes.
     /// Returns the changes (as lines) and the programs to wait for.
     pub(super) fn reload(&mut self, now: Instant) -> Result<(Vec<String>, Vec<String>), String> {
+        let usec = crate::sys::notify::monotonic_usec();
+        self.systemd.notifier.send(&format!("RELOADING=1\nMONOTONIC_USEC={usec}"));
         let new = match config::load(&self.config.path) {
             Ok(c) => c,
             Err(e) => {
                 let message = format!("reload refused, nothing changed: {e}");
                 log::error!("{message}");
+                let first = message.lines().next().unwrap_or_default().chars().take(200).collect::<String>();
+                self.systemd.notifier.send(&format!("READY=1\nSTATUS={first}"));
                 return Err(message);
             }
         };
@@ -317,6 +321,7 @@ impl Master {
         }
         crate::logging::set_level(new.log_level);
         self.config = Arc::new(new);
+        self.systemd.reloading = Some(wait_for.clone());
         if lines.is_empty() {
             log::info!("reload: nothing changed");
         }

@@ -49,8 +49,9 @@ pub struct Request {
     pub lock_mode: libc::mode_t,
     /// The open-file limit to restore before exec (the master raised its own).
     pub nofile: Option<libc::rlimit>,
-    /// Index into `env` of a `LISTEN_PID=` entry whose value the child replaces with its pid.
-    pub listen_pid_env: Option<usize>,
+    /// Indices into `env` of entries (`LISTEN_PID=`, `WATCHDOG_PID=`) whose value the child
+    /// replaces with its own pid, which is only known after fork.
+    pub pid_vars: Vec<usize>,
 }
 
 /// Where in the child a start failed.
@@ -135,24 +136,31 @@ pub fn spawn(req: &Request) -> io::Result<Child> {
     // Everything the child touches is built here, before fork.
     let argv: Vec<*const libc::c_char> =
         req.argv.iter().map(|a| a.as_ptr()).chain(std::iter::once(std::ptr::null())).collect();
+    // Entries to complete with the child's pid get a buffer with room for the digits.
     let mut env_bufs: Vec<Vec<u8>> = Vec::new();
+    for &i in &req.pid_vars {
+        let Some(entry) = req.env.get(i) else { continue };
+        let bytes = entry.as_bytes();
+        let key_len = bytes.iter().position(|&b| b == b'=').map_or(bytes.len(), |p| p + 1);
+        let mut b = bytes[..key_len].to_vec();
+        b.resize(key_len + 11, 0);
+        env_bufs.push(b);
+    }
+    let mut pid_slots: Vec<(*mut u8, usize)> = Vec::new();
+    let mut bufs = env_bufs.iter_mut();
     let mut env: Vec<*const libc::c_char> = Vec::with_capacity(req.env.len() + 1);
     for (i, e) in req.env.iter().enumerate() {
-        if Some(i) == req.listen_pid_env {
-            // Room for "LISTEN_PID=" + 10 digits + NUL, filled in by the child.
-            let mut b = b"LISTEN_PID=".to_vec();
-            b.resize(b.len() + 11, 0);
-            env_bufs.push(b);
-            env.push(env_bufs.last().unwrap().as_ptr().cast());
-        } else {
-            env.push(e.as_ptr());
+        if req.pid_vars.contains(&i) {
+            if let Some(b) = bufs.next() {
+                let key_len = b.len() - 11;
+                pid_slots.push((b.as_mut_ptr(), key_len));
+                env.push(b.as_ptr().cast());
+                continue;
+            }
         }
+        env.push(e.as_ptr());
     }
     env.push(std::ptr::null());
-    let listen_pid_buf: Option<*mut u8> = req
-        .listen_pid_env
-        .and_then(|i| env.get(i).copied())
-        .map(|p| p.cast_mut().cast::<u8>());
 
     let mut sources: Vec<RawFd> = vec![req.stdin, req.stdout, req.stderr];
     sources.extend(&req.pass_fds);
@@ -178,7 +186,7 @@ pub fn spawn(req: &Request) -> io::Result<Child> {
             req,
             argv: &argv,
             env: &env,
-            listen_pid_buf,
+            pid_slots: &pid_slots,
             sources: &sources,
             scratch: &mut scratch,
             groups: groups.as_deref(),
@@ -204,7 +212,7 @@ struct ChildContext<'a> {
     req: &'a Request,
     argv: &'a [*const libc::c_char],
     env: &'a [*const libc::c_char],
-    listen_pid_buf: Option<*mut u8>,
+    pid_slots: &'a [(*mut u8, usize)],
     sources: &'a [RawFd],
     scratch: &'a mut [RawFd],
     groups: Option<&'a [libc::gid_t]>,
@@ -286,8 +294,8 @@ unsafe fn child_after_fork(ctx: ChildContext<'_>) -> ! {
             }
         }
 
-        if let Some(buf) = ctx.listen_pid_buf {
-            write_decimal(buf.add(b"LISTEN_PID=".len()), libc::getpid() as u32);
+        for &(buf, offset) in ctx.pid_slots {
+            write_decimal(buf.add(offset), libc::getpid() as u32);
         }
         if let Some(mask) = req.umask {
             libc::umask(mask);
