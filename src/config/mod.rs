@@ -35,6 +35,9 @@ mod raw;
 mod validate;
 mod values;
 
+#[cfg(test)]
+mod tests;
+
 use std::collections::BTreeMap;
 use std::ffi::OsString;
 use std::fmt;
