@@ -515,7 +515,7 @@ impl LogRing {
         n: usize,
         filter: Option<&'a str>,
     ) -> impl Iterator<Item = &'a LogLine> + 'a {
-        let wanted = move |l: &LogLine| filter.map_or(true, |f| l.matches(f));
+        let wanted = move |l: &LogLine| filter.is_none_or(|f| l.matches(f));
         // Walk back to the n-th match from the end, then forward from there: no allocation.
         let mut start = self.lines.len();
         let mut found = 0;

@@ -264,18 +264,6 @@ pub const UNSUPPORTED: &[Unsupported] = &[
         key: "program.*.listen",
         value: None,
     },
-    Unsupported {
-        key: "program.*.watchdog",
-        value: None,
-    },
-    Unsupported {
-        key: "program.*.ready",
-        value: Some("notify"),
-    },
-    Unsupported {
-        key: "program.*.after",
-        value: None,
-    },
 ];
 
 /// The entry of [`UNSUPPORTED`] that a key set in a file falls under, if any. `path` is the
@@ -293,7 +281,7 @@ fn find_unsupported<'a>(
         let pattern: Vec<&str> = u.key.split('.').collect();
         pattern.len() == path.len()
             && pattern.iter().zip(path).all(|(p, k)| *p == "*" || p == k)
-            && u.value.map_or(true, |v| value == Some(v))
+            && u.value.is_none_or(|v| value == Some(v))
     })
 }
 

@@ -33,7 +33,11 @@ pub enum MasterError {
     #[error(transparent)]
     Busy(PidfileError),
     #[error("cannot prepare {what} {path}: {reason}")]
-    Dir { what: &'static str, path: PathBuf, reason: String },
+    Dir {
+        what: &'static str,
+        path: PathBuf,
+        reason: String,
+    },
     #[error("cannot set up the master: {0}")]
     Setup(std::io::Error),
 }
@@ -129,11 +133,15 @@ struct SystemdLink {
 impl SystemdLink {
     fn from_env(now: Instant) -> SystemdLink {
         let notifier = sys::notify::Notifier::from_env();
-        let ours = std::env::var("WATCHDOG_PID").ok().and_then(|p| p.parse::<u32>().ok());
+        let ours = std::env::var("WATCHDOG_PID")
+            .ok()
+            .and_then(|p| p.parse::<u32>().ok());
         let watchdog_every = std::env::var("WATCHDOG_USEC")
             .ok()
             .and_then(|u| u.parse::<u64>().ok())
-            .filter(|&u| u > 0 && ours.is_none_or(|p| p == std::process::id()) && notifier.enabled())
+            .filter(|&u| {
+                u > 0 && ours.is_none_or(|p| p == std::process::id()) && notifier.enabled()
+            })
             .map(|u| Duration::from_micros(u / 2));
         SystemdLink {
             notifier,
@@ -149,8 +157,16 @@ impl SystemdLink {
 /// Creates a missing directory with `mode`; refuses one that others may write to.
 fn prepare_dir(what: &'static str, path: &Path, mode: u32) -> Result<(), MasterError> {
     use std::os::unix::fs::{DirBuilderExt, MetadataExt};
-    let err = |reason: String| MasterError::Dir { what, path: path.to_path_buf(), reason };
-    if let Err(e) = std::fs::DirBuilder::new().recursive(true).mode(mode).create(path) {
+    let err = |reason: String| MasterError::Dir {
+        what,
+        path: path.to_path_buf(),
+        reason,
+    };
+    if let Err(e) = std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(mode)
+        .create(path)
+    {
         return Err(err(e.to_string()));
     }
     let meta = std::fs::symlink_metadata(path).map_err(|e| err(e.to_string()))?;
@@ -184,25 +200,38 @@ impl Master {
         orphans::stop_leftovers(&config.runtime_dir);
         let dev_null = sys::dev_null().map_err(MasterError::Setup)?;
         let notify_path = config.runtime_dir.join("notify.sock");
-        let notify_socket = sys::notify::NotifySocket::bind(&notify_path).map_err(|e| MasterError::Dir {
-            what: "notify socket",
-            path: notify_path.clone(),
-            reason: e.to_string(),
-        })?;
+        let notify_socket =
+            sys::notify::NotifySocket::bind(&notify_path).map_err(|e| MasterError::Dir {
+                what: "notify socket",
+                path: notify_path.clone(),
+                reason: e.to_string(),
+            })?;
         let ctx = worker::Context {
             lock_dir: config.lock_dir.clone(),
-            lock_mode: if config.control_group.is_some() { 0o664 } else { 0o644 },
+            lock_mode: if config.control_group.is_some() {
+                0o664
+            } else {
+                0o644
+            },
             nofile,
             notify_socket: Some(notify_path),
         };
-        let pools = config.programs.iter().map(|p| Pool::new(Arc::new(p.clone()))).collect();
+        let pools = config
+            .programs
+            .iter()
+            .map(|p| Pool::new(Arc::new(p.clone())))
+            .collect();
         let access = crate::control::Access {
             uid: nix::unistd::geteuid().as_raw(),
             group: config.control_group.clone(),
         };
         let control_path = config.runtime_dir.join("control.sock");
         let control = crate::control::ControlServer::bind(&control_path, access).map_err(|e| {
-            MasterError::Dir { what: "control socket", path: control_path.clone(), reason: e.to_string() }
+            MasterError::Dir {
+                what: "control socket",
+                path: control_path.clone(),
+                reason: e.to_string(),
+            }
         })?;
         Ok(Master {
             config: Arc::new(config),
@@ -303,7 +332,11 @@ impl Master {
             Action::Kill { pool, id } => {
                 let (program, slot) = self.slot_mut(pool, id);
                 if let Some(pid) = slot.pid() {
-                    log::warn!("{}.{}: still running after its stop timeout; sending KILL", program.name, id);
+                    log::warn!(
+                        "{}.{}: still running after its stop timeout; sending KILL",
+                        program.name,
+                        id
+                    );
                     let _ = sys::process::signal_group(pid, Signal::SIGKILL);
                     slot.transition(Event::Killed, &program, now);
                 }
@@ -342,7 +375,8 @@ impl Master {
                     id,
                     crate::format_duration(program.ready_timeout)
                 );
-                self.pools[pool].slots[id as usize].stop_reason = Some(crate::slot::StopReason::ReadyTimeout);
+                self.pools[pool].slots[id as usize].stop_reason =
+                    Some(crate::slot::StopReason::ReadyTimeout);
                 self.stop(pool, id, now);
             }
             Action::WatchdogMiss { pool, id } => {
@@ -351,7 +385,13 @@ impl Master {
                 log::error!("{}.{}: missed its watchdog; sending ABRT", program.name, id);
                 let _ = nix::sys::signal::kill(pid, Signal::SIGABRT);
                 slot.stop_reason = Some(crate::slot::StopReason::Watchdog);
-                slot.transition(Event::Stop { kill_at: now + program.stop_timeout }, &program, now);
+                slot.transition(
+                    Event::Stop {
+                        kill_at: now + program.stop_timeout,
+                    },
+                    &program,
+                    now,
+                );
             }
             Action::KillRetiring { pool, id } => {
                 if let Some(r) = self.pools[pool].slots[id as usize].retiring.as_mut() {
@@ -365,10 +405,21 @@ impl Master {
     /// Moves the running process aside (it keeps serving) and starts its successor.
     fn roll(&mut self, pool: usize, id: u32, now: Instant) {
         let slot = &mut self.pools[pool].slots[id as usize];
-        let crate::slot::SlotState::Running { pid, since } = slot.state else { return };
-        slot.retiring = Some(crate::slot::Retiring { pid, since, kill_at: None, killed: false });
+        let crate::slot::SlotState::Running { pid, since } = slot.state else {
+            return;
+        };
+        slot.retiring = Some(crate::slot::Retiring {
+            pid,
+            since,
+            kill_at: None,
+            killed: false,
+        });
         slot.state = crate::slot::SlotState::Stopped;
-        log::info!("{}.{}: rolling restart: starting a successor to {pid}", self.pools[pool].program.name, id);
+        log::info!(
+            "{}.{}: rolling restart: starting a successor to {pid}",
+            self.pools[pool].program.name,
+            id
+        );
         self.spawn(pool, id, now);
     }
 
@@ -384,9 +435,18 @@ impl Master {
         }
         let (program, slot) = self.slot_mut(pool, id);
         let Some(pid) = slot.pid() else { return };
-        log::debug!("{}.{}: sending {} to process group {pid}", program.name, id, program.stop_signal);
+        log::debug!(
+            "{}.{}: sending {} to process group {pid}",
+            program.name,
+            id,
+            program.stop_signal
+        );
         if let Err(e) = sys::process::signal_group(pid, program.stop_signal) {
-            log::warn!("{}.{}: cannot signal process group {pid}: {e}", program.name, id);
+            log::warn!(
+                "{}.{}: cannot signal process group {pid}: {e}",
+                program.name,
+                id
+            );
         }
         slot.transition(Event::Stop { kill_at }, &program, now);
     }
@@ -426,7 +486,9 @@ impl Master {
                 // fork failing (EAGAIN, ENOMEM) is transient: retry as after a quick crash.
                 log::error!("{tag}: cannot fork: {e}");
                 let slot = &mut self.pools[pool].slots[id as usize];
-                slot.state = crate::slot::SlotState::Backoff { until: now + program.backoff.initial };
+                slot.state = crate::slot::SlotState::Backoff {
+                    until: now + program.backoff.initial,
+                };
                 return;
             }
         };
@@ -458,12 +520,20 @@ impl Master {
     /// The descriptor a worker writes `fd` (1 or 2) to, the write end to close after fork
     /// (if any), and the pipe the master reads (if any).
     #[allow(clippy::type_complexity)]
-    fn output(&mut self, spec: &OutputSpec, fd: RawFd) -> Result<(RawFd, Option<OwnedFd>, Option<OutPipe>), String> {
+    fn output(
+        &mut self,
+        spec: &OutputSpec,
+        fd: RawFd,
+    ) -> Result<(RawFd, Option<OwnedFd>, Option<OutPipe>), String> {
         let sink = match spec {
             OutputSpec::Inherit => return Ok((fd, None, None)),
             OutputSpec::Null => return Ok((self.dev_null.as_raw_fd(), None, None)),
             OutputSpec::Log => Sink::Log,
-            OutputSpec::File { path, max_size, keep } => {
+            OutputSpec::File {
+                path,
+                max_size,
+                keep,
+            } => {
                 if !self.files.contains_key(path) {
                     let file = RotatingFile::open(path, *max_size, *keep)
                         .map_err(|e| format!("cannot open output file {}: {e}", path.display()))?;
@@ -474,14 +544,26 @@ impl Master {
         };
         let (r, w) = sys::pipe(true).map_err(|e| format!("cannot create an output pipe: {e}"))?;
         let raw = w.as_raw_fd();
-        Ok((raw, Some(w), Some(OutPipe { fd: r, splitter: LineSplitter::new(DEFAULT_MAX_LINE), sink })))
+        Ok((
+            raw,
+            Some(w),
+            Some(OutPipe {
+                fd: r,
+                splitter: LineSplitter::new(DEFAULT_MAX_LINE),
+                sink,
+            }),
+        ))
     }
 
     fn poll_set(&self) -> (Vec<libc::pollfd>, Vec<Source>) {
         let mut fds = Vec::with_capacity(1 + self.procs.len() * 2);
         let mut sources = Vec::with_capacity(fds.capacity());
         let mut add = |fd: RawFd, source: Source| {
-            fds.push(libc::pollfd { fd, events: libc::POLLIN, revents: 0 });
+            fds.push(libc::pollfd {
+                fd,
+                events: libc::POLLIN,
+                revents: 0,
+            });
             sources.push(source);
         };
         add(self.signals.fd(), Source::Signals);
@@ -507,7 +589,11 @@ impl Master {
         }
         if let Some(c) = &self.control {
             for (fd, events, id) in c.poll_entries() {
-                fds.push(libc::pollfd { fd, events, revents: 0 });
+                fds.push(libc::pollfd {
+                    fd,
+                    events,
+                    revents: 0,
+                });
                 sources.push(Source::Client(id));
             }
         }
@@ -542,7 +628,9 @@ impl Master {
         );
         self.phase = Phase::ShuttingDown { deadline };
         let extend = (self.config.shutdown_timeout + Duration::from_secs(5)).as_micros();
-        self.systemd.notifier.send(&format!("STOPPING=1\nEXTEND_TIMEOUT_USEC={extend}"));
+        self.systemd
+            .notifier
+            .send(&format!("STOPPING=1\nEXTEND_TIMEOUT_USEC={extend}"));
     }
 
     /// READY=1 once every program has settled (first start, then after each reload),
@@ -553,11 +641,16 @@ impl Master {
         }
         if self.phase == Phase::Running {
             let settled = |pools: &[Pool], names: Option<&Vec<String>>| {
-                pools.iter().filter(|p| names.is_none_or(|n| n.contains(&p.program.name))).all(Pool::settled)
+                pools
+                    .iter()
+                    .filter(|p| names.is_none_or(|n| n.contains(&p.program.name)))
+                    .all(Pool::settled)
             };
             if !self.systemd.ready_sent && settled(&self.pools, None) {
                 self.systemd.ready_sent = true;
-                self.systemd.notifier.send(&format!("READY=1\nSTATUS={}", self.summary()));
+                self.systemd
+                    .notifier
+                    .send(&format!("READY=1\nSTATUS={}", self.summary()));
                 self.systemd.last_status = self.summary();
             }
             if let Some(names) = &self.systemd.reloading {
@@ -572,7 +665,8 @@ impl Master {
             self.systemd.notifier.send(&format!("STATUS={status}"));
             self.systemd.last_status = status;
         }
-        if let (Some(every), Some(next)) = (self.systemd.watchdog_every, self.systemd.watchdog_next) {
+        if let (Some(every), Some(next)) = (self.systemd.watchdog_every, self.systemd.watchdog_next)
+        {
             if next <= now {
                 self.systemd.notifier.send("WATCHDOG=1");
                 self.systemd.watchdog_next = Some(now + every);
@@ -592,12 +686,17 @@ impl Master {
             for slot in pool.slots.iter().filter(|s| s.id < desired) {
                 match slot.state {
                     crate::slot::SlotState::Running { .. } => running += 1,
-                    crate::slot::SlotState::Failed { .. } => failed.push(format!("{}.{}", pool.program.name, slot.id)),
+                    crate::slot::SlotState::Failed { .. } => {
+                        failed.push(format!("{}.{}", pool.program.name, slot.id))
+                    }
                     _ => {}
                 }
             }
         }
-        let mut s = format!("{running}/{wanted} workers running, {} failed", failed.len());
+        let mut s = format!(
+            "{running}/{wanted} workers running, {} failed",
+            failed.len()
+        );
         if !failed.is_empty() {
             failed.truncate(5);
             s.push_str(&format!(" ({})", failed.join(", ")));
@@ -610,7 +709,9 @@ impl Master {
 
     /// Messages on plumule's notify socket, from workers (or their children).
     fn read_notifications(&mut self, now: Instant) {
-        let Some(sock) = &self.notify_socket else { return };
+        let Some(sock) = &self.notify_socket else {
+            return;
+        };
         let mut messages = Vec::new();
         while let Some(m) = sock.recv() {
             messages.push(m);
@@ -631,14 +732,20 @@ impl Master {
             match nix::unistd::getpgid(Some(sender)) {
                 Ok(pgid) if self.procs.contains_key(&pgid) => pgid,
                 _ => {
-                    log::debug!("notify socket: ignoring a message from pid {sender}, not a worker");
+                    log::debug!(
+                        "notify socket: ignoring a message from pid {sender}, not a worker"
+                    );
                     return;
                 }
             }
         };
-        let Some(proc) = self.procs.get(&pid) else { return };
+        let Some(proc) = self.procs.get(&pid) else {
+            return;
+        };
         let (name, id) = (Arc::clone(&proc.program), proc.id);
-        let Some((program, slot)) = self.find_slot(&name, id, pid) else { return };
+        let Some((program, slot)) = self.find_slot(&name, id, pid) else {
+            return;
+        };
         for line in text.lines() {
             match line.split_once('=') {
                 Some(("READY", "1")) => {
@@ -695,7 +802,11 @@ impl Master {
             }
         }
         let jitter = self.jitter.sample();
-        if let Some(pool) = self.pools.iter_mut().find(|p| *p.program.name == *proc.program) {
+        if let Some(pool) = self
+            .pools
+            .iter_mut()
+            .find(|p| *p.program.name == *proc.program)
+        {
             if let Some(slot) = pool.slots.get_mut(proc.id as usize) {
                 if slot.retiring.as_ref().is_some_and(|r| r.pid == pid) {
                     slot.retiring = None;
@@ -704,7 +815,9 @@ impl Master {
                 }
             }
         }
-        let Some((program, slot)) = self.find_slot(&proc.program, proc.id, pid) else { return };
+        let Some((program, slot)) = self.find_slot(&proc.program, proc.id, pid) else {
+            return;
+        };
         let before = slot.state.name();
         slot.transition(Event::Exited { exit, jitter }, &program, now);
         let tag = proc.tag();
@@ -714,11 +827,17 @@ impl Master {
                 if delay.is_zero() {
                     log::info!("{tag}: {exit}; restarting");
                 } else {
-                    log::warn!("{tag}: {exit}; restarting in {}", crate::format_duration(delay));
+                    log::warn!(
+                        "{tag}: {exit}; restarting in {}",
+                        crate::format_duration(delay)
+                    );
                 }
             }
             crate::slot::SlotState::Failed { reason } => log::error!("{tag}: failed: {reason}"),
-            crate::slot::SlotState::Exited { .. } => log::info!("{tag}: {exit}; not restarted (restart = {:?})", program.restart),
+            crate::slot::SlotState::Exited { .. } => log::info!(
+                "{tag}: {exit}; not restarted (restart = {:?})",
+                program.restart
+            ),
             _ if before == "stopping" => log::info!("{tag}: stopped ({exit})"),
             _ => log::info!("{tag}: {exit}"),
         }
@@ -726,7 +845,10 @@ impl Master {
 
     /// The slot whose live process is `pid`.
     fn find_slot(&mut self, program: &str, id: u32, pid: Pid) -> Option<(Arc<Program>, &mut Slot)> {
-        let pool = self.pools.iter_mut().find(|p| &*p.program.name == program)?;
+        let pool = self
+            .pools
+            .iter_mut()
+            .find(|p| &*p.program.name == program)?;
         let program = Arc::clone(&pool.program);
         let slot = pool.slots.get_mut(id as usize)?;
         (slot.pid() == Some(pid)).then_some((program, slot))
@@ -777,7 +899,9 @@ impl Master {
     }
 
     fn read_output(&mut self, pid: Pid, stream: Stream) {
-        let Some(proc) = self.procs.get_mut(&pid) else { return };
+        let Some(proc) = self.procs.get_mut(&pid) else {
+            return;
+        };
         let tag = proc.tag();
         let pipe = match stream {
             Stream::Stdout => &mut proc.stdout,
@@ -828,7 +952,12 @@ impl Master {
 
 /// Reads what a worker wrote and forwards it line by line. Returns true at end of file.
 /// Reads are bounded per call so that one chatty worker cannot starve the others.
-fn pump(pipe: &mut OutPipe, tag: &str, files: &mut HashMap<PathBuf, RotatingFile>, to_end: bool) -> bool {
+fn pump(
+    pipe: &mut OutPipe,
+    tag: &str,
+    files: &mut HashMap<PathBuf, RotatingFile>,
+    to_end: bool,
+) -> bool {
     let mut buf = [0u8; 64 * 1024];
     let mut rounds = 0;
     let eof = loop {
@@ -836,7 +965,8 @@ fn pump(pipe: &mut OutPipe, tag: &str, files: &mut HashMap<PathBuf, RotatingFile
             Ok(Some(0)) if !to_end => break false,
             Ok(Some(0)) => break true,
             Ok(Some(n)) => {
-                pipe.splitter.push(&buf[..n], |line| emit(&pipe.sink, tag, line, files));
+                pipe.splitter
+                    .push(&buf[..n], |line| emit(&pipe.sink, tag, line, files));
                 rounds += 1;
                 if rounds >= 16 && !to_end {
                     break false;
@@ -846,7 +976,8 @@ fn pump(pipe: &mut OutPipe, tag: &str, files: &mut HashMap<PathBuf, RotatingFile
         }
     };
     if eof {
-        pipe.splitter.finish(|line| emit(&pipe.sink, tag, line, files));
+        pipe.splitter
+            .finish(|line| emit(&pipe.sink, tag, line, files));
     }
     eof
 }

@@ -20,7 +20,9 @@ pub struct Notifier {
 impl Notifier {
     /// Reads `$NOTIFY_SOCKET` once; the variable is never passed on to workers.
     pub fn from_env() -> Notifier {
-        let Some(value) = std::env::var_os("NOTIFY_SOCKET") else { return Notifier { socket: None } };
+        let Some(value) = std::env::var_os("NOTIFY_SOCKET") else {
+            return Notifier { socket: None };
+        };
         let value = value.to_string_lossy().into_owned();
         let addr = if let Some(name) = value.strip_prefix('@') {
             SocketAddr::from_abstract_name(name.as_bytes())
@@ -46,9 +48,14 @@ impl Notifier {
 
     /// Sends one datagram of `KEY=VALUE` lines. A failure is logged, never fatal.
     pub fn send(&self, message: &str) {
-        let Some((socket, addr)) = &self.socket else { return };
+        let Some((socket, addr)) = &self.socket else {
+            return;
+        };
         if let Err(e) = socket.send_to_addr(message.as_bytes(), addr) {
-            log::warn!("cannot notify systemd ({}), ignoring: {e}", message.lines().next().unwrap_or(""));
+            log::warn!(
+                "cannot notify systemd ({}), ignoring: {e}",
+                message.lines().next().unwrap_or("")
+            );
         }
     }
 }
@@ -83,7 +90,10 @@ impl NotifySocket {
         // whether a message is heeded.
         use std::os::unix::fs::PermissionsExt;
         std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o666))?;
-        Ok(NotifySocket { socket, path: path.to_path_buf() })
+        Ok(NotifySocket {
+            socket,
+            path: path.to_path_buf(),
+        })
     }
 
     pub fn fd(&self) -> RawFd {
@@ -100,7 +110,12 @@ impl NotifySocket {
             let mut buf = [0u8; MAX_MESSAGE];
             let mut cmsg = nix::cmsg_space!(libc::ucred);
             let mut iov = [IoSliceMut::new(&mut buf)];
-            let msg = match recvmsg::<UnixAddr>(self.fd(), &mut iov, Some(&mut cmsg), MsgFlags::MSG_DONTWAIT | MsgFlags::MSG_TRUNC) {
+            let msg = match recvmsg::<UnixAddr>(
+                self.fd(),
+                &mut iov,
+                Some(&mut cmsg),
+                MsgFlags::MSG_DONTWAIT | MsgFlags::MSG_TRUNC,
+            ) {
                 Ok(m) => m,
                 Err(nix::errno::Errno::EINTR) => continue,
                 Err(_) => return None,
@@ -139,7 +154,9 @@ mod tests {
         let sock = NotifySocket::bind(&path).unwrap();
         assert!(sock.recv().is_none());
         let client = UnixDatagram::unbound().unwrap();
-        client.send_to(b"READY=1\nSTATUS=warming up", &path).unwrap();
+        client
+            .send_to(b"READY=1\nSTATUS=warming up", &path)
+            .unwrap();
         let (pid, text) = sock.recv().unwrap();
         assert_eq!(pid, std::process::id() as i32);
         assert_eq!(text, "READY=1\nSTATUS=warming up");
@@ -151,7 +168,10 @@ mod tests {
         let path = dir.path().join("systemd.sock");
         let listener = UnixDatagram::bind(&path).unwrap();
         let notifier = Notifier {
-            socket: Some((UnixDatagram::unbound().unwrap(), SocketAddr::from_pathname(&path).unwrap())),
+            socket: Some((
+                UnixDatagram::unbound().unwrap(),
+                SocketAddr::from_pathname(&path).unwrap(),
+            )),
         };
         notifier.send("READY=1");
         let mut buf = [0u8; 64];

@@ -134,14 +134,23 @@ pub fn spawn(req: &Request) -> io::Result<Child> {
     let master = nix::unistd::getpid().as_raw();
 
     // Everything the child touches is built here, before fork.
-    let argv: Vec<*const libc::c_char> =
-        req.argv.iter().map(|a| a.as_ptr()).chain(std::iter::once(std::ptr::null())).collect();
+    let argv: Vec<*const libc::c_char> = req
+        .argv
+        .iter()
+        .map(|a| a.as_ptr())
+        .chain(std::iter::once(std::ptr::null()))
+        .collect();
     // Entries to complete with the child's pid get a buffer with room for the digits.
     let mut env_bufs: Vec<Vec<u8>> = Vec::new();
     for &i in &req.pid_vars {
-        let Some(entry) = req.env.get(i) else { continue };
+        let Some(entry) = req.env.get(i) else {
+            continue;
+        };
         let bytes = entry.as_bytes();
-        let key_len = bytes.iter().position(|&b| b == b'=').map_or(bytes.len(), |p| p + 1);
+        let key_len = bytes
+            .iter()
+            .position(|&b| b == b'=')
+            .map_or(bytes.len(), |p| p + 1);
         let mut b = bytes[..key_len].to_vec();
         b.resize(key_len + 11, 0);
         env_bufs.push(b);
@@ -205,7 +214,10 @@ pub fn spawn(req: &Request) -> io::Result<Child> {
     if pid < 0 {
         return Err(fork_err);
     }
-    Ok(Child { pid: Pid::from_raw(pid), status: status_r })
+    Ok(Child {
+        pid: Pid::from_raw(pid),
+        status: status_r,
+    })
 }
 
 struct ChildContext<'a> {
@@ -241,7 +253,13 @@ unsafe fn fail(status: RawFd, stage: Stage) -> ! {
 unsafe fn tie_to_master(master: libc::pid_t) {
     // SAFETY: plain integer arguments.
     unsafe {
-        libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM as libc::c_ulong, 0, 0, 0);
+        libc::prctl(
+            libc::PR_SET_PDEATHSIG,
+            libc::SIGTERM as libc::c_ulong,
+            0,
+            0,
+            0,
+        );
         if libc::getppid() != master {
             libc::_exit(0);
         }
@@ -288,7 +306,13 @@ unsafe fn child_after_fork(ctx: ChildContext<'_>) -> ! {
         }
         status = n - 1;
         libc::fcntl(status, libc::F_SETFD, libc::FD_CLOEXEC);
-        if libc::syscall(libc::SYS_close_range, n as libc::c_uint, libc::c_uint::MAX, 0) < 0 {
+        if libc::syscall(
+            libc::SYS_close_range,
+            n as libc::c_uint,
+            libc::c_uint::MAX,
+            0,
+        ) < 0
+        {
             for fd in n..4096 {
                 libc::close(fd);
             }
@@ -344,7 +368,11 @@ unsafe fn take_lock(lock: &LockRequest, mode: libc::mode_t, index: u16, status: 
             *libc::__errno_location() = libc::EINVAL;
             fail(status, Stage::Lock(index));
         }
-        let op = if lock.shared { libc::LOCK_SH } else { libc::LOCK_EX };
+        let op = if lock.shared {
+            libc::LOCK_SH
+        } else {
+            libc::LOCK_EX
+        };
         if libc::flock(fd, op | libc::LOCK_NB) == 0 {
             return;
         }
@@ -416,16 +444,27 @@ mod tests {
             (KIND_FAIL, Stage::Credentials, libc::EPERM),
             (KIND_FAIL, Stage::Setup, libc::EMFILE),
         ] {
-            assert_eq!(decode(&encode(kind, stage, errno)), Some(Report::Failed { stage, errno }));
+            assert_eq!(
+                decode(&encode(kind, stage, errno)),
+                Some(Report::Failed { stage, errno })
+            );
         }
-        assert_eq!(decode(&encode(KIND_WAIT, Stage::Lock(3), 0)), Some(Report::WaitingForLock(3)));
+        assert_eq!(
+            decode(&encode(KIND_WAIT, Stage::Lock(3), 0)),
+            Some(Report::WaitingForLock(3))
+        );
         assert_eq!(decode(&[9, 0, 0, 0, 0, 0, 0, 0]), None);
     }
 
     #[test]
     fn decimal_formatting() {
         let mut buf = [0xffu8; 11];
-        for (v, s) in [(0u32, "0"), (7, "7"), (12345, "12345"), (u32::MAX, "4294967295")] {
+        for (v, s) in [
+            (0u32, "0"),
+            (7, "7"),
+            (12345, "12345"),
+            (u32::MAX, "4294967295"),
+        ] {
             // SAFETY: buf has 11 bytes.
             unsafe { write_decimal(buf.as_mut_ptr(), v) };
             let end = buf.iter().position(|&b| b == 0).unwrap();
