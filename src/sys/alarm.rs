@@ -33,7 +33,7 @@ pub struct Alarm {
 
 impl Alarm {
     /// Installs the no-op handler, unblocks SIGALRM in this thread and arms a timer aimed at
-    /// this thread that fires after `after`, then every [`REFIRE`].
+    /// this thread that fires after `after`, then every `REFIRE`.
     pub fn arm(after: Duration) -> io::Result<Alarm> {
         let handler = HandlerInUse::new()?;
         let mask = Unblocked::new()?;
