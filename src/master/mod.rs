@@ -16,7 +16,7 @@ use nix::unistd::Pid;
 use crate::backoff::Jitter;
 use crate::config::{Config, ListenAddr, OutputSpec, Program};
 use crate::orphans;
-use crate::output::{LineSplitter, RotatingFile, DEFAULT_MAX_LINE};
+use crate::output::{LineSplitter, LogRing, RotatingFile, Stream, DEFAULT_MAX_LINE};
 use crate::plan::{plan, Action, Phase, Pool};
 use crate::slot::{Event, Exit, Slot};
 use crate::sys;
@@ -26,6 +26,10 @@ use crate::sys::spawn::{Report, Stage};
 use crate::worker;
 
 mod requests;
+
+/// How much recent worker output the master keeps for `plumule logs`.
+const LOG_RING_LINES: usize = 10_000;
+const LOG_RING_BYTES: usize = 4 * 1024 * 1024;
 
 /// Why the master could not run.
 #[derive(Debug, thiserror::Error)]
@@ -50,12 +54,6 @@ impl MasterError {
             _ => 1,
         }
     }
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Stream {
-    Stdout,
-    Stderr,
 }
 
 enum Sink {
@@ -118,6 +116,10 @@ pub struct Master {
     notify_socket: Option<sys::notify::NotifySocket>,
     /// Bound once, kept across reloads while some program lists them.
     listeners: HashMap<ListenAddr, OwnedFd>,
+    /// Recent worker output for `plumule logs`.
+    log_ring: LogRing,
+    /// `logs --follow` connections: (connection, filter, next line to send).
+    followers: Vec<(u64, Option<String>, u64)>,
 }
 
 /// What the master tells systemd, and when.
@@ -261,6 +263,8 @@ impl Master {
             systemd: SystemdLink::from_env(Instant::now()),
             notify_socket: Some(notify_socket),
             listeners,
+            log_ring: LogRing::new(LOG_RING_LINES, LOG_RING_BYTES),
+            followers: Vec::new(),
         })
     }
 
@@ -277,6 +281,7 @@ impl Master {
             let now = Instant::now();
             let mut wake_at = self.settle(now);
             self.check_waiters(now);
+            self.feed_followers();
             if let Some(t) = self.tell_systemd(now) {
                 wake_at = Some(wake_at.map_or(t, |w| w.min(t)));
             }
@@ -823,7 +828,14 @@ impl Master {
                 Stream::Stderr => proc.stderr.as_mut(),
             };
             if let Some(pipe) = pipe {
-                pump(pipe, &tag, &mut self.files, true);
+                pump(
+                    pipe,
+                    &tag,
+                    stream,
+                    &mut self.files,
+                    &mut self.log_ring,
+                    true,
+                );
             }
         }
         let jitter = self.jitter.sample();
@@ -933,7 +945,7 @@ impl Master {
             Stream::Stderr => &mut proc.stderr,
         };
         if let Some(p) = pipe {
-            if pump(p, &tag, &mut self.files, false) {
+            if pump(p, &tag, stream, &mut self.files, &mut self.log_ring, false) {
                 *pipe = None;
             }
         }
@@ -985,7 +997,9 @@ impl Master {
 fn pump(
     pipe: &mut OutPipe,
     tag: &str,
+    stream: Stream,
     files: &mut HashMap<PathBuf, RotatingFile>,
+    ring: &mut LogRing,
     to_end: bool,
 ) -> bool {
     let mut buf = [0u8; 64 * 1024];
@@ -995,8 +1009,9 @@ fn pump(
             Ok(Some(0)) if !to_end => break false,
             Ok(Some(0)) => break true,
             Ok(Some(n)) => {
+                let sink = &pipe.sink;
                 pipe.splitter
-                    .push(&buf[..n], |line| emit(&pipe.sink, tag, line, files));
+                    .push(&buf[..n], |line| emit(sink, tag, stream, line, files, ring));
                 rounds += 1;
                 if rounds >= 16 && !to_end {
                     break false;
@@ -1006,13 +1021,22 @@ fn pump(
         }
     };
     if eof {
+        let sink = &pipe.sink;
         pipe.splitter
-            .finish(|line| emit(&pipe.sink, tag, line, files));
+            .finish(|line| emit(sink, tag, stream, line, files, ring));
     }
     eof
 }
 
-fn emit(sink: &Sink, tag: &str, line: &[u8], files: &mut HashMap<PathBuf, RotatingFile>) {
+fn emit(
+    sink: &Sink,
+    tag: &str,
+    stream: Stream,
+    line: &[u8],
+    files: &mut HashMap<PathBuf, RotatingFile>,
+    ring: &mut LogRing,
+) {
+    ring.push(tag, stream, line);
     match sink {
         Sink::Log => crate::logging::worker_line(tag, line),
         Sink::File(path) => {

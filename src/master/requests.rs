@@ -96,6 +96,11 @@ impl Master {
             Request::Stop { target } => self.stop_target(&target, now),
             Request::Restart { target } => self.restart(&target, now),
             Request::Scale { program, workers } => self.scale(&program, workers),
+            Request::Logs {
+                target,
+                lines,
+                follow,
+            } => return self.logs(conn, target, lines, follow),
         };
         match result {
             Err(message) => Some(Response::error(message)),
@@ -135,6 +140,70 @@ impl Master {
                 c.respond(w.conn, response, now);
             }
         }
+    }
+
+    /// The last `lines` lines of worker output; with `follow`, the connection keeps receiving
+    /// new lines (one `{"ok":true,"result":{"lines":[…]}}` object per batch).
+    fn logs(
+        &mut self,
+        conn: u64,
+        target: Option<String>,
+        lines: usize,
+        follow: bool,
+    ) -> Option<Response> {
+        if let Some(t) = &target {
+            let parsed = match Target::parse(t) {
+                Ok(p) => p,
+                Err(e) => return Some(Response::error(e)),
+            };
+            if self.pool(&parsed.program).is_none() {
+                return Some(Response::error(format!(
+                    "no program named {}",
+                    parsed.program
+                )));
+            }
+        }
+        let entries: Vec<protocol::LogEntry> = self
+            .log_ring
+            .tail(lines, target.as_deref())
+            .map(protocol::LogEntry::from)
+            .collect();
+        let response = Response::ok(serde_json::json!({ "lines": entries }));
+        if !follow {
+            return Some(response);
+        }
+        let next = self.log_ring.next_seq();
+        if let Some(c) = self.control.as_mut() {
+            if c.stream(conn, response) {
+                self.followers.push((conn, target, next));
+            }
+        }
+        None
+    }
+
+    /// Sends new worker lines to `logs --follow` connections.
+    pub(super) fn feed_followers(&mut self) {
+        if self.followers.is_empty() {
+            return;
+        }
+        let next = self.log_ring.next_seq();
+        let Some(control) = self.control.as_mut() else {
+            return;
+        };
+        let ring = &self.log_ring;
+        self.followers.retain_mut(|(conn, filter, seq)| {
+            if *seq == next {
+                return control.conns.contains_key(conn);
+            }
+            let entries: Vec<protocol::LogEntry> = ring
+                .since(*seq)
+                .filter(|l| filter.as_deref().is_none_or(|f| l.matches(f)))
+                .map(protocol::LogEntry::from)
+                .collect();
+            *seq = next;
+            entries.is_empty() && control.conns.contains_key(conn)
+                || control.stream(*conn, Response::ok(serde_json::json!({ "lines": entries })))
+        });
     }
 
     fn pool(&self, name: &str) -> Option<&Pool> {
