@@ -15,7 +15,12 @@ use crate::config;
 use crate::protocol::{Request, Status};
 
 #[derive(Debug, Parser)]
-#[command(name = "plumule", version, about = "A multi-process daemon supervisor", propagate_version = true)]
+#[command(
+    name = "plumule",
+    version,
+    about = "A multi-process daemon supervisor",
+    propagate_version = true
+)]
 pub struct Cli {
     /// The config file (default: $PLUMULE_CONFIG, ./plumule.toml, /etc/plumule/plumule.toml)
     #[arg(short = 'c', long = "config", global = true, value_name = "FILE")]
@@ -119,16 +124,33 @@ pub fn run(cli: Cli) -> i32 {
         Command::Run => run_master(cli.config),
         Command::Check => check(cli.config),
         Command::Completions { shell } => {
-            clap_complete::generate(shell, &mut Cli::command(), "plumule", &mut std::io::stdout());
+            clap_complete::generate(
+                shell,
+                &mut Cli::command(),
+                "plumule",
+                &mut std::io::stdout(),
+            );
             0
         }
-        Command::Man => match clap_mangen::Man::new(Cli::command()).render(&mut std::io::stdout()) {
-            Ok(()) => 0,
-            Err(e) => fail(format!("cannot write the man page: {e}")),
-        },
-        Command::Lock { name, shared, timeout, nonblock, cmd } => {
+        Command::Man => {
+            match clap_mangen::Man::new(Cli::command()).render(&mut std::io::stdout()) {
+                Ok(()) => 0,
+                Err(e) => fail(format!("cannot write the man page: {e}")),
+            }
+        }
+        Command::Lock {
+            name,
+            shared,
+            timeout,
+            nonblock,
+            cmd,
+        } => {
             let lock_dir = lock_dir(cli.config);
-            let mode = if shared { crate::locks::Mode::Shared } else { crate::locks::Mode::Exclusive };
+            let mode = if shared {
+                crate::locks::Mode::Shared
+            } else {
+                crate::locks::Mode::Exclusive
+            };
             let wait = match (timeout, nonblock) {
                 (_, true) => crate::locks::Wait::NonBlock,
                 (Some(d), false) => crate::locks::Wait::Timeout(d),
@@ -148,7 +170,11 @@ pub fn run(cli: Cli) -> i32 {
                 } else {
                     print!("{}", client::format_status(&status));
                 }
-                let failed = status.programs.iter().flat_map(|p| &p.workers).any(|w| w.state == "failed");
+                let failed = status
+                    .programs
+                    .iter()
+                    .flat_map(|p| &p.workers)
+                    .any(|w| w.state == "failed");
                 if failed {
                     3
                 } else {
@@ -156,21 +182,70 @@ pub fn run(cli: Cli) -> i32 {
                 }
             })
         }
-        Command::Reload => client::run(cli.socket.as_deref(), cli.config.as_deref(), Request::Reload, |result| {
-            let changes = result["changes"].as_array().cloned().unwrap_or_default();
-            if changes.is_empty() {
-                println!("nothing changed");
-            }
-            for c in changes {
-                println!("{}", c.as_str().unwrap_or_default());
-            }
-            0
-        }),
+        Command::Reload => client::run(
+            cli.socket.as_deref(),
+            cli.config.as_deref(),
+            Request::Reload,
+            |result| {
+                let changes = result["changes"].as_array().cloned().unwrap_or_default();
+                if changes.is_empty() {
+                    println!("nothing changed");
+                }
+                for c in changes {
+                    println!("{}", c.as_str().unwrap_or_default());
+                }
+                0
+            },
+        ),
         Command::Start { target } => simple(&cli.socket, &cli.config, Request::Start { target }),
         Command::Stop { target } => simple(&cli.socket, &cli.config, Request::Stop { target }),
-        Command::Restart { target } => simple(&cli.socket, &cli.config, Request::Restart { target }),
-        Command::Scale { program, workers } => {
-            simple(&cli.socket, &cli.config, Request::Scale { program, workers })
+        Command::Restart { target } => {
+            simple(&cli.socket, &cli.config, Request::Restart { target })
+        }
+        Command::Scale { program, workers } => simple(
+            &cli.socket,
+            &cli.config,
+            Request::Scale { program, workers },
+        ),
+        Command::Logs {
+            target,
+            lines,
+            follow,
+        } => {
+            let req = Request::Logs {
+                target,
+                lines,
+                follow,
+            };
+            if !follow {
+                return client::run(
+                    cli.socket.as_deref(),
+                    cli.config.as_deref(),
+                    req,
+                    |result| {
+                        client::print_log_lines(&result);
+                        0
+                    },
+                );
+            }
+            let socket = match client::socket_path(cli.socket.as_deref(), cli.config.as_deref()) {
+                Ok(s) => s,
+                Err(e) => return fail(e),
+            };
+            let mut code = 0;
+            let streamed = client::stream_answers(&socket, &req, |r| {
+                if let Some(e) = r.error {
+                    eprintln!("plumule: {e}");
+                    code = 1;
+                    return false;
+                }
+                client::print_log_lines(&r.result.unwrap_or_default());
+                true
+            });
+            match streamed {
+                Ok(()) => code,
+                Err(e) => fail(e),
+            }
         }
         other => fail(format!("`{}` is not supported yet", command_name(&other))),
     }
@@ -186,7 +261,6 @@ fn command_name(c: &Command) -> &'static str {
         Command::Submit { .. } => "submit",
         Command::Queue { .. } => "queue",
         Command::Requeue { .. } => "requeue",
-        Command::Logs { .. } => "logs",
         _ => "this command",
     }
 }
@@ -246,12 +320,17 @@ pub fn describe(config: &config::Config) -> String {
             config::CommandSpec::Argv(argv) => format!("{argv:?}"),
             config::CommandSpec::Shell(line) => format!("/bin/sh -c {line:?}"),
         };
+        let restart = match p.restart {
+            config::RestartPolicy::Always => "always",
+            config::RestartPolicy::OnFailure => "on-failure",
+            config::RestartPolicy::Never => "never",
+        };
         let _ = writeln!(
             out,
-            "  {:<16} workers={} restart={:?} stop={}/{} {}",
+            "  {:<16} workers={} restart={} stop={}/{} {}",
             p.name,
             p.workers,
-            p.restart,
+            restart,
             crate::slot::signal_name(p.stop_signal),
             crate::format_duration(p.stop_timeout),
             command
@@ -278,5 +357,14 @@ fn lock_dir(cli_path: Option<PathBuf>) -> PathBuf {
             Err(e) => eprintln!("plumule: ignoring invalid config {}: {e}", path.display()),
         }
     }
-    config::default_dirs().lock_dir
+    // No file: the defaults of an empty config are this user's.
+    match config::parse(
+        "",
+        &std::env::current_dir()
+            .unwrap_or_default()
+            .join("plumule.toml"),
+    ) {
+        Ok(c) => c.lock_dir,
+        Err(_) => PathBuf::from("/run/plumule/locks"),
+    }
 }

@@ -20,37 +20,116 @@ pub fn socket_path(socket: Option<&Path>, config_path: Option<&Path>) -> Result<
         }
     }
     let path = config::find_config_path(config_path);
-    let c = config::load(&path).map_err(|e| format!("cannot find the master's socket: {e}"))?;
-    Ok(c.runtime_dir.join("control.sock"))
+    Ok(runtime_dir_of(&path)?.join("control.sock"))
+}
+
+/// The runtime dir a config file names, read leniently: a client must still reach the master
+/// when the file has just been edited into something invalid (that is what `reload` reports).
+fn runtime_dir_of(path: &Path) -> Result<PathBuf, String> {
+    let text = std::fs::read_to_string(path).map_err(|e| {
+        format!(
+            "cannot find the master's socket: cannot read {}: {e}",
+            path.display()
+        )
+    })?;
+    let folder = std::path::absolute(path)
+        .ok()
+        .and_then(|p| p.parent().map(Path::to_path_buf))
+        .unwrap_or_default();
+    let table: Option<toml::Table> = toml::from_str(&text).ok();
+    let named = table
+        .as_ref()
+        .and_then(|t| t.get("plumule"))
+        .and_then(|p| p.get("runtime_dir"))
+        .and_then(|v| v.as_str())
+        .map(|d| folder.join(d));
+    if let Some(dir) = named {
+        return Ok(dir);
+    }
+    // Unset: the same defaults as the master's, from an empty config beside the file.
+    config::parse("", &folder.join("plumule.toml"))
+        .map(|c| c.runtime_dir)
+        .map_err(|e| format!("cannot find the master's socket: {e}"))
 }
 
 /// Sends `req` and waits for its answer.
 pub fn call(socket: &Path, req: &Request) -> Result<Response, String> {
+    let mut answers = Vec::new();
+    stream_answers(socket, req, |r| {
+        answers.push(r);
+        false
+    })?;
+    answers
+        .pop()
+        .ok_or_else(|| "the master closed the connection without answering".into())
+}
+
+/// Sends `req` and hands every answer line to `on_answer` until it returns false or the
+/// master closes the connection (`logs --follow` streams many).
+pub fn stream_answers(
+    socket: &Path,
+    req: &Request,
+    mut on_answer: impl FnMut(Response) -> bool,
+) -> Result<(), String> {
     let stream = UnixStream::connect(socket).map_err(|e| match e.kind() {
         std::io::ErrorKind::NotFound | std::io::ErrorKind::ConnectionRefused => {
-            format!("no master is running here (nothing listens on {})", socket.display())
+            format!(
+                "no master is running here (nothing listens on {})",
+                socket.display()
+            )
         }
         _ => format!("cannot connect to {}: {e}", socket.display()),
     })?;
     let mut line = serde_json::to_vec(req).map_err(|e| e.to_string())?;
     line.push(b'\n');
-    (&stream).write_all(&line).map_err(|e| format!("cannot send the request: {e}"))?;
+    (&stream)
+        .write_all(&line)
+        .map_err(|e| format!("cannot send the request: {e}"))?;
     let mut reader = BufReader::new(&stream);
-    let mut answer = String::new();
-    reader.read_line(&mut answer).map_err(|e| format!("cannot read the answer: {e}"))?;
-    if answer.is_empty() {
-        return Err("the master closed the connection without answering".into());
+    loop {
+        let mut answer = String::new();
+        reader
+            .read_line(&mut answer)
+            .map_err(|e| format!("cannot read the answer: {e}"))?;
+        if answer.is_empty() {
+            return Ok(());
+        }
+        let response = serde_json::from_str(&answer)
+            .map_err(|e| format!("unreadable answer from the master: {e}"))?;
+        if !on_answer(response) {
+            return Ok(());
+        }
     }
-    serde_json::from_str(&answer).map_err(|e| format!("unreadable answer from the master: {e}"))
+}
+
+/// Prints `logs` lines as the master's log shows them: `TIME PROGRAM.ID: line`.
+pub fn print_log_lines(result: &serde_json::Value) {
+    let entries = serde_json::from_value::<Vec<crate::protocol::LogEntry>>(result["lines"].clone());
+    let Ok(entries) = entries else { return };
+    let mut out = std::io::stdout().lock();
+    for l in entries {
+        let _ = writeln!(out, "{} {}: {}", l.time, l.source, l.line);
+    }
+    let _ = out.flush();
 }
 
 /// Sends `req`; prints the error (exit 1) or hands the result to `on_ok`.
-pub fn run(socket: Option<&Path>, config_path: Option<&Path>, req: Request, on_ok: impl FnOnce(serde_json::Value) -> i32) -> i32 {
+pub fn run(
+    socket: Option<&Path>,
+    config_path: Option<&Path>,
+    req: Request,
+    on_ok: impl FnOnce(serde_json::Value) -> i32,
+) -> i32 {
     let result = socket_path(socket, config_path).and_then(|s| call(&s, &req));
     match result {
-        Ok(Response { ok: true, result, .. }) => on_ok(result.unwrap_or(serde_json::Value::Null)),
+        Ok(Response {
+            ok: true, result, ..
+        }) => on_ok(result.unwrap_or(serde_json::Value::Null)),
         Ok(Response { error, .. }) => {
-            eprintln!("plumule: {}", error.unwrap_or_else(|| "the master refused the request".into()));
+            eprintln!(
+                "plumule: {}",
+                error.unwrap_or_else(|| "the master refused the request".into())
+            );
             1
         }
         Err(message) => {
@@ -109,7 +188,11 @@ pub fn format_status(status: &Status) -> String {
                 uptime(w.uptime_s),
                 w.restarts.to_string(),
                 last_exit(w),
-                if w.locks.is_empty() { "-".into() } else { w.locks.join(",") },
+                if w.locks.is_empty() {
+                    "-".into()
+                } else {
+                    w.locks.join(",")
+                },
                 w.in_flight.to_string(),
                 detail,
             ]);
@@ -164,13 +247,21 @@ mod tests {
             status: None,
         };
         let status = Status {
-            programs: vec![ProgramStatus { name: "web".into(), workers: vec![w(0, "running", Some(42)), w(1, "failed", None)] }],
+            programs: vec![ProgramStatus {
+                name: "web".into(),
+                workers: vec![w(0, "running", Some(42)), w(1, "failed", None)],
+            }],
         };
         let text = format_status(&status);
         let lines: Vec<&str> = text.lines().collect();
         assert_eq!(lines.len(), 4, "{text}");
         assert!(lines[0].starts_with("PROGRAM"));
-        assert!(lines[1].contains("web") && lines[1].contains("42") && lines[1].contains("running") && lines[1].contains("1m 15s"));
+        assert!(
+            lines[1].contains("web")
+                && lines[1].contains("42")
+                && lines[1].contains("running")
+                && lines[1].contains("1m 15s")
+        );
         assert!(lines[2].contains("failed") && lines[2].contains("exit 1"));
         assert_eq!(lines[3], "1 program(s), 2 worker(s): 1 failed, 1 running");
     }

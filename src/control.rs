@@ -35,13 +35,21 @@ impl Access {
         if uid == 0 || uid == self.uid {
             return true;
         }
-        let Some(group) = &self.group else { return false };
+        let Some(group) = &self.group else {
+            return false;
+        };
         if gid == group.gid {
             return true;
         }
         // SO_PEERCRED carries only the primary group: look up the membership by user name.
-        let name = nix::unistd::User::from_uid(uid.into()).ok().flatten().map(|u| u.name);
-        let members = nix::unistd::Group::from_gid(group.gid.into()).ok().flatten().map(|g| g.mem);
+        let name = nix::unistd::User::from_uid(uid.into())
+            .ok()
+            .flatten()
+            .map(|u| u.name);
+        let members = nix::unistd::Group::from_gid(group.gid.into())
+            .ok()
+            .flatten()
+            .map(|g| g.mem);
         matches!((name, members), (Some(n), Some(m)) if m.contains(&n))
     }
 }
@@ -89,7 +97,13 @@ impl ControlServer {
         if let Some(g) = &access.group {
             nix::unistd::chown(path, None, Some(g.gid.into()))?;
         }
-        Ok(ControlServer { listener, path: path.to_path_buf(), access, conns: HashMap::new(), next_id: 0 })
+        Ok(ControlServer {
+            listener,
+            path: path.to_path_buf(),
+            access,
+            conns: HashMap::new(),
+            next_id: 0,
+        })
     }
 
     pub fn fd(&self) -> RawFd {
@@ -113,11 +127,15 @@ impl ControlServer {
             };
             let refusal = match getsockopt(&stream, PeerCredentials) {
                 Ok(c) if self.access.allows(c.uid(), c.gid()) => None,
-                Ok(c) => Some(format!("permission denied: uid {} may not command this master", c.uid())),
+                Ok(c) => Some(format!(
+                    "permission denied: uid {} may not command this master",
+                    c.uid()
+                )),
                 Err(e) => Some(format!("cannot check peer credentials: {e}")),
             };
             let refusal = refusal.or_else(|| {
-                (self.conns.len() >= MAX_CONNECTIONS).then(|| "too many control connections; try again".to_string())
+                (self.conns.len() >= MAX_CONNECTIONS)
+                    .then(|| "too many control connections; try again".to_string())
             });
             if let Some(message) = refusal {
                 log::warn!("control socket: {message}");
@@ -129,7 +147,14 @@ impl ControlServer {
                 continue;
             }
             self.next_id += 1;
-            let conn = Conn { stream, input: Vec::new(), output: Vec::new(), idle_since: now, busy: false, closing: false };
+            let conn = Conn {
+                stream,
+                input: Vec::new(),
+                output: Vec::new(),
+                idle_since: now,
+                busy: false,
+                closing: false,
+            };
             self.conns.insert(self.next_id, conn);
         }
     }
@@ -150,7 +175,9 @@ impl ControlServer {
 
     /// Reads from connection `id`; returns the next complete request, if any.
     pub fn read(&mut self, id: u64, now: Instant) -> Incoming {
-        let Some(conn) = self.conns.get_mut(&id) else { return Incoming::Nothing };
+        let Some(conn) = self.conns.get_mut(&id) else {
+            return Incoming::Nothing;
+        };
         if conn.busy || conn.closing {
             return Incoming::Nothing;
         }
@@ -180,7 +207,9 @@ impl ControlServer {
 
     /// Takes the next buffered request line of `id`, if complete.
     pub fn next_request(&mut self, id: u64, now: Instant) -> Incoming {
-        let Some(conn) = self.conns.get_mut(&id) else { return Incoming::Nothing };
+        let Some(conn) = self.conns.get_mut(&id) else {
+            return Incoming::Nothing;
+        };
         let Some(end) = conn.input.iter().position(|&b| b == b'\n') else {
             if conn.input.len() > MAX_REQUEST {
                 let message = format!("request longer than {MAX_REQUEST} bytes");
@@ -193,7 +222,9 @@ impl ControlServer {
         let line: Vec<u8> = conn.input.drain(..=end).collect();
         conn.idle_since = now;
         if end > MAX_REQUEST {
-            conn.output.extend(Response::error(format!("request longer than {MAX_REQUEST} bytes")).to_line());
+            conn.output.extend(
+                Response::error(format!("request longer than {MAX_REQUEST} bytes")).to_line(),
+            );
             conn.closing = true;
             return Incoming::Nothing;
         }
@@ -214,7 +245,9 @@ impl ControlServer {
 
     /// Queues the answer to the request `id` was busy with.
     pub fn respond(&mut self, id: u64, response: Response, now: Instant) {
-        let Some(conn) = self.conns.get_mut(&id) else { return };
+        let Some(conn) = self.conns.get_mut(&id) else {
+            return;
+        };
         conn.busy = false;
         conn.idle_since = now;
         let line = response.to_line();
@@ -227,9 +260,27 @@ impl ControlServer {
         self.flush(id);
     }
 
+    /// Queues a line for a connection that stays busy (a `logs --follow` stream). Returns
+    /// false when the connection is gone or its reader fell too far behind (it is closed).
+    pub fn stream(&mut self, id: u64, response: Response) -> bool {
+        let Some(conn) = self.conns.get_mut(&id) else {
+            return false;
+        };
+        let line = response.to_line();
+        if conn.output.len() + line.len() > MAX_PENDING_OUTPUT {
+            self.conns.remove(&id);
+            return false;
+        }
+        conn.output.extend(line);
+        self.flush(id);
+        self.conns.contains_key(&id)
+    }
+
     /// Writes what the socket takes now.
     pub fn flush(&mut self, id: u64) {
-        let Some(conn) = self.conns.get_mut(&id) else { return };
+        let Some(conn) = self.conns.get_mut(&id) else {
+            return;
+        };
         while !conn.output.is_empty() {
             match conn.stream.write(&conn.output) {
                 Ok(0) => break,
@@ -251,8 +302,13 @@ impl ControlServer {
 
     /// Closes connections idle past the timeout; returns the next such deadline.
     pub fn expire(&mut self, now: Instant) -> Option<Instant> {
-        self.conns.retain(|_, c| c.busy || now.duration_since(c.idle_since) < IDLE_TIMEOUT);
-        self.conns.values().filter(|c| !c.busy).map(|c| c.idle_since + IDLE_TIMEOUT).min()
+        self.conns
+            .retain(|_, c| c.busy || now.duration_since(c.idle_since) < IDLE_TIMEOUT);
+        self.conns
+            .values()
+            .filter(|c| !c.busy)
+            .map(|c| c.idle_since + IDLE_TIMEOUT)
+            .min()
     }
 
     pub fn close(self) {
@@ -266,11 +322,20 @@ mod tests {
 
     #[test]
     fn access_rules() {
-        let a = Access { uid: 1000, group: None };
+        let a = Access {
+            uid: 1000,
+            group: None,
+        };
         assert!(a.allows(0, 0));
         assert!(a.allows(1000, 1000));
         assert!(!a.allows(1001, 1000));
-        let g = Access { uid: 1000, group: Some(GroupSpec { name: "ops".into(), gid: 4242 }) };
+        let g = Access {
+            uid: 1000,
+            group: Some(GroupSpec {
+                name: "ops".into(),
+                gid: 4242,
+            }),
+        };
         assert!(g.allows(1001, 4242));
         assert!(!g.allows(1001, 1001));
     }
@@ -280,7 +345,14 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("control.sock");
         let me = nix::unistd::geteuid().as_raw();
-        let mut server = ControlServer::bind(&path, Access { uid: me, group: None }).unwrap();
+        let mut server = ControlServer::bind(
+            &path,
+            Access {
+                uid: me,
+                group: None,
+            },
+        )
+        .unwrap();
         let mode = std::fs::metadata(&path).unwrap().permissions().mode() & 0o777;
         assert_eq!(mode, 0o600);
         let mut client = UnixStream::connect(&path).unwrap();
@@ -288,7 +360,9 @@ mod tests {
         server.accept(now);
         let id = *server.conns.keys().next().unwrap();
 
-        client.write_all(b"garbage\n{\"cmd\":\"status\"}\n").unwrap();
+        client
+            .write_all(b"garbage\n{\"cmd\":\"status\"}\n")
+            .unwrap();
         let got = loop {
             match server.read(id, now) {
                 Incoming::Request(r) => break r,
@@ -301,7 +375,10 @@ mod tests {
         let mut reader = io::BufReader::new(client.try_clone().unwrap());
         let mut line = String::new();
         io::BufRead::read_line(&mut reader, &mut line).unwrap();
-        assert!(line.starts_with(r#"{"ok":false,"error":"bad request"#), "{line}");
+        assert!(
+            line.starts_with(r#"{"ok":false,"error":"bad request"#),
+            "{line}"
+        );
         line.clear();
         io::BufRead::read_line(&mut reader, &mut line).unwrap();
         assert_eq!(line, "{\"ok\":true,\"result\":1}\n");
@@ -331,7 +408,14 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("c.sock");
         let me = nix::unistd::geteuid().as_raw();
-        let mut server = ControlServer::bind(&path, Access { uid: me, group: None }).unwrap();
+        let mut server = ControlServer::bind(
+            &path,
+            Access {
+                uid: me,
+                group: None,
+            },
+        )
+        .unwrap();
         let _client = UnixStream::connect(&path).unwrap();
         let t = Instant::now();
         server.accept(t);

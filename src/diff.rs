@@ -7,8 +7,20 @@ use crate::config::{Config, Program, ReloadMode};
 
 /// Keys whose change needs a new process.
 pub const PROCESS_KEYS: &[&str] = &[
-    "command", "env", "inherit_env", "cwd", "user", "group", "umask", "listen", "locks", "stdout",
-    "stderr", "queue", "ready", "watchdog",
+    "command",
+    "env",
+    "inherit_env",
+    "cwd",
+    "user",
+    "group",
+    "umask",
+    "listen",
+    "locks",
+    "stdout",
+    "stderr",
+    "queue",
+    "ready",
+    "watchdog",
 ];
 
 #[derive(Debug, Clone, PartialEq)]
@@ -41,7 +53,13 @@ impl Change {
         match self {
             Change::Added(n) => format!("{n}: added"),
             Change::Removed(n) => format!("{n}: removed"),
-            Change::Changed { name, workers, process, settings, signal } => {
+            Change::Changed {
+                name,
+                workers,
+                process,
+                settings,
+                signal,
+            } => {
                 let mut parts = Vec::new();
                 if let Some((a, b)) = workers {
                     parts.push(format!("workers {a} -> {b}"));
@@ -54,7 +72,10 @@ impl Change {
                     parts.push(format!("{} changed ({how})", process.join(", ")));
                 }
                 if !settings.is_empty() {
-                    parts.push(format!("{} changed (applied in place)", settings.join(", ")));
+                    parts.push(format!(
+                        "{} changed (applied in place)",
+                        settings.join(", ")
+                    ));
                 }
                 if *signal && process.is_empty() {
                     parts.push("reload signal sent".to_string());
@@ -83,7 +104,13 @@ pub fn diff(old: &Config, new: &Config) -> Vec<Change> {
         let workers = (o.workers != n.workers).then_some((o.workers, n.workers));
         let signal = n.reload == ReloadMode::Signal;
         if workers.is_some() || !process.is_empty() || !settings.is_empty() || signal {
-            changes.push(Change::Changed { name: n.name.clone(), workers, process, settings, signal });
+            changes.push(Change::Changed {
+                name: n.name.clone(),
+                workers,
+                process,
+                settings,
+                signal,
+            });
         }
     }
     changes
@@ -122,7 +149,10 @@ mod tests {
     fn add_remove_and_rename() {
         let old = config(vec![program("web", 2), program("old", 1)]);
         let new = config(vec![program("web", 2), program("new", 1)]);
-        assert_eq!(diff(&old, &new), vec![Change::Removed("old".into()), Change::Added("new".into())]);
+        assert_eq!(
+            diff(&old, &new),
+            vec![Change::Removed("old".into()), Change::Added("new".into())]
+        );
     }
 
     #[test]
@@ -131,7 +161,13 @@ mod tests {
         let new = config(vec![program("web", 5)]);
         assert_eq!(
             diff(&old, &new),
-            vec![Change::Changed { name: "web".into(), workers: Some((2, 5)), process: vec![], settings: vec![], signal: false }]
+            vec![Change::Changed {
+                name: "web".into(),
+                workers: Some((2, 5)),
+                process: vec![],
+                settings: vec![],
+                signal: false
+            }]
         );
     }
 
@@ -169,7 +205,13 @@ mod tests {
         let changes = diff(&a, &a.clone());
         assert_eq!(
             changes,
-            vec![Change::Changed { name: "web".into(), workers: None, process: vec![], settings: vec![], signal: true }]
+            vec![Change::Changed {
+                name: "web".into(),
+                workers: None,
+                process: vec![],
+                settings: vec![],
+                signal: true
+            }]
         );
         assert_eq!(changes[0].describe(&a), "web: reload signal sent");
     }

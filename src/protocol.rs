@@ -26,10 +26,56 @@ pub enum Request {
         program: Option<String>,
     },
     Reload,
-    Start { target: String },
-    Stop { target: String },
-    Restart { target: String },
-    Scale { program: String, workers: u32 },
+    Start {
+        target: String,
+    },
+    Stop {
+        target: String,
+    },
+    Restart {
+        target: String,
+    },
+    Scale {
+        program: String,
+        workers: u32,
+    },
+    /// Recent worker output; with `follow`, the connection then receives every new line.
+    Logs {
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        target: Option<String>,
+        #[serde(default = "default_log_lines")]
+        lines: usize,
+        #[serde(default)]
+        follow: bool,
+    },
+}
+
+fn default_log_lines() -> usize {
+    50
+}
+
+/// One line of worker output, as `logs` sends it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LogEntry {
+    /// RFC 3339, UTC, milliseconds.
+    pub time: String,
+    /// `PROGRAM.ID`.
+    pub source: String,
+    /// `stdout` or `stderr`.
+    pub stream: String,
+    /// The line, invalid UTF-8 replaced.
+    pub line: String,
+}
+
+impl From<&crate::output::LogLine> for LogEntry {
+    fn from(l: &crate::output::LogLine) -> Self {
+        LogEntry {
+            time: humantime::format_rfc3339_millis(l.time).to_string(),
+            source: l.source.clone(),
+            stream: l.stream.as_str().to_string(),
+            line: String::from_utf8_lossy(&l.line).into_owned(),
+        }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -44,11 +90,19 @@ pub struct Response {
 
 impl Response {
     pub fn ok(result: impl Serialize) -> Response {
-        Response { ok: true, result: serde_json::to_value(result).ok(), error: None }
+        Response {
+            ok: true,
+            result: serde_json::to_value(result).ok(),
+            error: None,
+        }
     }
 
     pub fn error(message: impl Into<String>) -> Response {
-        Response { ok: false, result: None, error: Some(message.into()) }
+        Response {
+            ok: false,
+            result: None,
+            error: Some(message.into()),
+        }
     }
 
     /// The response as one line, newline included.
@@ -75,10 +129,18 @@ pub struct Target {
 impl Target {
     pub fn parse(s: &str) -> Result<Target, String> {
         match s.split_once('.') {
-            None => Ok(Target { program: s.to_string(), id: None }),
+            None => Ok(Target {
+                program: s.to_string(),
+                id: None,
+            }),
             Some((program, id)) => match id.parse() {
-                Ok(id) => Ok(Target { program: program.to_string(), id: Some(id) }),
-                Err(_) => Err(format!("bad worker id in `{s}`: expected PROGRAM or PROGRAM.ID")),
+                Ok(id) => Ok(Target {
+                    program: program.to_string(),
+                    id: Some(id),
+                }),
+                Err(_) => Err(format!(
+                    "bad worker id in `{s}`: expected PROGRAM or PROGRAM.ID"
+                )),
             },
         }
     }
@@ -121,9 +183,9 @@ impl From<crate::slot::Exit> for LastExit {
     fn from(e: crate::slot::Exit) -> Self {
         match e {
             crate::slot::Exit::Code(code) => LastExit::Code { code },
-            crate::slot::Exit::Signal(s) => {
-                LastExit::Signal { signal: crate::slot::signal_name(s).to_string() }
-            }
+            crate::slot::Exit::Signal(s) => LastExit::Signal {
+                signal: crate::slot::signal_name(s).to_string(),
+            },
         }
     }
 }
@@ -136,15 +198,61 @@ mod tests {
     fn requests_parse_from_their_documented_lines() {
         let table = [
             (r#"{"cmd":"status"}"#, Request::Status { program: None }),
-            (r#"{"cmd":"status","program":"web"}"#, Request::Status { program: Some("web".into()) }),
+            (
+                r#"{"cmd":"status","program":"web"}"#,
+                Request::Status {
+                    program: Some("web".into()),
+                },
+            ),
             (r#"{"cmd":"reload"}"#, Request::Reload),
-            (r#"{"cmd":"start","target":"web.2"}"#, Request::Start { target: "web.2".into() }),
-            (r#"{"cmd":"stop","target":"web"}"#, Request::Stop { target: "web".into() }),
-            (r#"{"cmd":"restart","target":"web"}"#, Request::Restart { target: "web".into() }),
-            (r#" {"cmd":"scale","program":"web","workers":3}"#, Request::Scale { program: "web".into(), workers: 3 }),
+            (
+                r#"{"cmd":"start","target":"web.2"}"#,
+                Request::Start {
+                    target: "web.2".into(),
+                },
+            ),
+            (
+                r#"{"cmd":"stop","target":"web"}"#,
+                Request::Stop {
+                    target: "web".into(),
+                },
+            ),
+            (
+                r#"{"cmd":"restart","target":"web"}"#,
+                Request::Restart {
+                    target: "web".into(),
+                },
+            ),
+            (
+                r#" {"cmd":"scale","program":"web","workers":3}"#,
+                Request::Scale {
+                    program: "web".into(),
+                    workers: 3,
+                },
+            ),
+            (
+                r#"{"cmd":"logs"}"#,
+                Request::Logs {
+                    target: None,
+                    lines: 50,
+                    follow: false,
+                },
+            ),
+            (
+                r#"{"cmd":"logs","target":"web.1","lines":5,"follow":true}"#,
+                Request::Logs {
+                    target: Some("web.1".into()),
+                    lines: 5,
+                    follow: true,
+                },
+            ),
         ];
         for (line, expected) in table {
-            assert_eq!(parse_request(line.as_bytes()), Ok(expected.clone()), "{line}");
+            assert_eq!(
+                parse_request(line.as_bytes()),
+                Ok(expected.clone()),
+                "{line}"
+            );
             let round = serde_json::to_string(&expected).unwrap();
             assert_eq!(parse_request(round.as_bytes()), Ok(expected));
         }
@@ -171,8 +279,20 @@ mod tests {
 
     #[test]
     fn targets() {
-        assert_eq!(Target::parse("web"), Ok(Target { program: "web".into(), id: None }));
-        assert_eq!(Target::parse("web.3"), Ok(Target { program: "web".into(), id: Some(3) }));
+        assert_eq!(
+            Target::parse("web"),
+            Ok(Target {
+                program: "web".into(),
+                id: None
+            })
+        );
+        assert_eq!(
+            Target::parse("web.3"),
+            Ok(Target {
+                program: "web".into(),
+                id: Some(3)
+            })
+        );
         assert!(Target::parse("web.x").is_err());
         assert!(Target::parse("web.-1").is_err());
     }

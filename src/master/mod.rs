@@ -14,9 +14,9 @@ use nix::sys::signal::Signal;
 use nix::unistd::Pid;
 
 use crate::backoff::Jitter;
-use crate::config::{Config, OutputSpec, Program};
+use crate::config::{Config, ListenAddr, OutputSpec, Program};
 use crate::orphans;
-use crate::output::{LineSplitter, RotatingFile, DEFAULT_MAX_LINE};
+use crate::output::{LineSplitter, LogRing, RotatingFile, Stream, DEFAULT_MAX_LINE};
 use crate::plan::{plan, Action, Phase, Pool};
 use crate::slot::{Event, Exit, Slot};
 use crate::sys;
@@ -27,13 +27,21 @@ use crate::worker;
 
 mod requests;
 
+/// How much recent worker output the master keeps for `plumule logs`.
+const LOG_RING_LINES: usize = 10_000;
+const LOG_RING_BYTES: usize = 4 * 1024 * 1024;
+
 /// Why the master could not run.
 #[derive(Debug, thiserror::Error)]
 pub enum MasterError {
     #[error(transparent)]
     Busy(PidfileError),
     #[error("cannot prepare {what} {path}: {reason}")]
-    Dir { what: &'static str, path: PathBuf, reason: String },
+    Dir {
+        what: &'static str,
+        path: PathBuf,
+        reason: String,
+    },
     #[error("cannot set up the master: {0}")]
     Setup(std::io::Error),
 }
@@ -46,12 +54,6 @@ impl MasterError {
             _ => 1,
         }
     }
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Stream {
-    Stdout,
-    Stderr,
 }
 
 enum Sink {
@@ -91,6 +93,7 @@ enum Source {
     Signals,
     Listener,
     Client(u64),
+    Notify,
     Status(Pid),
     Output(Pid, Stream),
 }
@@ -109,13 +112,65 @@ pub struct Master {
     groups_dirty: bool,
     control: Option<crate::control::ControlServer>,
     waiters: Vec<requests::Waiter>,
+    systemd: SystemdLink,
+    notify_socket: Option<sys::notify::NotifySocket>,
+    /// Bound once, kept across reloads while some program lists them.
+    listeners: HashMap<ListenAddr, OwnedFd>,
+    /// Recent worker output for `plumule logs`.
+    log_ring: LogRing,
+    /// `logs --follow` connections: (connection, filter, next line to send).
+    followers: Vec<(u64, Option<String>, u64)>,
+}
+
+/// What the master tells systemd, and when.
+struct SystemdLink {
+    notifier: sys::notify::Notifier,
+    ready_sent: bool,
+    /// A reload is being applied: READY=1 once these programs are settled.
+    reloading: Option<Vec<String>>,
+    last_status: String,
+    /// Half of `$WATCHDOG_USEC`, when systemd watches us.
+    watchdog_every: Option<Duration>,
+    watchdog_next: Option<Instant>,
+}
+
+impl SystemdLink {
+    fn from_env(now: Instant) -> SystemdLink {
+        let notifier = sys::notify::Notifier::from_env();
+        let ours = std::env::var("WATCHDOG_PID")
+            .ok()
+            .and_then(|p| p.parse::<u32>().ok());
+        let watchdog_every = std::env::var("WATCHDOG_USEC")
+            .ok()
+            .and_then(|u| u.parse::<u64>().ok())
+            .filter(|&u| {
+                u > 0 && ours.is_none_or(|p| p == std::process::id()) && notifier.enabled()
+            })
+            .map(|u| Duration::from_micros(u / 2));
+        SystemdLink {
+            notifier,
+            ready_sent: false,
+            reloading: None,
+            last_status: String::new(),
+            watchdog_every,
+            watchdog_next: watchdog_every.map(|w| now + w),
+        }
+    }
 }
 
 /// Creates a missing directory with `mode`; refuses one that others may write to.
 fn prepare_dir(what: &'static str, path: &Path, mode: u32) -> Result<(), MasterError> {
     use std::os::unix::fs::{DirBuilderExt, MetadataExt};
-    let err = |reason: String| MasterError::Dir { what, path: path.to_path_buf(), reason };
-    if let Err(e) = std::fs::DirBuilder::new().recursive(true).mode(mode).create(path) {
+    let err = |reason: String| MasterError::Dir {
+        what,
+        path: path.to_path_buf(),
+        reason,
+    };
+    if let Err(e) = std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(mode)
+        .create(path)
+    {
         return Err(err(e.to_string()));
     }
     let meta = std::fs::symlink_metadata(path).map_err(|e| err(e.to_string()))?;
@@ -148,20 +203,48 @@ impl Master {
             .ok();
         orphans::stop_leftovers(&config.runtime_dir);
         let dev_null = sys::dev_null().map_err(MasterError::Setup)?;
+        let notify_path = config.runtime_dir.join("notify.sock");
+        let notify_socket =
+            sys::notify::NotifySocket::bind(&notify_path).map_err(|e| MasterError::Dir {
+                what: "notify socket",
+                path: notify_path.clone(),
+                reason: e.to_string(),
+            })?;
         let ctx = worker::Context {
             lock_dir: config.lock_dir.clone(),
-            lock_mode: if config.control_group.is_some() { 0o664 } else { 0o644 },
+            lock_mode: if config.control_group.is_some() {
+                0o664
+            } else {
+                0o644
+            },
             nofile,
-            notify_socket: None,
+            notify_socket: Some(notify_path),
         };
-        let pools = config.programs.iter().map(|p| Pool::new(Arc::new(p.clone()))).collect();
+        let mut listeners = HashMap::new();
+        for (name, fd) in sys::listen::from_systemd() {
+            listeners.insert(ListenAddr::Systemd(name), fd);
+        }
+        bind_listeners(&config, &mut listeners).map_err(|(path, reason)| MasterError::Dir {
+            what: "listen socket",
+            path,
+            reason,
+        })?;
+        let pools = config
+            .programs
+            .iter()
+            .map(|p| Pool::new(Arc::new(p.clone())))
+            .collect();
         let access = crate::control::Access {
             uid: nix::unistd::geteuid().as_raw(),
             group: config.control_group.clone(),
         };
         let control_path = config.runtime_dir.join("control.sock");
         let control = crate::control::ControlServer::bind(&control_path, access).map_err(|e| {
-            MasterError::Dir { what: "control socket", path: control_path.clone(), reason: e.to_string() }
+            MasterError::Dir {
+                what: "control socket",
+                path: control_path.clone(),
+                reason: e.to_string(),
+            }
         })?;
         Ok(Master {
             config: Arc::new(config),
@@ -177,6 +260,11 @@ impl Master {
             groups_dirty: false,
             control: Some(control),
             waiters: Vec::new(),
+            systemd: SystemdLink::from_env(Instant::now()),
+            notify_socket: Some(notify_socket),
+            listeners,
+            log_ring: LogRing::new(LOG_RING_LINES, LOG_RING_BYTES),
+            followers: Vec::new(),
         })
     }
 
@@ -193,6 +281,10 @@ impl Master {
             let now = Instant::now();
             let mut wake_at = self.settle(now);
             self.check_waiters(now);
+            self.feed_followers();
+            if let Some(t) = self.tell_systemd(now) {
+                wake_at = Some(wake_at.map_or(t, |w| w.min(t)));
+            }
             if let Some(t) = self.control.as_mut().and_then(|c| c.expire(now)) {
                 wake_at = Some(wake_at.map_or(t, |w| w.min(t)));
             }
@@ -223,6 +315,7 @@ impl Master {
                         }
                     }
                     Source::Client(id) => self.serve_client(id, fd.revents),
+                    Source::Notify => self.read_notifications(Instant::now()),
                     Source::Signals => {}
                 }
             }
@@ -256,7 +349,11 @@ impl Master {
             Action::Kill { pool, id } => {
                 let (program, slot) = self.slot_mut(pool, id);
                 if let Some(pid) = slot.pid() {
-                    log::warn!("{}.{}: still running after its stop timeout; sending KILL", program.name, id);
+                    log::warn!(
+                        "{}.{}: still running after its stop timeout; sending KILL",
+                        program.name,
+                        id
+                    );
                     let _ = sys::process::signal_group(pid, Signal::SIGKILL);
                     slot.transition(Event::Killed, &program, now);
                 }
@@ -287,6 +384,32 @@ impl Master {
                     r.kill_at = Some(deadline);
                 }
             }
+            Action::ReadyTimeout { pool, id } => {
+                let program = Arc::clone(&self.pools[pool].program);
+                log::error!(
+                    "{}.{}: not ready after {}; stopping it",
+                    program.name,
+                    id,
+                    crate::format_duration(program.ready_timeout)
+                );
+                self.pools[pool].slots[id as usize].stop_reason =
+                    Some(crate::slot::StopReason::ReadyTimeout);
+                self.stop(pool, id, now);
+            }
+            Action::WatchdogMiss { pool, id } => {
+                let (program, slot) = self.slot_mut(pool, id);
+                let Some(pid) = slot.pid() else { return };
+                log::error!("{}.{}: missed its watchdog; sending ABRT", program.name, id);
+                let _ = nix::sys::signal::kill(pid, Signal::SIGABRT);
+                slot.stop_reason = Some(crate::slot::StopReason::Watchdog);
+                slot.transition(
+                    Event::Stop {
+                        kill_at: now + program.stop_timeout,
+                    },
+                    &program,
+                    now,
+                );
+            }
             Action::KillRetiring { pool, id } => {
                 if let Some(r) = self.pools[pool].slots[id as usize].retiring.as_mut() {
                     let _ = sys::process::signal_group(r.pid, Signal::SIGKILL);
@@ -299,10 +422,21 @@ impl Master {
     /// Moves the running process aside (it keeps serving) and starts its successor.
     fn roll(&mut self, pool: usize, id: u32, now: Instant) {
         let slot = &mut self.pools[pool].slots[id as usize];
-        let crate::slot::SlotState::Running { pid, since } = slot.state else { return };
-        slot.retiring = Some(crate::slot::Retiring { pid, since, kill_at: None, killed: false });
+        let crate::slot::SlotState::Running { pid, since } = slot.state else {
+            return;
+        };
+        slot.retiring = Some(crate::slot::Retiring {
+            pid,
+            since,
+            kill_at: None,
+            killed: false,
+        });
         slot.state = crate::slot::SlotState::Stopped;
-        log::info!("{}.{}: rolling restart: starting a successor to {pid}", self.pools[pool].program.name, id);
+        log::info!(
+            "{}.{}: rolling restart: starting a successor to {pid}",
+            self.pools[pool].program.name,
+            id
+        );
         self.spawn(pool, id, now);
     }
 
@@ -318,9 +452,18 @@ impl Master {
         }
         let (program, slot) = self.slot_mut(pool, id);
         let Some(pid) = slot.pid() else { return };
-        log::debug!("{}.{}: sending {} to process group {pid}", program.name, id, program.stop_signal);
+        log::debug!(
+            "{}.{}: sending {} to process group {pid}",
+            program.name,
+            id,
+            program.stop_signal
+        );
         if let Err(e) = sys::process::signal_group(pid, program.stop_signal) {
-            log::warn!("{}.{}: cannot signal process group {pid}: {e}", program.name, id);
+            log::warn!(
+                "{}.{}: cannot signal process group {pid}: {e}",
+                program.name,
+                id
+            );
         }
         slot.transition(Event::Stop { kill_at }, &program, now);
     }
@@ -350,7 +493,20 @@ impl Master {
             Ok(o) => o,
             Err(reason) => return fail(self, reason),
         };
+        let mut pass_fds = Vec::with_capacity(program.listen.len());
+        for l in &program.listen {
+            match self.listeners.get(&l.address) {
+                Some(fd) => pass_fds.push(fd.as_raw_fd()),
+                None => {
+                    return fail(
+                        self,
+                        format!("no socket bound for {}", describe_addr(&l.address)),
+                    )
+                }
+            }
+        }
         let req = &mut prepared.request;
+        req.pass_fds = pass_fds;
         req.stdin = self.dev_null.as_raw_fd();
         req.stdout = stdout.0;
         req.stderr = stderr.0;
@@ -360,7 +516,9 @@ impl Master {
                 // fork failing (EAGAIN, ENOMEM) is transient: retry as after a quick crash.
                 log::error!("{tag}: cannot fork: {e}");
                 let slot = &mut self.pools[pool].slots[id as usize];
-                slot.state = crate::slot::SlotState::Backoff { until: now + program.backoff.initial };
+                slot.state = crate::slot::SlotState::Backoff {
+                    until: now + program.backoff.initial,
+                };
                 return;
             }
         };
@@ -392,12 +550,20 @@ impl Master {
     /// The descriptor a worker writes `fd` (1 or 2) to, the write end to close after fork
     /// (if any), and the pipe the master reads (if any).
     #[allow(clippy::type_complexity)]
-    fn output(&mut self, spec: &OutputSpec, fd: RawFd) -> Result<(RawFd, Option<OwnedFd>, Option<OutPipe>), String> {
+    fn output(
+        &mut self,
+        spec: &OutputSpec,
+        fd: RawFd,
+    ) -> Result<(RawFd, Option<OwnedFd>, Option<OutPipe>), String> {
         let sink = match spec {
             OutputSpec::Inherit => return Ok((fd, None, None)),
             OutputSpec::Null => return Ok((self.dev_null.as_raw_fd(), None, None)),
             OutputSpec::Log => Sink::Log,
-            OutputSpec::File { path, max_size, keep } => {
+            OutputSpec::File {
+                path,
+                max_size,
+                keep,
+            } => {
                 if !self.files.contains_key(path) {
                     let file = RotatingFile::open(path, *max_size, *keep)
                         .map_err(|e| format!("cannot open output file {}: {e}", path.display()))?;
@@ -408,17 +574,32 @@ impl Master {
         };
         let (r, w) = sys::pipe(true).map_err(|e| format!("cannot create an output pipe: {e}"))?;
         let raw = w.as_raw_fd();
-        Ok((raw, Some(w), Some(OutPipe { fd: r, splitter: LineSplitter::new(DEFAULT_MAX_LINE), sink })))
+        Ok((
+            raw,
+            Some(w),
+            Some(OutPipe {
+                fd: r,
+                splitter: LineSplitter::new(DEFAULT_MAX_LINE),
+                sink,
+            }),
+        ))
     }
 
     fn poll_set(&self) -> (Vec<libc::pollfd>, Vec<Source>) {
         let mut fds = Vec::with_capacity(1 + self.procs.len() * 2);
         let mut sources = Vec::with_capacity(fds.capacity());
         let mut add = |fd: RawFd, source: Source| {
-            fds.push(libc::pollfd { fd, events: libc::POLLIN, revents: 0 });
+            fds.push(libc::pollfd {
+                fd,
+                events: libc::POLLIN,
+                revents: 0,
+            });
             sources.push(source);
         };
         add(self.signals.fd(), Source::Signals);
+        if let Some(n) = &self.notify_socket {
+            add(n.fd(), Source::Notify);
+        }
         if let Some(c) = &self.control {
             // During a graceful stop no new client is taken; those connected still get answers.
             if self.phase == Phase::Running {
@@ -438,7 +619,11 @@ impl Master {
         }
         if let Some(c) = &self.control {
             for (fd, events, id) in c.poll_entries() {
-                fds.push(libc::pollfd { fd, events, revents: 0 });
+                fds.push(libc::pollfd {
+                    fd,
+                    events,
+                    revents: 0,
+                });
                 sources.push(Source::Client(id));
             }
         }
@@ -472,6 +657,135 @@ impl Master {
             crate::format_duration(self.config.shutdown_timeout)
         );
         self.phase = Phase::ShuttingDown { deadline };
+        let extend = (self.config.shutdown_timeout + Duration::from_secs(5)).as_micros();
+        self.systemd
+            .notifier
+            .send(&format!("STOPPING=1\nEXTEND_TIMEOUT_USEC={extend}"));
+    }
+
+    /// READY=1 once every program has settled (first start, then after each reload),
+    /// STATUS= when the summary changes, WATCHDOG=1 when due. Returns the next watchdog time.
+    fn tell_systemd(&mut self, now: Instant) -> Option<Instant> {
+        if !self.systemd.notifier.enabled() {
+            return None;
+        }
+        if self.phase == Phase::Running {
+            let settled = |pools: &[Pool], names: Option<&Vec<String>>| {
+                pools
+                    .iter()
+                    .filter(|p| names.is_none_or(|n| n.contains(&p.program.name)))
+                    .all(Pool::settled)
+            };
+            if !self.systemd.ready_sent && settled(&self.pools, None) {
+                self.systemd.ready_sent = true;
+                self.systemd
+                    .notifier
+                    .send(&format!("READY=1\nSTATUS={}", self.summary()));
+                self.systemd.last_status = self.summary();
+            }
+            if let Some(names) = &self.systemd.reloading {
+                if settled(&self.pools, Some(names)) {
+                    self.systemd.reloading = None;
+                    self.systemd.notifier.send("READY=1");
+                }
+            }
+        }
+        let status = self.summary();
+        if status != self.systemd.last_status {
+            self.systemd.notifier.send(&format!("STATUS={status}"));
+            self.systemd.last_status = status;
+        }
+        if let (Some(every), Some(next)) = (self.systemd.watchdog_every, self.systemd.watchdog_next)
+        {
+            if next <= now {
+                self.systemd.notifier.send("WATCHDOG=1");
+                self.systemd.watchdog_next = Some(now + every);
+            }
+        }
+        self.systemd.watchdog_next
+    }
+
+    /// "12/12 workers running, 0 failed", plus what is degraded.
+    fn summary(&self) -> String {
+        let mut wanted = 0;
+        let mut running = 0;
+        let mut failed = Vec::new();
+        for pool in &self.pools {
+            let desired = pool.desired();
+            wanted += desired;
+            for slot in pool.slots.iter().filter(|s| s.id < desired) {
+                match slot.state {
+                    crate::slot::SlotState::Running { .. } => running += 1,
+                    crate::slot::SlotState::Failed { .. } => {
+                        failed.push(format!("{}.{}", pool.program.name, slot.id))
+                    }
+                    _ => {}
+                }
+            }
+        }
+        let mut s = format!(
+            "{running}/{wanted} workers running, {} failed",
+            failed.len()
+        );
+        if !failed.is_empty() {
+            failed.truncate(5);
+            s.push_str(&format!(" ({})", failed.join(", ")));
+        }
+        if self.phase != Phase::Running {
+            s = format!("stopping: {s}");
+        }
+        s
+    }
+
+    /// Messages on plumule's notify socket, from workers (or their children).
+    fn read_notifications(&mut self, now: Instant) {
+        let Some(sock) = &self.notify_socket else {
+            return;
+        };
+        let mut messages = Vec::new();
+        while let Some(m) = sock.recv() {
+            messages.push(m);
+            if messages.len() >= 256 {
+                break;
+            }
+        }
+        for (sender, text) in messages {
+            self.on_notification(Pid::from_raw(sender), &text, now);
+        }
+    }
+
+    fn on_notification(&mut self, sender: Pid, text: &str, now: Instant) {
+        // A worker's children speak for it too (as with NotifyAccess=all): match the group.
+        let pid = if self.procs.contains_key(&sender) {
+            sender
+        } else {
+            match nix::unistd::getpgid(Some(sender)) {
+                Ok(pgid) if self.procs.contains_key(&pgid) => pgid,
+                _ => {
+                    log::debug!(
+                        "notify socket: ignoring a message from pid {sender}, not a worker"
+                    );
+                    return;
+                }
+            }
+        };
+        let Some(proc) = self.procs.get(&pid) else {
+            return;
+        };
+        let (name, id) = (Arc::clone(&proc.program), proc.id);
+        let Some((program, slot)) = self.find_slot(&name, id, pid) else {
+            return;
+        };
+        for line in text.lines() {
+            match line.split_once('=') {
+                Some(("READY", "1")) => {
+                    slot.transition(Event::Ready, &program, now);
+                }
+                Some(("WATCHDOG", "1")) => slot.transition(Event::WatchdogPing, &program, now),
+                Some(("STATUS", s)) => slot.status = Some(s.chars().take(256).collect()),
+                _ => {}
+            }
+        }
     }
 
     fn reopen_files(&mut self) {
@@ -514,11 +828,22 @@ impl Master {
                 Stream::Stderr => proc.stderr.as_mut(),
             };
             if let Some(pipe) = pipe {
-                pump(pipe, &tag, &mut self.files, true);
+                pump(
+                    pipe,
+                    &tag,
+                    stream,
+                    &mut self.files,
+                    &mut self.log_ring,
+                    true,
+                );
             }
         }
         let jitter = self.jitter.sample();
-        if let Some(pool) = self.pools.iter_mut().find(|p| *p.program.name == *proc.program) {
+        if let Some(pool) = self
+            .pools
+            .iter_mut()
+            .find(|p| *p.program.name == *proc.program)
+        {
             if let Some(slot) = pool.slots.get_mut(proc.id as usize) {
                 if slot.retiring.as_ref().is_some_and(|r| r.pid == pid) {
                     slot.retiring = None;
@@ -527,7 +852,9 @@ impl Master {
                 }
             }
         }
-        let Some((program, slot)) = self.find_slot(&proc.program, proc.id, pid) else { return };
+        let Some((program, slot)) = self.find_slot(&proc.program, proc.id, pid) else {
+            return;
+        };
         let before = slot.state.name();
         slot.transition(Event::Exited { exit, jitter }, &program, now);
         let tag = proc.tag();
@@ -537,11 +864,17 @@ impl Master {
                 if delay.is_zero() {
                     log::info!("{tag}: {exit}; restarting");
                 } else {
-                    log::warn!("{tag}: {exit}; restarting in {}", crate::format_duration(delay));
+                    log::warn!(
+                        "{tag}: {exit}; restarting in {}",
+                        crate::format_duration(delay)
+                    );
                 }
             }
             crate::slot::SlotState::Failed { reason } => log::error!("{tag}: failed: {reason}"),
-            crate::slot::SlotState::Exited { .. } => log::info!("{tag}: {exit}; not restarted (restart = {:?})", program.restart),
+            crate::slot::SlotState::Exited { .. } => log::info!(
+                "{tag}: {exit}; not restarted (restart = {:?})",
+                program.restart
+            ),
             _ if before == "stopping" => log::info!("{tag}: stopped ({exit})"),
             _ => log::info!("{tag}: {exit}"),
         }
@@ -549,7 +882,10 @@ impl Master {
 
     /// The slot whose live process is `pid`.
     fn find_slot(&mut self, program: &str, id: u32, pid: Pid) -> Option<(Arc<Program>, &mut Slot)> {
-        let pool = self.pools.iter_mut().find(|p| &*p.program.name == program)?;
+        let pool = self
+            .pools
+            .iter_mut()
+            .find(|p| &*p.program.name == program)?;
         let program = Arc::clone(&pool.program);
         let slot = pool.slots.get_mut(id as usize)?;
         (slot.pid() == Some(pid)).then_some((program, slot))
@@ -600,14 +936,16 @@ impl Master {
     }
 
     fn read_output(&mut self, pid: Pid, stream: Stream) {
-        let Some(proc) = self.procs.get_mut(&pid) else { return };
+        let Some(proc) = self.procs.get_mut(&pid) else {
+            return;
+        };
         let tag = proc.tag();
         let pipe = match stream {
             Stream::Stdout => &mut proc.stdout,
             Stream::Stderr => &mut proc.stderr,
         };
         if let Some(p) = pipe {
-            if pump(p, &tag, &mut self.files, false) {
+            if pump(p, &tag, stream, &mut self.files, &mut self.log_ring, false) {
                 *pipe = None;
             }
         }
@@ -635,8 +973,16 @@ impl Master {
 
     fn finish(mut self) {
         self.abandon_waiters();
+        for addr in self.listeners.keys() {
+            if let ListenAddr::Unix(path) = addr {
+                let _ = std::fs::remove_file(path);
+            }
+        }
         if let Some(c) = self.control.take() {
             c.close();
+        }
+        if let Some(n) = self.notify_socket.take() {
+            n.close();
         }
         orphans::remove(&self.config.runtime_dir);
         if let Some(p) = self.pidfile.take() {
@@ -648,7 +994,14 @@ impl Master {
 
 /// Reads what a worker wrote and forwards it line by line. Returns true at end of file.
 /// Reads are bounded per call so that one chatty worker cannot starve the others.
-fn pump(pipe: &mut OutPipe, tag: &str, files: &mut HashMap<PathBuf, RotatingFile>, to_end: bool) -> bool {
+fn pump(
+    pipe: &mut OutPipe,
+    tag: &str,
+    stream: Stream,
+    files: &mut HashMap<PathBuf, RotatingFile>,
+    ring: &mut LogRing,
+    to_end: bool,
+) -> bool {
     let mut buf = [0u8; 64 * 1024];
     let mut rounds = 0;
     let eof = loop {
@@ -656,7 +1009,9 @@ fn pump(pipe: &mut OutPipe, tag: &str, files: &mut HashMap<PathBuf, RotatingFile
             Ok(Some(0)) if !to_end => break false,
             Ok(Some(0)) => break true,
             Ok(Some(n)) => {
-                pipe.splitter.push(&buf[..n], |line| emit(&pipe.sink, tag, line, files));
+                let sink = &pipe.sink;
+                pipe.splitter
+                    .push(&buf[..n], |line| emit(sink, tag, stream, line, files, ring));
                 rounds += 1;
                 if rounds >= 16 && !to_end {
                     break false;
@@ -666,12 +1021,22 @@ fn pump(pipe: &mut OutPipe, tag: &str, files: &mut HashMap<PathBuf, RotatingFile
         }
     };
     if eof {
-        pipe.splitter.finish(|line| emit(&pipe.sink, tag, line, files));
+        let sink = &pipe.sink;
+        pipe.splitter
+            .finish(|line| emit(sink, tag, stream, line, files, ring));
     }
     eof
 }
 
-fn emit(sink: &Sink, tag: &str, line: &[u8], files: &mut HashMap<PathBuf, RotatingFile>) {
+fn emit(
+    sink: &Sink,
+    tag: &str,
+    stream: Stream,
+    line: &[u8],
+    files: &mut HashMap<PathBuf, RotatingFile>,
+    ring: &mut LogRing,
+) {
+    ring.push(tag, stream, line);
     match sink {
         Sink::Log => crate::logging::worker_line(tag, line),
         Sink::File(path) => {
@@ -702,6 +1067,42 @@ fn describe_failure(program: &Program, stage: Stage, errno: i32, locks: &[String
             program.group.as_ref().map_or("(same)", |g| g.name.as_str())
         ),
         Stage::Setup => format!("cannot set up the worker's descriptors: {why}"),
+    }
+}
+
+/// Binds every `listen` address of `config` not bound yet. The error names the address.
+fn bind_listeners(
+    config: &Config,
+    listeners: &mut HashMap<ListenAddr, OwnedFd>,
+) -> Result<(), (PathBuf, String)> {
+    for program in &config.programs {
+        for l in &program.listen {
+            if listeners.contains_key(&l.address) {
+                continue;
+            }
+            let fd = sys::listen::bind(&l.address, l.mode).map_err(|e| {
+                (
+                    PathBuf::from(describe_addr(&l.address)),
+                    format!("program {}: {e}", program.name),
+                )
+            })?;
+            log::info!(
+                "{}: listening on {}",
+                program.name,
+                describe_addr(&l.address)
+            );
+            listeners.insert(l.address.clone(), fd);
+        }
+    }
+    Ok(())
+}
+
+/// `tcp:HOST:PORT`, `unix:PATH`, `systemd:NAME`.
+pub fn describe_addr(addr: &ListenAddr) -> String {
+    match addr {
+        ListenAddr::Tcp(sa) => format!("tcp:{sa}"),
+        ListenAddr::Unix(p) => format!("unix:{}", p.display()),
+        ListenAddr::Systemd(n) => format!("systemd:{n}"),
     }
 }
 

@@ -24,15 +24,24 @@ enum WaitKind {
     /// `stop`: the slots have no process left.
     Stopped { program: String, ids: Vec<u32> },
     /// `start`/`restart`: each slot runs a process other than `old`.
-    Running { program: String, ids: Vec<u32>, old: Vec<Pid> },
+    Running {
+        program: String,
+        ids: Vec<u32>,
+        old: Vec<Pid>,
+    },
     /// `scale` and `reload`: the pools are settled; `result` is the answer then.
-    Settled { programs: Vec<String>, result: serde_json::Value },
+    Settled {
+        programs: Vec<String>,
+        result: serde_json::Value,
+    },
 }
 
 impl Master {
     pub(super) fn serve_client(&mut self, id: u64, revents: i16) {
         let now = Instant::now();
-        let Some(control) = self.control.as_mut() else { return };
+        let Some(control) = self.control.as_mut() else {
+            return;
+        };
         if revents & libc::POLLOUT != 0 {
             control.flush(id);
         }
@@ -44,7 +53,9 @@ impl Master {
             match incoming {
                 Incoming::Request(req) => {
                     if let Some(response) = self.handle(id, req, now) {
-                        let Some(control) = self.control.as_mut() else { return };
+                        let Some(control) = self.control.as_mut() else {
+                            return;
+                        };
                         control.respond(id, response, now);
                         // Requests pipelined on one line batch are served in order.
                         incoming = control.next_request(id, now);
@@ -75,13 +86,21 @@ impl Master {
         }
         let result = match req {
             Request::Status { program } => return Some(self.status(program.as_deref(), now)),
-            Request::Reload => self.reload(now).map(|(changes, programs)| {
-                WaitKind::Settled { programs, result: serde_json::json!({ "changes": changes }) }
-            }),
+            Request::Reload => self
+                .reload(now)
+                .map(|(changes, programs)| WaitKind::Settled {
+                    programs,
+                    result: serde_json::json!({ "changes": changes }),
+                }),
             Request::Start { target } => self.start(&target, now),
             Request::Stop { target } => self.stop_target(&target, now),
             Request::Restart { target } => self.restart(&target, now),
             Request::Scale { program, workers } => self.scale(&program, workers),
+            Request::Logs {
+                target,
+                lines,
+                follow,
+            } => return self.logs(conn, target, lines, follow),
         };
         match result {
             Err(message) => Some(Response::error(message)),
@@ -114,22 +133,94 @@ impl Master {
     pub(super) fn abandon_waiters(&mut self) {
         let now = Instant::now();
         for w in std::mem::take(&mut self.waiters) {
-            let response = self.outcome(&w.kind).unwrap_or_else(|| Response::error("the master stopped"));
+            let response = self
+                .outcome(&w.kind)
+                .unwrap_or_else(|| Response::error("the master stopped"));
             if let Some(c) = self.control.as_mut() {
                 c.respond(w.conn, response, now);
             }
         }
     }
 
+    /// The last `lines` lines of worker output; with `follow`, the connection keeps receiving
+    /// new lines (one `{"ok":true,"result":{"lines":[…]}}` object per batch).
+    fn logs(
+        &mut self,
+        conn: u64,
+        target: Option<String>,
+        lines: usize,
+        follow: bool,
+    ) -> Option<Response> {
+        if let Some(t) = &target {
+            let parsed = match Target::parse(t) {
+                Ok(p) => p,
+                Err(e) => return Some(Response::error(e)),
+            };
+            if self.pool(&parsed.program).is_none() {
+                return Some(Response::error(format!(
+                    "no program named {}",
+                    parsed.program
+                )));
+            }
+        }
+        let entries: Vec<protocol::LogEntry> = self
+            .log_ring
+            .tail(lines, target.as_deref())
+            .map(protocol::LogEntry::from)
+            .collect();
+        let response = Response::ok(serde_json::json!({ "lines": entries }));
+        if !follow {
+            return Some(response);
+        }
+        let next = self.log_ring.next_seq();
+        if let Some(c) = self.control.as_mut() {
+            if c.stream(conn, response) {
+                self.followers.push((conn, target, next));
+            }
+        }
+        None
+    }
+
+    /// Sends new worker lines to `logs --follow` connections.
+    pub(super) fn feed_followers(&mut self) {
+        if self.followers.is_empty() {
+            return;
+        }
+        let next = self.log_ring.next_seq();
+        let Some(control) = self.control.as_mut() else {
+            return;
+        };
+        let ring = &self.log_ring;
+        self.followers.retain_mut(|(conn, filter, seq)| {
+            if *seq == next {
+                return control.conns.contains_key(conn);
+            }
+            let entries: Vec<protocol::LogEntry> = ring
+                .since(*seq)
+                .filter(|l| filter.as_deref().is_none_or(|f| l.matches(f)))
+                .map(protocol::LogEntry::from)
+                .collect();
+            *seq = next;
+            entries.is_empty() && control.conns.contains_key(conn)
+                || control.stream(*conn, Response::ok(serde_json::json!({ "lines": entries })))
+        });
+    }
+
     fn pool(&self, name: &str) -> Option<&Pool> {
-        self.pools.iter().find(|p| p.program.name == name && !p.removed)
+        self.pools
+            .iter()
+            .find(|p| p.program.name == name && !p.removed)
     }
 
     fn outcome(&self, kind: &WaitKind) -> Option<Response> {
         match kind {
             WaitKind::Stopped { program, ids } => {
-                let Some(pool) = self.pool(program) else { return Some(Response::ok(serde_json::json!({}))) };
-                let busy = ids.iter().any(|&id| pool.slots.get(id as usize).is_some_and(|s| s.is_live()));
+                let Some(pool) = self.pool(program) else {
+                    return Some(Response::ok(serde_json::json!({})));
+                };
+                let busy = ids
+                    .iter()
+                    .any(|&id| pool.slots.get(id as usize).is_some_and(|s| s.is_live()));
                 (!busy).then(|| Response::ok(serde_json::json!({})))
             }
             WaitKind::Running { program, ids, old } => {
@@ -138,14 +229,21 @@ impl Master {
                 };
                 let mut errors = Vec::new();
                 for &id in ids {
-                    let Some(slot) = pool.slots.get(id as usize) else { return None };
+                    let slot = pool.slots.get(id as usize)?;
                     match &slot.state {
-                        SlotState::Running { pid, .. } if !old.contains(pid) && slot.retiring.is_none() => {}
-                        SlotState::Failed { reason } => errors.push(format!("{program}.{id}: failed: {reason}")),
-                        SlotState::Exited { exit } => errors.push(format!("{program}.{id}: exited ({exit})")),
+                        SlotState::Running { pid, .. }
+                            if !old.contains(pid) && slot.retiring.is_none() => {}
+                        SlotState::Failed { reason } => {
+                            errors.push(format!("{program}.{id}: failed: {reason}"))
+                        }
+                        SlotState::Exited { exit } => {
+                            errors.push(format!("{program}.{id}: exited ({exit})"))
+                        }
                         SlotState::Backoff { .. } if slot.crashes > 0 => {
                             let exit = slot.last_exit.map_or("?".to_string(), |e| e.to_string());
-                            errors.push(format!("{program}.{id}: crashed ({exit}) and is restarting"))
+                            errors.push(format!(
+                                "{program}.{id}: crashed ({exit}) and is restarting"
+                            ))
                         }
                         _ => return None,
                     }
@@ -158,7 +256,10 @@ impl Master {
             }
             WaitKind::Settled { programs, result } => {
                 let done = programs.iter().all(|name| {
-                    self.pools.iter().filter(|p| p.program.name == *name).all(|p| !p.removed && p.settled())
+                    self.pools
+                        .iter()
+                        .filter(|p| p.program.name == *name)
+                        .all(|p| !p.removed && p.settled())
                 });
                 done.then(|| Response::ok(result.clone()))
             }
@@ -177,7 +278,10 @@ impl Master {
         let ids = match t.id {
             Some(id) if id < desired || (id as usize) < self.pools[p].slots.len() => vec![id],
             Some(id) => {
-                return Err(format!("no program named {}.{id} ({} has {desired} workers)", t.program, t.program))
+                return Err(format!(
+                    "no program named {}.{id} ({} has {desired} workers)",
+                    t.program, t.program
+                ))
             }
             None => (0..desired.max(self.pools[p].slots.len() as u32)).collect(),
         };
@@ -194,7 +298,11 @@ impl Master {
                 slot.transition(Event::Enable, &program, now);
             }
         }
-        Ok(WaitKind::Running { program: program.name.clone(), ids, old: Vec::new() })
+        Ok(WaitKind::Running {
+            program: program.name.clone(),
+            ids,
+            old: Vec::new(),
+        })
     }
 
     fn stop_target(&mut self, target: &str, now: Instant) -> Result<WaitKind, String> {
@@ -205,7 +313,10 @@ impl Master {
                 slot.transition(Event::Disable, &program, now);
             }
         }
-        Ok(WaitKind::Stopped { program: program.name.clone(), ids })
+        Ok(WaitKind::Stopped {
+            program: program.name.clone(),
+            ids,
+        })
     }
 
     fn restart(&mut self, target: &str, now: Instant) -> Result<WaitKind, String> {
@@ -215,7 +326,9 @@ impl Master {
         let ids: Vec<u32> = ids.into_iter().filter(|&id| id < desired).collect();
         let mut old = Vec::new();
         for &id in &ids {
-            let Some(slot) = self.pools[p].slots.get_mut(id as usize) else { continue };
+            let Some(slot) = self.pools[p].slots.get_mut(id as usize) else {
+                continue;
+            };
             slot.transition(Event::Enable, &program, now);
             if let Some(pid) = slot.pid() {
                 old.push(pid);
@@ -227,12 +340,19 @@ impl Master {
                 }
             }
         }
-        Ok(WaitKind::Running { program: program.name.clone(), ids, old })
+        Ok(WaitKind::Running {
+            program: program.name.clone(),
+            ids,
+            old,
+        })
     }
 
     fn scale(&mut self, program: &str, workers: u32) -> Result<WaitKind, String> {
         if workers > config::MAX_WORKERS {
-            return Err(format!("cannot scale {program} to {workers}: at most {} workers", config::MAX_WORKERS));
+            return Err(format!(
+                "cannot scale {program} to {workers}: at most {} workers",
+                config::MAX_WORKERS
+            ));
         }
         let p = self
             .pools
@@ -240,7 +360,10 @@ impl Master {
             .position(|p| p.program.name == program && !p.removed)
             .ok_or_else(|| format!("no program named {program}"))?;
         let pool = &mut self.pools[p];
-        log::info!("{program}: scaling from {} to {workers} worker(s)", pool.desired());
+        log::info!(
+            "{program}: scaling from {} to {workers} worker(s)",
+            pool.desired()
+        );
         pool.scale = Some(workers);
         Ok(WaitKind::Settled {
             programs: vec![program.to_string()],
@@ -251,14 +374,41 @@ impl Master {
     /// Re-reads the config file and applies the difference. On error nothing changes.
     /// Returns the changes (as lines) and the programs to wait for.
     pub(super) fn reload(&mut self, now: Instant) -> Result<(Vec<String>, Vec<String>), String> {
+        let usec = crate::sys::notify::monotonic_usec();
+        self.systemd
+            .notifier
+            .send(&format!("RELOADING=1\nMONOTONIC_USEC={usec}"));
         let new = match config::load(&self.config.path) {
             Ok(c) => c,
             Err(e) => {
                 let message = format!("reload refused, nothing changed: {e}");
                 log::error!("{message}");
+                let first = message
+                    .lines()
+                    .next()
+                    .unwrap_or_default()
+                    .chars()
+                    .take(200)
+                    .collect::<String>();
+                self.systemd
+                    .notifier
+                    .send(&format!("READY=1\nSTATUS={first}"));
                 return Err(message);
             }
         };
+        // New sockets are bound before anything changes, so a busy port refuses the reload.
+        if let Err((addr, reason)) = super::bind_listeners(&new, &mut self.listeners) {
+            let message = format!(
+                "reload refused, nothing changed: cannot listen on {}: {reason}",
+                addr.display()
+            );
+            log::error!("{message}");
+            self.systemd.notifier.send(&format!(
+                "READY=1\nSTATUS={}",
+                message.chars().take(200).collect::<String>()
+            ));
+            return Err(message);
+        }
         let changes = diff::diff(&self.config, &new);
         let mut lines: Vec<String> = changes.iter().map(|c| c.describe(&new)).collect();
         for (key, a, b) in [
@@ -267,7 +417,9 @@ impl Master {
             ("lock_dir", &self.config.lock_dir, &new.lock_dir),
         ] {
             if a != b {
-                lines.push(format!("{key} changed: takes effect when the master restarts"));
+                lines.push(format!(
+                    "{key} changed: takes effect when the master restarts"
+                ));
             }
         }
         if self.config.control_group != new.control_group {
@@ -288,8 +440,20 @@ impl Master {
                         pool.removed = true;
                     }
                 }
-                (Change::Changed { workers, process, signal, .. }, Some(program)) => {
-                    let Some(pool) = self.pools.iter_mut().find(|p| p.program.name == name && !p.removed) else {
+                (
+                    Change::Changed {
+                        workers,
+                        process,
+                        signal,
+                        ..
+                    },
+                    Some(program),
+                ) => {
+                    let Some(pool) = self
+                        .pools
+                        .iter_mut()
+                        .find(|p| p.program.name == name && !p.removed)
+                    else {
                         continue;
                     };
                     pool.program = Arc::clone(&program);
@@ -316,7 +480,16 @@ impl Master {
             }
         }
         crate::logging::set_level(new.log_level);
+        // Sockets no program lists any more close; systemd's stay (they cannot be had again).
+        self.listeners.retain(|addr, _| {
+            matches!(addr, crate::config::ListenAddr::Systemd(_))
+                || new
+                    .programs
+                    .iter()
+                    .any(|p| p.listen.iter().any(|l| &l.address == addr))
+        });
         self.config = Arc::new(new);
+        self.systemd.reloading = Some(wait_for.clone());
         if lines.is_empty() {
             log::info!("reload: nothing changed");
         }
@@ -348,19 +521,33 @@ impl Master {
                         uptime_s: Some(now.saturating_duration_since(r.since).as_secs_f64()),
                         restarts: slot.restarts,
                         last_exit: None,
-                        locks: self.procs.get(&r.pid).map(|p| p.lock_names.clone()).unwrap_or_default(),
+                        locks: self
+                            .procs
+                            .get(&r.pid)
+                            .map(|p| p.lock_names.clone())
+                            .unwrap_or_default(),
                         in_flight: 0,
                         status: None,
                     });
                 }
                 let locks = match &slot.state {
-                    SlotState::Running { pid, .. } | SlotState::Stopping { pid, .. } => {
-                        self.procs.get(pid).map(|p| p.lock_names.clone()).unwrap_or_default()
-                    }
-                    SlotState::Starting { pid, wait, .. } if *wait != crate::slot::StartWait::Exec => {
-                        let all = self.procs.get(pid).map(|p| p.lock_names.clone()).unwrap_or_default();
+                    SlotState::Running { pid, .. } | SlotState::Stopping { pid, .. } => self
+                        .procs
+                        .get(pid)
+                        .map(|p| p.lock_names.clone())
+                        .unwrap_or_default(),
+                    SlotState::Starting { pid, wait, .. }
+                        if *wait != crate::slot::StartWait::Exec =>
+                    {
+                        let all = self
+                            .procs
+                            .get(pid)
+                            .map(|p| p.lock_names.clone())
+                            .unwrap_or_default();
                         match wait {
-                            crate::slot::StartWait::Lock(name) => all.into_iter().take_while(|l| l != name).collect(),
+                            crate::slot::StartWait::Lock(name) => {
+                                all.into_iter().take_while(|l| l != name).collect()
+                            }
                             _ => all,
                         }
                     }
@@ -371,7 +558,10 @@ impl Master {
                     pid: slot.pid().map(|p| p.as_raw()),
                     state: slot.state.name().into(),
                     detail: slot.detail(now),
-                    uptime_s: slot.state.since().map(|s| now.saturating_duration_since(s).as_secs_f64()),
+                    uptime_s: slot
+                        .state
+                        .since()
+                        .map(|s| now.saturating_duration_since(s).as_secs_f64()),
                     restarts: slot.restarts,
                     last_exit: slot.last_exit.map(protocol::LastExit::from),
                     locks,
@@ -379,7 +569,10 @@ impl Master {
                     status: slot.status.clone(),
                 });
             }
-            programs.push(ProgramStatus { name: pool.program.name.clone(), workers });
+            programs.push(ProgramStatus {
+                name: pool.program.name.clone(),
+                workers,
+            });
         }
         Response::ok(Status { programs })
     }
