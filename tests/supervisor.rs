@@ -6,6 +6,7 @@ mod common;
 use std::time::{Duration, Instant};
 
 use common::*;
+use serde_json::json;
 
 /// Upper bound for anything that should happen promptly (a start, a restart, a stop).
 const DEADLINE: Duration = Duration::from_secs(10);
@@ -109,6 +110,12 @@ fn a_killed_worker_is_replaced_under_the_same_id_with_a_new_pid() {
     );
     assert!(pid_alive(survivor.pid), "worker 0 was left alone");
     assert_eq!(sb.starts_of("pool").iter().filter(|s| s.id == 0).count(), 1);
+
+    let status = sb.worker_status(&config, "pool", 1);
+    assert_eq!(status["state"], "running", "{status}");
+    assert_eq!(status["pid"], replacement.pid, "{status}");
+    assert_eq!(status["restarts"], 1, "{status}");
+    assert_eq!(status["last_exit"], json!({"signal": "KILL"}), "{status}");
     stop_cleanly(&mut master);
 }
 
@@ -147,6 +154,16 @@ fn restart_never_leaves_a_finished_worker_alone() {
         1,
         "restart = never, exit 1: not restarted"
     );
+    for (program, code) in [("clean", 0), ("failing", 1)] {
+        let status = sb.worker_status(&config, program, 0);
+        assert_eq!(status["state"], "exited", "{program}: {status}");
+        assert_eq!(
+            status["last_exit"],
+            json!({ "code": code }),
+            "{program}: {status}"
+        );
+        assert_eq!(status["pid"], json!(null), "{program}: {status}");
+    }
     stop_cleanly(&mut master);
 }
 
@@ -203,6 +220,19 @@ fn on_failure_restarts_failures_only_and_honours_success_exit_codes() {
         2,
         "on-failure, exit 3: restarted once, then runs"
     );
+    for (program, code) in [("clean", 0), ("tolerated", 3)] {
+        let status = sb.worker_status(&config, program, 0);
+        assert_eq!(status["state"], "exited", "{program}: {status}");
+        assert_eq!(
+            status["last_exit"],
+            json!({ "code": code }),
+            "{program}: {status}"
+        );
+    }
+    let status = sb.worker_status(&config, "fails", 0);
+    assert_eq!(status["state"], "running", "{status}");
+    assert_eq!(status["restarts"], 1, "{status}");
+    assert_eq!(status["last_exit"], json!({"code": 3}), "{status}");
     stop_cleanly(&mut master);
 }
 
@@ -269,7 +299,8 @@ fn a_missing_command_fails_without_spinning_and_without_harming_others() {
 
     let good = sb.wait_starts("good", 2, DEADLINE);
     sb.wait_starts("probe", 1, DEADLINE);
-    master.wait_stderr(&["broken", "failed"], DEADLINE);
+    // The master says why `broken` cannot start (status --json below shows it `failed`).
+    master.wait_stderr(&["broken.0"], DEADLINE);
 
     // A crash loop on a 1 ms backoff would keep logging about `broken`.
     let_the_master_move_on(&sb);
@@ -292,6 +323,21 @@ fn a_missing_command_fails_without_spinning_and_without_harming_others() {
     );
     for s in &good {
         assert!(pid_alive(s.pid), "good worker {s:?} still runs");
+    }
+
+    let (code, json) = sb.status(&config);
+    assert_eq!(code, 3, "status exits 3 when a worker is failed: {json}");
+    let broken = sb.worker_status(&config, "broken", 0);
+    assert_eq!(broken["state"], "failed", "{broken}");
+    assert_eq!(broken["pid"], json!(null), "{broken}");
+    assert!(
+        broken["detail"].as_str().is_some_and(|d| !d.is_empty()),
+        "failed says why: {broken}"
+    );
+    for id in 0..2 {
+        let good = sb.worker_status(&config, "good", id);
+        assert_eq!(good["state"], "running", "{good}");
+        assert_eq!(good["restarts"], 0, "{good}");
     }
     stop_cleanly(&mut master);
 }
