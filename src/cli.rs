@@ -281,12 +281,17 @@ pub fn describe(config: &config::Config) -> String {
             config::CommandSpec::Argv(argv) => format!("{argv:?}"),
             config::CommandSpec::Shell(line) => format!("/bin/sh -c {line:?}"),
         };
+        let restart = match p.restart {
+            config::RestartPolicy::Always => "always",
+            config::RestartPolicy::OnFailure => "on-failure",
+            config::RestartPolicy::Never => "never",
+        };
         let _ = writeln!(
             out,
-            "  {:<16} workers={} restart={:?} stop={}/{} {}",
+            "  {:<16} workers={} restart={} stop={}/{} {}",
             p.name,
             p.workers,
-            p.restart,
+            restart,
             crate::slot::signal_name(p.stop_signal),
             crate::format_duration(p.stop_timeout),
             command

@@ -14,7 +14,7 @@ use nix::sys::signal::Signal;
 use nix::unistd::Pid;
 
 use crate::backoff::Jitter;
-use crate::config::{Config, OutputSpec, Program};
+use crate::config::{Config, ListenAddr, OutputSpec, Program};
 use crate::orphans;
 use crate::output::{LineSplitter, RotatingFile, DEFAULT_MAX_LINE};
 use crate::plan::{plan, Action, Phase, Pool};
@@ -116,6 +116,8 @@ pub struct Master {
     waiters: Vec<requests::Waiter>,
     systemd: SystemdLink,
     notify_socket: Option<sys::notify::NotifySocket>,
+    /// Bound once, kept across reloads while some program lists them.
+    listeners: HashMap<ListenAddr, OwnedFd>,
 }
 
 /// What the master tells systemd, and when.
@@ -216,6 +218,15 @@ impl Master {
             nofile,
             notify_socket: Some(notify_path),
         };
+        let mut listeners = HashMap::new();
+        for (name, fd) in sys::listen::from_systemd() {
+            listeners.insert(ListenAddr::Systemd(name), fd);
+        }
+        bind_listeners(&config, &mut listeners).map_err(|(path, reason)| MasterError::Dir {
+            what: "listen socket",
+            path,
+            reason,
+        })?;
         let pools = config
             .programs
             .iter()
@@ -249,6 +260,7 @@ impl Master {
             waiters: Vec::new(),
             systemd: SystemdLink::from_env(Instant::now()),
             notify_socket: Some(notify_socket),
+            listeners,
         })
     }
 
@@ -476,7 +488,20 @@ impl Master {
             Ok(o) => o,
             Err(reason) => return fail(self, reason),
         };
+        let mut pass_fds = Vec::with_capacity(program.listen.len());
+        for l in &program.listen {
+            match self.listeners.get(&l.address) {
+                Some(fd) => pass_fds.push(fd.as_raw_fd()),
+                None => {
+                    return fail(
+                        self,
+                        format!("no socket bound for {}", describe_addr(&l.address)),
+                    )
+                }
+            }
+        }
         let req = &mut prepared.request;
+        req.pass_fds = pass_fds;
         req.stdin = self.dev_null.as_raw_fd();
         req.stdout = stdout.0;
         req.stderr = stderr.0;
@@ -936,6 +961,11 @@ impl Master {
 
     fn finish(mut self) {
         self.abandon_waiters();
+        for addr in self.listeners.keys() {
+            if let ListenAddr::Unix(path) = addr {
+                let _ = std::fs::remove_file(path);
+            }
+        }
         if let Some(c) = self.control.take() {
             c.close();
         }
@@ -1013,6 +1043,42 @@ fn describe_failure(program: &Program, stage: Stage, errno: i32, locks: &[String
             program.group.as_ref().map_or("(same)", |g| g.name.as_str())
         ),
         Stage::Setup => format!("cannot set up the worker's descriptors: {why}"),
+    }
+}
+
+/// Binds every `listen` address of `config` not bound yet. The error names the address.
+fn bind_listeners(
+    config: &Config,
+    listeners: &mut HashMap<ListenAddr, OwnedFd>,
+) -> Result<(), (PathBuf, String)> {
+    for program in &config.programs {
+        for l in &program.listen {
+            if listeners.contains_key(&l.address) {
+                continue;
+            }
+            let fd = sys::listen::bind(&l.address, l.mode).map_err(|e| {
+                (
+                    PathBuf::from(describe_addr(&l.address)),
+                    format!("program {}: {e}", program.name),
+                )
+            })?;
+            log::info!(
+                "{}: listening on {}",
+                program.name,
+                describe_addr(&l.address)
+            );
+            listeners.insert(l.address.clone(), fd);
+        }
+    }
+    Ok(())
+}
+
+/// `tcp:HOST:PORT`, `unix:PATH`, `systemd:NAME`.
+pub fn describe_addr(addr: &ListenAddr) -> String {
+    match addr {
+        ListenAddr::Tcp(sa) => format!("tcp:{sa}"),
+        ListenAddr::Unix(p) => format!("unix:{}", p.display()),
+        ListenAddr::Systemd(n) => format!("systemd:{n}"),
     }
 }
 

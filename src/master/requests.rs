@@ -327,6 +327,19 @@ impl Master {
                 return Err(message);
             }
         };
+        // New sockets are bound before anything changes, so a busy port refuses the reload.
+        if let Err((addr, reason)) = super::bind_listeners(&new, &mut self.listeners) {
+            let message = format!(
+                "reload refused, nothing changed: cannot listen on {}: {reason}",
+                addr.display()
+            );
+            log::error!("{message}");
+            self.systemd.notifier.send(&format!(
+                "READY=1\nSTATUS={}",
+                message.chars().take(200).collect::<String>()
+            ));
+            return Err(message);
+        }
         let changes = diff::diff(&self.config, &new);
         let mut lines: Vec<String> = changes.iter().map(|c| c.describe(&new)).collect();
         for (key, a, b) in [
@@ -398,6 +411,14 @@ impl Master {
             }
         }
         crate::logging::set_level(new.log_level);
+        // Sockets no program lists any more close; systemd's stay (they cannot be had again).
+        self.listeners.retain(|addr, _| {
+            matches!(addr, crate::config::ListenAddr::Systemd(_))
+                || new
+                    .programs
+                    .iter()
+                    .any(|p| p.listen.iter().any(|l| &l.address == addr))
+        });
         self.config = Arc::new(new);
         self.systemd.reloading = Some(wait_for.clone());
         if lines.is_empty() {
