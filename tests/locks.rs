@@ -231,7 +231,7 @@ import os, sys, time
 log = os.open(sys.argv[1], os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
 who = "%s %d" % (os.environ["PLUMULE_PROGRAM"], os.getpid())
 os.write(log, ("enter %s %d\n" % (who, time.monotonic_ns())).encode())
-time.sleep(0.02)  # the work done under the lock, long enough for the other program to try
+time.sleep(0.1)  # the work done under the lock: most of a cycle, so that unlocked runs would overlap
 os.write(log, ("exit %s %d\n" % (who, time.monotonic_ns())).encode())
 sys.exit(1)
 "#;
@@ -335,7 +335,9 @@ fn worker_placeholder_gives_each_worker_its_own_lock() {
     let w1 = wait_worker(&sb, &mut master, &config, ("disks", 1), "running", None);
     for (id, w) in [(0, &w0), (1, &w1)] {
         let file = lock_file(&lock_dir(&sb), &format!("disk-{id}"));
-        assert!(file.is_file(), "{} exists", file.display());
+        let meta =
+            fs::metadata(&file).unwrap_or_else(|e| panic!("{} should exist: {e}", file.display()));
+        assert_eq!(meta.mode() & 0o7777, 0o644, "mode of {}", file.display());
         assert_eq!(locks_of(w), [format!("disk-{id}")], "status of disks.{id}");
         assert_eq!(
             holders(&file),
