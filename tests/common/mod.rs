@@ -240,7 +240,7 @@ impl Watch {
     /// nobody asked it to.
     fn check(&self) -> Result<(), String> {
         if self.exit_expected.load(Ordering::SeqCst)
-            || !proc_stat(self.pid).is_some_and(|p| p.state == 'Z')
+            || proc_stat(self.pid).is_none_or(|p| p.state != 'Z')
         {
             return Ok(());
         }
