@@ -96,6 +96,11 @@ impl Master {
             Request::Stop { target } => self.stop_target(&target, now),
             Request::Restart { target } => self.restart(&target, now),
             Request::Scale { program, workers } => self.scale(&program, workers),
+            Request::Logs {
+                target,
+                lines,
+                follow,
+            } => return self.logs(conn, target, lines, follow),
         };
         match result {
             Err(message) => Some(Response::error(message)),
@@ -135,6 +140,70 @@ impl Master {
                 c.respond(w.conn, response, now);
             }
         }
+    }
+
+    /// The last `lines` lines of worker output; with `follow`, the connection keeps receiving
+    /// new lines (one `{"ok":true,"result":{"lines":[…]}}` object per batch).
+    fn logs(
+        &mut self,
+        conn: u64,
+        target: Option<String>,
+        lines: usize,
+        follow: bool,
+    ) -> Option<Response> {
+        if let Some(t) = &target {
+            let parsed = match Target::parse(t) {
+                Ok(p) => p,
+                Err(e) => return Some(Response::error(e)),
+            };
+            if self.pool(&parsed.program).is_none() {
+                return Some(Response::error(format!(
+                    "no program named {}",
+                    parsed.program
+                )));
+            }
+        }
+        let entries: Vec<protocol::LogEntry> = self
+            .log_ring
+            .tail(lines, target.as_deref())
+            .map(protocol::LogEntry::from)
+            .collect();
+        let response = Response::ok(serde_json::json!({ "lines": entries }));
+        if !follow {
+            return Some(response);
+        }
+        let next = self.log_ring.next_seq();
+        if let Some(c) = self.control.as_mut() {
+            if c.stream(conn, response) {
+                self.followers.push((conn, target, next));
+            }
+        }
+        None
+    }
+
+    /// Sends new worker lines to `logs --follow` connections.
+    pub(super) fn feed_followers(&mut self) {
+        if self.followers.is_empty() {
+            return;
+        }
+        let next = self.log_ring.next_seq();
+        let Some(control) = self.control.as_mut() else {
+            return;
+        };
+        let ring = &self.log_ring;
+        self.followers.retain_mut(|(conn, filter, seq)| {
+            if *seq == next {
+                return control.conns.contains_key(conn);
+            }
+            let entries: Vec<protocol::LogEntry> = ring
+                .since(*seq)
+                .filter(|l| filter.as_deref().is_none_or(|f| l.matches(f)))
+                .map(protocol::LogEntry::from)
+                .collect();
+            *seq = next;
+            entries.is_empty() && control.conns.contains_key(conn)
+                || control.stream(*conn, Response::ok(serde_json::json!({ "lines": entries })))
+        });
     }
 
     fn pool(&self, name: &str) -> Option<&Pool> {
@@ -327,6 +396,19 @@ impl Master {
                 return Err(message);
             }
         };
+        // New sockets are bound before anything changes, so a busy port refuses the reload.
+        if let Err((addr, reason)) = super::bind_listeners(&new, &mut self.listeners) {
+            let message = format!(
+                "reload refused, nothing changed: cannot listen on {}: {reason}",
+                addr.display()
+            );
+            log::error!("{message}");
+            self.systemd.notifier.send(&format!(
+                "READY=1\nSTATUS={}",
+                message.chars().take(200).collect::<String>()
+            ));
+            return Err(message);
+        }
         let changes = diff::diff(&self.config, &new);
         let mut lines: Vec<String> = changes.iter().map(|c| c.describe(&new)).collect();
         for (key, a, b) in [
@@ -398,6 +480,14 @@ impl Master {
             }
         }
         crate::logging::set_level(new.log_level);
+        // Sockets no program lists any more close; systemd's stay (they cannot be had again).
+        self.listeners.retain(|addr, _| {
+            matches!(addr, crate::config::ListenAddr::Systemd(_))
+                || new
+                    .programs
+                    .iter()
+                    .any(|p| p.listen.iter().any(|l| &l.address == addr))
+        });
         self.config = Arc::new(new);
         self.systemd.reloading = Some(wait_for.clone());
         if lines.is_empty() {

@@ -239,9 +239,8 @@ impl Watch {
     /// Err if the process has exited (it is a zombie: the test has not reaped it yet) although
     /// nobody asked it to.
     fn check(&self) -> Result<(), String> {
-        if self.exit_expected.load(Ordering::SeqCst)
-            || !proc_stat(self.pid).is_some_and(|p| p.state == 'Z')
-        {
+        let exited = proc_stat(self.pid).is_some_and(|p| p.state == 'Z');
+        if !exited || self.exit_expected.load(Ordering::SeqCst) {
             return Ok(());
         }
         // Peek at the exit status, leaving the zombie for `Child::wait`.
@@ -496,6 +495,41 @@ impl Sandbox {
             stdout: d.stdout_text(),
             stderr: d.stderr_text(),
         }
+    }
+
+    /// `plumule status --json -c CONFIG`: its exit code and the parsed answer (SPEC §9 shape).
+    #[track_caller]
+    pub fn status(&self, config: &Path) -> (i32, serde_json::Value) {
+        let out = self.plumule(
+            &["status", "--json", "-c", &config.display().to_string()],
+            Duration::from_secs(10),
+        );
+        let code = out
+            .status
+            .code()
+            .unwrap_or_else(|| panic!("status: {}", out.status));
+        let json = serde_json::from_str(&out.stdout).unwrap_or_else(|e| {
+            panic!(
+                "status --json printed no JSON ({e}):\n{}\nstderr:\n{}",
+                out.stdout, out.stderr
+            )
+        });
+        (code, json)
+    }
+
+    /// The `status --json` entry of worker `program.id`.
+    #[track_caller]
+    pub fn worker_status(&self, config: &Path, program: &str, id: u64) -> serde_json::Value {
+        let (_, json) = self.status(config);
+        let found = json["programs"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter(|p| p["name"] == program)
+            .flat_map(|p| p["workers"].as_array().into_iter().flatten())
+            .find(|w| w["id"] == id)
+            .cloned();
+        found.unwrap_or_else(|| panic!("no worker {program}.{id} in status --json: {json}"))
     }
 
     /// SIGKILLs every process carrying this sandbox's marker until none is left (bounded).
