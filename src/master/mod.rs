@@ -477,7 +477,7 @@ impl Master {
         }
         let tag = format!("{}.{}", program.name, id);
         let fail = |master: &mut Master, reason: String| {
-            log::error!("{tag}: cannot start: {reason}");
+            log::error!("{tag}: failed: cannot start: {reason}");
             let slot = &mut master.pools[pool].slots[id as usize];
             slot.transition(Event::Fail { reason }, &program, now);
         };
