@@ -674,7 +674,7 @@ impl Master {
                 pools
                     .iter()
                     .filter(|p| names.is_none_or(|n| n.contains(&p.program.name)))
-                    .all(Pool::settled)
+                    .all(|p| crate::plan::settled_for_ready(pools, p))
             };
             if !self.systemd.ready_sent && settled(&self.pools, None) {
                 self.systemd.ready_sent = true;

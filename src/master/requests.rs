@@ -229,6 +229,18 @@ impl Master {
                 };
                 let mut errors = Vec::new();
                 for &id in ids {
+                    // Held back by an `after` dependency that has given up: say so, not hang.
+                    let blocked = crate::plan::waiting_for(&self.pools, pool).filter(|dep| {
+                        self.pools
+                            .iter()
+                            .any(|p| p.program.name == *dep && p.settled())
+                    });
+                    if let Some(dep) = blocked {
+                        errors.push(format!(
+                            "{program}.{id}: waiting for {dep}, which is not running"
+                        ));
+                        continue;
+                    }
                     let slot = pool.slots.get(id as usize)?;
                     match &slot.state {
                         SlotState::Running { pid, .. }
@@ -511,6 +523,9 @@ impl Master {
                 continue;
             }
             let mut workers = Vec::new();
+            // `after`: wanted workers not forked yet show as starting, waiting for whom.
+            let blocked_by = crate::plan::waiting_for(&self.pools, pool);
+            let desired = pool.desired();
             for slot in &pool.slots {
                 if let Some(r) = &slot.retiring {
                     workers.push(WorkerStatus {
@@ -553,11 +568,21 @@ impl Master {
                     }
                     _ => Vec::new(),
                 };
+                let waiting = blocked_by.filter(|_| {
+                    slot.id < desired && slot.enabled && matches!(slot.state, SlotState::Stopped)
+                });
                 workers.push(WorkerStatus {
                     id: slot.id,
                     pid: slot.pid().map(|p| p.as_raw()),
-                    state: slot.state.name().into(),
-                    detail: slot.detail(now),
+                    state: if waiting.is_some() {
+                        "starting"
+                    } else {
+                        slot.state.name()
+                    }
+                    .into(),
+                    detail: waiting
+                        .map(|d| format!("waiting for {d}"))
+                        .or_else(|| slot.detail(now)),
                     uptime_s: slot
                         .state
                         .since()
@@ -568,6 +593,22 @@ impl Master {
                     in_flight: 0,
                     status: slot.status.clone(),
                 });
+            }
+            if let Some(dep) = blocked_by {
+                for id in pool.slots.len() as u32..desired {
+                    workers.push(WorkerStatus {
+                        id,
+                        pid: None,
+                        state: "starting".into(),
+                        detail: Some(format!("waiting for {dep}")),
+                        uptime_s: None,
+                        restarts: 0,
+                        last_exit: None,
+                        locks: Vec::new(),
+                        in_flight: 0,
+                        status: None,
+                    });
+                }
             }
             programs.push(ProgramStatus {
                 name: pool.program.name.clone(),
