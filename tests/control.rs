@@ -709,7 +709,8 @@ fn random_bytes_get_errors_and_harm_nothing() {
         // The master may close on us mid-way (an overlong or undecodable line): that is fine.
         let _ = ctl.stream().write_all(&bytes);
         let _ = ctl.stream().shutdown(std::net::Shutdown::Write);
-        drain_errors(&mut ctl, "random bytes");
+        let errors = drain_errors(&mut ctl, "random bytes");
+        assert!(errors > 0, "random bytes got no error reply at all");
         assert_unharmed(&sb, &pids, "random bytes");
     }
     stop_cleanly(&mut master);
