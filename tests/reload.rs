@@ -309,25 +309,52 @@ fn a_changed_workers_count_scales_and_the_survivors_keep_their_pids() {
 /// A worker that, on the stop signal, waits until the file `gate` exists before it exits: the
 /// test decides when an old process may go. The trap is set before the start line is written,
 /// so a worker seen started always has it.
-fn gated_app(sb: &Sandbox, gate: &Path) -> PathBuf {
+///
+/// When the stop signal reaches it, it first appends `term PID SUCCESSORS` to `events`:
+/// SUCCESSORS are the master's other children that have already exec'd this script with the
+/// argument `v2` under the same worker id (what a successor in a rolling restart is).
+fn gated_app(sb: &Sandbox, gate: &Path, events: &Path) -> PathBuf {
     sb.script(
         "gated.sh",
         &format!(
-            "trap 'while [ ! -e {gate} ]; do sleep 0.01; done; exit 0' TERM\n\
+            "successors() {{\n\
+               for p in $(cat /proc/$PPID/task/*/children); do\n\
+                 [ \"$p\" = \"$$\" ] && continue\n\
+                 tr '\\0' '\\n' < /proc/$p/cmdline 2>/dev/null | grep -qx v2 || continue\n\
+                 tr '\\0' '\\n' < /proc/$p/environ 2>/dev/null \\\n\
+                   | grep -qx \"PLUMULE_WORKER_ID=$PLUMULE_WORKER_ID\" || continue\n\
+                 printf ' %s' \"$p\"\n\
+               done\n\
+             }}\n\
+             trap 'echo \"term $$$(successors)\" >> {events}; \
+                   while [ ! -e {gate} ]; do sleep 0.01; done; exit 0' TERM\n\
              echo \"$PLUMULE_PROGRAM $PLUMULE_WORKER_ID $PLUMULE_WORKERS $$\" >> {starts}\n\
              sleep 1000 &\n\
              wait $!",
             gate = sh_str(gate),
+            events = sh_str(events),
             starts = sh_str(&sb.starts_file()),
         ),
     )
+}
+
+/// What the old process `pid` saw when its stop signal came: its successors' pids (see
+/// [`gated_app`]); `None` if it never got one.
+fn successors_at_term(events: &Path, pid: i32) -> Option<Vec<i32>> {
+    let text = std::fs::read_to_string(events).unwrap_or_default();
+    text.lines().find_map(|l| {
+        let mut f = l.split_whitespace();
+        (f.next() == Some("term") && f.next() == Some(&pid.to_string()))
+            .then(|| f.map(|p| p.parse().expect("a pid")).collect())
+    })
 }
 
 #[test]
 fn a_command_change_rolls_one_worker_at_a_time_old_stopping_beside_its_successor() {
     let sb = Sandbox::new();
     let gate = sb.path("gate");
-    let g = gated_app(&sb, &gate);
+    let events = sb.path("events");
+    let g = gated_app(&sb, &gate, &events);
     let steady = program("steady", &app(&sb), "v1", "workers = 2");
     let config = sb.config(&format!(
         "{}\n{steady}",
@@ -349,6 +376,9 @@ fn a_command_change_rolls_one_worker_at_a_time_old_stopping_beside_its_successor
     // The reload answers only once the roll is done, and the old processes cannot finish
     // before the gate opens: status is polled meanwhile.
     let mut reload = sb.spawn_plumule(&["reload", "-c", &config.display().to_string()]);
+    // Every sample: at most one worker rolling, its old process shown `stopping` beside a
+    // successor under the same id, the other worker untouched. Until a sample shows the
+    // successor `running` (the old one cannot leave before the gate opens).
     let mut seen = None;
     sb.wait(
         "status shows an old web worker `stopping` beside its running successor",
@@ -366,8 +396,13 @@ fn a_command_change_rolls_one_worker_at_a_time_old_stopping_beside_its_successor
             };
             let successor = web
                 .iter()
-                .find(|e| e.id == s.id && e.state == "running")
-                .unwrap_or_else(|| panic!("web.{} stops without a running successor: {st}", s.id));
+                .find(|e| e.id == s.id && e.state != "stopping")
+                .unwrap_or_else(|| panic!("web.{} stops without a successor: {st}", s.id));
+            assert!(
+                ["starting", "running"].contains(&successor.state.as_str()),
+                "the successor of web.{} is starting or running: {st}",
+                s.id
+            );
             assert_eq!(
                 s.pid,
                 Some(old[&s.id]),
@@ -381,6 +416,9 @@ fn a_command_change_rolls_one_worker_at_a_time_old_stopping_beside_its_successor
                     ("running", Some(old[&e.id])),
                     "{st}"
                 );
+            }
+            if successor.state != "running" {
+                return false;
             }
             seen = Some((s.id, successor.pid.unwrap()));
             true
@@ -417,6 +455,15 @@ fn a_command_change_rolls_one_worker_at_a_time_old_stopping_beside_its_successor
         assert_eq!(version_of(*pid), "v2", "web.{id} runs the new command");
     }
     assert_all_dead(&old, "the roll is done");
+    // The new one had exec'd the new command before the old one was told to stop.
+    for (id, pid) in &new {
+        assert_eq!(
+            successors_at_term(&events, old[id]),
+            Some(vec![*pid]),
+            "web.{id}: when the old {} got its stop signal, its successor {pid} ran already",
+            old[id]
+        );
+    }
     assert!(!entries(&st).iter().any(|e| e.state == "stopping"), "{st}");
     assert_pids(&st, "steady", &steady_pids, "beside a rolled program");
     stop_cleanly(&mut master);
