@@ -515,7 +515,24 @@ fn run(o: &Options) -> Result<String> {
 
         // The reply came once the roll was done: every worker of the changed program is new.
         let after = running(&ctl.status()?);
-        let new: Vec<Start> = bench.starts()?.split_off(logged_before);
+        // "Running" means exec'd: the last successor may not have written its line yet.
+        let new_pids: BTreeSet<i32> = after
+            .iter()
+            .filter(|((p, _), _)| *p == changed_name)
+            .map(|(_, pid)| *pid)
+            .collect();
+        let new: Vec<Start> = wait_until(
+            &format!(
+                "reload {}: every new worker has logged its start",
+                trial + 1
+            ),
+            START_DEADLINE,
+            || {
+                let new = bench.starts()?.split_off(logged_before);
+                let logged: BTreeSet<i32> = new.iter().map(|s| s.pid).collect();
+                Ok(new_pids.is_subset(&logged).then_some(new))
+            },
+        )?;
         let first = new
             .iter()
             .filter(|s| s.program == changed_name && s.version == version)
