@@ -445,6 +445,12 @@ impl Sandbox {
 
     /// Spawns `plumule ARGS…` with stdout and stderr captured to files in the sandbox.
     pub fn spawn_plumule(&self, args: &[&str]) -> Daemon {
+        self.spawn_plumule_with(args, |_| {})
+    }
+
+    /// [`Sandbox::spawn_plumule`] with `adjust` applied to the command just before it is
+    /// spawned (e.g. `uid`/`gid` to run a client as another user).
+    pub fn spawn_plumule_with(&self, args: &[&str], adjust: impl FnOnce(&mut Command)) -> Daemon {
         let n = self.spawned.fetch_add(1, Ordering::SeqCst) + 1;
         let stdout = self.path(&format!("plumule-{n}.stdout"));
         let stderr = self.path(&format!("plumule-{n}.stderr"));
@@ -463,6 +469,7 @@ impl Sandbox {
         // Its own process group, as under systemd: a signal meant for it never reaches the
         // test runner, and the runner's terminal signals never reach it.
         cmd.process_group(0);
+        adjust(&mut cmd);
         let child = spawn_registered(&mut cmd);
         let watch = Watch {
             pid: child.id() as i32,
