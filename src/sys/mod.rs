@@ -1,0 +1,73 @@
+//! Every syscall wrapper and every `unsafe` block of plumule lives below this module.
+//! Each `unsafe` block carries a `// SAFETY:` line naming the invariant it relies on.
+
+pub mod pidfile;
+pub mod process;
+pub mod signals;
+pub mod spawn;
+
+use std::io;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::time::Duration;
+
+/// A pipe whose two ends are close-on-exec; `nonblock_read` makes the read end non-blocking.
+pub fn pipe(nonblock_read: bool) -> io::Result<(OwnedFd, OwnedFd)> {
+    let (r, w) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)?;
+    if nonblock_read {
+        set_nonblocking(r.as_raw_fd())?;
+    }
+    Ok((r, w))
+}
+
+pub fn set_nonblocking(fd: RawFd) -> io::Result<()> {
+    use nix::fcntl::{fcntl, FcntlArg, OFlag};
+    let flags = OFlag::from_bits_truncate(fcntl(fd, FcntlArg::F_GETFL)?);
+    fcntl(fd, FcntlArg::F_SETFL(flags | OFlag::O_NONBLOCK))?;
+    Ok(())
+}
+
+/// Opens /dev/null for reading and writing, close-on-exec.
+pub fn dev_null() -> io::Result<OwnedFd> {
+    let f = std::fs::OpenOptions::new().read(true).write(true).open("/dev/null")?;
+    Ok(OwnedFd::from(f))
+}
+
+/// poll(2) over raw descriptors; `None` waits without limit. EINTR returns `Ok(0)`, since a
+/// signal's own byte in the self-pipe is what the caller acts on.
+pub fn poll(fds: &mut [libc::pollfd], timeout: Option<Duration>) -> io::Result<usize> {
+    let ms: libc::c_int = match timeout {
+        None => -1,
+        // Round up: waking a hair early would only make the loop spin once more.
+        Some(d) => d.as_nanos().div_ceil(1_000_000).min(i32::MAX as u128) as libc::c_int,
+    };
+    // SAFETY: `fds` is a valid, exclusively borrowed slice of pollfd for the whole call.
+    let n = unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, ms) };
+    if n < 0 {
+        let err = io::Error::last_os_error();
+        if err.kind() == io::ErrorKind::Interrupted {
+            return Ok(0);
+        }
+        return Err(err);
+    }
+    Ok(n as usize)
+}
+
+/// Reads what is available without blocking. `Ok(None)` means end of file; `Ok(Some(0))`
+/// means nothing now.
+pub fn read_available(fd: RawFd, buf: &mut [u8]) -> io::Result<Option<usize>> {
+    match nix::unistd::read(fd, buf) {
+        Ok(0) => Ok(None),
+        Ok(n) => Ok(Some(n)),
+        Err(nix::errno::Errno::EAGAIN) | Err(nix::errno::Errno::EINTR) => Ok(Some(0)),
+        Err(e) => Err(e.into()),
+    }
+}
+
+/// Wraps a descriptor this process owns.
+///
+/// # Safety
+/// `fd` must be open and owned by nobody else.
+pub unsafe fn owned(fd: RawFd) -> OwnedFd {
+    // SAFETY: the caller guarantees `fd` is open and has no other owner.
+    unsafe { OwnedFd::from_raw_fd(fd) }
+}

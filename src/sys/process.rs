@@ -1,0 +1,128 @@
+//! Processes and process groups: reaping, group signals, start times, limits.
+
+use std::io;
+
+use nix::errno::Errno;
+use nix::sys::signal::{killpg, Signal};
+use nix::unistd::Pid;
+
+use crate::slot::Exit;
+
+/// One reaped child.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Reaped {
+    pub pid: Pid,
+    pub exit: Exit,
+}
+
+/// Reaps one exited child, if any, without blocking. `is_worker` is asked before the reap:
+/// for a worker, what is left of its process group is SIGKILLed while the zombie still pins
+/// the group id, so the kill can never hit a group that reused the id.
+pub fn reap_one(is_worker: impl Fn(Pid) -> bool) -> io::Result<Option<Reaped>> {
+    // SAFETY: siginfo_t is plain data; all-zero is a valid value for waitid to fill in.
+    let mut info: libc::siginfo_t = unsafe { std::mem::zeroed() };
+    // SAFETY: `info` is a valid, writable siginfo_t.
+    let r = unsafe {
+        libc::waitid(libc::P_ALL, 0, &mut info, libc::WEXITED | libc::WNOHANG | libc::WNOWAIT)
+    };
+    if r < 0 {
+        let e = Errno::last();
+        return match e {
+            Errno::ECHILD => Ok(None),
+            Errno::EINTR => reap_one(is_worker),
+            _ => Err(e.into()),
+        };
+    }
+    // SAFETY: waitid succeeded, so si_pid is set (0 when no child had exited).
+    let pid = unsafe { info.si_pid() };
+    if pid == 0 {
+        return Ok(None);
+    }
+    let pid = Pid::from_raw(pid);
+    if is_worker(pid) {
+        // ESRCH: the group had no other member. Anything else is not ours to report.
+        let _ = killpg(pid, Signal::SIGKILL);
+    }
+    // SAFETY: as above, si_status is set for an exited child.
+    let (code, status) = (info.si_code, unsafe { info.si_status() });
+    let exit = if code == libc::CLD_EXITED {
+        Exit::Code(status)
+    } else {
+        Exit::Signal(Signal::try_from(status).unwrap_or(Signal::SIGKILL))
+    };
+    // Now reap for real; the pid is known, so this cannot take another child's status.
+    loop {
+        match nix::sys::wait::waitpid(pid, None) {
+            Ok(_) => break,
+            Err(Errno::EINTR) => continue,
+            Err(e) => return Err(e.into()),
+        }
+    }
+    Ok(Some(Reaped { pid, exit }))
+}
+
+/// Sends `sig` to the process group led by `pgid`. A group already gone is not an error.
+pub fn signal_group(pgid: Pid, sig: Signal) -> io::Result<()> {
+    match killpg(pgid, sig) {
+        Ok(()) | Err(Errno::ESRCH) => Ok(()),
+        Err(e) => Err(e.into()),
+    }
+}
+
+/// Whether any process is left in group `pgid`.
+pub fn group_exists(pgid: Pid) -> bool {
+    !matches!(killpg(pgid, None), Err(Errno::ESRCH))
+}
+
+/// The start time of `pid` in clock ticks since boot (field 22 of /proc/PID/stat), which
+/// tells a process apart from a later one that reused its pid.
+pub fn start_time(pid: Pid) -> Option<u64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // The command name (field 2) may hold spaces and parentheses: count after the last ')'.
+    let rest = &stat[stat.rfind(')')? + 1..];
+    // rest starts at field 3 (state); field 22 is the 20th after it.
+    rest.split_whitespace().nth(19)?.parse().ok()
+}
+
+/// Makes the master the reaper of its workers' orphaned descendants, so that a worker's
+/// child that outlives it is still reaped by plumule rather than left to init.
+pub fn become_subreaper() -> io::Result<()> {
+    // SAFETY: PR_SET_CHILD_SUBREAPER takes an integer flag; no pointers are involved.
+    let r = unsafe { libc::prctl(libc::PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) };
+    if r < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// Raises the soft open-file limit to the hard one (the master holds pipes for every worker)
+/// and returns the original, which workers get back before exec.
+pub fn raise_nofile_limit() -> io::Result<libc::rlimit> {
+    let mut lim = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
+    // SAFETY: `lim` is a valid rlimit to write into.
+    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) } < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    let original = lim;
+    if lim.rlim_cur < lim.rlim_max {
+        lim.rlim_cur = lim.rlim_max;
+        // SAFETY: `lim` is a valid rlimit; raising the soft limit to the hard one is allowed.
+        if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &lim) } < 0 {
+            return Err(io::Error::last_os_error());
+        }
+    }
+    Ok(original)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn start_time_of_self_is_stable_and_other_pids_differ() {
+        let me = nix::unistd::getpid();
+        let a = start_time(me).expect("own start time");
+        assert_eq!(start_time(me), Some(a));
+        assert_eq!(start_time(Pid::from_raw(i32::MAX)), None);
+    }
+}

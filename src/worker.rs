@@ -1,0 +1,246 @@
+//! How a worker is started: from a program's settings and a worker id to a spawn request
+//! (the executable found in PATH, the environment, the credentials, the locks). No process
+//! is created here; [`crate::sys::spawn`] does that.
+
+use std::ffi::{CString, OsStr, OsString};
+use std::os::unix::ffi::OsStrExt;
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+
+use crate::config::{CommandSpec, Program};
+use crate::locks;
+use crate::sys::spawn::{cstring, Credentials, LockRequest, Request};
+
+/// The PATH a worker gets when it inherits none.
+pub const DEFAULT_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
+
+/// Variables of the master's environment that describe the master itself, never a worker.
+const MASTER_ONLY: &[&str] = &[
+    "NOTIFY_SOCKET",
+    "LISTEN_FDS",
+    "LISTEN_PID",
+    "LISTEN_FDNAMES",
+    "WATCHDOG_USEC",
+    "WATCHDOG_PID",
+    "JOURNAL_STREAM",
+];
+
+/// What the master knows that every spawn needs.
+#[derive(Debug, Clone)]
+pub struct Context {
+    pub lock_dir: PathBuf,
+    pub lock_mode: libc::mode_t,
+    pub nofile: Option<libc::rlimit>,
+    /// plumule's own notify socket for workers, once it exists.
+    pub notify_socket: Option<PathBuf>,
+}
+
+/// A spawn request with its stdio still to be filled in, and the lock names in the order
+/// the child takes them (its reports name locks by index).
+#[derive(Debug)]
+pub struct Prepared {
+    pub request: Request,
+    pub lock_names: Vec<String>,
+}
+
+/// Prepares worker `id` of `program` (which runs `workers` workers). The error is the reason
+/// the worker cannot be started at all, as `status` will show it.
+pub fn prepare(program: &Program, id: u32, workers: u32, ctx: &Context) -> Result<Prepared, String> {
+    let env = environment(program, id, workers, ctx);
+    let argv: Vec<String> = match &program.command {
+        CommandSpec::Argv(argv) => argv.clone(),
+        CommandSpec::Shell(line) => vec!["/bin/sh".into(), "-c".into(), line.clone()],
+    };
+    let path_var = env
+        .iter()
+        .find(|(k, _)| k == "PATH")
+        .map(|(_, v)| v.clone())
+        .unwrap_or_else(|| DEFAULT_PATH.into());
+    let exe = resolve(&argv[0], &path_var, program.cwd.as_deref())?;
+
+    let mut locks: Vec<(String, bool)> =
+        program.locks.iter().map(|l| (locks::expand(&l.name, id), l.shared)).collect();
+    locks::acquisition_order(&mut locks);
+    let lock_requests = locks
+        .iter()
+        .map(|(name, shared)| LockRequest {
+            path: cstring(locks::lock_path(&ctx.lock_dir, name).into_os_string().as_bytes()),
+            shared: *shared,
+        })
+        .collect();
+
+    let request = Request {
+        program: cstring(exe.into_os_string().as_bytes()),
+        argv: argv.into_iter().map(cstring).collect(),
+        env: env
+            .iter()
+            .map(|(k, v)| {
+                let mut kv = k.as_bytes().to_vec();
+                kv.push(b'=');
+                kv.extend_from_slice(v.as_bytes());
+                cstring(kv)
+            })
+            .collect(),
+        cwd: program.cwd.as_ref().map(|c| cstring(c.as_os_str().as_bytes())),
+        umask: program.umask.map(|m| m as libc::mode_t),
+        credentials: credentials(program)?,
+        stdin: -1,
+        stdout: -1,
+        stderr: -1,
+        pass_fds: Vec::new(),
+        locks: lock_requests,
+        lock_mode: ctx.lock_mode,
+        nofile: ctx.nofile,
+        listen_pid_env: None,
+    };
+    Ok(Prepared { request, lock_names: locks.into_iter().map(|(n, _)| n).collect() })
+}
+
+/// The worker's environment, in a stable order.
+pub fn environment(program: &Program, id: u32, workers: u32, ctx: &Context) -> Vec<(OsString, OsString)> {
+    let mut env: Vec<(OsString, OsString)> = Vec::new();
+    let mut set = |env: &mut Vec<(OsString, OsString)>, k: &OsStr, v: &OsStr| {
+        match env.iter_mut().find(|(key, _)| key == k) {
+            Some(entry) => entry.1 = v.to_os_string(),
+            None => env.push((k.to_os_string(), v.to_os_string())),
+        }
+    };
+    if program.inherit_env {
+        for (k, v) in std::env::vars_os() {
+            if !MASTER_ONLY.iter().any(|m| k == *m) {
+                env.push((k, v));
+            }
+        }
+    } else {
+        let (home, name, shell) = match &program.user {
+            Some(u) => (u.home.clone(), u.name.clone(), u.shell.clone()),
+            None => own_user(),
+        };
+        set(&mut env, "PATH".as_ref(), DEFAULT_PATH.as_ref());
+        set(&mut env, "HOME".as_ref(), home.as_os_str());
+        set(&mut env, "USER".as_ref(), name.as_ref());
+        set(&mut env, "LOGNAME".as_ref(), name.as_ref());
+        set(&mut env, "SHELL".as_ref(), shell.as_os_str());
+    }
+    for (k, v) in &program.env {
+        set(&mut env, k.as_ref(), v.as_ref());
+    }
+    if let Some(sock) = &ctx.notify_socket {
+        set(&mut env, "NOTIFY_SOCKET".as_ref(), sock.as_os_str());
+    }
+    set(&mut env, "PLUMULE_PROGRAM".as_ref(), program.name.as_ref());
+    set(&mut env, "PLUMULE_WORKER_ID".as_ref(), id.to_string().as_ref());
+    set(&mut env, "PLUMULE_WORKERS".as_ref(), workers.to_string().as_ref());
+    env
+}
+
+fn own_user() -> (PathBuf, String, PathBuf) {
+    match nix::unistd::User::from_uid(nix::unistd::geteuid()) {
+        Ok(Some(u)) => (u.dir, u.name, u.shell),
+        _ => (PathBuf::from("/"), nix::unistd::geteuid().to_string(), PathBuf::from("/bin/sh")),
+    }
+}
+
+/// Finds the executable: a path with a slash is taken as it is (relative to `cwd`), a bare
+/// name is looked up in `path_var`.
+pub fn resolve(name: &str, path_var: &OsStr, cwd: Option<&Path>) -> Result<PathBuf, String> {
+    if name.contains('/') {
+        let p = Path::new(name);
+        let full = match cwd {
+            Some(dir) if p.is_relative() => dir.join(p),
+            _ => p.to_path_buf(),
+        };
+        return match std::fs::metadata(&full) {
+            Ok(m) if m.is_file() && m.permissions().mode() & 0o111 != 0 => Ok(p.to_path_buf()),
+            Ok(m) if m.is_dir() => Err(format!("cannot execute {name}: it is a directory")),
+            Ok(_) => Err(format!("cannot execute {name}: not executable")),
+            Err(e) => Err(format!("cannot execute {name}: {e}")),
+        };
+    }
+    for dir in std::env::split_paths(path_var) {
+        let candidate = dir.join(name);
+        if let Ok(m) = std::fs::metadata(&candidate) {
+            if m.is_file() && m.permissions().mode() & 0o111 != 0 {
+                return Ok(candidate);
+            }
+        }
+    }
+    Err(format!("command not found: {name} (searched PATH={})", path_var.to_string_lossy()))
+}
+
+/// The credentials to switch to, or None when the master already runs as them.
+fn credentials(program: &Program) -> Result<Option<Credentials>, String> {
+    let euid = nix::unistd::geteuid().as_raw();
+    let egid = nix::unistd::getegid().as_raw();
+    let uid = program.user.as_ref().map_or(euid, |u| u.uid);
+    let gid = program.group.as_ref().map(|g| g.gid).or(program.user.as_ref().map(|u| u.gid));
+    let gid = gid.unwrap_or(egid);
+    if uid == euid && gid == egid && (program.user.is_none() || euid != 0) {
+        return Ok(None);
+    }
+    let groups = match &program.user {
+        Some(u) => {
+            let name = CString::new(u.name.clone()).map_err(|e| e.to_string())?;
+            nix::unistd::getgrouplist(&name, nix::unistd::Gid::from_raw(gid))
+                .map_err(|e| format!("cannot list the groups of user {}: {e}", u.name))?
+                .into_iter()
+                .map(|g| g.as_raw())
+                .collect()
+        }
+        None => vec![gid],
+    };
+    Ok(Some(Credentials { uid, gid, groups }))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::test_support::program;
+
+    fn ctx() -> Context {
+        Context { lock_dir: "/run/x/locks".into(), lock_mode: 0o644, nofile: None, notify_socket: None }
+    }
+
+    #[test]
+    fn bare_names_are_found_in_path_and_missing_ones_are_reported() {
+        let found = resolve("sh", OsStr::new("/nonexistent:/bin:/usr/bin"), None).unwrap();
+        assert!(found.ends_with("sh") && found.is_absolute(), "{found:?}");
+        let err = resolve("no-such-command-xyz", OsStr::new("/bin"), None).unwrap_err();
+        assert!(err.contains("command not found: no-such-command-xyz"), "{err}");
+        let err = resolve("/nonexistent/x", OsStr::new("/bin"), None).unwrap_err();
+        assert!(err.contains("/nonexistent/x") && err.contains("No such file"), "{err}");
+        let err = resolve("/etc/hostname", OsStr::new("/bin"), None).unwrap_err();
+        assert!(err.contains("not executable"), "{err}");
+    }
+
+    #[test]
+    fn environment_carries_identity_and_drops_the_masters_own_variables() {
+        let mut p = program("web", 3);
+        p.inherit_env = false;
+        p.env.insert("RUST_LOG".into(), "info".into());
+        let env = environment(&p, 2, 3, &ctx());
+        let get = |k: &str| env.iter().find(|(key, _)| key == k).map(|(_, v)| v.to_str().unwrap().to_string());
+        assert_eq!(get("PLUMULE_PROGRAM").as_deref(), Some("web"));
+        assert_eq!(get("PLUMULE_WORKER_ID").as_deref(), Some("2"));
+        assert_eq!(get("PLUMULE_WORKERS").as_deref(), Some("3"));
+        assert_eq!(get("RUST_LOG").as_deref(), Some("info"));
+        assert_eq!(get("PATH").as_deref(), Some(DEFAULT_PATH));
+        assert!(get("HOME").is_some() && get("USER").is_some() && get("SHELL").is_some());
+        assert_eq!(get("NOTIFY_SOCKET"), None);
+    }
+
+    #[test]
+    fn shell_strings_run_through_sh_and_locks_are_ordered() {
+        let mut p = program("web", 1);
+        p.command = CommandSpec::Shell("echo hi".into());
+        p.locks = vec![
+            crate::config::LockSpec { name: "z-{worker}".into(), shared: false },
+            crate::config::LockSpec { name: "a".into(), shared: true },
+        ];
+        let prep = prepare(&p, 4, 1, &ctx()).unwrap();
+        let argv: Vec<_> = prep.request.argv.iter().map(|a| a.to_str().unwrap()).collect();
+        assert_eq!(argv, ["/bin/sh", "-c", "echo hi"]);
+        assert_eq!(prep.lock_names, ["a", "z-4"]);
+        assert_eq!(prep.request.locks[1].path.to_str().unwrap(), "/run/x/locks/z-4.lock");
+    }
+}
