@@ -63,19 +63,30 @@ mod tests {
     }
 
     fn settings(initial: u64, max: u64, multiplier: f64, jitter: f64) -> Backoff {
-        Backoff { initial: ms(initial), max: ms(max), multiplier, jitter }
+        Backoff {
+            initial: ms(initial),
+            max: ms(max),
+            multiplier,
+            jitter,
+        }
     }
 
     #[test]
     fn grows_geometrically_then_caps() {
         let b = settings(100, 1000, 2.0, 0.0);
         let seq: Vec<_> = (1..=6).map(|k| delay(&b, k, 0.0)).collect();
-        assert_eq!(seq, vec![ms(100), ms(200), ms(400), ms(800), ms(1000), ms(1000)]);
+        assert_eq!(
+            seq,
+            vec![ms(100), ms(200), ms(400), ms(800), ms(1000), ms(1000)]
+        );
     }
 
     #[test]
     fn zero_crashes_means_no_delay() {
-        assert_eq!(delay(&settings(100, 1000, 2.0, 0.5), 0, 1.0), Duration::ZERO);
+        assert_eq!(
+            delay(&settings(100, 1000, 2.0, 0.5), 0, 1.0),
+            Duration::ZERO
+        );
     }
 
     #[test]

@@ -12,11 +12,17 @@ static JOURNAL: AtomicBool = AtomicBool::new(false);
 
 /// Whether `$JOURNAL_STREAM` ("DEVICE:INODE") designates our stderr.
 pub fn stderr_is_journal() -> bool {
-    let Ok(value) = std::env::var("JOURNAL_STREAM") else { return false };
-    let Some((dev, ino)) = value.split_once(':') else { return false };
-    let (Ok(dev), Ok(ino)) = (dev.parse::<u64>(), ino.parse::<u64>()) else { return false };
+    let Ok(value) = std::env::var("JOURNAL_STREAM") else {
+        return false;
+    };
+    let Some((dev, ino)) = value.split_once(':') else {
+        return false;
+    };
+    let (Ok(dev), Ok(ino)) = (dev.parse::<u64>(), ino.parse::<u64>()) else {
+        return false;
+    };
     match nix::sys::stat::fstat(std::io::stderr().as_raw_fd()) {
-        Ok(st) => st.st_dev as u64 == dev && st.st_ino as u64 == ino,
+        Ok(st) => st.st_dev == dev && st.st_ino == ino,
         Err(_) => false,
     }
 }
@@ -43,7 +49,13 @@ pub fn init(level: log::LevelFilter) {
         if journal {
             writeln!(buf, "<{}>{}", priority(record.level()), record.args())
         } else {
-            writeln!(buf, "{} {:<5} {}", buf.timestamp_millis(), record.level(), record.args())
+            writeln!(
+                buf,
+                "{} {:<5} {}",
+                buf.timestamp_millis(),
+                record.level(),
+                record.args()
+            )
         }
     });
     if builder.try_init().is_ok() {

@@ -1,1 +1,5 @@
-fn main() {}
+//! The `plumule` binary: parse the command line, run the command, exit with its code.
+
+fn main() {
+    std::process::exit(plumule::cli::main());
+}

@@ -53,7 +53,12 @@ pub fn parse(text: &str) -> Vec<Group> {
             let start_time = f.next()?.parse().ok()?;
             let stop_signal = format!("SIG{}", f.next()?).parse().ok()?;
             let stop_timeout = Duration::from_millis(f.next()?.parse().ok()?);
-            (pgid > 1).then_some(Group { pgid: Pid::from_raw(pgid), start_time, stop_signal, stop_timeout })
+            (pgid > 1).then_some(Group {
+                pgid: Pid::from_raw(pgid),
+                start_time,
+                stop_signal,
+                stop_timeout,
+            })
         })
         .collect()
 }
@@ -81,7 +86,9 @@ fn still_there(g: &Group) -> bool {
 /// Stops the groups a previous master left: their stop signal, then SIGKILL after their
 /// stop timeout. Returns how many groups were found. Runs once, before any worker starts.
 pub fn stop_leftovers(runtime_dir: &Path) -> usize {
-    let Ok(text) = std::fs::read_to_string(path(runtime_dir)) else { return 0 };
+    let Ok(text) = std::fs::read_to_string(path(runtime_dir)) else {
+        return 0;
+    };
     let left: Vec<Group> = parse(&text).into_iter().filter(still_there).collect();
     if left.is_empty() {
         remove(runtime_dir);
@@ -90,15 +97,26 @@ pub fn stop_leftovers(runtime_dir: &Path) -> usize {
     log::warn!(
         "stopping {} worker process group(s) left by a previous master: {}",
         left.len(),
-        left.iter().map(|g| g.pgid.to_string()).collect::<Vec<_>>().join(", ")
+        left.iter()
+            .map(|g| g.pgid.to_string())
+            .collect::<Vec<_>>()
+            .join(", ")
     );
     for g in &left {
         let _ = signal_group(g.pgid, g.stop_signal);
     }
-    let timeout = left.iter().map(|g| g.stop_timeout).max().unwrap_or_default();
+    let timeout = left
+        .iter()
+        .map(|g| g.stop_timeout)
+        .max()
+        .unwrap_or_default();
     if !wait_gone(&left, timeout) {
         for g in left.iter().filter(|g| group_exists(g.pgid)) {
-            log::warn!("process group {} ignored {}; killing it", g.pgid, crate::slot::signal_name(g.stop_signal));
+            log::warn!(
+                "process group {} ignored {}; killing it",
+                g.pgid,
+                crate::slot::signal_name(g.stop_signal)
+            );
             let _ = signal_group(g.pgid, Signal::SIGKILL);
         }
         wait_gone(&left, Duration::from_secs(5));
@@ -129,8 +147,18 @@ mod tests {
     #[test]
     fn records_round_trip_and_garbage_is_skipped() {
         let groups = vec![
-            Group { pgid: Pid::from_raw(1234), start_time: 99, stop_signal: Signal::SIGTERM, stop_timeout: Duration::from_secs(10) },
-            Group { pgid: Pid::from_raw(77), start_time: 5, stop_signal: Signal::SIGQUIT, stop_timeout: Duration::from_millis(250) },
+            Group {
+                pgid: Pid::from_raw(1234),
+                start_time: 99,
+                stop_signal: Signal::SIGTERM,
+                stop_timeout: Duration::from_secs(10),
+            },
+            Group {
+                pgid: Pid::from_raw(77),
+                start_time: 5,
+                stop_signal: Signal::SIGQUIT,
+                stop_timeout: Duration::from_millis(250),
+            },
         ];
         let text = format(&groups);
         assert_eq!(text, "1234 99 TERM 10000\n77 5 QUIT 250\n");

@@ -7,7 +7,7 @@
 use std::sync::Arc;
 use std::time::Instant;
 
-use crate::config::Program;
+use crate::config::{Program, ReloadMode};
 use crate::slot::{Slot, SlotState};
 
 /// A program's settings and its worker slots.
@@ -18,12 +18,20 @@ pub struct Pool {
     pub scale: Option<u32>,
     /// The program left the config: its workers drain, then the pool is dropped.
     pub removed: bool,
+    /// Bumped when a reload changes a key that needs a new process.
+    pub generation: u64,
     pub slots: Vec<Slot>,
 }
 
 impl Pool {
     pub fn new(program: Arc<Program>) -> Self {
-        Pool { program, scale: None, removed: false, slots: Vec::new() }
+        Pool {
+            program,
+            scale: None,
+            removed: false,
+            generation: 0,
+            slots: Vec::new(),
+        }
     }
 
     /// How many workers should run.
@@ -35,8 +43,50 @@ impl Pool {
         }
     }
 
+    /// Whether every wanted worker is running and ready: what `after` waits for.
+    pub fn ready(&self) -> bool {
+        let desired = self.desired();
+        self.slots.len() >= desired as usize
+            && self
+                .slots
+                .iter()
+                .filter(|s| s.id < desired && s.enabled)
+                .all(|s| matches!(s.state, SlotState::Running { .. }))
+    }
+
     pub fn live(&self) -> usize {
         self.slots.iter().filter(|s| s.is_live()).count()
+    }
+
+    /// Whether a successor may start beside the old process: not when they would contend
+    /// for an exclusive lock (the successor could never take it), then the old one stops first.
+    pub fn rolls_side_by_side(&self) -> bool {
+        self.program.locks.iter().all(|l| l.shared)
+    }
+
+    /// Whether the pool is as it should be: every wanted worker running (or given up on:
+    /// failed, exited, or crashing in backoff), nothing beyond the count, no rolling restart
+    /// under way. Control commands answer once their pools are settled.
+    pub fn settled(&self) -> bool {
+        let desired = self.desired();
+        if self.slots.len() < desired as usize {
+            return false;
+        }
+        let rolling = self.program.reload != ReloadMode::None;
+        self.slots.iter().all(|s| {
+            if s.retiring.is_some() {
+                return false;
+            }
+            if s.id >= desired || !s.enabled {
+                return !s.is_live();
+            }
+            match &s.state {
+                SlotState::Running { .. } => !rolling || s.generation == self.generation,
+                SlotState::Failed { .. } | SlotState::Exited { .. } => true,
+                SlotState::Backoff { .. } => s.crashes > 0,
+                _ => false,
+            }
+        })
     }
 }
 
@@ -53,6 +103,18 @@ pub enum Action {
     CancelBackoff { pool: usize, id: u32 },
     /// Drop the last slot of the pool: it is dead and beyond the desired count.
     Forget { pool: usize, id: u32 },
+    /// Rolling restart: start a successor beside the running process, which retires.
+    Roll { pool: usize, id: u32 },
+    /// Rolling restart where both would contend for a lock: stop, then start again.
+    Restart { pool: usize, id: u32 },
+    /// The successor is up: send the stop signal to the retiring process.
+    Retire { pool: usize, id: u32 },
+    /// SIGKILL the retiring process's group.
+    KillRetiring { pool: usize, id: u32 },
+    /// Not ready within `ready_timeout`: stop it; the start counts as a quick crash.
+    ReadyTimeout { pool: usize, id: u32 },
+    /// No `WATCHDOG=1` in time: SIGABRT, then SIGKILL after `stop_timeout`.
+    WatchdogMiss { pool: usize, id: u32 },
 }
 
 #[derive(Debug, Default, PartialEq)]
@@ -73,7 +135,75 @@ impl Plan {
 pub enum Phase {
     Running,
     /// Graceful stop: everything stops; past the deadline everything left is killed.
-    ShuttingDown { deadline: Instant },
+    ShuttingDown {
+        deadline: Instant,
+    },
+}
+
+fn pool_program(pools: &[Pool], p: usize) -> &Program {
+    &pools[p].program
+}
+
+/// The first program named in `pool`'s `after` that is not ready yet.
+pub fn waiting_for<'a>(pools: &'a [Pool], pool: &'a Pool) -> Option<&'a str> {
+    pool.program.after.iter().map(String::as_str).find(|dep| {
+        pools
+            .iter()
+            .any(|p| p.program.name == *dep && !p.removed && !p.ready())
+    })
+}
+
+/// Whether `pool` has settled for READY=1: settled itself, or held back by an `after`
+/// dependency that has settled without becoming ready (it failed), so that one broken
+/// program cannot hold the service in "activating".
+pub fn settled_for_ready(pools: &[Pool], pool: &Pool) -> bool {
+    pool.settled()
+        || waiting_for(pools, pool).is_some_and(|dep| {
+            pools
+                .iter()
+                .filter(|p| p.program.name == dep)
+                .all(|p| p.settled() || settled_for_ready(pools, p))
+        })
+}
+
+/// Whether a program that starts after `pool` still has processes: then `pool` must wait
+/// before stopping.
+fn dependents_live(pools: &[Pool], pool: &Pool) -> bool {
+    pools
+        .iter()
+        .any(|p| p.program.after.contains(&pool.program.name) && p.live() > 0)
+}
+
+/// One worker at a time: while a slot of the pool is mid-roll, nothing else starts rolling.
+fn plan_roll(plan: &mut Plan, p: usize, pool: &Pool, desired: u32) {
+    let mid_roll = pool.slots.iter().any(|s| {
+        let fresh = s.generation == pool.generation;
+        s.retiring.is_some()
+            || (s.restart_after_stop && matches!(s.state, SlotState::Stopping { .. }))
+            || (fresh && matches!(s.state, SlotState::Starting { .. }))
+            || (fresh && matches!(s.state, SlotState::Backoff { .. }) && s.crashes == 0)
+    });
+    if mid_roll {
+        return;
+    }
+    let stale = pool.slots.iter().find(|s| {
+        s.id < desired
+            && s.enabled
+            && s.generation != pool.generation
+            && matches!(
+                s.state,
+                SlotState::Running { .. } | SlotState::Starting { .. }
+            )
+    });
+    if let Some(s) = stale {
+        let side_by_side =
+            pool.rolls_side_by_side() && matches!(s.state, SlotState::Running { .. });
+        plan.actions.push(if side_by_side {
+            Action::Roll { pool: p, id: s.id }
+        } else {
+            Action::Restart { pool: p, id: s.id }
+        });
+    }
 }
 
 /// Compares the pools with what they should be at `now` and lists the actions to take.
@@ -82,24 +212,59 @@ pub fn plan(pools: &[Pool], phase: Phase, now: Instant) -> Plan {
     for (p, pool) in pools.iter().enumerate() {
         let desired = match phase {
             Phase::Running => pool.desired(),
+            // Reverse `after` order: a program stops once those that start after it are gone.
+            Phase::ShuttingDown { .. } if dependents_live(pools, pool) => {
+                pool.desired().max(pool.slots.len() as u32)
+            }
             Phase::ShuttingDown { .. } => 0,
         };
+        // `after`: nothing of this program is forked before its dependencies are ready.
+        let may_start = waiting_for(pools, pool).is_none();
+        let shutting_down = phase != Phase::Running;
         for slot in &pool.slots {
-            let wanted = slot.id < desired && slot.enabled;
+            let wanted = slot.id < desired && (slot.enabled || shutting_down);
             let (pool, id) = (p, slot.id);
             match &slot.state {
+                SlotState::Stopped | SlotState::Backoff { .. } if wanted && shutting_down => {}
+                SlotState::Stopped if wanted && !may_start => {}
                 SlotState::Stopped if wanted => plan.actions.push(Action::Spawn { pool, id }),
                 SlotState::Backoff { .. } if !wanted => {
                     plan.actions.push(Action::CancelBackoff { pool, id })
                 }
-                SlotState::Backoff { until } if *until <= now => {
+                SlotState::Backoff { until } if *until <= now && may_start => {
                     plan.actions.push(Action::Spawn { pool, id })
                 }
+                SlotState::Backoff { until } if *until <= now => {}
                 SlotState::Backoff { until } => plan.wake(*until),
                 SlotState::Starting { .. } | SlotState::Running { .. } if !wanted => {
                     plan.actions.push(Action::Stop { pool, id })
                 }
-                SlotState::Stopping { kill_at, killed: false, .. } => {
+                SlotState::Starting {
+                    since,
+                    wait: crate::slot::StartWait::Ready,
+                    ..
+                } => {
+                    let due = *since + pool_program(pools, pool).ready_timeout;
+                    if due <= now {
+                        plan.actions.push(Action::ReadyTimeout { pool, id });
+                    } else {
+                        plan.wake(due);
+                    }
+                }
+                SlotState::Running { .. } => {
+                    if let Some(due) = slot.watchdog_at {
+                        if due <= now {
+                            plan.actions.push(Action::WatchdogMiss { pool, id });
+                        } else {
+                            plan.wake(due);
+                        }
+                    }
+                }
+                SlotState::Stopping {
+                    kill_at,
+                    killed: false,
+                    ..
+                } => {
                     if *kill_at <= now {
                         plan.actions.push(Action::Kill { pool, id });
                     } else {
@@ -109,6 +274,29 @@ pub fn plan(pools: &[Pool], phase: Phase, now: Instant) -> Plan {
                 _ => {}
             }
         }
+        for slot in &pool.slots {
+            let Some(r) = &slot.retiring else { continue };
+            let (pool, id) = (p, slot.id);
+            match r.kill_at {
+                None => {
+                    let successor_done = !matches!(
+                        slot.state,
+                        SlotState::Starting { .. } | SlotState::Backoff { .. }
+                    );
+                    if successor_done || phase != Phase::Running {
+                        plan.actions.push(Action::Retire { pool, id });
+                    }
+                }
+                Some(t) if !r.killed && t <= now => {
+                    plan.actions.push(Action::KillRetiring { pool, id })
+                }
+                Some(t) if !r.killed => plan.wake(t),
+                Some(_) => {}
+            }
+        }
+        if phase == Phase::Running && pool.program.reload != ReloadMode::None {
+            plan_roll(&mut plan, p, pool, desired);
+        }
         // Trailing dead slots beyond the desired count go; the highest ids first.
         if phase == Phase::Running {
             for slot in pool.slots.iter().rev() {
@@ -116,11 +304,16 @@ pub fn plan(pools: &[Pool], phase: Phase, now: Instant) -> Plan {
                     break;
                 }
                 if !matches!(slot.state, SlotState::Backoff { .. }) {
-                    plan.actions.push(Action::Forget { pool: p, id: slot.id });
+                    plan.actions.push(Action::Forget {
+                        pool: p,
+                        id: slot.id,
+                    });
                 }
             }
-            for id in pool.slots.len() as u32..desired {
-                plan.actions.push(Action::Spawn { pool: p, id });
+            if may_start {
+                for id in pool.slots.len() as u32..desired {
+                    plan.actions.push(Action::Spawn { pool: p, id });
+                }
             }
         }
     }
@@ -129,8 +322,17 @@ pub fn plan(pools: &[Pool], phase: Phase, now: Instant) -> Plan {
             for (p, pool) in pools.iter().enumerate() {
                 for slot in &pool.slots {
                     let killed = matches!(slot.state, SlotState::Stopping { killed: true, .. });
-                    if slot.is_live() && !killed && !plan.actions.contains(&Action::Kill { pool: p, id: slot.id }) {
-                        plan.actions.push(Action::Kill { pool: p, id: slot.id });
+                    if slot.is_live()
+                        && !killed
+                        && !plan.actions.contains(&Action::Kill {
+                            pool: p,
+                            id: slot.id,
+                        })
+                    {
+                        plan.actions.push(Action::Kill {
+                            pool: p,
+                            id: slot.id,
+                        });
                     }
                 }
             }
@@ -170,7 +372,10 @@ mod tests {
     }
 
     fn running(pid: i32, since: Instant) -> SlotState {
-        SlotState::Running { pid: Pid::from_raw(pid), since }
+        SlotState::Running {
+            pid: Pid::from_raw(pid),
+            since,
+        }
     }
 
     #[test]
@@ -179,7 +384,11 @@ mod tests {
         let plan = plan(&[pool(3)], Phase::Running, now);
         assert_eq!(
             plan.actions,
-            vec![Spawn { pool: 0, id: 0 }, Spawn { pool: 0, id: 1 }, Spawn { pool: 0, id: 2 }]
+            vec![
+                Spawn { pool: 0, id: 0 },
+                Spawn { pool: 0, id: 1 },
+                Spawn { pool: 0, id: 2 }
+            ]
         );
         assert_eq!(plan.wake_at, None, "nothing to wait for: no timer");
     }
@@ -200,17 +409,49 @@ mod tests {
             (1, SlotState::Stopped, vec![Spawn { pool: 0, id: 0 }], None),
             (1, running(5, earlier), vec![], None),
             (1, SlotState::Backoff { until: later }, vec![], Some(later)),
-            (1, SlotState::Backoff { until: earlier }, vec![Spawn { pool: 0, id: 0 }], None),
-            (1, SlotState::Backoff { until: now }, vec![Spawn { pool: 0, id: 0 }], None),
+            (
+                1,
+                SlotState::Backoff { until: earlier },
+                vec![Spawn { pool: 0, id: 0 }],
+                None,
+            ),
+            (
+                1,
+                SlotState::Backoff { until: now },
+                vec![Spawn { pool: 0, id: 0 }],
+                None,
+            ),
             (1, stopping(later, false), vec![], Some(later)),
-            (1, stopping(earlier, false), vec![Kill { pool: 0, id: 0 }], None),
+            (
+                1,
+                stopping(earlier, false),
+                vec![Kill { pool: 0, id: 0 }],
+                None,
+            ),
             (1, stopping(earlier, true), vec![], None),
-            (1, SlotState::Exited { exit: Exit::Code(0) }, vec![], None),
+            (
+                1,
+                SlotState::Exited {
+                    exit: Exit::Code(0),
+                },
+                vec![],
+                None,
+            ),
             (1, SlotState::Failed { reason: "x".into() }, vec![], None),
             (0, running(5, earlier), vec![Stop { pool: 0, id: 0 }], None),
-            (0, SlotState::Backoff { until: later }, vec![CancelBackoff { pool: 0, id: 0 }], None),
+            (
+                0,
+                SlotState::Backoff { until: later },
+                vec![CancelBackoff { pool: 0, id: 0 }],
+                None,
+            ),
             (0, SlotState::Stopped, vec![Forget { pool: 0, id: 0 }], None),
-            (0, SlotState::Failed { reason: "x".into() }, vec![Forget { pool: 0, id: 0 }], None),
+            (
+                0,
+                SlotState::Failed { reason: "x".into() },
+                vec![Forget { pool: 0, id: 0 }],
+                None,
+            ),
         ];
         for (workers, state, actions, wake) in table {
             let p = with_states(workers, vec![state.clone()]);
@@ -226,7 +467,10 @@ mod tests {
         let mut p = with_states(4, (0..4).map(|i| running(100 + i, now)).collect());
         p.scale = Some(2);
         let got = plan(&[p], Phase::Running, now);
-        assert_eq!(got.actions, vec![Stop { pool: 0, id: 2 }, Stop { pool: 0, id: 3 }]);
+        assert_eq!(
+            got.actions,
+            vec![Stop { pool: 0, id: 2 }, Stop { pool: 0, id: 3 }]
+        );
     }
 
     #[test]
@@ -235,7 +479,10 @@ mod tests {
         let mut p = with_states(2, vec![running(1, now), running(2, now)]);
         p.scale = Some(4);
         let got = plan(&[p], Phase::Running, now);
-        assert_eq!(got.actions, vec![Spawn { pool: 0, id: 2 }, Spawn { pool: 0, id: 3 }]);
+        assert_eq!(
+            got.actions,
+            vec![Spawn { pool: 0, id: 2 }, Spawn { pool: 0, id: 3 }]
+        );
     }
 
     #[test]
@@ -254,7 +501,10 @@ mod tests {
         let mut p = with_states(2, vec![running(1, now), SlotState::Stopped]);
         p.removed = true;
         let got = plan(&[p], Phase::Running, now);
-        assert_eq!(got.actions, vec![Stop { pool: 0, id: 0 }]);
+        assert_eq!(
+            got.actions,
+            vec![Stop { pool: 0, id: 0 }, Forget { pool: 0, id: 1 }]
+        );
     }
 
     #[test]
@@ -263,17 +513,124 @@ mod tests {
         let deadline = now + ms(100);
         let p = with_states(
             3,
-            vec![running(1, now), SlotState::Backoff { until: now + ms(10) }, SlotState::Stopped],
+            vec![
+                running(1, now),
+                SlotState::Backoff {
+                    until: now + ms(10),
+                },
+                SlotState::Stopped,
+            ],
         );
-        let got = plan(&[p.clone()], Phase::ShuttingDown { deadline }, now);
-        assert_eq!(got.actions, vec![Stop { pool: 0, id: 0 }, CancelBackoff { pool: 0, id: 1 }]);
+        let got = plan(
+            std::slice::from_ref(&p),
+            Phase::ShuttingDown { deadline },
+            now,
+        );
+        assert_eq!(
+            got.actions,
+            vec![Stop { pool: 0, id: 0 }, CancelBackoff { pool: 0, id: 1 }]
+        );
         assert_eq!(got.wake_at, Some(deadline));
 
         let mut p = p;
         let far = now + Duration::from_secs(10);
-        p.slots[0].state = SlotState::Stopping { pid: Pid::from_raw(1), since: now, kill_at: far, killed: false };
+        p.slots[0].state = SlotState::Stopping {
+            pid: Pid::from_raw(1),
+            since: now,
+            kill_at: far,
+            killed: false,
+        };
+        p.slots[1].state = SlotState::Stopped;
         let got = plan(&[p], Phase::ShuttingDown { deadline }, deadline);
         assert_eq!(got.actions, vec![Kill { pool: 0, id: 0 }]);
+    }
+
+    #[test]
+    fn after_holds_spawns_until_dependencies_run_and_stops_in_reverse() {
+        let now = Instant::now();
+        let db = with_states(
+            1,
+            vec![SlotState::Starting {
+                pid: Pid::from_raw(1),
+                since: now,
+                wait: crate::slot::StartWait::Ready,
+            }],
+        );
+        let mut web = Pool::new(Arc::new({
+            let mut p = program("web", 1);
+            p.after = vec!["web-db".into()];
+            p
+        }));
+        web.slots.push(Slot::new(0));
+        let mut db = db;
+        db.program = Arc::new(program("web-db", 1));
+        let fresh = Pool::new(Arc::clone(&web.program));
+        let pools = vec![db.clone(), fresh];
+        let got = plan(&pools, Phase::Running, now);
+        assert!(
+            got.actions.is_empty(),
+            "a new pool waits too: {:?}",
+            got.actions
+        );
+        let pools = vec![db.clone(), web.clone()];
+        assert_eq!(waiting_for(&pools, &pools[1]), Some("web-db"));
+        let got = plan(&pools, Phase::Running, now);
+        assert!(
+            !got.actions.contains(&Spawn { pool: 1, id: 0 }),
+            "{:?}",
+            got.actions
+        );
+
+        db.slots[0].state = running(1, now);
+        let pools = vec![db.clone(), web.clone()];
+        assert_eq!(waiting_for(&pools, &pools[1]), None);
+        assert_eq!(
+            plan(&pools, Phase::Running, now).actions,
+            vec![Spawn { pool: 1, id: 0 }]
+        );
+
+        // Shutting down: web stops first; db waits until web is gone.
+        web.slots[0].state = running(2, now);
+        let pools = vec![db.clone(), web.clone()];
+        let deadline = now + Duration::from_secs(10);
+        let got = plan(&pools, Phase::ShuttingDown { deadline }, now);
+        assert_eq!(got.actions, vec![Stop { pool: 1, id: 0 }]);
+        web.slots[0].state = SlotState::Stopped;
+        let pools = vec![db, web];
+        let got = plan(&pools, Phase::ShuttingDown { deadline }, now);
+        assert_eq!(got.actions, vec![Stop { pool: 0, id: 0 }]);
+    }
+
+    #[test]
+    fn ready_timeout_and_watchdog_deadlines() {
+        let now = Instant::now();
+        let mut p = with_states(
+            1,
+            vec![SlotState::Starting {
+                pid: Pid::from_raw(1),
+                since: now,
+                wait: crate::slot::StartWait::Ready,
+            }],
+        );
+        let timeout = p.program.ready_timeout;
+        assert_eq!(
+            plan(&[p.clone()], Phase::Running, now).wake_at,
+            Some(now + timeout)
+        );
+        assert_eq!(
+            plan(&[p.clone()], Phase::Running, now + timeout).actions,
+            vec![ReadyTimeout { pool: 0, id: 0 }]
+        );
+        p.slots[0].state = running(1, now);
+        p.slots[0].watchdog_at = Some(now + ms(300));
+        assert_eq!(
+            plan(&[p.clone()], Phase::Running, now).wake_at,
+            Some(now + ms(300))
+        );
+        assert_eq!(
+            plan(&[p], Phase::Running, now + ms(300)).actions,
+            vec![WatchdogMiss { pool: 0, id: 0 }]
+        );
     }
 
     #[test]
@@ -281,11 +638,27 @@ mod tests {
         let prog = program("web", 1);
         let mut p = pool(1);
         let t0 = Instant::now();
-        assert_eq!(plan(&[p.clone()], Phase::Running, t0).actions, vec![Spawn { pool: 0, id: 0 }]);
+        assert_eq!(
+            plan(&[p.clone()], Phase::Running, t0).actions,
+            vec![Spawn { pool: 0, id: 0 }]
+        );
         p.slots.push(Slot::new(0));
-        p.slots[0].transition(Event::Spawned { pid: Pid::from_raw(9) }, &prog, t0);
+        p.slots[0].transition(
+            Event::Spawned {
+                pid: Pid::from_raw(9),
+            },
+            &prog,
+            t0,
+        );
         p.slots[0].transition(Event::Exec, &prog, t0);
-        p.slots[0].transition(Event::Exited { exit: Exit::Code(1), jitter: 0.0 }, &prog, t0 + ms(5));
+        p.slots[0].transition(
+            Event::Exited {
+                exit: Exit::Code(1),
+                jitter: 0.0,
+            },
+            &prog,
+            t0 + ms(5),
+        );
         let got = plan(&[p.clone()], Phase::Running, t0 + ms(5));
         assert_eq!(got.actions, vec![]);
         assert_eq!(got.wake_at, Some(t0 + ms(105)));

@@ -62,14 +62,32 @@ pub enum StartWait {
 pub enum SlotState {
     /// No process, none wanted yet (new slot, stopped by the operator, or after a stop).
     Stopped,
-    Starting { pid: Pid, since: Instant, wait: StartWait },
-    Running { pid: Pid, since: Instant },
-    Stopping { pid: Pid, since: Instant, kill_at: Instant, killed: bool },
-    Backoff { until: Instant },
+    Starting {
+        pid: Pid,
+        since: Instant,
+        wait: StartWait,
+    },
+    Running {
+        pid: Pid,
+        since: Instant,
+    },
+    Stopping {
+        pid: Pid,
+        since: Instant,
+        kill_at: Instant,
+        killed: bool,
+    },
+    Backoff {
+        until: Instant,
+    },
     /// Finished and not to be restarted.
-    Exited { exit: Exit },
+    Exited {
+        exit: Exit,
+    },
     /// Start limit hit, or the worker cannot be started at all.
-    Failed { reason: String },
+    Failed {
+        reason: String,
+    },
 }
 
 impl SlotState {
@@ -107,11 +125,26 @@ impl SlotState {
     }
 }
 
+/// The previous process of a slot during a rolling restart: it keeps serving until its
+/// successor is running, then it is stopped. `status` shows it as `stopping`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Retiring {
+    pub pid: Pid,
+    pub since: Instant,
+    /// Set once the stop signal was sent.
+    pub kill_at: Option<Instant>,
+    pub killed: bool,
+}
+
 /// One worker place of a program.
 #[derive(Debug, Clone)]
 pub struct Slot {
     pub id: u32,
     pub state: SlotState,
+    /// The pool's config generation the current process was spawned with.
+    pub generation: u64,
+    /// The process being replaced by a rolling restart.
+    pub retiring: Option<Retiring>,
     /// False once the operator stopped this worker; `start` sets it again.
     pub enabled: bool,
     /// Restarts since the master started (operator restarts excluded).
@@ -127,21 +160,47 @@ pub struct Slot {
     pub start_error: Option<String>,
     /// The worker's last `STATUS=` line.
     pub status: Option<String>,
+    /// When the worker's next `WATCHDOG=1` is due (`watchdog` set and running).
+    pub watchdog_at: Option<Instant>,
+    /// Why plumule is stopping this worker, when the stop is a failure of the worker's.
+    pub stop_reason: Option<StopReason>,
+}
+
+/// A stop that counts as a crash of the worker: it is restarted per its policy afterwards.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StopReason {
+    /// Not ready within `ready_timeout`: counts as a quick crash.
+    ReadyTimeout,
+    /// Missed its `WATCHDOG=1`.
+    Watchdog,
 }
 
 /// What happened to a slot, fed to [`Slot::transition`].
 #[derive(Debug, Clone, PartialEq)]
 pub enum Event {
-    Spawned { pid: Pid },
-    WaitingForLock { name: String },
+    Spawned {
+        pid: Pid,
+    },
+    WaitingForLock {
+        name: String,
+    },
     Exec,
     Ready,
+    /// `WATCHDOG=1` from the worker.
+    WatchdogPing,
     /// Begin a stop: the stop signal was sent, SIGKILL is due at `kill_at`.
-    Stop { kill_at: Instant },
+    Stop {
+        kill_at: Instant,
+    },
     Killed,
-    Exited { exit: Exit, jitter: f64 },
+    Exited {
+        exit: Exit,
+        jitter: f64,
+    },
     /// Cannot be started at all (command missing, bad cwd, …).
-    Fail { reason: String },
+    Fail {
+        reason: String,
+    },
     /// The operator's `start`: clear `failed`/`exited` and the start limit.
     Enable,
     /// The operator's `stop`.
@@ -155,6 +214,8 @@ impl Slot {
         Slot {
             id,
             state: SlotState::Stopped,
+            generation: 0,
+            retiring: None,
             enabled: true,
             restarts: 0,
             crashes: 0,
@@ -163,6 +224,8 @@ impl Slot {
             restart_after_stop: false,
             start_error: None,
             status: None,
+            watchdog_at: None,
+            stop_reason: None,
         }
     }
 
@@ -170,25 +233,32 @@ impl Slot {
         self.state.pid()
     }
 
-    /// Whether the slot has a process (alive or not yet reaped).
+    /// Whether the slot has a process (alive or not yet reaped), its retiring one included.
     pub fn is_live(&self) -> bool {
-        self.state.pid().is_some()
+        self.state.pid().is_some() || self.retiring.is_some()
     }
 
     /// One line of why, for `status`: lock waited for, restart delay, failure reason.
     pub fn detail(&self, now: Instant) -> Option<String> {
         match &self.state {
-            SlotState::Starting { wait: StartWait::Lock(name), .. } => {
-                Some(format!("waiting for lock {name}"))
-            }
-            SlotState::Starting { wait: StartWait::Ready, .. } => {
-                Some("waiting for READY=1".to_string())
-            }
+            SlotState::Starting {
+                wait: StartWait::Lock(name),
+                ..
+            } => Some(format!("waiting for lock {name}")),
+            SlotState::Starting {
+                wait: StartWait::Ready,
+                ..
+            } => Some("waiting for READY=1".to_string()),
             SlotState::Backoff { until } => Some(format!(
                 "restarting in {}",
                 crate::format_duration(until.saturating_duration_since(now))
             )),
             SlotState::Exited { exit } => Some(format!("finished: {exit}")),
+            SlotState::Stopping { .. } => match self.stop_reason {
+                Some(StopReason::ReadyTimeout) => Some("not ready within ready_timeout".into()),
+                Some(StopReason::Watchdog) => Some("missed its watchdog".into()),
+                None => None,
+            },
             SlotState::Failed { reason } => Some(reason.clone()),
             _ => None,
         }
@@ -201,7 +271,13 @@ impl Slot {
         let next = self.next_state(event, program, now);
         if let Some(next) = next {
             if next.name() != before {
-                log::debug!("{}.{}: {} -> {}", program.name, self.id, before, next.name());
+                log::debug!(
+                    "{}.{}: {} -> {}",
+                    program.name,
+                    self.id,
+                    before,
+                    next.name()
+                );
             }
             self.state = next;
         }
@@ -214,34 +290,94 @@ impl Slot {
                 self.starts.push_back(now);
                 self.start_error = None;
                 self.status = None;
-                Some(S::Starting { pid, since: now, wait: StartWait::Exec })
+                Some(S::Starting {
+                    pid,
+                    since: now,
+                    wait: StartWait::Exec,
+                })
             }
-            (Event::WaitingForLock { name }, S::Starting { pid, since, .. }) => {
-                Some(S::Starting { pid: *pid, since: *since, wait: StartWait::Lock(name) })
-            }
-            (Event::Exec, S::Starting { pid, since, .. }) => Some(match program.ready {
-                ReadyMode::Started => S::Running { pid: *pid, since: *since },
-                ReadyMode::Notify => S::Starting { pid: *pid, since: *since, wait: StartWait::Ready },
+            (Event::WaitingForLock { name }, S::Starting { pid, since, .. }) => Some(S::Starting {
+                pid: *pid,
+                since: *since,
+                wait: StartWait::Lock(name),
             }),
-            (Event::Ready, S::Starting { pid, since, wait: StartWait::Ready }) => {
-                Some(S::Running { pid: *pid, since: *since })
+            (Event::Exec, S::Starting { pid, since, .. }) => Some(match program.ready {
+                ReadyMode::Started => {
+                    self.watchdog_at = program.watchdog.map(|w| now + w);
+                    S::Running {
+                        pid: *pid,
+                        since: *since,
+                    }
+                }
+                ReadyMode::Notify => S::Starting {
+                    pid: *pid,
+                    since: *since,
+                    wait: StartWait::Ready,
+                },
+            }),
+            (
+                Event::Ready,
+                S::Starting {
+                    pid,
+                    since,
+                    wait: StartWait::Ready,
+                },
+            ) => {
+                self.watchdog_at = program.watchdog.map(|w| now + w);
+                Some(S::Running {
+                    pid: *pid,
+                    since: *since,
+                })
             }
-            (Event::Stop { kill_at }, S::Starting { pid, since, .. } | S::Running { pid, since }) => {
-                Some(S::Stopping { pid: *pid, since: *since, kill_at, killed: false })
+            (Event::WatchdogPing, S::Running { .. }) => {
+                self.watchdog_at = program.watchdog.map(|w| now + w);
+                None
             }
-            (Event::Killed, S::Stopping { pid, since, kill_at, .. }) => {
-                Some(S::Stopping { pid: *pid, since: *since, kill_at: *kill_at, killed: true })
-            }
-            (Event::Exited { exit, .. }, S::Stopping { .. }) => {
+            (
+                Event::Stop { kill_at },
+                S::Starting { pid, since, .. } | S::Running { pid, since },
+            ) => Some(S::Stopping {
+                pid: *pid,
+                since: *since,
+                kill_at,
+                killed: false,
+            }),
+            (
+                Event::Killed,
+                S::Stopping {
+                    pid,
+                    since,
+                    kill_at,
+                    ..
+                },
+            ) => Some(S::Stopping {
+                pid: *pid,
+                since: *since,
+                kill_at: *kill_at,
+                killed: true,
+            }),
+            (Event::Exited { exit, jitter }, S::Stopping { since, .. }) => {
                 self.last_exit = Some(exit);
+                self.watchdog_at = None;
+                if let Some(reason) = self.stop_reason.take() {
+                    let ran = match reason {
+                        StopReason::ReadyTimeout => Duration::ZERO,
+                        StopReason::Watchdog => now.saturating_duration_since(*since),
+                    };
+                    return Some(self.after_exit(exit, ran, jitter, program, now));
+                }
                 if std::mem::take(&mut self.restart_after_stop) && self.enabled {
                     Some(S::Backoff { until: now })
                 } else {
                     Some(S::Stopped)
                 }
             }
-            (Event::Exited { exit, jitter }, S::Starting { since, .. } | S::Running { since, .. }) => {
+            (
+                Event::Exited { exit, jitter },
+                S::Starting { since, .. } | S::Running { since, .. },
+            ) => {
                 self.last_exit = Some(exit);
+                self.watchdog_at = None;
                 let ran = now.saturating_duration_since(*since);
                 Some(self.after_exit(exit, ran, jitter, program, now))
             }
@@ -293,7 +429,11 @@ impl Slot {
             return SlotState::Exited { exit };
         }
         if let Some(limit) = program.start_limit {
-            while self.starts.front().is_some_and(|t| now.duration_since(*t) >= limit.interval) {
+            while self
+                .starts
+                .front()
+                .is_some_and(|t| now.duration_since(*t) >= limit.interval)
+            {
                 self.starts.pop_front();
             }
             if self.starts.len() >= limit.burst as usize {
@@ -312,7 +452,9 @@ impl Slot {
             self.crashes = self.crashes.saturating_add(1);
         }
         self.restarts = self.restarts.saturating_add(1);
-        SlotState::Backoff { until: now + backoff::delay(&program.backoff, self.crashes, jitter) }
+        SlotState::Backoff {
+            until: now + backoff::delay(&program.backoff, self.crashes, jitter),
+        }
     }
 }
 
@@ -346,20 +488,31 @@ pub(crate) mod tests {
     #[test]
     fn quick_crashes_back_off_geometrically_and_a_healthy_run_resets() {
         let mut p = program();
-        p.backoff = Backoff { initial: ms(100), max: ms(1000), multiplier: 2.0, jitter: 0.0 };
+        p.backoff = Backoff {
+            initial: ms(100),
+            max: ms(1000),
+            multiplier: 2.0,
+            jitter: 0.0,
+        };
         p.healthy_after = ms(1000);
         let mut slot = Slot::new(0);
         let mut t = Instant::now();
         let mut delays = vec![];
         for _ in 0..5 {
             let end = run_once(&mut slot, &p, t, ms(10), Exit::Code(1));
-            let SlotState::Backoff { until } = slot.state else { panic!("{:?}", slot.state) };
+            let SlotState::Backoff { until } = slot.state else {
+                panic!("{:?}", slot.state)
+            };
             delays.push(until - end);
             t = until;
         }
         assert_eq!(delays, vec![ms(100), ms(200), ms(400), ms(800), ms(1000)]);
         let end = run_once(&mut slot, &p, t, ms(5000), Exit::Code(1));
-        assert_eq!(slot.state, SlotState::Backoff { until: end }, "healthy run restarts at once");
+        assert_eq!(
+            slot.state,
+            SlotState::Backoff { until: end },
+            "healthy run restarts at once"
+        );
         assert_eq!(slot.crashes, 0);
         assert_eq!(slot.restarts, 6);
     }
@@ -371,12 +524,32 @@ pub(crate) mod tests {
             (RestartPolicy::Always, vec![0], Exit::Code(0), "backoff"),
             (RestartPolicy::Always, vec![0], Exit::Code(1), "backoff"),
             (RestartPolicy::Never, vec![0], Exit::Code(1), "exited"),
-            (RestartPolicy::Never, vec![0], Exit::Signal(Signal::SIGKILL), "exited"),
+            (
+                RestartPolicy::Never,
+                vec![0],
+                Exit::Signal(Signal::SIGKILL),
+                "exited",
+            ),
             (RestartPolicy::OnFailure, vec![0], Exit::Code(0), "exited"),
             (RestartPolicy::OnFailure, vec![0], Exit::Code(3), "backoff"),
-            (RestartPolicy::OnFailure, vec![0, 3], Exit::Code(3), "exited"),
-            (RestartPolicy::OnFailure, vec![0], Exit::Signal(Signal::SIGTERM), "backoff"),
-            (RestartPolicy::OnFailure, vec![0], Exit::Signal(Signal::SIGKILL), "backoff"),
+            (
+                RestartPolicy::OnFailure,
+                vec![0, 3],
+                Exit::Code(3),
+                "exited",
+            ),
+            (
+                RestartPolicy::OnFailure,
+                vec![0],
+                Exit::Signal(Signal::SIGTERM),
+                "backoff",
+            ),
+            (
+                RestartPolicy::OnFailure,
+                vec![0],
+                Exit::Signal(Signal::SIGKILL),
+                "backoff",
+            ),
         ];
         for (policy, codes, exit, expected) in table {
             let mut p = program();
@@ -396,10 +569,22 @@ pub(crate) mod tests {
         let mut slot = Slot::new(0);
         slot.transition(Event::Spawned { pid: pid(7) }, &p, t);
         slot.transition(Event::Exec, &p, t);
-        slot.transition(Event::Stop { kill_at: t + ms(10) }, &p, t);
-        assert!(matches!(slot.state, SlotState::Stopping { killed: false, .. }));
+        slot.transition(
+            Event::Stop {
+                kill_at: t + ms(10),
+            },
+            &p,
+            t,
+        );
+        assert!(matches!(
+            slot.state,
+            SlotState::Stopping { killed: false, .. }
+        ));
         slot.transition(Event::Killed, &p, t + ms(10));
-        assert!(matches!(slot.state, SlotState::Stopping { killed: true, .. }));
+        assert!(matches!(
+            slot.state,
+            SlotState::Stopping { killed: true, .. }
+        ));
         let exit = Exit::Signal(Signal::SIGKILL);
         slot.transition(Event::Exited { exit, jitter: 0.0 }, &p, t + ms(11));
         assert_eq!(slot.state, SlotState::Stopped);
@@ -415,8 +600,16 @@ pub(crate) mod tests {
     #[test]
     fn start_limit_counts_starts_in_the_window() {
         let mut p = program();
-        p.backoff = Backoff { initial: ms(1), max: ms(1), multiplier: 1.0, jitter: 0.0 };
-        p.start_limit = Some(StartLimit { burst: 3, interval: Duration::from_secs(60) });
+        p.backoff = Backoff {
+            initial: ms(1),
+            max: ms(1),
+            multiplier: 1.0,
+            jitter: 0.0,
+        };
+        p.start_limit = Some(StartLimit {
+            burst: 3,
+            interval: Duration::from_secs(60),
+        });
         let mut slot = Slot::new(0);
         let mut t = Instant::now();
         let mut names = vec![];
@@ -425,8 +618,13 @@ pub(crate) mod tests {
             names.push(slot.state.name());
         }
         assert_eq!(names, vec!["backoff", "backoff", "failed"]);
-        let SlotState::Failed { reason } = &slot.state else { unreachable!() };
-        assert!(reason.contains("start limit hit: 3 starts within 1m"), "{reason}");
+        let SlotState::Failed { reason } = &slot.state else {
+            unreachable!()
+        };
+        assert!(
+            reason.contains("start limit hit: 3 starts within 1m"),
+            "{reason}"
+        );
 
         // `start` clears it, and starts older than the window no longer count.
         slot.transition(Event::Enable, &p, t);
@@ -446,7 +644,14 @@ pub(crate) mod tests {
         let mut slot = Slot::new(0);
         slot.transition(Event::Spawned { pid: pid(9) }, &p, t);
         slot.start_error = Some("cannot change directory to /nope: No such file".into());
-        slot.transition(Event::Exited { exit: Exit::Code(127), jitter: 0.0 }, &p, t);
+        slot.transition(
+            Event::Exited {
+                exit: Exit::Code(127),
+                jitter: 0.0,
+            },
+            &p,
+            t,
+        );
         assert_eq!(slot.state.name(), "failed");
         assert!(slot.detail(t).unwrap().contains("/nope"));
     }
@@ -468,13 +673,95 @@ pub(crate) mod tests {
     }
 
     #[test]
+    fn ready_timeout_counts_as_a_quick_crash_and_watchdog_restarts() {
+        let mut p = program();
+        p.ready = ReadyMode::Notify;
+        p.watchdog = Some(ms(500));
+        p.healthy_after = ms(10);
+        p.backoff = Backoff {
+            initial: ms(100),
+            max: ms(1000),
+            multiplier: 2.0,
+            jitter: 0.0,
+        };
+        let t = Instant::now();
+        let mut slot = Slot::new(0);
+        slot.transition(Event::Spawned { pid: pid(3) }, &p, t);
+        slot.transition(Event::Exec, &p, t);
+        slot.stop_reason = Some(StopReason::ReadyTimeout);
+        slot.transition(
+            Event::Stop {
+                kill_at: t + ms(100),
+            },
+            &p,
+            t + ms(50),
+        );
+        assert_eq!(
+            slot.detail(t).as_deref(),
+            Some("not ready within ready_timeout")
+        );
+        slot.transition(
+            Event::Exited {
+                exit: Exit::Signal(Signal::SIGTERM),
+                jitter: 0.0,
+            },
+            &p,
+            t + ms(60),
+        );
+        assert_eq!(
+            slot.state,
+            SlotState::Backoff { until: t + ms(160) },
+            "quick crash: initial delay"
+        );
+        assert_eq!(slot.crashes, 1);
+
+        let t = t + ms(200);
+        slot.transition(Event::Spawned { pid: pid(4) }, &p, t);
+        slot.transition(Event::Exec, &p, t);
+        assert_eq!(slot.watchdog_at, None, "the watchdog starts at READY=1");
+        slot.transition(Event::Ready, &p, t);
+        assert_eq!(slot.watchdog_at, Some(t + ms(500)));
+        slot.transition(Event::WatchdogPing, &p, t + ms(400));
+        assert_eq!(slot.watchdog_at, Some(t + ms(900)));
+        slot.stop_reason = Some(StopReason::Watchdog);
+        slot.transition(
+            Event::Stop {
+                kill_at: t + ms(2000),
+            },
+            &p,
+            t + ms(900),
+        );
+        slot.transition(
+            Event::Exited {
+                exit: Exit::Signal(Signal::SIGABRT),
+                jitter: 0.0,
+            },
+            &p,
+            t + ms(901),
+        );
+        assert_eq!(
+            slot.state,
+            SlotState::Backoff { until: t + ms(901) },
+            "healthy run: at once"
+        );
+        assert_eq!(slot.watchdog_at, None);
+    }
+
+    #[test]
     fn late_events_are_ignored() {
         let p = program();
         let t = Instant::now();
         let mut slot = Slot::new(0);
         slot.transition(Event::Exec, &p, t);
         slot.transition(Event::Ready, &p, t);
-        slot.transition(Event::Exited { exit: Exit::Code(0), jitter: 0.0 }, &p, t);
+        slot.transition(
+            Event::Exited {
+                exit: Exit::Code(0),
+                jitter: 0.0,
+            },
+            &p,
+            t,
+        );
         assert_eq!(slot.state, SlotState::Stopped);
     }
 

@@ -45,7 +45,12 @@ pub struct Prepared {
 
 /// Prepares worker `id` of `program` (which runs `workers` workers). The error is the reason
 /// the worker cannot be started at all, as `status` will show it.
-pub fn prepare(program: &Program, id: u32, workers: u32, ctx: &Context) -> Result<Prepared, String> {
+pub fn prepare(
+    program: &Program,
+    id: u32,
+    workers: u32,
+    ctx: &Context,
+) -> Result<Prepared, String> {
     let env = environment(program, id, workers, ctx);
     let argv: Vec<String> = match &program.command {
         CommandSpec::Argv(argv) => argv.clone(),
@@ -58,17 +63,30 @@ pub fn prepare(program: &Program, id: u32, workers: u32, ctx: &Context) -> Resul
         .unwrap_or_else(|| DEFAULT_PATH.into());
     let exe = resolve(&argv[0], &path_var, program.cwd.as_deref())?;
 
-    let mut locks: Vec<(String, bool)> =
-        program.locks.iter().map(|l| (locks::expand(&l.name, id), l.shared)).collect();
+    let mut locks: Vec<(String, bool)> = program
+        .locks
+        .iter()
+        .map(|l| (locks::expand(&l.name, id), l.shared))
+        .collect();
     locks::acquisition_order(&mut locks);
     let lock_requests = locks
         .iter()
         .map(|(name, shared)| LockRequest {
-            path: cstring(locks::lock_path(&ctx.lock_dir, name).into_os_string().as_bytes()),
+            path: cstring(
+                locks::lock_path(&ctx.lock_dir, name)
+                    .into_os_string()
+                    .as_bytes(),
+            ),
             shared: *shared,
         })
         .collect();
 
+    let pid_vars = env
+        .iter()
+        .enumerate()
+        .filter(|(_, (k, _))| k == "WATCHDOG_PID" || k == "LISTEN_PID")
+        .map(|(i, _)| i)
+        .collect();
     let request = Request {
         program: cstring(exe.into_os_string().as_bytes()),
         argv: argv.into_iter().map(cstring).collect(),
@@ -81,7 +99,10 @@ pub fn prepare(program: &Program, id: u32, workers: u32, ctx: &Context) -> Resul
                 cstring(kv)
             })
             .collect(),
-        cwd: program.cwd.as_ref().map(|c| cstring(c.as_os_str().as_bytes())),
+        cwd: program
+            .cwd
+            .as_ref()
+            .map(|c| cstring(c.as_os_str().as_bytes())),
         umask: program.umask.map(|m| m as libc::mode_t),
         credentials: credentials(program)?,
         stdin: -1,
@@ -91,19 +112,28 @@ pub fn prepare(program: &Program, id: u32, workers: u32, ctx: &Context) -> Resul
         locks: lock_requests,
         lock_mode: ctx.lock_mode,
         nofile: ctx.nofile,
-        listen_pid_env: None,
+        pid_vars,
     };
-    Ok(Prepared { request, lock_names: locks.into_iter().map(|(n, _)| n).collect() })
+    Ok(Prepared {
+        request,
+        lock_names: locks.into_iter().map(|(n, _)| n).collect(),
+    })
 }
 
 /// The worker's environment, in a stable order.
-pub fn environment(program: &Program, id: u32, workers: u32, ctx: &Context) -> Vec<(OsString, OsString)> {
+pub fn environment(
+    program: &Program,
+    id: u32,
+    workers: u32,
+    ctx: &Context,
+) -> Vec<(OsString, OsString)> {
     let mut env: Vec<(OsString, OsString)> = Vec::new();
-    let mut set = |env: &mut Vec<(OsString, OsString)>, k: &OsStr, v: &OsStr| {
-        match env.iter_mut().find(|(key, _)| key == k) {
-            Some(entry) => entry.1 = v.to_os_string(),
-            None => env.push((k.to_os_string(), v.to_os_string())),
-        }
+    let set = |env: &mut Vec<(OsString, OsString)>, k: &OsStr, v: &OsStr| match env
+        .iter_mut()
+        .find(|(key, _)| key == k)
+    {
+        Some(entry) => entry.1 = v.to_os_string(),
+        None => env.push((k.to_os_string(), v.to_os_string())),
     };
     if program.inherit_env {
         for (k, v) in std::env::vars_os() {
@@ -128,16 +158,52 @@ pub fn environment(program: &Program, id: u32, workers: u32, ctx: &Context) -> V
     if let Some(sock) = &ctx.notify_socket {
         set(&mut env, "NOTIFY_SOCKET".as_ref(), sock.as_os_str());
     }
+    if !program.listen.is_empty() {
+        let names: Vec<&str> = program.listen.iter().map(|l| l.name.as_str()).collect();
+        set(
+            &mut env,
+            "LISTEN_FDS".as_ref(),
+            program.listen.len().to_string().as_ref(),
+        );
+        set(
+            &mut env,
+            "LISTEN_FDNAMES".as_ref(),
+            names.join(":").as_ref(),
+        );
+        // The worker's own pid, written by the child after fork.
+        set(&mut env, "LISTEN_PID".as_ref(), "0".as_ref());
+    }
+    if let Some(w) = program.watchdog {
+        set(
+            &mut env,
+            "WATCHDOG_USEC".as_ref(),
+            w.as_micros().to_string().as_ref(),
+        );
+        // The value is the worker's own pid, written by the child after fork.
+        set(&mut env, "WATCHDOG_PID".as_ref(), "0".as_ref());
+    }
     set(&mut env, "PLUMULE_PROGRAM".as_ref(), program.name.as_ref());
-    set(&mut env, "PLUMULE_WORKER_ID".as_ref(), id.to_string().as_ref());
-    set(&mut env, "PLUMULE_WORKERS".as_ref(), workers.to_string().as_ref());
+    set(
+        &mut env,
+        "PLUMULE_WORKER_ID".as_ref(),
+        id.to_string().as_ref(),
+    );
+    set(
+        &mut env,
+        "PLUMULE_WORKERS".as_ref(),
+        workers.to_string().as_ref(),
+    );
     env
 }
 
 fn own_user() -> (PathBuf, String, PathBuf) {
     match nix::unistd::User::from_uid(nix::unistd::geteuid()) {
         Ok(Some(u)) => (u.dir, u.name, u.shell),
-        _ => (PathBuf::from("/"), nix::unistd::geteuid().to_string(), PathBuf::from("/bin/sh")),
+        _ => (
+            PathBuf::from("/"),
+            nix::unistd::geteuid().to_string(),
+            PathBuf::from("/bin/sh"),
+        ),
     }
 }
 
@@ -165,7 +231,10 @@ pub fn resolve(name: &str, path_var: &OsStr, cwd: Option<&Path>) -> Result<PathB
             }
         }
     }
-    Err(format!("command not found: {name} (searched PATH={})", path_var.to_string_lossy()))
+    Err(format!(
+        "command not found: {name} (searched PATH={})",
+        path_var.to_string_lossy()
+    ))
 }
 
 /// The credentials to switch to, or None when the master already runs as them.
@@ -173,7 +242,11 @@ fn credentials(program: &Program) -> Result<Option<Credentials>, String> {
     let euid = nix::unistd::geteuid().as_raw();
     let egid = nix::unistd::getegid().as_raw();
     let uid = program.user.as_ref().map_or(euid, |u| u.uid);
-    let gid = program.group.as_ref().map(|g| g.gid).or(program.user.as_ref().map(|u| u.gid));
+    let gid = program
+        .group
+        .as_ref()
+        .map(|g| g.gid)
+        .or(program.user.as_ref().map(|u| u.gid));
     let gid = gid.unwrap_or(egid);
     if uid == euid && gid == egid && (program.user.is_none() || euid != 0) {
         return Ok(None);
@@ -198,7 +271,12 @@ mod tests {
     use crate::test_support::program;
 
     fn ctx() -> Context {
-        Context { lock_dir: "/run/x/locks".into(), lock_mode: 0o644, nofile: None, notify_socket: None }
+        Context {
+            lock_dir: "/run/x/locks".into(),
+            lock_mode: 0o644,
+            nofile: None,
+            notify_socket: None,
+        }
     }
 
     #[test]
@@ -206,10 +284,19 @@ mod tests {
         let found = resolve("sh", OsStr::new("/nonexistent:/bin:/usr/bin"), None).unwrap();
         assert!(found.ends_with("sh") && found.is_absolute(), "{found:?}");
         let err = resolve("no-such-command-xyz", OsStr::new("/bin"), None).unwrap_err();
-        assert!(err.contains("command not found: no-such-command-xyz"), "{err}");
+        assert!(
+            err.contains("command not found: no-such-command-xyz"),
+            "{err}"
+        );
         let err = resolve("/nonexistent/x", OsStr::new("/bin"), None).unwrap_err();
-        assert!(err.contains("/nonexistent/x") && err.contains("No such file"), "{err}");
-        let err = resolve("/etc/hostname", OsStr::new("/bin"), None).unwrap_err();
+        assert!(
+            err.contains("/nonexistent/x") && err.contains("No such file"),
+            "{err}"
+        );
+        let dir = tempfile::tempdir().unwrap();
+        let plain = dir.path().join("plain");
+        std::fs::write(&plain, "data").unwrap();
+        let err = resolve(plain.to_str().unwrap(), OsStr::new("/bin"), None).unwrap_err();
         assert!(err.contains("not executable"), "{err}");
     }
 
@@ -219,7 +306,11 @@ mod tests {
         p.inherit_env = false;
         p.env.insert("RUST_LOG".into(), "info".into());
         let env = environment(&p, 2, 3, &ctx());
-        let get = |k: &str| env.iter().find(|(key, _)| key == k).map(|(_, v)| v.to_str().unwrap().to_string());
+        let get = |k: &str| {
+            env.iter()
+                .find(|(key, _)| key == k)
+                .map(|(_, v)| v.to_str().unwrap().to_string())
+        };
         assert_eq!(get("PLUMULE_PROGRAM").as_deref(), Some("web"));
         assert_eq!(get("PLUMULE_WORKER_ID").as_deref(), Some("2"));
         assert_eq!(get("PLUMULE_WORKERS").as_deref(), Some("3"));
@@ -234,13 +325,27 @@ mod tests {
         let mut p = program("web", 1);
         p.command = CommandSpec::Shell("echo hi".into());
         p.locks = vec![
-            crate::config::LockSpec { name: "z-{worker}".into(), shared: false },
-            crate::config::LockSpec { name: "a".into(), shared: true },
+            crate::config::LockSpec {
+                name: "z-{worker}".into(),
+                shared: false,
+            },
+            crate::config::LockSpec {
+                name: "a".into(),
+                shared: true,
+            },
         ];
         let prep = prepare(&p, 4, 1, &ctx()).unwrap();
-        let argv: Vec<_> = prep.request.argv.iter().map(|a| a.to_str().unwrap()).collect();
+        let argv: Vec<_> = prep
+            .request
+            .argv
+            .iter()
+            .map(|a| a.to_str().unwrap())
+            .collect();
         assert_eq!(argv, ["/bin/sh", "-c", "echo hi"]);
         assert_eq!(prep.lock_names, ["a", "z-4"]);
-        assert_eq!(prep.request.locks[1].path.to_str().unwrap(), "/run/x/locks/z-4.lock");
+        assert_eq!(
+            prep.request.locks[1].path.to_str().unwrap(),
+            "/run/x/locks/z-4.lock"
+        );
     }
 }

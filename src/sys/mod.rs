@@ -1,6 +1,9 @@
 //! Every syscall wrapper and every `unsafe` block of plumule lives below this module.
 //! Each `unsafe` block carries a `// SAFETY:` line naming the invariant it relies on.
 
+pub mod alarm;
+pub mod listen;
+pub mod notify;
 pub mod pidfile;
 pub mod process;
 pub mod signals;
@@ -28,7 +31,10 @@ pub fn set_nonblocking(fd: RawFd) -> io::Result<()> {
 
 /// Opens /dev/null for reading and writing, close-on-exec.
 pub fn dev_null() -> io::Result<OwnedFd> {
-    let f = std::fs::OpenOptions::new().read(true).write(true).open("/dev/null")?;
+    let f = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/null")?;
     Ok(OwnedFd::from(f))
 }
 

@@ -26,7 +26,10 @@ impl Pidfile {
     /// Takes the lock on `dir/plumule.pid` without waiting and writes our pid into it.
     pub fn acquire(dir: &Path) -> Result<Pidfile, PidfileError> {
         let path = dir.join("plumule.pid");
-        let io_err = |source| PidfileError::Io { path: path.clone(), source };
+        let io_err = |source| PidfileError::Io {
+            path: path.clone(),
+            source,
+        };
         let mut file = OpenOptions::new()
             .read(true)
             .write(true)
@@ -43,7 +46,10 @@ impl Pidfile {
             }
             let mut text = String::new();
             let _ = file.read_to_string(&mut text);
-            return Err(PidfileError::Busy { pid: text.trim().parse().ok(), dir: dir.to_path_buf() });
+            return Err(PidfileError::Busy {
+                pid: text.trim().parse().ok(),
+                dir: dir.to_path_buf(),
+            });
         }
         file.set_len(0).map_err(io_err)?;
         file.rewind().map_err(io_err)?;

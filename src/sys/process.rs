@@ -23,7 +23,12 @@ pub fn reap_one(is_worker: impl Fn(Pid) -> bool) -> io::Result<Option<Reaped>> {
     let mut info: libc::siginfo_t = unsafe { std::mem::zeroed() };
     // SAFETY: `info` is a valid, writable siginfo_t.
     let r = unsafe {
-        libc::waitid(libc::P_ALL, 0, &mut info, libc::WEXITED | libc::WNOHANG | libc::WNOWAIT)
+        libc::waitid(
+            libc::P_ALL,
+            0,
+            &mut info,
+            libc::WEXITED | libc::WNOHANG | libc::WNOWAIT,
+        )
     };
     if r < 0 {
         let e = Errno::last();
@@ -98,7 +103,10 @@ pub fn become_subreaper() -> io::Result<()> {
 /// Raises the soft open-file limit to the hard one (the master holds pipes for every worker)
 /// and returns the original, which workers get back before exec.
 pub fn raise_nofile_limit() -> io::Result<libc::rlimit> {
-    let mut lim = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
     // SAFETY: `lim` is a valid rlimit to write into.
     if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) } < 0 {
         return Err(io::Error::last_os_error());

@@ -11,8 +11,13 @@ use std::sync::Arc;
 use nix::sys::signal::Signal;
 
 /// Signals the master handles, registered before the first spawn.
-pub const HANDLED: [Signal; 5] =
-    [Signal::SIGCHLD, Signal::SIGTERM, Signal::SIGINT, Signal::SIGHUP, Signal::SIGUSR1];
+pub const HANDLED: [Signal; 5] = [
+    Signal::SIGCHLD,
+    Signal::SIGTERM,
+    Signal::SIGINT,
+    Signal::SIGHUP,
+    Signal::SIGUSR1,
+];
 
 pub struct Signals {
     read: UnixStream,
@@ -31,7 +36,10 @@ impl Signals {
             let flag = Arc::new(AtomicBool::new(false));
             // The flag first: when the byte wakes the loop, the flag is already set.
             ids.push(signal_hook::flag::register(sig as i32, Arc::clone(&flag))?);
-            ids.push(signal_hook::low_level::pipe::register(sig as i32, write.try_clone()?)?);
+            ids.push(signal_hook::low_level::pipe::register(
+                sig as i32,
+                write.try_clone()?,
+            )?);
             flags.push((sig, flag));
         }
         Ok(Signals { read, flags, ids })
@@ -45,7 +53,8 @@ impl Signals {
     pub fn drain(&mut self) -> Vec<Signal> {
         let mut buf = [0u8; 256];
         while matches!(super::read_available(self.read.as_raw_fd(), &mut buf), Ok(Some(n)) if n > 0)
-        {}
+        {
+        }
         self.flags
             .iter()
             .filter(|(_, flag)| flag.swap(false, Ordering::SeqCst))

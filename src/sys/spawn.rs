@@ -49,8 +49,9 @@ pub struct Request {
     pub lock_mode: libc::mode_t,
     /// The open-file limit to restore before exec (the master raised its own).
     pub nofile: Option<libc::rlimit>,
-    /// Index into `env` of a `LISTEN_PID=` entry whose value the child replaces with its pid.
-    pub listen_pid_env: Option<usize>,
+    /// Indices into `env` of entries (`LISTEN_PID=`, `WATCHDOG_PID=`) whose value the child
+    /// replaces with its own pid, which is only known after fork.
+    pub pid_vars: Vec<usize>,
 }
 
 /// Where in the child a start failed.
@@ -133,26 +134,42 @@ pub fn spawn(req: &Request) -> io::Result<Child> {
     let master = nix::unistd::getpid().as_raw();
 
     // Everything the child touches is built here, before fork.
-    let argv: Vec<*const libc::c_char> =
-        req.argv.iter().map(|a| a.as_ptr()).chain(std::iter::once(std::ptr::null())).collect();
+    let argv: Vec<*const libc::c_char> = req
+        .argv
+        .iter()
+        .map(|a| a.as_ptr())
+        .chain(std::iter::once(std::ptr::null()))
+        .collect();
+    // Entries to complete with the child's pid get a buffer with room for the digits.
     let mut env_bufs: Vec<Vec<u8>> = Vec::new();
+    for &i in &req.pid_vars {
+        let Some(entry) = req.env.get(i) else {
+            continue;
+        };
+        let bytes = entry.as_bytes();
+        let key_len = bytes
+            .iter()
+            .position(|&b| b == b'=')
+            .map_or(bytes.len(), |p| p + 1);
+        let mut b = bytes[..key_len].to_vec();
+        b.resize(key_len + 11, 0);
+        env_bufs.push(b);
+    }
+    let mut pid_slots: Vec<(*mut u8, usize)> = Vec::new();
+    let mut bufs = env_bufs.iter_mut();
     let mut env: Vec<*const libc::c_char> = Vec::with_capacity(req.env.len() + 1);
     for (i, e) in req.env.iter().enumerate() {
-        if Some(i) == req.listen_pid_env {
-            // Room for "LISTEN_PID=" + 10 digits + NUL, filled in by the child.
-            let mut b = b"LISTEN_PID=".to_vec();
-            b.resize(b.len() + 11, 0);
-            env_bufs.push(b);
-            env.push(env_bufs.last().unwrap().as_ptr().cast());
-        } else {
-            env.push(e.as_ptr());
+        if req.pid_vars.contains(&i) {
+            if let Some(b) = bufs.next() {
+                let key_len = b.len() - 11;
+                pid_slots.push((b.as_mut_ptr(), key_len));
+                env.push(b.as_ptr().cast());
+                continue;
+            }
         }
+        env.push(e.as_ptr());
     }
     env.push(std::ptr::null());
-    let listen_pid_buf: Option<*mut u8> = req
-        .listen_pid_env
-        .and_then(|i| env.get(i).copied())
-        .map(|p| p.cast_mut().cast::<u8>());
 
     let mut sources: Vec<RawFd> = vec![req.stdin, req.stdout, req.stderr];
     sources.extend(&req.pass_fds);
@@ -178,7 +195,7 @@ pub fn spawn(req: &Request) -> io::Result<Child> {
             req,
             argv: &argv,
             env: &env,
-            listen_pid_buf,
+            pid_slots: &pid_slots,
             sources: &sources,
             scratch: &mut scratch,
             groups: groups.as_deref(),
@@ -197,14 +214,17 @@ pub fn spawn(req: &Request) -> io::Result<Child> {
     if pid < 0 {
         return Err(fork_err);
     }
-    Ok(Child { pid: Pid::from_raw(pid), status: status_r })
+    Ok(Child {
+        pid: Pid::from_raw(pid),
+        status: status_r,
+    })
 }
 
 struct ChildContext<'a> {
     req: &'a Request,
     argv: &'a [*const libc::c_char],
     env: &'a [*const libc::c_char],
-    listen_pid_buf: Option<*mut u8>,
+    pid_slots: &'a [(*mut u8, usize)],
     sources: &'a [RawFd],
     scratch: &'a mut [RawFd],
     groups: Option<&'a [libc::gid_t]>,
@@ -233,7 +253,13 @@ unsafe fn fail(status: RawFd, stage: Stage) -> ! {
 unsafe fn tie_to_master(master: libc::pid_t) {
     // SAFETY: plain integer arguments.
     unsafe {
-        libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM as libc::c_ulong, 0, 0, 0);
+        libc::prctl(
+            libc::PR_SET_PDEATHSIG,
+            libc::SIGTERM as libc::c_ulong,
+            0,
+            0,
+            0,
+        );
         if libc::getppid() != master {
             libc::_exit(0);
         }
@@ -280,14 +306,20 @@ unsafe fn child_after_fork(ctx: ChildContext<'_>) -> ! {
         }
         status = n - 1;
         libc::fcntl(status, libc::F_SETFD, libc::FD_CLOEXEC);
-        if libc::syscall(libc::SYS_close_range, n as libc::c_uint, libc::c_uint::MAX, 0) < 0 {
+        if libc::syscall(
+            libc::SYS_close_range,
+            n as libc::c_uint,
+            libc::c_uint::MAX,
+            0,
+        ) < 0
+        {
             for fd in n..4096 {
                 libc::close(fd);
             }
         }
 
-        if let Some(buf) = ctx.listen_pid_buf {
-            write_decimal(buf.add(b"LISTEN_PID=".len()), libc::getpid() as u32);
+        for &(buf, offset) in ctx.pid_slots {
+            write_decimal(buf.add(offset), libc::getpid() as u32);
         }
         if let Some(mask) = req.umask {
             libc::umask(mask);
@@ -326,8 +358,23 @@ unsafe fn child_after_fork(ctx: ChildContext<'_>) -> ! {
 unsafe fn take_lock(lock: &LockRequest, mode: libc::mode_t, index: u16, status: RawFd) {
     // SAFETY: async-signal-safe calls over a valid C string and a local stat buffer.
     unsafe {
-        let flags = libc::O_RDWR | libc::O_CREAT | libc::O_NOFOLLOW | libc::O_NOCTTY;
-        let fd = libc::open(lock.path.as_ptr(), flags, mode as libc::c_uint);
+        // Created here with exactly `mode`, whatever the umask, so that `plumule lock` run by
+        // another user (with `control_group`) can open it; an existing file keeps its mode.
+        // Read-only is enough for flock when read-write is refused.
+        let base = libc::O_NOFOLLOW | libc::O_NOCTTY;
+        let mut fd = libc::open(
+            lock.path.as_ptr(),
+            base | libc::O_RDWR | libc::O_CREAT | libc::O_EXCL,
+            mode as libc::c_uint,
+        );
+        if fd >= 0 {
+            libc::fchmod(fd, mode);
+        } else if *libc::__errno_location() == libc::EEXIST {
+            fd = libc::open(lock.path.as_ptr(), base | libc::O_RDWR);
+            if fd < 0 && *libc::__errno_location() == libc::EACCES {
+                fd = libc::open(lock.path.as_ptr(), base | libc::O_RDONLY);
+            }
+        }
         if fd < 0 {
             fail(status, Stage::Lock(index));
         }
@@ -336,7 +383,11 @@ unsafe fn take_lock(lock: &LockRequest, mode: libc::mode_t, index: u16, status: 
             *libc::__errno_location() = libc::EINVAL;
             fail(status, Stage::Lock(index));
         }
-        let op = if lock.shared { libc::LOCK_SH } else { libc::LOCK_EX };
+        let op = if lock.shared {
+            libc::LOCK_SH
+        } else {
+            libc::LOCK_EX
+        };
         if libc::flock(fd, op | libc::LOCK_NB) == 0 {
             return;
         }
@@ -408,16 +459,27 @@ mod tests {
             (KIND_FAIL, Stage::Credentials, libc::EPERM),
             (KIND_FAIL, Stage::Setup, libc::EMFILE),
         ] {
-            assert_eq!(decode(&encode(kind, stage, errno)), Some(Report::Failed { stage, errno }));
+            assert_eq!(
+                decode(&encode(kind, stage, errno)),
+                Some(Report::Failed { stage, errno })
+            );
         }
-        assert_eq!(decode(&encode(KIND_WAIT, Stage::Lock(3), 0)), Some(Report::WaitingForLock(3)));
+        assert_eq!(
+            decode(&encode(KIND_WAIT, Stage::Lock(3), 0)),
+            Some(Report::WaitingForLock(3))
+        );
         assert_eq!(decode(&[9, 0, 0, 0, 0, 0, 0, 0]), None);
     }
 
     #[test]
     fn decimal_formatting() {
         let mut buf = [0xffu8; 11];
-        for (v, s) in [(0u32, "0"), (7, "7"), (12345, "12345"), (u32::MAX, "4294967295")] {
+        for (v, s) in [
+            (0u32, "0"),
+            (7, "7"),
+            (12345, "12345"),
+            (u32::MAX, "4294967295"),
+        ] {
             // SAFETY: buf has 11 bytes.
             unsafe { write_decimal(buf.as_mut_ptr(), v) };
             let end = buf.iter().position(|&b| b == 0).unwrap();

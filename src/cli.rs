@@ -1,0 +1,370 @@
+//! The `plumule` command line (clap): the master (`run`), config checking, the client
+//! commands that talk to a running master, and `plumule lock`.
+//!
+//! Exit codes: 0 ok, 1 error (message on stderr), 2 usage, 3 another master owns the
+//! runtime dir (or, for `status`, a worker is `failed`).
+
+use std::ffi::OsString;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::{CommandFactory, Parser, Subcommand};
+
+use crate::client;
+use crate::config;
+use crate::protocol::{Request, Status};
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "plumule",
+    version,
+    about = "A multi-process daemon supervisor",
+    propagate_version = true
+)]
+pub struct Cli {
+    /// The config file (default: $PLUMULE_CONFIG, ./plumule.toml, /etc/plumule/plumule.toml)
+    #[arg(short = 'c', long = "config", global = true, value_name = "FILE")]
+    pub config: Option<PathBuf>,
+    /// The master's control socket (default: from the config's runtime dir, or $PLUMULE_SOCKET)
+    #[arg(long = "socket", global = true, value_name = "PATH")]
+    pub socket: Option<PathBuf>,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run the master in the foreground
+    Run,
+    /// Validate the config file and print the resolved programs and queues
+    Check,
+    /// One row per worker: state, pid, uptime, restarts, last exit
+    Status {
+        /// Only this program
+        program: Option<String>,
+        /// Machine-readable output
+        #[arg(long)]
+        json: bool,
+    },
+    /// Re-read the config file and apply what changed (like SIGHUP)
+    Reload,
+    /// Start a program or one worker (PROGRAM.ID); clears `failed`
+    Start { target: String },
+    /// Stop a program or one worker (PROGRAM.ID)
+    Stop { target: String },
+    /// Restart a program or one worker (PROGRAM.ID)
+    Restart { target: String },
+    /// Change the number of workers of a program at run time
+    Scale { program: String, workers: u32 },
+    /// Enqueue jobs (no payload: one job per line of stdin)
+    Submit {
+        queue: String,
+        #[arg(long)]
+        key: Option<String>,
+        #[arg(long)]
+        wait: bool,
+        payload: Vec<String>,
+    },
+    /// Queue counters; --dead lists dead letters
+    Queue {
+        queue: Option<String>,
+        #[arg(long)]
+        json: bool,
+        #[arg(long)]
+        dead: bool,
+    },
+    /// Put dead letters back in the queue
+    Requeue {
+        queue: String,
+        #[arg(long, conflicts_with = "ids")]
+        all: bool,
+        ids: Vec<String>,
+    },
+    /// Recent worker output kept by the master
+    Logs {
+        target: Option<String>,
+        #[arg(short = 'n', long = "lines", default_value_t = 50)]
+        lines: usize,
+        #[arg(short = 'f', long)]
+        follow: bool,
+    },
+    /// Shell completions
+    Completions { shell: clap_complete::Shell },
+    /// The man page (roff) on stdout
+    Man,
+    /// Run CMD holding the named file lock (like flock(1)); 75 when the lock is not taken
+    Lock {
+        name: String,
+        /// Take a shared (read) lock
+        #[arg(long)]
+        shared: bool,
+        /// Give up after this long ("5s", "250ms")
+        #[arg(long, value_name = "DUR", conflicts_with = "nonblock", value_parser = parse_duration)]
+        timeout: Option<Duration>,
+        /// Give up at once when the lock is held
+        #[arg(long)]
+        nonblock: bool,
+        #[arg(last = true, required = true, value_name = "CMD")]
+        cmd: Vec<OsString>,
+    },
+}
+
+fn parse_duration(s: &str) -> Result<Duration, String> {
+    humantime::parse_duration(s).map_err(|e| format!("{e} (write e.g. \"5s\" or \"250ms\")"))
+}
+
+/// Parses the arguments, runs the command, and returns the process exit code.
+pub fn main() -> i32 {
+    let cli = Cli::parse();
+    run(cli)
+}
+
+pub fn run(cli: Cli) -> i32 {
+    match cli.command {
+        Command::Run => run_master(cli.config),
+        Command::Check => check(cli.config),
+        Command::Completions { shell } => {
+            clap_complete::generate(
+                shell,
+                &mut Cli::command(),
+                "plumule",
+                &mut std::io::stdout(),
+            );
+            0
+        }
+        Command::Man => {
+            match clap_mangen::Man::new(Cli::command()).render(&mut std::io::stdout()) {
+                Ok(()) => 0,
+                Err(e) => fail(format!("cannot write the man page: {e}")),
+            }
+        }
+        Command::Lock {
+            name,
+            shared,
+            timeout,
+            nonblock,
+            cmd,
+        } => {
+            let lock_dir = lock_dir(cli.config);
+            let mode = if shared {
+                crate::locks::Mode::Shared
+            } else {
+                crate::locks::Mode::Exclusive
+            };
+            let wait = match (timeout, nonblock) {
+                (_, true) => crate::locks::Wait::NonBlock,
+                (Some(d), false) => crate::locks::Wait::Timeout(d),
+                (None, false) => crate::locks::Wait::Block,
+            };
+            crate::locks::run_locked(&lock_dir, &name, mode, wait, &cmd)
+        }
+        Command::Status { program, json } => {
+            let socket = cli.socket.as_deref();
+            let req = Request::Status { program };
+            client::run(socket, cli.config.as_deref(), req, |result| {
+                let Ok(status) = serde_json::from_value::<Status>(result.clone()) else {
+                    return fail("unreadable status from the master".into());
+                };
+                if json {
+                    println!("{result}");
+                } else {
+                    print!("{}", client::format_status(&status));
+                }
+                let failed = status
+                    .programs
+                    .iter()
+                    .flat_map(|p| &p.workers)
+                    .any(|w| w.state == "failed");
+                if failed {
+                    3
+                } else {
+                    0
+                }
+            })
+        }
+        Command::Reload => client::run(
+            cli.socket.as_deref(),
+            cli.config.as_deref(),
+            Request::Reload,
+            |result| {
+                let changes = result["changes"].as_array().cloned().unwrap_or_default();
+                if changes.is_empty() {
+                    println!("nothing changed");
+                }
+                for c in changes {
+                    println!("{}", c.as_str().unwrap_or_default());
+                }
+                0
+            },
+        ),
+        Command::Start { target } => simple(&cli.socket, &cli.config, Request::Start { target }),
+        Command::Stop { target } => simple(&cli.socket, &cli.config, Request::Stop { target }),
+        Command::Restart { target } => {
+            simple(&cli.socket, &cli.config, Request::Restart { target })
+        }
+        Command::Scale { program, workers } => simple(
+            &cli.socket,
+            &cli.config,
+            Request::Scale { program, workers },
+        ),
+        Command::Logs {
+            target,
+            lines,
+            follow,
+        } => {
+            let req = Request::Logs {
+                target,
+                lines,
+                follow,
+            };
+            if !follow {
+                return client::run(
+                    cli.socket.as_deref(),
+                    cli.config.as_deref(),
+                    req,
+                    |result| {
+                        client::print_log_lines(&result);
+                        0
+                    },
+                );
+            }
+            let socket = match client::socket_path(cli.socket.as_deref(), cli.config.as_deref()) {
+                Ok(s) => s,
+                Err(e) => return fail(e),
+            };
+            let mut code = 0;
+            let streamed = client::stream_answers(&socket, &req, |r| {
+                if let Some(e) = r.error {
+                    eprintln!("plumule: {e}");
+                    code = 1;
+                    return false;
+                }
+                client::print_log_lines(&r.result.unwrap_or_default());
+                true
+            });
+            match streamed {
+                Ok(()) => code,
+                Err(e) => fail(e),
+            }
+        }
+        other => fail(format!("`{}` is not supported yet", command_name(&other))),
+    }
+}
+
+/// A request whose success prints nothing.
+fn simple(socket: &Option<PathBuf>, config: &Option<PathBuf>, req: Request) -> i32 {
+    client::run(socket.as_deref(), config.as_deref(), req, |_| 0)
+}
+
+fn command_name(c: &Command) -> &'static str {
+    match c {
+        Command::Submit { .. } => "submit",
+        Command::Queue { .. } => "queue",
+        Command::Requeue { .. } => "requeue",
+        _ => "this command",
+    }
+}
+
+fn fail(message: String) -> i32 {
+    eprintln!("plumule: {message}");
+    1
+}
+
+fn load(cli_path: Option<PathBuf>) -> Result<config::Config, i32> {
+    let path = config::find_config_path(cli_path.as_deref());
+    config::load(&path).map_err(|e| fail(format!("invalid config:\n{e}")))
+}
+
+fn run_master(cli_path: Option<PathBuf>) -> i32 {
+    let config = match load(cli_path) {
+        Ok(c) => c,
+        Err(code) => return code,
+    };
+    crate::logging::init(config.log_level);
+    let master = match crate::master::Master::new(config) {
+        Ok(m) => m,
+        Err(e) => {
+            log::error!("{e}");
+            return e.exit_code();
+        }
+    };
+    match master.run() {
+        Ok(()) => 0,
+        Err(e) => {
+            log::error!("{e}");
+            e.exit_code()
+        }
+    }
+}
+
+fn check(cli_path: Option<PathBuf>) -> i32 {
+    let config = match load(cli_path) {
+        Ok(c) => c,
+        Err(code) => return code,
+    };
+    print!("{}", describe(&config));
+    0
+}
+
+/// The resolved config, as `check` prints it.
+pub fn describe(config: &config::Config) -> String {
+    use std::fmt::Write;
+    let mut out = String::new();
+    let _ = writeln!(out, "config      {}", config.path.display());
+    let _ = writeln!(out, "runtime_dir {}", config.runtime_dir.display());
+    let _ = writeln!(out, "state_dir   {}", config.state_dir.display());
+    let _ = writeln!(out, "lock_dir    {}", config.lock_dir.display());
+    let _ = writeln!(out, "programs    {}", config.programs.len());
+    for p in &config.programs {
+        let command = match &p.command {
+            config::CommandSpec::Argv(argv) => format!("{argv:?}"),
+            config::CommandSpec::Shell(line) => format!("/bin/sh -c {line:?}"),
+        };
+        let restart = match p.restart {
+            config::RestartPolicy::Always => "always",
+            config::RestartPolicy::OnFailure => "on-failure",
+            config::RestartPolicy::Never => "never",
+        };
+        let _ = writeln!(
+            out,
+            "  {:<16} workers={} restart={} stop={}/{} {}",
+            p.name,
+            p.workers,
+            restart,
+            crate::slot::signal_name(p.stop_signal),
+            crate::format_duration(p.stop_timeout),
+            command
+        );
+    }
+    let _ = writeln!(out, "queues      {}", config.queues.len());
+    for q in &config.queues {
+        let _ = writeln!(
+            out,
+            "  {:<16} protocol={:?} prefetch={} max_attempts={} route={:?}",
+            q.name, q.protocol, q.prefetch, q.max_attempts, q.route
+        );
+    }
+    out
+}
+
+/// Where `plumule lock` finds lock files: the config's `lock_dir` when a config file is
+/// found and valid, else the default for this user (so it works with no master and no file).
+fn lock_dir(cli_path: Option<PathBuf>) -> PathBuf {
+    let path = config::find_config_path(cli_path.as_deref());
+    if path.exists() {
+        match config::load(&path) {
+            Ok(c) => return c.lock_dir,
+            Err(e) => eprintln!("plumule: ignoring invalid config {}: {e}", path.display()),
+        }
+    }
+    // No file: the defaults of an empty config are this user's.
+    match config::parse(
+        "",
+        &std::env::current_dir()
+            .unwrap_or_default()
+            .join("plumule.toml"),
+    ) {
+        Ok(c) => c.lock_dir,
+        Err(_) => PathBuf::from("/run/plumule/locks"),
+    }
+}

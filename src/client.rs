@@ -1,0 +1,268 @@
+//! The client side of the control socket: finding it, sending one request, reading the
+//! answer, and printing it for people (tables) or scripts (`--json`).
+
+use std::io::{BufRead, BufReader, Write};
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+
+use crate::config;
+use crate::protocol::{Request, Response, Status, WorkerStatus};
+
+/// Finds the master's socket, first to last: `--socket`, `-c FILE`'s runtime dir,
+/// `$PLUMULE_SOCKET`, the config file found as usual.
+pub fn socket_path(socket: Option<&Path>, config_path: Option<&Path>) -> Result<PathBuf, String> {
+    if let Some(s) = socket {
+        return Ok(s.to_path_buf());
+    }
+    if config_path.is_none() {
+        if let Some(s) = std::env::var_os("PLUMULE_SOCKET") {
+            return Ok(PathBuf::from(s));
+        }
+    }
+    let path = config::find_config_path(config_path);
+    Ok(runtime_dir_of(&path)?.join("control.sock"))
+}
+
+/// The runtime dir a config file names, read leniently: a client must still reach the master
+/// when the file has just been edited into something invalid (that is what `reload` reports).
+fn runtime_dir_of(path: &Path) -> Result<PathBuf, String> {
+    let text = std::fs::read_to_string(path).map_err(|e| {
+        format!(
+            "cannot find the master's socket: cannot read {}: {e}",
+            path.display()
+        )
+    })?;
+    let folder = std::path::absolute(path)
+        .ok()
+        .and_then(|p| p.parent().map(Path::to_path_buf))
+        .unwrap_or_default();
+    let table: Option<toml::Table> = toml::from_str(&text).ok();
+    let named = table
+        .as_ref()
+        .and_then(|t| t.get("plumule"))
+        .and_then(|p| p.get("runtime_dir"))
+        .and_then(|v| v.as_str())
+        .map(|d| folder.join(d));
+    if let Some(dir) = named {
+        return Ok(dir);
+    }
+    // Unset: the same defaults as the master's, from an empty config beside the file.
+    config::parse("", &folder.join("plumule.toml"))
+        .map(|c| c.runtime_dir)
+        .map_err(|e| format!("cannot find the master's socket: {e}"))
+}
+
+/// Sends `req` and waits for its answer.
+pub fn call(socket: &Path, req: &Request) -> Result<Response, String> {
+    let mut answers = Vec::new();
+    stream_answers(socket, req, |r| {
+        answers.push(r);
+        false
+    })?;
+    answers
+        .pop()
+        .ok_or_else(|| "the master closed the connection without answering".into())
+}
+
+/// Sends `req` and hands every answer line to `on_answer` until it returns false or the
+/// master closes the connection (`logs --follow` streams many).
+pub fn stream_answers(
+    socket: &Path,
+    req: &Request,
+    mut on_answer: impl FnMut(Response) -> bool,
+) -> Result<(), String> {
+    let stream = UnixStream::connect(socket).map_err(|e| match e.kind() {
+        std::io::ErrorKind::NotFound | std::io::ErrorKind::ConnectionRefused => {
+            format!(
+                "no master is running here (nothing listens on {})",
+                socket.display()
+            )
+        }
+        _ => format!("cannot connect to {}: {e}", socket.display()),
+    })?;
+    let mut line = serde_json::to_vec(req).map_err(|e| e.to_string())?;
+    line.push(b'\n');
+    (&stream)
+        .write_all(&line)
+        .map_err(|e| format!("cannot send the request: {e}"))?;
+    let mut reader = BufReader::new(&stream);
+    loop {
+        let mut answer = String::new();
+        reader
+            .read_line(&mut answer)
+            .map_err(|e| format!("cannot read the answer: {e}"))?;
+        if answer.is_empty() {
+            return Ok(());
+        }
+        let response = serde_json::from_str(&answer)
+            .map_err(|e| format!("unreadable answer from the master: {e}"))?;
+        if !on_answer(response) {
+            return Ok(());
+        }
+    }
+}
+
+/// Prints `logs` lines as the master's log shows them: `TIME PROGRAM.ID: line`.
+pub fn print_log_lines(result: &serde_json::Value) {
+    let entries = serde_json::from_value::<Vec<crate::protocol::LogEntry>>(result["lines"].clone());
+    let Ok(entries) = entries else { return };
+    let mut out = std::io::stdout().lock();
+    for l in entries {
+        let _ = writeln!(out, "{} {}: {}", l.time, l.source, l.line);
+    }
+    let _ = out.flush();
+}
+
+/// Sends `req`; prints the error (exit 1) or hands the result to `on_ok`.
+pub fn run(
+    socket: Option<&Path>,
+    config_path: Option<&Path>,
+    req: Request,
+    on_ok: impl FnOnce(serde_json::Value) -> i32,
+) -> i32 {
+    let result = socket_path(socket, config_path).and_then(|s| call(&s, &req));
+    match result {
+        Ok(Response {
+            ok: true, result, ..
+        }) => on_ok(result.unwrap_or(serde_json::Value::Null)),
+        Ok(Response { error, .. }) => {
+            eprintln!(
+                "plumule: {}",
+                error.unwrap_or_else(|| "the master refused the request".into())
+            );
+            1
+        }
+        Err(message) => {
+            eprintln!("plumule: {message}");
+            1
+        }
+    }
+}
+
+fn uptime(seconds: Option<f64>) -> String {
+    match seconds {
+        None => "-".into(),
+        Some(s) => crate::format_duration(std::time::Duration::from_secs(s as u64)),
+    }
+}
+
+fn last_exit(w: &WorkerStatus) -> String {
+    match &w.last_exit {
+        None => "-".into(),
+        Some(crate::protocol::LastExit::Code { code }) => format!("exit {code}"),
+        Some(crate::protocol::LastExit::Signal { signal }) => format!("signal {signal}"),
+    }
+}
+
+/// The status table with its summary line.
+pub fn format_status(status: &Status) -> String {
+    let mut rows = vec![[
+        "PROGRAM".to_string(),
+        "ID".into(),
+        "PID".into(),
+        "STATE".into(),
+        "UPTIME".into(),
+        "RESTARTS".into(),
+        "LAST EXIT".into(),
+        "LOCKS".into(),
+        "JOBS".into(),
+        "DETAIL".into(),
+    ]];
+    let mut counts = std::collections::BTreeMap::<&str, usize>::new();
+    let mut total = 0;
+    for p in &status.programs {
+        for w in &p.workers {
+            total += 1;
+            *counts.entry(w.state.as_str()).or_default() += 1;
+            let detail = match (&w.detail, &w.status) {
+                (Some(d), Some(s)) => format!("{d}; {s}"),
+                (Some(d), None) => d.clone(),
+                (None, Some(s)) => s.clone(),
+                (None, None) => String::new(),
+            };
+            rows.push([
+                p.name.clone(),
+                w.id.to_string(),
+                w.pid.map_or("-".into(), |p| p.to_string()),
+                w.state.clone(),
+                uptime(w.uptime_s),
+                w.restarts.to_string(),
+                last_exit(w),
+                if w.locks.is_empty() {
+                    "-".into()
+                } else {
+                    w.locks.join(",")
+                },
+                w.in_flight.to_string(),
+                detail,
+            ]);
+        }
+    }
+    let mut widths = [0usize; 10];
+    for row in &rows {
+        for (i, cell) in row.iter().enumerate() {
+            widths[i] = widths[i].max(cell.chars().count());
+        }
+    }
+    let mut out = String::new();
+    for row in &rows {
+        let mut line = String::new();
+        for (i, cell) in row.iter().enumerate() {
+            if i == row.len() - 1 {
+                line.push_str(cell);
+            } else {
+                line.push_str(&format!("{cell:<w$}  ", w = widths[i]));
+            }
+        }
+        out.push_str(line.trim_end());
+        out.push('\n');
+    }
+    let summary: Vec<String> = counts.iter().map(|(s, n)| format!("{n} {s}")).collect();
+    out.push_str(&format!(
+        "{} program(s), {total} worker(s){}{}\n",
+        status.programs.len(),
+        if summary.is_empty() { "" } else { ": " },
+        summary.join(", ")
+    ));
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::protocol::{LastExit, ProgramStatus};
+
+    #[test]
+    fn status_table_has_a_row_per_worker_and_a_summary() {
+        let w = |id, state: &str, pid| WorkerStatus {
+            id,
+            pid,
+            state: state.into(),
+            detail: None,
+            uptime_s: pid.map(|_| 75.0),
+            restarts: 2,
+            last_exit: Some(LastExit::Code { code: 1 }),
+            locks: vec![],
+            in_flight: 0,
+            status: None,
+        };
+        let status = Status {
+            programs: vec![ProgramStatus {
+                name: "web".into(),
+                workers: vec![w(0, "running", Some(42)), w(1, "failed", None)],
+            }],
+        };
+        let text = format_status(&status);
+        let lines: Vec<&str> = text.lines().collect();
+        assert_eq!(lines.len(), 4, "{text}");
+        assert!(lines[0].starts_with("PROGRAM"));
+        assert!(
+            lines[1].contains("web")
+                && lines[1].contains("42")
+                && lines[1].contains("running")
+                && lines[1].contains("1m 15s")
+        );
+        assert!(lines[2].contains("failed") && lines[2].contains("exit 1"));
+        assert_eq!(lines[3], "1 program(s), 2 worker(s): 1 failed, 1 running");
+    }
+}

@@ -1,0 +1,487 @@
+//! Configuration: the TOML file as the user wrote it (`raw`: serde types that mirror SPEC §2,
+//! `deny_unknown_fields`) and the validated [`Config`] that the rest of plumule trusts.
+//!
+//! Invariants of a [`Config`]: every name is valid, every reference (`after`, `queue`) resolves,
+//! every path is absolute, every user and group exists, and `after` has no cycle.
+//!
+//! Reading a file is [`load`] (permission checks, then [`parse`]). A file that is not valid
+//! TOML or does not fit the schema's types yields its first error; a file that fits yields
+//! every validation problem at once. Each problem is located (`FILE:LINE:COL: KEY: message`),
+//! see [`ConfigError`].
+//!
+//! Value syntaxes, decided here:
+//! - durations are strings in humantime syntax ("250ms", "10s", "1h 30m"); a number is an
+//!   error that shows the string to write;
+//! - sizes are strings: a whole number and a unit among B, KB, MB, GB, TB (powers of 1000) and
+//!   KiB, MiB, GiB, TiB (powers of 1024), case ignored, optional space ("10MiB", "512 KB");
+//!   a number is an error, as for durations;
+//! - signals are names, case ignored, `SIG` prefix optional ("TERM", "SIGTERM", "term");
+//! - `umask` and a listen `mode` are strings of 1 to 4 octal digits ("022", "0660");
+//! - `stdout`/`stderr` files: no `max_size` means never rotate; `keep` (1 to 1000, default 5)
+//!   needs `max_size`;
+//! - `start_limit` sub-keys default to systemd's: `burst` 5, `interval` "10s";
+//! - `user` and `group` are names, or numeric ids that exist in the user/group database;
+//! - `env` may not set the variables plumule sets itself (`PLUMULE_*`, `NOTIFY_SOCKET`,
+//!   `LISTEN_*`, `WATCHDOG_*`);
+//! - limits: `workers` ≤ [`MAX_WORKERS`], `prefetch` ≤ 10 000, `max_frame` < 4 GiB (a frame
+//!   length is 4 bytes), exit codes 0 to 255.
+//!
+//! Relative paths (`runtime_dir`, `state_dir`, `lock_dir`, `cwd`, output files, a `unix:`
+//! address, and a command's program when it contains a slash) resolve against the folder of
+//! the file.
+
+mod locate;
+mod raw;
+mod validate;
+mod values;
+
+#[cfg(test)]
+mod tests;
+
+use std::collections::BTreeMap;
+use std::ffi::OsString;
+use std::fmt;
+use std::io;
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use nix::sys::signal::Signal;
+
+pub use locate::Location;
+
+/// A validated configuration.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Config {
+    /// The file it was read from (absolute).
+    pub path: PathBuf,
+    pub runtime_dir: PathBuf,
+    pub state_dir: PathBuf,
+    pub lock_dir: PathBuf,
+    pub control_group: Option<GroupSpec>,
+    pub metrics: Option<String>,
+    pub shutdown_timeout: Duration,
+    pub log_level: log::LevelFilter,
+    /// Sorted by name.
+    pub programs: Vec<Program>,
+    /// Sorted by name.
+    pub queues: Vec<Queue>,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct Program {
+    pub name: String,
+    pub command: CommandSpec,
+    pub workers: u32,
+    pub restart: RestartPolicy,
+    pub success_exit_codes: Vec<i32>,
+    pub healthy_after: Duration,
+    pub backoff: Backoff,
+    pub start_limit: Option<StartLimit>,
+    pub stop_signal: Signal,
+    pub stop_timeout: Duration,
+    pub reload: ReloadMode,
+    pub reload_signal: Signal,
+    pub env: BTreeMap<String, String>,
+    pub inherit_env: bool,
+    /// Absolute.
+    pub cwd: Option<PathBuf>,
+    pub user: Option<UserSpec>,
+    /// Explicit `group`, else the user's primary group when `user` is set.
+    pub group: Option<GroupSpec>,
+    pub umask: Option<u32>,
+    pub stdout: OutputSpec,
+    pub stderr: OutputSpec,
+    pub locks: Vec<LockSpec>,
+    pub ready: ReadyMode,
+    pub ready_timeout: Duration,
+    pub watchdog: Option<Duration>,
+    pub listen: Vec<ListenSpec>,
+    pub after: Vec<String>,
+    pub queue: Option<String>,
+}
+
+/// What to execute. A relative `argv[0]` with a slash has been made absolute against the config
+/// folder; a bare name is kept as written and looked up in PATH at spawn time.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum CommandSpec {
+    Argv(Vec<String>),
+    /// A plain string: run through `/bin/sh -c`.
+    Shell(String),
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RestartPolicy {
+    Always,
+    OnFailure,
+    Never,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Backoff {
+    pub initial: Duration,
+    pub max: Duration,
+    pub multiplier: f64,
+    pub jitter: f64,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct StartLimit {
+    pub burst: u32,
+    pub interval: Duration,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ReloadMode {
+    Restart,
+    Signal,
+    None,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct UserSpec {
+    pub name: String,
+    pub uid: u32,
+    /// The user's primary group.
+    pub gid: u32,
+    pub home: PathBuf,
+    pub shell: PathBuf,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct GroupSpec {
+    pub name: String,
+    pub gid: u32,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum OutputSpec {
+    Log,
+    Inherit,
+    Null,
+    File {
+        /// Absolute.
+        path: PathBuf,
+        /// None: never rotate.
+        max_size: Option<u64>,
+        /// How many rotated files to keep (FILE.1 .. FILE.keep).
+        keep: u32,
+    },
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LockSpec {
+    /// May contain `{worker}`; valid after expansion.
+    pub name: String,
+    pub shared: bool,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ReadyMode {
+    Started,
+    Notify,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ListenSpec {
+    pub address: ListenAddr,
+    /// LISTEN_FDNAMES entry; default the program's name.
+    pub name: String,
+    /// For `unix:` sockets.
+    pub mode: Option<u32>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub enum ListenAddr {
+    Tcp(std::net::SocketAddr),
+    /// Absolute.
+    Unix(PathBuf),
+    /// A socket passed to the master by systemd, by name.
+    Systemd(String),
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct Queue {
+    pub name: String,
+    pub durable: bool,
+    pub protocol: QueueProtocol,
+    pub prefetch: u32,
+    pub max_attempts: u32,
+    pub retry_backoff: Backoff,
+    pub route: Route,
+    pub max_pending: u64,
+    pub max_frame: u64,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum QueueProtocol {
+    Lines,
+    Frames,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Route {
+    LeastLoaded,
+    RoundRobin,
+    Key,
+}
+
+impl Config {
+    pub fn program(&self, name: &str) -> Option<&Program> {
+        self.programs.iter().find(|p| p.name == name)
+    }
+}
+
+/// The most workers one program may have: a typo such as `workers = 40000` must not fork the
+/// machine to death.
+pub const MAX_WORKERS: u32 = 10_000;
+
+/// A key whose feature is not built yet. A file that sets it is refused ("`after` is not
+/// supported yet") rather than silently half-obeyed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Unsupported {
+    /// A dotted key path; `*` matches any one key (a program or queue name).
+    pub key: &'static str,
+    /// Refused only when set to this string; `None`: whatever the value.
+    pub value: Option<&'static str>,
+}
+
+/// Keys whose feature is not built yet. Shipping a feature removes its line.
+pub const UNSUPPORTED: &[Unsupported] = &[
+    Unsupported {
+        key: "plumule.metrics",
+        value: None,
+    },
+    Unsupported {
+        key: "queue.*",
+        value: None,
+    },
+    Unsupported {
+        key: "program.*.queue",
+        value: None,
+    },
+];
+
+/// The entry of [`UNSUPPORTED`] that a key set in a file falls under, if any. `path` is the
+/// key's full path (`["program", "web", "after"]`), `value` its value when it is a string.
+pub fn unsupported(path: &[&str], value: Option<&str>) -> Option<&'static Unsupported> {
+    find_unsupported(UNSUPPORTED, path, value)
+}
+
+fn find_unsupported<'a>(
+    list: &'a [Unsupported],
+    path: &[&str],
+    value: Option<&str>,
+) -> Option<&'a Unsupported> {
+    list.iter().find(|u| {
+        let pattern: Vec<&str> = u.key.split('.').collect();
+        pattern.len() == path.len()
+            && pattern.iter().zip(path).all(|(p, k)| *p == "*" || p == k)
+            && u.value.is_none_or(|v| value == Some(v))
+    })
+}
+
+impl Unsupported {
+    /// How a message names it: the last key that is not a wildcard, with the value if any
+    /// (`after`, `queue`, `ready = "notify"`).
+    fn label(&self) -> String {
+        let key = self.key.rsplit('.').find(|k| *k != "*").unwrap_or(self.key);
+        match self.value {
+            Some(v) => format!("{key} = \"{v}\""),
+            None => key.to_owned(),
+        }
+    }
+}
+
+/// Why a configuration file was refused: one or more problems, each located when possible.
+///
+/// Displayed one problem per line, as `FILE:LINE:COL: KEY: message`, e.g.
+/// `/etc/plumule/plumule.toml:7:1: program.web.worker: unknown key `worker`, did you mean
+/// `workers`?`. The line and column, or the key, are left out when unknown (a file that cannot
+/// be read has neither).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConfigError {
+    /// The file (absolute).
+    pub path: PathBuf,
+    /// Sorted by location; never empty.
+    pub problems: Vec<Problem>,
+}
+
+/// One problem with a configuration file.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Problem {
+    pub location: Option<Location>,
+    /// The dotted key path, e.g. `program.web.backoff.initial`.
+    pub key: Option<String>,
+    pub message: String,
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for (i, problem) in self.problems.iter().enumerate() {
+            if i > 0 {
+                writeln!(f)?;
+            }
+            write!(f, "{}", self.path.display())?;
+            if let Some(Location { line, column }) = problem.location {
+                write!(f, ":{line}:{column}")?;
+            }
+            if let Some(key) = &problem.key {
+                write!(f, ": {key}")?;
+            }
+            write!(f, ": {}", problem.message)?;
+        }
+        Ok(())
+    }
+}
+
+impl std::error::Error for ConfigError {}
+
+impl ConfigError {
+    fn whole_file(path: &Path, message: String) -> Self {
+        ConfigError {
+            path: path.to_path_buf(),
+            problems: vec![Problem {
+                location: None,
+                key: None,
+                message,
+            }],
+        }
+    }
+}
+
+/// A problem before it is located: the byte span of the file it concerns.
+#[derive(Debug)]
+struct Pending {
+    span: Option<std::ops::Range<usize>>,
+    key: Option<String>,
+    message: String,
+}
+
+/// What parsing needs from the process, injectable so that tests need not change the real
+/// environment.
+struct Host<'a> {
+    var: &'a dyn Fn(&str) -> Option<OsString>,
+    euid: u32,
+}
+
+/// The configuration file to use: `cli` (`-c/--config`), else `$PLUMULE_CONFIG`, else
+/// `./plumule.toml` when it exists, else `/etc/plumule/plumule.toml`.
+pub fn find_config_path(cli: Option<&Path>) -> PathBuf {
+    choose_config_path(
+        cli,
+        std::env::var_os("PLUMULE_CONFIG"),
+        Path::new("plumule.toml").exists(),
+    )
+}
+
+fn choose_config_path(cli: Option<&Path>, env: Option<OsString>, local: bool) -> PathBuf {
+    if let Some(path) = cli {
+        path.to_path_buf()
+    } else if let Some(path) = env.filter(|p| !p.is_empty()) {
+        PathBuf::from(path)
+    } else if local {
+        PathBuf::from("plumule.toml")
+    } else {
+        PathBuf::from("/etc/plumule/plumule.toml")
+    }
+}
+
+/// Reads, checks and validates the configuration file at `path`.
+///
+/// Like sshd, refuses a file that someone other than its owner could have written: one that is
+/// writable by its group or by others, or owned by a user other than root and the current
+/// effective user. The checks apply to the file opened (symbolic links followed).
+pub fn load(path: &Path) -> Result<Config, ConfigError> {
+    let path = absolute(path);
+    let fail = |message: String| ConfigError::whole_file(&path, message);
+    let read = || -> io::Result<(std::fs::Metadata, String)> {
+        let mut file = std::fs::File::open(&path)?;
+        // Checked on the open file, so the file judged is the file read.
+        let metadata = file.metadata()?;
+        let mut text = String::new();
+        if metadata.is_file() {
+            io::Read::read_to_string(&mut file, &mut text)?;
+        }
+        Ok((metadata, text))
+    };
+    let (metadata, text) =
+        read().map_err(|e| fail(format!("cannot read the configuration file: {e}")))?;
+    if !metadata.is_file() {
+        return Err(fail("not a regular file".to_owned()));
+    }
+    check_ownership(&metadata, nix::unistd::geteuid().as_raw()).map_err(fail)?;
+    parse(&text, &path)
+}
+
+/// The sshd rule: only the file's owner may be able to write it, and the owner must be root or
+/// us, since whoever can write the file chooses what plumule runs (possibly as root).
+fn check_ownership(metadata: &std::fs::Metadata, euid: u32) -> Result<(), String> {
+    let mode = metadata.mode();
+    let writers = match (mode & 0o020 != 0, mode & 0o002 != 0) {
+        (true, true) => Some("its group and by others"),
+        (true, false) => Some("its group"),
+        (false, true) => Some("others"),
+        (false, false) => None,
+    };
+    if let Some(writers) = writers {
+        return Err(format!(
+            "refusing a configuration file writable by {writers} (mode {:04o}): whoever can \
+             write it chooses what plumule runs; run `chmod go-w` on it",
+            mode & 0o7777
+        ));
+    }
+    let owner = metadata.uid();
+    if owner != 0 && owner != euid {
+        return Err(format!(
+            "refusing a configuration file owned by uid {owner}, neither root nor the current \
+             user (uid {euid}): its owner chooses what plumule runs; `chown` it"
+        ));
+    }
+    Ok(())
+}
+
+/// Validates `text`, the content of the file at `path`, into a [`Config`]. Does no permission
+/// checks (see [`load`]). `path` names the file in messages, and its folder is where relative
+/// paths resolve. Users and groups are looked up on this system; default folders come from the
+/// environment (SPEC §2).
+pub fn parse(text: &str, path: &Path) -> Result<Config, ConfigError> {
+    let var = |name: &str| std::env::var_os(name);
+    let host = Host {
+        var: &var,
+        euid: nix::unistd::geteuid().as_raw(),
+    };
+    parse_with(text, path, &host, UNSUPPORTED)
+}
+
+/// [`parse`] with the process's environment and the list of unsupported keys as parameters.
+fn parse_with(
+    text: &str,
+    path: &Path,
+    host: &Host,
+    unsupported: &[Unsupported],
+) -> Result<Config, ConfigError> {
+    let path = absolute(path);
+    let source = locate::Source::new(text);
+    let pending = match toml::from_str::<raw::RawFile>(text) {
+        Ok(raw) => match validate::validate(&raw, &source, &path, host, unsupported) {
+            Ok(config) => return Ok(config),
+            Err(pending) => pending,
+        },
+        Err(error) => vec![locate::toml_error(&error, &source)],
+    };
+    let mut problems: Vec<Problem> = pending
+        .into_iter()
+        .map(|p| Problem {
+            location: p.span.map(|s| source.location(s.start)),
+            key: p.key,
+            message: p.message,
+        })
+        .collect();
+    problems.sort_by_key(|p| (p.location.is_none(), p.location));
+    Err(ConfigError { path, problems })
+}
+
+fn absolute(path: &Path) -> PathBuf {
+    std::path::absolute(path).unwrap_or_else(|_| path.to_path_buf())
+}

@@ -1,0 +1,1210 @@
+//! Whole-file tests: malformed files and the located messages they get, the SPEC §2 example,
+//! the SPEC §9 defaults, path resolution and default folders.
+
+use std::ffi::OsString;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use nix::sys::signal::Signal;
+
+use super::*;
+
+const FILE: &str = "/etc/plumule/plumule.toml";
+
+/// An environment with only `vars`, as root.
+fn host_parse(
+    text: &str,
+    vars: &[(&str, &str)],
+    euid: u32,
+    unsupported: &[Unsupported],
+) -> Result<Config, ConfigError> {
+    let var = |name: &str| {
+        vars.iter()
+            .find(|(k, _)| *k == name)
+            .map(|(_, v)| OsString::from(v))
+    };
+    let host = Host { var: &var, euid };
+    parse_with(text, Path::new(FILE), &host, unsupported)
+}
+
+/// Parses with today's list of unsupported keys.
+fn parse_now(text: &str) -> Result<Config, ConfigError> {
+    host_parse(text, &[], 0, UNSUPPORTED)
+}
+
+/// Parses the whole schema, as if every feature were built.
+fn parse_all(text: &str) -> Result<Config, ConfigError> {
+    host_parse(text, &[], 0, &[])
+}
+
+fn ok(text: &str) -> Config {
+    parse_all(text).unwrap_or_else(|e| panic!("expected a valid config, got:\n{e}"))
+}
+
+/// The error's lines, for a file that must be refused with today's list.
+fn problems(text: &str) -> Vec<String> {
+    match parse_now(text) {
+        Ok(_) => panic!("expected an error for:\n{text}"),
+        Err(e) => e.to_string().lines().map(str::to_owned).collect(),
+    }
+}
+
+/// The single problem of a file that must be refused.
+fn problem(text: &str) -> String {
+    let all = problems(text);
+    assert_eq!(all.len(), 1, "expected one problem, got {all:#?}");
+    all.into_iter().next().unwrap()
+}
+
+fn line(rest: &str) -> String {
+    format!("{FILE}:{rest}")
+}
+
+const WEB: &str = "[program.web]\ncommand = [\"/usr/bin/web\"]\n";
+
+// ---- Malformed files: each with its located message. ----
+
+#[test]
+fn unknown_key_suggests_the_close_one() {
+    let text = format!("{WEB}worker = 4\n");
+    assert_eq!(
+        problem(&text),
+        line("3:1: program.web.worker: unknown key `worker`, did you mean `workers`?")
+    );
+}
+
+#[test]
+fn unknown_key_without_a_close_one_lists_the_keys() {
+    let text = "[plumule]\nfrobnicate = true\n";
+    let p = problem(text);
+    assert!(
+        p.starts_with(&line(
+            "2:1: plumule.frobnicate: unknown key `frobnicate`; expected one of `runtime_dir`"
+        )),
+        "{p}"
+    );
+}
+
+#[test]
+fn unknown_table_suggests_the_close_one() {
+    let text = "[programs.web]\ncommand = \"x\"\n";
+    assert_eq!(
+        problem(text),
+        line("1:2: programs: unknown key `programs`, did you mean `program`?")
+    );
+}
+
+#[test]
+fn unknown_key_in_an_inline_table() {
+    let text = format!("{WEB}backoff = {{ initail = \"1s\" }}\n");
+    assert_eq!(
+        problem(&text),
+        line("3:13: program.web.backoff.initail: unknown key `initail`, did you mean `initial`?")
+    );
+}
+
+#[test]
+fn wrong_type_names_the_key() {
+    let text = format!("{WEB}workers = \"4\"\n");
+    assert_eq!(
+        problem(&text),
+        line("3:11: program.web.workers: invalid type: string \"4\", expected an integer")
+    );
+}
+
+#[test]
+fn wrong_type_inside_an_array() {
+    let text = "[program.web]\ncommand = [\"/bin/x\", 5]\n";
+    assert_eq!(
+        problem(text),
+        line("2:22: program.web.command: invalid type: integer `5`, expected a string")
+    );
+}
+
+#[test]
+fn table_where_a_value_belongs() {
+    let text = format!("{WEB}healthy_after.seconds = 5\n");
+    assert_eq!(
+        problem(&text),
+        line("3:15: program.web.healthy_after: invalid type: table, expected a value")
+    );
+    let text = format!("{WEB}[program.web.command]\nx = 1\n");
+    let p = problem(&text);
+    // toml itself refuses a second definition of `command`.
+    assert!(p.starts_with(&line("3:1: program.web.command: ")), "{p}");
+}
+
+#[test]
+fn bare_number_duration_suggests_the_string() {
+    let text = format!("{WEB}backoff = {{ initial = 5 }}\n");
+    assert_eq!(
+        problem(&text),
+        line(
+            "3:23: program.web.backoff.initial: expected a duration string like \"5s\", \
+             found the number 5; write \"5s\""
+        )
+    );
+}
+
+#[test]
+fn bad_duration_string() {
+    let text = "[plumule]\nshutdown_timeout = \"30 fortnights\"\n";
+    let p = problem(text);
+    assert!(
+        p.starts_with(&line(
+            "2:20: plumule.shutdown_timeout: invalid duration \"30 fortnights\""
+        )),
+        "{p}"
+    );
+}
+
+#[test]
+fn bad_size() {
+    let text = format!("{WEB}stdout = {{ file = \"out.log\", max_size = \"10 MB s\" }}\n");
+    assert_eq!(
+        problem(&text),
+        line(
+            "3:41: program.web.stdout.max_size: invalid size \"10 MB s\"; write it like \
+             \"10MiB\" (units: B, KB, MB, GB, TB, KiB, MiB, GiB, TiB)"
+        )
+    );
+}
+
+#[test]
+fn unknown_signal_suggests_the_close_one() {
+    let text = format!("{WEB}stop_signal = \"TREM\"\n");
+    assert_eq!(
+        problem(&text),
+        line("3:15: program.web.stop_signal: unknown signal `TREM`, did you mean `TERM`?")
+    );
+}
+
+#[test]
+fn duplicate_program_is_refused_at_its_second_header() {
+    let text = format!("{WEB}[program.db]\ncommand = \"db\"\n{WEB}");
+    let p = problem(&text);
+    assert!(
+        p.starts_with(&line(
+            "5:1: program.web: invalid table header; duplicate key `web`"
+        )),
+        "{p}"
+    );
+}
+
+#[test]
+fn bad_program_name() {
+    let text = "[program.\"web.1\"]\ncommand = \"x\"\n";
+    assert_eq!(
+        problem(text),
+        line(
+            "1:10: program.\"web.1\": invalid program name `web.1`: use 1 to 64 characters \
+             among A-Z a-z 0-9 _ -"
+        )
+    );
+}
+
+#[test]
+fn bad_lock_names() {
+    let text =
+        format!("{WEB}locks = [\".hidden\", {{ name = \"db/{{worker}}\" }}, \"x-{{id}}\"]\n");
+    assert_eq!(
+        problems(&text),
+        [
+            line(
+                "3:10: program.web.locks: invalid lock name `.hidden`: use 1 to 100 characters \
+                 among A-Z a-z 0-9 . _ -, not starting with a dot"
+            ),
+            line(
+                "3:30: program.web.locks: invalid lock name `db/0`: use 1 to 100 characters \
+                 among A-Z a-z 0-9 . _ -, not starting with a dot (`db/{worker}` for worker 0)"
+            ),
+            line(
+                "3:47: program.web.locks: invalid lock name `x-{id}`: `{worker}` is the only \
+                 placeholder"
+            ),
+        ]
+    );
+}
+
+#[test]
+fn lock_name_too_long_for_the_largest_worker_id() {
+    let name = format!("{}-{{worker}}", "a".repeat(98));
+    let text = format!("{WEB}workers = 100\nlocks = [\"{name}\"]\n");
+    let p = problem(&text);
+    assert!(
+        p.starts_with(&line("4:10: program.web.locks: invalid lock name")),
+        "{p}"
+    );
+    assert!(p.ends_with("for worker 99)"), "{p}");
+    // With 10 workers the longest name is 99 + 1 characters.
+    ok(&format!("{WEB}workers = 10\nlocks = [\"{name}\"]\n"));
+}
+
+#[test]
+fn duplicate_lock_is_refused() {
+    let text = format!("{WEB}locks = [\"db\", {{ name = \"db\", shared = true }}]\n");
+    assert_eq!(
+        problem(&text),
+        line("3:25: program.web.locks: lock `db` is listed twice")
+    );
+}
+
+#[test]
+fn after_naming_an_undefined_program() {
+    let text = format!("{WEB}after = [\"wbe\", \"nothing\"]\n");
+    assert_eq!(
+        problems(&text),
+        [
+            line("3:10: program.web.after: no program named `wbe`, did you mean `web`?"),
+            line("3:17: program.web.after: no program named `nothing`"),
+        ]
+    );
+}
+
+#[test]
+fn after_cycle_names_the_cycle() {
+    let text = "[program.a]\ncommand = \"a\"\nafter = [\"b\"]\n\
+                [program.b]\ncommand = \"b\"\nafter = [\"c\"]\n\
+                [program.c]\ncommand = \"c\"\nafter = [\"a\"]\n\
+                [program.d]\ncommand = \"d\"\nafter = [\"d\"]\n";
+    let err = parse_all(text).unwrap_err().to_string();
+    assert_eq!(
+        err.lines().collect::<Vec<_>>(),
+        [
+            line("9:10: program.c.after: `after` makes a cycle: a -> b -> c -> a"),
+            line("12:10: program.d.after: `after` makes a cycle: d -> d"),
+        ]
+    );
+}
+
+#[test]
+fn queue_naming_an_undefined_queue() {
+    let text = "[program.resize]\ncommand = \"r\"\nqueue = \"thumbnail\"\n\
+                [queue.thumbnails]\n";
+    let err = parse_all(text).unwrap_err().to_string();
+    assert_eq!(
+        err,
+        line("3:9: program.resize.queue: no queue named `thumbnail`, did you mean `thumbnails`?")
+    );
+    let err = parse_all("[program.r]\ncommand = \"r\"\nqueue = \"q\"\n").unwrap_err();
+    assert_eq!(
+        err.to_string(),
+        line("3:9: program.r.queue: no queue named `q`: none is defined")
+    );
+}
+
+#[test]
+fn nonexistent_user_and_group() {
+    let text = format!(
+        "{WEB}user = \"plumule-no-such-user\"\ngroup = \"plumule-no-such-group\"\n\
+         [plumule]\ncontrol_group = \"plumule-no-such-group\"\n"
+    );
+    assert_eq!(
+        problems(&text),
+        [
+            line("3:8: program.web.user: no user `plumule-no-such-user` on this system"),
+            line("4:9: program.web.group: no group `plumule-no-such-group` on this system"),
+            line("6:17: plumule.control_group: no group `plumule-no-such-group` on this system"),
+        ]
+    );
+}
+
+#[test]
+fn workers_limit_is_stated() {
+    let text = format!("{WEB}workers = 20000\n");
+    assert_eq!(
+        problem(&text),
+        line("3:11: program.web.workers: must be between 0 and 10000, found 20000")
+    );
+    assert_eq!(
+        problem(&format!("{WEB}workers = -1\n")),
+        line("3:11: program.web.workers: must be between 0 and 10000, found -1")
+    );
+}
+
+#[test]
+fn backoff_values_out_of_range() {
+    let text = format!("{WEB}backoff = {{ initial = \"1m\", multiplier = 0.5, jitter = 1.5 }}\n");
+    assert_eq!(
+        problems(&text),
+        [
+            line("3:23: program.web.backoff.initial: `initial` (1m) is longer than `max` (30s)"),
+            line(
+                "3:42: program.web.backoff.multiplier: must be a number of at least 1.0 \
+                 (1.0 keeps the delay constant), found 0.5"
+            ),
+            line(
+                "3:56: program.web.backoff.jitter: must be between 0.0 and 1.0 \
+                 (a fraction of the delay), found 1.5"
+            ),
+        ]
+    );
+}
+
+#[test]
+fn empty_commands() {
+    assert_eq!(
+        problem("[program.a]\ncommand = []\n"),
+        line("2:11: program.a.command: the command is empty: name at least the program to run")
+    );
+    assert_eq!(
+        problem("[program.a]\ncommand = [\"\", \"x\"]\n"),
+        line("2:12: program.a.command: the program to run (the first element) is empty")
+    );
+    assert_eq!(
+        problem("[program.a]\ncommand = \"  \"\n"),
+        line("2:11: program.a.command: the command is empty")
+    );
+}
+
+#[test]
+fn missing_command_is_located_at_the_program() {
+    let p = problem("[program.web]\nworkers = 2\n");
+    assert!(
+        p.starts_with(&line("1:10: program.web.command: missing key `command`")),
+        "{p}"
+    );
+}
+
+#[test]
+fn bad_umask() {
+    assert_eq!(
+        problem(&format!("{WEB}umask = \"0999\"\n")),
+        line(
+            "3:9: program.web.umask: invalid value \"0999\": expected octal digits at most \
+             \"0777\", like \"022\""
+        )
+    );
+    assert_eq!(
+        problem(&format!("{WEB}umask = 18\n")),
+        line(
+            "3:9: program.web.umask: expected an octal string like \"022\", found a number; \
+             put it in quotes"
+        )
+    );
+}
+
+#[test]
+fn unknown_restart_value_suggests_the_close_one() {
+    assert_eq!(
+        problem(&format!("{WEB}restart = \"onfailure\"\n")),
+        line(
+            "3:11: program.web.restart: unknown restart policy `onfailure`, did you mean \
+             `on-failure`?"
+        )
+    );
+    assert_eq!(
+        problem(&format!("{WEB}restart = \"sometimes\"\n")),
+        line(
+            "3:11: program.web.restart: unknown restart policy `sometimes`; expected one of \
+             `always`, `on-failure`, `never`"
+        )
+    );
+}
+
+#[test]
+fn other_unknown_choices() {
+    let text = format!(
+        "[plumule]\nlog_level = \"warning\"\n{WEB}reload = \"reastart\"\nstdout = \"logs\"\n"
+    );
+    assert_eq!(
+        problems(&text),
+        [
+            line("2:13: plumule.log_level: unknown log level `warning`, did you mean `warn`?"),
+            line(
+                "5:10: program.web.reload: unknown reload mode `reastart`, did you mean `restart`?"
+            ),
+            line("6:10: program.web.stdout: unknown output `logs`, did you mean `log`?"),
+        ]
+    );
+}
+
+#[test]
+fn unsupported_keys_are_refused_where_they_are_set() {
+    let text = "[plumule]\nmetrics = \"tcp:127.0.0.1:9187\"\n\
+                [program.resize]\ncommand = \"r\"\nqueue = \"t\"\nready = \"notify\"\n\
+                watchdog = \"30s\"\nlisten = [\"tcp:0.0.0.0:8080\"]\n\
+                [queue.t]\n";
+    assert_eq!(
+        problems(text),
+        [
+            line("2:1: plumule.metrics: `metrics` is not supported yet"),
+            line("5:1: program.resize.queue: `queue` is not supported yet"),
+            line("9:8: queue.t: `queue` is not supported yet"),
+        ]
+    );
+    // `ready = "started"` is fine.
+    parse_now(&format!("{WEB}ready = \"started\"\n")).unwrap();
+}
+
+#[test]
+fn several_problems_are_reported_at_once_in_file_order() {
+    let text = "[program.web]\ncommand = []\nworkers = 20000\nrestart = \"alway\"\n\
+                stop_signal = \"TREM\"\n\
+                [program.\"bad name\"]\ncommand = \"x\"\nhealthy_after = 5\n";
+    assert_eq!(
+        problems(text),
+        [
+            line(
+                "2:11: program.web.command: the command is empty: name at least the program to run"
+            ),
+            line("3:11: program.web.workers: must be between 0 and 10000, found 20000"),
+            line(
+                "4:11: program.web.restart: unknown restart policy `alway`, did you mean `always`?"
+            ),
+            line("5:15: program.web.stop_signal: unknown signal `TREM`, did you mean `TERM`?"),
+            line(
+                "6:10: program.\"bad name\": invalid program name `bad name`: use 1 to 64 \
+                 characters among A-Z a-z 0-9 _ -"
+            ),
+            line(
+                "8:17: program.\"bad name\".healthy_after: expected a duration string like \
+                 \"5s\", found the number 5; write \"5s\""
+            ),
+        ]
+    );
+}
+
+#[test]
+fn syntax_error_is_located() {
+    let p = problem("[program.web]\ncommand = \"unterminated\n");
+    assert!(p.starts_with(&line("2:")), "{p}");
+    assert!(!p.contains('\n'));
+}
+
+#[test]
+fn env_names_and_reserved_variables() {
+    let text = format!("{WEB}env = {{ \"A=B\" = \"1\", PLUMULE_WORKER_ID = \"3\", OK = \"1\" }}\n");
+    assert_eq!(
+        problems(&text),
+        [
+            line(
+                "3:9: program.web.env.\"A=B\": invalid variable name \"A=B\": it must be \
+                 non-empty, without `=` or NUL"
+            ),
+            line("3:22: program.web.env.PLUMULE_WORKER_ID: `PLUMULE_WORKER_ID` is set by plumule for every worker"),
+        ]
+    );
+}
+
+#[test]
+fn exit_codes_and_start_limit_ranges() {
+    let text = format!(
+        "{WEB}success_exit_codes = [0, 300]\nstart_limit = {{ burst = 0, interval = \"0s\" }}\n"
+    );
+    assert_eq!(
+        problems(&text),
+        [
+            line("3:26: program.web.success_exit_codes: exit codes are 0 to 255, found 300"),
+            line("4:25: program.web.start_limit.burst: must be at least 1, found 0"),
+            line("4:39: program.web.start_limit.interval: must be longer than 0"),
+        ]
+    );
+}
+
+#[test]
+fn output_file_rules() {
+    let text = format!(
+        "{WEB}stdout = {{ file = \"a.log\", keep = 3 }}\nstderr = {{ max_size = \"1MiB\" }}\n"
+    );
+    assert_eq!(
+        problems(&text),
+        [
+            line(
+                "3:35: program.web.stdout.keep: `keep` needs `max_size`: without it the file \
+                 is never rotated"
+            ),
+            line("4:10: program.web.stderr.file: missing key `file`: the file to write to"),
+        ]
+    );
+    let text = "[program.r]\ncommand = \"r\"\nqueue = \"q\"\nstdout = \"null\"\n[queue.q]\n";
+    assert_eq!(
+        parse_all(text).unwrap_err().to_string(),
+        line(
+            "4:10: program.r.stdout: a program that consumes queue `q` answers jobs on its \
+             stdout; remove `stdout`"
+        )
+    );
+}
+
+#[test]
+fn queue_values_out_of_range() {
+    let text = "[queue.q]\nprefetch = 0\nmax_attempts = 0\nprotocol = \"line\"\n\
+                route = \"hash\"\nmax_frame = \"5GiB\"\nmax_pending = 0\n\
+                retry_backoff = { max = \"10ms\" }\n";
+    assert_eq!(
+        parse_all(text).unwrap_err().to_string().lines().collect::<Vec<_>>(),
+        [
+            line("2:12: queue.q.prefetch: must be between 1 and 10000, found 0"),
+            line("3:16: queue.q.max_attempts: must be at least 1, found 0"),
+            line("4:12: queue.q.protocol: unknown protocol `line`, did you mean `lines`?"),
+            line("5:9: queue.q.route: unknown route `hash`; expected one of `least-loaded`, `round-robin`, `key`"),
+            line("6:13: queue.q.max_frame: must be at most 4294967295 bytes"),
+            line("7:15: queue.q.max_pending: must be at least 1, found 0"),
+            line("8:25: queue.q.retry_backoff.max: `initial` (1s) is longer than `max` (10ms)"),
+        ]
+    );
+}
+
+#[test]
+fn listen_rules() {
+    let text = "[program.a]\ncommand = \"a\"\n\
+                listen = [\"tcp:0.0.0.0:80\", { address = \"tcp:[::]:81\", mode = \"0660\" }]\n\
+                [program.b]\ncommand = \"b\"\n\
+                listen = [\"tcp:0.0.0.0:80\", \"udp:1.2.3.4:5\", { address = \"systemd:x\", name = \"a:b\" }]\n";
+    let err = parse_all(text).unwrap_err().to_string();
+    assert_eq!(
+        err.lines().collect::<Vec<_>>(),
+        [
+            line("3:63: program.a.listen.mode: `mode` applies to unix: sockets only"),
+            line("6:11: program.b.listen: program `a` listens on this address too"),
+            line("6:29: program.b.listen: invalid address `udp:1.2.3.4:5`: expected tcp:HOST:PORT, unix:PATH or systemd:NAME"),
+            line(
+                "6:78: program.b.listen.name: invalid socket name `a:b`: use 1 to 255 \
+                 printable ASCII characters, no `:` or space"
+            ),
+        ]
+    );
+}
+
+#[test]
+fn float_duration_suggests_milliseconds() {
+    assert_eq!(
+        problem(&format!("{WEB}stop_timeout = 1.5\n")),
+        line(
+            "3:16: program.web.stop_timeout: expected a duration string like \"5s\", found \
+             the number 1.5; write \"1500ms\""
+        )
+    );
+}
+
+// ---- Valid files. ----
+
+/// SPEC §2's example, without the keys not supported yet, with `root` as user and group.
+const SPEC_EXAMPLE: &str = r#"
+[plumule]
+runtime_dir = "/run/plumule"      # pidfile, control socket, notify socket, lock files
+state_dir = "/var/lib/plumule"    # durable queue data
+lock_dir = "/run/plumule/locks"   # named lock files (default: runtime_dir/locks); share it to exclude across masters
+control_group = "root"            # optional: members may use the control socket (0660)
+shutdown_timeout = "30s"          # whole graceful stop, after which everything left is killed
+log_level = "info"
+
+[program.web]
+command = ["/usr/bin/myapp", "--port", "8080"]   # argv, no shell; a plain string runs via /bin/sh -c
+workers = 4
+restart = "always"                # always | on-failure | never
+success_exit_codes = [0]
+healthy_after = "1s"              # a run this long resets the backoff
+backoff = { initial = "100ms", max = "30s", multiplier = 2.0, jitter = 0.1 }
+start_limit = { burst = 10, interval = "60s" }   # optional: past it the worker is `failed`
+stop_signal = "TERM"
+stop_timeout = "10s"              # then SIGKILL to the worker's whole process group
+reload = "restart"                # restart | signal | none   (what a reload does to this program: §9)
+reload_signal = "HUP"
+env = { RUST_LOG = "info" }
+inherit_env = true
+cwd = "/srv/app"
+user = "root"                     # drop privileges before exec (supplementary groups too)
+group = "root"                    # default: the user's primary group
+umask = "022"
+stdout = "log"                    # log | inherit | null | { file = "...", max_size = "10MiB", keep = 5 }
+stderr = "log"
+locks = ["db-migrations"]         # file locks the worker holds for its whole life
+ready = "started"                 # started | notify
+ready_timeout = "30s"
+
+[program.resize]
+command = ["/usr/bin/resize-worker"]
+workers = 2
+"#;
+
+fn root_user() -> UserSpec {
+    let u = nix::unistd::User::from_name("root").unwrap().unwrap();
+    UserSpec {
+        name: "root".into(),
+        uid: 0,
+        gid: 0,
+        home: u.dir,
+        shell: u.shell,
+    }
+}
+
+fn root_group() -> GroupSpec {
+    GroupSpec {
+        name: "root".into(),
+        gid: 0,
+    }
+}
+
+/// A program with SPEC §9's defaults.
+fn default_program(name: &str, command: CommandSpec) -> Program {
+    Program {
+        name: name.into(),
+        command,
+        workers: 1,
+        restart: RestartPolicy::Always,
+        success_exit_codes: vec![0],
+        healthy_after: Duration::from_secs(1),
+        backoff: Backoff {
+            initial: Duration::from_millis(100),
+            max: Duration::from_secs(30),
+            multiplier: 2.0,
+            jitter: 0.1,
+        },
+        start_limit: None,
+        stop_signal: Signal::SIGTERM,
+        stop_timeout: Duration::from_secs(10),
+        reload: ReloadMode::Restart,
+        reload_signal: Signal::SIGHUP,
+        env: BTreeMap::new(),
+        inherit_env: true,
+        cwd: None,
+        user: None,
+        group: None,
+        umask: None,
+        stdout: OutputSpec::Log,
+        stderr: OutputSpec::Log,
+        locks: vec![],
+        ready: ReadyMode::Started,
+        ready_timeout: Duration::from_secs(30),
+        watchdog: None,
+        listen: vec![],
+        after: vec![],
+        queue: None,
+    }
+}
+
+#[test]
+fn spec_example_parses_to_the_expected_values() {
+    let config = parse_now(SPEC_EXAMPLE).unwrap_or_else(|e| panic!("{e}"));
+    let web = Program {
+        workers: 4,
+        start_limit: Some(StartLimit {
+            burst: 10,
+            interval: Duration::from_secs(60),
+        }),
+        env: BTreeMap::from([("RUST_LOG".to_owned(), "info".to_owned())]),
+        cwd: Some("/srv/app".into()),
+        user: Some(root_user()),
+        group: Some(root_group()),
+        umask: Some(0o022),
+        locks: vec![LockSpec {
+            name: "db-migrations".into(),
+            shared: false,
+        }],
+        ..default_program(
+            "web",
+            CommandSpec::Argv(vec![
+                "/usr/bin/myapp".into(),
+                "--port".into(),
+                "8080".into(),
+            ]),
+        )
+    };
+    let resize = Program {
+        workers: 2,
+        ..default_program(
+            "resize",
+            CommandSpec::Argv(vec!["/usr/bin/resize-worker".into()]),
+        )
+    };
+    let expected = Config {
+        path: FILE.into(),
+        runtime_dir: "/run/plumule".into(),
+        state_dir: "/var/lib/plumule".into(),
+        lock_dir: "/run/plumule/locks".into(),
+        control_group: Some(root_group()),
+        metrics: None,
+        shutdown_timeout: Duration::from_secs(30),
+        log_level: log::LevelFilter::Info,
+        // Sorted by name.
+        programs: vec![resize, web],
+        queues: vec![],
+    };
+    assert_eq!(config, expected);
+}
+
+#[test]
+fn full_schema_with_every_feature_parses() {
+    // The keys not supported yet, as they will be once they are.
+    let text = r#"
+[plumule]
+metrics = "tcp:127.0.0.1:9187"
+
+[program.web]
+command = ["/usr/bin/myapp"]
+ready = "notify"
+watchdog = "30s"
+listen = ["tcp:0.0.0.0:8080", { address = "unix:web.sock", name = "admin", mode = "0660" }]
+after = ["db"]
+
+[program.db]
+command = "exec db"
+
+[program.resize]
+command = ["/usr/bin/resize-worker"]
+queue = "thumbnails"
+
+[queue.thumbnails]
+durable = true
+protocol = "lines"
+prefetch = 1
+max_attempts = 3
+retry_backoff = { initial = "1s", max = "1m", multiplier = 2.0 }
+route = "least-loaded"
+max_pending = 1000000
+"#;
+    let config = ok(text);
+    assert_eq!(config.metrics.as_deref(), Some("tcp:127.0.0.1:9187"));
+    let web = config.program("web").unwrap();
+    assert_eq!(web.ready, ReadyMode::Notify);
+    assert_eq!(web.watchdog, Some(Duration::from_secs(30)));
+    assert_eq!(web.after, ["db"]);
+    assert_eq!(
+        web.listen,
+        [
+            ListenSpec {
+                address: ListenAddr::Tcp("0.0.0.0:8080".parse().unwrap()),
+                name: "web".into(),
+                mode: None,
+            },
+            ListenSpec {
+                address: ListenAddr::Unix("/etc/plumule/web.sock".into()),
+                name: "admin".into(),
+                mode: Some(0o660),
+            },
+        ]
+    );
+    assert_eq!(
+        config.program("db").unwrap().command,
+        CommandSpec::Shell("exec db".into())
+    );
+    assert_eq!(
+        config.program("resize").unwrap().queue.as_deref(),
+        Some("thumbnails")
+    );
+    assert_eq!(config.queues.len(), 1);
+    // Every error: the file is refused today, one line per unsupported key.
+    assert_eq!(parse_now(text).unwrap_err().problems.len(), 3);
+}
+
+#[test]
+fn defaults_are_spec_section_9() {
+    let config = ok("[program.a]\ncommand = [\"a\"]\n[queue.q]\n");
+    assert_eq!(
+        config,
+        Config {
+            path: FILE.into(),
+            runtime_dir: "/run/plumule".into(),
+            state_dir: "/var/lib/plumule".into(),
+            lock_dir: "/run/plumule/locks".into(),
+            control_group: None,
+            metrics: None,
+            shutdown_timeout: Duration::from_secs(30),
+            log_level: log::LevelFilter::Info,
+            programs: vec![default_program("a", CommandSpec::Argv(vec!["a".into()]))],
+            queues: vec![Queue {
+                name: "q".into(),
+                durable: true,
+                protocol: QueueProtocol::Lines,
+                prefetch: 1,
+                max_attempts: 3,
+                retry_backoff: Backoff {
+                    initial: Duration::from_secs(1),
+                    max: Duration::from_secs(60),
+                    multiplier: 2.0,
+                    jitter: 0.1,
+                },
+                route: Route::LeastLoaded,
+                max_pending: 1_000_000,
+                max_frame: 16 << 20,
+            }],
+        }
+    );
+}
+
+#[test]
+fn empty_file_is_valid() {
+    let config = ok("");
+    assert!(config.programs.is_empty() && config.queues.is_empty());
+}
+
+#[test]
+fn partial_tables_keep_the_other_defaults() {
+    let config = ok(&format!(
+        "{WEB}backoff = {{ max = \"1m\" }}\nstart_limit = {{}}\n\
+         [queue.q]\nretry_backoff = {{ jitter = 0.5 }}\n"
+    ));
+    let web = config.program("web").unwrap();
+    assert_eq!(
+        web.backoff,
+        Backoff {
+            initial: Duration::from_millis(100),
+            max: Duration::from_secs(60),
+            multiplier: 2.0,
+            jitter: 0.1,
+        }
+    );
+    assert_eq!(
+        web.start_limit,
+        Some(StartLimit {
+            burst: 5,
+            interval: Duration::from_secs(10),
+        })
+    );
+    assert_eq!(config.queues[0].retry_backoff.jitter, 0.5);
+    assert_eq!(config.queues[0].retry_backoff.max, Duration::from_secs(60));
+}
+
+#[test]
+fn user_alone_brings_its_primary_group() {
+    let config = ok(&format!("{WEB}user = \"root\"\n"));
+    let web = config.program("web").unwrap();
+    assert_eq!(web.user, Some(root_user()));
+    assert_eq!(web.group, Some(root_group()));
+    let config = ok(&format!("{WEB}user = \"0\"\n"));
+    assert_eq!(config.program("web").unwrap().user, Some(root_user()));
+}
+
+#[test]
+fn relative_paths_resolve_against_the_config_folder() {
+    let text = r#"
+[plumule]
+runtime_dir = "run"
+state_dir = "./state"
+control_group = "root"
+
+[program.a]
+command = ["./bin/a", "./not-resolved"]
+cwd = "srv/app"
+stdout = { file = "logs/a.log", max_size = "10MiB", keep = 3 }
+stderr = { file = "/var/log/a.err" }
+
+[program.b]
+command = ["bin/b"]
+stdout = "null"
+stderr = "inherit"
+
+[program.c]
+command = ["c"]
+"#;
+    let config = ok(text);
+    assert_eq!(config.runtime_dir, Path::new("/etc/plumule/run"));
+    assert_eq!(config.state_dir, Path::new("/etc/plumule/state"));
+    assert_eq!(config.lock_dir, Path::new("/etc/plumule/run/locks"));
+    let a = config.program("a").unwrap();
+    assert_eq!(
+        a.command,
+        CommandSpec::Argv(vec!["/etc/plumule/bin/a".into(), "./not-resolved".into()])
+    );
+    assert_eq!(a.cwd.as_deref(), Some(Path::new("/etc/plumule/srv/app")));
+    assert_eq!(
+        a.stdout,
+        OutputSpec::File {
+            path: "/etc/plumule/logs/a.log".into(),
+            max_size: Some(10 << 20),
+            keep: 3,
+        }
+    );
+    assert_eq!(
+        a.stderr,
+        OutputSpec::File {
+            path: "/var/log/a.err".into(),
+            max_size: None,
+            keep: 5,
+        }
+    );
+    let b = config.program("b").unwrap();
+    assert_eq!(
+        b.command,
+        CommandSpec::Argv(vec!["/etc/plumule/bin/b".into()])
+    );
+    assert_eq!(
+        (&b.stdout, &b.stderr),
+        (&OutputSpec::Null, &OutputSpec::Inherit)
+    );
+    assert_eq!(
+        config.program("c").unwrap().command,
+        CommandSpec::Argv(vec!["c".into()])
+    );
+}
+
+#[test]
+fn relative_config_path_is_made_absolute() {
+    let var = |_: &str| None;
+    let host = Host { var: &var, euid: 0 };
+    let config = parse_with(
+        "[plumule]\nstate_dir = \"s\"\n",
+        Path::new("conf/plumule.toml"),
+        &host,
+        UNSUPPORTED,
+    )
+    .unwrap();
+    let cwd = std::env::current_dir().unwrap();
+    assert_eq!(config.path, cwd.join("conf/plumule.toml"));
+    assert_eq!(config.state_dir, cwd.join("conf/s"));
+}
+
+#[test]
+fn shared_and_worker_locks() {
+    let config = ok(&format!(
+        "{WEB}workers = 3\nlocks = [\"slot-{{worker}}\", {{ name = \"db\", shared = true }}]\n"
+    ));
+    assert_eq!(
+        config.program("web").unwrap().locks,
+        [
+            LockSpec {
+                name: "slot-{worker}".into(),
+                shared: false,
+            },
+            LockSpec {
+                name: "db".into(),
+                shared: true,
+            },
+        ]
+    );
+}
+
+#[test]
+fn zero_workers_and_signals_in_every_spelling() {
+    let config = ok(&format!(
+        "{WEB}workers = 0\nstop_signal = \"sigint\"\nreload_signal = \"SIGUSR2\"\n"
+    ));
+    let web = config.program("web").unwrap();
+    assert_eq!(web.workers, 0);
+    assert_eq!(web.stop_signal, Signal::SIGINT);
+    assert_eq!(web.reload_signal, Signal::SIGUSR2);
+}
+
+fn dirs(vars: &[(&str, &str)], euid: u32) -> (PathBuf, PathBuf, PathBuf) {
+    let c = host_parse("", vars, euid, UNSUPPORTED).unwrap();
+    (c.runtime_dir, c.state_dir, c.lock_dir)
+}
+
+#[test]
+fn default_dirs_for_root_users_and_systemd() {
+    let p = PathBuf::from;
+    assert_eq!(
+        dirs(&[("XDG_RUNTIME_DIR", "/run/user/0")], 0),
+        (
+            p("/run/plumule"),
+            p("/var/lib/plumule"),
+            p("/run/plumule/locks")
+        )
+    );
+    assert_eq!(
+        dirs(
+            &[
+                ("XDG_RUNTIME_DIR", "/run/user/1000"),
+                ("XDG_STATE_HOME", "/home/u/.state"),
+                ("HOME", "/home/u"),
+            ],
+            1000
+        ),
+        (
+            p("/run/user/1000/plumule"),
+            p("/home/u/.state/plumule"),
+            p("/run/user/1000/plumule/locks")
+        )
+    );
+    assert_eq!(
+        dirs(&[("HOME", "/home/u"), ("XDG_STATE_HOME", "relative")], 1000),
+        (
+            p("/tmp/plumule-1000/run"),
+            p("/home/u/.local/state/plumule"),
+            p("/tmp/plumule-1000/run/locks")
+        )
+    );
+    assert_eq!(
+        dirs(&[("XDG_RUNTIME_DIR", "")], 1000),
+        (
+            p("/tmp/plumule-1000/run"),
+            p("/tmp/plumule-1000/state"),
+            p("/tmp/plumule-1000/run/locks")
+        )
+    );
+    // systemd wins, for root and others; the first of several folders.
+    for euid in [0, 1000] {
+        assert_eq!(
+            dirs(
+                &[
+                    ("RUNTIME_DIRECTORY", "/run/plumule:/run/other"),
+                    ("STATE_DIRECTORY", "/var/lib/plumule-state"),
+                    ("XDG_RUNTIME_DIR", "/run/user/1000"),
+                ],
+                euid
+            ),
+            (
+                p("/run/plumule"),
+                p("/var/lib/plumule-state"),
+                p("/run/plumule/locks")
+            )
+        );
+    }
+    // The file wins over everything.
+    let c = host_parse(
+        "[plumule]\nruntime_dir = \"/r\"\n",
+        &[("RUNTIME_DIRECTORY", "/run/plumule")],
+        0,
+        UNSUPPORTED,
+    )
+    .unwrap();
+    assert_eq!((c.runtime_dir, c.lock_dir), (p("/r"), p("/r/locks")));
+}
+
+#[test]
+fn config_path_search_order() {
+    let p = |s: &str| PathBuf::from(s);
+    assert_eq!(
+        choose_config_path(Some(Path::new("a.toml")), Some("b.toml".into()), true),
+        p("a.toml")
+    );
+    assert_eq!(
+        choose_config_path(None, Some("b.toml".into()), true),
+        p("b.toml")
+    );
+    assert_eq!(
+        choose_config_path(None, Some("".into()), true),
+        p("plumule.toml")
+    );
+    assert_eq!(
+        choose_config_path(None, None, false),
+        p("/etc/plumule/plumule.toml")
+    );
+}
+
+#[test]
+fn unsupported_list_matches_keys_and_values() {
+    assert!(unsupported(&["program", "web", "listen"], None).is_none());
+    assert!(unsupported(&["plumule", "metrics"], None).is_some());
+    assert!(unsupported(&["program", "web", "after"], None).is_none());
+    assert!(unsupported(&["program", "web", "ready"], Some("notify")).is_none());
+    assert!(unsupported(&["queue", "q"], None).is_some());
+    assert!(unsupported(&["queue", "q", "durable"], None).is_none());
+    assert!(unsupported(&["program", "web", "locks"], None).is_none());
+}
+
+// ---- load: the file system and its permissions. ----
+
+fn write_config(dir: &Path, mode: u32) -> PathBuf {
+    use std::os::unix::fs::PermissionsExt;
+    let path = dir.join("plumule.toml");
+    std::fs::write(&path, WEB).unwrap();
+    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(mode)).unwrap();
+    path
+}
+
+#[test]
+fn load_reads_a_private_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = write_config(dir.path(), 0o644);
+    let config = load(&path).unwrap();
+    assert_eq!(config.path, path);
+    assert_eq!(config.programs.len(), 1);
+}
+
+#[test]
+fn load_refuses_files_others_can_write() {
+    let dir = tempfile::tempdir().unwrap();
+    for (mode, who) in [
+        (0o664, "its group"),
+        (0o646, "others"),
+        (0o666, "its group and by others"),
+    ] {
+        let path = write_config(dir.path(), mode);
+        let err = load(&path).unwrap_err().to_string();
+        assert_eq!(
+            err,
+            format!(
+                "{}: refusing a configuration file writable by {who} (mode {mode:04o}): \
+                 whoever can write it chooses what plumule runs; run `chmod go-w` on it",
+                path.display()
+            )
+        );
+    }
+}
+
+#[test]
+fn load_refuses_a_file_owned_by_someone_else() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = write_config(dir.path(), 0o644);
+    let metadata = std::fs::metadata(&path).unwrap();
+    let owner = metadata.uid();
+    assert!(check_ownership(&metadata, owner).is_ok());
+    if owner == 0 {
+        // Root's files are always accepted.
+        assert!(check_ownership(&metadata, 4242).is_ok());
+        // A file of another user, as root: refused.
+        nix::unistd::chown(&path, Some(nix::unistd::Uid::from_raw(4242)), None).unwrap();
+        let err = load(&path).unwrap_err().to_string();
+        assert!(
+            err.ends_with(
+                "refusing a configuration file owned by uid 4242, neither root nor the \
+                 current user (uid 0): its owner chooses what plumule runs; `chown` it"
+            ),
+            "{err}"
+        );
+    } else {
+        let err = check_ownership(&metadata, owner + 1).unwrap_err();
+        assert!(err.contains(&format!("owned by uid {owner}")), "{err}");
+    }
+}
+
+#[test]
+fn load_names_a_missing_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("nope.toml");
+    let err = load(&path).unwrap_err().to_string();
+    assert!(
+        err.starts_with(&format!(
+            "{}: cannot read the configuration file: No such file or directory",
+            path.display()
+        )),
+        "{err}"
+    );
+    let err = load(dir.path()).unwrap_err().to_string();
+    assert!(err.ends_with("not a regular file"), "{err}");
+}
+
+#[test]
+fn load_reports_located_problems_with_the_path() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("plumule.toml");
+    std::fs::write(&path, format!("{WEB}worker = 1\n")).unwrap();
+    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)).unwrap();
+    let err = load(&path).unwrap_err();
+    assert_eq!(
+        err.problems,
+        [Problem {
+            location: Some(Location { line: 3, column: 1 }),
+            key: Some("program.web.worker".into()),
+            message: "unknown key `worker`, did you mean `workers`?".into(),
+        }]
+    );
+    assert!(err
+        .to_string()
+        .starts_with(&format!("{}:3:1: ", path.display())));
+}
+
+#[test]
+fn arrays_are_not_tables() {
+    // A derived struct would take an array as its fields in order.
+    assert_eq!(
+        problem("plumule = [\"/run/x\"]\n"),
+        line("1:11: plumule: invalid type: array, expected a table")
+    );
+    assert_eq!(
+        problem("[[program.web]]\ncommand = \"x\"\n"),
+        line("1:1: program.web: invalid type: array, expected a table")
+    );
+}
+
+#[test]
+fn duplicate_key_is_named() {
+    assert_eq!(
+        problem("[plumule]\nlog_level = \"info\"\nlog_level = \"info\"\n"),
+        line("3:1: plumule.log_level: duplicate key `log_level` in table `plumule`")
+    );
+}

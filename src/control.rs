@@ -1,0 +1,426 @@
+//! The master's side of the control socket: accepting, checking who connects, reading
+//! request lines and writing responses without ever blocking the master.
+//!
+//! Bounds: at most [`MAX_CONNECTIONS`] clients, [`MAX_REQUEST`] bytes per request line,
+//! [`MAX_PENDING_OUTPUT`] bytes of unread responses, and a connection that has not sent a
+//! full request within [`IDLE_TIMEOUT`] is closed. The timeout is a deadline in the master's
+//! loop only while such a connection is open: an idle master with no client has no timer.
+
+use std::collections::HashMap;
+use std::io::{self, Read, Write};
+use std::os::fd::{AsRawFd, RawFd};
+use std::os::unix::fs::PermissionsExt;
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use nix::sys::socket::{getsockopt, sockopt::PeerCredentials};
+
+use crate::config::GroupSpec;
+use crate::protocol::{parse_request, Request, Response, MAX_REQUEST};
+
+pub const MAX_CONNECTIONS: usize = 128;
+pub const MAX_PENDING_OUTPUT: usize = 16 * 1024 * 1024;
+pub const IDLE_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Who may command the master: root, the master's own user, and members of `control_group`.
+#[derive(Debug, Clone)]
+pub struct Access {
+    pub uid: u32,
+    pub group: Option<GroupSpec>,
+}
+
+impl Access {
+    pub fn allows(&self, uid: u32, gid: u32) -> bool {
+        if uid == 0 || uid == self.uid {
+            return true;
+        }
+        let Some(group) = &self.group else {
+            return false;
+        };
+        if gid == group.gid {
+            return true;
+        }
+        // SO_PEERCRED carries only the primary group: look up the membership by user name.
+        let name = nix::unistd::User::from_uid(uid.into())
+            .ok()
+            .flatten()
+            .map(|u| u.name);
+        let members = nix::unistd::Group::from_gid(group.gid.into())
+            .ok()
+            .flatten()
+            .map(|g| g.mem);
+        matches!((name, members), (Some(n), Some(m)) if m.contains(&n))
+    }
+}
+
+pub struct Conn {
+    stream: UnixStream,
+    input: Vec<u8>,
+    output: Vec<u8>,
+    /// Since when the connection waits for a complete request.
+    idle_since: Instant,
+    /// A request is being carried out; no other is read until it is answered.
+    pub busy: bool,
+    /// Close once the output is written.
+    closing: bool,
+}
+
+/// What a readable connection produced.
+pub enum Incoming {
+    Nothing,
+    Request(Request),
+    Closed,
+}
+
+pub struct ControlServer {
+    listener: UnixListener,
+    path: PathBuf,
+    access: Access,
+    pub conns: HashMap<u64, Conn>,
+    next_id: u64,
+}
+
+impl ControlServer {
+    /// Binds `path` (a stale socket file from a crashed master is replaced: the pidfile lock
+    /// proves it is ours) with mode 0600, or 0660 and the control group.
+    pub fn bind(path: &Path, access: Access) -> io::Result<ControlServer> {
+        match std::fs::remove_file(path) {
+            Ok(()) => {}
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+            Err(e) => return Err(e),
+        }
+        let listener = UnixListener::bind(path)?;
+        listener.set_nonblocking(true)?;
+        let mode = if access.group.is_some() { 0o660 } else { 0o600 };
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))?;
+        if let Some(g) = &access.group {
+            nix::unistd::chown(path, None, Some(g.gid.into()))?;
+        }
+        Ok(ControlServer {
+            listener,
+            path: path.to_path_buf(),
+            access,
+            conns: HashMap::new(),
+            next_id: 0,
+        })
+    }
+
+    pub fn fd(&self) -> RawFd {
+        self.listener.as_raw_fd()
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Accepts every pending connection; refused ones get one error line and are closed.
+    pub fn accept(&mut self, now: Instant) {
+        loop {
+            let stream = match self.listener.accept() {
+                Ok((s, _)) => s,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
+                Err(e) => {
+                    log::warn!("control socket: accept failed: {e}");
+                    return;
+                }
+            };
+            let refusal = match getsockopt(&stream, PeerCredentials) {
+                Ok(c) if self.access.allows(c.uid(), c.gid()) => None,
+                Ok(c) => Some(format!(
+                    "permission denied: uid {} may not command this master",
+                    c.uid()
+                )),
+                Err(e) => Some(format!("cannot check peer credentials: {e}")),
+            };
+            let refusal = refusal.or_else(|| {
+                (self.conns.len() >= MAX_CONNECTIONS)
+                    .then(|| "too many control connections; try again".to_string())
+            });
+            if let Some(message) = refusal {
+                log::warn!("control socket: {message}");
+                let _ = stream.set_nonblocking(true);
+                let _ = (&stream).write_all(&Response::error(message).to_line());
+                continue;
+            }
+            if stream.set_nonblocking(true).is_err() {
+                continue;
+            }
+            self.next_id += 1;
+            let conn = Conn {
+                stream,
+                input: Vec::new(),
+                output: Vec::new(),
+                idle_since: now,
+                busy: false,
+                closing: false,
+            };
+            self.conns.insert(self.next_id, conn);
+        }
+    }
+
+    /// (fd, wants to write, connection id) for the poll set.
+    pub fn poll_entries(&self) -> impl Iterator<Item = (RawFd, i16, u64)> + '_ {
+        self.conns.iter().filter_map(|(&id, c)| {
+            let mut events = 0;
+            if !c.busy && !c.closing {
+                events |= libc::POLLIN;
+            }
+            if !c.output.is_empty() {
+                events |= libc::POLLOUT;
+            }
+            (events != 0).then(|| (c.stream.as_raw_fd(), events, id))
+        })
+    }
+
+    /// Reads from connection `id`; returns the next complete request, if any.
+    pub fn read(&mut self, id: u64, now: Instant) -> Incoming {
+        let Some(conn) = self.conns.get_mut(&id) else {
+            return Incoming::Nothing;
+        };
+        if conn.busy || conn.closing {
+            return Incoming::Nothing;
+        }
+        let mut buf = [0u8; 8192];
+        loop {
+            match conn.stream.read(&mut buf) {
+                Ok(0) => {
+                    self.conns.remove(&id);
+                    return Incoming::Closed;
+                }
+                Ok(n) => {
+                    conn.input.extend_from_slice(&buf[..n]);
+                    if conn.input.contains(&b'\n') || conn.input.len() > MAX_REQUEST {
+                        break;
+                    }
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(_) => {
+                    self.conns.remove(&id);
+                    return Incoming::Closed;
+                }
+            }
+        }
+        self.next_request(id, now)
+    }
+
+    /// Takes the next buffered request line of `id`, if complete.
+    pub fn next_request(&mut self, id: u64, now: Instant) -> Incoming {
+        let Some(conn) = self.conns.get_mut(&id) else {
+            return Incoming::Nothing;
+        };
+        let Some(end) = conn.input.iter().position(|&b| b == b'\n') else {
+            if conn.input.len() > MAX_REQUEST {
+                let message = format!("request longer than {MAX_REQUEST} bytes");
+                conn.output.extend(Response::error(message).to_line());
+                conn.closing = true;
+                conn.input.clear();
+            }
+            return Incoming::Nothing;
+        };
+        let line: Vec<u8> = conn.input.drain(..=end).collect();
+        conn.idle_since = now;
+        if end > MAX_REQUEST {
+            conn.output.extend(
+                Response::error(format!("request longer than {MAX_REQUEST} bytes")).to_line(),
+            );
+            conn.closing = true;
+            return Incoming::Nothing;
+        }
+        if line.iter().all(|b| b.is_ascii_whitespace()) {
+            return Incoming::Nothing;
+        }
+        match parse_request(&line[..end]) {
+            Ok(req) => {
+                conn.busy = true;
+                Incoming::Request(req)
+            }
+            Err(message) => {
+                conn.output.extend(Response::error(message).to_line());
+                Incoming::Nothing
+            }
+        }
+    }
+
+    /// Queues the answer to the request `id` was busy with.
+    pub fn respond(&mut self, id: u64, response: Response, now: Instant) {
+        let Some(conn) = self.conns.get_mut(&id) else {
+            return;
+        };
+        conn.busy = false;
+        conn.idle_since = now;
+        let line = response.to_line();
+        if conn.output.len() + line.len() > MAX_PENDING_OUTPUT {
+            log::warn!("control socket: a client does not read its responses; closing it");
+            self.conns.remove(&id);
+            return;
+        }
+        conn.output.extend(line);
+        self.flush(id);
+    }
+
+    /// Queues a line for a connection that stays busy (a `logs --follow` stream). Returns
+    /// false when the connection is gone or its reader fell too far behind (it is closed).
+    pub fn stream(&mut self, id: u64, response: Response) -> bool {
+        let Some(conn) = self.conns.get_mut(&id) else {
+            return false;
+        };
+        let line = response.to_line();
+        if conn.output.len() + line.len() > MAX_PENDING_OUTPUT {
+            self.conns.remove(&id);
+            return false;
+        }
+        conn.output.extend(line);
+        self.flush(id);
+        self.conns.contains_key(&id)
+    }
+
+    /// Writes what the socket takes now.
+    pub fn flush(&mut self, id: u64) {
+        let Some(conn) = self.conns.get_mut(&id) else {
+            return;
+        };
+        while !conn.output.is_empty() {
+            match conn.stream.write(&conn.output) {
+                Ok(0) => break,
+                Ok(n) => {
+                    conn.output.drain(..n);
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(_) => {
+                    self.conns.remove(&id);
+                    return;
+                }
+            }
+        }
+        if conn.closing && conn.output.is_empty() {
+            self.conns.remove(&id);
+        }
+    }
+
+    /// Closes connections idle past the timeout; returns the next such deadline.
+    pub fn expire(&mut self, now: Instant) -> Option<Instant> {
+        self.conns
+            .retain(|_, c| c.busy || now.duration_since(c.idle_since) < IDLE_TIMEOUT);
+        self.conns
+            .values()
+            .filter(|c| !c.busy)
+            .map(|c| c.idle_since + IDLE_TIMEOUT)
+            .min()
+    }
+
+    pub fn close(self) {
+        let _ = std::fs::remove_file(&self.path);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn access_rules() {
+        let a = Access {
+            uid: 1000,
+            group: None,
+        };
+        assert!(a.allows(0, 0));
+        assert!(a.allows(1000, 1000));
+        assert!(!a.allows(1001, 1000));
+        let g = Access {
+            uid: 1000,
+            group: Some(GroupSpec {
+                name: "ops".into(),
+                gid: 4242,
+            }),
+        };
+        assert!(g.allows(1001, 4242));
+        assert!(!g.allows(1001, 1001));
+    }
+
+    #[test]
+    fn requests_are_read_answered_and_garbage_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("control.sock");
+        let me = nix::unistd::geteuid().as_raw();
+        let mut server = ControlServer::bind(
+            &path,
+            Access {
+                uid: me,
+                group: None,
+            },
+        )
+        .unwrap();
+        let mode = std::fs::metadata(&path).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o600);
+        let mut client = UnixStream::connect(&path).unwrap();
+        let now = Instant::now();
+        server.accept(now);
+        let id = *server.conns.keys().next().unwrap();
+
+        client
+            .write_all(b"garbage\n{\"cmd\":\"status\"}\n")
+            .unwrap();
+        let got = loop {
+            match server.read(id, now) {
+                Incoming::Request(r) => break r,
+                Incoming::Closed => panic!("closed"),
+                Incoming::Nothing => {}
+            }
+        };
+        assert_eq!(got, Request::Status { program: None });
+        server.respond(id, Response::ok(1), now);
+        let mut reader = io::BufReader::new(client.try_clone().unwrap());
+        let mut line = String::new();
+        io::BufRead::read_line(&mut reader, &mut line).unwrap();
+        assert!(
+            line.starts_with(r#"{"ok":false,"error":"bad request"#),
+            "{line}"
+        );
+        line.clear();
+        io::BufRead::read_line(&mut reader, &mut line).unwrap();
+        assert_eq!(line, "{\"ok\":true,\"result\":1}\n");
+
+        // An overlong line: an error, then the connection closes.
+        client.write_all(&vec![b'x'; MAX_REQUEST + 10]).unwrap();
+        let mut closed = false;
+        for _ in 0..100 {
+            if let Incoming::Closed = server.read(id, now) {
+                closed = true;
+                break;
+            }
+            server.flush(id);
+            if !server.conns.contains_key(&id) {
+                closed = true;
+                break;
+            }
+        }
+        assert!(closed, "overlong request did not close the connection");
+        line.clear();
+        io::BufRead::read_line(&mut reader, &mut line).unwrap();
+        assert!(line.contains("longer than"), "{line}");
+    }
+
+    #[test]
+    fn idle_connections_expire() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("c.sock");
+        let me = nix::unistd::geteuid().as_raw();
+        let mut server = ControlServer::bind(
+            &path,
+            Access {
+                uid: me,
+                group: None,
+            },
+        )
+        .unwrap();
+        let _client = UnixStream::connect(&path).unwrap();
+        let t = Instant::now();
+        server.accept(t);
+        assert_eq!(server.expire(t), Some(t + IDLE_TIMEOUT));
+        assert_eq!(server.expire(t + IDLE_TIMEOUT), None);
+        assert!(server.conns.is_empty());
+    }
+}

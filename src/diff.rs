@@ -1,0 +1,231 @@
+//! Reload planning: the old config against the new one, program by program. Pure.
+//!
+//! Keys that shape the process (SPEC §9) need a new process; every other key applies in
+//! place. `workers` is reported apart, since scaling never touches the survivors.
+
+use crate::config::{Config, Program, ReloadMode};
+
+/// Keys whose change needs a new process.
+pub const PROCESS_KEYS: &[&str] = &[
+    "command",
+    "env",
+    "inherit_env",
+    "cwd",
+    "user",
+    "group",
+    "umask",
+    "listen",
+    "locks",
+    "stdout",
+    "stderr",
+    "queue",
+    "ready",
+    "watchdog",
+];
+
+#[derive(Debug, Clone, PartialEq)]
+pub enum Change {
+    Added(String),
+    Removed(String),
+    Changed {
+        name: String,
+        /// (old, new) when the file's `workers` changed.
+        workers: Option<(u32, u32)>,
+        /// Changed keys that need a new process.
+        process: Vec<&'static str>,
+        /// Changed keys applied in place.
+        settings: Vec<&'static str>,
+        /// `reload = "signal"`: the workers get `reload_signal` (unless they are replaced).
+        signal: bool,
+    },
+}
+
+impl Change {
+    pub fn name(&self) -> &str {
+        match self {
+            Change::Added(n) | Change::Removed(n) => n,
+            Change::Changed { name, .. } => name,
+        }
+    }
+
+    /// One line for `plumule reload` and the log.
+    pub fn describe(&self, new: &Config) -> String {
+        match self {
+            Change::Added(n) => format!("{n}: added"),
+            Change::Removed(n) => format!("{n}: removed"),
+            Change::Changed {
+                name,
+                workers,
+                process,
+                settings,
+                signal,
+            } => {
+                let mut parts = Vec::new();
+                if let Some((a, b)) = workers {
+                    parts.push(format!("workers {a} -> {b}"));
+                }
+                if !process.is_empty() {
+                    let how = match new.program(name).map(|p| p.reload) {
+                        Some(ReloadMode::None) => "applies at each worker's next restart",
+                        _ => "rolling restart",
+                    };
+                    parts.push(format!("{} changed ({how})", process.join(", ")));
+                }
+                if !settings.is_empty() {
+                    parts.push(format!(
+                        "{} changed (applied in place)",
+                        settings.join(", ")
+                    ));
+                }
+                if *signal && process.is_empty() {
+                    parts.push("reload signal sent".to_string());
+                }
+                format!("{name}: {}", parts.join("; "))
+            }
+        }
+    }
+}
+
+/// Lists what differs between the two configs; unchanged programs are absent, except those
+/// with `reload = "signal"`, which are signalled at every reload.
+pub fn diff(old: &Config, new: &Config) -> Vec<Change> {
+    let mut changes = Vec::new();
+    for p in &old.programs {
+        if new.program(&p.name).is_none() {
+            changes.push(Change::Removed(p.name.clone()));
+        }
+    }
+    for n in &new.programs {
+        let Some(o) = old.program(&n.name) else {
+            changes.push(Change::Added(n.name.clone()));
+            continue;
+        };
+        let (process, settings) = changed_keys(o, n);
+        let workers = (o.workers != n.workers).then_some((o.workers, n.workers));
+        let signal = n.reload == ReloadMode::Signal;
+        if workers.is_some() || !process.is_empty() || !settings.is_empty() || signal {
+            changes.push(Change::Changed {
+                name: n.name.clone(),
+                workers,
+                process,
+                settings,
+                signal,
+            });
+        }
+    }
+    changes
+}
+
+/// (process keys, in-place keys) that differ, `workers` excluded.
+pub fn changed_keys(o: &Program, n: &Program) -> (Vec<&'static str>, Vec<&'static str>) {
+    let mut process = Vec::new();
+    let mut settings = Vec::new();
+    macro_rules! cmp {
+        ($list:ident: $($field:ident),*) => {
+            $( if o.$field != n.$field { $list.push(stringify!($field)); } )*
+        };
+    }
+    cmp!(process: command, env, inherit_env, cwd, user, group, umask, listen, locks, stdout,
+        stderr, queue, ready, watchdog);
+    cmp!(settings: restart, success_exit_codes, healthy_after, backoff, start_limit, stop_signal,
+        stop_timeout, reload, reload_signal, ready_timeout, after);
+    (process, settings)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::{CommandSpec, RestartPolicy};
+    use crate::test_support::{config, program};
+    use std::time::Duration;
+
+    #[test]
+    fn unchanged_programs_are_absent() {
+        let a = config(vec![program("web", 2), program("db", 1)]);
+        assert_eq!(diff(&a, &a.clone()), vec![]);
+    }
+
+    #[test]
+    fn add_remove_and_rename() {
+        let old = config(vec![program("web", 2), program("old", 1)]);
+        let new = config(vec![program("web", 2), program("new", 1)]);
+        assert_eq!(
+            diff(&old, &new),
+            vec![Change::Removed("old".into()), Change::Added("new".into())]
+        );
+    }
+
+    #[test]
+    fn scale_only_is_not_a_process_change() {
+        let old = config(vec![program("web", 2)]);
+        let new = config(vec![program("web", 5)]);
+        assert_eq!(
+            diff(&old, &new),
+            vec![Change::Changed {
+                name: "web".into(),
+                workers: Some((2, 5)),
+                process: vec![],
+                settings: vec![],
+                signal: false
+            }]
+        );
+    }
+
+    #[test]
+    fn process_keys_and_settings_are_told_apart() {
+        let old = config(vec![program("web", 2)]);
+        let mut p = program("web", 2);
+        p.command = CommandSpec::Argv(vec!["/bin/false".into()]);
+        p.env.insert("A".into(), "1".into());
+        p.restart = RestartPolicy::Never;
+        p.stop_timeout = Duration::from_secs(3);
+        let new = config(vec![p]);
+        let changes = diff(&old, &new);
+        assert_eq!(
+            changes,
+            vec![Change::Changed {
+                name: "web".into(),
+                workers: None,
+                process: vec!["command", "env"],
+                settings: vec!["restart", "stop_timeout"],
+                signal: false
+            }]
+        );
+        assert_eq!(
+            changes[0].describe(&new),
+            "web: command, env changed (rolling restart); restart, stop_timeout changed (applied in place)"
+        );
+    }
+
+    #[test]
+    fn signal_programs_are_listed_even_when_unchanged() {
+        let mut p = program("web", 1);
+        p.reload = ReloadMode::Signal;
+        let a = config(vec![p]);
+        let changes = diff(&a, &a.clone());
+        assert_eq!(
+            changes,
+            vec![Change::Changed {
+                name: "web".into(),
+                workers: None,
+                process: vec![],
+                settings: vec![],
+                signal: true
+            }]
+        );
+        assert_eq!(changes[0].describe(&a), "web: reload signal sent");
+    }
+
+    #[test]
+    fn every_process_key_is_a_field_compared() {
+        // The macro list and PROCESS_KEYS must agree, or reload would misjudge a key.
+        let o = program("web", 1);
+        let mut n = program("web", 1);
+        n.umask = Some(0o022);
+        n.cwd = Some("/tmp".into());
+        n.inherit_env = false;
+        let (process, _) = changed_keys(&o, &n);
+        assert!(process.iter().all(|k| PROCESS_KEYS.contains(k)));
+        assert_eq!(process, vec!["inherit_env", "cwd", "umask"]);
+    }
+}

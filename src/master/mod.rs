@@ -1,0 +1,1115 @@
+//! The master: one thread, one poll(2) loop, the only code that carries out actions.
+//!
+//! Every wake-up runs the same pass: drain signals, reap children, read worker pipes, then
+//! [`plan`] and carry out its actions. The poll timeout is the earliest deadline the plan
+//! reports (a backoff, a kill); with none, poll waits forever, so an idle master never wakes.
+
+use std::collections::HashMap;
+use std::os::fd::{AsRawFd, OwnedFd, RawFd};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use nix::sys::signal::Signal;
+use nix::unistd::Pid;
+
+use crate::backoff::Jitter;
+use crate::config::{Config, ListenAddr, OutputSpec, Program};
+use crate::orphans;
+use crate::output::{LineSplitter, LogRing, RotatingFile, Stream, DEFAULT_MAX_LINE};
+use crate::plan::{plan, Action, Phase, Pool};
+use crate::slot::{Event, Exit, Slot};
+use crate::sys;
+use crate::sys::pidfile::{Pidfile, PidfileError};
+use crate::sys::signals::{Signals, HANDLED};
+use crate::sys::spawn::{Report, Stage};
+use crate::worker;
+
+mod requests;
+
+/// How much recent worker output the master keeps for `plumule logs`.
+const LOG_RING_LINES: usize = 10_000;
+const LOG_RING_BYTES: usize = 4 * 1024 * 1024;
+
+/// Why the master could not run.
+#[derive(Debug, thiserror::Error)]
+pub enum MasterError {
+    #[error(transparent)]
+    Busy(PidfileError),
+    #[error("cannot prepare {what} {path}: {reason}")]
+    Dir {
+        what: &'static str,
+        path: PathBuf,
+        reason: String,
+    },
+    #[error("cannot set up the master: {0}")]
+    Setup(std::io::Error),
+}
+
+impl MasterError {
+    /// 3 when another master owns the runtime dir, else 1.
+    pub fn exit_code(&self) -> i32 {
+        match self {
+            MasterError::Busy(PidfileError::Busy { .. }) => 3,
+            _ => 1,
+        }
+    }
+}
+
+enum Sink {
+    Log,
+    File(PathBuf),
+}
+
+struct OutPipe {
+    fd: OwnedFd,
+    splitter: LineSplitter,
+    sink: Sink,
+}
+
+/// What the master holds for one live worker process.
+struct Proc {
+    program: Arc<str>,
+    id: u32,
+    /// Status pipe until the exec is confirmed (or the child died).
+    status: Option<OwnedFd>,
+    lock_names: Vec<String>,
+    stdout: Option<OutPipe>,
+    stderr: Option<OutPipe>,
+    start_time: u64,
+    stop_signal: Signal,
+    stop_timeout: Duration,
+}
+
+impl Proc {
+    fn tag(&self) -> String {
+        format!("{}.{}", self.program, self.id)
+    }
+}
+
+/// Where a ready descriptor of the poll set leads.
+#[derive(Debug, Clone, Copy)]
+enum Source {
+    Signals,
+    Listener,
+    Client(u64),
+    Notify,
+    Status(Pid),
+    Output(Pid, Stream),
+}
+
+pub struct Master {
+    config: Arc<Config>,
+    pools: Vec<Pool>,
+    procs: HashMap<Pid, Proc>,
+    signals: Signals,
+    pidfile: Option<Pidfile>,
+    phase: Phase,
+    jitter: Jitter,
+    ctx: worker::Context,
+    dev_null: OwnedFd,
+    files: HashMap<PathBuf, RotatingFile>,
+    groups_dirty: bool,
+    control: Option<crate::control::ControlServer>,
+    waiters: Vec<requests::Waiter>,
+    systemd: SystemdLink,
+    notify_socket: Option<sys::notify::NotifySocket>,
+    /// Bound once, kept across reloads while some program lists them.
+    listeners: HashMap<ListenAddr, OwnedFd>,
+    /// Recent worker output for `plumule logs`.
+    log_ring: LogRing,
+    /// `logs --follow` connections: (connection, filter, next line to send).
+    followers: Vec<(u64, Option<String>, u64)>,
+}
+
+/// What the master tells systemd, and when.
+struct SystemdLink {
+    notifier: sys::notify::Notifier,
+    ready_sent: bool,
+    /// A reload is being applied: READY=1 once these programs are settled.
+    reloading: Option<Vec<String>>,
+    last_status: String,
+    /// Half of `$WATCHDOG_USEC`, when systemd watches us.
+    watchdog_every: Option<Duration>,
+    watchdog_next: Option<Instant>,
+}
+
+impl SystemdLink {
+    fn from_env(now: Instant) -> SystemdLink {
+        let notifier = sys::notify::Notifier::from_env();
+        let ours = std::env::var("WATCHDOG_PID")
+            .ok()
+            .and_then(|p| p.parse::<u32>().ok());
+        let watchdog_every = std::env::var("WATCHDOG_USEC")
+            .ok()
+            .and_then(|u| u.parse::<u64>().ok())
+            .filter(|&u| {
+                u > 0 && ours.is_none_or(|p| p == std::process::id()) && notifier.enabled()
+            })
+            .map(|u| Duration::from_micros(u / 2));
+        SystemdLink {
+            notifier,
+            ready_sent: false,
+            reloading: None,
+            last_status: String::new(),
+            watchdog_every,
+            watchdog_next: watchdog_every.map(|w| now + w),
+        }
+    }
+}
+
+/// Creates a missing directory with `mode`; refuses one that others may write to.
+fn prepare_dir(what: &'static str, path: &Path, mode: u32) -> Result<(), MasterError> {
+    use std::os::unix::fs::{DirBuilderExt, MetadataExt};
+    let err = |reason: String| MasterError::Dir {
+        what,
+        path: path.to_path_buf(),
+        reason,
+    };
+    if let Err(e) = std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(mode)
+        .create(path)
+    {
+        return Err(err(e.to_string()));
+    }
+    let meta = std::fs::symlink_metadata(path).map_err(|e| err(e.to_string()))?;
+    if !meta.is_dir() {
+        return Err(err("not a directory".into()));
+    }
+    if meta.mode() & 0o002 != 0 {
+        return Err(err(format!(
+            "it is writable by other users (mode {:04o}); run chmod o-w on it",
+            meta.mode() & 0o7777
+        )));
+    }
+    Ok(())
+}
+
+impl Master {
+    /// Takes the runtime dir (pidfile), stops leftovers of a previous master, and registers
+    /// the signals — all before the first worker is forked.
+    pub fn new(config: Config) -> Result<Master, MasterError> {
+        prepare_dir("runtime_dir", &config.runtime_dir, 0o755)?;
+        let pidfile = Pidfile::acquire(&config.runtime_dir).map_err(MasterError::Busy)?;
+        prepare_dir("state_dir", &config.state_dir, 0o700)?;
+        prepare_dir("lock_dir", &config.lock_dir, 0o755)?;
+        let signals = Signals::register(&HANDLED).map_err(MasterError::Setup)?;
+        if let Err(e) = sys::process::become_subreaper() {
+            log::warn!("cannot become the subreaper of the workers' children, ignoring: {e}");
+        }
+        let nofile = sys::process::raise_nofile_limit()
+            .map_err(|e| log::warn!("cannot raise the open-file limit, ignoring: {e}"))
+            .ok();
+        orphans::stop_leftovers(&config.runtime_dir);
+        let dev_null = sys::dev_null().map_err(MasterError::Setup)?;
+        let notify_path = config.runtime_dir.join("notify.sock");
+        let notify_socket =
+            sys::notify::NotifySocket::bind(&notify_path).map_err(|e| MasterError::Dir {
+                what: "notify socket",
+                path: notify_path.clone(),
+                reason: e.to_string(),
+            })?;
+        let ctx = worker::Context {
+            lock_dir: config.lock_dir.clone(),
+            lock_mode: if config.control_group.is_some() {
+                0o664
+            } else {
+                0o644
+            },
+            nofile,
+            notify_socket: Some(notify_path),
+        };
+        let mut listeners = HashMap::new();
+        for (name, fd) in sys::listen::from_systemd() {
+            listeners.insert(ListenAddr::Systemd(name), fd);
+        }
+        bind_listeners(&config, &mut listeners).map_err(|(path, reason)| MasterError::Dir {
+            what: "listen socket",
+            path,
+            reason,
+        })?;
+        let pools = config
+            .programs
+            .iter()
+            .map(|p| Pool::new(Arc::new(p.clone())))
+            .collect();
+        let access = crate::control::Access {
+            uid: nix::unistd::geteuid().as_raw(),
+            group: config.control_group.clone(),
+        };
+        let control_path = config.runtime_dir.join("control.sock");
+        let control = crate::control::ControlServer::bind(&control_path, access).map_err(|e| {
+            MasterError::Dir {
+                what: "control socket",
+                path: control_path.clone(),
+                reason: e.to_string(),
+            }
+        })?;
+        Ok(Master {
+            config: Arc::new(config),
+            pools,
+            procs: HashMap::new(),
+            signals,
+            pidfile: Some(pidfile),
+            phase: Phase::Running,
+            jitter: Jitter::from_entropy(),
+            ctx,
+            dev_null,
+            files: HashMap::new(),
+            groups_dirty: false,
+            control: Some(control),
+            waiters: Vec::new(),
+            systemd: SystemdLink::from_env(Instant::now()),
+            notify_socket: Some(notify_socket),
+            listeners,
+            log_ring: LogRing::new(LOG_RING_LINES, LOG_RING_BYTES),
+            followers: Vec::new(),
+        })
+    }
+
+    /// Runs until a graceful stop has finished.
+    pub fn run(mut self) -> Result<(), MasterError> {
+        log::info!(
+            "plumule {} started (pid {}), {} program(s), runtime dir {}",
+            env!("CARGO_PKG_VERSION"),
+            std::process::id(),
+            self.pools.len(),
+            self.config.runtime_dir.display()
+        );
+        loop {
+            let now = Instant::now();
+            let mut wake_at = self.settle(now);
+            self.check_waiters(now);
+            self.feed_followers();
+            if let Some(t) = self.tell_systemd(now) {
+                wake_at = Some(wake_at.map_or(t, |w| w.min(t)));
+            }
+            if let Some(t) = self.control.as_mut().and_then(|c| c.expire(now)) {
+                wake_at = Some(wake_at.map_or(t, |w| w.min(t)));
+            }
+            if matches!(self.phase, Phase::ShuttingDown { .. }) && self.procs.is_empty() {
+                break;
+            }
+            self.save_groups();
+            let (mut fds, sources) = self.poll_set();
+            let timeout = wake_at.map(|t| t.saturating_duration_since(Instant::now()));
+            let ready = sys::poll(&mut fds, timeout).map_err(MasterError::Setup)?;
+            if ready == 0 {
+                continue;
+            }
+            // Signals (and so reaping) first: a worker's exit is known before its pipes close.
+            if fds[0].revents != 0 {
+                self.handle_signals();
+            }
+            for (fd, source) in fds.iter().zip(&sources).skip(1) {
+                if fd.revents == 0 {
+                    continue;
+                }
+                match *source {
+                    Source::Status(pid) => self.read_status(pid, Instant::now()),
+                    Source::Output(pid, stream) => self.read_output(pid, stream),
+                    Source::Listener => {
+                        if let Some(c) = self.control.as_mut() {
+                            c.accept(Instant::now());
+                        }
+                    }
+                    Source::Client(id) => self.serve_client(id, fd.revents),
+                    Source::Notify => self.read_notifications(Instant::now()),
+                    Source::Signals => {}
+                }
+            }
+        }
+        self.finish();
+        Ok(())
+    }
+
+    /// Plans and acts until nothing is left to do now; returns the next deadline.
+    fn settle(&mut self, now: Instant) -> Option<Instant> {
+        // Each action changes the state it was planned from, so this converges; the bound
+        // only guards against a planning bug turning into a busy loop.
+        for _ in 0..16 {
+            let plan = plan(&self.pools, self.phase, now);
+            if plan.actions.is_empty() {
+                return plan.wake_at;
+            }
+            for action in plan.actions {
+                self.act(action, now);
+            }
+            self.pools.retain(|p| !(p.removed && p.slots.is_empty()));
+        }
+        log::error!("planning did not settle; retrying in 10ms");
+        Some(now + Duration::from_millis(10))
+    }
+
+    fn act(&mut self, action: Action, now: Instant) {
+        match action {
+            Action::Spawn { pool, id } => self.spawn(pool, id, now),
+            Action::Stop { pool, id } => self.stop(pool, id, now),
+            Action::Kill { pool, id } => {
+                let (program, slot) = self.slot_mut(pool, id);
+                if let Some(pid) = slot.pid() {
+                    log::warn!(
+                        "{}.{}: still running after its stop timeout; sending KILL",
+                        program.name,
+                        id
+                    );
+                    let _ = sys::process::signal_group(pid, Signal::SIGKILL);
+                    slot.transition(Event::Killed, &program, now);
+                }
+            }
+            Action::CancelBackoff { pool, id } => {
+                let (program, slot) = self.slot_mut(pool, id);
+                slot.transition(Event::CancelBackoff, &program, now);
+            }
+            Action::Forget { pool, .. } => {
+                self.pools[pool].slots.pop();
+            }
+            Action::Roll { pool, id } => self.roll(pool, id, now),
+            Action::Restart { pool, id } => {
+                self.pools[pool].slots[id as usize].restart_after_stop = true;
+                self.stop(pool, id, now);
+            }
+            Action::Retire { pool, id } => {
+                let stop_timeout = self.pools[pool].program.stop_timeout;
+                let signal = self.pools[pool].program.stop_signal;
+                let deadline = match self.phase {
+                    Phase::ShuttingDown { deadline } => deadline.min(now + stop_timeout),
+                    Phase::Running => now + stop_timeout,
+                };
+                let tag = format!("{}.{}", self.pools[pool].program.name, id);
+                if let Some(r) = self.pools[pool].slots[id as usize].retiring.as_mut() {
+                    log::info!("{tag}: successor is up; stopping the old process {}", r.pid);
+                    let _ = sys::process::signal_group(r.pid, signal);
+                    r.kill_at = Some(deadline);
+                }
+            }
+            Action::ReadyTimeout { pool, id } => {
+                let program = Arc::clone(&self.pools[pool].program);
+                log::error!(
+                    "{}.{}: not ready after {}; stopping it",
+                    program.name,
+                    id,
+                    crate::format_duration(program.ready_timeout)
+                );
+                self.pools[pool].slots[id as usize].stop_reason =
+                    Some(crate::slot::StopReason::ReadyTimeout);
+                self.stop(pool, id, now);
+            }
+            Action::WatchdogMiss { pool, id } => {
+                let (program, slot) = self.slot_mut(pool, id);
+                let Some(pid) = slot.pid() else { return };
+                log::error!("{}.{}: missed its watchdog; sending ABRT", program.name, id);
+                let _ = nix::sys::signal::kill(pid, Signal::SIGABRT);
+                slot.stop_reason = Some(crate::slot::StopReason::Watchdog);
+                slot.transition(
+                    Event::Stop {
+                        kill_at: now + program.stop_timeout,
+                    },
+                    &program,
+                    now,
+                );
+            }
+            Action::KillRetiring { pool, id } => {
+                if let Some(r) = self.pools[pool].slots[id as usize].retiring.as_mut() {
+                    let _ = sys::process::signal_group(r.pid, Signal::SIGKILL);
+                    r.killed = true;
+                }
+            }
+        }
+    }
+
+    /// Moves the running process aside (it keeps serving) and starts its successor.
+    fn roll(&mut self, pool: usize, id: u32, now: Instant) {
+        let slot = &mut self.pools[pool].slots[id as usize];
+        let crate::slot::SlotState::Running { pid, since } = slot.state else {
+            return;
+        };
+        slot.retiring = Some(crate::slot::Retiring {
+            pid,
+            since,
+            kill_at: None,
+            killed: false,
+        });
+        slot.state = crate::slot::SlotState::Stopped;
+        log::info!(
+            "{}.{}: rolling restart: starting a successor to {pid}",
+            self.pools[pool].program.name,
+            id
+        );
+        self.spawn(pool, id, now);
+    }
+
+    fn slot_mut(&mut self, pool: usize, id: u32) -> (Arc<Program>, &mut Slot) {
+        let pool = &mut self.pools[pool];
+        (Arc::clone(&pool.program), &mut pool.slots[id as usize])
+    }
+
+    fn stop(&mut self, pool: usize, id: u32, now: Instant) {
+        let mut kill_at = now + self.pools[pool].program.stop_timeout;
+        if let Phase::ShuttingDown { deadline } = self.phase {
+            kill_at = kill_at.min(deadline);
+        }
+        let (program, slot) = self.slot_mut(pool, id);
+        let Some(pid) = slot.pid() else { return };
+        log::debug!(
+            "{}.{}: sending {} to process group {pid}",
+            program.name,
+            id,
+            program.stop_signal
+        );
+        if let Err(e) = sys::process::signal_group(pid, program.stop_signal) {
+            log::warn!(
+                "{}.{}: cannot signal process group {pid}: {e}",
+                program.name,
+                id
+            );
+        }
+        slot.transition(Event::Stop { kill_at }, &program, now);
+    }
+
+    fn spawn(&mut self, pool: usize, id: u32, now: Instant) {
+        let workers = self.pools[pool].desired();
+        let program = Arc::clone(&self.pools[pool].program);
+        let slots = &mut self.pools[pool].slots;
+        if id as usize == slots.len() {
+            slots.push(Slot::new(id));
+        }
+        let tag = format!("{}.{}", program.name, id);
+        let fail = |master: &mut Master, reason: String| {
+            log::error!("{tag}: failed: cannot start: {reason}");
+            let slot = &mut master.pools[pool].slots[id as usize];
+            slot.transition(Event::Fail { reason }, &program, now);
+        };
+        let mut prepared = match worker::prepare(&program, id, workers, &self.ctx) {
+            Ok(p) => p,
+            Err(reason) => return fail(self, reason),
+        };
+        let stdout = match self.output(&program.stdout, 1) {
+            Ok(o) => o,
+            Err(reason) => return fail(self, reason),
+        };
+        let stderr = match self.output(&program.stderr, 2) {
+            Ok(o) => o,
+            Err(reason) => return fail(self, reason),
+        };
+        let mut pass_fds = Vec::with_capacity(program.listen.len());
+        for l in &program.listen {
+            match self.listeners.get(&l.address) {
+                Some(fd) => pass_fds.push(fd.as_raw_fd()),
+                None => {
+                    return fail(
+                        self,
+                        format!("no socket bound for {}", describe_addr(&l.address)),
+                    )
+                }
+            }
+        }
+        let req = &mut prepared.request;
+        req.pass_fds = pass_fds;
+        req.stdin = self.dev_null.as_raw_fd();
+        req.stdout = stdout.0;
+        req.stderr = stderr.0;
+        let child = match sys::spawn::spawn(req) {
+            Ok(c) => c,
+            Err(e) => {
+                // fork failing (EAGAIN, ENOMEM) is transient: retry as after a quick crash.
+                log::error!("{tag}: cannot fork: {e}");
+                let slot = &mut self.pools[pool].slots[id as usize];
+                slot.state = crate::slot::SlotState::Backoff {
+                    until: now + program.backoff.initial,
+                };
+                return;
+            }
+        };
+        // The write ends now live in the child only.
+        drop(stdout.1);
+        drop(stderr.1);
+        log::info!("{tag}: started (pid {})", child.pid);
+        self.procs.insert(
+            child.pid,
+            Proc {
+                program: Arc::from(program.name.as_str()),
+                id,
+                status: Some(child.status),
+                lock_names: prepared.lock_names,
+                stdout: stdout.2,
+                stderr: stderr.2,
+                start_time: sys::process::start_time(child.pid).unwrap_or(0),
+                stop_signal: program.stop_signal,
+                stop_timeout: program.stop_timeout,
+            },
+        );
+        self.groups_dirty = true;
+        let generation = self.pools[pool].generation;
+        let slot = &mut self.pools[pool].slots[id as usize];
+        slot.generation = generation;
+        slot.transition(Event::Spawned { pid: child.pid }, &program, now);
+    }
+
+    /// The descriptor a worker writes `fd` (1 or 2) to, the write end to close after fork
+    /// (if any), and the pipe the master reads (if any).
+    #[allow(clippy::type_complexity)]
+    fn output(
+        &mut self,
+        spec: &OutputSpec,
+        fd: RawFd,
+    ) -> Result<(RawFd, Option<OwnedFd>, Option<OutPipe>), String> {
+        let sink = match spec {
+            OutputSpec::Inherit => return Ok((fd, None, None)),
+            OutputSpec::Null => return Ok((self.dev_null.as_raw_fd(), None, None)),
+            OutputSpec::Log => Sink::Log,
+            OutputSpec::File {
+                path,
+                max_size,
+                keep,
+            } => {
+                if !self.files.contains_key(path) {
+                    let file = RotatingFile::open(path, *max_size, *keep)
+                        .map_err(|e| format!("cannot open output file {}: {e}", path.display()))?;
+                    self.files.insert(path.clone(), file);
+                }
+                Sink::File(path.clone())
+            }
+        };
+        let (r, w) = sys::pipe(true).map_err(|e| format!("cannot create an output pipe: {e}"))?;
+        let raw = w.as_raw_fd();
+        Ok((
+            raw,
+            Some(w),
+            Some(OutPipe {
+                fd: r,
+                splitter: LineSplitter::new(DEFAULT_MAX_LINE),
+                sink,
+            }),
+        ))
+    }
+
+    fn poll_set(&self) -> (Vec<libc::pollfd>, Vec<Source>) {
+        let mut fds = Vec::with_capacity(1 + self.procs.len() * 2);
+        let mut sources = Vec::with_capacity(fds.capacity());
+        let mut add = |fd: RawFd, source: Source| {
+            fds.push(libc::pollfd {
+                fd,
+                events: libc::POLLIN,
+                revents: 0,
+            });
+            sources.push(source);
+        };
+        add(self.signals.fd(), Source::Signals);
+        if let Some(n) = &self.notify_socket {
+            add(n.fd(), Source::Notify);
+        }
+        if let Some(c) = &self.control {
+            // During a graceful stop no new client is taken; those connected still get answers.
+            if self.phase == Phase::Running {
+                add(c.fd(), Source::Listener);
+            }
+        }
+        for (&pid, proc) in &self.procs {
+            if let Some(s) = &proc.status {
+                add(s.as_raw_fd(), Source::Status(pid));
+            }
+            if let Some(o) = &proc.stdout {
+                add(o.fd.as_raw_fd(), Source::Output(pid, Stream::Stdout));
+            }
+            if let Some(o) = &proc.stderr {
+                add(o.fd.as_raw_fd(), Source::Output(pid, Stream::Stderr));
+            }
+        }
+        if let Some(c) = &self.control {
+            for (fd, events, id) in c.poll_entries() {
+                fds.push(libc::pollfd {
+                    fd,
+                    events,
+                    revents: 0,
+                });
+                sources.push(Source::Client(id));
+            }
+        }
+        (fds, sources)
+    }
+
+    fn handle_signals(&mut self) {
+        for sig in self.signals.drain() {
+            match sig {
+                Signal::SIGCHLD => self.reap_all(),
+                Signal::SIGTERM | Signal::SIGINT => self.begin_shutdown(sig),
+                Signal::SIGHUP => {
+                    log::info!("SIGHUP: reloading {}", self.config.path.display());
+                    let _ = self.reload(Instant::now());
+                }
+                Signal::SIGUSR1 => self.reopen_files(),
+                _ => {}
+            }
+        }
+    }
+
+    fn begin_shutdown(&mut self, sig: Signal) {
+        if let Phase::ShuttingDown { .. } = self.phase {
+            log::info!("{sig} again: the graceful stop is already under way");
+            return;
+        }
+        let deadline = Instant::now() + self.config.shutdown_timeout;
+        log::info!(
+            "{sig}: stopping {} worker(s) (everything left is killed after {})",
+            self.procs.len(),
+            crate::format_duration(self.config.shutdown_timeout)
+        );
+        self.phase = Phase::ShuttingDown { deadline };
+        let extend = (self.config.shutdown_timeout + Duration::from_secs(5)).as_micros();
+        self.systemd
+            .notifier
+            .send(&format!("STOPPING=1\nEXTEND_TIMEOUT_USEC={extend}"));
+    }
+
+    /// READY=1 once every program has settled (first start, then after each reload),
+    /// STATUS= when the summary changes, WATCHDOG=1 when due. Returns the next watchdog time.
+    fn tell_systemd(&mut self, now: Instant) -> Option<Instant> {
+        if !self.systemd.notifier.enabled() {
+            return None;
+        }
+        if self.phase == Phase::Running {
+            let settled = |pools: &[Pool], names: Option<&Vec<String>>| {
+                pools
+                    .iter()
+                    .filter(|p| names.is_none_or(|n| n.contains(&p.program.name)))
+                    .all(|p| crate::plan::settled_for_ready(pools, p))
+            };
+            if !self.systemd.ready_sent && settled(&self.pools, None) {
+                self.systemd.ready_sent = true;
+                self.systemd
+                    .notifier
+                    .send(&format!("READY=1\nSTATUS={}", self.summary()));
+                self.systemd.last_status = self.summary();
+            }
+            if let Some(names) = &self.systemd.reloading {
+                if settled(&self.pools, Some(names)) {
+                    self.systemd.reloading = None;
+                    self.systemd.notifier.send("READY=1");
+                }
+            }
+        }
+        let status = self.summary();
+        if status != self.systemd.last_status {
+            self.systemd.notifier.send(&format!("STATUS={status}"));
+            self.systemd.last_status = status;
+        }
+        if let (Some(every), Some(next)) = (self.systemd.watchdog_every, self.systemd.watchdog_next)
+        {
+            if next <= now {
+                self.systemd.notifier.send("WATCHDOG=1");
+                self.systemd.watchdog_next = Some(now + every);
+            }
+        }
+        self.systemd.watchdog_next
+    }
+
+    /// "12/12 workers running, 0 failed", plus what is degraded.
+    fn summary(&self) -> String {
+        let mut wanted = 0;
+        let mut running = 0;
+        let mut failed = Vec::new();
+        for pool in &self.pools {
+            let desired = pool.desired();
+            wanted += desired;
+            for slot in pool.slots.iter().filter(|s| s.id < desired) {
+                match slot.state {
+                    crate::slot::SlotState::Running { .. } => running += 1,
+                    crate::slot::SlotState::Failed { .. } => {
+                        failed.push(format!("{}.{}", pool.program.name, slot.id))
+                    }
+                    _ => {}
+                }
+            }
+        }
+        let mut s = format!(
+            "{running}/{wanted} workers running, {} failed",
+            failed.len()
+        );
+        if !failed.is_empty() {
+            failed.truncate(5);
+            s.push_str(&format!(" ({})", failed.join(", ")));
+        }
+        if self.phase != Phase::Running {
+            s = format!("stopping: {s}");
+        }
+        s
+    }
+
+    /// Messages on plumule's notify socket, from workers (or their children).
+    fn read_notifications(&mut self, now: Instant) {
+        let Some(sock) = &self.notify_socket else {
+            return;
+        };
+        let mut messages = Vec::new();
+        while let Some(m) = sock.recv() {
+            messages.push(m);
+            if messages.len() >= 256 {
+                break;
+            }
+        }
+        for (sender, text) in messages {
+            self.on_notification(Pid::from_raw(sender), &text, now);
+        }
+    }
+
+    fn on_notification(&mut self, sender: Pid, text: &str, now: Instant) {
+        // A worker's children speak for it too (as with NotifyAccess=all): match the group.
+        let pid = if self.procs.contains_key(&sender) {
+            sender
+        } else {
+            match nix::unistd::getpgid(Some(sender)) {
+                Ok(pgid) if self.procs.contains_key(&pgid) => pgid,
+                _ => {
+                    log::debug!(
+                        "notify socket: ignoring a message from pid {sender}, not a worker"
+                    );
+                    return;
+                }
+            }
+        };
+        let Some(proc) = self.procs.get(&pid) else {
+            return;
+        };
+        let (name, id) = (Arc::clone(&proc.program), proc.id);
+        let Some((program, slot)) = self.find_slot(&name, id, pid) else {
+            return;
+        };
+        for line in text.lines() {
+            match line.split_once('=') {
+                Some(("READY", "1")) => {
+                    slot.transition(Event::Ready, &program, now);
+                }
+                Some(("WATCHDOG", "1")) => slot.transition(Event::WatchdogPing, &program, now),
+                Some(("STATUS", s)) => slot.status = Some(s.chars().take(256).collect()),
+                _ => {}
+            }
+        }
+    }
+
+    fn reopen_files(&mut self) {
+        log::info!("SIGUSR1: reopening {} output file(s)", self.files.len());
+        for file in self.files.values_mut() {
+            if let Err(e) = file.reopen() {
+                log::error!("cannot reopen {}: {e}", file.path().display());
+            }
+        }
+    }
+
+    /// Reaps every exited child: SIGCHLD coalesces, so one signal may stand for many.
+    fn reap_all(&mut self) {
+        loop {
+            let procs = &self.procs;
+            match sys::process::reap_one(|pid| procs.contains_key(&pid)) {
+                Ok(Some(reaped)) => self.on_exit(reaped.pid, reaped.exit),
+                Ok(None) => return,
+                Err(e) => {
+                    log::error!("waitid failed: {e}");
+                    return;
+                }
+            }
+        }
+    }
+
+    fn on_exit(&mut self, pid: Pid, exit: Exit) {
+        let now = Instant::now();
+        let Some(mut proc) = self.procs.remove(&pid) else {
+            log::debug!("reaped process {pid} ({exit}), not a worker");
+            return;
+        };
+        self.groups_dirty = true;
+        // Whatever the child reported before dying, and its last output.
+        self.drain_status(&mut proc, pid, now);
+        for stream in [Stream::Stdout, Stream::Stderr] {
+            let tag = proc.tag();
+            let pipe = match stream {
+                Stream::Stdout => proc.stdout.as_mut(),
+                Stream::Stderr => proc.stderr.as_mut(),
+            };
+            if let Some(pipe) = pipe {
+                pump(
+                    pipe,
+                    &tag,
+                    stream,
+                    &mut self.files,
+                    &mut self.log_ring,
+                    true,
+                );
+            }
+        }
+        let jitter = self.jitter.sample();
+        if let Some(pool) = self
+            .pools
+            .iter_mut()
+            .find(|p| *p.program.name == *proc.program)
+        {
+            if let Some(slot) = pool.slots.get_mut(proc.id as usize) {
+                if slot.retiring.as_ref().is_some_and(|r| r.pid == pid) {
+                    slot.retiring = None;
+                    log::info!("{}: old process {pid} stopped ({exit})", proc.tag());
+                    return;
+                }
+            }
+        }
+        let Some((program, slot)) = self.find_slot(&proc.program, proc.id, pid) else {
+            return;
+        };
+        let before = slot.state.name();
+        slot.transition(Event::Exited { exit, jitter }, &program, now);
+        let tag = proc.tag();
+        match &slot.state {
+            crate::slot::SlotState::Backoff { until } => {
+                let delay = until.saturating_duration_since(now);
+                if delay.is_zero() {
+                    log::info!("{tag}: {exit}; restarting");
+                } else {
+                    log::warn!(
+                        "{tag}: {exit}; restarting in {}",
+                        crate::format_duration(delay)
+                    );
+                }
+            }
+            crate::slot::SlotState::Failed { reason } => log::error!("{tag}: failed: {reason}"),
+            crate::slot::SlotState::Exited { .. } => log::info!(
+                "{tag}: {exit}; not restarted (restart = {:?})",
+                program.restart
+            ),
+            _ if before == "stopping" => log::info!("{tag}: stopped ({exit})"),
+            _ => log::info!("{tag}: {exit}"),
+        }
+    }
+
+    /// The slot whose live process is `pid`.
+    fn find_slot(&mut self, program: &str, id: u32, pid: Pid) -> Option<(Arc<Program>, &mut Slot)> {
+        let pool = self
+            .pools
+            .iter_mut()
+            .find(|p| &*p.program.name == program)?;
+        let program = Arc::clone(&pool.program);
+        let slot = pool.slots.get_mut(id as usize)?;
+        (slot.pid() == Some(pid)).then_some((program, slot))
+    }
+
+    fn read_status(&mut self, pid: Pid, now: Instant) {
+        if let Some(mut proc) = self.procs.remove(&pid) {
+            self.drain_status(&mut proc, pid, now);
+            self.procs.insert(pid, proc);
+        }
+    }
+
+    fn drain_status(&mut self, proc: &mut Proc, pid: Pid, now: Instant) {
+        let Some(fd) = &proc.status else { return };
+        let (reports, eof) = match sys::spawn::read_reports(fd.as_raw_fd()) {
+            Ok(r) => r,
+            Err(e) => {
+                log::warn!("{}: cannot read its status pipe: {e}", proc.tag());
+                (Vec::new(), true)
+            }
+        };
+        let lock_names = proc.lock_names.clone();
+        let tag = proc.tag();
+        let Some((program, slot)) = self.find_slot(&proc.program, proc.id, pid) else {
+            proc.status = None;
+            return;
+        };
+        let mut failed = false;
+        for report in reports {
+            match report {
+                Report::WaitingForLock(i) => {
+                    let name = lock_names.get(i as usize).cloned().unwrap_or_default();
+                    log::info!("{tag}: waiting for lock {name}");
+                    slot.transition(Event::WaitingForLock { name }, &program, now);
+                }
+                Report::Failed { stage, errno } => {
+                    failed = true;
+                    slot.start_error = Some(describe_failure(&program, stage, errno, &lock_names));
+                }
+            }
+        }
+        if eof {
+            proc.status = None;
+            if !failed {
+                slot.transition(Event::Exec, &program, now);
+            }
+        }
+    }
+
+    fn read_output(&mut self, pid: Pid, stream: Stream) {
+        let Some(proc) = self.procs.get_mut(&pid) else {
+            return;
+        };
+        let tag = proc.tag();
+        let pipe = match stream {
+            Stream::Stdout => &mut proc.stdout,
+            Stream::Stderr => &mut proc.stderr,
+        };
+        if let Some(p) = pipe {
+            if pump(p, &tag, stream, &mut self.files, &mut self.log_ring, false) {
+                *pipe = None;
+            }
+        }
+    }
+
+    /// Records the live process groups for a later master (see [`orphans`]).
+    fn save_groups(&mut self) {
+        if !std::mem::take(&mut self.groups_dirty) {
+            return;
+        }
+        let groups: Vec<orphans::Group> = self
+            .procs
+            .iter()
+            .map(|(&pid, p)| orphans::Group {
+                pgid: pid,
+                start_time: p.start_time,
+                stop_signal: p.stop_signal,
+                stop_timeout: p.stop_timeout,
+            })
+            .collect();
+        if let Err(e) = orphans::write(&self.config.runtime_dir, &groups) {
+            log::warn!("cannot record the worker process groups, ignoring: {e}");
+        }
+    }
+
+    fn finish(mut self) {
+        self.abandon_waiters();
+        for addr in self.listeners.keys() {
+            if let ListenAddr::Unix(path) = addr {
+                let _ = std::fs::remove_file(path);
+            }
+        }
+        if let Some(c) = self.control.take() {
+            c.close();
+        }
+        if let Some(n) = self.notify_socket.take() {
+            n.close();
+        }
+        orphans::remove(&self.config.runtime_dir);
+        if let Some(p) = self.pidfile.take() {
+            p.remove();
+        }
+        log::info!("stopped");
+    }
+}
+
+/// Reads what a worker wrote and forwards it line by line. Returns true at end of file.
+/// Reads are bounded per call so that one chatty worker cannot starve the others.
+fn pump(
+    pipe: &mut OutPipe,
+    tag: &str,
+    stream: Stream,
+    files: &mut HashMap<PathBuf, RotatingFile>,
+    ring: &mut LogRing,
+    to_end: bool,
+) -> bool {
+    let mut buf = [0u8; 64 * 1024];
+    let mut rounds = 0;
+    let eof = loop {
+        match sys::read_available(pipe.fd.as_raw_fd(), &mut buf) {
+            Ok(Some(0)) if !to_end => break false,
+            Ok(Some(0)) => break true,
+            Ok(Some(n)) => {
+                let sink = &pipe.sink;
+                pipe.splitter
+                    .push(&buf[..n], |line| emit(sink, tag, stream, line, files, ring));
+                rounds += 1;
+                if rounds >= 16 && !to_end {
+                    break false;
+                }
+            }
+            Ok(None) | Err(_) => break true,
+        }
+    };
+    if eof {
+        let sink = &pipe.sink;
+        pipe.splitter
+            .finish(|line| emit(sink, tag, stream, line, files, ring));
+    }
+    eof
+}
+
+fn emit(
+    sink: &Sink,
+    tag: &str,
+    stream: Stream,
+    line: &[u8],
+    files: &mut HashMap<PathBuf, RotatingFile>,
+    ring: &mut LogRing,
+) {
+    ring.push(tag, stream, line);
+    match sink {
+        Sink::Log => crate::logging::worker_line(tag, line),
+        Sink::File(path) => {
+            if let Some(f) = files.get_mut(path) {
+                if let Err(e) = f.write_line(line) {
+                    log::warn!("{tag}: cannot write to {}: {e}", path.display());
+                }
+            }
+        }
+    }
+}
+
+fn describe_failure(program: &Program, stage: Stage, errno: i32, locks: &[String]) -> String {
+    let why = sys::spawn::errno_text(errno);
+    match stage {
+        Stage::Exec => format!("cannot execute {}: {why}", command_name(program)),
+        Stage::Chdir => format!(
+            "cannot change directory to {}: {why}",
+            program.cwd.as_deref().unwrap_or(Path::new("?")).display()
+        ),
+        Stage::Lock(i) => format!(
+            "cannot take lock {}: {why}",
+            locks.get(i as usize).map(String::as_str).unwrap_or("?")
+        ),
+        Stage::Credentials => format!(
+            "cannot switch to user {} / group {}: {why}",
+            program.user.as_ref().map_or("(same)", |u| u.name.as_str()),
+            program.group.as_ref().map_or("(same)", |g| g.name.as_str())
+        ),
+        Stage::Setup => format!("cannot set up the worker's descriptors: {why}"),
+    }
+}
+
+/// Binds every `listen` address of `config` not bound yet. The error names the address.
+fn bind_listeners(
+    config: &Config,
+    listeners: &mut HashMap<ListenAddr, OwnedFd>,
+) -> Result<(), (PathBuf, String)> {
+    for program in &config.programs {
+        for l in &program.listen {
+            if listeners.contains_key(&l.address) {
+                continue;
+            }
+            let fd = sys::listen::bind(&l.address, l.mode).map_err(|e| {
+                (
+                    PathBuf::from(describe_addr(&l.address)),
+                    format!("program {}: {e}", program.name),
+                )
+            })?;
+            log::info!(
+                "{}: listening on {}",
+                program.name,
+                describe_addr(&l.address)
+            );
+            listeners.insert(l.address.clone(), fd);
+        }
+    }
+    Ok(())
+}
+
+/// `tcp:HOST:PORT`, `unix:PATH`, `systemd:NAME`.
+pub fn describe_addr(addr: &ListenAddr) -> String {
+    match addr {
+        ListenAddr::Tcp(sa) => format!("tcp:{sa}"),
+        ListenAddr::Unix(p) => format!("unix:{}", p.display()),
+        ListenAddr::Systemd(n) => format!("systemd:{n}"),
+    }
+}
+
+/// The executable a program runs, for messages.
+fn command_name(program: &Program) -> &str {
+    match &program.command {
+        crate::config::CommandSpec::Argv(argv) => argv.first().map_or("?", String::as_str),
+        crate::config::CommandSpec::Shell(_) => "/bin/sh",
+    }
+}
