@@ -210,6 +210,9 @@ fn write_file(path: &Path, text: &str, mode: u32) -> Result<()> {
 
 #[derive(Default)]
 struct Report {
+    /// /proc/loadavg's 1, 5 and 15 minute figures just before the supervisor started: other
+    /// work on the machine skews every latency.
+    load_before: String,
     cold_start: Duration,
     memory: Memory,
     restarts: Vec<Duration>,
@@ -229,7 +232,12 @@ fn run(sup: &dyn Supervisor, opts: &Options) -> Result<Report> {
         .map_err(|e| format!("cannot create a temp dir: {e}"))?;
     let worker = build_worker(dir.path())?;
     let n = opts.workers;
-    let mut report = Report::default();
+    let mut report = Report {
+        load_before: fs::read_to_string("/proc/loadavg")
+            .map(|l| l.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
+            .unwrap_or_else(|_| "unknown".into()),
+        ..Report::default()
+    };
 
     eprintln!(
         "bench: {n} workers, {} kills, {} s idle",
@@ -830,7 +838,13 @@ impl Report {
             today()
         );
         let _ = writeln!(out, "machine: {}", machine());
-        let _ = writeln!(out, "binary: {}", opts.plumule.display());
+        let _ = writeln!(out, "load average before the run: {}", self.load_before);
+        let _ = writeln!(
+            out,
+            "binary: {}{}",
+            opts.plumule.display(),
+            source_of(&opts.plumule)
+        );
         let _ = writeln!(
             out,
             "run: {n} tiny workers, {} kills, {} s idle, healthy_after {}, backoff.initial {}{note}",
@@ -869,6 +883,27 @@ impl Report {
         }
         out
     }
+}
+
+/// " (built from git COMMIT)" when `bin` is this crate's own binary and git knows the commit.
+fn source_of(bin: &Path) -> String {
+    if bin != Path::new(env!("CARGO_BIN_EXE_plumule")) {
+        return String::new();
+    }
+    let commit = Command::new("git")
+        .args([
+            "-C",
+            env!("CARGO_MANIFEST_DIR"),
+            "rev-parse",
+            "--short",
+            "HEAD",
+        ])
+        .stderr(Stdio::null())
+        .output()
+        .ok()
+        .filter(|o| o.status.success())
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string());
+    commit.map_or(String::new(), |c| format!(" (built from git {c})"))
 }
 
 fn median(v: &[Duration]) -> Duration {
