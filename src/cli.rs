@@ -207,6 +207,46 @@ pub fn run(cli: Cli) -> i32 {
             &cli.config,
             Request::Scale { program, workers },
         ),
+        Command::Logs {
+            target,
+            lines,
+            follow,
+        } => {
+            let req = Request::Logs {
+                target,
+                lines,
+                follow,
+            };
+            if !follow {
+                return client::run(
+                    cli.socket.as_deref(),
+                    cli.config.as_deref(),
+                    req,
+                    |result| {
+                        client::print_log_lines(&result);
+                        0
+                    },
+                );
+            }
+            let socket = match client::socket_path(cli.socket.as_deref(), cli.config.as_deref()) {
+                Ok(s) => s,
+                Err(e) => return fail(e),
+            };
+            let mut code = 0;
+            let streamed = client::stream_answers(&socket, &req, |r| {
+                if let Some(e) = r.error {
+                    eprintln!("plumule: {e}");
+                    code = 1;
+                    return false;
+                }
+                client::print_log_lines(&r.result.unwrap_or_default());
+                true
+            });
+            match streamed {
+                Ok(()) => code,
+                Err(e) => fail(e),
+            }
+        }
         other => fail(format!("`{}` is not supported yet", command_name(&other))),
     }
 }
@@ -221,7 +261,6 @@ fn command_name(c: &Command) -> &'static str {
         Command::Submit { .. } => "submit",
         Command::Queue { .. } => "queue",
         Command::Requeue { .. } => "requeue",
-        Command::Logs { .. } => "logs",
         _ => "this command",
     }
 }
@@ -281,12 +320,17 @@ pub fn describe(config: &config::Config) -> String {
             config::CommandSpec::Argv(argv) => format!("{argv:?}"),
             config::CommandSpec::Shell(line) => format!("/bin/sh -c {line:?}"),
         };
+        let restart = match p.restart {
+            config::RestartPolicy::Always => "always",
+            config::RestartPolicy::OnFailure => "on-failure",
+            config::RestartPolicy::Never => "never",
+        };
         let _ = writeln!(
             out,
-            "  {:<16} workers={} restart={:?} stop={}/{} {}",
+            "  {:<16} workers={} restart={} stop={}/{} {}",
             p.name,
             p.workers,
-            p.restart,
+            restart,
             crate::slot::signal_name(p.stop_signal),
             crate::format_duration(p.stop_timeout),
             command

@@ -54,6 +54,23 @@ fn runtime_dir_of(path: &Path) -> Result<PathBuf, String> {
 
 /// Sends `req` and waits for its answer.
 pub fn call(socket: &Path, req: &Request) -> Result<Response, String> {
+    let mut answers = Vec::new();
+    stream_answers(socket, req, |r| {
+        answers.push(r);
+        false
+    })?;
+    answers
+        .pop()
+        .ok_or_else(|| "the master closed the connection without answering".into())
+}
+
+/// Sends `req` and hands every answer line to `on_answer` until it returns false or the
+/// master closes the connection (`logs --follow` streams many).
+pub fn stream_answers(
+    socket: &Path,
+    req: &Request,
+    mut on_answer: impl FnMut(Response) -> bool,
+) -> Result<(), String> {
     let stream = UnixStream::connect(socket).map_err(|e| match e.kind() {
         std::io::ErrorKind::NotFound | std::io::ErrorKind::ConnectionRefused => {
             format!(
@@ -69,14 +86,31 @@ pub fn call(socket: &Path, req: &Request) -> Result<Response, String> {
         .write_all(&line)
         .map_err(|e| format!("cannot send the request: {e}"))?;
     let mut reader = BufReader::new(&stream);
-    let mut answer = String::new();
-    reader
-        .read_line(&mut answer)
-        .map_err(|e| format!("cannot read the answer: {e}"))?;
-    if answer.is_empty() {
-        return Err("the master closed the connection without answering".into());
+    loop {
+        let mut answer = String::new();
+        reader
+            .read_line(&mut answer)
+            .map_err(|e| format!("cannot read the answer: {e}"))?;
+        if answer.is_empty() {
+            return Ok(());
+        }
+        let response = serde_json::from_str(&answer)
+            .map_err(|e| format!("unreadable answer from the master: {e}"))?;
+        if !on_answer(response) {
+            return Ok(());
+        }
     }
-    serde_json::from_str(&answer).map_err(|e| format!("unreadable answer from the master: {e}"))
+}
+
+/// Prints `logs` lines as the master's log shows them: `TIME PROGRAM.ID: line`.
+pub fn print_log_lines(result: &serde_json::Value) {
+    let entries = serde_json::from_value::<Vec<crate::protocol::LogEntry>>(result["lines"].clone());
+    let Ok(entries) = entries else { return };
+    let mut out = std::io::stdout().lock();
+    for l in entries {
+        let _ = writeln!(out, "{} {}: {}", l.time, l.source, l.line);
+    }
+    let _ = out.flush();
 }
 
 /// Sends `req`; prints the error (exit 1) or hands the result to `on_ok`.

@@ -260,6 +260,22 @@ impl ControlServer {
         self.flush(id);
     }
 
+    /// Queues a line for a connection that stays busy (a `logs --follow` stream). Returns
+    /// false when the connection is gone or its reader fell too far behind (it is closed).
+    pub fn stream(&mut self, id: u64, response: Response) -> bool {
+        let Some(conn) = self.conns.get_mut(&id) else {
+            return false;
+        };
+        let line = response.to_line();
+        if conn.output.len() + line.len() > MAX_PENDING_OUTPUT {
+            self.conns.remove(&id);
+            return false;
+        }
+        conn.output.extend(line);
+        self.flush(id);
+        self.conns.contains_key(&id)
+    }
+
     /// Writes what the socket takes now.
     pub fn flush(&mut self, id: u64) {
         let Some(conn) = self.conns.get_mut(&id) else {

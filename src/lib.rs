@@ -33,6 +33,9 @@ pub mod sys;
 mod test_support;
 pub mod worker;
 
+/// Named file locks as RAII guards, the same lock files workers and `plumule lock` use.
+pub use locks::{acquire as lock, LockGuard, Mode as LockMode, Wait as LockWait};
+
 /// A duration as the config file writes it: "1m 30s", "250ms".
 pub fn format_duration(d: std::time::Duration) -> String {
     if d.is_zero() {

@@ -469,6 +469,8 @@ pub struct LogRing {
     max_bytes: usize,
     /// Sum of [`LogLine::cost`] over `lines`.
     bytes: usize,
+    /// Lines ever kept: the sequence number of the next one.
+    pushed: u64,
 }
 
 impl LogRing {
@@ -478,7 +480,20 @@ impl LogRing {
             max_lines,
             max_bytes,
             bytes: 0,
+            pushed: 0,
         }
+    }
+
+    /// The sequence number the next line will get; lines are numbered from 0 as pushed.
+    pub fn next_seq(&self) -> u64 {
+        self.pushed
+    }
+
+    /// The lines numbered `seq` and later that are still kept, oldest first.
+    pub fn since(&self, seq: u64) -> impl Iterator<Item = &LogLine> {
+        let first = self.pushed - self.lines.len() as u64;
+        let skip = seq.saturating_sub(first).min(self.lines.len() as u64) as usize;
+        self.lines.iter().skip(skip)
     }
 
     /// Keeps `line`, stamped with the current time.
@@ -499,6 +514,7 @@ impl LogRing {
             line: line[..line.len().min(room)].to_vec(),
         };
         self.bytes += entry.cost();
+        self.pushed += 1;
         self.lines.push_back(entry);
         while self.lines.len() > self.max_lines || self.bytes > self.max_bytes {
             let Some(old) = self.lines.pop_front() else {
@@ -953,5 +969,20 @@ mod tests {
             assert!(lines[1].time >= before);
             assert_eq!(lines[1].stream.to_string(), "stdout");
         }
+    }
+
+    #[test]
+    fn since_follows_sequence_numbers_across_eviction() {
+        let mut ring = LogRing::new(3, 1 << 20);
+        assert_eq!(ring.next_seq(), 0);
+        for i in 0..5u8 {
+            ring.push("web.0", Stream::Stdout, &[b'a' + i]);
+        }
+        assert_eq!(ring.next_seq(), 5);
+        let got: Vec<&[u8]> = ring.since(0).map(|l| l.line.as_slice()).collect();
+        assert_eq!(got, vec![b"c", b"d", b"e"], "evicted lines are skipped");
+        let got: Vec<&[u8]> = ring.since(4).map(|l| l.line.as_slice()).collect();
+        assert_eq!(got, vec![b"e"]);
+        assert_eq!(ring.since(5).count(), 0);
     }
 }

@@ -153,6 +153,19 @@ pub fn waiting_for<'a>(pools: &'a [Pool], pool: &'a Pool) -> Option<&'a str> {
     })
 }
 
+/// Whether `pool` has settled for READY=1: settled itself, or held back by an `after`
+/// dependency that has settled without becoming ready (it failed), so that one broken
+/// program cannot hold the service in "activating".
+pub fn settled_for_ready(pools: &[Pool], pool: &Pool) -> bool {
+    pool.settled()
+        || waiting_for(pools, pool).is_some_and(|dep| {
+            pools
+                .iter()
+                .filter(|p| p.program.name == dep)
+                .all(|p| p.settled() || settled_for_ready(pools, p))
+        })
+}
+
 /// Whether a program that starts after `pool` still has processes: then `pool` must wait
 /// before stopping.
 fn dependents_live(pools: &[Pool], pool: &Pool) -> bool {
@@ -297,8 +310,10 @@ pub fn plan(pools: &[Pool], phase: Phase, now: Instant) -> Plan {
                     });
                 }
             }
-            for id in pool.slots.len() as u32..desired {
-                plan.actions.push(Action::Spawn { pool: p, id });
+            if may_start {
+                for id in pool.slots.len() as u32..desired {
+                    plan.actions.push(Action::Spawn { pool: p, id });
+                }
             }
         }
     }
@@ -549,6 +564,14 @@ mod tests {
         web.slots.push(Slot::new(0));
         let mut db = db;
         db.program = Arc::new(program("web-db", 1));
+        let fresh = Pool::new(Arc::clone(&web.program));
+        let pools = vec![db.clone(), fresh];
+        let got = plan(&pools, Phase::Running, now);
+        assert!(
+            got.actions.is_empty(),
+            "a new pool waits too: {:?}",
+            got.actions
+        );
         let pools = vec![db.clone(), web.clone()];
         assert_eq!(waiting_for(&pools, &pools[1]), Some("web-db"));
         let got = plan(&pools, Phase::Running, now);

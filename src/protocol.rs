@@ -39,6 +39,43 @@ pub enum Request {
         program: String,
         workers: u32,
     },
+    /// Recent worker output; with `follow`, the connection then receives every new line.
+    Logs {
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        target: Option<String>,
+        #[serde(default = "default_log_lines")]
+        lines: usize,
+        #[serde(default)]
+        follow: bool,
+    },
+}
+
+fn default_log_lines() -> usize {
+    50
+}
+
+/// One line of worker output, as `logs` sends it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LogEntry {
+    /// RFC 3339, UTC, milliseconds.
+    pub time: String,
+    /// `PROGRAM.ID`.
+    pub source: String,
+    /// `stdout` or `stderr`.
+    pub stream: String,
+    /// The line, invalid UTF-8 replaced.
+    pub line: String,
+}
+
+impl From<&crate::output::LogLine> for LogEntry {
+    fn from(l: &crate::output::LogLine) -> Self {
+        LogEntry {
+            time: humantime::format_rfc3339_millis(l.time).to_string(),
+            source: l.source.clone(),
+            stream: l.stream.as_str().to_string(),
+            line: String::from_utf8_lossy(&l.line).into_owned(),
+        }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -191,6 +228,22 @@ mod tests {
                 Request::Scale {
                     program: "web".into(),
                     workers: 3,
+                },
+            ),
+            (
+                r#"{"cmd":"logs"}"#,
+                Request::Logs {
+                    target: None,
+                    lines: 50,
+                    follow: false,
+                },
+            ),
+            (
+                r#"{"cmd":"logs","target":"web.1","lines":5,"follow":true}"#,
+                Request::Logs {
+                    target: Some("web.1".into()),
+                    lines: 5,
+                    follow: true,
                 },
             ),
         ];

@@ -158,6 +158,21 @@ pub fn environment(
     if let Some(sock) = &ctx.notify_socket {
         set(&mut env, "NOTIFY_SOCKET".as_ref(), sock.as_os_str());
     }
+    if !program.listen.is_empty() {
+        let names: Vec<&str> = program.listen.iter().map(|l| l.name.as_str()).collect();
+        set(
+            &mut env,
+            "LISTEN_FDS".as_ref(),
+            program.listen.len().to_string().as_ref(),
+        );
+        set(
+            &mut env,
+            "LISTEN_FDNAMES".as_ref(),
+            names.join(":").as_ref(),
+        );
+        // The worker's own pid, written by the child after fork.
+        set(&mut env, "LISTEN_PID".as_ref(), "0".as_ref());
+    }
     if let Some(w) = program.watchdog {
         set(
             &mut env,

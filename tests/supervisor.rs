@@ -6,6 +6,7 @@ mod common;
 use std::time::{Duration, Instant};
 
 use common::*;
+use serde_json::json;
 
 /// Upper bound for anything that should happen promptly (a start, a restart, a stop).
 const DEADLINE: Duration = Duration::from_secs(10);
@@ -109,6 +110,12 @@ fn a_killed_worker_is_replaced_under_the_same_id_with_a_new_pid() {
     );
     assert!(pid_alive(survivor.pid), "worker 0 was left alone");
     assert_eq!(sb.starts_of("pool").iter().filter(|s| s.id == 0).count(), 1);
+
+    let status = sb.worker_status(&config, "pool", 1);
+    assert_eq!(status["state"], "running", "{status}");
+    assert_eq!(status["pid"], replacement.pid, "{status}");
+    assert_eq!(status["restarts"], 1, "{status}");
+    assert_eq!(status["last_exit"], json!({"signal": "KILL"}), "{status}");
     stop_cleanly(&mut master);
 }
 
@@ -147,6 +154,16 @@ fn restart_never_leaves_a_finished_worker_alone() {
         1,
         "restart = never, exit 1: not restarted"
     );
+    for (program, code) in [("clean", 0), ("failing", 1)] {
+        let status = sb.worker_status(&config, program, 0);
+        assert_eq!(status["state"], "exited", "{program}: {status}");
+        assert_eq!(
+            status["last_exit"],
+            json!({ "code": code }),
+            "{program}: {status}"
+        );
+        assert_eq!(status["pid"], json!(null), "{program}: {status}");
+    }
     stop_cleanly(&mut master);
 }
 
@@ -203,6 +220,19 @@ fn on_failure_restarts_failures_only_and_honours_success_exit_codes() {
         2,
         "on-failure, exit 3: restarted once, then runs"
     );
+    for (program, code) in [("clean", 0), ("tolerated", 3)] {
+        let status = sb.worker_status(&config, program, 0);
+        assert_eq!(status["state"], "exited", "{program}: {status}");
+        assert_eq!(
+            status["last_exit"],
+            json!({ "code": code }),
+            "{program}: {status}"
+        );
+    }
+    let status = sb.worker_status(&config, "fails", 0);
+    assert_eq!(status["state"], "running", "{status}");
+    assert_eq!(status["restarts"], 1, "{status}");
+    assert_eq!(status["last_exit"], json!({"code": 3}), "{status}");
     stop_cleanly(&mut master);
 }
 
@@ -269,7 +299,7 @@ fn a_missing_command_fails_without_spinning_and_without_harming_others() {
 
     let good = sb.wait_starts("good", 2, DEADLINE);
     sb.wait_starts("probe", 1, DEADLINE);
-    master.wait_stderr(&["broken", "failed"], DEADLINE);
+    master.wait_stderr(&["broken.0", "failed"], DEADLINE);
 
     // A crash loop on a 1 ms backoff would keep logging about `broken`.
     let_the_master_move_on(&sb);
@@ -293,6 +323,21 @@ fn a_missing_command_fails_without_spinning_and_without_harming_others() {
     for s in &good {
         assert!(pid_alive(s.pid), "good worker {s:?} still runs");
     }
+
+    let (code, json) = sb.status(&config);
+    assert_eq!(code, 3, "status exits 3 when a worker is failed: {json}");
+    let broken = sb.worker_status(&config, "broken", 0);
+    assert_eq!(broken["state"], "failed", "{broken}");
+    assert_eq!(broken["pid"], json!(null), "{broken}");
+    assert!(
+        broken["detail"].as_str().is_some_and(|d| !d.is_empty()),
+        "failed says why: {broken}"
+    );
+    for id in 0..2 {
+        let good = sb.worker_status(&config, "good", id);
+        assert_eq!(good["state"], "running", "{good}");
+        assert_eq!(good["restarts"], 0, "{good}");
+    }
     stop_cleanly(&mut master);
 }
 
@@ -314,7 +359,7 @@ fn a_graceful_stop_kills_the_workers_grandchildren() {
     assert_eq!(proc_stat(grandchild).expect("grandchild runs").pgrp, worker);
 
     stop_cleanly(&mut master);
-    wait_for("the worker and its grandchild are gone", DEADLINE, || {
+    sb.wait("the worker and its grandchild are gone", DEADLINE, || {
         !pid_alive(worker) && !pid_alive(grandchild) && group_members(worker).is_empty()
     });
 }
@@ -329,7 +374,7 @@ fn sigint_is_a_graceful_stop_too() {
     let worker = sb.wait_starts("w", 1, DEADLINE)[0].pid;
     let status = master.stop_with(SIGINT, DEADLINE);
     assert_exit_code(status, 0, &master.stderr_text());
-    wait_for("the worker is gone", DEADLINE, || !pid_alive(worker));
+    sb.wait("the worker is gone", DEADLINE, || !pid_alive(worker));
 }
 
 #[test]
@@ -346,7 +391,7 @@ fn a_worker_ignoring_sigterm_is_killed_after_stop_timeout() {
     let asked = Instant::now();
     stop_cleanly(&mut master);
     let took = asked.elapsed();
-    wait_for(
+    sb.wait(
         "the SIGTERM-ignoring worker is gone",
         Duration::from_secs(1),
         || !pid_alive(worker),
@@ -384,7 +429,7 @@ fn workers_get_sigterm_when_the_master_is_killed() {
             "TERM",
             "worker {w:?}"
         );
-        wait_for(
+        sb.wait(
             &format!("worker {} (pid {}) is gone", w.id, w.pid),
             DEADLINE,
             || !pid_alive(w.pid),
@@ -444,4 +489,143 @@ fn no_zombie_is_left_after_hundreds_of_crashes() {
     );
     stop_cleanly(&mut master);
     assert_eq!(sb.starts_of("crash").len(), CRASHES);
+}
+
+#[test]
+fn the_start_limit_turns_a_crash_loop_into_failed() {
+    let sb = Sandbox::new();
+    let script = sb.worker("crash.sh", "exit 1");
+    let config = sb.config(&format!(
+        "{}[program.crash]\ncommand = {}\n{FAST_BACKOFF}\n\
+         start_limit = {{ burst = 3, interval = \"60s\" }}\n",
+        probe_program(&sb),
+        argv(&script)
+    ));
+    let mut master = sb.start(&config);
+
+    sb.wait_starts("probe", 1, DEADLINE);
+    let starts = sb.wait_starts("crash", 3, DEADLINE);
+    sb.wait("the master has reaped the third crash", DEADLINE, || {
+        !pid_exists(starts[2].pid)
+    });
+    let_the_master_move_on(&sb);
+
+    assert_eq!(
+        sb.starts_of("crash").len(),
+        3,
+        "burst = 3 counts the first start too"
+    );
+    let status = sb.worker_status(&config, "crash", 0);
+    assert_eq!(status["state"], "failed", "{status}");
+    assert_eq!(status["last_exit"], json!({"code": 1}), "{status}");
+    stop_cleanly(&mut master);
+}
+
+#[test]
+fn a_healthy_run_is_restarted_at_once_despite_a_long_backoff() {
+    let sb = Sandbox::new();
+    // Each run lasts 300 ms, longer than healthy_after, then fails.
+    let script = sb.timed_worker("steady.sh", "sleep 0.3\nexit 1");
+    let config = sb.config(&format!(
+        "[program.steady]\ncommand = {}\nhealthy_after = \"100ms\"\n\
+         backoff = {{ initial = \"5s\", max = \"5s\", jitter = 0.0 }}\n",
+        argv(&script)
+    ));
+    let mut master = sb.start(&config);
+
+    let starts = sb.wait_starts("steady", 3, DEADLINE);
+    let times: Vec<f64> = starts.iter().map(|s| s.time.unwrap()).collect();
+    for pair in times.windows(2) {
+        assert!(
+            pair[1] - pair[0] < 2.0,
+            "a run longer than healthy_after waited for the 5 s backoff (start times {times:?})"
+        );
+    }
+    stop_cleanly(&mut master);
+}
+
+#[test]
+fn a_string_command_runs_through_sh_with_env_and_cwd() {
+    let sb = Sandbox::new();
+    std::fs::create_dir(sb.path("wd")).expect("mkdir wd");
+    let out = sb.path("env.out");
+    let config = sb.config(&format!(
+        "[program.shell]\n\
+         command = \"echo \\\"$GREETING $PLUMULE_PROGRAM.$PLUMULE_WORKER_ID $(pwd)\\\" >> {}; exec sleep 1000\"\n\
+         env = {{ GREETING = \"hello there\" }}\ncwd = {}\n",
+        sh_str(&out),
+        toml_str(&sb.path("wd"))
+    ));
+    let mut master = sb.start(&config);
+
+    let line = sb.wait_line("env.out", DEADLINE);
+    assert_eq!(
+        line,
+        format!("hello there shell.0 {}", sb.path("wd").display())
+    );
+    stop_cleanly(&mut master);
+}
+
+#[test]
+fn shutdown_timeout_caps_the_whole_stop() {
+    let sb = Sandbox::new();
+    let script = sb.worker("stubborn.sh", "trap '' TERM\nexec sleep 1000");
+    let header = sb
+        .header()
+        .replace("shutdown_timeout = \"5s\"", "shutdown_timeout = \"1s\"");
+    let text = format!(
+        "{header}[program.stubborn]\ncommand = {}\nstop_timeout = \"30s\"\n",
+        argv(&script)
+    );
+    let config = sb.write_file("plumule.toml", &text, 0o644);
+    let mut master = sb.start(&config);
+
+    let worker = sb.wait_starts("stubborn", 1, DEADLINE)[0].pid;
+    let asked = Instant::now();
+    stop_cleanly(&mut master);
+    let took = asked.elapsed();
+    assert!(
+        took < Duration::from_secs(5),
+        "the stop took {took:?}: shutdown_timeout = 1s should cut stop_timeout = 30s short"
+    );
+    sb.wait(
+        "the SIGTERM-ignoring worker is gone",
+        Duration::from_secs(1),
+        || !pid_alive(worker),
+    );
+}
+
+#[test]
+fn what_is_left_of_a_dead_workers_group_is_killed_before_its_replacement_starts() {
+    let sb = Sandbox::new();
+    // Leaves a child behind and exits; the next run reports whether the previous run's child
+    // was still alive when it started.
+    let script = sb.worker(
+        "leaky.sh",
+        &format!(
+            r#"prev=$(cat {dir}/leftover 2>/dev/null)
+if [ -n "$prev" ] && read -r stat 2>/dev/null < /proc/$prev/stat; then
+    set -- ${{stat##*)}}
+    [ "$1" = Z ] || echo "$$ started while $prev was alive" >> {dir}/overlap
+fi
+sleep 1000 &
+echo $! > {dir}/leftover.new
+mv {dir}/leftover.new {dir}/leftover
+exit 1"#,
+            dir = sh_str(sb.root())
+        ),
+    );
+    let config = sb.config(&format!(
+        "[program.leaky]\ncommand = {}\n{FAST_BACKOFF}\n",
+        argv(&script)
+    ));
+    let mut master = sb.start(&config);
+
+    sb.wait_starts("leaky", 3, DEADLINE);
+    let overlap = std::fs::read_to_string(sb.path("overlap")).unwrap_or_default();
+    assert!(
+        overlap.is_empty(),
+        "a replacement started beside a leftover child:\n{overlap}"
+    );
+    stop_cleanly(&mut master);
 }

@@ -191,7 +191,7 @@ pub struct ListenSpec {
     pub mode: Option<u32>,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub enum ListenAddr {
     Tcp(std::net::SocketAddr),
     /// Absolute.
@@ -258,10 +258,6 @@ pub const UNSUPPORTED: &[Unsupported] = &[
     },
     Unsupported {
         key: "program.*.queue",
-        value: None,
-    },
-    Unsupported {
-        key: "program.*.listen",
         value: None,
     },
 ];

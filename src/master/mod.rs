@@ -14,9 +14,9 @@ use nix::sys::signal::Signal;
 use nix::unistd::Pid;
 
 use crate::backoff::Jitter;
-use crate::config::{Config, OutputSpec, Program};
+use crate::config::{Config, ListenAddr, OutputSpec, Program};
 use crate::orphans;
-use crate::output::{LineSplitter, RotatingFile, DEFAULT_MAX_LINE};
+use crate::output::{LineSplitter, LogRing, RotatingFile, Stream, DEFAULT_MAX_LINE};
 use crate::plan::{plan, Action, Phase, Pool};
 use crate::slot::{Event, Exit, Slot};
 use crate::sys;
@@ -26,6 +26,10 @@ use crate::sys::spawn::{Report, Stage};
 use crate::worker;
 
 mod requests;
+
+/// How much recent worker output the master keeps for `plumule logs`.
+const LOG_RING_LINES: usize = 10_000;
+const LOG_RING_BYTES: usize = 4 * 1024 * 1024;
 
 /// Why the master could not run.
 #[derive(Debug, thiserror::Error)]
@@ -50,12 +54,6 @@ impl MasterError {
             _ => 1,
         }
     }
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Stream {
-    Stdout,
-    Stderr,
 }
 
 enum Sink {
@@ -116,6 +114,12 @@ pub struct Master {
     waiters: Vec<requests::Waiter>,
     systemd: SystemdLink,
     notify_socket: Option<sys::notify::NotifySocket>,
+    /// Bound once, kept across reloads while some program lists them.
+    listeners: HashMap<ListenAddr, OwnedFd>,
+    /// Recent worker output for `plumule logs`.
+    log_ring: LogRing,
+    /// `logs --follow` connections: (connection, filter, next line to send).
+    followers: Vec<(u64, Option<String>, u64)>,
 }
 
 /// What the master tells systemd, and when.
@@ -216,6 +220,15 @@ impl Master {
             nofile,
             notify_socket: Some(notify_path),
         };
+        let mut listeners = HashMap::new();
+        for (name, fd) in sys::listen::from_systemd() {
+            listeners.insert(ListenAddr::Systemd(name), fd);
+        }
+        bind_listeners(&config, &mut listeners).map_err(|(path, reason)| MasterError::Dir {
+            what: "listen socket",
+            path,
+            reason,
+        })?;
         let pools = config
             .programs
             .iter()
@@ -249,6 +262,9 @@ impl Master {
             waiters: Vec::new(),
             systemd: SystemdLink::from_env(Instant::now()),
             notify_socket: Some(notify_socket),
+            listeners,
+            log_ring: LogRing::new(LOG_RING_LINES, LOG_RING_BYTES),
+            followers: Vec::new(),
         })
     }
 
@@ -265,6 +281,7 @@ impl Master {
             let now = Instant::now();
             let mut wake_at = self.settle(now);
             self.check_waiters(now);
+            self.feed_followers();
             if let Some(t) = self.tell_systemd(now) {
                 wake_at = Some(wake_at.map_or(t, |w| w.min(t)));
             }
@@ -460,7 +477,7 @@ impl Master {
         }
         let tag = format!("{}.{}", program.name, id);
         let fail = |master: &mut Master, reason: String| {
-            log::error!("{tag}: cannot start: {reason}");
+            log::error!("{tag}: failed: cannot start: {reason}");
             let slot = &mut master.pools[pool].slots[id as usize];
             slot.transition(Event::Fail { reason }, &program, now);
         };
@@ -476,7 +493,20 @@ impl Master {
             Ok(o) => o,
             Err(reason) => return fail(self, reason),
         };
+        let mut pass_fds = Vec::with_capacity(program.listen.len());
+        for l in &program.listen {
+            match self.listeners.get(&l.address) {
+                Some(fd) => pass_fds.push(fd.as_raw_fd()),
+                None => {
+                    return fail(
+                        self,
+                        format!("no socket bound for {}", describe_addr(&l.address)),
+                    )
+                }
+            }
+        }
         let req = &mut prepared.request;
+        req.pass_fds = pass_fds;
         req.stdin = self.dev_null.as_raw_fd();
         req.stdout = stdout.0;
         req.stderr = stderr.0;
@@ -644,7 +674,7 @@ impl Master {
                 pools
                     .iter()
                     .filter(|p| names.is_none_or(|n| n.contains(&p.program.name)))
-                    .all(Pool::settled)
+                    .all(|p| crate::plan::settled_for_ready(pools, p))
             };
             if !self.systemd.ready_sent && settled(&self.pools, None) {
                 self.systemd.ready_sent = true;
@@ -798,7 +828,14 @@ impl Master {
                 Stream::Stderr => proc.stderr.as_mut(),
             };
             if let Some(pipe) = pipe {
-                pump(pipe, &tag, &mut self.files, true);
+                pump(
+                    pipe,
+                    &tag,
+                    stream,
+                    &mut self.files,
+                    &mut self.log_ring,
+                    true,
+                );
             }
         }
         let jitter = self.jitter.sample();
@@ -908,7 +945,7 @@ impl Master {
             Stream::Stderr => &mut proc.stderr,
         };
         if let Some(p) = pipe {
-            if pump(p, &tag, &mut self.files, false) {
+            if pump(p, &tag, stream, &mut self.files, &mut self.log_ring, false) {
                 *pipe = None;
             }
         }
@@ -936,6 +973,11 @@ impl Master {
 
     fn finish(mut self) {
         self.abandon_waiters();
+        for addr in self.listeners.keys() {
+            if let ListenAddr::Unix(path) = addr {
+                let _ = std::fs::remove_file(path);
+            }
+        }
         if let Some(c) = self.control.take() {
             c.close();
         }
@@ -955,7 +997,9 @@ impl Master {
 fn pump(
     pipe: &mut OutPipe,
     tag: &str,
+    stream: Stream,
     files: &mut HashMap<PathBuf, RotatingFile>,
+    ring: &mut LogRing,
     to_end: bool,
 ) -> bool {
     let mut buf = [0u8; 64 * 1024];
@@ -965,8 +1009,9 @@ fn pump(
             Ok(Some(0)) if !to_end => break false,
             Ok(Some(0)) => break true,
             Ok(Some(n)) => {
+                let sink = &pipe.sink;
                 pipe.splitter
-                    .push(&buf[..n], |line| emit(&pipe.sink, tag, line, files));
+                    .push(&buf[..n], |line| emit(sink, tag, stream, line, files, ring));
                 rounds += 1;
                 if rounds >= 16 && !to_end {
                     break false;
@@ -976,13 +1021,22 @@ fn pump(
         }
     };
     if eof {
+        let sink = &pipe.sink;
         pipe.splitter
-            .finish(|line| emit(&pipe.sink, tag, line, files));
+            .finish(|line| emit(sink, tag, stream, line, files, ring));
     }
     eof
 }
 
-fn emit(sink: &Sink, tag: &str, line: &[u8], files: &mut HashMap<PathBuf, RotatingFile>) {
+fn emit(
+    sink: &Sink,
+    tag: &str,
+    stream: Stream,
+    line: &[u8],
+    files: &mut HashMap<PathBuf, RotatingFile>,
+    ring: &mut LogRing,
+) {
+    ring.push(tag, stream, line);
     match sink {
         Sink::Log => crate::logging::worker_line(tag, line),
         Sink::File(path) => {
@@ -1013,6 +1067,42 @@ fn describe_failure(program: &Program, stage: Stage, errno: i32, locks: &[String
             program.group.as_ref().map_or("(same)", |g| g.name.as_str())
         ),
         Stage::Setup => format!("cannot set up the worker's descriptors: {why}"),
+    }
+}
+
+/// Binds every `listen` address of `config` not bound yet. The error names the address.
+fn bind_listeners(
+    config: &Config,
+    listeners: &mut HashMap<ListenAddr, OwnedFd>,
+) -> Result<(), (PathBuf, String)> {
+    for program in &config.programs {
+        for l in &program.listen {
+            if listeners.contains_key(&l.address) {
+                continue;
+            }
+            let fd = sys::listen::bind(&l.address, l.mode).map_err(|e| {
+                (
+                    PathBuf::from(describe_addr(&l.address)),
+                    format!("program {}: {e}", program.name),
+                )
+            })?;
+            log::info!(
+                "{}: listening on {}",
+                program.name,
+                describe_addr(&l.address)
+            );
+            listeners.insert(l.address.clone(), fd);
+        }
+    }
+    Ok(())
+}
+
+/// `tcp:HOST:PORT`, `unix:PATH`, `systemd:NAME`.
+pub fn describe_addr(addr: &ListenAddr) -> String {
+    match addr {
+        ListenAddr::Tcp(sa) => format!("tcp:{sa}"),
+        ListenAddr::Unix(p) => format!("unix:{}", p.display()),
+        ListenAddr::Systemd(n) => format!("systemd:{n}"),
     }
 }
 

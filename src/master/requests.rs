@@ -96,6 +96,11 @@ impl Master {
             Request::Stop { target } => self.stop_target(&target, now),
             Request::Restart { target } => self.restart(&target, now),
             Request::Scale { program, workers } => self.scale(&program, workers),
+            Request::Logs {
+                target,
+                lines,
+                follow,
+            } => return self.logs(conn, target, lines, follow),
         };
         match result {
             Err(message) => Some(Response::error(message)),
@@ -137,6 +142,70 @@ impl Master {
         }
     }
 
+    /// The last `lines` lines of worker output; with `follow`, the connection keeps receiving
+    /// new lines (one `{"ok":true,"result":{"lines":[…]}}` object per batch).
+    fn logs(
+        &mut self,
+        conn: u64,
+        target: Option<String>,
+        lines: usize,
+        follow: bool,
+    ) -> Option<Response> {
+        if let Some(t) = &target {
+            let parsed = match Target::parse(t) {
+                Ok(p) => p,
+                Err(e) => return Some(Response::error(e)),
+            };
+            if self.pool(&parsed.program).is_none() {
+                return Some(Response::error(format!(
+                    "no program named {}",
+                    parsed.program
+                )));
+            }
+        }
+        let entries: Vec<protocol::LogEntry> = self
+            .log_ring
+            .tail(lines, target.as_deref())
+            .map(protocol::LogEntry::from)
+            .collect();
+        let response = Response::ok(serde_json::json!({ "lines": entries }));
+        if !follow {
+            return Some(response);
+        }
+        let next = self.log_ring.next_seq();
+        if let Some(c) = self.control.as_mut() {
+            if c.stream(conn, response) {
+                self.followers.push((conn, target, next));
+            }
+        }
+        None
+    }
+
+    /// Sends new worker lines to `logs --follow` connections.
+    pub(super) fn feed_followers(&mut self) {
+        if self.followers.is_empty() {
+            return;
+        }
+        let next = self.log_ring.next_seq();
+        let Some(control) = self.control.as_mut() else {
+            return;
+        };
+        let ring = &self.log_ring;
+        self.followers.retain_mut(|(conn, filter, seq)| {
+            if *seq == next {
+                return control.conns.contains_key(conn);
+            }
+            let entries: Vec<protocol::LogEntry> = ring
+                .since(*seq)
+                .filter(|l| filter.as_deref().is_none_or(|f| l.matches(f)))
+                .map(protocol::LogEntry::from)
+                .collect();
+            *seq = next;
+            entries.is_empty() && control.conns.contains_key(conn)
+                || control.stream(*conn, Response::ok(serde_json::json!({ "lines": entries })))
+        });
+    }
+
     fn pool(&self, name: &str) -> Option<&Pool> {
         self.pools
             .iter()
@@ -160,6 +229,18 @@ impl Master {
                 };
                 let mut errors = Vec::new();
                 for &id in ids {
+                    // Held back by an `after` dependency that has given up: say so, not hang.
+                    let blocked = crate::plan::waiting_for(&self.pools, pool).filter(|dep| {
+                        self.pools
+                            .iter()
+                            .any(|p| p.program.name == *dep && p.settled())
+                    });
+                    if let Some(dep) = blocked {
+                        errors.push(format!(
+                            "{program}.{id}: waiting for {dep}, which is not running"
+                        ));
+                        continue;
+                    }
                     let slot = pool.slots.get(id as usize)?;
                     match &slot.state {
                         SlotState::Running { pid, .. }
@@ -327,6 +408,19 @@ impl Master {
                 return Err(message);
             }
         };
+        // New sockets are bound before anything changes, so a busy port refuses the reload.
+        if let Err((addr, reason)) = super::bind_listeners(&new, &mut self.listeners) {
+            let message = format!(
+                "reload refused, nothing changed: cannot listen on {}: {reason}",
+                addr.display()
+            );
+            log::error!("{message}");
+            self.systemd.notifier.send(&format!(
+                "READY=1\nSTATUS={}",
+                message.chars().take(200).collect::<String>()
+            ));
+            return Err(message);
+        }
         let changes = diff::diff(&self.config, &new);
         let mut lines: Vec<String> = changes.iter().map(|c| c.describe(&new)).collect();
         for (key, a, b) in [
@@ -398,6 +492,14 @@ impl Master {
             }
         }
         crate::logging::set_level(new.log_level);
+        // Sockets no program lists any more close; systemd's stay (they cannot be had again).
+        self.listeners.retain(|addr, _| {
+            matches!(addr, crate::config::ListenAddr::Systemd(_))
+                || new
+                    .programs
+                    .iter()
+                    .any(|p| p.listen.iter().any(|l| &l.address == addr))
+        });
         self.config = Arc::new(new);
         self.systemd.reloading = Some(wait_for.clone());
         if lines.is_empty() {
@@ -421,6 +523,9 @@ impl Master {
                 continue;
             }
             let mut workers = Vec::new();
+            // `after`: wanted workers not forked yet show as starting, waiting for whom.
+            let blocked_by = crate::plan::waiting_for(&self.pools, pool);
+            let desired = pool.desired();
             for slot in &pool.slots {
                 if let Some(r) = &slot.retiring {
                     workers.push(WorkerStatus {
@@ -463,11 +568,21 @@ impl Master {
                     }
                     _ => Vec::new(),
                 };
+                let waiting = blocked_by.filter(|_| {
+                    slot.id < desired && slot.enabled && matches!(slot.state, SlotState::Stopped)
+                });
                 workers.push(WorkerStatus {
                     id: slot.id,
                     pid: slot.pid().map(|p| p.as_raw()),
-                    state: slot.state.name().into(),
-                    detail: slot.detail(now),
+                    state: if waiting.is_some() {
+                        "starting"
+                    } else {
+                        slot.state.name()
+                    }
+                    .into(),
+                    detail: waiting
+                        .map(|d| format!("waiting for {d}"))
+                        .or_else(|| slot.detail(now)),
                     uptime_s: slot
                         .state
                         .since()
@@ -478,6 +593,22 @@ impl Master {
                     in_flight: 0,
                     status: slot.status.clone(),
                 });
+            }
+            if let Some(dep) = blocked_by {
+                for id in pool.slots.len() as u32..desired {
+                    workers.push(WorkerStatus {
+                        id,
+                        pid: None,
+                        state: "starting".into(),
+                        detail: Some(format!("waiting for {dep}")),
+                        uptime_s: None,
+                        restarts: 0,
+                        last_exit: None,
+                        locks: Vec::new(),
+                        in_flight: 0,
+                        status: None,
+                    });
+                }
             }
             programs.push(ProgramStatus {
                 name: pool.program.name.clone(),

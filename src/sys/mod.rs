@@ -1,6 +1,8 @@
 //! Every syscall wrapper and every `unsafe` block of plumule lives below this module.
 //! Each `unsafe` block carries a `// SAFETY:` line naming the invariant it relies on.
 
+pub mod alarm;
+pub mod listen;
 pub mod notify;
 pub mod pidfile;
 pub mod process;

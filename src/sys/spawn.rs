@@ -358,8 +358,23 @@ unsafe fn child_after_fork(ctx: ChildContext<'_>) -> ! {
 unsafe fn take_lock(lock: &LockRequest, mode: libc::mode_t, index: u16, status: RawFd) {
     // SAFETY: async-signal-safe calls over a valid C string and a local stat buffer.
     unsafe {
-        let flags = libc::O_RDWR | libc::O_CREAT | libc::O_NOFOLLOW | libc::O_NOCTTY;
-        let fd = libc::open(lock.path.as_ptr(), flags, mode as libc::c_uint);
+        // Created here with exactly `mode`, whatever the umask, so that `plumule lock` run by
+        // another user (with `control_group`) can open it; an existing file keeps its mode.
+        // Read-only is enough for flock when read-write is refused.
+        let base = libc::O_NOFOLLOW | libc::O_NOCTTY;
+        let mut fd = libc::open(
+            lock.path.as_ptr(),
+            base | libc::O_RDWR | libc::O_CREAT | libc::O_EXCL,
+            mode as libc::c_uint,
+        );
+        if fd >= 0 {
+            libc::fchmod(fd, mode);
+        } else if *libc::__errno_location() == libc::EEXIST {
+            fd = libc::open(lock.path.as_ptr(), base | libc::O_RDWR);
+            if fd < 0 && *libc::__errno_location() == libc::EACCES {
+                fd = libc::open(lock.path.as_ptr(), base | libc::O_RDONLY);
+            }
+        }
         if fd < 0 {
             fail(status, Stage::Lock(index));
         }

@@ -41,6 +41,15 @@ const MARKER: &str = "PLUMULE_TEST_SANDBOX";
 /// How often [`wait_for`] re-checks its condition. The harness polls; the product must not.
 const POLL_INTERVAL: Duration = Duration::from_millis(5);
 
+/// The most a test may spend waiting, all its waits together, counted from `Sandbox::new`: the
+/// waits of a sandbox and its daemons are cut short when it is spent.
+pub const TEST_BUDGET: Duration = Duration::from_secs(20);
+
+/// `deadline`, shortened to what is left until `budget_end`.
+fn within_budget(deadline: Duration, budget_end: Instant) -> Duration {
+    deadline.min(budget_end.saturating_duration_since(Instant::now()))
+}
+
 /// Polls `cond` until it holds; panics saying `what` never happened if `deadline` passes first.
 /// While waiting it reaps the orphans the test process adopted.
 #[track_caller]
@@ -223,6 +232,8 @@ pub struct Sandbox {
     /// Every `plumule` started here, so that a wait can fail at once, with the master's stderr,
     /// when a master exits that should still be running.
     watches: Mutex<Vec<Watch>>,
+    /// When [`TEST_BUDGET`] is spent.
+    budget_end: Instant,
 }
 
 /// What a wait needs to notice that a `plumule` process exited unexpectedly.
@@ -233,15 +244,16 @@ struct Watch {
     stderr: PathBuf,
     /// Set once the test has signalled it or waits for its exit.
     exit_expected: Arc<AtomicBool>,
+    /// Its sandbox's.
+    budget_end: Instant,
 }
 
 impl Watch {
     /// Err if the process has exited (it is a zombie: the test has not reaped it yet) although
     /// nobody asked it to.
     fn check(&self) -> Result<(), String> {
-        if self.exit_expected.load(Ordering::SeqCst)
-            || !proc_stat(self.pid).is_some_and(|p| p.state == 'Z')
-        {
+        let exited = proc_stat(self.pid).is_some_and(|p| p.state == 'Z');
+        if !exited || self.exit_expected.load(Ordering::SeqCst) {
             return Ok(());
         }
         // Peek at the exit status, leaving the zombie for `Child::wait`.
@@ -273,6 +285,7 @@ impl Sandbox {
             dir,
             spawned: AtomicUsize::new(0),
             watches: Mutex::new(Vec::new()),
+            budget_end: Instant::now() + TEST_BUDGET,
         }
     }
 
@@ -456,6 +469,7 @@ impl Sandbox {
             args: args.join(" "),
             stderr: stderr.clone(),
             exit_expected: Arc::new(AtomicBool::new(args.first() != Some(&"run"))),
+            budget_end: self.budget_end,
         };
         self.watches
             .lock()
@@ -472,7 +486,7 @@ impl Sandbox {
     /// [`wait_for`], failing at once if a master of this sandbox exits meanwhile.
     #[track_caller]
     pub fn wait(&self, what: &str, deadline: Duration, mut cond: impl FnMut() -> bool) {
-        wait_or_abort(what, deadline, || {
+        wait_or_abort(what, within_budget(deadline, self.budget_end), || {
             let watches = self.watches.lock().unwrap_or_else(|e| e.into_inner());
             watches.iter().try_for_each(Watch::check)?;
             Ok(cond())
@@ -489,6 +503,41 @@ impl Sandbox {
             stdout: d.stdout_text(),
             stderr: d.stderr_text(),
         }
+    }
+
+    /// `plumule status --json -c CONFIG`: its exit code and the parsed answer (SPEC §9 shape).
+    #[track_caller]
+    pub fn status(&self, config: &Path) -> (i32, serde_json::Value) {
+        let out = self.plumule(
+            &["status", "--json", "-c", &config.display().to_string()],
+            Duration::from_secs(10),
+        );
+        let code = out
+            .status
+            .code()
+            .unwrap_or_else(|| panic!("status: {}", out.status));
+        let json = serde_json::from_str(&out.stdout).unwrap_or_else(|e| {
+            panic!(
+                "status --json printed no JSON ({e}):\n{}\nstderr:\n{}",
+                out.stdout, out.stderr
+            )
+        });
+        (code, json)
+    }
+
+    /// The `status --json` entry of worker `program.id`.
+    #[track_caller]
+    pub fn worker_status(&self, config: &Path, program: &str, id: u64) -> serde_json::Value {
+        let (_, json) = self.status(config);
+        let found = json["programs"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter(|p| p["name"] == program)
+            .flat_map(|p| p["workers"].as_array().into_iter().flatten())
+            .find(|w| w["id"] == id)
+            .cloned();
+        found.unwrap_or_else(|| panic!("no worker {program}.{id} in status --json: {json}"))
     }
 
     /// SIGKILLs every process carrying this sandbox's marker until none is left (bounded).
@@ -573,6 +622,7 @@ impl Daemon {
         let what = format!("`plumule {}` has exited", self.watch.args);
         let (child, stderr) = (&mut self.child, &self.watch.stderr);
         // Gives up from inside the condition so that the panic shows the master's stderr.
+        let deadline = within_budget(deadline, self.watch.budget_end);
         let give_up = Instant::now() + deadline;
         wait_or_abort(&what, deadline + Duration::from_secs(1), || {
             status = child.try_wait().expect("try_wait");
@@ -629,6 +679,7 @@ impl Daemon {
     pub fn wait_stderr(&self, needles: &[&str], deadline: Duration) -> String {
         let mut found = String::new();
         let what = format!("the master's stderr has a line containing {needles:?}");
+        let deadline = within_budget(deadline, self.watch.budget_end);
         wait_or_abort(&what, deadline, || {
             self.watch.check()?;
             Ok(match self.stderr_lines_with(needles).into_iter().next() {

@@ -1,0 +1,88 @@
+//! Listening sockets the master binds once and hands to every worker of a program (SPEC §6),
+//! and the sockets systemd passed to the master by socket activation.
+
+use std::collections::HashMap;
+use std::io;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::unix::fs::PermissionsExt;
+use std::os::unix::net::UnixListener;
+use std::path::Path;
+
+use crate::config::ListenAddr;
+
+/// Binds `addr`: TCP with SO_REUSEADDR (std sets it), Unix after removing a stale socket
+/// file, with `mode` when given. The descriptor is close-on-exec; spawn places it at 3, 4, …
+pub fn bind(addr: &ListenAddr, mode: Option<u32>) -> io::Result<OwnedFd> {
+    match addr {
+        ListenAddr::Tcp(sa) => Ok(OwnedFd::from(std::net::TcpListener::bind(sa)?)),
+        ListenAddr::Unix(path) => bind_unix(path, mode),
+        ListenAddr::Systemd(name) => Err(io::Error::new(
+            io::ErrorKind::NotFound,
+            format!("systemd passed no socket named {name} (LISTEN_FDNAMES)"),
+        )),
+    }
+}
+
+fn bind_unix(path: &Path, mode: Option<u32>) -> io::Result<OwnedFd> {
+    if let Ok(meta) = std::fs::symlink_metadata(path) {
+        use std::os::unix::fs::FileTypeExt;
+        if !meta.file_type().is_socket() {
+            return Err(io::Error::new(
+                io::ErrorKind::AlreadyExists,
+                format!("{} exists and is not a socket", path.display()),
+            ));
+        }
+        std::fs::remove_file(path)?;
+    }
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir)?;
+    }
+    let listener = UnixListener::bind(path)?;
+    if let Some(mode) = mode {
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))?;
+    }
+    Ok(OwnedFd::from(listener))
+}
+
+/// Sockets passed to this process by systemd (`LISTEN_FDS` from 3, for our pid), by name.
+/// They are made close-on-exec; workers get them only through `systemd:NAME` entries.
+pub fn from_systemd() -> HashMap<String, OwnedFd> {
+    let mut out = HashMap::new();
+    let ours = std::env::var("LISTEN_PID")
+        .ok()
+        .and_then(|p| p.parse::<u32>().ok());
+    if ours != Some(std::process::id()) {
+        return out;
+    }
+    let count: RawFd = std::env::var("LISTEN_FDS")
+        .ok()
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(0);
+    let names: Vec<String> = std::env::var("LISTEN_FDNAMES")
+        .map(|n| n.split(':').map(str::to_string).collect())
+        .unwrap_or_default();
+    for i in 0..count.clamp(0, 1024) {
+        let fd = 3 + i;
+        // Only adopt descriptors that are open.
+        if nix::fcntl::fcntl(fd, nix::fcntl::FcntlArg::F_GETFD).is_err() {
+            continue;
+        }
+        let _ = nix::fcntl::fcntl(
+            fd,
+            nix::fcntl::FcntlArg::F_SETFD(nix::fcntl::FdFlag::FD_CLOEXEC),
+        );
+        let name = names
+            .get(i as usize)
+            .cloned()
+            .unwrap_or_else(|| format!("fd{fd}"));
+        // SAFETY: systemd passed these descriptors to this process (LISTEN_PID is ours),
+        // they are open (checked above), and nothing else in plumule owns them.
+        out.insert(name, unsafe { OwnedFd::from_raw_fd(fd) });
+    }
+    out
+}
+
+/// The descriptor number, for spawn requests.
+pub fn raw(fd: &OwnedFd) -> RawFd {
+    fd.as_raw_fd()
+}
