@@ -74,9 +74,24 @@ pub fn signal_group(pgid: Pid, sig: Signal) -> io::Result<()> {
     }
 }
 
-/// Whether any process is left in group `pgid`.
+/// Whether any live process is left in group `pgid`. Zombies do not count: an orphan that
+/// init has not reaped yet (some containers' pid 1 never does) is already dead.
 pub fn group_exists(pgid: Pid) -> bool {
-    !matches!(killpg(pgid, None), Err(Errno::ESRCH))
+    if matches!(killpg(pgid, None), Err(Errno::ESRCH)) {
+        return false;
+    }
+    let Ok(dir) = std::fs::read_dir("/proc") else { return true };
+    dir.filter_map(Result::ok)
+        .filter(|e| e.file_name().to_str().is_some_and(|n| n.bytes().all(|b| b.is_ascii_digit())))
+        .filter_map(|e| std::fs::read_to_string(e.path().join("stat")).ok())
+        .any(|stat| {
+            // Fields after the command name: state (3), ppid (4), pgrp (5).
+            let Some(close) = stat.rfind(')') else { return false };
+            let mut f = stat[close + 1..].split_whitespace();
+            let state = f.next();
+            let pgrp = f.nth(1).and_then(|p| p.parse::<i32>().ok());
+            pgrp == Some(pgid.as_raw()) && state != Some("Z")
+        })
 }
 
 /// The start time of `pid` in clock ticks since boot (field 22 of /proc/PID/stat), which
