@@ -443,8 +443,26 @@ impl Sandbox {
         self.spawn_plumule(&["run", "-c", &config.display().to_string()])
     }
 
+    /// Starts `plumule run -c CONFIG` with extra environment variables (e.g. `NOTIFY_SOCKET`).
+    pub fn start_with_env(&self, config: &Path, env: &[(&str, &str)]) -> Daemon {
+        self.spawn_plumule_env(&["run", "-c", &config.display().to_string()], env)
+    }
+
+    /// The file the next spawned `plumule` will write its stderr to. The spawn truncates an
+    /// existing file rather than replacing it, so its device and inode can be known beforehand.
+    pub fn next_stderr(&self) -> PathBuf {
+        let n = self.spawned.load(Ordering::SeqCst) + 1;
+        self.path(&format!("plumule-{n}.stderr"))
+    }
+
     /// Spawns `plumule ARGS…` with stdout and stderr captured to files in the sandbox.
     pub fn spawn_plumule(&self, args: &[&str]) -> Daemon {
+        self.spawn_plumule_env(args, &[])
+    }
+
+    /// [`Sandbox::spawn_plumule`] with extra environment variables, set after the harness has
+    /// removed the ones that would tie the master to the test runner's own service manager.
+    pub fn spawn_plumule_env(&self, args: &[&str], env: &[(&str, &str)]) -> Daemon {
         let n = self.spawned.fetch_add(1, Ordering::SeqCst) + 1;
         let stdout = self.path(&format!("plumule-{n}.stdout"));
         let stderr = self.path(&format!("plumule-{n}.stderr"));
@@ -457,6 +475,11 @@ impl Sandbox {
             .env_remove("PLUMULE_SOCKET")
             .env_remove("LISTEN_FDS")
             .env_remove("LISTEN_PID")
+            .env_remove("LISTEN_FDNAMES")
+            .env_remove("WATCHDOG_USEC")
+            .env_remove("WATCHDOG_PID")
+            .env_remove("JOURNAL_STREAM")
+            .envs(env.iter().copied())
             .stdin(Stdio::null())
             .stdout(File::create(&stdout).expect("stdout file"))
             .stderr(File::create(&stderr).expect("stderr file"));
