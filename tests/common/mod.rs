@@ -510,7 +510,12 @@ impl Sandbox {
     #[track_caller]
     pub fn wait(&self, what: &str, deadline: Duration, mut cond: impl FnMut() -> bool) {
         wait_or_abort(what, within_budget(deadline, self.budget_end), || {
-            let watches = self.watches.lock().unwrap_or_else(|e| e.into_inner());
+            // Released before `cond`, which may spawn a `plumule` itself (a status query).
+            let watches = self
+                .watches
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .clone();
             watches.iter().try_for_each(Watch::check)?;
             Ok(cond())
         });
