@@ -240,6 +240,26 @@ impl FakeSystemd {
         }
     }
 
+    /// The same in the abstract namespace: `NOTIFY_SOCKET=@NAME`.
+    fn bind_abstract(sb: &Sandbox) -> FakeSystemd {
+        use std::os::linux::net::SocketAddrExt;
+        let dir = sb
+            .root()
+            .file_name()
+            .expect("sandbox name")
+            .to_string_lossy();
+        let name = format!("{dir}/systemd-notify");
+        let addr = std::os::unix::net::SocketAddr::from_abstract_name(name.as_bytes())
+            .expect("abstract address");
+        let socket = UnixDatagram::bind_addr(&addr).expect("bind the fake systemd socket");
+        FakeSystemd {
+            socket,
+            address: format!("@{name}"),
+            seen: Vec::new(),
+            next: 0,
+        }
+    }
+
     /// The variable that points the master at this socket.
     fn env(&self) -> (&'static str, &str) {
         ("NOTIFY_SOCKET", &self.address)
@@ -401,6 +421,22 @@ fn the_master_tells_systemd_ready_reloading_ready_stopping() {
         value_of(&stopping, "EXTEND_TIMEOUT_USEC").is_some_and(|v| v.parse::<u64>().is_ok()),
         "STOPPING=1 asks for time to stop: {stopping:?}"
     );
+    let status = master.wait_exit(DEADLINE);
+    assert_exit_code(status, 0, &master.stderr_text());
+}
+
+#[test]
+fn an_abstract_notify_socket_is_reached_too() {
+    let sb = Sandbox::new();
+    let config = sb.config(&sleeper(&sb, "web", 1));
+    let mut systemd = FakeSystemd::bind_abstract(&sb);
+    let mut master = sb.start_with_env(&config, &[systemd.env()]);
+
+    systemd.expect(&mut master, "READY=1", DEADLINE, |d| has_line(d, "READY=1"));
+    master.signal(SIGTERM);
+    systemd.expect(&mut master, "STOPPING=1", DEADLINE, |d| {
+        has_line(d, "STOPPING=1")
+    });
     let status = master.wait_exit(DEADLINE);
     assert_exit_code(status, 0, &master.stderr_text());
 }
