@@ -36,13 +36,16 @@ fn runtime_dir_of(path: &Path) -> Result<PathBuf, String> {
         .ok()
         .and_then(|p| p.parent().map(Path::to_path_buf))
         .unwrap_or_default();
-    let table: Option<toml::Table> = toml::from_str(&text).ok();
-    let named = table
-        .as_ref()
-        .and_then(|t| t.get("plumule"))
-        .and_then(|p| p.get("runtime_dir"))
-        .and_then(|v| v.as_str())
-        .map(|d| folder.join(d));
+    let named = match toml::from_str::<toml::Table>(&text) {
+        Ok(table) => table
+            .get("plumule")
+            .and_then(|p| p.get("runtime_dir"))
+            .and_then(|v| v.as_str())
+            .map(str::to_string),
+        // Not even TOML: look for the line itself, so the master can report the error.
+        Err(_) => scan_runtime_dir(&text),
+    }
+    .map(|d| folder.join(d));
     if let Some(dir) = named {
         return Ok(dir);
     }
@@ -50,6 +53,27 @@ fn runtime_dir_of(path: &Path) -> Result<PathBuf, String> {
     config::parse("", &folder.join("plumule.toml"))
         .map(|c| c.runtime_dir)
         .map_err(|e| format!("cannot find the master's socket: {e}"))
+}
+
+/// `runtime_dir = "…"` under `[plumule]`, found line by line in a file that does not parse.
+fn scan_runtime_dir(text: &str) -> Option<String> {
+    let mut in_plumule = false;
+    for line in text.lines().map(str::trim) {
+        if line.starts_with('[') {
+            in_plumule = line.trim_start_matches('[').trim_end_matches(']').trim() == "plumule";
+            continue;
+        }
+        let Some((key, value)) = line.split_once('=') else {
+            continue;
+        };
+        if in_plumule && key.trim() == "runtime_dir" {
+            let value = value.trim();
+            let quote = value.chars().next().filter(|c| *c == '"' || *c == '\'')?;
+            let rest = &value[1..];
+            return rest.find(quote).map(|end| rest[..end].to_string());
+        }
+    }
+    None
 }
 
 /// Sends `req` and waits for its answer.
@@ -82,18 +106,28 @@ pub fn stream_answers(
     })?;
     let mut line = serde_json::to_vec(req).map_err(|e| e.to_string())?;
     line.push(b'\n');
-    (&stream)
-        .write_all(&line)
-        .map_err(|e| format!("cannot send the request: {e}"))?;
+    // A master that refuses us (credentials, too many clients) answers and closes at once:
+    // even if the send fails, its answer may be waiting.
+    let sent = (&stream).write_all(&line);
     let mut reader = BufReader::new(&stream);
+    let mut answered = false;
     loop {
         let mut answer = String::new();
-        reader
-            .read_line(&mut answer)
-            .map_err(|e| format!("cannot read the answer: {e}"))?;
-        if answer.is_empty() {
-            return Ok(());
+        let read = reader.read_line(&mut answer);
+        if let Err(e) = &sent {
+            if answer.is_empty() {
+                return Err(format!("cannot send the request: {e}"));
+            }
         }
+        read.map_err(|e| format!("cannot read the answer: {e}"))?;
+        if answer.is_empty() {
+            return if answered {
+                Ok(())
+            } else {
+                Err("the master closed the connection without answering".into())
+            };
+        }
+        answered = true;
         let response = serde_json::from_str(&answer)
             .map_err(|e| format!("unreadable answer from the master: {e}"))?;
         if !on_answer(response) {

@@ -14,16 +14,12 @@ use crate::sys::spawn::{cstring, Credentials, LockRequest, Request};
 /// The PATH a worker gets when it inherits none.
 pub const DEFAULT_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
 
-/// Variables of the master's environment that describe the master itself, never a worker.
-const MASTER_ONLY: &[&str] = &[
-    "NOTIFY_SOCKET",
-    "LISTEN_FDS",
-    "LISTEN_PID",
-    "LISTEN_FDNAMES",
-    "WATCHDOG_USEC",
-    "WATCHDOG_PID",
-    "JOURNAL_STREAM",
-];
+/// Variables of the master's environment that describe the master itself, never a worker:
+/// the systemd protocol ones ([`crate::config::SYSTEMD_ENV`]) and `JOURNAL_STREAM` (a worker's
+/// output goes through plumule, not straight to the journal).
+fn master_only(name: &OsStr) -> bool {
+    name == "JOURNAL_STREAM" || crate::config::SYSTEMD_ENV.iter().any(|v| name == *v)
+}
 
 /// What the master knows that every spawn needs.
 #[derive(Debug, Clone)]
@@ -137,7 +133,7 @@ pub fn environment(
     };
     if program.inherit_env {
         for (k, v) in std::env::vars_os() {
-            if !MASTER_ONLY.iter().any(|m| k == *m) {
+            if !master_only(&k) {
                 env.push((k, v));
             }
         }

@@ -236,6 +236,17 @@ impl Config {
 /// machine to death.
 pub const MAX_WORKERS: u32 = 10_000;
 
+/// The systemd protocol variables plumule sets for workers itself (and never passes on from
+/// its own environment).
+pub const SYSTEMD_ENV: &[&str] = &[
+    "NOTIFY_SOCKET",
+    "LISTEN_FDS",
+    "LISTEN_PID",
+    "LISTEN_FDNAMES",
+    "WATCHDOG_USEC",
+    "WATCHDOG_PID",
+];
+
 /// A key whose feature is not built yet. A file that sets it is refused ("`after` is not
 /// supported yet") rather than silently half-obeyed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

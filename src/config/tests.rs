@@ -640,38 +640,8 @@ fn root_group() -> GroupSpec {
 /// A program with SPEC §9's defaults.
 fn default_program(name: &str, command: CommandSpec) -> Program {
     Program {
-        name: name.into(),
         command,
-        workers: 1,
-        restart: RestartPolicy::Always,
-        success_exit_codes: vec![0],
-        healthy_after: Duration::from_secs(1),
-        backoff: Backoff {
-            initial: Duration::from_millis(100),
-            max: Duration::from_secs(30),
-            multiplier: 2.0,
-            jitter: 0.1,
-        },
-        start_limit: None,
-        stop_signal: Signal::SIGTERM,
-        stop_timeout: Duration::from_secs(10),
-        reload: ReloadMode::Restart,
-        reload_signal: Signal::SIGHUP,
-        env: BTreeMap::new(),
-        inherit_env: true,
-        cwd: None,
-        user: None,
-        group: None,
-        umask: None,
-        stdout: OutputSpec::Log,
-        stderr: OutputSpec::Log,
-        locks: vec![],
-        ready: ReadyMode::Started,
-        ready_timeout: Duration::from_secs(30),
-        watchdog: None,
-        listen: vec![],
-        after: vec![],
-        queue: None,
+        ..crate::test_support::program(name, 1)
     }
 }
 

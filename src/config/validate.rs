@@ -54,18 +54,9 @@ const MAX_FRAME_LIMIT: u64 = u32::MAX as u64;
 const MAX_PREFETCH: i64 = 10_000;
 const MAX_KEEP: i64 = 1000;
 
-/// Variables plumule sets for every worker; `env` must not try to set them.
-const RESERVED_ENV: &[&str] = &[
-    "PLUMULE_PROGRAM",
-    "PLUMULE_WORKER_ID",
-    "PLUMULE_WORKERS",
-    "NOTIFY_SOCKET",
-    "LISTEN_FDS",
-    "LISTEN_PID",
-    "LISTEN_FDNAMES",
-    "WATCHDOG_USEC",
-    "WATCHDOG_PID",
-];
+/// Variables plumule sets for every worker (with [`super::SYSTEMD_ENV`]); `env` must not
+/// try to set them.
+const PLUMULE_ENV: &[&str] = &["PLUMULE_PROGRAM", "PLUMULE_WORKER_ID", "PLUMULE_WORKERS"];
 
 const RESTART: &[(&str, RestartPolicy)] = &[
     ("always", RestartPolicy::Always),
@@ -811,7 +802,11 @@ impl Validator<'_> {
                         display_key(n)
                     ),
                 );
-            } else if RESERVED_ENV.contains(&n.as_str()) {
+            } else if PLUMULE_ENV
+                .iter()
+                .chain(super::SYSTEMD_ENV)
+                .any(|r| *r == n.as_str())
+            {
                 self.at(
                     name,
                     &k,

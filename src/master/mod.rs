@@ -600,12 +600,6 @@ impl Master {
         if let Some(n) = &self.notify_socket {
             add(n.fd(), Source::Notify);
         }
-        if let Some(c) = &self.control {
-            // During a graceful stop no new client is taken; those connected still get answers.
-            if self.phase == Phase::Running {
-                add(c.fd(), Source::Listener);
-            }
-        }
         for (&pid, proc) in &self.procs {
             if let Some(s) = &proc.status {
                 add(s.as_raw_fd(), Source::Status(pid));
@@ -625,6 +619,18 @@ impl Master {
                     revents: 0,
                 });
                 sources.push(Source::Client(id));
+            }
+        }
+        if let Some(c) = &self.control {
+            // Last: closed connections are noticed before new ones are counted against the limit.
+            // During a graceful stop no new client is taken; those connected still get answers.
+            if self.phase == Phase::Running {
+                fds.push(libc::pollfd {
+                    fd: c.fd(),
+                    events: libc::POLLIN,
+                    revents: 0,
+                });
+                sources.push(Source::Listener);
             }
         }
         (fds, sources)

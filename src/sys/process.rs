@@ -80,13 +80,21 @@ pub fn group_exists(pgid: Pid) -> bool {
     if matches!(killpg(pgid, None), Err(Errno::ESRCH)) {
         return false;
     }
-    let Ok(dir) = std::fs::read_dir("/proc") else { return true };
+    let Ok(dir) = std::fs::read_dir("/proc") else {
+        return true;
+    };
     dir.filter_map(Result::ok)
-        .filter(|e| e.file_name().to_str().is_some_and(|n| n.bytes().all(|b| b.is_ascii_digit())))
+        .filter(|e| {
+            e.file_name()
+                .to_str()
+                .is_some_and(|n| n.bytes().all(|b| b.is_ascii_digit()))
+        })
         .filter_map(|e| std::fs::read_to_string(e.path().join("stat")).ok())
         .any(|stat| {
             // Fields after the command name: state (3), ppid (4), pgrp (5).
-            let Some(close) = stat.rfind(')') else { return false };
+            let Some(close) = stat.rfind(')') else {
+                return false;
+            };
             let mut f = stat[close + 1..].split_whitespace();
             let state = f.next();
             let pgrp = f.nth(1).and_then(|p| p.parse::<i32>().ok());

@@ -445,7 +445,10 @@ impl Sandbox {
 
     /// Starts `plumule run -c CONFIG` with extra environment variables (e.g. `NOTIFY_SOCKET`).
     pub fn start_with_env(&self, config: &Path, env: &[(&str, &str)]) -> Daemon {
-        self.spawn_plumule_env(&["run", "-c", &config.display().to_string()], env)
+        let args = ["run", "-c", &config.display().to_string()];
+        self.spawn_plumule_with(&args, |cmd| {
+            cmd.envs(env.iter().copied());
+        })
     }
 
     /// The file the next spawned `plumule` will write its stderr to. The spawn truncates an
@@ -457,12 +460,12 @@ impl Sandbox {
 
     /// Spawns `plumule ARGS…` with stdout and stderr captured to files in the sandbox.
     pub fn spawn_plumule(&self, args: &[&str]) -> Daemon {
-        self.spawn_plumule_env(args, &[])
+        self.spawn_plumule_with(args, |_| {})
     }
 
-    /// [`Sandbox::spawn_plumule`] with extra environment variables, set after the harness has
-    /// removed the ones that would tie the master to the test runner's own service manager.
-    pub fn spawn_plumule_env(&self, args: &[&str], env: &[(&str, &str)]) -> Daemon {
+    /// [`Sandbox::spawn_plumule`] with `adjust` applied to the command just before it is
+    /// spawned (e.g. `uid`/`gid` to run a client as another user).
+    pub fn spawn_plumule_with(&self, args: &[&str], adjust: impl FnOnce(&mut Command)) -> Daemon {
         let n = self.spawned.fetch_add(1, Ordering::SeqCst) + 1;
         let stdout = self.path(&format!("plumule-{n}.stdout"));
         let stderr = self.path(&format!("plumule-{n}.stderr"));
@@ -479,13 +482,13 @@ impl Sandbox {
             .env_remove("WATCHDOG_USEC")
             .env_remove("WATCHDOG_PID")
             .env_remove("JOURNAL_STREAM")
-            .envs(env.iter().copied())
             .stdin(Stdio::null())
             .stdout(File::create(&stdout).expect("stdout file"))
             .stderr(File::create(&stderr).expect("stderr file"));
         // Its own process group, as under systemd: a signal meant for it never reaches the
         // test runner, and the runner's terminal signals never reach it.
         cmd.process_group(0);
+        adjust(&mut cmd);
         let child = spawn_registered(&mut cmd);
         let watch = Watch {
             pid: child.id() as i32,

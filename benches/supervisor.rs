@@ -1,0 +1,1096 @@
+//! Benchmark of the supervisor itself (issue 2): cold start, restart latency, quick-crash
+//! backoff, master memory, idle activity and graceful stop, with N workers of a tiny C program,
+//! measured by the method of `shared/PEERS.md` and printed as a table beside the goals and the
+//! best peers.
+//!
+//! Run: `cargo bench --bench supervisor [-- --workers N --kills K --idle-secs S --plumule PATH]`.
+//!
+//! Every worker logs `ID PID MONOTONIC_NS` the moment it starts (`tiny_worker.c`), so latencies
+//! are measured from the bench's CLOCK_MONOTONIC reading just before its action to the time the
+//! worker itself logged, and do not depend on how fast the bench notices the line.
+//!
+//! The measurements only talk to a [`Supervisor`]: plumule is one implementation, and a peer
+//! (runit, s6, …) can be measured by the same code by writing another.
+//!
+//! The bench never hangs: every wait has a deadline, and on any failure the supervisor and every
+//! tiny worker are SIGKILLed, and the message says what never happened.
+
+use std::fmt::Write as _;
+use std::fs::{self, File};
+use std::io::{self, Read};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
+use std::os::unix::fs::PermissionsExt;
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitCode, ExitStatus, Stdio};
+use std::time::Duration;
+
+/// Every failure is a sentence for the user: what never happened, or what went wrong.
+type Result<T> = std::result::Result<T, String>;
+
+const USAGE: &str = "usage: cargo bench --bench supervisor [-- --workers N --kills K \
+                     --idle-secs S --plumule PATH]";
+
+/// The plumule config's `healthy_after`: short, so the bench need not wait long between kills.
+const HEALTHY_AFTER: Duration = Duration::from_millis(100);
+/// The plumule config's `backoff.initial`: what the second of two quick restarts should take.
+const BACKOFF_INITIAL: Duration = Duration::from_millis(100);
+/// Added to every "has run long enough" wait, so that the supervisor's clock agrees.
+const MARGIN: Duration = Duration::from_millis(30);
+/// Quick-crash trials (on different workers); their median is reported.
+const QUICK_CRASH_TRIALS: usize = 5;
+
+const COLD_START_DEADLINE: Duration = Duration::from_secs(30);
+const RESTART_DEADLINE: Duration = Duration::from_secs(5);
+const STOP_DEADLINE: Duration = Duration::from_secs(30);
+
+fn main() -> ExitCode {
+    let opts = match Options::parse(std::env::args().skip(1)) {
+        Ok(opts) => opts,
+        Err(e) => {
+            eprintln!("supervisor bench: {e}\n{USAGE}");
+            return ExitCode::from(2);
+        }
+    };
+    let plumule = Plumule {
+        bin: opts.plumule.clone(),
+        healthy_after: HEALTHY_AFTER,
+        backoff_initial: BACKOFF_INITIAL,
+    };
+    match run(&plumule, &opts) {
+        Ok(report) => {
+            print!("{}", report.render(&plumule, &opts));
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("supervisor bench FAILED: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+struct Options {
+    workers: usize,
+    kills: usize,
+    idle_secs: u64,
+    plumule: PathBuf,
+}
+
+impl Options {
+    fn parse(mut args: impl Iterator<Item = String>) -> Result<Options> {
+        let mut opts = Options {
+            workers: 200,
+            kills: 50,
+            idle_secs: 10,
+            plumule: PathBuf::from(env!("CARGO_BIN_EXE_plumule")),
+        };
+        while let Some(arg) = args.next() {
+            let mut value = |name: &str| args.next().ok_or(format!("{name} needs a value"));
+            match arg.as_str() {
+                // `cargo bench` passes `--bench` to every bench binary.
+                "--bench" => {}
+                "--workers" => opts.workers = number(&arg, &value("--workers")?)?,
+                "--kills" => opts.kills = number(&arg, &value("--kills")?)?,
+                "--idle-secs" => opts.idle_secs = number(&arg, &value("--idle-secs")?)?,
+                "--plumule" => opts.plumule = PathBuf::from(value("--plumule")?),
+                "-h" | "--help" => return Err("help".into()),
+                other => return Err(format!("unknown argument `{other}`")),
+            }
+        }
+        if opts.workers == 0 {
+            return Err("--workers must be at least 1".into());
+        }
+        Ok(opts)
+    }
+}
+
+fn number<T: std::str::FromStr>(flag: &str, s: &str) -> Result<T> {
+    s.parse()
+        .map_err(|_| format!("{flag} wants a whole number, not `{s}`"))
+}
+
+// ---------------------------------------------------------------------------------------------
+// The supervisor under test.
+
+/// The tiny worker as built for this run: `exe LOG [ID]`.
+struct Worker {
+    exe: PathBuf,
+    log: PathBuf,
+}
+
+/// What the measurements need from a supervisor. plumule implements it; a peer can too.
+trait Supervisor {
+    /// Its name in the table.
+    fn name(&self) -> String;
+    /// Writes whatever it needs into `dir` (a fresh folder, 0700) to run `n` copies of
+    /// `worker`, and returns the command that runs it in the foreground. Each copy must get its
+    /// id 0..n, by `PLUMULE_WORKER_ID` or as `worker.exe`'s second argument.
+    fn prepare(&self, dir: &Path, worker: &Worker, n: usize) -> Result<Command>;
+    /// The processes that do the supervising (memory and idle activity are summed over them),
+    /// given the pid of the command that `prepare` returned.
+    fn supervision_pids(&self, root: i32) -> Result<Vec<i32>>;
+    /// A run at least this long makes the next restart immediate.
+    fn healthy_after(&self) -> Duration;
+    /// The delay it should apply after a run shorter than `healthy_after`.
+    fn backoff_initial(&self) -> Duration;
+    /// The signal that asks it to stop every worker and exit.
+    fn stop_signal(&self) -> i32 {
+        libc::SIGTERM
+    }
+}
+
+struct Plumule {
+    bin: PathBuf,
+    healthy_after: Duration,
+    backoff_initial: Duration,
+}
+
+impl Supervisor for Plumule {
+    fn name(&self) -> String {
+        "plumule".into()
+    }
+
+    fn prepare(&self, dir: &Path, worker: &Worker, n: usize) -> Result<Command> {
+        let runtime = dir.join("run");
+        let state = dir.join("state");
+        for d in [&runtime, &state] {
+            fs::create_dir(d).map_err(|e| format!("cannot create {}: {e}", d.display()))?;
+        }
+        let config = format!(
+            "[plumule]\n\
+             runtime_dir = {runtime}\n\
+             state_dir = {state}\n\
+             \n\
+             [program.tiny]\n\
+             command = [{exe}, {log}]\n\
+             workers = {n}\n\
+             stdout = \"null\"\n\
+             healthy_after = \"{healthy}ms\"\n\
+             backoff = {{ initial = \"{initial}ms\" }}\n",
+            runtime = toml_str(&runtime),
+            state = toml_str(&state),
+            exe = toml_str(&worker.exe),
+            log = toml_str(&worker.log),
+            healthy = self.healthy_after.as_millis(),
+            initial = self.backoff_initial.as_millis(),
+        );
+        let path = dir.join("plumule.toml");
+        write_file(&path, &config, 0o644)?;
+        let mut cmd = Command::new(&self.bin);
+        cmd.arg("run").arg("-c").arg(&path);
+        Ok(cmd)
+    }
+
+    fn supervision_pids(&self, root: i32) -> Result<Vec<i32>> {
+        Ok(vec![root])
+    }
+
+    fn healthy_after(&self) -> Duration {
+        self.healthy_after
+    }
+
+    fn backoff_initial(&self) -> Duration {
+        self.backoff_initial
+    }
+}
+
+fn toml_str(p: &Path) -> String {
+    let s = p.to_string_lossy();
+    format!("\"{}\"", s.replace('\\', "\\\\").replace('"', "\\\""))
+}
+
+fn write_file(path: &Path, text: &str, mode: u32) -> Result<()> {
+    fs::write(path, text)
+        .and_then(|()| fs::set_permissions(path, fs::Permissions::from_mode(mode)))
+        .map_err(|e| format!("cannot write {}: {e}", path.display()))
+}
+
+// ---------------------------------------------------------------------------------------------
+// The measurements.
+
+#[derive(Default)]
+struct Report {
+    /// /proc/loadavg's 1, 5 and 15 minute figures just before the supervisor started: other
+    /// work on the machine skews every latency.
+    load_before: String,
+    cold_start: Duration,
+    memory: Memory,
+    restarts: Vec<Duration>,
+    quick_crash: Vec<Duration>,
+    idle: Activity,
+    idle_window: Duration,
+    stop: Duration,
+}
+
+/// Builds the worker, starts the supervisor, and measures in an order that keeps each figure
+/// clean: memory right after start, restarts, quick crashes, then idle once every backoff has
+/// run out, and graceful stop last.
+fn run(sup: &dyn Supervisor, opts: &Options) -> Result<Report> {
+    let dir = tempfile::Builder::new()
+        .prefix("plumule-bench.")
+        .tempdir()
+        .map_err(|e| format!("cannot create a temp dir: {e}"))?;
+    let worker = build_worker(dir.path())?;
+    let n = opts.workers;
+    let mut report = Report {
+        load_before: fs::read_to_string("/proc/loadavg")
+            .map(|l| l.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
+            .unwrap_or_else(|_| "unknown".into()),
+        ..Report::default()
+    };
+
+    eprintln!(
+        "bench: {n} workers, {} kills, {} s idle",
+        opts.kills, opts.idle_secs
+    );
+    let (mut sv, cold_start) = Running::start(sup, dir.path(), &worker, n)?;
+    report.cold_start = cold_start;
+    eprintln!("bench: cold start {}", ms(cold_start));
+
+    sv.wait_all_healthy()?;
+    report.memory = memory(&sv.supervision)?;
+
+    for k in 0..opts.kills {
+        report.restarts.push(sv.restart(k % n)?.0);
+    }
+    if !report.restarts.is_empty() {
+        eprintln!("bench: restart median {}", ms(median(&report.restarts)));
+    }
+
+    for t in 0..QUICK_CRASH_TRIALS {
+        let id = (opts.kills + t) % n;
+        let (_, pid) = sv.restart(id)?;
+        // The replacement has run for well under `healthy_after`: a quick crash.
+        report.quick_crash.push(sv.kill_and_wait(id, pid)?);
+    }
+    eprintln!(
+        "bench: quick-crash restart median {}",
+        ms(median(&report.quick_crash))
+    );
+
+    // Let every backoff and healthy_after deadline pass before counting idle wake-ups.
+    sv.wait_all_healthy()?;
+    std::thread::sleep(Duration::from_secs(1));
+    report.idle_window = Duration::from_secs(opts.idle_secs);
+    report.idle = sv.idle(report.idle_window)?;
+    eprintln!("bench: idle {} context switches", report.idle.ctx_switches);
+
+    report.stop = sv.graceful_stop()?;
+    eprintln!("bench: graceful stop {}", ms(report.stop));
+    Ok(report)
+}
+
+/// Compiles `tiny_worker.c` with `$CC` (default `cc`) `-O2` into `dir`.
+fn build_worker(dir: &Path) -> Result<Worker> {
+    let src = dir.join("tiny_worker.c");
+    write_file(&src, include_str!("tiny_worker.c"), 0o644)?;
+    let exe = dir.join("tiny_worker");
+    let cc = std::env::var("CC").unwrap_or_else(|_| "cc".into());
+    let out = Command::new(&cc)
+        .arg("-O2")
+        .arg("-o")
+        .arg(&exe)
+        .arg(&src)
+        .output()
+        .map_err(|e| format!("cannot run the C compiler `{cc}`: {e}"))?;
+    if !out.status.success() {
+        return Err(format!(
+            "`{cc} -O2` could not build tiny_worker.c ({}):\n{}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr)
+        ));
+    }
+    let log = dir.join("workers.log");
+    write_file(&log, "", 0o644)?;
+    Ok(Worker { exe, log })
+}
+
+/// A running supervisor and what the bench knows about it. Dropping it before a graceful stop
+/// SIGKILLs the supervisor and every tiny worker.
+struct Running<'a> {
+    sup: &'a dyn Supervisor,
+    child: Child,
+    root: i32,
+    /// Readable once `root` has exited.
+    pidfd: OwnedFd,
+    supervision: Vec<i32>,
+    log: WorkerLog,
+    worker_exe: PathBuf,
+    stderr: PathBuf,
+    n: usize,
+    /// Set once the supervisor has exited and been reaped.
+    done: bool,
+}
+
+impl<'a> Running<'a> {
+    /// Spawns the supervisor and waits until all `n` workers have started. Also returns the
+    /// cold start: from just before the spawn to the latest first start logged by a worker.
+    fn start(
+        sup: &'a dyn Supervisor,
+        dir: &Path,
+        worker: &Worker,
+        n: usize,
+    ) -> Result<(Running<'a>, Duration)> {
+        let log = WorkerLog::open(&worker.log, n)?;
+        let mut cmd = sup.prepare(dir, worker, n)?;
+        let stderr = dir.join("supervisor.stderr");
+        let stderr_file = File::create(&stderr)
+            .map_err(|e| format!("cannot create {}: {e}", stderr.display()))?;
+        cmd.stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(stderr_file);
+        sys::die_with_parent(&mut cmd);
+
+        let t0 = sys::mono_ns();
+        let child = cmd
+            .spawn()
+            .map_err(|e| format!("cannot start {} ({cmd:?}): {e}", sup.name()))?;
+        let root = child.id() as i32;
+        let pidfd = match sys::pidfd_open(root) {
+            Ok(fd) => fd,
+            Err(e) => {
+                let _ = sys::kill(root, libc::SIGKILL);
+                return Err(format!("pidfd_open({root}): {e}"));
+            }
+        };
+        let mut sv = Running {
+            sup,
+            child,
+            root,
+            pidfd,
+            supervision: vec![root],
+            log,
+            worker_exe: worker.exe.clone(),
+            stderr,
+            n,
+            done: false,
+        };
+
+        let all_started = |log: &WorkerLog| (log.started() == n).then_some(());
+        sv.wait_log(COLD_START_DEADLINE, all_started, |log| {
+            format!("only {} of {n} workers had started", log.started())
+        })?;
+        let last = sv.log.first.iter().flatten().max().copied().unwrap_or(t0);
+        sv.supervision = sup.supervision_pids(root)?;
+        Ok((sv, Duration::from_nanos(last.saturating_sub(t0))))
+    }
+
+    /// Waits until `found` sees what it looks for in the worker log, sleeping on inotify between
+    /// looks. Fails with `missing` (what never happened) when `timeout` passes, or at once if
+    /// the supervisor exits.
+    fn wait_log<T>(
+        &mut self,
+        timeout: Duration,
+        mut found: impl FnMut(&WorkerLog) -> Option<T>,
+        missing: impl Fn(&WorkerLog) -> String,
+    ) -> Result<T> {
+        let deadline = sys::mono_ns() + timeout.as_nanos() as u64;
+        loop {
+            self.log.refresh()?;
+            if let Some(t) = found(&self.log) {
+                return Ok(t);
+            }
+            let now = sys::mono_ns();
+            if now >= deadline {
+                return Err(format!("{} within {timeout:?}", missing(&self.log)));
+            }
+            let ready = sys::poll(
+                &[self.log.inotify.as_fd(), self.pidfd.as_fd()],
+                Duration::from_nanos(deadline - now),
+            )
+            .map_err(|e| format!("poll: {e}"))?;
+            if ready[1] {
+                self.log.refresh()?;
+                let status = self.reap();
+                return Err(format!(
+                    "{}: {} exited first ({status}){}",
+                    missing(&self.log),
+                    self.sup.name(),
+                    self.stderr_tail()
+                ));
+            }
+            if ready[0] {
+                sys::drain(self.log.inotify.as_fd());
+            }
+        }
+    }
+
+    /// Sleeps until every worker's current run has lasted at least `healthy_after`.
+    fn wait_all_healthy(&mut self) -> Result<()> {
+        self.log.refresh()?;
+        let latest = (0..self.n)
+            .map(|id| self.log.latest(id).map_or(0, |s| s.ns))
+            .max();
+        self.sleep_until_healthy(latest.unwrap_or(0));
+        Ok(())
+    }
+
+    fn sleep_until_healthy(&self, started_ns: u64) {
+        let ready = started_ns + (self.sup.healthy_after() + MARGIN).as_nanos() as u64;
+        let now = sys::mono_ns();
+        if ready > now {
+            std::thread::sleep(Duration::from_nanos(ready - now));
+        }
+    }
+
+    /// Waits until worker `id` has run for `healthy_after`, SIGKILLs it, and returns the
+    /// restart latency and the replacement's pid.
+    fn restart(&mut self, id: usize) -> Result<(Duration, i32)> {
+        let current = self
+            .log
+            .latest(id)
+            .ok_or(format!("worker {id} never started"))?;
+        self.sleep_until_healthy(current.ns);
+        let latency = self.kill_and_wait(id, current.pid)?;
+        let pid = self.log.latest(id).map_or(0, |s| s.pid);
+        Ok((latency, pid))
+    }
+
+    /// SIGKILLs `pid` (worker `id`) and waits for a new start of `id`: returns from just before
+    /// the kill to the time the replacement logged.
+    fn kill_and_wait(&mut self, id: usize, pid: i32) -> Result<Duration> {
+        let seen = self.log.starts_of(id);
+        let t_kill = sys::mono_ns();
+        sys::kill(pid, libc::SIGKILL)
+            .map_err(|e| format!("kill -KILL {pid} (worker {id}): {e}"))?;
+        let replaced = |log: &WorkerLog| {
+            (log.starts_of(id) > seen).then(|| log.latest(id).map_or(0, |s| s.ns))
+        };
+        let ns = self.wait_log(RESTART_DEADLINE, replaced, |_| {
+            format!("worker {id} was not restarted after SIGKILL of its pid {pid}")
+        })?;
+        Ok(Duration::from_nanos(ns.saturating_sub(t_kill)))
+    }
+
+    /// Context switches and CPU ticks of the supervision processes over `window`.
+    fn idle(&mut self, window: Duration) -> Result<Activity> {
+        let before = activity(&self.supervision)?;
+        std::thread::sleep(window);
+        let after = activity(&self.supervision)?;
+        Ok(Activity {
+            ctx_switches: after.ctx_switches.saturating_sub(before.ctx_switches),
+            cpu_ticks: after.cpu_ticks.saturating_sub(before.cpu_ticks),
+        })
+    }
+
+    /// Sends the stop signal and waits until the supervisor has exited and no pid of a current
+    /// worker exists any more. Returns the time from just before the signal.
+    fn graceful_stop(&mut self) -> Result<Duration> {
+        self.log.refresh()?;
+        let mut workers = Vec::with_capacity(self.n);
+        for id in 0..self.n {
+            let s = self
+                .log
+                .latest(id)
+                .ok_or(format!("worker {id} never started"))?;
+            if !pid_exists(s.pid) {
+                return Err(format!(
+                    "worker {id} (pid {}) was not running before the stop",
+                    s.pid
+                ));
+            }
+            workers.push(s.pid);
+        }
+        let name = self.sup.name();
+        let sig = self.sup.stop_signal();
+        let deadline = STOP_DEADLINE.as_nanos() as u64;
+
+        let t0 = sys::mono_ns();
+        sys::kill(self.root, sig).map_err(|e| format!("kill -{sig} {}: {e}", self.root))?;
+        let ready =
+            sys::poll(&[self.pidfd.as_fd()], STOP_DEADLINE).map_err(|e| format!("poll: {e}"))?;
+        if !ready[0] {
+            return Err(format!(
+                "{name} had not exited {STOP_DEADLINE:?} after signal {sig}{}",
+                self.stderr_tail()
+            ));
+        }
+        loop {
+            workers.retain(|&pid| pid_exists(pid));
+            let now = sys::mono_ns();
+            if workers.is_empty() {
+                let status = self.reap();
+                if !status.success() {
+                    return Err(format!(
+                        "{name} exited with {status} after signal {sig}, not 0{}",
+                        self.stderr_tail()
+                    ));
+                }
+                return Ok(Duration::from_nanos(now - t0));
+            }
+            if now - t0 > deadline {
+                return Err(format!(
+                    "{} worker(s) (e.g. pid {}) still existed {STOP_DEADLINE:?} after signal \
+                     {sig} to {name}, which had exited",
+                    workers.len(),
+                    workers[0]
+                ));
+            }
+            std::thread::sleep(Duration::from_micros(200));
+        }
+    }
+
+    /// Waits for the exited supervisor (it is our child) and frees its pid.
+    fn reap(&mut self) -> ExitStatus {
+        self.done = true;
+        self.child.wait().unwrap_or_else(|_| ExitStatus::default())
+    }
+
+    fn stderr_tail(&self) -> String {
+        let text = fs::read_to_string(&self.stderr).unwrap_or_default();
+        let lines: Vec<&str> = text.lines().collect();
+        if lines.is_empty() {
+            return String::new();
+        }
+        let tail = &lines[lines.len().saturating_sub(20)..];
+        format!("; last lines of its stderr:\n  {}", tail.join("\n  "))
+    }
+}
+
+impl Drop for Running<'_> {
+    fn drop(&mut self) {
+        if self.done {
+            return;
+        }
+        eprintln!(
+            "bench: killing {} (pid {}) and its workers",
+            self.sup.name(),
+            self.root
+        );
+        for &pid in &self.supervision {
+            let _ = sys::kill(pid, libc::SIGKILL);
+        }
+        let _ = sys::kill(self.root, libc::SIGKILL);
+        let _ = self.child.wait();
+        // Every process running our tiny worker, logged or not: its path is unique to this run.
+        for pid in pids_running(&self.worker_exe) {
+            let _ = sys::kill(pid, libc::SIGKILL);
+        }
+    }
+}
+
+/// The tiny workers' log: every start, in order.
+struct WorkerLog {
+    file: File,
+    inotify: OwnedFd,
+    partial: Vec<u8>,
+    n: usize,
+    /// Per worker id: the monotonic time of its first start.
+    first: Vec<Option<u64>>,
+    /// Per worker id: its starts so far and the latest one.
+    latest: Vec<(usize, Option<Start>)>,
+}
+
+#[derive(Clone, Copy)]
+struct Start {
+    pid: i32,
+    ns: u64,
+}
+
+impl WorkerLog {
+    fn open(path: &Path, n: usize) -> Result<WorkerLog> {
+        let file = File::open(path).map_err(|e| format!("cannot open {}: {e}", path.display()))?;
+        let inotify = sys::inotify_watch(path)
+            .map_err(|e| format!("cannot watch {} with inotify: {e}", path.display()))?;
+        Ok(WorkerLog {
+            file,
+            inotify,
+            partial: Vec::new(),
+            n,
+            first: vec![None; n],
+            latest: vec![(0, None); n],
+        })
+    }
+
+    /// Reads the lines appended since the last call.
+    fn refresh(&mut self) -> Result<()> {
+        self.file
+            .read_to_end(&mut self.partial)
+            .map_err(|e| format!("cannot read the worker log: {e}"))?;
+        let Some(end) = self.partial.iter().rposition(|&b| b == b'\n') else {
+            return Ok(());
+        };
+        let complete: Vec<u8> = self.partial.drain(..=end).collect();
+        for line in String::from_utf8_lossy(&complete).lines() {
+            let (id, start) = parse_start(line)
+                .filter(|&(id, _)| id < self.n)
+                .ok_or(format!("bad line in the worker log: `{line}`"))?;
+            self.first[id].get_or_insert(start.ns);
+            self.latest[id].0 += 1;
+            self.latest[id].1 = Some(start);
+        }
+        Ok(())
+    }
+
+    /// How many distinct workers have started at least once.
+    fn started(&self) -> usize {
+        self.first.iter().flatten().count()
+    }
+
+    fn starts_of(&self, id: usize) -> usize {
+        self.latest[id].0
+    }
+
+    fn latest(&self, id: usize) -> Option<Start> {
+        self.latest[id].1
+    }
+}
+
+fn parse_start(line: &str) -> Option<(usize, Start)> {
+    let mut f = line.split(' ');
+    let id = f.next()?.parse().ok()?;
+    let pid = f.next()?.parse().ok()?;
+    let ns = f.next()?.parse().ok()?;
+    f.next().is_none().then_some((id, Start { pid, ns }))
+}
+
+// ---------------------------------------------------------------------------------------------
+// /proc readings.
+
+#[derive(Default)]
+struct Memory {
+    rss_kib: u64,
+    pss_kib: u64,
+}
+
+#[derive(Default)]
+struct Activity {
+    ctx_switches: u64,
+    cpu_ticks: u64,
+}
+
+/// Sum of VmRSS (/proc/PID/status) and Pss (/proc/PID/smaps_rollup) over `pids`.
+fn memory(pids: &[i32]) -> Result<Memory> {
+    let mut m = Memory::default();
+    for &pid in pids {
+        m.rss_kib += proc_field(pid, "status", "VmRSS:")?;
+        m.pss_kib += proc_field(pid, "smaps_rollup", "Pss:")?;
+    }
+    Ok(m)
+}
+
+/// Sum of voluntary + nonvoluntary context switches and utime + stime over `pids`.
+fn activity(pids: &[i32]) -> Result<Activity> {
+    let mut a = Activity::default();
+    for &pid in pids {
+        a.ctx_switches += proc_field(pid, "status", "voluntary_ctxt_switches:")?;
+        a.ctx_switches += proc_field(pid, "status", "nonvoluntary_ctxt_switches:")?;
+        let path = format!("/proc/{pid}/stat");
+        let stat = fs::read_to_string(&path).map_err(|e| format!("cannot read {path}: {e}"))?;
+        // Fields after the parenthesised command name start at field 3 (state); utime and
+        // stime are fields 14 and 15.
+        let rest = stat.rsplit_once(')').map(|(_, r)| r).unwrap_or("");
+        let fields: Vec<&str> = rest.split_whitespace().collect();
+        let ticks = |i: usize| fields.get(i - 3).and_then(|f| f.parse::<u64>().ok());
+        match (ticks(14), ticks(15)) {
+            (Some(u), Some(s)) => a.cpu_ticks += u + s,
+            _ => return Err(format!("cannot parse utime/stime in {path}")),
+        }
+    }
+    Ok(a)
+}
+
+/// The first number after `key` at the start of a line of /proc/PID/FILE.
+fn proc_field(pid: i32, file: &str, key: &str) -> Result<u64> {
+    let path = format!("/proc/{pid}/{file}");
+    let text = fs::read_to_string(&path).map_err(|e| format!("cannot read {path}: {e}"))?;
+    text.lines()
+        .find_map(|l| l.strip_prefix(key))
+        .and_then(|v| v.split_whitespace().next())
+        .and_then(|v| v.parse().ok())
+        .ok_or(format!("no `{key}` in {path}"))
+}
+
+fn pid_exists(pid: i32) -> bool {
+    Path::new(&format!("/proc/{pid}")).exists()
+}
+
+/// Every process whose executable is `exe`.
+fn pids_running(exe: &Path) -> Vec<i32> {
+    let Ok(dir) = fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    dir.flatten()
+        .filter_map(|e| e.file_name().to_str()?.parse::<i32>().ok())
+        .filter(|pid| fs::read_link(format!("/proc/{pid}/exe")).is_ok_and(|p| p == exe))
+        .collect()
+}
+
+// ---------------------------------------------------------------------------------------------
+// The table.
+
+/// Goals and best peers from shared/PEERS.md, for the two worker counts measured there.
+struct Reference {
+    cold_goal: &'static str,
+    cold_peer: &'static str,
+    rss_goal: &'static str,
+    rss_peer: &'static str,
+    pss_goal: &'static str,
+    pss_peer: &'static str,
+    stop_goal: &'static str,
+    stop_peer: &'static str,
+}
+
+fn reference(n: usize) -> (Reference, &'static str) {
+    let at200 = Reference {
+        cold_goal: "≤ 100 ms",
+        cold_peer: "s6-notify 195 ms, runit 210 ms",
+        rss_goal: "≤ 4 MiB",
+        rss_peer: "Horust 5.8 MiB (at 50)",
+        pss_goal: "≤ 2 MiB",
+        pss_peer: "Horust 6.4 MiB, runit 18.8 MiB (201 procs)",
+        stop_goal: "≤ 60 ms",
+        stop_peer: "s6-notify 187 ms",
+    };
+    match n {
+        200 => (at200, ""),
+        50 => (
+            Reference {
+                cold_goal: "≤ 25 ms",
+                cold_peer: "runit 46–75 ms, s6 68–79 ms",
+                rss_goal: "≤ 4 MiB (at 200)",
+                rss_peer: "Horust 5.8 MiB",
+                pss_goal: "≤ 2 MiB (at 200)",
+                pss_peer: "Cotyledon 3.6–4.1 MiB, Horust 4.0–4.2 MiB",
+                stop_goal: "≤ 30 ms",
+                stop_peer: "s6-notify 36 ms",
+            },
+            "",
+        ),
+        _ => (at200, " (goals and peers are the figures at N = 200)"),
+    }
+}
+
+impl Report {
+    fn render(&self, sup: &dyn Supervisor, opts: &Options) -> String {
+        let n = opts.workers;
+        let (r, note) = reference(n);
+        let mut rows: Vec<[String; 4]> = Vec::new();
+        let mut row =
+            |m: String, v: String, g: &str, p: &str| rows.push([m, v, g.into(), p.into()]);
+        row(
+            format!("cold start, all {n} exec'd"),
+            ms(self.cold_start),
+            r.cold_goal,
+            r.cold_peer,
+        );
+        if !self.restarts.is_empty() {
+            let k = self.restarts.len();
+            row(
+                format!("restart after SIGKILL, median of {k}"),
+                ms(median(&self.restarts)),
+                "≤ 1 ms",
+                "runit 2.4 ms, s6-notify 2.6 ms",
+            );
+            row(
+                format!("restart after SIGKILL, p90 of {k}"),
+                ms(percentile(&self.restarts, 90)),
+                "",
+                "",
+            );
+        }
+        row(
+            format!(
+                "second restart right after the first, median of {}",
+                self.quick_crash.len()
+            ),
+            ms(median(&self.quick_crash)),
+            &format!("= backoff.initial ({})", ms(sup.backoff_initial())),
+            "Cotyledon 7.5–10 ms (no backoff); runit, s6 1003 ms",
+        );
+        row(
+            "master RSS after start".into(),
+            mib(self.memory.rss_kib),
+            r.rss_goal,
+            r.rss_peer,
+        );
+        row(
+            "master PSS after start".into(),
+            mib(self.memory.pss_kib),
+            r.pss_goal,
+            r.pss_peer,
+        );
+        let s = self.idle_window.as_secs();
+        row(
+            format!("idle: context switches in {s} s"),
+            self.idle.ctx_switches.to_string(),
+            "0",
+            "s6, s6-notify, Cotyledon 0 (in 10 s)",
+        );
+        row(
+            format!("idle: CPU ticks (utime+stime) in {s} s"),
+            self.idle.cpu_ticks.to_string(),
+            "0",
+            "",
+        );
+        row(
+            format!("graceful stop, all {n} gone"),
+            ms(self.stop),
+            r.stop_goal,
+            r.stop_peer,
+        );
+
+        let mut out = String::new();
+        let _ = writeln!(
+            out,
+            "\n{} supervisor benchmark, {} UTC",
+            sup.name(),
+            today()
+        );
+        let _ = writeln!(out, "machine: {}", machine());
+        let _ = writeln!(out, "load average before the run: {}", self.load_before);
+        let _ = writeln!(
+            out,
+            "binary: {}{}",
+            opts.plumule.display(),
+            source_of(&opts.plumule)
+        );
+        let _ = writeln!(
+            out,
+            "run: {n} tiny workers, {} kills, {} s idle, healthy_after {}, backoff.initial {}{note}",
+            opts.kills,
+            opts.idle_secs,
+            ms(sup.healthy_after()),
+            ms(sup.backoff_initial()),
+        );
+        let q: Vec<String> = self.quick_crash.iter().map(|d| ms(*d)).collect();
+        let _ = writeln!(out, "quick-crash trials: {}\n", q.join(", "));
+        let header = [
+            "metric".to_string(),
+            sup.name(),
+            "goal".into(),
+            "best peer".into(),
+        ];
+        let mut widths = [0; 4];
+        for r in std::iter::once(&header).chain(&rows) {
+            for (w, c) in widths.iter_mut().zip(r) {
+                *w = (*w).max(c.chars().count());
+            }
+        }
+        let line = |out: &mut String, cells: &[String; 4]| {
+            out.push('|');
+            for (c, w) in cells.iter().zip(widths) {
+                let pad = w - c.chars().count();
+                let _ = write!(out, " {c}{} |", " ".repeat(pad));
+            }
+            out.push('\n');
+        };
+        line(&mut out, &header);
+        let rule = widths.map(|w| "-".repeat(w));
+        line(&mut out, &rule);
+        for r in &rows {
+            line(&mut out, r);
+        }
+        out
+    }
+}
+
+/// " (built from git COMMIT)" when `bin` is this crate's own binary and git knows the commit.
+fn source_of(bin: &Path) -> String {
+    if bin != Path::new(env!("CARGO_BIN_EXE_plumule")) {
+        return String::new();
+    }
+    let commit = Command::new("git")
+        .args([
+            "-C",
+            env!("CARGO_MANIFEST_DIR"),
+            "rev-parse",
+            "--short",
+            "HEAD",
+        ])
+        .stderr(Stdio::null())
+        .output()
+        .ok()
+        .filter(|o| o.status.success())
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string());
+    commit.map_or(String::new(), |c| format!(" (built from git {c})"))
+}
+
+fn median(v: &[Duration]) -> Duration {
+    let mut s = v.to_vec();
+    s.sort();
+    match s.len() {
+        0 => Duration::ZERO,
+        n if n % 2 == 1 => s[n / 2],
+        n => (s[n / 2 - 1] + s[n / 2]) / 2,
+    }
+}
+
+/// Nearest-rank percentile.
+fn percentile(v: &[Duration], p: usize) -> Duration {
+    let mut s = v.to_vec();
+    s.sort();
+    if s.is_empty() {
+        return Duration::ZERO;
+    }
+    let rank = (p * s.len()).div_ceil(100).max(1);
+    s[rank - 1]
+}
+
+fn ms(d: Duration) -> String {
+    let ms = d.as_secs_f64() * 1e3;
+    if ms < 10.0 {
+        format!("{ms:.2} ms")
+    } else {
+        format!("{ms:.0} ms")
+    }
+}
+
+fn mib(kib: u64) -> String {
+    format!("{:.1} MiB", kib as f64 / 1024.0)
+}
+
+/// "N CPUs (model), Linux RELEASE".
+fn machine() -> String {
+    let cpus = std::thread::available_parallelism().map_or(0, |n| n.get());
+    let model = fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|t| {
+            t.lines().find_map(|l| {
+                l.strip_prefix("model name")?
+                    .split_once(':')
+                    .map(|x| x.1.trim().to_string())
+            })
+        })
+        .unwrap_or_else(|| "unknown CPU".into());
+    format!("{cpus} CPUs ({model}), Linux {}", sys::kernel_release())
+}
+
+/// Today's date (UTC) as YYYY-MM-DD, from the days since 1970 (H. Hinnant's civil_from_days).
+fn today() -> String {
+    let secs = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    let z = (secs / 86_400) as i64 + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = doy - (153 * mp + 2) / 5 + 1;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 };
+    let y = yoe + era * 400 + i64::from(m <= 2);
+    format!("{y:04}-{m:02}-{d:02}")
+}
+
+// ---------------------------------------------------------------------------------------------
+
+/// Every libc call and every `unsafe` block of the bench.
+mod sys {
+    use super::*;
+    use std::os::fd::FromRawFd;
+
+    /// CLOCK_MONOTONIC in nanoseconds: the clock the tiny workers log.
+    pub fn mono_ns() -> u64 {
+        let mut ts = libc::timespec {
+            tv_sec: 0,
+            tv_nsec: 0,
+        };
+        // SAFETY: `ts` is a valid, writable timespec; CLOCK_MONOTONIC always exists on Linux.
+        let rc = unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+        assert_eq!(rc, 0, "clock_gettime(CLOCK_MONOTONIC)");
+        ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
+    }
+
+    pub fn kill(pid: i32, sig: i32) -> io::Result<()> {
+        if pid <= 0 {
+            return Err(io::Error::from_raw_os_error(libc::ESRCH));
+        }
+        // SAFETY: kill has no memory-safety preconditions; pid > 0 targets one process only.
+        if unsafe { libc::kill(pid, sig) } == 0 {
+            Ok(())
+        } else {
+            Err(io::Error::last_os_error())
+        }
+    }
+
+    /// A pidfd for `pid`: readable once the process has exited.
+    pub fn pidfd_open(pid: i32) -> io::Result<OwnedFd> {
+        // SAFETY: pidfd_open takes a pid and flags and returns a new fd or -1.
+        let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0) };
+        if fd < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        // SAFETY: the syscall returned a fresh fd that nothing else owns.
+        Ok(unsafe { OwnedFd::from_raw_fd(fd as i32) })
+    }
+
+    /// A non-blocking inotify fd that becomes readable when `path` is written to.
+    pub fn inotify_watch(path: &Path) -> io::Result<OwnedFd> {
+        use std::os::unix::ffi::OsStrExt;
+        let cpath = std::ffi::CString::new(path.as_os_str().as_bytes())?;
+        // SAFETY: inotify_init1 takes flags only and returns a new fd or -1.
+        let fd = unsafe { libc::inotify_init1(libc::IN_NONBLOCK | libc::IN_CLOEXEC) };
+        if fd < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        // SAFETY: fd is a fresh inotify fd that nothing else owns.
+        let owned = unsafe { OwnedFd::from_raw_fd(fd) };
+        // SAFETY: `cpath` is a NUL-terminated string that outlives the call.
+        if unsafe { libc::inotify_add_watch(fd, cpath.as_ptr(), libc::IN_MODIFY) } < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(owned)
+    }
+
+    /// Reads a non-blocking fd until it would block.
+    pub fn drain(fd: BorrowedFd<'_>) {
+        let mut buf = [0u8; 4096];
+        // SAFETY: `buf` is valid for writes of its length for the duration of the call.
+        while unsafe { libc::read(fd.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len()) } > 0 {}
+    }
+
+    /// poll(2) for readability, retried on EINTR; which of `fds` are readable (or hung up).
+    pub fn poll(fds: &[BorrowedFd<'_>], timeout: Duration) -> io::Result<Vec<bool>> {
+        let mut pfds: Vec<libc::pollfd> = fds
+            .iter()
+            .map(|fd| libc::pollfd {
+                fd: fd.as_raw_fd(),
+                events: libc::POLLIN,
+                revents: 0,
+            })
+            .collect();
+        let deadline = mono_ns() + timeout.as_nanos() as u64;
+        loop {
+            let left_ms = deadline.saturating_sub(mono_ns()).div_ceil(1_000_000);
+            let left_ms = left_ms.min(i32::MAX as u64) as i32;
+            // SAFETY: `pfds` is a valid array of pollfd of the length passed.
+            let rc = unsafe { libc::poll(pfds.as_mut_ptr(), pfds.len() as libc::nfds_t, left_ms) };
+            if rc >= 0 {
+                return Ok(pfds.iter().map(|p| p.revents != 0).collect());
+            }
+            let e = io::Error::last_os_error();
+            if e.kind() != io::ErrorKind::Interrupted {
+                return Err(e);
+            }
+        }
+    }
+
+    /// Makes the spawned supervisor get SIGTERM (a graceful stop) if the bench itself dies, so
+    /// that even a SIGKILLed bench leaves nothing running.
+    pub fn die_with_parent(cmd: &mut Command) {
+        // SAFETY: the closure runs between fork and exec and only calls prctl, which is
+        // async-signal-safe and touches no memory of the parent.
+        unsafe {
+            cmd.pre_exec(|| {
+                if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM) != 0 {
+                    return Err(io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+    }
+
+    /// The kernel release, as `uname -r` prints it.
+    pub fn kernel_release() -> String {
+        // SAFETY: utsname is plain old data, for which all zeroes is a valid value.
+        let mut u: libc::utsname = unsafe { std::mem::zeroed() };
+        // SAFETY: `u` is a valid, writable utsname.
+        if unsafe { libc::uname(&mut u) } != 0 {
+            return "unknown".into();
+        }
+        // SAFETY: uname fills `release` with a NUL-terminated string.
+        let release = unsafe { std::ffi::CStr::from_ptr(u.release.as_ptr()) };
+        release.to_string_lossy().into_owned()
+    }
+}
