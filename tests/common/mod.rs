@@ -443,6 +443,21 @@ impl Sandbox {
         self.spawn_plumule(&["run", "-c", &config.display().to_string()])
     }
 
+    /// Starts `plumule run -c CONFIG` with extra environment variables (e.g. `NOTIFY_SOCKET`).
+    pub fn start_with_env(&self, config: &Path, env: &[(&str, &str)]) -> Daemon {
+        let args = ["run", "-c", &config.display().to_string()];
+        self.spawn_plumule_with(&args, |cmd| {
+            cmd.envs(env.iter().copied());
+        })
+    }
+
+    /// The file the next spawned `plumule` will write its stderr to. The spawn truncates an
+    /// existing file rather than replacing it, so its device and inode can be known beforehand.
+    pub fn next_stderr(&self) -> PathBuf {
+        let n = self.spawned.load(Ordering::SeqCst) + 1;
+        self.path(&format!("plumule-{n}.stderr"))
+    }
+
     /// Spawns `plumule ARGS…` with stdout and stderr captured to files in the sandbox.
     pub fn spawn_plumule(&self, args: &[&str]) -> Daemon {
         self.spawn_plumule_with(args, |_| {})
@@ -463,6 +478,10 @@ impl Sandbox {
             .env_remove("PLUMULE_SOCKET")
             .env_remove("LISTEN_FDS")
             .env_remove("LISTEN_PID")
+            .env_remove("LISTEN_FDNAMES")
+            .env_remove("WATCHDOG_USEC")
+            .env_remove("WATCHDOG_PID")
+            .env_remove("JOURNAL_STREAM")
             .stdin(Stdio::null())
             .stdout(File::create(&stdout).expect("stdout file"))
             .stderr(File::create(&stderr).expect("stderr file"));
@@ -494,7 +513,12 @@ impl Sandbox {
     #[track_caller]
     pub fn wait(&self, what: &str, deadline: Duration, mut cond: impl FnMut() -> bool) {
         wait_or_abort(what, within_budget(deadline, self.budget_end), || {
-            let watches = self.watches.lock().unwrap_or_else(|e| e.into_inner());
+            // Released before `cond`, which may spawn a `plumule` itself (a status query).
+            let watches = self
+                .watches
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .clone();
             watches.iter().try_for_each(Watch::check)?;
             Ok(cond())
         });
