@@ -14,9 +14,9 @@ use nix::sys::signal::Signal;
 use nix::unistd::Pid;
 
 use crate::backoff::Jitter;
-use crate::config::{Config, ListenAddr, OutputSpec, Program};
+use crate::config::{Config, ListenAddr, Program};
 use crate::orphans;
-use crate::output::{LineSplitter, LogRing, RotatingFile, Stream, DEFAULT_MAX_LINE};
+use crate::output::{LogRing, RotatingFile, Stream};
 use crate::plan::{plan, Action, Phase, Pool};
 use crate::slot::{Event, Exit, Slot};
 use crate::sys;
@@ -25,7 +25,12 @@ use crate::sys::signals::{Signals, HANDLED};
 use crate::sys::spawn::{Report, Stage};
 use crate::worker;
 
+mod output;
 mod requests;
+mod systemd;
+
+use output::{pump, OutPipe};
+use systemd::SystemdLink;
 
 /// How much recent worker output the master keeps for `plumule logs`.
 const LOG_RING_LINES: usize = 10_000;
@@ -54,17 +59,6 @@ impl MasterError {
             _ => 1,
         }
     }
-}
-
-enum Sink {
-    Log,
-    File(PathBuf),
-}
-
-struct OutPipe {
-    fd: OwnedFd,
-    splitter: LineSplitter,
-    sink: Sink,
 }
 
 /// What the master holds for one live worker process.
@@ -120,42 +114,6 @@ pub struct Master {
     log_ring: LogRing,
     /// `logs --follow` connections: (connection, filter, next line to send).
     followers: Vec<(u64, Option<String>, u64)>,
-}
-
-/// What the master tells systemd, and when.
-struct SystemdLink {
-    notifier: sys::notify::Notifier,
-    ready_sent: bool,
-    /// A reload is being applied: READY=1 once these programs are settled.
-    reloading: Option<Vec<String>>,
-    last_status: String,
-    /// Half of `$WATCHDOG_USEC`, when systemd watches us.
-    watchdog_every: Option<Duration>,
-    watchdog_next: Option<Instant>,
-}
-
-impl SystemdLink {
-    fn from_env(now: Instant) -> SystemdLink {
-        let notifier = sys::notify::Notifier::from_env();
-        let ours = std::env::var("WATCHDOG_PID")
-            .ok()
-            .and_then(|p| p.parse::<u32>().ok());
-        let watchdog_every = std::env::var("WATCHDOG_USEC")
-            .ok()
-            .and_then(|u| u.parse::<u64>().ok())
-            .filter(|&u| {
-                u > 0 && ours.is_none_or(|p| p == std::process::id()) && notifier.enabled()
-            })
-            .map(|u| Duration::from_micros(u / 2));
-        SystemdLink {
-            notifier,
-            ready_sent: false,
-            reloading: None,
-            last_status: String::new(),
-            watchdog_every,
-            watchdog_next: watchdog_every.map(|w| now + w),
-        }
-    }
 }
 
 /// Creates a missing directory with `mode`; refuses one that others may write to.
@@ -547,44 +505,6 @@ impl Master {
         slot.transition(Event::Spawned { pid: child.pid }, &program, now);
     }
 
-    /// The descriptor a worker writes `fd` (1 or 2) to, the write end to close after fork
-    /// (if any), and the pipe the master reads (if any).
-    #[allow(clippy::type_complexity)]
-    fn output(
-        &mut self,
-        spec: &OutputSpec,
-        fd: RawFd,
-    ) -> Result<(RawFd, Option<OwnedFd>, Option<OutPipe>), String> {
-        let sink = match spec {
-            OutputSpec::Inherit => return Ok((fd, None, None)),
-            OutputSpec::Null => return Ok((self.dev_null.as_raw_fd(), None, None)),
-            OutputSpec::Log => Sink::Log,
-            OutputSpec::File {
-                path,
-                max_size,
-                keep,
-            } => {
-                if !self.files.contains_key(path) {
-                    let file = RotatingFile::open(path, *max_size, *keep)
-                        .map_err(|e| format!("cannot open output file {}: {e}", path.display()))?;
-                    self.files.insert(path.clone(), file);
-                }
-                Sink::File(path.clone())
-            }
-        };
-        let (r, w) = sys::pipe(true).map_err(|e| format!("cannot create an output pipe: {e}"))?;
-        let raw = w.as_raw_fd();
-        Ok((
-            raw,
-            Some(w),
-            Some(OutPipe {
-                fd: r,
-                splitter: LineSplitter::new(DEFAULT_MAX_LINE),
-                sink,
-            }),
-        ))
-    }
-
     fn poll_set(&self) -> (Vec<libc::pollfd>, Vec<Source>) {
         let mut fds = Vec::with_capacity(1 + self.procs.len() * 2);
         let mut sources = Vec::with_capacity(fds.capacity());
@@ -667,140 +587,6 @@ impl Master {
         self.systemd
             .notifier
             .send(&format!("STOPPING=1\nEXTEND_TIMEOUT_USEC={extend}"));
-    }
-
-    /// READY=1 once every program has settled (first start, then after each reload),
-    /// STATUS= when the summary changes, WATCHDOG=1 when due. Returns the next watchdog time.
-    fn tell_systemd(&mut self, now: Instant) -> Option<Instant> {
-        if !self.systemd.notifier.enabled() {
-            return None;
-        }
-        if self.phase == Phase::Running {
-            let settled = |pools: &[Pool], names: Option<&Vec<String>>| {
-                pools
-                    .iter()
-                    .filter(|p| names.is_none_or(|n| n.contains(&p.program.name)))
-                    .all(|p| crate::plan::settled_for_ready(pools, p))
-            };
-            if !self.systemd.ready_sent && settled(&self.pools, None) {
-                self.systemd.ready_sent = true;
-                self.systemd
-                    .notifier
-                    .send(&format!("READY=1\nSTATUS={}", self.summary()));
-                self.systemd.last_status = self.summary();
-            }
-            if let Some(names) = &self.systemd.reloading {
-                if settled(&self.pools, Some(names)) {
-                    self.systemd.reloading = None;
-                    self.systemd.notifier.send("READY=1");
-                }
-            }
-        }
-        let status = self.summary();
-        if status != self.systemd.last_status {
-            self.systemd.notifier.send(&format!("STATUS={status}"));
-            self.systemd.last_status = status;
-        }
-        if let (Some(every), Some(next)) = (self.systemd.watchdog_every, self.systemd.watchdog_next)
-        {
-            if next <= now {
-                self.systemd.notifier.send("WATCHDOG=1");
-                self.systemd.watchdog_next = Some(now + every);
-            }
-        }
-        self.systemd.watchdog_next
-    }
-
-    /// "12/12 workers running, 0 failed", plus what is degraded.
-    fn summary(&self) -> String {
-        let mut wanted = 0;
-        let mut running = 0;
-        let mut failed = Vec::new();
-        for pool in &self.pools {
-            let desired = pool.desired();
-            wanted += desired;
-            for slot in pool.slots.iter().filter(|s| s.id < desired) {
-                match slot.state {
-                    crate::slot::SlotState::Running { .. } => running += 1,
-                    crate::slot::SlotState::Failed { .. } => {
-                        failed.push(format!("{}.{}", pool.program.name, slot.id))
-                    }
-                    _ => {}
-                }
-            }
-        }
-        let mut s = format!(
-            "{running}/{wanted} workers running, {} failed",
-            failed.len()
-        );
-        if !failed.is_empty() {
-            failed.truncate(5);
-            s.push_str(&format!(" ({})", failed.join(", ")));
-        }
-        if self.phase != Phase::Running {
-            s = format!("stopping: {s}");
-        }
-        s
-    }
-
-    /// Messages on plumule's notify socket, from workers (or their children).
-    fn read_notifications(&mut self, now: Instant) {
-        let Some(sock) = &self.notify_socket else {
-            return;
-        };
-        let mut messages = Vec::new();
-        while let Some(m) = sock.recv() {
-            messages.push(m);
-            if messages.len() >= 256 {
-                break;
-            }
-        }
-        for (sender, text) in messages {
-            self.on_notification(Pid::from_raw(sender), &text, now);
-        }
-    }
-
-    fn on_notification(&mut self, sender: Pid, text: &str, now: Instant) {
-        // A worker's children speak for it too (as with NotifyAccess=all): match the group.
-        let pid = if self.procs.contains_key(&sender) {
-            sender
-        } else {
-            match nix::unistd::getpgid(Some(sender)) {
-                Ok(pgid) if self.procs.contains_key(&pgid) => pgid,
-                _ => {
-                    log::debug!(
-                        "notify socket: ignoring a message from pid {sender}, not a worker"
-                    );
-                    return;
-                }
-            }
-        };
-        let Some(proc) = self.procs.get(&pid) else {
-            return;
-        };
-        let (name, id) = (Arc::clone(&proc.program), proc.id);
-        let Some((program, slot)) = self.find_slot(&name, id, pid) else {
-            return;
-        };
-        for line in text.lines() {
-            match line.split_once('=') {
-                Some(("READY", "1")) => {
-                    slot.transition(Event::Ready, &program, now);
-                }
-                Some(("WATCHDOG", "1")) => slot.transition(Event::WatchdogPing, &program, now),
-                Some(("STATUS", s)) => slot.status = Some(s.chars().take(256).collect()),
-                _ => {}
-            }
-        }
-    }
-
-    fn reopen_files(&mut self) {
-        log::info!("SIGUSR1: reopening {} output file(s)", self.files.len());
-        for file in self.files.values_mut() {
-            if let Err(e) = file.reopen() {
-                log::error!("cannot reopen {}: {e}", file.path().display());
-            }
-        }
     }
 
     /// Reaps every exited child: SIGCHLD coalesces, so one signal may stand for many.
@@ -941,22 +727,6 @@ impl Master {
         }
     }
 
-    fn read_output(&mut self, pid: Pid, stream: Stream) {
-        let Some(proc) = self.procs.get_mut(&pid) else {
-            return;
-        };
-        let tag = proc.tag();
-        let pipe = match stream {
-            Stream::Stdout => &mut proc.stdout,
-            Stream::Stderr => &mut proc.stderr,
-        };
-        if let Some(p) = pipe {
-            if pump(p, &tag, stream, &mut self.files, &mut self.log_ring, false) {
-                *pipe = None;
-            }
-        }
-    }
-
     /// Records the live process groups for a later master (see [`orphans`]).
     fn save_groups(&mut self) {
         if !std::mem::take(&mut self.groups_dirty) {
@@ -995,63 +765,6 @@ impl Master {
             p.remove();
         }
         log::info!("stopped");
-    }
-}
-
-/// Reads what a worker wrote and forwards it line by line. Returns true at end of file.
-/// Reads are bounded per call so that one chatty worker cannot starve the others.
-fn pump(
-    pipe: &mut OutPipe,
-    tag: &str,
-    stream: Stream,
-    files: &mut HashMap<PathBuf, RotatingFile>,
-    ring: &mut LogRing,
-    to_end: bool,
-) -> bool {
-    let mut buf = [0u8; 64 * 1024];
-    let mut rounds = 0;
-    let eof = loop {
-        match sys::read_available(pipe.fd.as_raw_fd(), &mut buf) {
-            Ok(Some(0)) if !to_end => break false,
-            Ok(Some(0)) => break true,
-            Ok(Some(n)) => {
-                let sink = &pipe.sink;
-                pipe.splitter
-                    .push(&buf[..n], |line| emit(sink, tag, stream, line, files, ring));
-                rounds += 1;
-                if rounds >= 16 && !to_end {
-                    break false;
-                }
-            }
-            Ok(None) | Err(_) => break true,
-        }
-    };
-    if eof {
-        let sink = &pipe.sink;
-        pipe.splitter
-            .finish(|line| emit(sink, tag, stream, line, files, ring));
-    }
-    eof
-}
-
-fn emit(
-    sink: &Sink,
-    tag: &str,
-    stream: Stream,
-    line: &[u8],
-    files: &mut HashMap<PathBuf, RotatingFile>,
-    ring: &mut LogRing,
-) {
-    ring.push(tag, stream, line);
-    match sink {
-        Sink::Log => crate::logging::worker_line(tag, line),
-        Sink::File(path) => {
-            if let Some(f) = files.get_mut(path) {
-                if let Err(e) = f.write_line(line) {
-                    log::warn!("{tag}: cannot write to {}: {e}", path.display());
-                }
-            }
-        }
     }
 }
 
