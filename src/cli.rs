@@ -124,18 +124,15 @@ pub fn run(cli: Cli) -> i32 {
         Command::Run => run_master(cli.config),
         Command::Check => check(cli.config),
         Command::Completions { shell } => {
-            clap_complete::generate(
-                shell,
-                &mut Cli::command(),
-                "plumule",
-                &mut std::io::stdout(),
-            );
-            0
+            let mut out = Vec::new();
+            clap_complete::generate(shell, &mut Cli::command(), "plumule", &mut out);
+            print_all(&out)
         }
         Command::Man => {
-            match clap_mangen::Man::new(Cli::command()).render(&mut std::io::stdout()) {
-                Ok(()) => 0,
-                Err(e) => fail(format!("cannot write the man page: {e}")),
+            let mut out = Vec::new();
+            match clap_mangen::Man::new(Cli::command()).render(&mut out) {
+                Ok(()) => print_all(&out),
+                Err(e) => fail(format!("cannot render the man page: {e}")),
             }
         }
         Command::Lock {
@@ -165,10 +162,13 @@ pub fn run(cli: Cli) -> i32 {
                 let Ok(status) = serde_json::from_value::<Status>(result.clone()) else {
                     return fail("unreadable status from the master".into());
                 };
-                if json {
-                    println!("{result}");
+                let text = if json {
+                    format!("{result}\n")
                 } else {
-                    print!("{}", client::format_status(&status));
+                    client::format_status(&status)
+                };
+                if print_all(text.as_bytes()) != 0 {
+                    return 1;
                 }
                 let failed = status
                     .programs
@@ -188,13 +188,15 @@ pub fn run(cli: Cli) -> i32 {
             Request::Reload,
             |result| {
                 let changes = result["changes"].as_array().cloned().unwrap_or_default();
+                let mut text = String::new();
                 if changes.is_empty() {
-                    println!("nothing changed");
+                    text.push_str("nothing changed\n");
                 }
                 for c in changes {
-                    println!("{}", c.as_str().unwrap_or_default());
+                    text.push_str(c.as_str().unwrap_or_default());
+                    text.push('\n');
                 }
-                0
+                print_all(text.as_bytes())
             },
         ),
         Command::Start { target } => simple(&cli.socket, &cli.config, Request::Start { target }),
@@ -265,6 +267,16 @@ fn command_name(c: &Command) -> &'static str {
     }
 }
 
+/// Writes to stdout; a reader that went away (`plumule man | head`) is not an error.
+fn print_all(bytes: &[u8]) -> i32 {
+    use std::io::Write;
+    match std::io::stdout().lock().write_all(bytes) {
+        Ok(()) => 0,
+        Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => 0,
+        Err(e) => fail(format!("cannot write to stdout: {e}")),
+    }
+}
+
 fn fail(message: String) -> i32 {
     eprintln!("plumule: {message}");
     1
@@ -302,8 +314,7 @@ fn check(cli_path: Option<PathBuf>) -> i32 {
         Ok(c) => c,
         Err(code) => return code,
     };
-    print!("{}", describe(&config));
-    0
+    print_all(describe(&config).as_bytes())
 }
 
 /// The resolved config, as `check` prints it.
