@@ -225,7 +225,7 @@ pub fn run(cli: Cli) -> i32 {
                     cli.config.as_deref(),
                     req,
                     |result| {
-                        client::print_log_lines(&result);
+                        let _ = client::print_log_lines(&result);
                         0
                     },
                 );
@@ -241,8 +241,7 @@ pub fn run(cli: Cli) -> i32 {
                     code = 1;
                     return false;
                 }
-                client::print_log_lines(&r.result.unwrap_or_default());
-                true
+                client::print_log_lines(&r.result.unwrap_or_default())
             });
             match streamed {
                 Ok(()) => code,

@@ -137,14 +137,17 @@ pub fn stream_answers(
 }
 
 /// Prints `logs` lines as the master's log shows them: `TIME PROGRAM.ID: line`.
-pub fn print_log_lines(result: &serde_json::Value) {
+/// Returns false once stdout is gone (`plumule logs -f | head`), so that following stops.
+pub fn print_log_lines(result: &serde_json::Value) -> bool {
     let entries = serde_json::from_value::<Vec<crate::protocol::LogEntry>>(result["lines"].clone());
-    let Ok(entries) = entries else { return };
+    let Ok(entries) = entries else { return true };
     let mut out = std::io::stdout().lock();
     for l in entries {
-        let _ = writeln!(out, "{} {}: {}", l.time, l.source, l.line);
+        if writeln!(out, "{} {}: {}", l.time, l.source, l.line).is_err() {
+            return false;
+        }
     }
-    let _ = out.flush();
+    out.flush().is_ok()
 }
 
 /// Sends `req`; prints the error (exit 1) or hands the result to `on_ok`.
