@@ -253,12 +253,13 @@ impl Master {
             let (mut fds, sources) = self.poll_set();
             let timeout = wake_at.map(|t| t.saturating_duration_since(Instant::now()));
             let ready = sys::poll(&mut fds, timeout).map_err(MasterError::Setup)?;
+            // Signals (and so reaping) first, whatever poll reported: a signal whose handler ran
+            // as poll returned (because a pipe was ready first) has not marked the self-pipe
+            // in `fds` yet, and SIGUSR1 must be handled before the output that follows it, a
+            // worker's exit known before its pipes close.
+            self.handle_signals();
             if ready == 0 {
                 continue;
-            }
-            // Signals (and so reaping) first: a worker's exit is known before its pipes close.
-            if fds[0].revents != 0 {
-                self.handle_signals();
             }
             for (fd, source) in fds.iter().zip(&sources).skip(1) {
                 if fd.revents == 0 {
