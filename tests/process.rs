@@ -563,10 +563,6 @@ fn without_ls_own(mut fds: BTreeMap<u32, String>) -> BTreeMap<u32, String> {
 #[test]
 fn a_worker_holds_only_stdio_its_listen_sockets_and_its_locks() {
     let sb = Sandbox::new();
-    let port = {
-        let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind port 0");
-        l.local_addr().unwrap().port()
-    };
     let ls = ["/bin/ls", "-l", "/proc/self/fd"];
     let config = sb.config(&format!(
         "{}{}[program.other]\ncommand = [\"/bin/sleep\", \"1000\"]\n\n",
@@ -574,7 +570,7 @@ fn a_worker_holds_only_stdio_its_listen_sockets_and_its_locks() {
         run_once(
             "more",
             &ls,
-            &format!("listen = [\"tcp:127.0.0.1:{port}\"]\nlocks = [\"held\"]")
+            "listen = [\"unix:more.sock\"]\nlocks = [\"held\"]"
         ),
     ));
     let _master = sb.start(&config);
