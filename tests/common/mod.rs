@@ -509,6 +509,61 @@ impl Sandbox {
         }
     }
 
+    /// Starts a master through a launcher, `program ARGS…` (e.g. `/bin/sh -c '… exec plumule
+    /// run …'`, which keeps the pid), with the environment, output capture, process group and
+    /// exit watch of [`Sandbox::spawn_plumule_with`]. `what` names it in failure messages.
+    pub fn spawn_master_via(
+        &self,
+        program: &str,
+        args: &[&str],
+        what: &str,
+        adjust: impl FnOnce(&mut Command),
+    ) -> Daemon {
+        let n = self.spawned.fetch_add(1, Ordering::SeqCst) + 1;
+        let stdout = self.path(&format!("plumule-{n}.stdout"));
+        let stderr = self.path(&format!("plumule-{n}.stderr"));
+        let mut cmd = Command::new(program);
+        cmd.args(args)
+            .current_dir(self.root())
+            .env(MARKER, self.dir.path());
+        for var in [
+            "NOTIFY_SOCKET",
+            "PLUMULE_CONFIG",
+            "PLUMULE_SOCKET",
+            "LISTEN_FDS",
+            "LISTEN_PID",
+            "LISTEN_FDNAMES",
+            "WATCHDOG_USEC",
+            "WATCHDOG_PID",
+            "JOURNAL_STREAM",
+        ] {
+            cmd.env_remove(var);
+        }
+        cmd.stdin(Stdio::null())
+            .stdout(File::create(&stdout).expect("stdout file"))
+            .stderr(File::create(&stderr).expect("stderr file"))
+            .process_group(0);
+        adjust(&mut cmd);
+        let child = spawn_registered(&mut cmd);
+        let watch = Watch {
+            pid: child.id() as i32,
+            args: what.to_string(),
+            stderr,
+            exit_expected: Arc::new(AtomicBool::new(false)),
+            budget_end: self.budget_end,
+        };
+        self.watches
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push(watch.clone());
+        Daemon {
+            child,
+            stdout,
+            watch,
+            status: None,
+        }
+    }
+
     /// [`wait_for`], failing at once if a master of this sandbox exits meanwhile.
     #[track_caller]
     pub fn wait(&self, what: &str, deadline: Duration, mut cond: impl FnMut() -> bool) {
