@@ -8,9 +8,6 @@
 //!
 //! Between fork and exec the child runs only async-signal-safe libc calls over data prepared
 //! before the fork (C strings, pointer arrays, descriptor lists): no allocation, no locks.
-//! A worker without locks never blocks before exec, so it is started with
-//! `clone(CLONE_VM | CLONE_VFORK)` instead of fork: the same child code, without copying the
-//! master's page tables (see `clone_vfork`).
 
 use std::ffi::{CStr, CString};
 use std::io;
@@ -200,22 +197,16 @@ pub fn spawn(req: &Request) -> io::Result<Child> {
         groups: groups.as_deref(),
         master,
     };
-    let pid = if req.locks.is_empty() {
-        // SAFETY: `ctx` and everything it points to stay alive and untouched until the child
-        // has exec'd or exited (CLONE_VFORK suspends us until then); see `clone_vfork`.
-        unsafe { clone_vfork(&mut ctx) }
-    } else {
-        // A worker with locks blocks before exec, so it gets a copy of the master's memory
-        // and the master goes on at once.
-        // SAFETY: the master is single-threaded, and the child only runs `child_after_fork`,
-        // which uses async-signal-safe calls over memory prepared above.
-        let pid = unsafe { libc::fork() };
-        if pid == 0 {
-            // SAFETY: we are the freshly forked child; see `child_after_fork`.
-            unsafe { child_after_fork(&mut ctx) }
-        }
-        pid
-    };
+    // fork, not vfork: the master goes on forking while children exec on the other cores.
+    // (clone(CLONE_VM | CLONE_VFORK) was measured: it saves the page-table copy, but the
+    // master then waits for every exec, and 200 workers started 3x slower on 2 cores.)
+    // SAFETY: the master is single-threaded, and the child only runs `child_after_fork`,
+    // which uses async-signal-safe calls over memory prepared above.
+    let pid = unsafe { libc::fork() };
+    if pid == 0 {
+        // SAFETY: we are the freshly forked child; see `child_after_fork`.
+        unsafe { child_after_fork(&mut ctx) }
+    }
     let fork_err = io::Error::last_os_error();
     // SAFETY: restores the mask saved above.
     unsafe {
@@ -230,42 +221,6 @@ pub fn spawn(req: &Request) -> io::Result<Child> {
         pid: Pid::from_raw(pid),
         status: status_r,
     })
-}
-
-/// Stack of a child that shares the master's memory until it execs: it runs only
-/// `child_after_fork`'s few frames and libc calls.
-const CHILD_STACK: usize = 64 * 1024;
-
-/// Starts the child with `clone(CLONE_VM | CLONE_VFORK)`, as glibc's posix_spawn does: no page
-/// tables are copied and the master takes no copy-on-write faults while the child is young,
-/// which makes starting a worker several times cheaper than fork. The master is suspended
-/// until the child calls execve (or exits), so this is only for workers that never block
-/// before exec (no `locks`).
-///
-/// # Safety
-/// `ctx` and all it points to must stay valid, and nothing else may run in this process,
-/// until the call returns (the master is single-threaded; all signals are blocked).
-unsafe fn clone_vfork(ctx: &mut ChildContext<'_>) -> libc::pid_t {
-    extern "C" fn entry(arg: *mut libc::c_void) -> libc::c_int {
-        // SAFETY: `arg` is the `&mut ChildContext` given to clone below, alive while the
-        // parent is suspended; the child never returns from `child_after_fork`.
-        unsafe { child_after_fork(&mut *arg.cast::<ChildContext<'_>>()) }
-    }
-    let mut stack = vec![0u8; CHILD_STACK];
-    // The stack grows down from its (16-byte aligned) top.
-    let top = (stack.as_mut_ptr() as usize + CHILD_STACK) & !15;
-    // SAFETY: `entry` runs on its own stack; CLONE_VM shares memory, which the suspended
-    // parent does not touch until the child has exec'd or exited; `stack` outlives that.
-    let pid = unsafe {
-        libc::clone(
-            entry,
-            top as *mut libc::c_void,
-            libc::CLONE_VM | libc::CLONE_VFORK | libc::SIGCHLD,
-            (ctx as *mut ChildContext<'_>).cast(),
-        )
-    };
-    drop(stack);
-    pid
 }
 
 struct ChildContext<'a> {
@@ -315,8 +270,8 @@ unsafe fn tie_to_master(master: libc::pid_t) {
 }
 
 /// # Safety
-/// Must run only in a child just forked (or cloned with `clone_vfork`) from the
-/// single-threaded master, with every signal blocked; it never returns.
+/// Must run only in a child just forked from the single-threaded master, with every signal
+/// blocked; it never returns.
 unsafe fn child_after_fork(ctx: &mut ChildContext<'_>) -> ! {
     let req = ctx.req;
     let n = ctx.sources.len() as RawFd;
@@ -385,8 +340,8 @@ unsafe fn child_after_fork(ctx: &mut ChildContext<'_>) -> ! {
             take_lock(lock, req.lock_mode, i as u16, status);
         }
         if let (Some(cred), Some(groups)) = (&req.credentials, ctx.groups) {
-            // Raw syscalls: glibc's wrappers would signal every thread of the master to
-            // change theirs too, and a child sharing the master's memory must not do that.
+            // Raw syscalls: only this process changes; glibc's wrappers would also try to
+            // bring every other thread of the process along.
             if libc::syscall(libc::SYS_setgroups, groups.len(), groups.as_ptr()) < 0
                 || libc::syscall(libc::SYS_setgid, cred.gid) < 0
                 || libc::syscall(libc::SYS_setuid, cred.uid) < 0
