@@ -110,10 +110,6 @@ impl ControlServer {
         self.listener.as_raw_fd()
     }
 
-    pub fn path(&self) -> &Path {
-        &self.path
-    }
-
     /// Accepts every pending connection; refused ones get one error line and are closed.
     pub fn accept(&mut self, now: Instant) {
         loop {

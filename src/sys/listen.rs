@@ -3,7 +3,7 @@
 
 use std::collections::HashMap;
 use std::io;
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::fd::{FromRawFd, OwnedFd, RawFd};
 use std::os::unix::fs::PermissionsExt;
 use std::os::unix::net::UnixListener;
 use std::path::Path;
@@ -80,9 +80,4 @@ pub fn from_systemd() -> HashMap<String, OwnedFd> {
         out.insert(name, unsafe { OwnedFd::from_raw_fd(fd) });
     }
     out
-}
-
-/// The descriptor number, for spawn requests.
-pub fn raw(fd: &OwnedFd) -> RawFd {
-    fd.as_raw_fd()
 }

@@ -100,10 +100,6 @@ impl NotifySocket {
         self.socket.as_raw_fd()
     }
 
-    pub fn path(&self) -> &Path {
-        &self.path
-    }
-
     /// The next message and its sender's pid; `None` when nothing is waiting.
     pub fn recv(&self) -> Option<(i32, String)> {
         loop {

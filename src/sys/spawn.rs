@@ -9,7 +9,7 @@
 //! Between fork and exec the child runs only async-signal-safe libc calls over data prepared
 //! before the fork (C strings, pointer arrays, descriptor lists): no allocation, no locks.
 
-use std::ffi::{CStr, CString};
+use std::ffi::CString;
 use std::io;
 use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 
@@ -445,11 +445,6 @@ pub fn cstring(s: impl Into<Vec<u8>>) -> CString {
         v.retain(|&b| b != 0);
         CString::new(v).expect("NULs removed")
     })
-}
-
-/// For messages: the C string as text.
-pub fn lossy(s: &CStr) -> String {
-    s.to_string_lossy().into_owned()
 }
 
 #[cfg(test)]
