@@ -201,40 +201,55 @@ impl ControlServer {
         self.next_request(id, now)
     }
 
-    /// Takes the next buffered request line of `id`, if complete.
+    /// Takes the next buffered request of `id`, if a complete line holds one.
+    ///
+    /// Blank lines are skipped and lines that do not parse are answered with an error here,
+    /// until a request parses or no complete line is left: the lines behind them were read
+    /// already, and poll reports only bytes still in the socket, so a line left in the buffer
+    /// would wait for the client to send more (a client that pipelines, then waits for its
+    /// answers, would wait until the idle timeout).
     pub fn next_request(&mut self, id: u64, now: Instant) -> Incoming {
         let Some(conn) = self.conns.get_mut(&id) else {
             return Incoming::Nothing;
         };
-        let Some(end) = conn.input.iter().position(|&b| b == b'\n') else {
-            if conn.input.len() > MAX_REQUEST {
-                let message = format!("request longer than {MAX_REQUEST} bytes");
-                conn.output.extend(Response::error(message).to_line());
+        loop {
+            let Some(end) = conn.input.iter().position(|&b| b == b'\n') else {
+                if conn.input.len() > MAX_REQUEST {
+                    let message = format!("request longer than {MAX_REQUEST} bytes");
+                    conn.output.extend(Response::error(message).to_line());
+                    conn.closing = true;
+                    conn.input.clear();
+                }
+                return Incoming::Nothing;
+            };
+            let line: Vec<u8> = conn.input.drain(..=end).collect();
+            conn.idle_since = now;
+            if end > MAX_REQUEST {
+                conn.output.extend(
+                    Response::error(format!("request longer than {MAX_REQUEST} bytes")).to_line(),
+                );
                 conn.closing = true;
-                conn.input.clear();
+                return Incoming::Nothing;
             }
-            return Incoming::Nothing;
-        };
-        let line: Vec<u8> = conn.input.drain(..=end).collect();
-        conn.idle_since = now;
-        if end > MAX_REQUEST {
-            conn.output.extend(
-                Response::error(format!("request longer than {MAX_REQUEST} bytes")).to_line(),
-            );
-            conn.closing = true;
-            return Incoming::Nothing;
-        }
-        if line.iter().all(|b| b.is_ascii_whitespace()) {
-            return Incoming::Nothing;
-        }
-        match parse_request(&line[..end]) {
-            Ok(req) => {
-                conn.busy = true;
-                Incoming::Request(req)
+            if line.iter().all(|b| b.is_ascii_whitespace()) {
+                continue;
             }
-            Err(message) => {
-                conn.output.extend(Response::error(message).to_line());
-                Incoming::Nothing
+            match parse_request(&line[..end]) {
+                Ok(req) => {
+                    conn.busy = true;
+                    return Incoming::Request(req);
+                }
+                Err(message) => {
+                    let reply = Response::error(message).to_line();
+                    if conn.output.len() + reply.len() > MAX_PENDING_OUTPUT {
+                        log::warn!(
+                            "control socket: a client does not read its responses; closing it"
+                        );
+                        self.conns.remove(&id);
+                        return Incoming::Closed;
+                    }
+                    conn.output.extend(reply);
+                }
             }
         }
     }
@@ -397,6 +412,52 @@ mod tests {
         line.clear();
         io::BufRead::read_line(&mut reader, &mut line).unwrap();
         assert!(line.contains("longer than"), "{line}");
+    }
+
+    /// Regression: lines pipelined behind a bad or blank line stayed in the buffer until the
+    /// client sent more bytes, since poll does not report bytes already read.
+    #[test]
+    fn pipelined_requests_behind_bad_and_blank_lines_come_from_one_read() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("control.sock");
+        let me = nix::unistd::geteuid().as_raw();
+        let access = Access {
+            uid: me,
+            group: None,
+        };
+        let mut server = ControlServer::bind(&path, access).unwrap();
+        let mut client = UnixStream::connect(&path).unwrap();
+        let now = Instant::now();
+        server.accept(now);
+        let id = *server.conns.keys().next().unwrap();
+
+        client
+            .write_all(
+                b"garbage\n\n \r\n{\"cmd\":\"nope\"}\n{\"cmd\":\"reload\"}\n{\"cmd\":\"status\"}\n",
+            )
+            .unwrap();
+        match server.read(id, now) {
+            Incoming::Request(r) => assert_eq!(r, Request::Reload),
+            _ => panic!("the request behind two bad lines was not taken"),
+        }
+        server.respond(id, Response::ok(1), now);
+        match server.next_request(id, now) {
+            Incoming::Request(r) => assert_eq!(r, Request::Status { program: None }),
+            _ => panic!("the second pipelined request was not taken"),
+        }
+        server.respond(id, Response::ok(2), now);
+        let mut reader = io::BufReader::new(client);
+        let answers: Vec<String> = (0..4)
+            .map(|_| {
+                let mut line = String::new();
+                io::BufRead::read_line(&mut reader, &mut line).unwrap();
+                line
+            })
+            .collect();
+        assert!(answers[0].starts_with(r#"{"ok":false,"error":"bad request"#));
+        assert!(answers[1].starts_with(r#"{"ok":false,"error":"bad request"#));
+        assert_eq!(answers[2], "{\"ok\":true,\"result\":1}\n");
+        assert_eq!(answers[3], "{\"ok\":true,\"result\":2}\n");
     }
 
     #[test]

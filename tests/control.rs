@@ -716,6 +716,34 @@ fn random_bytes_get_errors_and_harm_nothing() {
     stop_cleanly(&mut master);
 }
 
+/// Regression: requests a client pipelined (sent before reading the answers) behind a bad
+/// line, or behind a request whose answer has to wait (`restart`), were not answered until the
+/// client sent more bytes, so such a client hung until the idle timeout closed it.
+#[test]
+fn pipelined_requests_are_all_answered_in_order() {
+    let sb = Sandbox::new();
+    let (mut master, pids) = garbage_target(&sb);
+    let old = pids[&("other".to_string(), 0)];
+    let mut ctl = Ctl::open(&sb);
+    ctl.send(
+        b"garbage\n\n{\"cmd\":\"status\"}\n{\"cmd\":\"restart\",\"target\":\"other\"}\n\
+          {\"cmd\":\"status\",\"program\":\"other\"}\n{\"cmd\":\"stop\",\"target\":\"nosuch\"}\n",
+    );
+    let mut answers = Vec::new();
+    for _ in 0..5 {
+        answers.push(ctl.recv().expect("an answer to every pipelined request"));
+    }
+    assert_eq!(answers[0]["ok"], false, "{}", answers[0]);
+    assert_eq!(answers[1]["ok"], true, "{}", answers[1]);
+    assert_eq!(all_running(&answers[1]["result"]), pids);
+    assert_eq!(answers[2]["ok"], true, "restart: {}", answers[2]);
+    assert_eq!(answers[3]["ok"], true, "{}", answers[3]);
+    let new = running(&answers[3]["result"], "other");
+    assert!(new.get(&0).is_some_and(|p| *p != old), "{}", answers[3]);
+    assert_eq!(answers[4]["ok"], false, "{}", answers[4]);
+    stop_cleanly(&mut master);
+}
+
 #[test]
 fn a_ten_megabyte_line_without_newline_is_refused_and_harms_nothing() {
     let sb = Sandbox::new();

@@ -129,6 +129,14 @@ pub(super) fn toml_error(error: &toml::de::Error, source: &Source) -> Pending {
             message,
         };
     };
+    if message.is_empty() {
+        // toml says nothing at all about some bytes it refuses (a control character in a
+        // comment): name the character, so the line is not a bare location.
+        message = match source.text.get(span.start..).and_then(|t| t.chars().next()) {
+            Some(c) => format!("unexpected character {:?}", c),
+            None => "unexpected end of file".to_owned(),
+        };
+    }
     let mut path = source.key_at(span.start).map(|k| k.path.clone());
     if message.ends_with("expected a borrowed string") {
         // A value written as a dotted-key table (`healthy_after.x = 1`): toml gives such

@@ -472,6 +472,17 @@ fn syntax_error_is_located() {
     assert!(!p.contains('\n'));
 }
 
+/// Found by the `config` fuzz target: toml refuses a control character in a comment with an
+/// empty message, which left `FILE:1:2: ` and nothing to go on.
+#[test]
+fn control_character_in_a_comment_gets_a_message_not_an_empty_line() {
+    assert_eq!(problem("#\0"), line("1:2: unexpected character '\\0'"));
+    assert_eq!(
+        problem("[plumule]\n# tab\t is fine, a bell\u{7} is not\n"),
+        line("2:23: unexpected character '\\u{7}'")
+    );
+}
+
 #[test]
 fn env_names_and_reserved_variables() {
     let text = format!("{WEB}env = {{ \"A=B\" = \"1\", PLUMULE_WORKER_ID = \"3\", OK = \"1\" }}\n");

@@ -238,7 +238,11 @@ impl Master {
         loop {
             let now = Instant::now();
             let mut wake_at = self.settle(now);
-            self.check_waiters(now);
+            while self.check_waiters(now) {
+                // Pipelined requests were carried out behind an answered one: act on them
+                // before sleeping. Each round consumes buffered request lines, so this ends.
+                wake_at = self.settle(now);
+            }
             self.feed_followers();
             if let Some(t) = self.tell_systemd(now) {
                 wake_at = Some(wake_at.map_or(t, |w| w.min(t)));

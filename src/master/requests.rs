@@ -48,30 +48,39 @@ impl Master {
         if revents & (libc::POLLIN | libc::POLLHUP | libc::POLLERR) == 0 {
             return;
         }
-        let mut incoming = control.read(id, now);
+        let incoming = control.read(id, now);
+        self.serve_requests(id, incoming, now);
+    }
+
+    /// Carries out `incoming` and the requests buffered behind it on the same connection, in
+    /// order, until one has to wait for its answer or none is left. Returns whether it carried
+    /// out any request.
+    fn serve_requests(&mut self, id: u64, mut incoming: Incoming, now: Instant) -> bool {
+        let mut served = false;
         loop {
             match incoming {
                 Incoming::Request(req) => {
+                    served = true;
                     if let Some(response) = self.handle(id, req, now) {
                         let Some(control) = self.control.as_mut() else {
-                            return;
+                            return served;
                         };
                         control.respond(id, response, now);
                         // Requests pipelined on one line batch are served in order.
                         incoming = control.next_request(id, now);
                         continue;
                     }
-                    return;
+                    return served;
                 }
                 Incoming::Nothing => {
                     if let Some(control) = self.control.as_mut() {
                         control.flush(id);
                     }
-                    return;
+                    return served;
                 }
                 Incoming::Closed => {
                     self.waiters.retain(|w| w.conn != id);
-                    return;
+                    return served;
                 }
             }
         }
@@ -111,22 +120,29 @@ impl Master {
         }
     }
 
-    /// Answers every waiter whose condition now holds.
-    pub(super) fn check_waiters(&mut self, now: Instant) {
+    /// Answers every waiter whose condition now holds, then carries out the requests its
+    /// client had pipelined behind the one answered (they were read already: poll will not
+    /// report them again). Returns whether it carried out any: the caller plans again then.
+    pub(super) fn check_waiters(&mut self, now: Instant) -> bool {
         if self.waiters.is_empty() {
-            return;
+            return false;
         }
+        let mut served = false;
         let waiters = std::mem::take(&mut self.waiters);
         for w in waiters {
             match self.outcome(&w.kind) {
                 None => self.waiters.push(w),
                 Some(response) => {
-                    if let Some(c) = self.control.as_mut() {
-                        c.respond(w.conn, response, now);
-                    }
+                    let Some(c) = self.control.as_mut() else {
+                        continue;
+                    };
+                    c.respond(w.conn, response, now);
+                    let next = c.next_request(w.conn, now);
+                    served |= self.serve_requests(w.conn, next, now);
                 }
             }
         }
+        served
     }
 
     /// Answers what is still waiting: the master is going away.

@@ -1,0 +1,512 @@
+//! Randomized robustness, deterministic so that CI runs it with `cargo test` on a stable
+//! toolchain (the coverage-guided fuzz targets in `fuzz/` need cargo-fuzz; see its README).
+//!
+//! Valid inputs are mutated (byte flips, insertions, deletions, truncations, duplicated or
+//! swapped lines, spliced tokens) by a seeded xorshift, thousands of cases per parser, and each
+//! result goes through the same checks as the fuzz targets (`invariants`): control request
+//! lines, configuration files, worker output streams. Then one end-to-end case: a real master
+//! takes a few hundred mutated lines on its control socket and its worker is untouched.
+//!
+//! A failure prints the seed and case number; `ROBUSTNESS_SEED=N` replays with another seed.
+
+mod common;
+mod invariants;
+
+use std::fs;
+use std::io::{BufRead, BufReader, ErrorKind, Write};
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use plumule::protocol::{Request, MAX_REQUEST};
+
+use common::*;
+
+/// Upper bound for anything the master should do promptly.
+const DEADLINE: Duration = Duration::from_secs(10);
+
+// ---------------------------------------------------------------------------------------------
+// Deterministic randomness and mutations
+
+/// xorshift64*: small, seeded, good enough to pick mutations.
+struct Rng(u64);
+
+impl Rng {
+    fn new(seed: u64) -> Rng {
+        Rng(seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1)
+    }
+
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 >> 12;
+        self.0 ^= self.0 << 25;
+        self.0 ^= self.0 >> 27;
+        self.0.wrapping_mul(0x2545_F491_4F6C_DD1D)
+    }
+
+    /// A number in `0..n` (`n` > 0).
+    fn below(&mut self, n: usize) -> usize {
+        (self.next() % n as u64) as usize
+    }
+
+    fn pick<'a, T>(&mut self, items: &'a [T]) -> &'a T {
+        &items[self.below(items.len())]
+    }
+}
+
+/// The base seed: fixed, unless `ROBUSTNESS_SEED` says otherwise.
+fn base_seed() -> u64 {
+    std::env::var("ROBUSTNESS_SEED")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0x5eed_0f91_u64)
+}
+
+/// Bytes that mean something to one of the parsers.
+const SPECIAL: &[u8] = b"\0\n\r\t \"'\\{}[]=.,:#-+_0189eE\x7f\xc3\xa9\xff";
+
+/// Fragments worth splicing in: syntax, keys and values of either format, odd numbers and
+/// escapes.
+const TOKENS: &[&str] = &[
+    "\"",
+    "'''",
+    "\"\"\"",
+    "{",
+    "}",
+    "[",
+    "]",
+    "[[",
+    "]]",
+    "=",
+    ",",
+    ":",
+    ".",
+    "#",
+    "\\u0000",
+    "\\ud800",
+    "\\n",
+    "\r\n",
+    "null",
+    "true",
+    "-1",
+    "0",
+    "1e400",
+    "4294967296",
+    "18446744073709551616",
+    "-9223372036854775809",
+    "nan",
+    "inf",
+    "1979-05-27T07:32:00Z",
+    "\"cmd\"",
+    "\"status\"",
+    "\"stop\"",
+    "\"scale\"",
+    "\"logs\"",
+    "\"target\"",
+    "\"program\"",
+    "\"workers\"",
+    "\"lines\"",
+    "\"follow\"",
+    "[program.x]",
+    "[plumule]",
+    "[queue.q]",
+    "command",
+    "workers",
+    "backoff",
+    "start_limit",
+    "locks",
+    "listen",
+    "after",
+    "env",
+    "user",
+    "group",
+    "stdout",
+    "umask",
+    "stop_signal",
+    "\"10s\"",
+    "\"0s\"",
+    "\"99999999999h\"",
+    "\"10MiB\"",
+    "\"SIGKILL\"",
+    "\"0777\"",
+    "\"tcp:[::1]:0\"",
+    "\"unix:\"",
+    "\"{worker}\"",
+    "\"root\"",
+    "\"nosuchuser\"",
+    "é",
+    "\u{feff}",
+    "\u{202e}",
+];
+
+/// Applies one to four random mutations to `input`.
+fn mutate(rng: &mut Rng, input: &[u8]) -> Vec<u8> {
+    let mut data = input.to_vec();
+    for _ in 0..1 + rng.below(4) {
+        mutate_once(rng, &mut data);
+    }
+    data
+}
+
+fn mutate_once(rng: &mut Rng, data: &mut Vec<u8>) {
+    let len = data.len();
+    match rng.below(9) {
+        // Flip one bit.
+        0 if len > 0 => {
+            let i = rng.below(len);
+            data[i] ^= 1 << rng.below(8);
+        }
+        // Overwrite a byte with a meaningful one.
+        1 if len > 0 => {
+            let i = rng.below(len);
+            data[i] = *rng.pick(SPECIAL);
+        }
+        // Insert a byte, random or meaningful.
+        2 => {
+            let i = rng.below(len + 1);
+            let b = if rng.below(2) == 0 {
+                rng.next() as u8
+            } else {
+                *rng.pick(SPECIAL)
+            };
+            data.insert(i, b);
+        }
+        // Delete a range.
+        3 if len > 0 => {
+            let i = rng.below(len);
+            let n = 1 + rng.below((len - i).min(16));
+            data.drain(i..i + n);
+        }
+        // Truncate.
+        4 => data.truncate(rng.below(len + 1)),
+        // Splice a token in.
+        5 => {
+            let i = rng.below(len + 1);
+            let token = rng.pick(TOKENS).as_bytes();
+            data.splice(i..i, token.iter().copied());
+        }
+        // Duplicate a line.
+        6 => {
+            let mut lines = split_lines(data);
+            if !lines.is_empty() {
+                let i = rng.below(lines.len());
+                let j = rng.below(lines.len() + 1);
+                let line = lines[i].clone();
+                lines.insert(j, line);
+                *data = lines.concat();
+            }
+        }
+        // Swap two lines.
+        7 => {
+            let mut lines = split_lines(data);
+            if lines.len() > 1 {
+                let (i, j) = (rng.below(lines.len()), rng.below(lines.len()));
+                lines.swap(i, j);
+                *data = lines.concat();
+            }
+        }
+        // Copy a range over another place (repeats structure: tables, keys, quotes).
+        _ if len > 0 => {
+            let i = rng.below(len);
+            let n = 1 + rng.below((len - i).min(32));
+            let piece = data[i..i + n].to_vec();
+            let at = rng.below(len + 1);
+            data.splice(at..at, piece);
+        }
+        _ => data.push(rng.next() as u8),
+    }
+}
+
+/// Lines with their `\n` (the last one may have none).
+fn split_lines(data: &[u8]) -> Vec<Vec<u8>> {
+    data.split_inclusive(|&b| b == b'\n')
+        .map(<[u8]>::to_vec)
+        .collect()
+}
+
+/// Runs `check` on `cases` mutations of the seeds, reporting the case that failed.
+fn fuzz_cases(name: &str, seeds: &[Vec<u8>], cases: usize, mut check: impl FnMut(&[u8])) {
+    let seed = base_seed()
+        ^ name
+            .bytes()
+            .fold(0u64, |h, b| h.rotate_left(5) ^ u64::from(b));
+    let mut rng = Rng::new(seed);
+    for case in 0..cases {
+        let base = rng.pick(seeds);
+        // Now and then, mutate a mutation: deeper changes while staying close to valid.
+        let mut input = mutate(&mut rng, base);
+        if rng.below(4) == 0 {
+            input = mutate(&mut rng, &input);
+        }
+        let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| check(&input)));
+        if let Err(panic) = outcome {
+            eprintln!(
+                "{name}: case {case} (ROBUSTNESS_SEED={}) failed on input {:?}",
+                base_seed(),
+                String::from_utf8_lossy(&input)
+            );
+            std::panic::resume_unwind(panic);
+        }
+    }
+}
+
+fn repo_file(rel: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join(rel)
+}
+
+/// The hand-written seeds of a fuzz target (`fuzz/corpus/TARGET/seed-*`).
+fn fuzz_seeds(target: &str) -> Vec<Vec<u8>> {
+    let dir = repo_file(&format!("fuzz/corpus/{target}"));
+    let mut seeds: Vec<(PathBuf, Vec<u8>)> = fs::read_dir(&dir)
+        .unwrap_or_else(|e| panic!("cannot read {}: {e}", dir.display()))
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| {
+            p.file_name()
+                .is_some_and(|n| n.to_string_lossy().starts_with("seed-"))
+        })
+        .map(|p| {
+            let bytes = fs::read(&p).unwrap_or_else(|e| panic!("{}: {e}", p.display()));
+            (p, bytes)
+        })
+        .collect();
+    seeds.sort();
+    assert!(!seeds.is_empty(), "no seeds in {}", dir.display());
+    seeds.into_iter().map(|(_, b)| b).collect()
+}
+
+// ---------------------------------------------------------------------------------------------
+// Control requests
+
+fn request_seeds() -> Vec<Vec<u8>> {
+    fuzz_seeds("control_request")
+        .into_iter()
+        .map(|mut line| {
+            // The master hands the parser a line without its newline.
+            if line.last() == Some(&b'\n') {
+                line.pop();
+            }
+            line
+        })
+        .collect()
+}
+
+#[test]
+fn mutated_control_requests_parse_or_fail_cleanly() {
+    let seeds = request_seeds();
+    for seed in &seeds {
+        assert!(
+            invariants::check_request(seed).is_some(),
+            "a seed does not parse: {:?}",
+            String::from_utf8_lossy(seed)
+        );
+    }
+    let mut parsed = 0;
+    fuzz_cases("control_request", &seeds, 20_000, |line| {
+        parsed += usize::from(invariants::check_request(line).is_some());
+    });
+    // The mutations stay close enough to valid requests to exercise the success path too.
+    assert!(parsed > 500, "only {parsed} mutated requests parsed");
+}
+
+// ---------------------------------------------------------------------------------------------
+// Configuration files
+
+/// Problems that fuzzing found, minimized; each must now pass the checks.
+const CONFIG_FINDINGS: &[&str] = &[
+    // toml refused it with an empty message: the error line was a bare location.
+    "#\0",
+];
+
+#[test]
+fn config_fuzz_findings_stay_fixed() {
+    for text in CONFIG_FINDINGS {
+        let error = invariants::check_config(text).expect_err(text);
+        assert!(!error.to_string().ends_with(": "), "{error}");
+    }
+}
+
+#[test]
+fn mutated_configs_parse_or_fail_with_located_problems() {
+    let mut seeds = fuzz_seeds("config");
+    seeds.push(fs::read(repo_file("config.example.toml")).expect("config.example.toml"));
+    let mut valid = 0;
+    fuzz_cases("config", &seeds, 2_000, |bytes| {
+        let text = String::from_utf8_lossy(bytes);
+        valid += usize::from(invariants::check_config(&text).is_ok());
+    });
+    assert!(valid > 100, "only {valid} mutated configs were valid");
+}
+
+// ---------------------------------------------------------------------------------------------
+// Worker output
+
+#[test]
+fn mutated_output_streams_split_into_every_byte_and_bounded_pieces() {
+    let seeds: Vec<Vec<u8>> = fuzz_seeds("output_lines")
+        .into_iter()
+        // The fuzz seeds begin with 5 bytes of parameters (see fuzz_targets/output_lines.rs).
+        .map(|s| s[5.min(s.len())..].to_vec())
+        .chain([
+            b"plain\nlines\n".to_vec(),
+            b"\r\n\r\n\n\r\r\n".to_vec(),
+            vec![b'x'; 100],
+            b"no newline at all".to_vec(),
+        ])
+        .collect();
+    let mut rng = Rng::new(base_seed() ^ 0x0ff7);
+    fuzz_cases("output_lines", &seeds, 5_000, |stream| {
+        let max_line = match rng.below(8) {
+            0 => plumule::output::DEFAULT_MAX_LINE,
+            _ => 1 + rng.below(24),
+        };
+        let mut sizes = Vec::new();
+        let mut covered = 0;
+        while covered < stream.len() {
+            let size = rng.below(2 * max_line.min(40) + 2);
+            sizes.push(size);
+            covered += size;
+        }
+        invariants::check_splitter(stream, max_line, &sizes);
+    });
+}
+
+// ---------------------------------------------------------------------------------------------
+// End to end: a real master's control socket
+
+/// The pid of `program.0` when it is running, from a `status` request on the socket; `None`
+/// while the master cannot be reached or the worker is not running yet.
+fn running_pid(socket: &Path, program: &str) -> Option<i64> {
+    let stream = UnixStream::connect(socket).ok()?;
+    stream.set_read_timeout(Some(DEADLINE)).ok()?;
+    (&stream).write_all(b"{\"cmd\":\"status\"}\n").ok()?;
+    let mut line = String::new();
+    BufReader::new(&stream).read_line(&mut line).ok()?;
+    let answer: serde_json::Value = serde_json::from_str(&line).ok()?;
+    let worker = answer["result"]["programs"]
+        .as_array()?
+        .iter()
+        .find(|p| p["name"] == program)?["workers"]
+        .as_array()?
+        .first()?
+        .clone();
+    (worker["state"] == "running")
+        .then(|| worker["pid"].as_i64())
+        .flatten()
+}
+
+/// Mutated request lines, with the ones that would act on the worker left out (a mutation of
+/// `stop` can stay a valid `stop`), and no newline inside a line.
+fn garbage_lines(count: usize) -> Vec<Vec<u8>> {
+    let seeds = request_seeds();
+    let mut rng = Rng::new(base_seed() ^ 0xe2e);
+    let mut lines = Vec::new();
+    while lines.len() < count {
+        let mut line = if rng.below(10) == 0 {
+            (0..rng.below(64)).map(|_| rng.next() as u8).collect()
+        } else {
+            let seed = rng.pick(&seeds).clone();
+            mutate(&mut rng, &seed)
+        };
+        line.retain(|&b| b != b'\n');
+        let harmless = match plumule::protocol::parse_request(&line) {
+            Err(_) => true,
+            Ok(Request::Status { .. }) => true,
+            Ok(Request::Logs { follow, .. }) => !follow,
+            Ok(_) => false,
+        };
+        if harmless {
+            lines.push(line);
+        }
+    }
+    lines
+}
+
+#[test]
+fn a_master_fed_mutated_requests_keeps_serving_and_its_worker() {
+    let sb = Sandbox::new();
+    let config = sb.config("[program.sleeper]\ncommand = [\"/bin/sleep\", \"1000\"]\n");
+    let mut master = sb.start(&config);
+    let socket = sb.runtime_dir().join("control.sock");
+    let mut pid = None;
+    sb.wait("sleeper.0 is running", DEADLINE, || {
+        pid = running_pid(&socket, "sleeper");
+        pid.is_some()
+    });
+    let pid = pid.unwrap();
+
+    let lines = garbage_lines(400);
+    for (n, batch) in lines.chunks(50).enumerate() {
+        let stream = UnixStream::connect(&socket).expect("connect to the control socket");
+        stream.set_read_timeout(Some(DEADLINE)).unwrap();
+        stream.set_write_timeout(Some(DEADLINE)).unwrap();
+        // All at once, as a pipelining client (or a flood) would send them.
+        let bytes: Vec<u8> = batch
+            .iter()
+            .flat_map(|l| l.iter().chain(b"\n"))
+            .copied()
+            .collect();
+        (&stream).write_all(&bytes).expect("write the batch");
+        // One answer per line that is not blank, in order.
+        let expected: Vec<&Vec<u8>> = batch
+            .iter()
+            .filter(|l| !l.iter().all(u8::is_ascii_whitespace))
+            .collect();
+        let mut reader = BufReader::new(&stream);
+        for (i, line) in expected.iter().enumerate() {
+            let mut answer = String::new();
+            match reader.read_line(&mut answer) {
+                Ok(0) => panic!(
+                    "connection {n}: closed after {i} of {} answers",
+                    expected.len()
+                ),
+                Ok(_) => {}
+                Err(e) => panic!(
+                    "connection {n}: no answer {i} of {} to {:?} within {DEADLINE:?}: {e}",
+                    expected.len(),
+                    String::from_utf8_lossy(line)
+                ),
+            }
+            let answer: serde_json::Value = serde_json::from_str(&answer)
+                .unwrap_or_else(|e| panic!("connection {n}: answer {answer:?} is not JSON: {e}"));
+            let parses = plumule::protocol::parse_request(line).is_ok();
+            assert!(answer["ok"].is_boolean(), "{answer}");
+            if !parses {
+                assert_eq!(
+                    answer["ok"],
+                    false,
+                    "{:?} got {answer}",
+                    String::from_utf8_lossy(line)
+                );
+                assert!(
+                    answer["error"].as_str().is_some_and(|e| !e.is_empty()),
+                    "{answer}"
+                );
+            }
+        }
+    }
+
+    // A line over the limit, then a connection dropped mid-line without reading anything.
+    let stream = UnixStream::connect(&socket).expect("connect");
+    stream.set_read_timeout(Some(DEADLINE)).unwrap();
+    stream.set_write_timeout(Some(DEADLINE)).unwrap();
+    let _ = (&stream).write_all(&vec![b'['; MAX_REQUEST + 100]);
+    let mut answer = String::new();
+    match BufReader::new(&stream).read_line(&mut answer) {
+        Ok(_) => assert!(answer.contains("longer than"), "{answer:?}"),
+        Err(e) if e.kind() == ErrorKind::ConnectionReset => {}
+        Err(e) => panic!("no answer to an over-long line: {e}"),
+    }
+    drop(stream);
+    let stream = UnixStream::connect(&socket).expect("connect");
+    let _ = (&stream).write_all(br#"{"cmd":"status","program":"#);
+    drop(stream);
+
+    let (code, json) = sb.status(&config);
+    assert_eq!(code, 0, "{json}");
+    let worker = &json["programs"][0]["workers"][0];
+    assert_eq!(worker["state"], "running", "{json}");
+    assert_eq!(worker["pid"], pid, "the worker was replaced: {json}");
+    assert!(pid_alive(pid as i32));
+    assert!(master.running(), "{}", master.stderr_text());
+    let status = master.stop_with(SIGTERM, DEADLINE);
+    assert_exit_code(status, 0, &master.stderr_text());
+}
