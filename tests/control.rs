@@ -98,39 +98,6 @@ fn status(sb: &Sandbox) -> Value {
     try_status(sb).expect("the master answers status")
 }
 
-/// One entry of `status`: (program, id, pid, state).
-#[derive(Debug, Clone, PartialEq)]
-struct Entry {
-    program: String,
-    id: u32,
-    pid: Option<i32>,
-    state: String,
-}
-
-fn entries(status: &Value) -> Vec<Entry> {
-    let mut out = Vec::new();
-    for p in status["programs"].as_array().expect("programs") {
-        for w in p["workers"].as_array().expect("workers") {
-            out.push(Entry {
-                program: p["name"].as_str().expect("name").to_string(),
-                id: w["id"].as_u64().expect("id") as u32,
-                pid: w["pid"].as_i64().map(|p| p as i32),
-                state: w["state"].as_str().expect("state").to_string(),
-            });
-        }
-    }
-    out
-}
-
-/// id → pid of the workers of `program` that are `running`.
-fn running(status: &Value, program: &str) -> BTreeMap<u32, i32> {
-    entries(status)
-        .into_iter()
-        .filter(|e| e.program == program && e.state == "running")
-        .map(|e| (e.id, e.pid.expect("a running worker has a pid")))
-        .collect()
-}
-
 /// Every running worker: (program, id) → pid.
 fn all_running(status: &Value) -> BTreeMap<(String, u32), i32> {
     entries(status)

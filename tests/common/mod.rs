@@ -818,3 +818,40 @@ pub fn assert_exit_code(status: ExitStatus, code: i32, stderr: &str) {
         "unexpected exit {status}; stderr:\n{stderr}"
     );
 }
+
+// ---------------------------------------------------------------------------------------------
+// Reading a status answer
+
+/// One entry of a `status` result: (program, id, pid, state).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Entry {
+    pub program: String,
+    pub id: u32,
+    pub pid: Option<i32>,
+    pub state: String,
+}
+
+/// Every worker entry of a `status` result (`{"programs":[…]}`), in order.
+pub fn entries(status: &serde_json::Value) -> Vec<Entry> {
+    let mut out = Vec::new();
+    for p in status["programs"].as_array().expect("programs") {
+        for w in p["workers"].as_array().expect("workers") {
+            out.push(Entry {
+                program: p["name"].as_str().expect("name").to_string(),
+                id: w["id"].as_u64().expect("id") as u32,
+                pid: w["pid"].as_i64().map(|p| p as i32),
+                state: w["state"].as_str().expect("state").to_string(),
+            });
+        }
+    }
+    out
+}
+
+/// id → pid of the `running` workers of `program`.
+pub fn running(status: &serde_json::Value, program: &str) -> std::collections::BTreeMap<u32, i32> {
+    entries(status)
+        .into_iter()
+        .filter(|e| e.program == program && e.state == "running")
+        .map(|e| (e.id, e.pid.expect("a running worker has a pid")))
+        .collect()
+}
