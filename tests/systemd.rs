@@ -58,7 +58,7 @@ for step in sys.argv[1:]:
     if op == "wait":
         # wait:PATH  until PATH exists
         while not os.path.exists(arg):
-            time.sleep(0.01)
+            time.sleep(0.01)  # poll until the test creates PATH
     elif op == "send":
         # send:MESSAGE  one datagram; a literal \n separates lines
         notify(arg.replace("\\n", "\n"))
