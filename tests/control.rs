@@ -129,27 +129,6 @@ fn wait_running(sb: &Sandbox, program: &str, n: u32) -> BTreeMap<u32, i32> {
     pids
 }
 
-/// `plumule ARGS… -c CONFIG`, to completion.
-#[track_caller]
-fn cli(sb: &Sandbox, config: &Path, args: &[&str]) -> Outcome {
-    let config = config.display().to_string();
-    let mut all: Vec<&str> = args.to_vec();
-    all.extend(["-c", &config]);
-    sb.plumule(&all, DEADLINE)
-}
-
-/// `plumule ARGS… -c CONFIG` must succeed.
-#[track_caller]
-fn cli_ok(sb: &Sandbox, config: &Path, args: &[&str]) -> Outcome {
-    let out = cli(sb, config, args);
-    assert_exit_code(
-        out.status,
-        0,
-        &format!("`plumule {args:?}`: {}", out.stderr),
-    );
-    out
-}
-
 /// The start line of the process `pid`, once its script has written it.
 #[track_caller]
 fn wait_start_line(sb: &Sandbox, pid: i32) -> Start {
@@ -219,7 +198,7 @@ fn status_json_lists_every_worker_with_the_spec_fields() {
     let web = wait_running(&sb, "web", 3);
     let cron = wait_running(&sb, "cron", 1);
 
-    let out = cli_ok(&sb, &config, &["status", "--json"]);
+    let out = sb.cli_ok(&config, &["status", "--json"]);
     let v: Value = serde_json::from_str(out.stdout.trim())
         .unwrap_or_else(|e| panic!("status --json is not one JSON value: {e}\n{}", out.stdout));
     let keys = |v: &Value| -> Vec<String> {
@@ -276,11 +255,11 @@ fn status_json_lists_every_worker_with_the_spec_fields() {
     }
 
     // One program only; an unknown one is exit 1.
-    let out = cli_ok(&sb, &config, &["status", "web", "--json"]);
+    let out = sb.cli_ok(&config, &["status", "web", "--json"]);
     let v: Value = serde_json::from_str(out.stdout.trim()).expect("JSON");
     assert_eq!(v["programs"].as_array().map(Vec::len), Some(1), "{v}");
     assert_eq!(v["programs"][0]["name"], "web");
-    let out = cli(&sb, &config, &["status", "nosuch"]);
+    let out = sb.cli(&config, &["status", "nosuch"]);
     assert_exit_code(out.status, 1, &out.stderr);
     assert!(
         out.stderr.contains("no program named nosuch"),
@@ -289,7 +268,7 @@ fn status_json_lists_every_worker_with_the_spec_fields() {
     );
 
     // The table: a header, one row per worker with its pid, a summary.
-    let out = cli_ok(&sb, &config, &["status"]);
+    let out = sb.cli_ok(&config, &["status"]);
     let lines: Vec<&str> = out.stdout.lines().collect();
     assert_eq!(lines.len(), 1 + 4 + 1, "{}", out.stdout);
     for pid in web.values().chain(cron.values()) {
@@ -359,12 +338,12 @@ fn status_exits_3_when_a_worker_is_failed() {
     );
 
     for args in [&["status"][..], &["status", "--json"], &["status", "flaky"]] {
-        let out = cli(&sb, &config, args);
+        let out = sb.cli(&config, args);
         assert_exit_code(out.status, 3, &format!("{args:?}: {}", out.stderr));
         assert!(out.stdout.contains("failed"), "{args:?}: {}", out.stdout);
     }
     // Only the listed workers count.
-    cli_ok(&sb, &config, &["status", "web"]);
+    sb.cli_ok(&config, &["status", "web"]);
     stop_cleanly(&mut master);
 }
 
@@ -384,7 +363,7 @@ fn stop_start_restart_a_whole_program() {
     let other = wait_running(&sb, "other", 1);
 
     // stop returns once the workers have exited.
-    cli_ok(&sb, &config, &["stop", "web"]);
+    sb.cli_ok(&config, &["stop", "web"]);
     for pid in web.values() {
         assert!(
             !pid_alive(*pid),
@@ -407,7 +386,7 @@ fn stop_start_restart_a_whole_program() {
     assert_eq!(running(&st, "other"), other, "stop web touched other");
 
     // start returns once the new workers run.
-    cli_ok(&sb, &config, &["start", "web"]);
+    sb.cli_ok(&config, &["start", "web"]);
     let started = running(&status(&sb), "web");
     assert_eq!(
         started.keys().copied().collect::<Vec<_>>(),
@@ -423,7 +402,7 @@ fn stop_start_restart_a_whole_program() {
     }
 
     // restart: every worker gets a new pid, the old ones are gone, when it returns.
-    cli_ok(&sb, &config, &["restart", "web"]);
+    sb.cli_ok(&config, &["restart", "web"]);
     let st = status(&sb);
     let restarted = running(&st, "web");
     assert_eq!(restarted.len(), 2, "{st}");
@@ -447,7 +426,7 @@ fn stop_start_restart_a_whole_program() {
     );
 
     // start of a running program changes nothing.
-    cli_ok(&sb, &config, &["start", "web"]);
+    sb.cli_ok(&config, &["start", "web"]);
     assert_eq!(
         running(&status(&sb), "web"),
         restarted,
@@ -467,7 +446,7 @@ fn stop_start_restart_one_worker_by_id() {
     let mut master = sb.start(&config);
     let before = wait_running(&sb, "web", 3);
 
-    cli_ok(&sb, &config, &["stop", "web.1"]);
+    sb.cli_ok(&config, &["stop", "web.1"]);
     assert!(
         !pid_alive(before[&1]),
         "web.1 still runs after `stop web.1` returned"
@@ -486,7 +465,7 @@ fn stop_start_restart_one_worker_by_id() {
         "{st}"
     );
 
-    cli_ok(&sb, &config, &["start", "web.1"]);
+    sb.cli_ok(&config, &["start", "web.1"]);
     let after_start = running(&status(&sb), "web");
     assert_eq!(after_start.len(), 3);
     assert_ne!(after_start[&1], before[&1], "web.1 got a new process");
@@ -495,7 +474,7 @@ fn stop_start_restart_one_worker_by_id() {
     let line = wait_start_line(&sb, after_start[&1]);
     assert_eq!(line.id, 1, "the new process is worker 1: {line:?}");
 
-    cli_ok(&sb, &config, &["restart", "web.2"]);
+    sb.cli_ok(&config, &["restart", "web.2"]);
     let after_restart = running(&status(&sb), "web");
     assert_ne!(after_restart[&2], before[&2], "web.2 got a new process");
     assert!(
@@ -519,7 +498,7 @@ fn stop_start_restart_one_worker_by_id() {
         &["restart", "nosuch"],
         &["scale", "nosuch", "2"],
     ] {
-        let out = cli(&sb, &config, args);
+        let out = sb.cli(&config, args);
         assert_exit_code(out.status, 1, &format!("{args:?}: {}", out.stderr));
         assert!(
             out.stderr.contains("no program named"),
@@ -544,23 +523,23 @@ fn start_clears_a_failed_worker() {
     );
 
     // Nothing changed: `start` runs it again (a new start) and it fails again.
-    cli(&sb, &config, &["start", "flaky"]);
+    sb.cli(&config, &["start", "flaky"]);
     sb.wait_starts("flaky", 2, DEADLINE);
     wait_state(&sb, "flaky", 0, "failed");
     assert_exit_code(
-        cli(&sb, &config, &["status"]).status,
+        sb.cli(&config, &["status"]).status,
         3,
         "status after the 2nd failure",
     );
 
     // What it needed is there now: `start` returns with it running, and status is 0 again.
     std::fs::write(sb.path("ready"), "").unwrap();
-    cli_ok(&sb, &config, &["start", "flaky.0"]);
+    sb.cli_ok(&config, &["start", "flaky.0"]);
     let pids = running(&status(&sb), "flaky");
     let pid = *pids.get(&0).expect("flaky.0 runs after `start` returned");
     assert!(pid_alive(pid));
     assert_eq!(wait_start_line(&sb, pid).program, "flaky");
-    cli_ok(&sb, &config, &["status"]);
+    sb.cli_ok(&config, &["status"]);
     stop_cleanly(&mut master);
 }
 
@@ -580,7 +559,7 @@ fn scale_up_keeps_the_running_workers_and_scale_down_stops_the_highest_ids() {
     let other = wait_running(&sb, "other", 1);
 
     // scale returns once the count is reached.
-    cli_ok(&sb, &config, &["scale", "web", "5"]);
+    sb.cli_ok(&config, &["scale", "web", "5"]);
     let st = status(&sb);
     let up = running(&st, "web");
     assert_eq!(
@@ -598,7 +577,7 @@ fn scale_up_keeps_the_running_workers_and_scale_down_stops_the_highest_ids() {
         assert_eq!((start.id, start.workers), (id, 5), "{start:?}");
     }
 
-    cli_ok(&sb, &config, &["scale", "web", "1"]);
+    sb.cli_ok(&config, &["scale", "web", "1"]);
     let st = status(&sb);
     let web: Vec<Entry> = entries(&st)
         .into_iter()
@@ -615,10 +594,10 @@ fn scale_up_keeps_the_running_workers_and_scale_down_stops_the_highest_ids() {
     assert_eq!(running(&st, "other"), other, "scaling web touched other");
 
     // Zero is a valid count; too many is refused with a message and changes nothing.
-    cli_ok(&sb, &config, &["scale", "web", "0"]);
+    sb.cli_ok(&config, &["scale", "web", "0"]);
     assert!(running(&status(&sb), "web").is_empty());
     assert!(!pid_alive(before[&0]));
-    let out = cli(&sb, &config, &["scale", "web", "4000000000"]);
+    let out = sb.cli(&config, &["scale", "web", "4000000000"]);
     assert_exit_code(out.status, 1, &out.stderr);
     assert!(running(&status(&sb), "web").is_empty());
     stop_cleanly(&mut master);

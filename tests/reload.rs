@@ -108,30 +108,10 @@ fn wait_all_dead(sb: &Sandbox, pids: &BTreeMap<u32, i32>, what: &str) {
     );
 }
 
-/// `plumule ARGS… -c CONFIG`, to completion.
-#[track_caller]
-fn cli(sb: &Sandbox, config: &Path, args: &[&str]) -> Outcome {
-    let config = config.display().to_string();
-    let mut all: Vec<&str> = args.to_vec();
-    all.extend(["-c", &config]);
-    sb.plumule(&all, DEADLINE)
-}
-
-#[track_caller]
-fn cli_ok(sb: &Sandbox, config: &Path, args: &[&str]) -> Outcome {
-    let out = cli(sb, config, args);
-    assert_exit_code(
-        out.status,
-        0,
-        &format!("`plumule {args:?}`: {}", out.stderr),
-    );
-    out
-}
-
 /// `plumule reload -c CONFIG` must succeed; returns what it printed.
 #[track_caller]
 fn reload(sb: &Sandbox, config: &Path) -> String {
-    cli_ok(sb, config, &["reload"]).stdout
+    sb.cli_ok(config, &["reload"]).stdout
 }
 
 /// The last argument the process was started with (the version argument of [`app`]).
@@ -508,7 +488,7 @@ fn a_settings_only_change_applies_in_place_without_touching_a_worker() {
         assert_eq!(w["restarts"], 0, "{w}");
     }
     // Applied: the new stop signal is the one a stop now sends (INT, not TERM).
-    cli_ok(&sb, &config, &["stop", "web.0"]);
+    sb.cli_ok(&config, &["stop", "web.0"]);
     let st = status(&sb);
     let w0 = &st["programs"][0]["workers"][0];
     assert_eq!(w0["state"], "stopped", "{st}");
@@ -618,7 +598,7 @@ fn reload_with_c_reaches_the_master_even_when_the_file_has_a_syntax_error() {
     let mut master = sb.start(&config);
     let before = wait_running(&sb, "web", 2);
     config_with_line_8(&sb, &s, "workers = = 2");
-    let out = cli(&sb, &config, &["reload"]);
+    let out = sb.cli(&config, &["reload"]);
     assert_exit_code(out.status, 1, &out.stderr);
     let located = format!("{}:8:", config.display());
     assert!(
@@ -789,7 +769,7 @@ fn reload_none_applies_a_command_change_at_the_next_restart_only() {
     assert_eq!(version_of(before[&1]), "v1");
 
     // … and so does `restart`.
-    cli_ok(&sb, &config, &["restart", "web"]);
+    sb.cli_ok(&config, &["restart", "web"]);
     let st = status(&sb);
     let after = running(&st, "web");
     assert_eq!(after.len(), 2, "{st}");
@@ -811,7 +791,7 @@ fn scale_lasts_until_the_files_workers_changes() {
     let mut master = sb.start(&config);
     wait_running(&sb, "web", 2);
 
-    cli_ok(&sb, &config, &["scale", "web", "4"]);
+    sb.cli_ok(&config, &["scale", "web", "4"]);
     let scaled = running(&status(&sb), "web");
     assert_eq!(scaled.len(), 4);
 

@@ -591,6 +591,27 @@ impl Sandbox {
         }
     }
 
+    /// `plumule ARGS… -c CONFIG`, to completion (within 10 s).
+    #[track_caller]
+    pub fn cli(&self, config: &Path, args: &[&str]) -> Outcome {
+        let config = config.display().to_string();
+        let mut all: Vec<&str> = args.to_vec();
+        all.extend(["-c", &config]);
+        self.plumule(&all, Duration::from_secs(10))
+    }
+
+    /// [`Sandbox::cli`] that must exit 0.
+    #[track_caller]
+    pub fn cli_ok(&self, config: &Path, args: &[&str]) -> Outcome {
+        let out = self.cli(config, args);
+        assert_exit_code(
+            out.status,
+            0,
+            &format!("`plumule {args:?}`: {}", out.stderr),
+        );
+        out
+    }
+
     /// `plumule status --json -c CONFIG`: its exit code and the parsed answer (SPEC §9 shape).
     #[track_caller]
     pub fn status(&self, config: &Path) -> (i32, serde_json::Value) {
