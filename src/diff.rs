@@ -3,7 +3,12 @@
 //! Keys that shape the process (SPEC §9) need a new process; every other key applies in
 //! place. `workers` is reported apart, since scaling never touches the survivors.
 
+use std::sync::Arc;
+
+use nix::sys::signal::Signal;
+
 use crate::config::{Config, Program, ReloadMode};
+use crate::plan::{Pool, PoolId};
 
 /// Keys whose change needs a new process.
 pub const PROCESS_KEYS: &[&str] = &[
@@ -116,13 +121,43 @@ pub fn diff(old: &Config, new: &Config) -> Vec<Change> {
     changes
 }
 
-/// (process keys, in-place keys) that differ, `workers` excluded.
+/// (process keys, in-place keys) that differ, `workers` excluded. `Program` is destructured
+/// whole: a new field does not compile until it is sorted into one list or the other.
 pub fn changed_keys(o: &Program, n: &Program) -> (Vec<&'static str>, Vec<&'static str>) {
+    let Program {
+        name: _,
+        workers: _,
+        command,
+        env,
+        inherit_env,
+        cwd,
+        user,
+        group,
+        umask,
+        listen,
+        locks,
+        stdout,
+        stderr,
+        queue,
+        ready,
+        watchdog,
+        restart,
+        success_exit_codes,
+        healthy_after,
+        backoff,
+        start_limit,
+        stop_signal,
+        stop_timeout,
+        reload,
+        reload_signal,
+        ready_timeout,
+        after,
+    } = n;
     let mut process = Vec::new();
     let mut settings = Vec::new();
     macro_rules! cmp {
         ($list:ident: $($field:ident),*) => {
-            $( if o.$field != n.$field { $list.push(stringify!($field)); } )*
+            $( if o.$field != *$field { $list.push(stringify!($field)); } )*
         };
     }
     cmp!(process: command, env, inherit_env, cwd, user, group, umask, listen, locks, stdout,
@@ -132,10 +167,84 @@ pub fn changed_keys(o: &Program, n: &Program) -> (Vec<&'static str>, Vec<&'stati
     (process, settings)
 }
 
+/// What a reload does to the running pools: the decision, apart from carrying it out.
+#[derive(Debug, Clone, PartialEq)]
+pub enum ReloadAction {
+    /// A new program (or one removed earlier, still draining, that comes back): a new pool.
+    Add(Arc<Program>),
+    /// The program left the file: its pool drains.
+    Remove(PoolId),
+    /// The pool takes the new settings. `reset_scale`: the file's `workers` changed, which
+    /// replaces an operator's `scale`. `roll`: a key that shapes the process changed, so
+    /// the workers are replaced (failed ones get another chance).
+    Update {
+        pool: PoolId,
+        program: Arc<Program>,
+        reset_scale: bool,
+        roll: bool,
+    },
+    /// `reload = "signal"`: send `reload_signal` to each live worker of the pool.
+    Signal { pool: PoolId, signal: Signal },
+}
+
+/// Turns the changes between two configs into actions on `pools`. Pure: no process is
+/// touched here.
+pub fn plan_reload(pools: &[Pool], changes: &[Change], new: &Config) -> Vec<ReloadAction> {
+    let live = |name: &str| {
+        pools
+            .iter()
+            .find(|p| p.program.name == name && !p.removed)
+            .map(|p| p.key)
+    };
+    let mut actions = Vec::new();
+    for change in changes {
+        let name = change.name();
+        let program = new.program(name).cloned().map(Arc::new);
+        match (change, program) {
+            (Change::Added(_), Some(program)) => actions.push(ReloadAction::Add(program)),
+            (Change::Removed(_), _) => {
+                for pool in pools
+                    .iter()
+                    .filter(|p| p.program.name == name && !p.removed)
+                {
+                    actions.push(ReloadAction::Remove(pool.key));
+                }
+            }
+            (
+                Change::Changed {
+                    workers,
+                    process,
+                    signal,
+                    ..
+                },
+                Some(program),
+            ) => {
+                let Some(pool) = live(name) else { continue };
+                let roll = !process.is_empty();
+                if *signal && !roll {
+                    actions.push(ReloadAction::Signal {
+                        pool,
+                        signal: program.reload_signal,
+                    });
+                }
+                actions.push(ReloadAction::Update {
+                    pool,
+                    program,
+                    reset_scale: workers.is_some(),
+                    roll,
+                });
+            }
+            (Change::Added(_) | Change::Changed { .. }, None) => {}
+        }
+    }
+    actions
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::config::{CommandSpec, RestartPolicy};
+
     use crate::test_support::{config, program};
     use std::time::Duration;
 
@@ -214,6 +323,66 @@ mod tests {
             }]
         );
         assert_eq!(changes[0].describe(&a), "web: reload signal sent");
+    }
+
+    fn pools(config: &Config) -> Vec<Pool> {
+        config
+            .programs
+            .iter()
+            .enumerate()
+            .map(|(i, p)| Pool::new(PoolId(i as u64), Arc::new(p.clone())))
+            .collect()
+    }
+
+    #[test]
+    fn a_reload_becomes_actions_on_pools() {
+        let mut sig = program("sig", 1);
+        sig.reload = ReloadMode::Signal;
+        let old = config(vec![program("web", 2), program("gone", 1), sig.clone()]);
+        let mut web = program("web", 3);
+        web.command = CommandSpec::Argv(vec!["/bin/false".into()]);
+        let new = config(vec![web.clone(), sig.clone(), program("new", 1)]);
+        let pools = pools(&old);
+        let actions = plan_reload(&pools, &diff(&old, &new), &new);
+        assert_eq!(
+            actions,
+            vec![
+                ReloadAction::Remove(PoolId(1)),
+                ReloadAction::Update {
+                    pool: PoolId(0),
+                    program: Arc::new(web),
+                    reset_scale: true,
+                    roll: true
+                },
+                ReloadAction::Signal {
+                    pool: PoolId(2),
+                    signal: Signal::SIGHUP
+                },
+                ReloadAction::Update {
+                    pool: PoolId(2),
+                    program: Arc::new(sig),
+                    reset_scale: false,
+                    roll: false
+                },
+                ReloadAction::Add(Arc::new(program("new", 1))),
+            ]
+        );
+    }
+
+    /// Regression (issue "a master that can grow"): a program removed by one reload and
+    /// added back by the next while its old pool still drains is a new pool; the draining
+    /// one is never updated or waited for in its place.
+    #[test]
+    fn a_program_added_back_while_draining_is_a_new_pool() {
+        let with = config(vec![program("slow", 1)]);
+        let without = config(vec![]);
+        let mut pools = pools(&with);
+        pools[0].removed = true;
+        let actions = plan_reload(&pools, &diff(&without, &with), &with);
+        assert_eq!(
+            actions,
+            vec![ReloadAction::Add(Arc::new(program("slow", 1)))]
+        );
     }
 
     #[test]

@@ -1,18 +1,47 @@
 //! Planning: what should run, compared with what runs, gives the actions that close the gap.
 //!
 //! [`plan`] is a pure function of the pools and the clock. It never touches a process: the
-//! master carries out the [`Action`]s it returns and sleeps until [`Plan::wake_at`].
+//! master carries out the [`Action`]s it returns and sleeps until the earliest of the
+//! [`Plan::timers`]. Work follows what changed: a pool looks only at the slots marked dirty
+//! since the last plan (an event, an expired timer), unless something about the whole pool
+//! changed (its count, its config, a rolling restart, shutdown).
 //! Invariant kept by the master and relied on here: `pool.slots[i].id == i`.
 
+use std::collections::BTreeSet;
+use std::fmt;
 use std::sync::Arc;
 use std::time::Instant;
 
 use crate::config::{Program, ReloadMode};
-use crate::slot::{Slot, SlotState};
+use crate::slot::{Slot, SlotState, StartWait};
+
+/// A pool's identity for the master's whole life: a program that is removed and added back
+/// while its old workers still drain is a new pool, never confused with the draining one.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct PoolId(pub u64);
+
+/// One worker's identity: its pool and its slot. Every message about a worker (exec report,
+/// notification, exit, output, control request) is routed by it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct WorkerKey {
+    pub pool: PoolId,
+    pub id: u32,
+}
+
+/// What changed in a pool since it was last planned.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Dirty {
+    Clean,
+    /// These slots had an event or a timer.
+    Slots(BTreeSet<u32>),
+    /// The pool as a whole: new, scaled, reconfigured, or an `after` dependency moved.
+    All,
+}
 
 /// A program's settings and its worker slots.
 #[derive(Debug, Clone)]
 pub struct Pool {
+    pub key: PoolId,
     pub program: Arc<Program>,
     /// The operator's `scale`, kept until the file's `workers` changes.
     pub scale: Option<u32>,
@@ -21,17 +50,41 @@ pub struct Pool {
     /// Bumped when a reload changes a key that needs a new process.
     pub generation: u64,
     pub slots: Vec<Slot>,
+    pub dirty: Dirty,
 }
 
 impl Pool {
-    pub fn new(program: Arc<Program>) -> Self {
+    pub fn new(key: PoolId, program: Arc<Program>) -> Self {
         Pool {
+            key,
             program,
             scale: None,
             removed: false,
             generation: 0,
             slots: Vec::new(),
+            dirty: Dirty::All,
         }
+    }
+
+    /// `web.2`, for logs.
+    pub fn tag(&self, id: u32) -> Tag<'_> {
+        Tag(&self.program.name, id)
+    }
+
+    /// Marks one slot as changed.
+    pub fn touch(&mut self, id: u32) {
+        match &mut self.dirty {
+            Dirty::Clean => self.dirty = Dirty::Slots(BTreeSet::from([id])),
+            Dirty::Slots(ids) => {
+                ids.insert(id);
+            }
+            Dirty::All => {}
+        }
+    }
+
+    /// Marks the whole pool as changed.
+    pub fn touch_all(&mut self) {
+        self.dirty = Dirty::All;
     }
 
     /// How many workers should run.
@@ -51,7 +104,7 @@ impl Pool {
                 .slots
                 .iter()
                 .filter(|s| s.id < desired && s.enabled)
-                .all(|s| matches!(s.state, SlotState::Running { .. }))
+                .all(|s| matches!(s.state(), SlotState::Running { .. }))
     }
 
     pub fn live(&self) -> usize {
@@ -64,6 +117,15 @@ impl Pool {
         self.program.locks.iter().all(|l| l.shared)
     }
 
+    /// Whether a rolling restart is under way: some wanted slot runs an older generation.
+    fn rolling(&self) -> bool {
+        self.program.reload != ReloadMode::None
+            && self
+                .slots
+                .iter()
+                .any(|s| s.generation != self.generation || s.state().old().is_some())
+    }
+
     /// Whether the pool is as it should be: every wanted worker running (or given up on:
     /// failed, exited, or crashing in backoff), nothing beyond the count, no rolling restart
     /// under way. Control commands answer once their pools are settled.
@@ -74,23 +136,36 @@ impl Pool {
         }
         let rolling = self.program.reload != ReloadMode::None;
         self.slots.iter().all(|s| {
-            if s.retiring.is_some() {
+            if s.state().old().is_some() {
                 return false;
             }
             if s.id >= desired || !s.enabled {
                 return !s.is_live();
             }
-            match &s.state {
+            match s.state() {
                 SlotState::Running { .. } => !rolling || s.generation == self.generation,
                 SlotState::Failed { .. } | SlotState::Exited { .. } => true,
                 SlotState::Backoff { .. } => s.crashes > 0,
-                _ => false,
+                SlotState::Stopped
+                | SlotState::Starting { .. }
+                | SlotState::Stopping { .. }
+                | SlotState::Rolling { .. } => false,
             }
         })
     }
 }
 
-/// One step the master must carry out, on slot `id` of pool `pool`.
+/// `PROGRAM.ID`, the name of a worker in logs and `status`.
+pub struct Tag<'a>(&'a str, u32);
+
+impl fmt::Display for Tag<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}.{}", self.0, self.1)
+    }
+}
+
+/// One step the master must carry out, on slot `id` of the pool at index `pool` of the slice
+/// that was planned (valid until the master drops a pool, after the plan is carried out).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Action {
     /// Fork a worker (creating the slot when `id` is past the end).
@@ -107,10 +182,10 @@ pub enum Action {
     Roll { pool: usize, id: u32 },
     /// Rolling restart where both would contend for a lock: stop, then start again.
     Restart { pool: usize, id: u32 },
-    /// The successor is up: send the stop signal to the retiring process.
+    /// The successor is up: send the stop signal to the old process.
     Retire { pool: usize, id: u32 },
-    /// SIGKILL the retiring process's group.
-    KillRetiring { pool: usize, id: u32 },
+    /// SIGKILL the old process's group.
+    KillOld { pool: usize, id: u32 },
     /// Not ready within `ready_timeout`: stop it; the start counts as a quick crash.
     ReadyTimeout { pool: usize, id: u32 },
     /// No `WATCHDOG=1` in time: SIGABRT, then SIGKILL after `stop_timeout`.
@@ -120,13 +195,19 @@ pub enum Action {
 #[derive(Debug, Default, PartialEq)]
 pub struct Plan {
     pub actions: Vec<Action>,
-    /// The earliest deadline still ahead (a backoff, a kill): the poll timeout.
-    pub wake_at: Option<Instant>,
+    /// Deadlines still ahead (a backoff, a kill) of the slots that were looked at: the master
+    /// wakes at the earliest of these and of those it kept from earlier plans.
+    pub timers: Vec<(usize, u32, Instant)>,
 }
 
 impl Plan {
-    fn wake(&mut self, at: Instant) {
-        self.wake_at = Some(self.wake_at.map_or(at, |w| w.min(at)));
+    fn wake(&mut self, pool: usize, id: u32, at: Instant) {
+        self.timers.push((pool, id, at));
+    }
+
+    /// The earliest timer of this plan.
+    pub fn wake_at(&self) -> Option<Instant> {
+        self.timers.iter().map(|t| t.2).min()
     }
 }
 
@@ -138,10 +219,6 @@ pub enum Phase {
     ShuttingDown {
         deadline: Instant,
     },
-}
-
-fn pool_program(pools: &[Pool], p: usize) -> &Program {
-    &pools[p].program
 }
 
 /// The first program named in `pool`'s `after` that is not ready yet.
@@ -178,10 +255,16 @@ fn dependents_live(pools: &[Pool], pool: &Pool) -> bool {
 fn plan_roll(plan: &mut Plan, p: usize, pool: &Pool, desired: u32) {
     let mid_roll = pool.slots.iter().any(|s| {
         let fresh = s.generation == pool.generation;
-        s.retiring.is_some()
-            || (s.restart_after_stop && matches!(s.state, SlotState::Stopping { .. }))
-            || (fresh && matches!(s.state, SlotState::Starting { .. }))
-            || (fresh && matches!(s.state, SlotState::Backoff { .. }) && s.crashes == 0)
+        s.state().old().is_some()
+            || matches!(
+                s.state(),
+                SlotState::Stopping {
+                    then: crate::slot::AfterStop::Restart,
+                    ..
+                }
+            )
+            || (fresh && matches!(s.state(), SlotState::Starting { .. }))
+            || (fresh && matches!(s.state(), SlotState::Backoff { .. }) && s.crashes == 0)
     });
     if mid_roll {
         return;
@@ -191,13 +274,13 @@ fn plan_roll(plan: &mut Plan, p: usize, pool: &Pool, desired: u32) {
             && s.enabled
             && s.generation != pool.generation
             && matches!(
-                s.state,
+                s.state(),
                 SlotState::Running { .. } | SlotState::Starting { .. }
             )
     });
     if let Some(s) = stale {
         let side_by_side =
-            pool.rolls_side_by_side() && matches!(s.state, SlotState::Running { .. });
+            pool.rolls_side_by_side() && matches!(s.state(), SlotState::Running { .. });
         plan.actions.push(if side_by_side {
             Action::Roll { pool: p, id: s.id }
         } else {
@@ -206,10 +289,106 @@ fn plan_roll(plan: &mut Plan, p: usize, pool: &Pool, desired: u32) {
     }
 }
 
-/// Compares the pools with what they should be at `now` and lists the actions to take.
+/// What one slot needs, given whether it is wanted and may start.
+struct SlotView<'a> {
+    program: &'a Program,
+    wanted: bool,
+    may_start: bool,
+    shutting_down: bool,
+}
+
+fn plan_slot(plan: &mut Plan, p: usize, slot: &Slot, v: &SlotView<'_>, now: Instant) {
+    let (pool, id) = (p, slot.id);
+    let SlotView {
+        program,
+        wanted,
+        may_start,
+        shutting_down,
+    } = *v;
+    if let Some(old) = slot.state().old() {
+        match old.kill_at {
+            None => {
+                let successor_done = !matches!(
+                    slot.state().current(),
+                    SlotState::Starting { .. } | SlotState::Backoff { .. }
+                );
+                if successor_done || shutting_down {
+                    plan.actions.push(Action::Retire { pool, id });
+                }
+            }
+            Some(t) if !old.killed && t <= now => plan.actions.push(Action::KillOld { pool, id }),
+            Some(t) if !old.killed => plan.wake(pool, id, t),
+            Some(_) => {}
+        }
+    }
+    match slot.state().current() {
+        SlotState::Stopped | SlotState::Backoff { .. } if wanted && shutting_down => {}
+        SlotState::Stopped if wanted && !may_start => {}
+        SlotState::Stopped if wanted => plan.actions.push(Action::Spawn { pool, id }),
+        SlotState::Backoff { .. } if !wanted => {
+            plan.actions.push(Action::CancelBackoff { pool, id })
+        }
+        SlotState::Backoff { until } if *until <= now && may_start => {
+            plan.actions.push(Action::Spawn { pool, id })
+        }
+        SlotState::Backoff { until } if *until <= now => {}
+        SlotState::Backoff { until } => plan.wake(pool, id, *until),
+        SlotState::Starting { .. } | SlotState::Running { .. } if !wanted => {
+            plan.actions.push(Action::Stop { pool, id })
+        }
+        SlotState::Starting {
+            since,
+            wait: StartWait::Ready,
+            ..
+        } => {
+            let due = *since + program.ready_timeout;
+            if due <= now {
+                plan.actions.push(Action::ReadyTimeout { pool, id });
+            } else {
+                plan.wake(pool, id, due);
+            }
+        }
+        SlotState::Running {
+            watchdog_at: Some(due),
+            ..
+        } => {
+            if *due <= now {
+                plan.actions.push(Action::WatchdogMiss { pool, id });
+            } else {
+                plan.wake(pool, id, *due);
+            }
+        }
+        SlotState::Stopping {
+            kill_at,
+            killed: false,
+            ..
+        } => {
+            if *kill_at <= now {
+                plan.actions.push(Action::Kill { pool, id });
+            } else {
+                plan.wake(pool, id, *kill_at);
+            }
+        }
+        SlotState::Stopped
+        | SlotState::Starting { .. }
+        | SlotState::Running { .. }
+        | SlotState::Stopping { .. }
+        | SlotState::Exited { .. }
+        | SlotState::Failed { .. }
+        | SlotState::Rolling { .. } => {}
+    }
+}
+
+/// Compares the pools with what they should be at `now` and lists the actions to take. Looks
+/// only at what is marked dirty (see [`Dirty`]); during a graceful stop, at everything.
 pub fn plan(pools: &[Pool], phase: Phase, now: Instant) -> Plan {
     let mut plan = Plan::default();
+    let shutting_down = phase != Phase::Running;
     for (p, pool) in pools.iter().enumerate() {
+        let whole = shutting_down || pool.dirty == Dirty::All;
+        if !whole && pool.dirty == Dirty::Clean {
+            continue;
+        }
         let desired = match phase {
             Phase::Running => pool.desired(),
             // Reverse `after` order: a program stops once those that start after it are gone.
@@ -220,81 +399,27 @@ pub fn plan(pools: &[Pool], phase: Phase, now: Instant) -> Plan {
         };
         // `after`: nothing of this program is forked before its dependencies are ready.
         let may_start = waiting_for(pools, pool).is_none();
-        let shutting_down = phase != Phase::Running;
-        for slot in &pool.slots {
-            let wanted = slot.id < desired && (slot.enabled || shutting_down);
-            let (pool, id) = (p, slot.id);
-            match &slot.state {
-                SlotState::Stopped | SlotState::Backoff { .. } if wanted && shutting_down => {}
-                SlotState::Stopped if wanted && !may_start => {}
-                SlotState::Stopped if wanted => plan.actions.push(Action::Spawn { pool, id }),
-                SlotState::Backoff { .. } if !wanted => {
-                    plan.actions.push(Action::CancelBackoff { pool, id })
-                }
-                SlotState::Backoff { until } if *until <= now && may_start => {
-                    plan.actions.push(Action::Spawn { pool, id })
-                }
-                SlotState::Backoff { until } if *until <= now => {}
-                SlotState::Backoff { until } => plan.wake(*until),
-                SlotState::Starting { .. } | SlotState::Running { .. } if !wanted => {
-                    plan.actions.push(Action::Stop { pool, id })
-                }
-                SlotState::Starting {
-                    since,
-                    wait: crate::slot::StartWait::Ready,
-                    ..
-                } => {
-                    let due = *since + pool_program(pools, pool).ready_timeout;
-                    if due <= now {
-                        plan.actions.push(Action::ReadyTimeout { pool, id });
-                    } else {
-                        plan.wake(due);
+        let view = |slot: &Slot| SlotView {
+            program: &pool.program,
+            wanted: slot.id < desired && (slot.enabled || shutting_down),
+            may_start,
+            shutting_down,
+        };
+        match &pool.dirty {
+            Dirty::Slots(ids) if !whole => {
+                for &id in ids {
+                    if let Some(slot) = pool.slots.get(id as usize) {
+                        plan_slot(&mut plan, p, slot, &view(slot), now);
                     }
                 }
-                SlotState::Running { .. } => {
-                    if let Some(due) = slot.watchdog_at {
-                        if due <= now {
-                            plan.actions.push(Action::WatchdogMiss { pool, id });
-                        } else {
-                            plan.wake(due);
-                        }
-                    }
+            }
+            Dirty::Slots(_) | Dirty::All | Dirty::Clean => {
+                for slot in &pool.slots {
+                    plan_slot(&mut plan, p, slot, &view(slot), now);
                 }
-                SlotState::Stopping {
-                    kill_at,
-                    killed: false,
-                    ..
-                } => {
-                    if *kill_at <= now {
-                        plan.actions.push(Action::Kill { pool, id });
-                    } else {
-                        plan.wake(*kill_at);
-                    }
-                }
-                _ => {}
             }
         }
-        for slot in &pool.slots {
-            let Some(r) = &slot.retiring else { continue };
-            let (pool, id) = (p, slot.id);
-            match r.kill_at {
-                None => {
-                    let successor_done = !matches!(
-                        slot.state,
-                        SlotState::Starting { .. } | SlotState::Backoff { .. }
-                    );
-                    if successor_done || phase != Phase::Running {
-                        plan.actions.push(Action::Retire { pool, id });
-                    }
-                }
-                Some(t) if !r.killed && t <= now => {
-                    plan.actions.push(Action::KillRetiring { pool, id })
-                }
-                Some(t) if !r.killed => plan.wake(t),
-                Some(_) => {}
-            }
-        }
-        if phase == Phase::Running && pool.program.reload != ReloadMode::None {
+        if phase == Phase::Running && pool.rolling() {
             plan_roll(&mut plan, p, pool, desired);
         }
         // Trailing dead slots beyond the desired count go; the highest ids first.
@@ -303,7 +428,7 @@ pub fn plan(pools: &[Pool], phase: Phase, now: Instant) -> Plan {
                 if slot.id < desired || slot.is_live() {
                     break;
                 }
-                if !matches!(slot.state, SlotState::Backoff { .. }) {
+                if !matches!(slot.state(), SlotState::Backoff { .. }) {
                     plan.actions.push(Action::Forget {
                         pool: p,
                         id: slot.id,
@@ -321,23 +446,23 @@ pub fn plan(pools: &[Pool], phase: Phase, now: Instant) -> Plan {
         if deadline <= now {
             for (p, pool) in pools.iter().enumerate() {
                 for slot in &pool.slots {
-                    let killed = matches!(slot.state, SlotState::Stopping { killed: true, .. });
-                    if slot.is_live()
-                        && !killed
-                        && !plan.actions.contains(&Action::Kill {
-                            pool: p,
-                            id: slot.id,
-                        })
+                    let id = slot.id;
+                    if slot.pid().is_some()
+                        && !matches!(
+                            slot.state().current(),
+                            SlotState::Stopping { killed: true, .. }
+                        )
+                        && !plan.actions.contains(&Action::Kill { pool: p, id })
                     {
-                        plan.actions.push(Action::Kill {
-                            pool: p,
-                            id: slot.id,
-                        });
+                        plan.actions.push(Action::Kill { pool: p, id });
+                    }
+                    if slot.state().old().is_some_and(|o| !o.killed)
+                        && !plan.actions.contains(&Action::KillOld { pool: p, id })
+                    {
+                        plan.actions.push(Action::KillOld { pool: p, id });
                     }
                 }
             }
-        } else if pools.iter().any(|p| p.live() > 0) {
-            plan.wake(deadline);
         }
     }
     plan
@@ -357,16 +482,14 @@ mod tests {
     }
 
     fn pool(workers: u32) -> Pool {
-        Pool::new(Arc::new(program("web", workers)))
+        Pool::new(PoolId(0), Arc::new(program("web", workers)))
     }
 
     /// A pool whose slots are in the given states.
     fn with_states(workers: u32, states: Vec<SlotState>) -> Pool {
         let mut p = pool(workers);
         for (i, state) in states.into_iter().enumerate() {
-            let mut slot = Slot::new(i as u32);
-            slot.state = state;
-            p.slots.push(slot);
+            p.slots.push(Slot::with_state(i as u32, state));
         }
         p
     }
@@ -375,6 +498,7 @@ mod tests {
         SlotState::Running {
             pid: Pid::from_raw(pid),
             since,
+            watchdog_at: None,
         }
     }
 
@@ -390,7 +514,7 @@ mod tests {
                 Spawn { pool: 0, id: 2 }
             ]
         );
-        assert_eq!(plan.wake_at, None, "nothing to wait for: no timer");
+        assert_eq!(plan.wake_at(), None, "nothing to wait for: no timer");
     }
 
     #[test]
@@ -403,6 +527,7 @@ mod tests {
             since: earlier,
             kill_at,
             killed,
+            then: crate::slot::AfterStop::Rest,
         };
         // (workers, slot state, expected actions, expected wake)
         let table: Vec<(u32, SlotState, Vec<Action>, Option<Instant>)> = vec![
@@ -457,7 +582,7 @@ mod tests {
             let p = with_states(workers, vec![state.clone()]);
             let got = plan(&[p], Phase::Running, now);
             assert_eq!(got.actions, actions, "workers={workers} state={state:?}");
-            assert_eq!(got.wake_at, wake, "workers={workers} state={state:?}");
+            assert_eq!(got.wake_at(), wake, "workers={workers} state={state:?}");
         }
     }
 
@@ -530,17 +655,21 @@ mod tests {
             got.actions,
             vec![Stop { pool: 0, id: 0 }, CancelBackoff { pool: 0, id: 1 }]
         );
-        assert_eq!(got.wake_at, Some(deadline));
+        assert_eq!(got.wake_at(), None, "the shutdown deadline is the master's");
 
         let mut p = p;
         let far = now + Duration::from_secs(10);
-        p.slots[0].state = SlotState::Stopping {
-            pid: Pid::from_raw(1),
-            since: now,
-            kill_at: far,
-            killed: false,
-        };
-        p.slots[1].state = SlotState::Stopped;
+        p.slots[0] = Slot::with_state(
+            0,
+            SlotState::Stopping {
+                pid: Pid::from_raw(1),
+                since: now,
+                kill_at: far,
+                killed: false,
+                then: crate::slot::AfterStop::Rest,
+            },
+        );
+        p.slots[1] = Slot::with_state(1, SlotState::Stopped);
         let got = plan(&[p], Phase::ShuttingDown { deadline }, deadline);
         assert_eq!(got.actions, vec![Kill { pool: 0, id: 0 }]);
     }
@@ -554,17 +683,21 @@ mod tests {
                 pid: Pid::from_raw(1),
                 since: now,
                 wait: crate::slot::StartWait::Ready,
+                error: None,
             }],
         );
-        let mut web = Pool::new(Arc::new({
-            let mut p = program("web", 1);
-            p.after = vec!["web-db".into()];
-            p
-        }));
+        let mut web = Pool::new(
+            PoolId(1),
+            Arc::new({
+                let mut p = program("web", 1);
+                p.after = vec!["web-db".into()];
+                p
+            }),
+        );
         web.slots.push(Slot::new(0));
         let mut db = db;
         db.program = Arc::new(program("web-db", 1));
-        let fresh = Pool::new(Arc::clone(&web.program));
+        let fresh = Pool::new(PoolId(2), Arc::clone(&web.program));
         let pools = vec![db.clone(), fresh];
         let got = plan(&pools, Phase::Running, now);
         assert!(
@@ -581,7 +714,7 @@ mod tests {
             got.actions
         );
 
-        db.slots[0].state = running(1, now);
+        db.slots[0] = Slot::with_state(0, running(1, now));
         let pools = vec![db.clone(), web.clone()];
         assert_eq!(waiting_for(&pools, &pools[1]), None);
         assert_eq!(
@@ -590,12 +723,12 @@ mod tests {
         );
 
         // Shutting down: web stops first; db waits until web is gone.
-        web.slots[0].state = running(2, now);
+        web.slots[0] = Slot::with_state(0, running(2, now));
         let pools = vec![db.clone(), web.clone()];
         let deadline = now + Duration::from_secs(10);
         let got = plan(&pools, Phase::ShuttingDown { deadline }, now);
         assert_eq!(got.actions, vec![Stop { pool: 1, id: 0 }]);
-        web.slots[0].state = SlotState::Stopped;
+        web.slots[0] = Slot::with_state(0, SlotState::Stopped);
         let pools = vec![db, web];
         let got = plan(&pools, Phase::ShuttingDown { deadline }, now);
         assert_eq!(got.actions, vec![Stop { pool: 0, id: 0 }]);
@@ -610,21 +743,28 @@ mod tests {
                 pid: Pid::from_raw(1),
                 since: now,
                 wait: crate::slot::StartWait::Ready,
+                error: None,
             }],
         );
         let timeout = p.program.ready_timeout;
         assert_eq!(
-            plan(&[p.clone()], Phase::Running, now).wake_at,
+            plan(&[p.clone()], Phase::Running, now).wake_at(),
             Some(now + timeout)
         );
         assert_eq!(
             plan(&[p.clone()], Phase::Running, now + timeout).actions,
             vec![ReadyTimeout { pool: 0, id: 0 }]
         );
-        p.slots[0].state = running(1, now);
-        p.slots[0].watchdog_at = Some(now + ms(300));
+        p.slots[0] = Slot::with_state(
+            0,
+            SlotState::Running {
+                pid: Pid::from_raw(1),
+                since: now,
+                watchdog_at: Some(now + ms(300)),
+            },
+        );
         assert_eq!(
-            plan(&[p.clone()], Phase::Running, now).wake_at,
+            plan(&[p.clone()], Phase::Running, now).wake_at(),
             Some(now + ms(300))
         );
         assert_eq!(
@@ -650,9 +790,16 @@ mod tests {
             &prog,
             t0,
         );
-        p.slots[0].transition(Event::Exec, &prog, t0);
+        p.slots[0].transition(
+            Event::Exec {
+                pid: Pid::from_raw(9),
+            },
+            &prog,
+            t0,
+        );
         p.slots[0].transition(
             Event::Exited {
+                pid: Pid::from_raw(9),
                 exit: Exit::Code(1),
                 jitter: 0.0,
             },
@@ -661,7 +808,7 @@ mod tests {
         );
         let got = plan(&[p.clone()], Phase::Running, t0 + ms(5));
         assert_eq!(got.actions, vec![]);
-        assert_eq!(got.wake_at, Some(t0 + ms(105)));
+        assert_eq!(got.wake_at(), Some(t0 + ms(105)));
         let got = plan(&[p], Phase::Running, t0 + ms(105));
         assert_eq!(got.actions, vec![Spawn { pool: 0, id: 0 }]);
     }

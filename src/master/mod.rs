@@ -4,7 +4,7 @@
 //! [`plan`] and carry out its actions. The poll timeout is the earliest deadline the plan
 //! reports (a backoff, a kill); with none, poll waits forever, so an idle master never wakes.
 
-use std::collections::HashMap;
+use std::collections::{BTreeSet, HashMap};
 use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -17,10 +17,11 @@ use crate::backoff::Jitter;
 use crate::config::{Config, ListenAddr, Program};
 use crate::orphans;
 use crate::output::{LogRing, RotatingFile, Stream};
-use crate::plan::{plan, Action, Phase, Pool};
-use crate::slot::{Event, Exit, Slot};
+use crate::plan::{plan, Action, Dirty, Phase, Pool, PoolId, WorkerKey};
+use crate::slot::{AfterStop, Event, Exit, Slot, SlotState};
 use crate::sys;
 use crate::sys::pidfile::{Pidfile, PidfileError};
+use crate::sys::reactor::Reactor;
 use crate::sys::signals::{Signals, HANDLED};
 use crate::sys::spawn::{Report, Stage};
 use crate::worker;
@@ -63,8 +64,9 @@ impl MasterError {
 
 /// What the master holds for one live worker process.
 struct Proc {
-    program: Arc<str>,
-    id: u32,
+    key: WorkerKey,
+    /// `PROGRAM.ID`, for its output and logs.
+    tag: Arc<str>,
     /// Status pipe until the exec is confirmed (or the child died).
     status: Option<OwnedFd>,
     lock_names: Vec<String>,
@@ -75,27 +77,74 @@ struct Proc {
     stop_timeout: Duration,
 }
 
-impl Proc {
-    fn tag(&self) -> String {
-        format!("{}.{}", self.program, self.id)
+/// The subsystems of the loop. Each descriptor registered with the reactor carries a token
+/// whose high byte names the part that owns it; the rest is the part's own.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u8)]
+enum Part {
+    /// The signal self-pipe.
+    Signals = 1,
+    /// Worker processes: status pipes and output pipes, keyed by pid.
+    Workers = 2,
+    /// The control socket: its listener and its connections.
+    Control = 3,
+    /// plumule's notify socket for workers.
+    Notify = 4,
+}
+
+impl Part {
+    fn token(self, local: u64) -> u64 {
+        (self as u64) << 56 | (local & ((1 << 56) - 1))
+    }
+
+    fn of(token: u64) -> Option<(Part, u64)> {
+        let local = token & ((1 << 56) - 1);
+        let part = match token >> 56 {
+            1 => Part::Signals,
+            2 => Part::Workers,
+            3 => Part::Control,
+            4 => Part::Notify,
+            _ => return None,
+        };
+        Some((part, local))
     }
 }
 
-/// Where a ready descriptor of the poll set leads.
-#[derive(Debug, Clone, Copy)]
-enum Source {
-    Signals,
-    Listener,
-    Client(u64),
-    Notify,
-    Status(Pid),
-    Output(Pid, Stream),
+/// Which pipe of a worker a `Part::Workers` token names.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Pipe {
+    Status = 0,
+    Stdout = 1,
+    Stderr = 2,
 }
+
+fn pipe_token(pid: Pid, pipe: Pipe) -> u64 {
+    Part::Workers.token((pipe as u64) << 32 | pid.as_raw() as u32 as u64)
+}
+
+fn pipe_of(local: u64) -> (Pid, Pipe) {
+    let pid = Pid::from_raw((local & 0xffff_ffff) as u32 as i32);
+    let pipe = match local >> 32 {
+        0 => Pipe::Status,
+        1 => Pipe::Stdout,
+        _ => Pipe::Stderr,
+    };
+    (pid, pipe)
+}
+
+/// The control part's token for the listener; connections use their own ids (from 1).
+const LISTENER: u64 = 0;
 
 pub struct Master {
     config: Arc<Config>,
     pools: Vec<Pool>,
+    /// The next [`PoolId`] to hand out: never reused.
+    next_pool: u64,
+    /// Slot deadlines (backoff over, SIGKILL due, ready timeout, watchdog): when one passes,
+    /// its slot is planned again. Stale entries only cause one more look at their slot.
+    timers: BTreeSet<(Instant, WorkerKey)>,
     procs: HashMap<Pid, Proc>,
+    reactor: Reactor,
     signals: Signals,
     pidfile: Option<Pidfile>,
     phase: Phase,
@@ -105,6 +154,9 @@ pub struct Master {
     files: HashMap<PathBuf, RotatingFile>,
     groups_dirty: bool,
     control: Option<crate::control::ControlServer>,
+    /// What the reactor watches of the control socket: connection id → (fd, also writable).
+    control_watch: HashMap<u64, (RawFd, bool)>,
+    listening: bool,
     waiters: Vec<requests::Waiter>,
     systemd: SystemdLink,
     notify_socket: Option<sys::notify::NotifySocket>,
@@ -187,11 +239,19 @@ impl Master {
             path,
             reason,
         })?;
-        let pools = config
+        let pools: Vec<Pool> = config
             .programs
             .iter()
-            .map(|p| Pool::new(Arc::new(p.clone())))
+            .enumerate()
+            .map(|(i, p)| Pool::new(PoolId(i as u64), Arc::new(p.clone())))
             .collect();
+        let reactor = Reactor::new().map_err(MasterError::Setup)?;
+        reactor
+            .add(signals.fd(), Part::Signals.token(0), false)
+            .map_err(MasterError::Setup)?;
+        reactor
+            .add(notify_socket.fd(), Part::Notify.token(0), false)
+            .map_err(MasterError::Setup)?;
         let access = crate::control::Access {
             uid: nix::unistd::geteuid().as_raw(),
             group: config.control_group.clone(),
@@ -206,8 +266,11 @@ impl Master {
         })?;
         Ok(Master {
             config: Arc::new(config),
+            next_pool: pools.len() as u64,
             pools,
+            timers: BTreeSet::new(),
             procs: HashMap::new(),
+            reactor,
             signals,
             pidfile: Some(pidfile),
             phase: Phase::Running,
@@ -217,6 +280,8 @@ impl Master {
             files: HashMap::new(),
             groups_dirty: false,
             control: Some(control),
+            control_watch: HashMap::new(),
+            listening: false,
             waiters: Vec::new(),
             systemd: SystemdLink::from_env(Instant::now()),
             notify_socket: Some(notify_socket),
@@ -244,42 +309,52 @@ impl Master {
                 wake_at = self.settle(now);
             }
             self.feed_followers();
-            if let Some(t) = self.tell_systemd(now) {
-                wake_at = Some(wake_at.map_or(t, |w| w.min(t)));
-            }
-            if let Some(t) = self.control.as_mut().and_then(|c| c.expire(now)) {
+            for t in [
+                self.tell_systemd(now),
+                self.control.as_mut().and_then(|c| c.expire(now)),
+            ]
+            .into_iter()
+            .flatten()
+            {
                 wake_at = Some(wake_at.map_or(t, |w| w.min(t)));
             }
             if matches!(self.phase, Phase::ShuttingDown { .. }) && self.procs.is_empty() {
                 break;
             }
             self.save_groups();
-            let (mut fds, sources) = self.poll_set();
+            self.watch_control();
             let timeout = wake_at.map(|t| t.saturating_duration_since(Instant::now()));
-            let ready = sys::poll(&mut fds, timeout).map_err(MasterError::Setup)?;
-            // Signals (and so reaping) first, whatever poll reported: a signal whose handler ran
-            // as poll returned (because a pipe was ready first) has not marked the self-pipe
-            // in `fds` yet, and SIGUSR1 must be handled before the output that follows it, a
+            let ready = self.reactor.wait(timeout).map_err(MasterError::Setup)?;
+            // Signals (and so reaping) first, whatever was reported: a signal whose handler
+            // ran as the wait returned (because a pipe was ready first) has not shown in
+            // `ready` yet, and SIGUSR1 must be handled before the output that follows it, a
             // worker's exit known before its pipes close.
             self.handle_signals();
-            if ready == 0 {
-                continue;
-            }
-            for (fd, source) in fds.iter().zip(&sources).skip(1) {
-                if fd.revents == 0 {
+            // The notify socket before the status pipes: READY=1 confirms an exec too, and
+            // a worker's messages are attributed while it still lives.
+            let mut ready = ready;
+            ready.sort_by_key(|(token, _)| Part::of(*token).map(|(p, _)| p != Part::Notify));
+            for (token, events) in ready {
+                let Some((part, local)) = Part::of(token) else {
                     continue;
-                }
-                match *source {
-                    Source::Status(pid) => self.read_status(pid, Instant::now()),
-                    Source::Output(pid, stream) => self.read_output(pid, stream),
-                    Source::Listener => {
+                };
+                match part {
+                    Part::Signals => {}
+                    Part::Workers => {
+                        let (pid, pipe) = pipe_of(local);
+                        match pipe {
+                            Pipe::Status => self.read_status(pid, Instant::now()),
+                            Pipe::Stdout => self.read_output(pid, Stream::Stdout),
+                            Pipe::Stderr => self.read_output(pid, Stream::Stderr),
+                        }
+                    }
+                    Part::Control if local == LISTENER => {
                         if let Some(c) = self.control.as_mut() {
                             c.accept(Instant::now());
                         }
                     }
-                    Source::Client(id) => self.serve_client(id, fd.revents),
-                    Source::Notify => self.read_notifications(Instant::now()),
-                    Source::Signals => {}
+                    Part::Control => self.serve_client(local, events.0),
+                    Part::Notify => self.read_notifications(Instant::now()),
                 }
             }
         }
@@ -287,174 +362,292 @@ impl Master {
         Ok(())
     }
 
+    /// Brings the reactor in line with the control socket: the listener while new clients
+    /// are taken, each connection for reading, and for writing while it has output queued.
+    /// Costs the number of connections, which is bounded and small, not the fleet.
+    fn watch_control(&mut self) {
+        let Some(c) = &self.control else { return };
+        let listen = self.phase == Phase::Running;
+        if listen != self.listening {
+            let fd = c.fd();
+            if listen {
+                if let Err(e) = self.reactor.add(fd, Part::Control.token(LISTENER), false) {
+                    log::error!("cannot watch the control socket: {e}");
+                }
+            } else {
+                // During a graceful stop no new client is taken; those connected still get
+                // answers.
+                self.reactor.remove(fd);
+            }
+            self.listening = listen;
+        }
+        let mut seen = HashMap::with_capacity(self.control_watch.len());
+        for (fd, events, id) in c.poll_entries() {
+            let write = events & libc::POLLOUT != 0;
+            let token = Part::Control.token(id);
+            let result = match self.control_watch.get(&id) {
+                None => self.reactor.add(fd, token, write),
+                Some(&(old_fd, old_write)) if old_fd == fd && old_write == write => Ok(()),
+                Some(_) => self.reactor.modify(fd, token, write),
+            };
+            if let Err(e) = result {
+                log::warn!("cannot watch control connection {id}: {e}");
+            }
+            seen.insert(id, (fd, write));
+        }
+        // Closed connections closed their descriptors, which left the reactor with them.
+        self.control_watch = seen;
+    }
+
     /// Plans and acts until nothing is left to do now; returns the next deadline.
     fn settle(&mut self, now: Instant) -> Option<Instant> {
+        // Slots whose deadline has come are looked at again.
+        while let Some(&(at, key)) = self.timers.first() {
+            if at > now {
+                break;
+            }
+            self.timers.pop_first();
+            if let Some(p) = self.pool_index(key.pool) {
+                self.pools[p].touch(key.id);
+            }
+        }
         // Each action changes the state it was planned from, so this converges; the bound
         // only guards against a planning bug turning into a busy loop.
+        let mut settled = false;
         for _ in 0..16 {
             let plan = plan(&self.pools, self.phase, now);
+            for pool in &mut self.pools {
+                pool.dirty = Dirty::Clean;
+            }
+            for (p, id, at) in plan.timers {
+                self.timers.insert((
+                    at,
+                    WorkerKey {
+                        pool: self.pools[p].key,
+                        id,
+                    },
+                ));
+            }
             if plan.actions.is_empty() {
-                return plan.wake_at;
+                settled = true;
+                break;
             }
             for action in plan.actions {
                 self.act(action, now);
             }
             self.pools.retain(|p| !(p.removed && p.slots.is_empty()));
         }
-        log::error!("planning did not settle; retrying in 10ms");
-        Some(now + Duration::from_millis(10))
+        if !settled {
+            log::error!("planning did not settle; retrying in 10ms");
+            for pool in &mut self.pools {
+                pool.touch_all();
+            }
+            return Some(now + Duration::from_millis(10));
+        }
+        let mut wake_at = self.timers.first().map(|t| t.0);
+        if let Phase::ShuttingDown { deadline } = self.phase {
+            if !self.procs.is_empty() {
+                wake_at = Some(wake_at.map_or(deadline, |w| w.min(deadline)));
+            }
+        }
+        wake_at
+    }
+
+    /// The index of the pool `key` names, if it still exists. Pools are few (one per
+    /// program), so a scan is the cheap way; no name is compared.
+    fn pool_index(&self, key: PoolId) -> Option<usize> {
+        self.pools.iter().position(|p| p.key == key)
+    }
+
+    /// Feeds `event` to the slot `key` names, if the slot still exists, and notes what needs
+    /// planning again: the slot, and programs started `after` this one when it became or
+    /// stopped being running. Returns whether the slot changed.
+    fn slot_event(&mut self, key: WorkerKey, event: Event, now: Instant) -> bool {
+        let Some(p) = self.pool_index(key.pool) else {
+            return false;
+        };
+        self.pool_event(p, key.id, event, now)
+    }
+
+    fn pool_event(&mut self, p: usize, id: u32, event: Event, now: Instant) -> bool {
+        let pool = &mut self.pools[p];
+        let program = Arc::clone(&pool.program);
+        let Some(slot) = pool.slots.get_mut(id as usize) else {
+            return false;
+        };
+        let was_running = matches!(slot.state(), SlotState::Running { .. });
+        if !slot.transition(event, &program, now) {
+            return false;
+        }
+        let is_running = matches!(slot.state(), SlotState::Running { .. });
+        pool.touch(id);
+        if was_running != is_running {
+            for other in &mut self.pools {
+                if other.program.after.contains(&program.name) {
+                    other.touch_all();
+                }
+            }
+        }
+        true
     }
 
     fn act(&mut self, action: Action, now: Instant) {
         match action {
             Action::Spawn { pool, id } => self.spawn(pool, id, now),
-            Action::Stop { pool, id } => self.stop(pool, id, now),
+            Action::Stop { pool, id } => self.stop(pool, id, AfterStop::Rest, now),
             Action::Kill { pool, id } => {
-                let (program, slot) = self.slot_mut(pool, id);
-                if let Some(pid) = slot.pid() {
-                    log::warn!(
-                        "{}.{}: still running after its stop timeout; sending KILL",
-                        program.name,
-                        id
-                    );
-                    let _ = sys::process::signal_group(pid, Signal::SIGKILL);
-                    slot.transition(Event::Killed, &program, now);
+                let Some(pid) = self.pools[pool].slots[id as usize].pid() else {
+                    return;
+                };
+                log::warn!(
+                    "{}: still running after its stop timeout; sending KILL",
+                    self.pools[pool].tag(id)
+                );
+                if let Err(e) = sys::process::signal_group(pid, Signal::SIGKILL) {
+                    log::warn!("cannot kill process group {pid}: {e}");
                 }
+                self.pool_event(pool, id, Event::Killed, now);
             }
             Action::CancelBackoff { pool, id } => {
-                let (program, slot) = self.slot_mut(pool, id);
-                slot.transition(Event::CancelBackoff, &program, now);
+                self.pool_event(pool, id, Event::CancelBackoff, now);
             }
             Action::Forget { pool, .. } => {
                 self.pools[pool].slots.pop();
+                self.pools[pool].touch_all();
             }
-            Action::Roll { pool, id } => self.roll(pool, id, now),
-            Action::Restart { pool, id } => {
-                self.pools[pool].slots[id as usize].restart_after_stop = true;
-                self.stop(pool, id, now);
-            }
-            Action::Retire { pool, id } => {
-                let stop_timeout = self.pools[pool].program.stop_timeout;
-                let signal = self.pools[pool].program.stop_signal;
-                let deadline = match self.phase {
-                    Phase::ShuttingDown { deadline } => deadline.min(now + stop_timeout),
-                    Phase::Running => now + stop_timeout,
-                };
-                let tag = format!("{}.{}", self.pools[pool].program.name, id);
-                if let Some(r) = self.pools[pool].slots[id as usize].retiring.as_mut() {
-                    log::info!("{tag}: successor is up; stopping the old process {}", r.pid);
-                    let _ = sys::process::signal_group(r.pid, signal);
-                    r.kill_at = Some(deadline);
+            Action::Roll { pool, id } => {
+                log::info!(
+                    "{}: rolling restart: starting a successor to {}",
+                    self.pools[pool].tag(id),
+                    self.pools[pool].slots[id as usize]
+                        .pid()
+                        .map_or(0, |p| p.as_raw())
+                );
+                if self.pool_event(pool, id, Event::Roll, now) {
+                    self.spawn(pool, id, now);
                 }
+            }
+            Action::Restart { pool, id } => self.stop(pool, id, AfterStop::Restart, now),
+            Action::Retire { pool, id } => {
+                let program = Arc::clone(&self.pools[pool].program);
+                let kill_at = match self.phase {
+                    Phase::ShuttingDown { deadline } => deadline.min(now + program.stop_timeout),
+                    Phase::Running => now + program.stop_timeout,
+                };
+                let Some(old) = self.pools[pool].slots[id as usize].state().old().cloned() else {
+                    return;
+                };
+                log::info!(
+                    "{}: successor is up; stopping the old process {}",
+                    self.pools[pool].tag(id),
+                    old.pid
+                );
+                if let Err(e) = sys::process::signal_group(old.pid, program.stop_signal) {
+                    log::warn!("cannot signal process group {}: {e}", old.pid);
+                }
+                self.pool_event(pool, id, Event::Retire { kill_at }, now);
             }
             Action::ReadyTimeout { pool, id } => {
                 let program = Arc::clone(&self.pools[pool].program);
                 log::error!(
-                    "{}.{}: not ready after {}; stopping it",
-                    program.name,
-                    id,
+                    "{}: not ready after {}; stopping it",
+                    self.pools[pool].tag(id),
                     crate::format_duration(program.ready_timeout)
                 );
-                self.pools[pool].slots[id as usize].stop_reason =
-                    Some(crate::slot::StopReason::ReadyTimeout);
-                self.stop(pool, id, now);
-            }
-            Action::WatchdogMiss { pool, id } => {
-                let (program, slot) = self.slot_mut(pool, id);
-                let Some(pid) = slot.pid() else { return };
-                log::error!("{}.{}: missed its watchdog; sending ABRT", program.name, id);
-                let _ = nix::sys::signal::kill(pid, Signal::SIGABRT);
-                slot.stop_reason = Some(crate::slot::StopReason::Watchdog);
-                slot.transition(
-                    Event::Stop {
-                        kill_at: now + program.stop_timeout,
-                    },
-                    &program,
+                self.stop(
+                    pool,
+                    id,
+                    AfterStop::Crash(crate::slot::StopReason::ReadyTimeout),
                     now,
                 );
             }
-            Action::KillRetiring { pool, id } => {
-                if let Some(r) = self.pools[pool].slots[id as usize].retiring.as_mut() {
-                    let _ = sys::process::signal_group(r.pid, Signal::SIGKILL);
-                    r.killed = true;
+            Action::WatchdogMiss { pool, id } => {
+                let program = Arc::clone(&self.pools[pool].program);
+                let Some(pid) = self.pools[pool].slots[id as usize].pid() else {
+                    return;
+                };
+                log::error!(
+                    "{}: missed its watchdog; sending ABRT",
+                    self.pools[pool].tag(id)
+                );
+                if let Err(e) = sys::process::signal(pid, Signal::SIGABRT) {
+                    log::warn!("cannot signal process {pid}: {e}");
                 }
+                let stop = Event::Stop {
+                    kill_at: now + program.stop_timeout,
+                    then: AfterStop::Crash(crate::slot::StopReason::Watchdog),
+                };
+                self.pool_event(pool, id, stop, now);
+            }
+            Action::KillOld { pool, id } => {
+                let Some(old) = self.pools[pool].slots[id as usize].state().old().cloned() else {
+                    return;
+                };
+                if let Err(e) = sys::process::signal_group(old.pid, Signal::SIGKILL) {
+                    log::warn!("cannot kill process group {}: {e}", old.pid);
+                }
+                self.pool_event(pool, id, Event::KillOld, now);
             }
         }
     }
 
-    /// Moves the running process aside (it keeps serving) and starts its successor.
-    fn roll(&mut self, pool: usize, id: u32, now: Instant) {
-        let slot = &mut self.pools[pool].slots[id as usize];
-        let crate::slot::SlotState::Running { pid, since } = slot.state else {
-            return;
-        };
-        slot.retiring = Some(crate::slot::Retiring {
-            pid,
-            since,
-            kill_at: None,
-            killed: false,
-        });
-        slot.state = crate::slot::SlotState::Stopped;
-        log::info!(
-            "{}.{}: rolling restart: starting a successor to {pid}",
-            self.pools[pool].program.name,
-            id
-        );
-        self.spawn(pool, id, now);
-    }
-
-    fn slot_mut(&mut self, pool: usize, id: u32) -> (Arc<Program>, &mut Slot) {
-        let pool = &mut self.pools[pool];
-        (Arc::clone(&pool.program), &mut pool.slots[id as usize])
-    }
-
-    fn stop(&mut self, pool: usize, id: u32, now: Instant) {
-        let mut kill_at = now + self.pools[pool].program.stop_timeout;
+    /// Sends the stop signal to the slot's process group; `then` says what follows its end.
+    fn stop(&mut self, pool: usize, id: u32, then: AfterStop, now: Instant) {
+        let program = Arc::clone(&self.pools[pool].program);
+        let mut kill_at = now + program.stop_timeout;
         if let Phase::ShuttingDown { deadline } = self.phase {
             kill_at = kill_at.min(deadline);
         }
-        let (program, slot) = self.slot_mut(pool, id);
-        let Some(pid) = slot.pid() else { return };
-        log::debug!(
-            "{}.{}: sending {} to process group {pid}",
-            program.name,
-            id,
-            program.stop_signal
+        let Some(pid) = self.pools[pool].slots[id as usize].pid() else {
+            return;
+        };
+        let stopping = matches!(
+            self.pools[pool].slots[id as usize].state().current(),
+            SlotState::Stopping { .. }
         );
-        if let Err(e) = sys::process::signal_group(pid, program.stop_signal) {
-            log::warn!(
-                "{}.{}: cannot signal process group {pid}: {e}",
-                program.name,
-                id
+        if !stopping {
+            log::debug!(
+                "{}: sending {} to process group {pid}",
+                self.pools[pool].tag(id),
+                program.stop_signal
             );
+            if let Err(e) = sys::process::signal_group(pid, program.stop_signal) {
+                log::warn!(
+                    "{}: cannot signal process group {pid}: {e}",
+                    self.pools[pool].tag(id)
+                );
+            }
         }
-        slot.transition(Event::Stop { kill_at }, &program, now);
+        self.pool_event(pool, id, Event::Stop { kill_at, then }, now);
     }
 
     fn spawn(&mut self, pool: usize, id: u32, now: Instant) {
         let workers = self.pools[pool].desired();
         let program = Arc::clone(&self.pools[pool].program);
+        let key = WorkerKey {
+            pool: self.pools[pool].key,
+            id,
+        };
         let slots = &mut self.pools[pool].slots;
         if id as usize == slots.len() {
             slots.push(Slot::new(id));
         }
-        let tag = format!("{}.{}", program.name, id);
+        let tag: Arc<str> = Arc::from(self.pools[pool].tag(id).to_string());
         let fail = |master: &mut Master, reason: String| {
             log::error!("{tag}: failed: cannot start: {reason}");
-            let slot = &mut master.pools[pool].slots[id as usize];
-            slot.transition(Event::Fail { reason }, &program, now);
+            master.pool_event(pool, id, Event::Fail { reason }, now);
         };
         let mut prepared = match worker::prepare(&program, id, workers, &self.ctx) {
             Ok(p) => p,
-            Err(reason) => return fail(self, reason),
+            Err(reason) => return fail(self, reason.to_string()),
         };
         let stdout = match self.output(&program.stdout, 1) {
             Ok(o) => o,
-            Err(reason) => return fail(self, reason),
+            Err(reason) => return fail(self, reason.to_string()),
         };
         let stderr = match self.output(&program.stderr, 2) {
             Ok(o) => o,
-            Err(reason) => return fail(self, reason),
+            Err(reason) => return fail(self, reason.to_string()),
         };
         let mut pass_fds = Vec::with_capacity(program.listen.len());
         for l in &program.listen {
@@ -478,10 +671,8 @@ impl Master {
             Err(e) => {
                 // fork failing (EAGAIN, ENOMEM) is transient: retry as after a quick crash.
                 log::error!("{tag}: cannot fork: {e}");
-                let slot = &mut self.pools[pool].slots[id as usize];
-                slot.state = crate::slot::SlotState::Backoff {
-                    until: now + program.backoff.initial,
-                };
+                let until = now + program.backoff.initial;
+                self.pool_event(pool, id, Event::SpawnFailed { until }, now);
                 return;
             }
         };
@@ -489,76 +680,35 @@ impl Master {
         drop(stdout.1);
         drop(stderr.1);
         log::info!("{tag}: started (pid {})", child.pid);
+        let pid = child.pid;
+        for (fd, pipe) in [
+            (Some(child.status.as_raw_fd()), Pipe::Status),
+            (stdout.2.as_ref().map(|o| o.fd.as_raw_fd()), Pipe::Stdout),
+            (stderr.2.as_ref().map(|o| o.fd.as_raw_fd()), Pipe::Stderr),
+        ] {
+            let Some(fd) = fd else { continue };
+            if let Err(e) = self.reactor.add(fd, pipe_token(pid, pipe), false) {
+                log::error!("{tag}: cannot watch its {pipe:?} pipe: {e}");
+            }
+        }
         self.procs.insert(
-            child.pid,
+            pid,
             Proc {
-                program: Arc::from(program.name.as_str()),
-                id,
+                key,
+                tag,
                 status: Some(child.status),
                 lock_names: prepared.lock_names,
                 stdout: stdout.2,
                 stderr: stderr.2,
-                start_time: sys::process::start_time(child.pid).unwrap_or(0),
+                start_time: sys::process::start_time(pid).unwrap_or(0),
                 stop_signal: program.stop_signal,
                 stop_timeout: program.stop_timeout,
             },
         );
         self.groups_dirty = true;
         let generation = self.pools[pool].generation;
-        let slot = &mut self.pools[pool].slots[id as usize];
-        slot.generation = generation;
-        slot.transition(Event::Spawned { pid: child.pid }, &program, now);
-    }
-
-    fn poll_set(&self) -> (Vec<libc::pollfd>, Vec<Source>) {
-        let mut fds = Vec::with_capacity(1 + self.procs.len() * 2);
-        let mut sources = Vec::with_capacity(fds.capacity());
-        let mut add = |fd: RawFd, source: Source| {
-            fds.push(libc::pollfd {
-                fd,
-                events: libc::POLLIN,
-                revents: 0,
-            });
-            sources.push(source);
-        };
-        add(self.signals.fd(), Source::Signals);
-        if let Some(n) = &self.notify_socket {
-            add(n.fd(), Source::Notify);
-        }
-        for (&pid, proc) in &self.procs {
-            if let Some(s) = &proc.status {
-                add(s.as_raw_fd(), Source::Status(pid));
-            }
-            if let Some(o) = &proc.stdout {
-                add(o.fd.as_raw_fd(), Source::Output(pid, Stream::Stdout));
-            }
-            if let Some(o) = &proc.stderr {
-                add(o.fd.as_raw_fd(), Source::Output(pid, Stream::Stderr));
-            }
-        }
-        if let Some(c) = &self.control {
-            for (fd, events, id) in c.poll_entries() {
-                fds.push(libc::pollfd {
-                    fd,
-                    events,
-                    revents: 0,
-                });
-                sources.push(Source::Client(id));
-            }
-        }
-        if let Some(c) = &self.control {
-            // Last: closed connections are noticed before new ones are counted against the limit.
-            // During a graceful stop no new client is taken; those connected still get answers.
-            if self.phase == Phase::Running {
-                fds.push(libc::pollfd {
-                    fd: c.fd(),
-                    events: libc::POLLIN,
-                    revents: 0,
-                });
-                sources.push(Source::Listener);
-            }
-        }
-        (fds, sources)
+        self.pools[pool].slots[id as usize].generation = generation;
+        self.pool_event(pool, id, Event::Spawned { pid }, now);
     }
 
     fn handle_signals(&mut self) {
@@ -609,6 +759,20 @@ impl Master {
         }
     }
 
+    /// Stops watching a worker's pipes and closes them.
+    fn forget_pipes(&mut self, proc: &mut Proc) {
+        for fd in [
+            proc.status.take(),
+            proc.stdout.take().map(|o| o.fd),
+            proc.stderr.take().map(|o| o.fd),
+        ]
+        .into_iter()
+        .flatten()
+        {
+            self.reactor.remove(fd.as_raw_fd());
+        }
+    }
+
     fn on_exit(&mut self, pid: Pid, exit: Exit) {
         let now = Instant::now();
         let Some(mut proc) = self.procs.remove(&pid) else {
@@ -619,7 +783,6 @@ impl Master {
         // Whatever the child reported before dying, and its last output.
         self.drain_status(&mut proc, pid, now);
         for stream in [Stream::Stdout, Stream::Stderr] {
-            let tag = proc.tag();
             let pipe = match stream {
                 Stream::Stdout => proc.stdout.as_mut(),
                 Stream::Stderr => proc.stderr.as_mut(),
@@ -627,7 +790,7 @@ impl Master {
             if let Some(pipe) = pipe {
                 pump(
                     pipe,
-                    &tag,
+                    &proc.tag,
                     stream,
                     &mut self.files,
                     &mut self.log_ring,
@@ -635,28 +798,24 @@ impl Master {
                 );
             }
         }
+        self.forget_pipes(&mut proc);
         let jitter = self.jitter.sample();
-        if let Some(pool) = self
-            .pools
-            .iter_mut()
-            .find(|p| *p.program.name == *proc.program)
-        {
-            if let Some(slot) = pool.slots.get_mut(proc.id as usize) {
-                if slot.retiring.as_ref().is_some_and(|r| r.pid == pid) {
-                    slot.retiring = None;
-                    log::info!("{}: old process {pid} stopped ({exit})", proc.tag());
-                    return;
-                }
-            }
-        }
-        let Some((program, slot)) = self.find_slot(&proc.program, proc.id, pid) else {
+        let Some(p) = self.pool_index(proc.key.pool) else {
             return;
         };
-        let before = slot.state.name();
-        slot.transition(Event::Exited { exit, jitter }, &program, now);
-        let tag = proc.tag();
-        match &slot.state {
-            crate::slot::SlotState::Backoff { until } => {
+        let slot = &self.pools[p].slots[proc.key.id as usize];
+        if slot.state().old().is_some_and(|o| o.pid == pid) {
+            self.pool_event(p, proc.key.id, Event::Exited { pid, exit, jitter }, now);
+            return;
+        }
+        let before = slot.state().name();
+        if !self.pool_event(p, proc.key.id, Event::Exited { pid, exit, jitter }, now) {
+            return;
+        }
+        let tag = &proc.tag;
+        let program = &self.pools[p].program;
+        match self.pools[p].slots[proc.key.id as usize].state().current() {
+            SlotState::Backoff { until } => {
                 let delay = until.saturating_duration_since(now);
                 if delay.is_zero() {
                     log::info!("{tag}: {exit}; restarting");
@@ -667,25 +826,14 @@ impl Master {
                     );
                 }
             }
-            crate::slot::SlotState::Failed { reason } => log::error!("{tag}: failed: {reason}"),
-            crate::slot::SlotState::Exited { .. } => log::info!(
+            SlotState::Failed { reason } => log::error!("{tag}: failed: {reason}"),
+            SlotState::Exited { .. } => log::info!(
                 "{tag}: {exit}; not restarted (restart = {:?})",
                 program.restart
             ),
             _ if before == "stopping" => log::info!("{tag}: stopped ({exit})"),
             _ => log::info!("{tag}: {exit}"),
         }
-    }
-
-    /// The slot whose live process is `pid`.
-    fn find_slot(&mut self, program: &str, id: u32, pid: Pid) -> Option<(Arc<Program>, &mut Slot)> {
-        let pool = self
-            .pools
-            .iter_mut()
-            .find(|p| &*p.program.name == program)?;
-        let program = Arc::clone(&pool.program);
-        let slot = pool.slots.get_mut(id as usize)?;
-        (slot.pid() == Some(pid)).then_some((program, slot))
     }
 
     fn read_status(&mut self, pid: Pid, now: Instant) {
@@ -700,34 +848,35 @@ impl Master {
         let (reports, eof) = match sys::spawn::read_reports(fd.as_raw_fd()) {
             Ok(r) => r,
             Err(e) => {
-                log::warn!("{}: cannot read its status pipe: {e}", proc.tag());
+                log::warn!("{}: cannot read its status pipe: {e}", proc.tag);
                 (Vec::new(), true)
             }
-        };
-        let lock_names = proc.lock_names.clone();
-        let tag = proc.tag();
-        let Some((program, slot)) = self.find_slot(&proc.program, proc.id, pid) else {
-            proc.status = None;
-            return;
         };
         let mut failed = false;
         for report in reports {
             match report {
                 Report::WaitingForLock(i) => {
-                    let name = lock_names.get(i as usize).cloned().unwrap_or_default();
-                    log::info!("{tag}: waiting for lock {name}");
-                    slot.transition(Event::WaitingForLock { name }, &program, now);
+                    let name = proc.lock_names.get(i as usize).cloned().unwrap_or_default();
+                    log::info!("{}: waiting for lock {name}", proc.tag);
+                    self.slot_event(proc.key, Event::WaitingForLock { pid, name }, now);
                 }
                 Report::Failed { stage, errno } => {
                     failed = true;
-                    slot.start_error = Some(describe_failure(&program, stage, errno, &lock_names));
+                    let Some(p) = self.pool_index(proc.key.pool) else {
+                        continue;
+                    };
+                    let reason =
+                        describe_failure(&self.pools[p].program, stage, errno, &proc.lock_names);
+                    self.pool_event(p, proc.key.id, Event::StartError { pid, reason }, now);
                 }
             }
         }
         if eof {
-            proc.status = None;
+            if let Some(fd) = proc.status.take() {
+                self.reactor.remove(fd.as_raw_fd());
+            }
             if !failed {
-                slot.transition(Event::Exec, &program, now);
+                self.slot_event(proc.key, Event::Exec { pid }, now);
             }
         }
     }

@@ -4,6 +4,7 @@
 use std::collections::HashMap;
 use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 use std::path::PathBuf;
+use std::sync::Arc;
 
 use nix::unistd::Pid;
 
@@ -66,7 +67,7 @@ impl Master {
         let Some(proc) = self.procs.get_mut(&pid) else {
             return;
         };
-        let tag = proc.tag();
+        let tag = Arc::clone(&proc.tag);
         let pipe = match stream {
             Stream::Stdout => &mut proc.stdout,
             Stream::Stderr => &mut proc.stderr,

@@ -9,10 +9,11 @@ use nix::unistd::Pid;
 use super::Master;
 use crate::config;
 use crate::control::Incoming;
-use crate::diff::{self, Change};
-use crate::plan::{Phase, Pool};
+use crate::diff;
+use crate::diff::ReloadAction;
+use crate::plan::{Phase, Pool, PoolId};
 use crate::protocol::{self, ProgramStatus, Request, Response, Status, Target, WorkerStatus};
-use crate::slot::{Event, SlotState};
+use crate::slot::{AfterStop, Event, SlotState};
 
 /// A request that is answered once its condition holds.
 pub struct Waiter {
@@ -22,16 +23,16 @@ pub struct Waiter {
 
 enum WaitKind {
     /// `stop`: the slots have no process left.
-    Stopped { program: String, ids: Vec<u32> },
+    Stopped { pool: PoolId, ids: Vec<u32> },
     /// `start`/`restart`: each slot runs a process other than `old`.
     Running {
-        program: String,
+        pool: PoolId,
         ids: Vec<u32>,
         old: Vec<Pid>,
     },
     /// `scale` and `reload`: the pools are settled; `result` is the answer then.
     Settled {
-        programs: Vec<String>,
+        pools: Vec<PoolId>,
         result: serde_json::Value,
     },
 }
@@ -95,12 +96,10 @@ impl Master {
         }
         let result = match req {
             Request::Status { program } => return Some(self.status(program.as_deref(), now)),
-            Request::Reload => self
-                .reload(now)
-                .map(|(changes, programs)| WaitKind::Settled {
-                    programs,
-                    result: serde_json::json!({ "changes": changes }),
-                }),
+            Request::Reload => self.reload(now).map(|(changes, pools)| WaitKind::Settled {
+                pools,
+                result: serde_json::json!({ "changes": changes }),
+            }),
             Request::Start { target } => self.start(&target, now),
             Request::Stop { target } => self.stop_target(&target, now),
             Request::Restart { target } => self.restart(&target, now),
@@ -228,10 +227,15 @@ impl Master {
             .find(|p| p.program.name == name && !p.removed)
     }
 
+    /// The pool a waiter is about, while it is in the config.
+    fn pool_by_key(&self, key: PoolId) -> Option<&Pool> {
+        self.pools.iter().find(|p| p.key == key && !p.removed)
+    }
+
     fn outcome(&self, kind: &WaitKind) -> Option<Response> {
         match kind {
-            WaitKind::Stopped { program, ids } => {
-                let Some(pool) = self.pool(program) else {
+            WaitKind::Stopped { pool, ids } => {
+                let Some(pool) = self.pool_by_key(*pool) else {
                     return Some(Response::ok(serde_json::json!({})));
                 };
                 let busy = ids
@@ -239,10 +243,11 @@ impl Master {
                     .any(|&id| pool.slots.get(id as usize).is_some_and(|s| s.is_live()));
                 (!busy).then(|| Response::ok(serde_json::json!({})))
             }
-            WaitKind::Running { program, ids, old } => {
-                let Some(pool) = self.pool(program) else {
-                    return Some(Response::error(format!("no program named {program}")));
+            WaitKind::Running { pool, ids, old } => {
+                let Some(pool) = self.pool_by_key(*pool) else {
+                    return Some(Response::error("the program was removed by a reload"));
                 };
+                let program = &pool.program.name;
                 let mut errors = Vec::new();
                 for &id in ids {
                     // Held back by an `after` dependency that has given up: say so, not hang.
@@ -258,9 +263,11 @@ impl Master {
                         continue;
                     }
                     let slot = pool.slots.get(id as usize)?;
-                    match &slot.state {
-                        SlotState::Running { pid, .. }
-                            if !old.contains(pid) && slot.retiring.is_none() => {}
+                    if matches!(slot.state(), SlotState::Running { pid, .. } if !old.contains(pid))
+                    {
+                        continue;
+                    }
+                    match slot.state().current() {
                         SlotState::Failed { reason } => {
                             errors.push(format!("{program}.{id}: failed: {reason}"))
                         }
@@ -282,13 +289,10 @@ impl Master {
                     Response::error(errors.join("\n"))
                 })
             }
-            WaitKind::Settled { programs, result } => {
-                let done = programs.iter().all(|name| {
-                    self.pools
-                        .iter()
-                        .filter(|p| p.program.name == *name)
-                        .all(|p| !p.removed && p.settled())
-                });
+            WaitKind::Settled { pools, result } => {
+                let done = pools
+                    .iter()
+                    .all(|&key| self.pool_by_key(key).is_none_or(Pool::settled));
                 done.then(|| Response::ok(result.clone()))
             }
         }
@@ -319,15 +323,14 @@ impl Master {
     fn start(&mut self, target: &str, now: Instant) -> Result<WaitKind, String> {
         let (p, ids) = self.resolve(target)?;
         let desired = self.pools[p].desired();
-        let program = Arc::clone(&self.pools[p].program);
         let ids: Vec<u32> = ids.into_iter().filter(|&id| id < desired).collect();
         for &id in &ids {
-            if let Some(slot) = self.pools[p].slots.get_mut(id as usize) {
-                slot.transition(Event::Enable, &program, now);
-            }
+            self.pool_event(p, id, Event::Enable, now);
+            // `enabled` may change without the state: plan the slot either way.
+            self.pools[p].touch(id);
         }
         Ok(WaitKind::Running {
-            program: program.name.clone(),
+            pool: self.pools[p].key,
             ids,
             old: Vec::new(),
         })
@@ -335,14 +338,13 @@ impl Master {
 
     fn stop_target(&mut self, target: &str, now: Instant) -> Result<WaitKind, String> {
         let (p, ids) = self.resolve(target)?;
-        let program = Arc::clone(&self.pools[p].program);
         for &id in &ids {
-            if let Some(slot) = self.pools[p].slots.get_mut(id as usize) {
-                slot.transition(Event::Disable, &program, now);
-            }
+            self.pool_event(p, id, Event::Disable, now);
+            // A slot past the end (not spawned yet) still counts as stopped by the operator.
+            self.pools[p].touch(id);
         }
         Ok(WaitKind::Stopped {
-            program: program.name.clone(),
+            pool: self.pools[p].key,
             ids,
         })
     }
@@ -350,26 +352,21 @@ impl Master {
     fn restart(&mut self, target: &str, now: Instant) -> Result<WaitKind, String> {
         let (p, ids) = self.resolve(target)?;
         let desired = self.pools[p].desired();
-        let program = Arc::clone(&self.pools[p].program);
         let ids: Vec<u32> = ids.into_iter().filter(|&id| id < desired).collect();
         let mut old = Vec::new();
         for &id in &ids {
-            let Some(slot) = self.pools[p].slots.get_mut(id as usize) else {
+            self.pool_event(p, id, Event::Enable, now);
+            self.pools[p].touch(id);
+            let Some(slot) = self.pools[p].slots.get(id as usize) else {
                 continue;
             };
-            slot.transition(Event::Enable, &program, now);
             if let Some(pid) = slot.pid() {
                 old.push(pid);
-                if !matches!(slot.state, SlotState::Stopping { .. }) {
-                    slot.restart_after_stop = true;
-                    self.stop(p, id, now);
-                } else {
-                    slot.restart_after_stop = true;
-                }
+                self.stop(p, id, AfterStop::Restart, now);
             }
         }
         Ok(WaitKind::Running {
-            program: program.name.clone(),
+            pool: self.pools[p].key,
             ids,
             old,
         })
@@ -393,15 +390,16 @@ impl Master {
             pool.desired()
         );
         pool.scale = Some(workers);
+        pool.touch_all();
         Ok(WaitKind::Settled {
-            programs: vec![program.to_string()],
+            pools: vec![pool.key],
             result: serde_json::json!({ "program": program, "workers": workers }),
         })
     }
 
     /// Re-reads the config file and applies the difference. On error nothing changes.
-    /// Returns the changes (as lines) and the programs to wait for.
-    pub(super) fn reload(&mut self, now: Instant) -> Result<(Vec<String>, Vec<String>), String> {
+    /// Returns the changes (as lines) and the pools to wait for.
+    pub(super) fn reload(&mut self, now: Instant) -> Result<(Vec<String>, Vec<PoolId>), String> {
         let usec = crate::sys::notify::monotonic_usec();
         self.systemd
             .notifier
@@ -411,16 +409,7 @@ impl Master {
             Err(e) => {
                 let message = format!("reload refused, nothing changed: {e}");
                 log::error!("{message}");
-                let first = message
-                    .lines()
-                    .next()
-                    .unwrap_or_default()
-                    .chars()
-                    .take(200)
-                    .collect::<String>();
-                self.systemd
-                    .notifier
-                    .send(&format!("READY=1\nSTATUS={first}"));
+                self.systemd.refused(&message);
                 return Err(message);
             }
         };
@@ -431,10 +420,7 @@ impl Master {
                 addr.display()
             );
             log::error!("{message}");
-            self.systemd.notifier.send(&format!(
-                "READY=1\nSTATUS={}",
-                message.chars().take(200).collect::<String>()
-            ));
+            self.systemd.refused(&message);
             return Err(message);
         }
         let changes = diff::diff(&self.config, &new);
@@ -454,57 +440,60 @@ impl Master {
             lines.push("control_group changed: takes effect when the master restarts".into());
         }
         let mut wait_for = Vec::new();
-        for change in &changes {
-            let name = change.name().to_string();
-            let program = new.program(&name).cloned().map(Arc::new);
-            match (change, program) {
-                (Change::Added(_), Some(program)) => {
-                    // A program removed earlier but still draining comes back as new.
-                    self.pools.push(Pool::new(program));
-                    wait_for.push(name);
+        for action in diff::plan_reload(&self.pools, &changes, &new) {
+            match action {
+                ReloadAction::Add(program) => {
+                    let key = PoolId(self.next_pool);
+                    self.next_pool += 1;
+                    self.pools.push(Pool::new(key, program));
+                    wait_for.push(key);
                 }
-                (Change::Removed(_), _) => {
-                    for pool in self.pools.iter_mut().filter(|p| p.program.name == name) {
+                ReloadAction::Remove(key) => {
+                    if let Some(pool) = self.pools.iter_mut().find(|p| p.key == key) {
                         pool.removed = true;
+                        pool.touch_all();
                     }
                 }
-                (
-                    Change::Changed {
-                        workers,
-                        process,
-                        signal,
-                        ..
-                    },
-                    Some(program),
-                ) => {
-                    let Some(pool) = self
-                        .pools
-                        .iter_mut()
-                        .find(|p| p.program.name == name && !p.removed)
-                    else {
+                ReloadAction::Signal { pool, signal } => {
+                    let Some(pool) = self.pools.iter().find(|p| p.key == pool) else {
                         continue;
                     };
-                    pool.program = Arc::clone(&program);
-                    if workers.is_some() {
-                        pool.scale = None;
-                    }
-                    if !process.is_empty() {
-                        pool.generation += 1;
-                        for slot in &mut pool.slots {
-                            if matches!(slot.state, SlotState::Failed { .. }) {
-                                slot.transition(Event::Enable, &program, now);
-                            }
-                        }
-                    } else if *signal {
-                        for slot in &pool.slots {
-                            if let Some(pid) = slot.pid() {
-                                let _ = nix::sys::signal::kill(pid, program.reload_signal);
+                    for slot in &pool.slots {
+                        if let Some(pid) = slot.pid() {
+                            if let Err(e) = crate::sys::process::signal(pid, signal) {
+                                log::warn!("{}: cannot signal {pid}: {e}", pool.tag(slot.id));
                             }
                         }
                     }
-                    wait_for.push(name);
                 }
-                _ => {}
+                ReloadAction::Update {
+                    pool,
+                    program,
+                    reset_scale,
+                    roll,
+                } => {
+                    let Some(p) = self.pools.iter().position(|p| p.key == pool) else {
+                        continue;
+                    };
+                    self.pools[p].program = Arc::clone(&program);
+                    if reset_scale {
+                        self.pools[p].scale = None;
+                    }
+                    if roll {
+                        self.pools[p].generation += 1;
+                        let failed: Vec<u32> = self.pools[p]
+                            .slots
+                            .iter()
+                            .filter(|s| matches!(s.state(), SlotState::Failed { .. }))
+                            .map(|s| s.id)
+                            .collect();
+                        for id in failed {
+                            self.pool_event(p, id, Event::Enable, now);
+                        }
+                    }
+                    self.pools[p].touch_all();
+                    wait_for.push(pool);
+                }
             }
         }
         crate::logging::set_level(new.log_level);
@@ -543,7 +532,7 @@ impl Master {
             let blocked_by = crate::plan::waiting_for(&self.pools, pool);
             let desired = pool.desired();
             for slot in &pool.slots {
-                if let Some(r) = &slot.retiring {
+                if let Some(r) = slot.state().old() {
                     workers.push(WorkerStatus {
                         id: slot.id,
                         pid: Some(r.pid.as_raw()),
@@ -561,7 +550,7 @@ impl Master {
                         status: None,
                     });
                 }
-                let locks = match &slot.state {
+                let locks = match slot.state().current() {
                     SlotState::Running { pid, .. } | SlotState::Stopping { pid, .. } => self
                         .procs
                         .get(pid)
@@ -585,7 +574,7 @@ impl Master {
                     _ => Vec::new(),
                 };
                 let waiting = blocked_by.filter(|_| {
-                    slot.id < desired && slot.enabled && matches!(slot.state, SlotState::Stopped)
+                    slot.id < desired && slot.enabled && matches!(slot.state(), SlotState::Stopped)
                 });
                 workers.push(WorkerStatus {
                     id: slot.id,
@@ -593,14 +582,14 @@ impl Master {
                     state: if waiting.is_some() {
                         "starting"
                     } else {
-                        slot.state.name()
+                        slot.state().name()
                     }
                     .into(),
                     detail: waiting
                         .map(|d| format!("waiting for {d}"))
                         .or_else(|| slot.detail(now)),
                     uptime_s: slot
-                        .state
+                        .state()
                         .since()
                         .map(|s| now.saturating_duration_since(s).as_secs_f64()),
                     restarts: slot.restarts,

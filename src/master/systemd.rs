@@ -1,7 +1,6 @@
 //! The master's side of systemd: what it tells systemd (READY, RELOADING, STOPPING, STATUS,
 //! WATCHDOG) and what workers tell plumule on its notify socket (READY, STATUS, WATCHDOG).
 
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use nix::unistd::Pid;
@@ -16,8 +15,11 @@ pub(super) struct SystemdLink {
     pub(super) notifier: sys::notify::Notifier,
     pub(super) ready_sent: bool,
     /// A reload is being applied: READY=1 once these programs are settled.
-    pub(super) reloading: Option<Vec<String>>,
+    pub(super) reloading: Option<Vec<crate::plan::PoolId>>,
     pub(super) last_status: String,
+    /// Shown instead of the worker summary until the next good reload: why the last reload
+    /// was refused.
+    pub(super) refusal: Option<String>,
     /// Half of `$WATCHDOG_USEC`, when systemd watches us.
     pub(super) watchdog_every: Option<Duration>,
     pub(super) watchdog_next: Option<Instant>,
@@ -41,9 +43,27 @@ impl SystemdLink {
             ready_sent: false,
             reloading: None,
             last_status: String::new(),
+            refusal: None,
             watchdog_every,
             watchdog_next: watchdog_every.map(|w| now + w),
         }
+    }
+}
+
+impl SystemdLink {
+    /// A reload was refused: systemd leaves "reloading" and shows why, until a later reload
+    /// is applied (then the summary comes back even when it did not change).
+    pub(super) fn refused(&mut self, message: &str) {
+        let first: String = message
+            .lines()
+            .next()
+            .unwrap_or_default()
+            .chars()
+            .take(200)
+            .collect();
+        self.notifier.send(&format!("READY=1\nSTATUS={first}"));
+        self.last_status = first.clone();
+        self.refusal = Some(first);
     }
 }
 
@@ -55,10 +75,10 @@ impl Master {
             return None;
         }
         if self.phase == Phase::Running {
-            let settled = |pools: &[Pool], names: Option<&Vec<String>>| {
+            let settled = |pools: &[Pool], keys: Option<&Vec<crate::plan::PoolId>>| {
                 pools
                     .iter()
-                    .filter(|p| names.is_none_or(|n| n.contains(&p.program.name)))
+                    .filter(|p| keys.is_none_or(|k| k.contains(&p.key)))
                     .all(|p| crate::plan::settled_for_ready(pools, p))
             };
             if !self.systemd.ready_sent && settled(&self.pools, None) {
@@ -68,14 +88,18 @@ impl Master {
                     .send(&format!("READY=1\nSTATUS={}", self.summary()));
                 self.systemd.last_status = self.summary();
             }
-            if let Some(names) = &self.systemd.reloading {
-                if settled(&self.pools, Some(names)) {
+            if let Some(keys) = &self.systemd.reloading {
+                if settled(&self.pools, Some(keys)) {
                     self.systemd.reloading = None;
+                    self.systemd.refusal = None;
                     self.systemd.notifier.send("READY=1");
                 }
             }
         }
-        let status = self.summary();
+        let status = match &self.systemd.refusal {
+            Some(refusal) => refusal.clone(),
+            None => self.summary(),
+        };
         if status != self.systemd.last_status {
             self.systemd.notifier.send(&format!("STATUS={status}"));
             self.systemd.last_status = status;
@@ -99,7 +123,7 @@ impl Master {
             let desired = pool.desired();
             wanted += desired;
             for slot in pool.slots.iter().filter(|s| s.id < desired) {
-                match slot.state {
+                match slot.state().current() {
                     crate::slot::SlotState::Running { .. } => running += 1,
                     crate::slot::SlotState::Failed { .. } => {
                         failed.push(format!("{}.{}", pool.program.name, slot.id))
@@ -154,20 +178,27 @@ impl Master {
                 }
             }
         };
-        let Some(proc) = self.procs.get(&pid) else {
-            return;
-        };
-        let (name, id) = (Arc::clone(&proc.program), proc.id);
-        let Some((program, slot)) = self.find_slot(&name, id, pid) else {
+        let Some(key) = self.procs.get(&pid).map(|p| p.key) else {
             return;
         };
         for line in text.lines() {
             match line.split_once('=') {
                 Some(("READY", "1")) => {
-                    slot.transition(Event::Ready, &program, now);
+                    self.slot_event(key, Event::Ready { pid }, now);
                 }
-                Some(("WATCHDOG", "1")) => slot.transition(Event::WatchdogPing, &program, now),
-                Some(("STATUS", s)) => slot.status = Some(s.chars().take(256).collect()),
+                Some(("WATCHDOG", "1")) => {
+                    self.slot_event(key, Event::WatchdogPing { pid }, now);
+                }
+                Some(("STATUS", s)) => {
+                    let Some(p) = self.pool_index(key.pool) else {
+                        continue;
+                    };
+                    if let Some(slot) = self.pools[p].slots.get_mut(key.id as usize) {
+                        if slot.pid() == Some(pid) {
+                            slot.status = Some(s.chars().take(256).collect());
+                        }
+                    }
+                }
                 _ => {}
             }
         }

@@ -6,6 +6,7 @@ pub mod listen;
 pub mod notify;
 pub mod pidfile;
 pub mod process;
+pub mod reactor;
 pub mod signals;
 pub mod spawn;
 

@@ -67,6 +67,11 @@ pub fn reap_one(is_worker: impl Fn(Pid) -> bool) -> io::Result<Option<Reaped>> {
 }
 
 /// Sends `sig` to the process group led by `pgid`. A group already gone is not an error.
+/// Sends `sig` to the one process `pid`.
+pub fn signal(pid: Pid, sig: Signal) -> io::Result<()> {
+    nix::sys::signal::kill(pid, sig).map_err(io::Error::from)
+}
+
 pub fn signal_group(pgid: Pid, sig: Signal) -> io::Result<()> {
     match killpg(pgid, sig) {
         Ok(()) | Err(Errno::ESRCH) => Ok(()),
