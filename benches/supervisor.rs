@@ -3,7 +3,15 @@
 //! measured by the method of `shared/PEERS.md` and printed as a table beside the goals and the
 //! best peers.
 //!
-//! Run: `cargo bench --bench supervisor [-- --workers N --kills K --idle-secs S --plumule PATH]`.
+//! Run: `cargo bench --bench supervisor [-- --workers N[,N…] --kills K --idle-secs S --plumule
+//! PATH]`. By default it measures N = 200 and then N = 2000, prints one table per N, and then a
+//! table of how each figure grows from the first N to the others (the goals of issue 2: restart
+//! latency at 2000 within 1.2× of that at 200, cold start linear in N). `PLUMULE_BENCH_N=2000`
+//! (or `200,2000`) picks the sizes when `--workers` is not given.
+//!
+//! The bench leaves its own open-file limit alone: it holds a handful of descriptors whatever N
+//! is, and the master it starts must raise its soft limit itself (it needs a few descriptors per
+//! worker); the table shows the master's open descriptors and the limit it ended up with.
 //!
 //! Every worker logs `ID PID MONOTONIC_NS` the moment it starts (`tiny_worker.c`), so latencies
 //! are measured from the bench's CLOCK_MONOTONIC reading just before its action to the time the
@@ -28,8 +36,15 @@ use std::time::Duration;
 /// Every failure is a sentence for the user: what never happened, or what went wrong.
 type Result<T> = std::result::Result<T, String>;
 
-const USAGE: &str = "usage: cargo bench --bench supervisor [-- --workers N --kills K \
-                     --idle-secs S --plumule PATH]";
+const USAGE: &str = "usage: cargo bench --bench supervisor [-- --workers N[,N...] --kills K \
+                     --idle-secs S --plumule PATH]\n\
+                     PLUMULE_BENCH_N=N[,N...] picks the worker counts when --workers is not given \
+                     (default 200,2000)";
+
+/// The worker counts measured when neither `--workers` nor `PLUMULE_BENCH_N` says otherwise.
+const DEFAULT_SIZES: [usize; 2] = [200, 2000];
+/// The environment variable that picks the worker counts.
+const SIZES_VAR: &str = "PLUMULE_BENCH_N";
 
 /// The plumule config's `healthy_after`: short, so the bench need not wait long between kills.
 const HEALTHY_AFTER: Duration = Duration::from_millis(100);
@@ -45,7 +60,7 @@ const RESTART_DEADLINE: Duration = Duration::from_secs(5);
 const STOP_DEADLINE: Duration = Duration::from_secs(30);
 
 fn main() -> ExitCode {
-    let opts = match Options::parse(std::env::args().skip(1)) {
+    let opts = match Options::parse(std::env::args().skip(1), std::env::var(SIZES_VAR).ok()) {
         Ok(opts) => opts,
         Err(e) => {
             eprintln!("supervisor bench: {e}\n{USAGE}");
@@ -57,29 +72,41 @@ fn main() -> ExitCode {
         healthy_after: HEALTHY_AFTER,
         backoff_initial: BACKOFF_INITIAL,
     };
-    match run(&plumule, &opts) {
-        Ok(report) => {
-            print!("{}", report.render(&plumule, &opts));
-            ExitCode::SUCCESS
-        }
-        Err(e) => {
-            eprintln!("supervisor bench FAILED: {e}");
-            ExitCode::FAILURE
+    print!("{}", header(&plumule, &opts));
+    let mut reports = Vec::with_capacity(opts.sizes.len());
+    for &n in &opts.sizes {
+        match run(&plumule, &opts, n) {
+            Ok(report) => {
+                // Each table as soon as its N is done, so a failure at a later N keeps it.
+                print!("{}", report.render(&plumule));
+                reports.push(report);
+            }
+            Err(e) => {
+                eprintln!("supervisor bench FAILED with {n} workers: {e}");
+                return ExitCode::FAILURE;
+            }
         }
     }
+    if reports.len() > 1 {
+        print!("{}", growth(&plumule, &reports));
+    }
+    ExitCode::SUCCESS
 }
 
 struct Options {
-    workers: usize,
+    /// The worker counts to measure, one full run each, in this order.
+    sizes: Vec<usize>,
     kills: usize,
     idle_secs: u64,
     plumule: PathBuf,
 }
 
 impl Options {
-    fn parse(mut args: impl Iterator<Item = String>) -> Result<Options> {
+    /// `env_sizes` is the value of `PLUMULE_BENCH_N`, which `--workers` overrides.
+    fn parse(mut args: impl Iterator<Item = String>, env_sizes: Option<String>) -> Result<Options> {
+        let mut sizes = None;
         let mut opts = Options {
-            workers: 200,
+            sizes: DEFAULT_SIZES.to_vec(),
             kills: 50,
             idle_secs: 10,
             plumule: PathBuf::from(env!("CARGO_BIN_EXE_plumule")),
@@ -89,7 +116,7 @@ impl Options {
             match arg.as_str() {
                 // `cargo bench` passes `--bench` to every bench binary.
                 "--bench" => {}
-                "--workers" => opts.workers = number(&arg, &value("--workers")?)?,
+                "--workers" => sizes = Some(size_list(&arg, &value("--workers")?)?),
                 "--kills" => opts.kills = number(&arg, &value("--kills")?)?,
                 "--idle-secs" => opts.idle_secs = number(&arg, &value("--idle-secs")?)?,
                 "--plumule" => opts.plumule = PathBuf::from(value("--plumule")?),
@@ -97,11 +124,27 @@ impl Options {
                 other => return Err(format!("unknown argument `{other}`")),
             }
         }
-        if opts.workers == 0 {
-            return Err("--workers must be at least 1".into());
+        match (sizes, env_sizes) {
+            (Some(s), _) => opts.sizes = s,
+            (None, Some(env)) if !env.trim().is_empty() => opts.sizes = size_list(SIZES_VAR, &env)?,
+            (None, _) => {}
         }
         Ok(opts)
     }
+}
+
+/// "200,2000" → [200, 2000]: each at least 1.
+fn size_list(what: &str, s: &str) -> Result<Vec<usize>> {
+    let sizes = s
+        .split(',')
+        .map(|n| number(what, n.trim()))
+        .collect::<Result<Vec<usize>>>()?;
+    if sizes.contains(&0) {
+        return Err(format!(
+            "{what} wants worker counts of at least 1, not `{s}`"
+        ));
+    }
+    Ok(sizes)
 }
 
 fn number<T: std::str::FromStr>(flag: &str, s: &str) -> Result<T> {
@@ -210,11 +253,14 @@ fn write_file(path: &Path, text: &str, mode: u32) -> Result<()> {
 
 #[derive(Default)]
 struct Report {
+    /// The number of workers.
+    n: usize,
     /// /proc/loadavg's 1, 5 and 15 minute figures just before the supervisor started: other
     /// work on the machine skews every latency.
     load_before: String,
     cold_start: Duration,
     memory: Memory,
+    fds: Fds,
     restarts: Vec<Duration>,
     quick_crash: Vec<Duration>,
     idle: Activity,
@@ -225,14 +271,14 @@ struct Report {
 /// Builds the worker, starts the supervisor, and measures in an order that keeps each figure
 /// clean: memory right after start, restarts, quick crashes, then idle once every backoff has
 /// run out, and graceful stop last.
-fn run(sup: &dyn Supervisor, opts: &Options) -> Result<Report> {
+fn run(sup: &dyn Supervisor, opts: &Options, n: usize) -> Result<Report> {
     let dir = tempfile::Builder::new()
         .prefix("plumule-bench.")
         .tempdir()
         .map_err(|e| format!("cannot create a temp dir: {e}"))?;
     let worker = build_worker(dir.path())?;
-    let n = opts.workers;
     let mut report = Report {
+        n,
         load_before: fs::read_to_string("/proc/loadavg")
             .map(|l| l.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
             .unwrap_or_else(|_| "unknown".into()),
@@ -249,6 +295,7 @@ fn run(sup: &dyn Supervisor, opts: &Options) -> Result<Report> {
 
     sv.wait_all_healthy()?;
     report.memory = memory(&sv.supervision)?;
+    report.fds = fds(&sv.supervision)?;
 
     for k in 0..opts.kills {
         report.restarts.push(sv.restart(k % n)?.0);
@@ -653,6 +700,14 @@ struct Memory {
     pss_kib: u64,
 }
 
+/// Open descriptors, summed over the supervision processes, and the largest soft
+/// RLIMIT_NOFILE among them.
+#[derive(Default)]
+struct Fds {
+    open: u64,
+    soft_limit: String,
+}
+
 #[derive(Default)]
 struct Activity {
     ctx_switches: u64,
@@ -667,6 +722,33 @@ fn memory(pids: &[i32]) -> Result<Memory> {
         m.pss_kib += proc_field(pid, "smaps_rollup", "Pss:")?;
     }
     Ok(m)
+}
+
+/// The entries of /proc/PID/fd and the "Max open files" soft limit of /proc/PID/limits.
+fn fds(pids: &[i32]) -> Result<Fds> {
+    let mut f = Fds::default();
+    let mut limit: Option<u64> = None;
+    for &pid in pids {
+        let path = format!("/proc/{pid}/fd");
+        let dir = fs::read_dir(&path).map_err(|e| format!("cannot read {path}: {e}"))?;
+        f.open += dir.count() as u64;
+        let path = format!("/proc/{pid}/limits");
+        let text = fs::read_to_string(&path).map_err(|e| format!("cannot read {path}: {e}"))?;
+        let soft = text
+            .lines()
+            .find_map(|l| l.strip_prefix("Max open files"))
+            .and_then(|v| v.split_whitespace().next())
+            .ok_or(format!("no `Max open files` in {path}"))?;
+        match soft.parse::<u64>() {
+            Ok(v) => limit = Some(limit.map_or(v, |l| l.max(v))),
+            // "unlimited"
+            Err(_) => f.soft_limit = soft.to_string(),
+        }
+    }
+    if f.soft_limit.is_empty() {
+        f.soft_limit = limit.map_or("unknown".into(), |l| l.to_string());
+    }
+    Ok(f)
 }
 
 /// Sum of voluntary + nonvoluntary context switches and utime + stime over `pids`.
@@ -719,10 +801,12 @@ fn pids_running(exe: &Path) -> Vec<i32> {
 // ---------------------------------------------------------------------------------------------
 // The table.
 
-/// Goals and best peers from shared/PEERS.md, for the two worker counts measured there.
+/// Goals and best peers from shared/PEERS.md at one worker count.
 struct Reference {
     cold_goal: &'static str,
     cold_peer: &'static str,
+    restart_goal: &'static str,
+    restart_peer: &'static str,
     rss_goal: &'static str,
     rss_peer: &'static str,
     pss_goal: &'static str,
@@ -735,6 +819,8 @@ fn reference(n: usize) -> (Reference, &'static str) {
     let at200 = Reference {
         cold_goal: "≤ 100 ms",
         cold_peer: "s6-notify 195 ms, runit 210 ms",
+        restart_goal: "≤ 1 ms",
+        restart_peer: "runit 2.4 ms, s6-notify 2.6 ms",
         rss_goal: "≤ 4 MiB",
         rss_peer: "Horust 5.8 MiB (at 50)",
         pss_goal: "≤ 2 MiB",
@@ -754,6 +840,24 @@ fn reference(n: usize) -> (Reference, &'static str) {
                 pss_peer: "Cotyledon 3.6–4.1 MiB, Horust 4.0–4.2 MiB",
                 stop_goal: "≤ 30 ms",
                 stop_peer: "s6-notify 36 ms",
+                ..at200
+            },
+            "",
+        ),
+        // PEERS.md has no peer at 2000: with their defaults runit stops at 1000 services and
+        // s6 at 500. Its goals are relative to 200 (see the growth table).
+        2000 => (
+            Reference {
+                cold_goal: "≤ 1 s (linear from 200)",
+                cold_peer: "none: runit stops at 1000, s6 at 500",
+                restart_goal: "≤ 1.2 × the median at 200",
+                restart_peer: "",
+                rss_goal: "",
+                rss_peer: "",
+                pss_goal: "",
+                pss_peer: "",
+                stop_goal: "",
+                stop_peer: "",
             },
             "",
         ),
@@ -761,13 +865,44 @@ fn reference(n: usize) -> (Reference, &'static str) {
     }
 }
 
+/// What every table shares: the date, machine, binary and the settings of every run.
+fn header(sup: &dyn Supervisor, opts: &Options) -> String {
+    let sizes: Vec<String> = opts.sizes.iter().map(usize::to_string).collect();
+    let mut out = String::new();
+    let _ = writeln!(
+        out,
+        "\n{} supervisor benchmark, {} UTC",
+        sup.name(),
+        today()
+    );
+    let _ = writeln!(out, "machine: {}", machine());
+    let _ = writeln!(
+        out,
+        "binary: {}{}",
+        opts.plumule.display(),
+        source_of(&opts.plumule)
+    );
+    let _ = writeln!(
+        out,
+        "runs: N = {} tiny workers, {} kills, {} s idle, healthy_after {}, backoff.initial {}",
+        sizes.join(", then "),
+        opts.kills,
+        opts.idle_secs,
+        ms(sup.healthy_after()),
+        ms(sup.backoff_initial()),
+    );
+    out
+}
+
 impl Report {
-    fn render(&self, sup: &dyn Supervisor, opts: &Options) -> String {
-        let n = opts.workers;
+    /// The table of one run, beside the goals and the best peers at its N.
+    fn render(&self, sup: &dyn Supervisor) -> String {
+        let n = self.n;
         let (r, note) = reference(n);
-        let mut rows: Vec<[String; 4]> = Vec::new();
-        let mut row =
-            |m: String, v: String, g: &str, p: &str| rows.push([m, v, g.into(), p.into()]);
+        let mut rows: Vec<Vec<String>> = Vec::new();
+        let mut row = |m: String, v: String, g: &str, p: &str| {
+            rows.push(vec![m, v, g.into(), p.into()]);
+        };
         row(
             format!("cold start, all {n} exec'd"),
             ms(self.cold_start),
@@ -779,8 +914,8 @@ impl Report {
             row(
                 format!("restart after SIGKILL, median of {k}"),
                 ms(median(&self.restarts)),
-                "≤ 1 ms",
-                "runit 2.4 ms, s6-notify 2.6 ms",
+                r.restart_goal,
+                r.restart_peer,
             );
             row(
                 format!("restart after SIGKILL, p90 of {k}"),
@@ -810,6 +945,12 @@ impl Report {
             r.pss_goal,
             r.pss_peer,
         );
+        row(
+            "master open fds after start (its soft limit)".into(),
+            format!("{} ({})", self.fds.open, self.fds.soft_limit),
+            "",
+            "",
+        );
         let s = self.idle_window.as_secs();
         row(
             format!("idle: context switches in {s} s"),
@@ -831,58 +972,185 @@ impl Report {
         );
 
         let mut out = String::new();
-        let _ = writeln!(
-            out,
-            "\n{} supervisor benchmark, {} UTC",
-            sup.name(),
-            today()
-        );
-        let _ = writeln!(out, "machine: {}", machine());
+        let _ = writeln!(out, "\nN = {n}{note}");
         let _ = writeln!(out, "load average before the run: {}", self.load_before);
-        let _ = writeln!(
-            out,
-            "binary: {}{}",
-            opts.plumule.display(),
-            source_of(&opts.plumule)
-        );
-        let _ = writeln!(
-            out,
-            "run: {n} tiny workers, {} kills, {} s idle, healthy_after {}, backoff.initial {}{note}",
-            opts.kills,
-            opts.idle_secs,
-            ms(sup.healthy_after()),
-            ms(sup.backoff_initial()),
-        );
         let q: Vec<String> = self.quick_crash.iter().map(|d| ms(*d)).collect();
         let _ = writeln!(out, "quick-crash trials: {}\n", q.join(", "));
-        let header = [
+        let head = vec![
             "metric".to_string(),
             sup.name(),
             "goal".into(),
             "best peer".into(),
         ];
-        let mut widths = [0; 4];
-        for r in std::iter::once(&header).chain(&rows) {
-            for (w, c) in widths.iter_mut().zip(r) {
-                *w = (*w).max(c.chars().count());
-            }
-        }
-        let line = |out: &mut String, cells: &[String; 4]| {
-            out.push('|');
-            for (c, w) in cells.iter().zip(widths) {
-                let pad = w - c.chars().count();
-                let _ = write!(out, " {c}{} |", " ".repeat(pad));
-            }
-            out.push('\n');
-        };
-        line(&mut out, &header);
-        let rule = widths.map(|w| "-".repeat(w));
-        line(&mut out, &rule);
-        for r in &rows {
-            line(&mut out, r);
-        }
+        out.push_str(&table(&head, &rows));
         out
     }
+}
+
+/// How a figure is expected to grow with N, and so how the growth table compares it.
+enum Growth {
+    /// Proportional to N: shown as the figure ÷ (the first figure × the ratio of the Ns).
+    Linear(fn(&Report) -> f64),
+    /// Ideally flat: shown as the figure ÷ the first figure.
+    Flat(fn(&Report) -> f64),
+    /// A fixed cost plus so much per worker: shown as the added amount per added worker.
+    PerWorker(fn(&Report) -> f64, &'static str),
+    /// Not compared.
+    Not,
+}
+
+/// One row of the growth table.
+struct Metric {
+    name: &'static str,
+    show: fn(&Report) -> String,
+    growth: Growth,
+    goal: &'static str,
+}
+
+/// The figures of every run side by side, and how each grew from the first run's N to each
+/// other's: the ratios issue 2 sets goals for.
+fn growth(sup: &dyn Supervisor, reports: &[Report]) -> String {
+    let mut metrics = vec![Metric {
+        name: "cold start, all exec'd",
+        show: |r| ms(r.cold_start),
+        growth: Growth::Linear(|r| r.cold_start.as_secs_f64()),
+        goal: "≈ 1 × linear",
+    }];
+    if reports.iter().all(|r| !r.restarts.is_empty()) {
+        metrics.push(Metric {
+            name: "restart after SIGKILL, median",
+            show: |r| ms(median(&r.restarts)),
+            growth: Growth::Flat(|r| median(&r.restarts).as_secs_f64()),
+            goal: "≤ 1.2 ×",
+        });
+        metrics.push(Metric {
+            name: "restart after SIGKILL, p90",
+            show: |r| ms(percentile(&r.restarts, 90)),
+            growth: Growth::Flat(|r| percentile(&r.restarts, 90).as_secs_f64()),
+            goal: "",
+        });
+    }
+    metrics.extend([
+        Metric {
+            name: "second restart right after the first, median",
+            show: |r| ms(median(&r.quick_crash)),
+            growth: Growth::Flat(|r| median(&r.quick_crash).as_secs_f64()),
+            goal: "≈ 1 × (= backoff.initial)",
+        },
+        Metric {
+            name: "master RSS after start",
+            show: |r| mib(r.memory.rss_kib),
+            growth: Growth::PerWorker(|r| r.memory.rss_kib as f64, "KiB"),
+            goal: "",
+        },
+        Metric {
+            name: "master PSS after start",
+            show: |r| mib(r.memory.pss_kib),
+            growth: Growth::PerWorker(|r| r.memory.pss_kib as f64, "KiB"),
+            goal: "",
+        },
+        Metric {
+            name: "master open fds after start",
+            show: |r| r.fds.open.to_string(),
+            growth: Growth::PerWorker(|r| r.fds.open as f64, "fds"),
+            goal: "",
+        },
+        Metric {
+            name: "idle: context switches",
+            show: |r| r.idle.ctx_switches.to_string(),
+            growth: Growth::Not,
+            goal: "0 at every N",
+        },
+        Metric {
+            name: "idle: CPU ticks (utime+stime)",
+            show: |r| r.idle.cpu_ticks.to_string(),
+            growth: Growth::Not,
+            goal: "0 at every N",
+        },
+        Metric {
+            name: "graceful stop, all gone",
+            show: |r| ms(r.stop),
+            growth: Growth::Linear(|r| r.stop.as_secs_f64()),
+            goal: "",
+        },
+    ]);
+
+    let base = &reports[0];
+    let others = &reports[1..];
+    let mut head = vec!["metric".to_string()];
+    head.extend(reports.iter().map(|r| format!("N = {}", r.n)));
+    head.extend(others.iter().map(|r| format!("{} vs {}", r.n, base.n)));
+    head.push("goal".into());
+    let rows: Vec<Vec<String>> = metrics
+        .iter()
+        .map(|m| {
+            let mut cells = vec![m.name.to_string()];
+            cells.extend(reports.iter().map(m.show));
+            cells.extend(others.iter().map(|r| grown(&m.growth, base, r)));
+            cells.push(m.goal.into());
+            cells
+        })
+        .collect();
+
+    let mut out = String::new();
+    let _ = writeln!(
+        out,
+        "\nhow {} grows with N (linear: the figure ÷ (the figure at {} × the ratio of the Ns))\n",
+        sup.name(),
+        base.n
+    );
+    out.push_str(&table(&head, &rows));
+    out
+}
+
+/// The growth cell of `m` from `base` to `r`.
+fn grown(g: &Growth, base: &Report, r: &Report) -> String {
+    let scale = r.n as f64 / base.n as f64;
+    let ratio = |a: f64, b: f64| {
+        if a > 0.0 {
+            format!("{:.2} ×", b / a)
+        } else {
+            "—".into()
+        }
+    };
+    match g {
+        Growth::Linear(f) => ratio(f(base) * scale, f(r)) + " linear",
+        Growth::Flat(f) => ratio(f(base), f(r)),
+        Growth::PerWorker(f, unit) => {
+            let added = r.n as f64 - base.n as f64;
+            if added == 0.0 {
+                return "—".into();
+            }
+            format!("{:+.2} {unit} per worker", (f(r) - f(base)) / added)
+        }
+        Growth::Not => String::new(),
+    }
+}
+
+/// A Markdown-style table, every column padded to its widest cell.
+fn table(head: &[String], rows: &[Vec<String>]) -> String {
+    let mut widths = vec![0; head.len()];
+    for r in std::iter::once(head).chain(rows.iter().map(Vec::as_slice)) {
+        for (w, c) in widths.iter_mut().zip(r) {
+            *w = (*w).max(c.chars().count());
+        }
+    }
+    let mut out = String::new();
+    let mut line = |cells: &[String]| {
+        out.push('|');
+        for (c, w) in cells.iter().zip(&widths) {
+            let pad = w - c.chars().count();
+            let _ = write!(out, " {c}{} |", " ".repeat(pad));
+        }
+        out.push('\n');
+    };
+    line(head);
+    let rule: Vec<String> = widths.iter().map(|&w| "-".repeat(w)).collect();
+    line(&rule);
+    for r in rows {
+        line(r);
+    }
+    out
 }
 
 /// " (built from git COMMIT)" when `bin` is this crate's own binary and git knows the commit.
