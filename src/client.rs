@@ -338,4 +338,48 @@ mod tests {
         assert!(lines[2].contains("failed") && lines[2].contains("exit 1"));
         assert_eq!(lines[3], "1 program(s), 2 worker(s): 1 failed, 1 running");
     }
+
+    /// The texts users (and the integration tests) read, unchanged by typing the errors.
+    #[test]
+    fn client_errors_say_what_they_said() {
+        let sock = PathBuf::from("/run/x/control.sock");
+        let table = [
+            (
+                ClientError::NoMaster {
+                    socket: sock.clone(),
+                },
+                "no master is running here (nothing listens on /run/x/control.sock)",
+            ),
+            (
+                ClientError::Connect {
+                    socket: sock,
+                    source: io::Error::from_raw_os_error(libc::EACCES),
+                },
+                "cannot connect to /run/x/control.sock: Permission denied (os error 13)",
+            ),
+            (
+                ClientError::ReadConfig {
+                    path: PathBuf::from("/etc/p.toml"),
+                    source: io::Error::from_raw_os_error(libc::ENOENT),
+                },
+                "cannot find the master's socket: cannot read /etc/p.toml: \
+                 No such file or directory (os error 2)",
+            ),
+            (
+                ClientError::NoAnswer,
+                "the master closed the connection without answering",
+            ),
+            (
+                ClientError::Unexpected { what: "status" },
+                "unreadable status from the master",
+            ),
+            (
+                ClientError::Refused("no program named web".into()),
+                "no program named web",
+            ),
+        ];
+        for (error, text) in table {
+            assert_eq!(error.to_string(), text);
+        }
+    }
 }

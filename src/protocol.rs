@@ -81,7 +81,7 @@ impl From<&crate::output::LogLine> for LogEntry {
 /// One answer line: what a request produced, or why it did not.
 ///
 /// On the wire it is `{"ok":true,"result":{…}}` or `{"ok":false,"error":"…"}` (the
-/// [`Envelope`]); in Rust, only the combinations that mean something exist.
+/// envelope); in Rust, only the combinations that mean something exist.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(into = "Envelope", from = "Envelope")]
 pub enum Response {

@@ -696,3 +696,48 @@ fn worker_status(
     });
     shown
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The texts clients print (SPEC §9 names "no program named …"), unchanged by typing.
+    #[test]
+    fn refusals_say_what_they_said() {
+        let table = [
+            (RefusedError::no_program("web"), "no program named web"),
+            (
+                RefusedError::NoWorker {
+                    program: "web".into(),
+                    id: 7,
+                    desired: 2,
+                },
+                "no program named web.7 (web has 2 workers)",
+            ),
+            (
+                RefusedError::TooManyWorkers {
+                    program: "web".into(),
+                    workers: 5000,
+                    max: 1024,
+                },
+                "cannot scale web to 5000: at most 1024 workers",
+            ),
+            (
+                Target::parse("web.x").unwrap_err().into(),
+                "bad worker id in `web.x`: expected PROGRAM or PROGRAM.ID",
+            ),
+            (
+                ReloadError::Listen {
+                    address: PathBuf::from("/run/web.sock"),
+                    reason: "address in use".into(),
+                }
+                .into(),
+                "reload refused, nothing changed: cannot listen on /run/web.sock: address in use",
+            ),
+            (RefusedError::Stopping, "the master is stopping"),
+        ];
+        for (refused, text) in table {
+            assert_eq!(Response::error(refused), Response::error(text));
+        }
+    }
+}
