@@ -28,7 +28,7 @@ use std::time::{Duration, Instant};
 use nix::sys::signal::{kill, Signal};
 use nix::time::{clock_gettime, ClockId};
 use nix::unistd::Pid;
-use serde_json::Value;
+use plumule::protocol::{Answer, ReloadResult, Response, StatusReport};
 
 type Result<T> = std::result::Result<T, String>;
 
@@ -370,7 +370,7 @@ impl Ctl {
             .map_err(|e| format!("cannot send a request: {e}"))
     }
 
-    fn recv(&mut self) -> Result<Value> {
+    fn recv(&mut self) -> Result<Response> {
         let mut line = String::new();
         match self.reader.read_line(&mut line) {
             Ok(0) => Err("the master closed the connection without answering".into()),
@@ -379,35 +379,29 @@ impl Ctl {
         }
     }
 
-    fn ok(answer: Value) -> Result<Value> {
-        if answer["ok"] == true {
-            Ok(answer["result"].clone())
-        } else {
-            Err(format!("the master refused: {answer}"))
+    fn ok(answer: Response) -> Result<Answer> {
+        match answer {
+            Response::Ok(answer) => Ok(answer),
+            Response::Error(e) => Err(format!("the master refused: {e}")),
         }
     }
 
-    fn status(&mut self) -> Result<Value> {
+    fn status(&mut self) -> Result<StatusReport> {
         self.send(b"{\"cmd\":\"status\"}\n")?;
-        Ctl::ok(self.recv()?)
+        match Ctl::ok(self.recv()?)? {
+            Answer::Status(report) => Ok(report),
+            other => Err(format!("not a status: {other:?}")),
+        }
     }
 }
 
 /// (program, id) → pid of the running workers.
-fn running(status: &Value) -> BTreeMap<(String, u32), i32> {
-    let mut out = BTreeMap::new();
-    for p in status["programs"].as_array().into_iter().flatten() {
-        for w in p["workers"].as_array().into_iter().flatten() {
-            if w["state"] == "running" {
-                if let (Some(name), Some(id), Some(pid)) =
-                    (p["name"].as_str(), w["id"].as_u64(), w["pid"].as_i64())
-                {
-                    out.insert((name.to_string(), id as u32), pid as i32);
-                }
-            }
-        }
-    }
-    out
+fn running(status: &StatusReport) -> BTreeMap<(String, u32), i32> {
+    status
+        .workers()
+        .filter(|(_, w)| w.state == "running")
+        .filter_map(|(p, w)| Some(((p.name.clone(), w.id), w.pid?)))
+        .collect()
 }
 
 fn pid_alive(pid: i32) -> bool {
@@ -509,8 +503,15 @@ fn run(o: &Options) -> Result<String> {
         let answer = Ctl::ok(ctl.recv()?)?;
         let t_reply = monotonic_ns();
         let expected = format!("{changed_name}: command changed (rolling restart)");
-        if answer["changes"] != serde_json::json!([expected]) {
-            return Err(format!("reload {}: unexpected changes {answer}", trial + 1));
+        if answer
+            != Answer::Reload(ReloadResult {
+                changes: vec![expected],
+            })
+        {
+            return Err(format!(
+                "reload {}: unexpected changes {answer:?}",
+                trial + 1
+            ));
         }
 
         // The reply came once the roll was done: every worker of the changed program is new.

@@ -12,7 +12,7 @@ use clap::{CommandFactory, Parser, Subcommand};
 
 use crate::client;
 use crate::config;
-use crate::protocol::{Request, Status};
+use crate::protocol::{Answer, Request, Response};
 
 #[derive(Debug, Parser)]
 #[command(
@@ -158,24 +158,22 @@ pub fn run(cli: Cli) -> i32 {
         Command::Status { program, json } => {
             let socket = cli.socket.as_deref();
             let req = Request::Status { program };
-            client::run(socket, cli.config.as_deref(), req, |result| {
-                let Ok(status) = serde_json::from_value::<Status>(result.clone()) else {
-                    return fail("unreadable status from the master".into());
+            client::run(socket, cli.config.as_deref(), req, |answer| {
+                let Answer::Status(status) = answer else {
+                    return fail(client::ClientError::Unexpected { what: "status" }.to_string());
                 };
                 let text = if json {
-                    format!("{result}\n")
+                    match serde_json::to_string(&status) {
+                        Ok(line) => line + "\n",
+                        Err(e) => return fail(format!("cannot encode the status: {e}")),
+                    }
                 } else {
                     client::format_status(&status)
                 };
                 if print_all(text.as_bytes()) != 0 {
                     return 1;
                 }
-                let failed = status
-                    .programs
-                    .iter()
-                    .flat_map(|p| &p.workers)
-                    .any(|w| w.state == "failed");
-                if failed {
+                if status.any_failed() {
                     3
                 } else {
                     0
@@ -186,14 +184,16 @@ pub fn run(cli: Cli) -> i32 {
             cli.socket.as_deref(),
             cli.config.as_deref(),
             Request::Reload,
-            |result| {
-                let changes = result["changes"].as_array().cloned().unwrap_or_default();
+            |answer| {
+                let Answer::Reload(reload) = answer else {
+                    return fail(client::ClientError::Unexpected { what: "reload" }.to_string());
+                };
                 let mut text = String::new();
-                if changes.is_empty() {
+                if reload.changes.is_empty() {
                     text.push_str("nothing changed\n");
                 }
-                for c in changes {
-                    text.push_str(c.as_str().unwrap_or_default());
+                for c in reload.changes {
+                    text.push_str(&c);
                     text.push('\n');
                 }
                 print_all(text.as_bytes())
@@ -224,28 +224,34 @@ pub fn run(cli: Cli) -> i32 {
                     cli.socket.as_deref(),
                     cli.config.as_deref(),
                     req,
-                    |result| {
-                        let _ = client::print_log_lines(&result);
-                        0
+                    |answer| match answer {
+                        Answer::Logs(logs) => {
+                            let _ = client::print_log_lines(&logs);
+                            0
+                        }
+                        _ => fail(client::ClientError::Unexpected { what: "logs" }.to_string()),
                     },
                 );
             }
             let socket = match client::socket_path(cli.socket.as_deref(), cli.config.as_deref()) {
                 Ok(s) => s,
-                Err(e) => return fail(e),
+                Err(e) => return fail(e.to_string()),
             };
             let mut code = 0;
-            let streamed = client::stream_answers(&socket, &req, |r| {
-                if let Some(e) = r.error {
-                    eprintln!("plumule: {e}");
-                    code = 1;
-                    return false;
+            let streamed = client::stream_answers(&socket, &req, |r| match r {
+                Response::Ok(Answer::Logs(logs)) => client::print_log_lines(&logs),
+                Response::Ok(_) => {
+                    code = fail(client::ClientError::Unexpected { what: "logs" }.to_string());
+                    false
                 }
-                client::print_log_lines(&r.result.unwrap_or_default())
+                Response::Error(e) => {
+                    code = fail(e);
+                    false
+                }
             });
             match streamed {
                 Ok(()) => code,
-                Err(e) => fail(e),
+                Err(e) => fail(e.to_string()),
             }
         }
         other => fail(format!("`{}` is not supported yet", command_name(&other))),

@@ -1,16 +1,48 @@
 //! The client side of the control socket: finding it, sending one request, reading the
 //! answer, and printing it for people (tables) or scripts (`--json`).
 
-use std::io::{BufRead, BufReader, Write};
+use std::io::{self, BufRead, BufReader, Write};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 
 use crate::config;
-use crate::protocol::{Request, Response, Status, WorkerStatus};
+use crate::protocol::{Answer, LogsResult, Request, Response, StatusReport, WorkerStatus};
+
+/// Why a client command got no answer it can use; the text is what the user reads.
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    #[error("cannot find the master's socket: cannot read {}: {source}", path.display())]
+    ReadConfig { path: PathBuf, source: io::Error },
+    #[error("cannot find the master's socket: {0}")]
+    Defaults(#[source] config::ConfigError),
+    #[error("no master is running here (nothing listens on {})", socket.display())]
+    NoMaster { socket: PathBuf },
+    #[error("cannot connect to {}: {source}", socket.display())]
+    Connect { socket: PathBuf, source: io::Error },
+    #[error("cannot encode the request: {0}")]
+    Encode(#[source] serde_json::Error),
+    #[error("cannot send the request: {0}")]
+    Send(#[source] io::Error),
+    #[error("cannot read the answer: {0}")]
+    Receive(#[source] io::Error),
+    #[error("the master closed the connection without answering")]
+    NoAnswer,
+    #[error("unreadable answer from the master: {0}")]
+    Unreadable(#[source] serde_json::Error),
+    /// A well-formed answer of the wrong kind for the request (`what`: "status", …).
+    #[error("unreadable {what} from the master")]
+    Unexpected { what: &'static str },
+    /// The master's own refusal ("no program named web").
+    #[error("{0}")]
+    Refused(String),
+}
 
 /// Finds the master's socket, first to last: `--socket`, `-c FILE`'s runtime dir,
 /// `$PLUMULE_SOCKET`, the config file found as usual.
-pub fn socket_path(socket: Option<&Path>, config_path: Option<&Path>) -> Result<PathBuf, String> {
+pub fn socket_path(
+    socket: Option<&Path>,
+    config_path: Option<&Path>,
+) -> Result<PathBuf, ClientError> {
     if let Some(s) = socket {
         return Ok(s.to_path_buf());
     }
@@ -25,12 +57,10 @@ pub fn socket_path(socket: Option<&Path>, config_path: Option<&Path>) -> Result<
 
 /// The runtime dir a config file names, read leniently: a client must still reach the master
 /// when the file has just been edited into something invalid (that is what `reload` reports).
-fn runtime_dir_of(path: &Path) -> Result<PathBuf, String> {
-    let text = std::fs::read_to_string(path).map_err(|e| {
-        format!(
-            "cannot find the master's socket: cannot read {}: {e}",
-            path.display()
-        )
+fn runtime_dir_of(path: &Path) -> Result<PathBuf, ClientError> {
+    let text = std::fs::read_to_string(path).map_err(|source| ClientError::ReadConfig {
+        path: path.to_path_buf(),
+        source,
     })?;
     let folder = std::path::absolute(path)
         .ok()
@@ -52,7 +82,7 @@ fn runtime_dir_of(path: &Path) -> Result<PathBuf, String> {
     // Unset: the same defaults as the master's, from an empty config beside the file.
     config::parse("", &folder.join("plumule.toml"))
         .map(|c| c.runtime_dir)
-        .map_err(|e| format!("cannot find the master's socket: {e}"))
+        .map_err(ClientError::Defaults)
 }
 
 /// `runtime_dir = "…"` under `[plumule]`, found line by line in a file that does not parse.
@@ -77,15 +107,32 @@ fn scan_runtime_dir(text: &str) -> Option<String> {
 }
 
 /// Sends `req` and waits for its answer.
-pub fn call(socket: &Path, req: &Request) -> Result<Response, String> {
+pub fn call(socket: &Path, req: &Request) -> Result<Response, ClientError> {
     let mut answers = Vec::new();
     stream_answers(socket, req, |r| {
         answers.push(r);
         false
     })?;
-    answers
-        .pop()
-        .ok_or_else(|| "the master closed the connection without answering".into())
+    answers.pop().ok_or(ClientError::NoAnswer)
+}
+
+/// Sends `req`; the master's refusal is an error too.
+pub fn ask(socket: &Path, req: &Request) -> Result<Answer, ClientError> {
+    match call(socket, req)? {
+        Response::Ok(answer) => Ok(answer),
+        Response::Error(message) => Err(ClientError::Refused(message)),
+    }
+}
+
+/// Asks for `status` (of one program, or all).
+pub fn status(socket: &Path, program: Option<&str>) -> Result<StatusReport, ClientError> {
+    let req = Request::Status {
+        program: program.map(str::to_string),
+    };
+    match ask(socket, &req)? {
+        Answer::Status(report) => Ok(report),
+        _ => Err(ClientError::Unexpected { what: "status" }),
+    }
 }
 
 /// Sends `req` and hands every answer line to `on_answer` until it returns false or the
@@ -94,42 +141,42 @@ pub fn stream_answers(
     socket: &Path,
     req: &Request,
     mut on_answer: impl FnMut(Response) -> bool,
-) -> Result<(), String> {
-    let stream = UnixStream::connect(socket).map_err(|e| match e.kind() {
-        std::io::ErrorKind::NotFound | std::io::ErrorKind::ConnectionRefused => {
-            format!(
-                "no master is running here (nothing listens on {})",
-                socket.display()
-            )
-        }
-        _ => format!("cannot connect to {}: {e}", socket.display()),
+) -> Result<(), ClientError> {
+    let stream = UnixStream::connect(socket).map_err(|source| match source.kind() {
+        io::ErrorKind::NotFound | io::ErrorKind::ConnectionRefused => ClientError::NoMaster {
+            socket: socket.to_path_buf(),
+        },
+        _ => ClientError::Connect {
+            socket: socket.to_path_buf(),
+            source,
+        },
     })?;
-    let mut line = serde_json::to_vec(req).map_err(|e| e.to_string())?;
+    let mut line = serde_json::to_vec(req).map_err(ClientError::Encode)?;
     line.push(b'\n');
     // A master that refuses us (credentials, too many clients) answers and closes at once:
     // even if the send fails, its answer may be waiting.
-    let sent = (&stream).write_all(&line);
+    let mut sent = (&stream).write_all(&line);
     let mut reader = BufReader::new(&stream);
     let mut answered = false;
     loop {
         let mut answer = String::new();
         let read = reader.read_line(&mut answer);
-        if let Err(e) = &sent {
-            if answer.is_empty() {
-                return Err(format!("cannot send the request: {e}"));
+        if answer.is_empty() {
+            if let Err(e) = sent {
+                return Err(ClientError::Send(e));
             }
         }
-        read.map_err(|e| format!("cannot read the answer: {e}"))?;
+        sent = Ok(());
+        read.map_err(ClientError::Receive)?;
         if answer.is_empty() {
             return if answered {
                 Ok(())
             } else {
-                Err("the master closed the connection without answering".into())
+                Err(ClientError::NoAnswer)
             };
         }
         answered = true;
-        let response = serde_json::from_str(&answer)
-            .map_err(|e| format!("unreadable answer from the master: {e}"))?;
+        let response = serde_json::from_str(&answer).map_err(ClientError::Unreadable)?;
         if !on_answer(response) {
             return Ok(());
         }
@@ -138,11 +185,9 @@ pub fn stream_answers(
 
 /// Prints `logs` lines as the master's log shows them: `TIME PROGRAM.ID: line`.
 /// Returns false once stdout is gone (`plumule logs -f | head`), so that following stops.
-pub fn print_log_lines(result: &serde_json::Value) -> bool {
-    let entries = serde_json::from_value::<Vec<crate::protocol::LogEntry>>(result["lines"].clone());
-    let Ok(entries) = entries else { return true };
+pub fn print_log_lines(logs: &LogsResult) -> bool {
     let mut out = std::io::stdout().lock();
-    for l in entries {
+    for l in &logs.lines {
         if writeln!(out, "{} {}: {}", l.time, l.source, l.line).is_err() {
             return false;
         }
@@ -150,27 +195,18 @@ pub fn print_log_lines(result: &serde_json::Value) -> bool {
     out.flush().is_ok()
 }
 
-/// Sends `req`; prints the error (exit 1) or hands the result to `on_ok`.
+/// Sends `req`; prints the error (exit 1) or hands the answer to `on_ok`.
 pub fn run(
     socket: Option<&Path>,
     config_path: Option<&Path>,
     req: Request,
-    on_ok: impl FnOnce(serde_json::Value) -> i32,
+    on_ok: impl FnOnce(Answer) -> i32,
 ) -> i32 {
-    let result = socket_path(socket, config_path).and_then(|s| call(&s, &req));
-    match result {
-        Ok(Response {
-            ok: true, result, ..
-        }) => on_ok(result.unwrap_or(serde_json::Value::Null)),
-        Ok(Response { error, .. }) => {
-            eprintln!(
-                "plumule: {}",
-                error.unwrap_or_else(|| "the master refused the request".into())
-            );
-            1
-        }
-        Err(message) => {
-            eprintln!("plumule: {message}");
+    let answer = socket_path(socket, config_path).and_then(|s| ask(&s, &req));
+    match answer {
+        Ok(answer) => on_ok(answer),
+        Err(e) => {
+            eprintln!("plumule: {e}");
             1
         }
     }
@@ -192,7 +228,7 @@ fn last_exit(w: &WorkerStatus) -> String {
 }
 
 /// The status table with its summary line.
-pub fn format_status(status: &Status) -> String {
+pub fn format_status(status: &StatusReport) -> String {
     let mut rows = vec![[
         "PROGRAM".to_string(),
         "ID".into(),
@@ -283,7 +319,7 @@ mod tests {
             in_flight: 0,
             status: None,
         };
-        let status = Status {
+        let status = StatusReport {
             programs: vec![ProgramStatus {
                 name: "web".into(),
                 workers: vec![w(0, "running", Some(42)), w(1, "failed", None)],
@@ -301,5 +337,49 @@ mod tests {
         );
         assert!(lines[2].contains("failed") && lines[2].contains("exit 1"));
         assert_eq!(lines[3], "1 program(s), 2 worker(s): 1 failed, 1 running");
+    }
+
+    /// The texts users (and the integration tests) read, unchanged by typing the errors.
+    #[test]
+    fn client_errors_say_what_they_said() {
+        let sock = PathBuf::from("/run/x/control.sock");
+        let table = [
+            (
+                ClientError::NoMaster {
+                    socket: sock.clone(),
+                },
+                "no master is running here (nothing listens on /run/x/control.sock)",
+            ),
+            (
+                ClientError::Connect {
+                    socket: sock,
+                    source: io::Error::from_raw_os_error(libc::EACCES),
+                },
+                "cannot connect to /run/x/control.sock: Permission denied (os error 13)",
+            ),
+            (
+                ClientError::ReadConfig {
+                    path: PathBuf::from("/etc/p.toml"),
+                    source: io::Error::from_raw_os_error(libc::ENOENT),
+                },
+                "cannot find the master's socket: cannot read /etc/p.toml: \
+                 No such file or directory (os error 2)",
+            ),
+            (
+                ClientError::NoAnswer,
+                "the master closed the connection without answering",
+            ),
+            (
+                ClientError::Unexpected { what: "status" },
+                "unreadable status from the master",
+            ),
+            (
+                ClientError::Refused("no program named web".into()),
+                "no program named web",
+            ),
+        ];
+        for (error, text) in table {
+            assert_eq!(error.to_string(), text);
+        }
     }
 }

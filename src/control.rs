@@ -331,6 +331,14 @@ impl ControlServer {
 mod tests {
     use super::*;
 
+    /// A distinct answer per `n`, to tell which request a line answers.
+    fn answer(n: u32) -> Response {
+        Response::ok(crate::protocol::ScaleResult {
+            program: "p".into(),
+            workers: n,
+        })
+    }
+
     #[test]
     fn access_rules() {
         let a = Access {
@@ -382,7 +390,7 @@ mod tests {
             }
         };
         assert_eq!(got, Request::Status { program: None });
-        server.respond(id, Response::ok(1), now);
+        server.respond(id, answer(1), now);
         let mut reader = io::BufReader::new(client.try_clone().unwrap());
         let mut line = String::new();
         io::BufRead::read_line(&mut reader, &mut line).unwrap();
@@ -392,7 +400,10 @@ mod tests {
         );
         line.clear();
         io::BufRead::read_line(&mut reader, &mut line).unwrap();
-        assert_eq!(line, "{\"ok\":true,\"result\":1}\n");
+        assert_eq!(
+            line,
+            "{\"ok\":true,\"result\":{\"program\":\"p\",\"workers\":1}}\n"
+        );
 
         // An overlong line: an error, then the connection closes.
         client.write_all(&vec![b'x'; MAX_REQUEST + 10]).unwrap();
@@ -440,12 +451,12 @@ mod tests {
             Incoming::Request(r) => assert_eq!(r, Request::Reload),
             _ => panic!("the request behind two bad lines was not taken"),
         }
-        server.respond(id, Response::ok(1), now);
+        server.respond(id, answer(1), now);
         match server.next_request(id, now) {
             Incoming::Request(r) => assert_eq!(r, Request::Status { program: None }),
             _ => panic!("the second pipelined request was not taken"),
         }
-        server.respond(id, Response::ok(2), now);
+        server.respond(id, answer(2), now);
         let mut reader = io::BufReader::new(client);
         let answers: Vec<String> = (0..4)
             .map(|_| {
@@ -456,8 +467,14 @@ mod tests {
             .collect();
         assert!(answers[0].starts_with(r#"{"ok":false,"error":"bad request"#));
         assert!(answers[1].starts_with(r#"{"ok":false,"error":"bad request"#));
-        assert_eq!(answers[2], "{\"ok\":true,\"result\":1}\n");
-        assert_eq!(answers[3], "{\"ok\":true,\"result\":2}\n");
+        assert_eq!(
+            answers[2],
+            "{\"ok\":true,\"result\":{\"program\":\"p\",\"workers\":1}}\n"
+        );
+        assert_eq!(
+            answers[3],
+            "{\"ok\":true,\"result\":{\"program\":\"p\",\"workers\":2}}\n"
+        );
     }
 
     #[test]

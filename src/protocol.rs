@@ -78,31 +78,115 @@ impl From<&crate::output::LogLine> for LogEntry {
     }
 }
 
+/// One answer line: what a request produced, or why it did not.
+///
+/// On the wire it is `{"ok":true,"result":{…}}` or `{"ok":false,"error":"…"}` (the
+/// envelope); in Rust, only the combinations that mean something exist.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(into = "Envelope", from = "Envelope")]
+pub enum Response {
+    Ok(Answer),
+    Error(String),
+}
+
+/// The `result` of a successful request; which one is known from the request sent.
+///
+/// Untagged on the wire: the variants are told apart by their fields, tried in this order,
+/// and [`Done`] matches only `{}`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(untagged)]
+pub enum Answer {
+    /// `status`.
+    Status(StatusReport),
+    /// `reload`.
+    Reload(ReloadResult),
+    /// `scale`.
+    Scale(ScaleResult),
+    /// `logs`, and each batch of `logs --follow`.
+    Logs(LogsResult),
+    /// `start`, `stop`, `restart`: `{}`.
+    Done(Done),
+}
+
+/// The answer of `start`, `stop` and `restart`: nothing but "it is done", `{}`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Done {}
+
+/// The answer of `reload`: one line per change applied, in the order they were applied.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ReloadResult {
+    pub changes: Vec<String>,
+}
+
+/// The answer of `scale`, once the count is reached.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ScaleResult {
+    pub program: String,
+    pub workers: u32,
+}
+
+/// The answer of `logs`: the last lines kept, oldest first.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LogsResult {
+    pub lines: Vec<LogEntry>,
+}
+
+/// A response as it travels; [`Response`] is what both ends work with.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct Response {
-    pub ok: bool,
+struct Envelope {
+    ok: bool,
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub result: Option<serde_json::Value>,
+    result: Option<Answer>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub error: Option<String>,
+    error: Option<String>,
+}
+
+impl From<Response> for Envelope {
+    fn from(r: Response) -> Self {
+        match r {
+            Response::Ok(answer) => Envelope {
+                ok: true,
+                result: Some(answer),
+                error: None,
+            },
+            Response::Error(message) => Envelope {
+                ok: false,
+                result: None,
+                error: Some(message),
+            },
+        }
+    }
+}
+
+impl From<Envelope> for Response {
+    /// Lenient about what a hand-written peer may leave out: `{"ok":true}` is done, and
+    /// `{"ok":false}` a refusal without a reason.
+    fn from(e: Envelope) -> Self {
+        match e {
+            Envelope {
+                ok: true, result, ..
+            } => Response::Ok(result.unwrap_or(Answer::Done(Done {}))),
+            Envelope { error, .. } => Response::Error(
+                error.unwrap_or_else(|| "the master refused the request".to_string()),
+            ),
+        }
+    }
 }
 
 impl Response {
-    pub fn ok(result: impl Serialize) -> Response {
-        Response {
-            ok: true,
-            result: serde_json::to_value(result).ok(),
-            error: None,
-        }
+    pub fn ok(answer: impl Into<Answer>) -> Response {
+        Response::Ok(answer.into())
     }
 
-    pub fn error(message: impl Into<String>) -> Response {
-        Response {
-            ok: false,
-            result: None,
-            error: Some(message.into()),
-        }
+    /// `{}`: what `start`, `stop` and `restart` answer once done.
+    pub fn done() -> Response {
+        Response::Ok(Answer::Done(Done {}))
+    }
+
+    pub fn error(message: impl ToString) -> Response {
+        Response::Error(message.to_string())
     }
 
     /// The response as one line, newline included.
@@ -113,10 +197,49 @@ impl Response {
     }
 }
 
-/// Parses one request line; the error is what the client is told.
-pub fn parse_request(line: &[u8]) -> Result<Request, String> {
-    let text = std::str::from_utf8(line).map_err(|_| "request is not UTF-8".to_string())?;
-    serde_json::from_str(text.trim()).map_err(|e| format!("bad request: {e}"))
+impl From<StatusReport> for Answer {
+    fn from(s: StatusReport) -> Self {
+        Answer::Status(s)
+    }
+}
+
+impl From<ReloadResult> for Answer {
+    fn from(r: ReloadResult) -> Self {
+        Answer::Reload(r)
+    }
+}
+
+impl From<ScaleResult> for Answer {
+    fn from(s: ScaleResult) -> Self {
+        Answer::Scale(s)
+    }
+}
+
+impl From<LogsResult> for Answer {
+    fn from(l: LogsResult) -> Self {
+        Answer::Logs(l)
+    }
+}
+
+impl From<Done> for Answer {
+    fn from(d: Done) -> Self {
+        Answer::Done(d)
+    }
+}
+
+/// Why a request line was refused; the text is what the client is told.
+#[derive(Debug, thiserror::Error)]
+pub enum RequestError {
+    #[error("request is not UTF-8")]
+    NotUtf8,
+    #[error("bad request: {0}")]
+    Malformed(#[source] serde_json::Error),
+}
+
+/// Parses one request line.
+pub fn parse_request(line: &[u8]) -> Result<Request, RequestError> {
+    let text = std::str::from_utf8(line).map_err(|_| RequestError::NotUtf8)?;
+    serde_json::from_str(text.trim()).map_err(RequestError::Malformed)
 }
 
 /// `PROGRAM` or `PROGRAM.ID`.
@@ -126,8 +249,15 @@ pub struct Target {
     pub id: Option<u32>,
 }
 
+/// A target whose worker id is not a number.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("bad worker id in `{target}`: expected PROGRAM or PROGRAM.ID")]
+pub struct TargetError {
+    pub target: String,
+}
+
 impl Target {
-    pub fn parse(s: &str) -> Result<Target, String> {
+    pub fn parse(s: &str) -> Result<Target, TargetError> {
         match s.split_once('.') {
             None => Ok(Target {
                 program: s.to_string(),
@@ -138,18 +268,32 @@ impl Target {
                     program: program.to_string(),
                     id: Some(id),
                 }),
-                Err(_) => Err(format!(
-                    "bad worker id in `{s}`: expected PROGRAM or PROGRAM.ID"
-                )),
+                Err(_) => Err(TargetError {
+                    target: s.to_string(),
+                }),
             },
         }
     }
 }
 
-/// `status --json`, exactly as SPEC §9 shapes it.
+/// `status --json`, exactly as SPEC §9 shapes it (fields in SPEC's order).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct Status {
+pub struct StatusReport {
     pub programs: Vec<ProgramStatus>,
+}
+
+impl StatusReport {
+    /// Every worker entry with its program, in order.
+    pub fn workers(&self) -> impl Iterator<Item = (&ProgramStatus, &WorkerStatus)> {
+        self.programs
+            .iter()
+            .flat_map(|p| p.workers.iter().map(move |w| (p, w)))
+    }
+
+    /// Whether any worker is `failed` (`status` exits 3 then).
+    pub fn any_failed(&self) -> bool {
+        self.workers().any(|(_, w)| w.state == "failed")
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -158,20 +302,26 @@ pub struct ProgramStatus {
     pub workers: Vec<WorkerStatus>,
 }
 
+/// One worker slot (or, during a rolling restart, the old process beside it).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct WorkerStatus {
     pub id: u32,
     pub pid: Option<i32>,
+    /// Exactly one of the states of SPEC §3.
     pub state: String,
+    /// Why it is in that state ("waiting for lock L").
     pub detail: Option<String>,
     pub uptime_s: Option<f64>,
     pub restarts: u32,
     pub last_exit: Option<LastExit>,
+    /// The locks it holds.
     pub locks: Vec<String>,
     pub in_flight: u32,
+    /// The last `STATUS=` the worker sent.
     pub status: Option<String>,
 }
 
+/// How the last process of a slot ended: `{"code":1}` or `{"signal":"KILL"}`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(untagged)]
 pub enum LastExit {
@@ -249,12 +399,12 @@ mod tests {
         ];
         for (line, expected) in table {
             assert_eq!(
-                parse_request(line.as_bytes()),
-                Ok(expected.clone()),
+                parse_request(line.as_bytes()).ok(),
+                Some(expected.clone()),
                 "{line}"
             );
             let round = serde_json::to_string(&expected).unwrap();
-            assert_eq!(parse_request(round.as_bytes()), Ok(expected));
+            assert_eq!(parse_request(round.as_bytes()).ok(), Some(expected));
         }
     }
 
@@ -272,8 +422,11 @@ mod tests {
             br#"{"cmd":"status","extra":1}"#,
             br#"{"cmd":"start"}"#,
         ] {
-            let err = parse_request(line).unwrap_err();
-            assert!(!err.is_empty());
+            let err = parse_request(line).unwrap_err().to_string();
+            assert!(
+                err == "request is not UTF-8" || err.starts_with("bad request: "),
+                "{err}"
+            );
         }
     }
 
@@ -293,7 +446,10 @@ mod tests {
                 id: Some(3)
             })
         );
-        assert!(Target::parse("web.x").is_err());
+        assert_eq!(
+            Target::parse("web.x").unwrap_err().to_string(),
+            "bad worker id in `web.x`: expected PROGRAM or PROGRAM.ID"
+        );
         assert!(Target::parse("web.-1").is_err());
     }
 
@@ -303,5 +459,239 @@ mod tests {
         assert_eq!(serde_json::to_string(&code).unwrap(), r#"{"code":1}"#);
         let sig: LastExit = crate::slot::Exit::Signal(nix::sys::signal::Signal::SIGKILL).into();
         assert_eq!(serde_json::to_string(&sig).unwrap(), r#"{"signal":"KILL"}"#);
+    }
+
+    fn worker(id: u32) -> WorkerStatus {
+        WorkerStatus {
+            id,
+            pid: Some(123),
+            state: "running".into(),
+            detail: Some("waiting for lock L".into()),
+            uptime_s: Some(1.5),
+            restarts: 2,
+            last_exit: Some(LastExit::Signal {
+                signal: "KILL".into(),
+            }),
+            locks: vec!["L".into()],
+            in_flight: 0,
+            status: Some("text from STATUS=".into()),
+        }
+    }
+
+    fn report() -> StatusReport {
+        StatusReport {
+            programs: vec![
+                ProgramStatus {
+                    name: "web".into(),
+                    workers: vec![worker(0), worker(1)],
+                },
+                ProgramStatus {
+                    name: "idle".into(),
+                    workers: vec![WorkerStatus {
+                        id: 0,
+                        pid: None,
+                        state: "stopped".into(),
+                        detail: None,
+                        uptime_s: None,
+                        restarts: 0,
+                        last_exit: Some(LastExit::Code { code: 1 }),
+                        locks: vec![],
+                        in_flight: 0,
+                        status: None,
+                    }],
+                },
+                ProgramStatus {
+                    name: "none".into(),
+                    workers: vec![],
+                },
+            ],
+        }
+    }
+
+    /// Every answer, as a response line, reads back as itself.
+    #[test]
+    fn every_answer_round_trips_through_its_line() {
+        let answers = [
+            Response::ok(report()),
+            Response::ok(StatusReport { programs: vec![] }),
+            Response::ok(ReloadResult {
+                changes: vec!["web: workers 3 -> 2".into()],
+            }),
+            Response::ok(ReloadResult { changes: vec![] }),
+            Response::ok(ScaleResult {
+                program: "web".into(),
+                workers: 8,
+            }),
+            Response::ok(ScaleResult {
+                program: "web".into(),
+                workers: 0,
+            }),
+            Response::ok(LogsResult {
+                lines: vec![LogEntry {
+                    time: "2024-01-02T03:04:05.678Z".into(),
+                    source: "web.1".into(),
+                    stream: "stdout".into(),
+                    line: "hello \"world\"".into(),
+                }],
+            }),
+            Response::ok(LogsResult { lines: vec![] }),
+            Response::done(),
+            Response::error("no program named web"),
+        ];
+        for response in answers {
+            let line = response.to_line();
+            assert_eq!(line.last(), Some(&b'\n'));
+            assert!(!line[..line.len() - 1].contains(&b'\n'), "one line");
+            let back: Response = serde_json::from_slice(&line).unwrap();
+            assert_eq!(back, response, "{}", String::from_utf8_lossy(&line));
+        }
+    }
+
+    /// The lines README and SPEC document, read as the typed answers.
+    #[test]
+    fn documented_answer_lines_decode_as_their_answers() {
+        let table = [
+            (r#"{"ok":true,"result":{}}"#, Response::done()),
+            (r#"{"ok":true}"#, Response::done()),
+            (
+                r#"{"ok":false,"error":"no program named web"}"#,
+                Response::error("no program named web"),
+            ),
+            (
+                r#"{"ok":false}"#,
+                Response::error("the master refused the request"),
+            ),
+            (
+                r#"{"ok":true,"result":{"changes":["web: workers 3 -> 2"]}}"#,
+                Response::ok(ReloadResult {
+                    changes: vec!["web: workers 3 -> 2".into()],
+                }),
+            ),
+            (
+                r#"{"ok":true,"result":{"program":"web","workers":8}}"#,
+                Response::ok(ScaleResult {
+                    program: "web".into(),
+                    workers: 8,
+                }),
+            ),
+            (
+                r#"{"ok":true,"result":{"lines":[]}}"#,
+                Response::ok(LogsResult { lines: vec![] }),
+            ),
+            (
+                r#"{"ok":true,"result":{"programs":[]}}"#,
+                Response::ok(StatusReport { programs: vec![] }),
+            ),
+        ];
+        for (line, expected) in table {
+            let got: Response = serde_json::from_str(line).unwrap();
+            assert_eq!(got, expected, "{line}");
+        }
+        // `{}` is the only shape `Done` accepts: an unknown result is an error, not "done".
+        assert!(serde_json::from_str::<Response>(r#"{"ok":true,"result":{"what":1}}"#).is_err());
+        assert!(serde_json::from_str::<Response>(r#"{"ok":true,"extra":1}"#).is_err());
+    }
+
+    /// The wire format of answers is SPEC §9's and README's, byte for byte.
+    #[test]
+    fn answers_serialise_exactly_as_documented() {
+        let web = StatusReport {
+            programs: vec![ProgramStatus {
+                name: "web".into(),
+                workers: vec![WorkerStatus {
+                    last_exit: Some(LastExit::Code { code: 1 }),
+                    detail: None,
+                    ..worker(0)
+                }],
+            }],
+        };
+        assert_eq!(
+            serde_json::to_string(&web).unwrap(),
+            r#"{"programs":[{"name":"web","workers":[{"id":0,"pid":123,"state":"running","detail":null,"uptime_s":1.5,"restarts":2,"last_exit":{"code":1},"locks":["L"],"in_flight":0,"status":"text from STATUS="}]}]}"#
+        );
+        let idle = WorkerStatus {
+            pid: None,
+            uptime_s: None,
+            last_exit: None,
+            locks: vec![],
+            status: None,
+            ..worker(3)
+        };
+        assert_eq!(
+            serde_json::to_string(&idle).unwrap(),
+            r#"{"id":3,"pid":null,"state":"running","detail":"waiting for lock L","uptime_s":null,"restarts":2,"last_exit":null,"locks":[],"in_flight":0,"status":null}"#
+        );
+        let lines = |r: Response| String::from_utf8(r.to_line()).unwrap();
+        assert_eq!(lines(Response::done()), "{\"ok\":true,\"result\":{}}\n");
+        assert_eq!(
+            lines(Response::error("no program named web")),
+            "{\"ok\":false,\"error\":\"no program named web\"}\n"
+        );
+        assert_eq!(
+            lines(Response::ok(ReloadResult {
+                changes: vec!["web: workers 3 -> 2".into()]
+            })),
+            "{\"ok\":true,\"result\":{\"changes\":[\"web: workers 3 -> 2\"]}}\n"
+        );
+        assert_eq!(
+            lines(Response::ok(ScaleResult {
+                program: "web".into(),
+                workers: 8
+            })),
+            "{\"ok\":true,\"result\":{\"program\":\"web\",\"workers\":8}}\n"
+        );
+    }
+
+    /// The field names of a status report are exactly SPEC §9's, at every level.
+    #[test]
+    fn status_report_has_exactly_the_spec_field_names() {
+        fn keys(v: &serde_json::Value) -> Vec<&str> {
+            let mut k: Vec<&str> = v.as_object().unwrap().keys().map(String::as_str).collect();
+            k.sort();
+            k
+        }
+        let v = serde_json::to_value(report()).unwrap();
+        assert_eq!(keys(&v), ["programs"]);
+        let mut spec = [
+            "id",
+            "pid",
+            "state",
+            "detail",
+            "uptime_s",
+            "restarts",
+            "last_exit",
+            "locks",
+            "in_flight",
+            "status",
+        ];
+        spec.sort();
+        let mut seen = 0;
+        for p in v["programs"].as_array().unwrap() {
+            assert_eq!(keys(p), ["name", "workers"]);
+            for w in p["workers"].as_array().unwrap() {
+                assert_eq!(keys(w), spec, "{w}");
+                seen += 1;
+            }
+        }
+        assert_eq!(seen, 3);
+        let exits: Vec<&serde_json::Value> = v["programs"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .flat_map(|p| p["workers"].as_array().unwrap())
+            .map(|w| &w["last_exit"])
+            .collect();
+        assert_eq!(keys(exits[0]), ["signal"]);
+        assert_eq!(keys(exits[2]), ["code"]);
+    }
+
+    #[test]
+    fn a_failed_worker_anywhere_is_noticed() {
+        let mut r = report();
+        assert!(!r.any_failed());
+        r.programs[1].workers[0].state = "failed".into();
+        assert!(r.any_failed());
+        let ids: Vec<(&str, u32)> = r.workers().map(|(p, w)| (p.name.as_str(), w.id)).collect();
+        assert_eq!(ids, [("web", 0), ("web", 1), ("idle", 0)]);
     }
 }

@@ -19,8 +19,6 @@ use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use serde_json::Value;
-
 use common::*;
 
 /// Upper bound for anything that should happen promptly (a start, a reply, an exit).
@@ -58,18 +56,13 @@ fn wait_running(sb: &Sandbox, config: &Path, program: &str) -> i32 {
     let mut pid = None;
     sb.wait(&format!("{program}.0 is running"), DEADLINE, || {
         let out = sb.plumule(&["status", "--json", "-c", &cfg], DEADLINE);
-        let Ok(json) = serde_json::from_str::<Value>(&out.stdout) else {
+        let Ok(report) = parse_status(&out.stdout) else {
             return false;
         };
-        let worker = json["programs"]
-            .as_array()
-            .into_iter()
-            .flatten()
-            .filter(|p| p["name"] == program)
-            .flat_map(|p| p["workers"].as_array().into_iter().flatten())
-            .find(|w| w["id"] == 0 && w["state"] == "running")
-            .cloned();
-        pid = worker.and_then(|w| w["pid"].as_i64()).map(|p| p as i32);
+        pid = report
+            .workers()
+            .find(|(p, w)| p.name == program && w.id == 0 && w.state == "running")
+            .and_then(|(_, w)| w.pid);
         pid.is_some()
     });
     pid.unwrap()

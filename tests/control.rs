@@ -15,6 +15,7 @@ use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use plumule::protocol::{LastExit, StatusReport, WorkerStatus};
 use serde_json::{json, Value};
 
 use common::*;
@@ -86,20 +87,17 @@ impl Ctl {
 }
 
 /// The `result` of a status request, or `None` while the master cannot be reached yet.
-fn try_status(sb: &Sandbox) -> Option<Value> {
-    let mut ctl = Ctl::connect(&socket(sb)).ok()?;
-    let answer = ctl.call(&json!({"cmd": "status"}));
-    assert_eq!(answer["ok"], true, "status failed: {answer}");
-    Some(answer["result"].clone())
+fn try_status(sb: &Sandbox) -> Option<StatusReport> {
+    sb.ask_status()
 }
 
 #[track_caller]
-fn status(sb: &Sandbox) -> Value {
+fn status(sb: &Sandbox) -> StatusReport {
     try_status(sb).expect("the master answers status")
 }
 
 /// Every running worker: (program, id) → pid.
-fn all_running(status: &Value) -> BTreeMap<(String, u32), i32> {
+fn all_running(status: &StatusReport) -> BTreeMap<(String, u32), i32> {
     entries(status)
         .into_iter()
         .filter(|e| e.state == "running")
@@ -199,6 +197,7 @@ fn status_json_lists_every_worker_with_the_spec_fields() {
     let cron = wait_running(&sb, "cron", 1);
 
     let out = sb.cli_ok(&config, &["status", "--json"]);
+    // The field names, on the raw JSON: the wire format is the contract.
     let v: Value = serde_json::from_str(out.stdout.trim())
         .unwrap_or_else(|e| panic!("status --json is not one JSON value: {e}\n{}", out.stdout));
     let keys = |v: &Value| -> Vec<String> {
@@ -207,13 +206,6 @@ fn status_json_lists_every_worker_with_the_spec_fields() {
         k
     };
     assert_eq!(keys(&v), ["programs"], "{v}");
-    let programs = v["programs"].as_array().expect("programs is an array");
-    let mut names: Vec<&str> = programs
-        .iter()
-        .map(|p| p["name"].as_str().unwrap())
-        .collect();
-    names.sort();
-    assert_eq!(names, ["cron", "web"], "{v}");
     let mut worker_keys = vec![
         "id",
         "pid",
@@ -227,23 +219,30 @@ fn status_json_lists_every_worker_with_the_spec_fields() {
         "status",
     ];
     worker_keys.sort();
-    for p in programs {
+    for p in v["programs"].as_array().expect("programs is an array") {
         assert_eq!(keys(p), ["name", "workers"], "{p}");
-        let expected = if p["name"] == "web" { &web } else { &cron };
-        let workers = p["workers"].as_array().expect("workers is an array");
-        assert_eq!(workers.len(), expected.len(), "{p}");
-        for w in workers {
+        for w in p["workers"].as_array().expect("workers is an array") {
             assert_eq!(keys(w), worker_keys, "{w}");
-            let id = w["id"].as_u64().expect("id is a number") as u32;
-            assert_eq!(w["pid"].as_i64(), Some(expected[&id] as i64), "{w}");
-            assert_eq!(w["state"], "running", "{w}");
-            assert!(w["detail"].is_null() || w["detail"].is_string(), "{w}");
-            assert!(w["uptime_s"].as_f64().is_some_and(|u| u >= 0.0), "{w}");
-            assert_eq!(w["restarts"], 0, "{w}");
-            assert!(w["last_exit"].is_null(), "{w}");
-            assert_eq!(w["locks"], json!([]), "{w}");
-            assert_eq!(w["in_flight"], 0, "{w}");
-            assert!(w["status"].is_null(), "{w}");
+        }
+    }
+    // The values, typed: reading them as a `StatusReport` checks each field's type (a number
+    // for `id`, a string or null for `detail`, …).
+    let report = parse_status(&out.stdout).unwrap_or_else(|e| panic!("{e}\n{}", out.stdout));
+    let mut names: Vec<&str> = report.programs.iter().map(|p| p.name.as_str()).collect();
+    names.sort();
+    assert_eq!(names, ["cron", "web"], "{report:?}");
+    for p in &report.programs {
+        let expected = if p.name == "web" { &web } else { &cron };
+        assert_eq!(p.workers.len(), expected.len(), "{p:?}");
+        for w in &p.workers {
+            assert_eq!(w.pid, Some(expected[&w.id]), "{w:?}");
+            assert_eq!(w.state, "running", "{w:?}");
+            assert!(w.uptime_s.is_some_and(|u| u >= 0.0), "{w:?}");
+            assert_eq!(w.restarts, 0, "{w:?}");
+            assert_eq!(w.last_exit, None, "{w:?}");
+            assert!(w.locks.is_empty(), "{w:?}");
+            assert_eq!(w.in_flight, 0, "{w:?}");
+            assert_eq!(w.status, None, "{w:?}");
         }
     }
     // Start lines and status agree on who runs.
@@ -256,9 +255,9 @@ fn status_json_lists_every_worker_with_the_spec_fields() {
 
     // One program only; an unknown one is exit 1.
     let out = sb.cli_ok(&config, &["status", "web", "--json"]);
-    let v: Value = serde_json::from_str(out.stdout.trim()).expect("JSON");
-    assert_eq!(v["programs"].as_array().map(Vec::len), Some(1), "{v}");
-    assert_eq!(v["programs"][0]["name"], "web");
+    let report = parse_status(&out.stdout).expect("a status report");
+    assert_eq!(report.programs.len(), 1, "{report:?}");
+    assert_eq!(report.programs[0].name, "web");
     let out = sb.cli(&config, &["status", "nosuch"]);
     assert_exit_code(out.status, 1, &out.stderr);
     assert!(
@@ -297,25 +296,19 @@ fn flaky_program(sb: &Sandbox) -> String {
 }
 
 #[track_caller]
-fn wait_state(sb: &Sandbox, program: &str, id: u32, state: &str) -> Value {
-    let mut worker = Value::Null;
+fn wait_state(sb: &Sandbox, program: &str, id: u32, state: &str) -> WorkerStatus {
+    let mut worker = None;
     sb.wait(&format!("{program}.{id} is {state}"), DEADLINE, || {
         let Some(s) = try_status(sb) else {
             return false;
         };
-        for p in s["programs"].as_array().unwrap() {
-            if p["name"] == program {
-                for w in p["workers"].as_array().unwrap() {
-                    if w["id"] == id && w["state"] == state {
-                        worker = w.clone();
-                        return true;
-                    }
-                }
-            }
-        }
-        false
+        worker = s
+            .workers()
+            .find(|(p, w)| p.name == program && w.id == id && w.state == state)
+            .map(|(_, w)| w.clone());
+        worker.is_some()
     });
-    worker
+    worker.expect("waited for")
 }
 
 #[test]
@@ -330,11 +323,15 @@ fn status_exits_3_when_a_worker_is_failed() {
     let mut master = sb.start(&config);
     wait_running(&sb, "web", 1);
     let failed = wait_state(&sb, "flaky", 0, "failed");
-    assert!(failed["pid"].is_null(), "{failed}");
-    assert_eq!(failed["last_exit"], json!({"code": 1}), "{failed}");
+    assert_eq!(failed.pid, None, "{failed:?}");
+    assert_eq!(
+        failed.last_exit,
+        Some(LastExit::Code { code: 1 }),
+        "{failed:?}"
+    );
     assert!(
-        failed["detail"].is_string(),
-        "a failed worker says why: {failed}"
+        failed.detail.is_some(),
+        "a failed worker says why: {failed:?}"
     );
 
     for args in [&["status"][..], &["status", "--json"], &["status", "flaky"]] {
@@ -378,10 +375,10 @@ fn stop_start_restart_a_whole_program() {
     assert_eq!(
         web_entries.len(),
         2,
-        "stopped workers are still listed: {st}"
+        "stopped workers are still listed: {st:?}"
     );
     for e in &web_entries {
-        assert_eq!((e.state.as_str(), e.pid), ("stopped", None), "{st}");
+        assert_eq!((e.state.as_str(), e.pid), ("stopped", None), "{st:?}");
     }
     assert_eq!(running(&st, "other"), other, "stop web touched other");
 
@@ -405,7 +402,7 @@ fn stop_start_restart_a_whole_program() {
     sb.cli_ok(&config, &["restart", "web"]);
     let st = status(&sb);
     let restarted = running(&st, "web");
-    assert_eq!(restarted.len(), 2, "{st}");
+    assert_eq!(restarted.len(), 2, "{st:?}");
     for (id, pid) in &restarted {
         assert_ne!(started.get(id), Some(pid), "web.{id} was not restarted");
         assert!(
@@ -456,13 +453,13 @@ fn stop_start_restart_one_worker_by_id() {
     assert!(
         e.iter()
             .any(|e| e.id == 1 && e.state == "stopped" && e.pid.is_none()),
-        "web.1 is listed as stopped: {st}"
+        "web.1 is listed as stopped: {st:?}"
     );
     let rest = running(&st, "web");
     assert_eq!(
         rest,
         BTreeMap::from([(0, before[&0]), (2, before[&2])]),
-        "{st}"
+        "{st:?}"
     );
 
     sb.cli_ok(&config, &["start", "web.1"]);
@@ -565,7 +562,7 @@ fn scale_up_keeps_the_running_workers_and_scale_down_stops_the_highest_ids() {
     assert_eq!(
         up.keys().copied().collect::<Vec<_>>(),
         [0, 1, 2, 3, 4],
-        "{st}"
+        "{st:?}"
     );
     assert_eq!(
         (up[&0], up[&1]),
@@ -583,8 +580,8 @@ fn scale_up_keeps_the_running_workers_and_scale_down_stops_the_highest_ids() {
         .into_iter()
         .filter(|e| e.program == "web")
         .collect();
-    assert_eq!(web.len(), 1, "only web.0 is left: {st}");
-    assert_eq!((web[0].id, web[0].pid), (0, Some(before[&0])), "{st}");
+    assert_eq!(web.len(), 1, "only web.0 is left: {st:?}");
+    assert_eq!((web[0].id, web[0].pid), (0, Some(before[&0])), "{st:?}");
     for id in 1..5 {
         assert!(
             !pid_alive(up[&id]),
@@ -681,10 +678,10 @@ fn pipelined_requests_are_all_answered_in_order() {
     }
     assert_eq!(answers[0]["ok"], false, "{}", answers[0]);
     assert_eq!(answers[1]["ok"], true, "{}", answers[1]);
-    assert_eq!(all_running(&answers[1]["result"]), pids);
+    assert_eq!(all_running(&status_of(&answers[1])), pids);
     assert_eq!(answers[2]["ok"], true, "restart: {}", answers[2]);
     assert_eq!(answers[3]["ok"], true, "{}", answers[3]);
-    let new = running(&answers[3]["result"], "other");
+    let new = running(&status_of(&answers[3]), "other");
     assert!(new.get(&0).is_some_and(|p| *p != old), "{}", answers[3]);
     assert_eq!(answers[4]["ok"], false, "{}", answers[4]);
     stop_cleanly(&mut master);
@@ -869,7 +866,7 @@ fn three_hundred_connections_at_once_get_answers_or_a_clear_refusal() {
         let _ = ctl.stream().write_all(b"{\"cmd\":\"status\"}\n");
         match ctl.recv() {
             Some(a) if a["ok"] == true => {
-                assert_eq!(all_running(&a["result"]), pids, "status under load");
+                assert_eq!(all_running(&status_of(&a)), pids, "status under load");
                 answered += 1;
             }
             Some(a) => {

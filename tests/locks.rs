@@ -13,7 +13,7 @@ use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use serde_json::Value;
+use plumule::protocol::{StatusReport, WorkerStatus};
 
 use common::*;
 
@@ -72,30 +72,18 @@ fn plumule_lock(sb: &Sandbox, config: &Path, args: &[&str]) -> Outcome {
 /// `plumule status --json` of the master `config` belongs to. `Ok(None)` while no master
 /// listens on its control socket yet; Err (with its stderr) when the command fails otherwise.
 /// Exit 3 ("a worker is failed") is a reply like exit 0.
-fn status(sb: &Sandbox, config: &Path) -> Result<Option<Value>, String> {
+fn status(sb: &Sandbox, config: &Path) -> Result<Option<StatusReport>, String> {
     let out = sb.plumule(&["status", "--json", "-c", &cfg(config)], DEADLINE);
     match out.status.code() {
-        Some(0 | 3) => serde_json::from_str(&out.stdout)
+        Some(0 | 3) => parse_status(&out.stdout)
             .map(Some)
-            .map_err(|e| format!("status --json is not JSON ({e}): {:?}", out.stdout)),
+            .map_err(|e| format!("status --json: {e}: {:?}", out.stdout)),
         Some(1) if out.stderr.contains("no master is running here") => Ok(None),
         _ => Err(format!(
             "`plumule status --json` failed ({}): {}",
             out.status, out.stderr
         )),
     }
-}
-
-/// The status entry of worker PROGRAM.ID, if the reply has one.
-fn worker_entry(status: &Value, program: &str, id: u64) -> Option<Value> {
-    status["programs"]
-        .as_array()?
-        .iter()
-        .find(|p| p["name"] == program)?["workers"]
-        .as_array()?
-        .iter()
-        .find(|w| w["id"] == id)
-        .cloned()
 }
 
 /// Waits until worker PROGRAM.ID of `master` (started with `config`) is in `state` and, when
@@ -106,15 +94,15 @@ fn wait_worker(
     sb: &Sandbox,
     master: &mut Daemon,
     config: &Path,
-    (program, id): (&str, u64),
+    (program, id): (&str, u32),
     state: &str,
     detail: Option<&str>,
-) -> Value {
+) -> WorkerStatus {
     let what = match detail {
         Some(d) => format!("{program}.{id} is {state} with detail {d:?}"),
         None => format!("{program}.{id} is {state}"),
     };
-    let mut found = Value::Null;
+    let mut found = None;
     wait_or_abort(&what, DEADLINE, || {
         if !master.running() {
             return Err(format!(
@@ -125,35 +113,28 @@ fn wait_worker(
         let Some(status) = status(sb, config)? else {
             return Ok(false);
         };
-        let Some(w) = worker_entry(&status, program, id) else {
+        let Some(w) = worker(&status, program, id) else {
             return Ok(false);
         };
-        if w["state"] == "failed" && state != "failed" {
-            return Err(format!("{program}.{id} is failed: {w}"));
+        if w.state == "failed" && state != "failed" {
+            return Err(format!("{program}.{id} is failed: {w:?}"));
         }
-        let ok = w["state"] == state && detail.is_none_or(|d| w["detail"] == d);
-        found = w;
+        let ok = w.state == state && detail.is_none_or(|d| w.detail.as_deref() == Some(d));
+        found = Some(w.clone());
         Ok(ok)
     });
-    found
+    found.expect("waited for")
 }
 
 /// The pid of a worker's status entry.
 #[track_caller]
-fn pid_of(entry: &Value) -> i32 {
-    entry["pid"]
-        .as_i64()
-        .unwrap_or_else(|| panic!("no pid in {entry}")) as i32
+fn pid_of(entry: &WorkerStatus) -> i32 {
+    entry.pid.unwrap_or_else(|| panic!("no pid in {entry:?}"))
 }
 
 /// The `locks` of a worker's status entry, sorted.
-fn locks_of(entry: &Value) -> Vec<String> {
-    let mut locks: Vec<String> = entry["locks"]
-        .as_array()
-        .unwrap_or_else(|| panic!("no locks array in {entry}"))
-        .iter()
-        .map(|l| l.as_str().expect("lock names are strings").to_string())
-        .collect();
+fn locks_of(entry: &WorkerStatus) -> Vec<String> {
+    let mut locks = entry.locks.clone();
     locks.sort();
     locks
 }
@@ -413,7 +394,7 @@ fn status_lists_the_locks_a_running_worker_holds() {
     let mut master = sb.start(&config);
 
     let w = wait_worker(&sb, &mut master, &config, ("holder", 0), "running", None);
-    assert_eq!(locks_of(&w), ["alpha", "zeta"], "status entry {w}");
+    assert_eq!(locks_of(&w), ["alpha", "zeta"], "status entry {w:?}");
     let pid = pid_of(&w);
     let dir = lock_dir(&sb);
     assert_eq!(
@@ -652,10 +633,10 @@ fn a_symlink_at_the_lock_path_is_refused_and_its_target_untouched() {
 
     for (program, lock) in [("victim", "planted"), ("dangler", "dangling")] {
         let w = wait_worker(&sb, &mut master, &config, (program, 0), "failed", None);
-        let detail = w["detail"].as_str().unwrap_or_default();
+        let detail = w.detail.as_deref().unwrap_or_default();
         assert!(
             detail.contains(lock),
-            "the reason {program} failed names lock {lock}: {w}"
+            "the reason {program} failed names lock {lock}: {w:?}"
         );
         assert!(sb.starts_of(program).is_empty(), "{program} never ran");
         assert!(fs::symlink_metadata(lock_file(&dir, lock))
@@ -709,7 +690,7 @@ fn a_worker_waiting_for_a_lock_is_stopped_cleanly_and_starts_once_it_is_free() {
     let out = sb.plumule(&["stop", "waiter", "-c", &cfg(&config)], DEADLINE);
     assert_exit_code(out.status, 0, &out.stderr);
     let w = wait_worker(&sb, &mut master, &config, ("waiter", 0), "stopped", None);
-    assert!(w["pid"].is_null(), "a stopped worker has no pid: {w}");
+    assert!(w.pid.is_none(), "a stopped worker has no pid: {w:?}");
     assert!(!pid_alive(pid), "the waiting child {pid} is gone");
     assert!(group_members(pid).is_empty(), "its process group is empty");
     assert!(sb.starts_of("waiter").is_empty(), "it never ran");

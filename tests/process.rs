@@ -20,7 +20,7 @@ use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use serde_json::{json, Value};
+use plumule::protocol::{LastExit, WorkerStatus};
 
 use common::*;
 
@@ -43,29 +43,22 @@ fn root_or_skip(why: &str) -> bool {
 }
 
 /// The `status --json` entry of `program.id`, or None while the master cannot answer yet.
-fn try_worker(sb: &Sandbox, config: &Path, program: &str, id: u64) -> Option<Value> {
+fn try_worker(sb: &Sandbox, config: &Path, program: &str, id: u32) -> Option<WorkerStatus> {
     let cfg = config.display().to_string();
     let out = sb.plumule(&["status", "--json", "-c", &cfg], DEADLINE);
-    let json: Value = serde_json::from_str(&out.stdout).ok()?;
-    json["programs"]
-        .as_array()?
-        .iter()
-        .find(|p| p["name"] == program)?["workers"]
-        .as_array()?
-        .iter()
-        .find(|w| w["id"] == id)
-        .cloned()
+    let report = parse_status(&out.stdout).ok()?;
+    worker(&report, program, id).cloned()
 }
 
 /// Waits until `program.id` is in `state`; returns its `status --json` entry.
 #[track_caller]
-fn wait_state(sb: &Sandbox, config: &Path, program: &str, id: u64, state: &str) -> Value {
-    let mut entry = Value::Null;
+fn wait_state(sb: &Sandbox, config: &Path, program: &str, id: u32, state: &str) -> WorkerStatus {
+    let mut entry = None;
     sb.wait(&format!("{program}.{id} is {state}"), DEADLINE, || {
-        entry = try_worker(sb, config, program, id).unwrap_or(Value::Null);
-        entry["state"] == state
+        entry = try_worker(sb, config, program, id);
+        entry.as_ref().is_some_and(|e| e.state == state)
     });
-    entry
+    entry.expect("waited for")
 }
 
 /// Waits until a run-once worker has exited, then returns what it wrote to `file` (its
@@ -73,7 +66,11 @@ fn wait_state(sb: &Sandbox, config: &Path, program: &str, id: u64, state: &str) 
 #[track_caller]
 fn output_of(sb: &Sandbox, config: &Path, program: &str, file: &str) -> String {
     let entry = wait_state(sb, config, program, 0, "exited");
-    assert_eq!(entry["last_exit"], json!({"code": 0}), "{program}: {entry}");
+    assert_eq!(
+        entry.last_exit,
+        Some(LastExit::Code { code: 0 }),
+        "{program}: {entry:?}"
+    );
     fs::read_to_string(sb.path(file)).unwrap_or_else(|e| panic!("{program} wrote no {file}: {e}"))
 }
 
@@ -414,7 +411,11 @@ fn umask_shapes_the_workers_files_and_cwd_is_relative_to_the_config_folder() {
     );
     let _master = sb.start(&config);
     let entry = wait_state(&sb, &config, "files", 0, "exited");
-    assert_eq!(entry["last_exit"], json!({"code": 0}), "{entry}");
+    assert_eq!(
+        entry.last_exit,
+        Some(LastExit::Code { code: 0 }),
+        "{entry:?}"
+    );
 
     let work = sb.path("etc/work");
     let where_ = fs::read_to_string(work.join("where")).expect("the worker wrote etc/work/where");
@@ -618,9 +619,13 @@ fn restart_never_shows_the_exit_code_and_state_exited() {
     ));
     let _master = sb.start(&config);
     let entry = wait_state(&sb, &config, "once", 0, "exited");
-    assert_eq!(entry["last_exit"], json!({"code": 7}), "{entry}");
-    assert_eq!(entry["pid"], Value::Null, "{entry}");
-    assert_eq!(entry["restarts"], 0, "{entry}");
+    assert_eq!(
+        entry.last_exit,
+        Some(LastExit::Code { code: 7 }),
+        "{entry:?}"
+    );
+    assert_eq!(entry.pid, None, "{entry:?}");
+    assert_eq!(entry.restarts, 0, "{entry:?}");
     assert_eq!(sb.starts_of("once").len(), 1, "started once");
     let (code, _) = sb.status(&config);
     assert_eq!(code, 0, "an exited worker is not a failed one");

@@ -6,12 +6,10 @@
 mod common;
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::io::{BufRead, BufReader, Write};
-use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use serde_json::{json, Value};
+use plumule::protocol::{LastExit, StatusReport};
 
 use common::*;
 use nix::sys::signal::Signal::SIGHUP;
@@ -22,34 +20,17 @@ const DEADLINE: Duration = Duration::from_secs(10);
 // ---------------------------------------------------------------------------------------------
 // Observing the master
 
-fn socket(sb: &Sandbox) -> PathBuf {
-    sb.runtime_dir().join("control.sock")
-}
-
-/// The `result` of a status request over the raw socket (bounded by [`DEADLINE`]), or `None`
-/// while nothing listens yet.
-fn try_status(sb: &Sandbox) -> Option<Value> {
-    let stream = UnixStream::connect(socket(sb)).ok()?;
-    stream.set_read_timeout(Some(DEADLINE)).unwrap();
-    stream.set_write_timeout(Some(DEADLINE)).unwrap();
-    (&stream)
-        .write_all(b"{\"cmd\":\"status\"}\n")
-        .expect("send status");
-    let mut line = String::new();
-    BufReader::new(&stream)
-        .read_line(&mut line)
-        .expect("an answer to status");
-    let answer: Value = serde_json::from_str(&line).expect("a JSON answer");
-    assert_eq!(answer["ok"], true, "status failed: {answer}");
-    Some(answer["result"].clone())
+/// The status over the control socket, or `None` while nothing listens yet.
+fn try_status(sb: &Sandbox) -> Option<StatusReport> {
+    sb.ask_status()
 }
 
 #[track_caller]
-fn status(sb: &Sandbox) -> Value {
+fn status(sb: &Sandbox) -> StatusReport {
     try_status(sb).expect("the master answers status")
 }
 
-fn programs(status: &Value) -> BTreeSet<String> {
+fn programs(status: &StatusReport) -> BTreeSet<String> {
     entries(status).into_iter().map(|e| e.program).collect()
 }
 
@@ -74,7 +55,7 @@ fn wait_running(sb: &Sandbox, program: &str, n: u32) -> BTreeMap<u32, i32> {
 
 /// Asserts that `program` runs exactly `expected` (id → pid), every one alive.
 #[track_caller]
-fn assert_pids(status: &Value, program: &str, expected: &BTreeMap<u32, i32>, when: &str) {
+fn assert_pids(status: &StatusReport, program: &str, expected: &BTreeMap<u32, i32>, when: &str) {
     let listed = entries(status)
         .into_iter()
         .filter(|e| e.program == program)
@@ -82,7 +63,7 @@ fn assert_pids(status: &Value, program: &str, expected: &BTreeMap<u32, i32>, whe
     assert_eq!(
         (listed, &running(status, program)),
         (expected.len(), expected),
-        "{program} {when}: {status}"
+        "{program} {when}: {status:?}"
     );
     for (id, pid) in expected {
         assert!(pid_alive(*pid), "{program}.{id} (pid {pid}) is gone {when}");
@@ -169,7 +150,7 @@ fn an_added_program_starts_and_the_others_keep_their_pids() {
     // reload returns once the plan is applied: the new workers run.
     let st = status(&sb);
     let extra = running(&st, "extra");
-    assert_eq!(extra.keys().copied().collect::<Vec<_>>(), [0, 1], "{st}");
+    assert_eq!(extra.keys().copied().collect::<Vec<_>>(), [0, 1], "{st:?}");
     assert_pids(&st, "web", &before, "after adding extra");
     stop_cleanly(&mut master);
 }
@@ -220,7 +201,7 @@ fn a_changed_workers_count_scales_and_the_survivors_keep_their_pids() {
     assert_eq!(
         five.keys().copied().collect::<Vec<_>>(),
         [0, 1, 2, 3, 4],
-        "{st}"
+        "{st:?}"
     );
     for id in 0..3 {
         assert_eq!(
@@ -337,31 +318,31 @@ fn a_command_change_rolls_one_worker_at_a_time_old_stopping_beside_its_successor
                 .filter(|e| e.program == "web")
                 .collect();
             let stopping: Vec<&Entry> = web.iter().filter(|e| e.state == "stopping").collect();
-            assert!(stopping.len() <= 1, "one worker at a time: {st}");
+            assert!(stopping.len() <= 1, "one worker at a time: {st:?}");
             let Some(s) = stopping.first() else {
                 return false;
             };
             let successor = web
                 .iter()
                 .find(|e| e.id == s.id && e.state != "stopping")
-                .unwrap_or_else(|| panic!("web.{} stops without a successor: {st}", s.id));
+                .unwrap_or_else(|| panic!("web.{} stops without a successor: {st:?}", s.id));
             assert!(
                 ["starting", "running"].contains(&successor.state.as_str()),
-                "the successor of web.{} is starting or running: {st}",
+                "the successor of web.{} is starting or running: {st:?}",
                 s.id
             );
             assert_eq!(
                 s.pid,
                 Some(old[&s.id]),
-                "the stopping one is the old process: {st}"
+                "the stopping one is the old process: {st:?}"
             );
-            assert_ne!(successor.pid, s.pid, "{st}");
+            assert_ne!(successor.pid, s.pid, "{st:?}");
             // Only that worker is rolling: the other one still runs its old process.
             for e in web.iter().filter(|e| e.id != s.id) {
                 assert_eq!(
                     (e.state.as_str(), e.pid),
                     ("running", Some(old[&e.id])),
-                    "{st}"
+                    "{st:?}"
                 );
             }
             if successor.state != "running" {
@@ -392,7 +373,7 @@ fn a_command_change_rolls_one_worker_at_a_time_old_stopping_beside_its_successor
 
     let st = status(&sb);
     let new = running(&st, "web");
-    assert_eq!(new.keys().copied().collect::<Vec<_>>(), [0, 1], "{st}");
+    assert_eq!(new.keys().copied().collect::<Vec<_>>(), [0, 1], "{st:?}");
     assert_eq!(
         new[&id], successor,
         "web.{id} keeps the successor seen during the roll"
@@ -411,7 +392,10 @@ fn a_command_change_rolls_one_worker_at_a_time_old_stopping_beside_its_successor
             old[id]
         );
     }
-    assert!(!entries(&st).iter().any(|e| e.state == "stopping"), "{st}");
+    assert!(
+        !entries(&st).iter().any(|e| e.state == "stopping"),
+        "{st:?}"
+    );
     assert_pids(&st, "steady", &steady_pids, "beside a rolled program");
     stop_cleanly(&mut master);
 }
@@ -440,7 +424,7 @@ fn an_unchanged_program_keeps_its_pids_beside_a_changed_one() {
     assert_pids(&st, "first", &f, "beside a changed program");
     assert_pids(&st, "last", &l, "beside a changed program");
     let new = running(&st, "mid");
-    assert_eq!(new.len(), 2, "{st}");
+    assert_eq!(new.len(), 2, "{st:?}");
     for (id, pid) in &new {
         assert_ne!(m[id], *pid, "mid.{id} has a new process");
         let env = std::fs::read(format!("/proc/{pid}/environ")).unwrap_or_default();
@@ -484,15 +468,21 @@ fn a_settings_only_change_applies_in_place_without_touching_a_worker() {
     assert_eq!(out.lines().count(), 1, "{out}");
     let st = status(&sb);
     assert_pids(&st, "web", &before, "after a settings-only change");
-    for w in st["programs"][0]["workers"].as_array().unwrap() {
-        assert_eq!(w["restarts"], 0, "{w}");
+    for w in &st.programs[0].workers {
+        assert_eq!(w.restarts, 0, "{w:?}");
     }
     // Applied: the new stop signal is the one a stop now sends (INT, not TERM).
     sb.cli_ok(&config, &["stop", "web.0"]);
     let st = status(&sb);
-    let w0 = &st["programs"][0]["workers"][0];
-    assert_eq!(w0["state"], "stopped", "{st}");
-    assert_eq!(w0["last_exit"], json!({"signal": "INT"}), "{st}");
+    let w0 = &st.programs[0].workers[0];
+    assert_eq!(w0.state, "stopped", "{st:?}");
+    assert_eq!(
+        w0.last_exit,
+        Some(LastExit::Signal {
+            signal: "INT".into()
+        }),
+        "{st:?}"
+    );
     stop_cleanly(&mut master);
 }
 
@@ -519,8 +509,11 @@ fn a_renamed_program_is_a_removal_and_an_addition() {
     assert_eq!(lines, ["after: added", "before: removed"], "{out}");
     let st = status(&sb);
     let new = running(&st, "after");
-    assert_eq!(new.keys().copied().collect::<Vec<_>>(), [0, 1], "{st}");
-    assert!(new.values().all(|p| !old.values().any(|o| o == p)), "{st}");
+    assert_eq!(new.keys().copied().collect::<Vec<_>>(), [0, 1], "{st:?}");
+    assert!(
+        new.values().all(|p| !old.values().any(|o| o == p)),
+        "{st:?}"
+    );
     wait_all_dead(&sb, &old, "before was renamed");
     sb.wait("status no longer lists `before`", DEADLINE, || {
         programs(&status(&sb)) == BTreeSet::from(["after".to_string(), "keep".to_string()])
@@ -557,7 +550,7 @@ fn an_invalid_file_changes_nothing_and_reload_says_where_with_exit_1() {
     let config = config_with_line_8(&sb, &s, "workers = 2");
     let mut master = sb.start(&config);
     let before = wait_running(&sb, "web", 2);
-    let sock = socket(&sb).display().to_string();
+    let sock = sb.runtime_dir().join("control.sock").display().to_string();
     let located = format!("{}:8:", config.display());
 
     for (line, what) in BAD_LINES {
@@ -581,7 +574,7 @@ fn an_invalid_file_changes_nothing_and_reload_says_where_with_exit_1() {
     config_with_line_8(&sb, &s, "workers = 3");
     assert_eq!(reload(&sb, &config), "web: workers 2 -> 3\n");
     let st = status(&sb);
-    assert_eq!(running(&st, "web").len(), 3, "{st}");
+    assert_eq!(running(&st, "web").len(), 3, "{st:?}");
     for (id, pid) in &before {
         assert_eq!(running(&st, "web")[id], *pid);
     }
@@ -772,7 +765,7 @@ fn reload_none_applies_a_command_change_at_the_next_restart_only() {
     sb.cli_ok(&config, &["restart", "web"]);
     let st = status(&sb);
     let after = running(&st, "web");
-    assert_eq!(after.len(), 2, "{st}");
+    assert_eq!(after.len(), 2, "{st:?}");
     for (id, pid) in &after {
         assert_ne!(before[id], *pid);
         assert_eq!(version_of(*pid), "v2", "web.{id} after restart");

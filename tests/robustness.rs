@@ -18,7 +18,7 @@ use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use plumule::protocol::{Request, MAX_REQUEST};
+use plumule::protocol::{Answer, Request, Response, MAX_REQUEST};
 
 use common::*;
 
@@ -374,23 +374,22 @@ fn mutated_output_streams_split_into_every_byte_and_bounded_pieces() {
 
 /// The pid of `program.0` when it is running, from a `status` request on the socket; `None`
 /// while the master cannot be reached or the worker is not running yet.
-fn running_pid(socket: &Path, program: &str) -> Option<i64> {
+fn running_pid(socket: &Path, program: &str) -> Option<i32> {
     let stream = UnixStream::connect(socket).ok()?;
     stream.set_read_timeout(Some(DEADLINE)).ok()?;
     (&stream).write_all(b"{\"cmd\":\"status\"}\n").ok()?;
     let mut line = String::new();
     BufReader::new(&stream).read_line(&mut line).ok()?;
-    let answer: serde_json::Value = serde_json::from_str(&line).ok()?;
-    let worker = answer["result"]["programs"]
-        .as_array()?
+    let Ok(Response::Ok(Answer::Status(report))) = serde_json::from_str(&line) else {
+        return None;
+    };
+    let worker = report
+        .programs
         .iter()
-        .find(|p| p["name"] == program)?["workers"]
-        .as_array()?
-        .first()?
-        .clone();
-    (worker["state"] == "running")
-        .then(|| worker["pid"].as_i64())
-        .flatten()
+        .find(|p| p.name == program)?
+        .workers
+        .first()?;
+    (worker.state == "running").then_some(worker.pid).flatten()
 }
 
 /// Mutated request lines, with the ones that would act on the worker left out (a mutation of
@@ -500,12 +499,12 @@ fn a_master_fed_mutated_requests_keeps_serving_and_its_worker() {
     let _ = (&stream).write_all(br#"{"cmd":"status","program":"#);
     drop(stream);
 
-    let (code, json) = sb.status(&config);
-    assert_eq!(code, 0, "{json}");
-    let worker = &json["programs"][0]["workers"][0];
-    assert_eq!(worker["state"], "running", "{json}");
-    assert_eq!(worker["pid"], pid, "the worker was replaced: {json}");
-    assert!(pid_alive(pid as i32));
+    let (code, report) = sb.status(&config);
+    assert_eq!(code, 0, "{report:?}");
+    let worker = &report.programs[0].workers[0];
+    assert_eq!(worker.state, "running", "{report:?}");
+    assert_eq!(worker.pid, Some(pid), "the worker was replaced: {report:?}");
+    assert!(pid_alive(pid));
     assert!(master.running(), "{}", master.stderr_text());
     let status = master.stop_with(SIGTERM, DEADLINE);
     assert_exit_code(status, 0, &master.stderr_text());

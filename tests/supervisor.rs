@@ -6,7 +6,7 @@ mod common;
 use std::time::{Duration, Instant};
 
 use common::*;
-use serde_json::json;
+use plumule::protocol::LastExit;
 
 /// Upper bound for anything that should happen promptly (a start, a restart, a stop).
 const DEADLINE: Duration = Duration::from_secs(10);
@@ -112,10 +112,16 @@ fn a_killed_worker_is_replaced_under_the_same_id_with_a_new_pid() {
     assert_eq!(sb.starts_of("pool").iter().filter(|s| s.id == 0).count(), 1);
 
     let status = sb.worker_status(&config, "pool", 1);
-    assert_eq!(status["state"], "running", "{status}");
-    assert_eq!(status["pid"], replacement.pid, "{status}");
-    assert_eq!(status["restarts"], 1, "{status}");
-    assert_eq!(status["last_exit"], json!({"signal": "KILL"}), "{status}");
+    assert_eq!(status.state, "running", "{status:?}");
+    assert_eq!(status.pid, Some(replacement.pid), "{status:?}");
+    assert_eq!(status.restarts, 1, "{status:?}");
+    assert_eq!(
+        status.last_exit,
+        Some(LastExit::Signal {
+            signal: "KILL".into()
+        }),
+        "{status:?}"
+    );
     stop_cleanly(&mut master);
 }
 
@@ -156,13 +162,13 @@ fn restart_never_leaves_a_finished_worker_alone() {
     );
     for (program, code) in [("clean", 0), ("failing", 1)] {
         let status = sb.worker_status(&config, program, 0);
-        assert_eq!(status["state"], "exited", "{program}: {status}");
+        assert_eq!(status.state, "exited", "{program}: {status:?}");
         assert_eq!(
-            status["last_exit"],
-            json!({ "code": code }),
-            "{program}: {status}"
+            status.last_exit,
+            Some(LastExit::Code { code }),
+            "{program}: {status:?}"
         );
-        assert_eq!(status["pid"], json!(null), "{program}: {status}");
+        assert_eq!(status.pid, None, "{program}: {status:?}");
     }
     stop_cleanly(&mut master);
 }
@@ -222,17 +228,21 @@ fn on_failure_restarts_failures_only_and_honours_success_exit_codes() {
     );
     for (program, code) in [("clean", 0), ("tolerated", 3)] {
         let status = sb.worker_status(&config, program, 0);
-        assert_eq!(status["state"], "exited", "{program}: {status}");
+        assert_eq!(status.state, "exited", "{program}: {status:?}");
         assert_eq!(
-            status["last_exit"],
-            json!({ "code": code }),
-            "{program}: {status}"
+            status.last_exit,
+            Some(LastExit::Code { code }),
+            "{program}: {status:?}"
         );
     }
     let status = sb.worker_status(&config, "fails", 0);
-    assert_eq!(status["state"], "running", "{status}");
-    assert_eq!(status["restarts"], 1, "{status}");
-    assert_eq!(status["last_exit"], json!({"code": 3}), "{status}");
+    assert_eq!(status.state, "running", "{status:?}");
+    assert_eq!(status.restarts, 1, "{status:?}");
+    assert_eq!(
+        status.last_exit,
+        Some(LastExit::Code { code: 3 }),
+        "{status:?}"
+    );
     stop_cleanly(&mut master);
 }
 
@@ -325,18 +335,18 @@ fn a_missing_command_fails_without_spinning_and_without_harming_others() {
     }
 
     let (code, json) = sb.status(&config);
-    assert_eq!(code, 3, "status exits 3 when a worker is failed: {json}");
+    assert_eq!(code, 3, "status exits 3 when a worker is failed: {json:?}");
     let broken = sb.worker_status(&config, "broken", 0);
-    assert_eq!(broken["state"], "failed", "{broken}");
-    assert_eq!(broken["pid"], json!(null), "{broken}");
+    assert_eq!(broken.state, "failed", "{broken:?}");
+    assert_eq!(broken.pid, None, "{broken:?}");
     assert!(
-        broken["detail"].as_str().is_some_and(|d| !d.is_empty()),
-        "failed says why: {broken}"
+        broken.detail.as_deref().is_some_and(|d| !d.is_empty()),
+        "failed says why: {broken:?}"
     );
     for id in 0..2 {
         let good = sb.worker_status(&config, "good", id);
-        assert_eq!(good["state"], "running", "{good}");
-        assert_eq!(good["restarts"], 0, "{good}");
+        assert_eq!(good.state, "running", "{good:?}");
+        assert_eq!(good.restarts, 0, "{good:?}");
     }
     stop_cleanly(&mut master);
 }
@@ -516,8 +526,12 @@ fn the_start_limit_turns_a_crash_loop_into_failed() {
         "burst = 3 counts the first start too"
     );
     let status = sb.worker_status(&config, "crash", 0);
-    assert_eq!(status["state"], "failed", "{status}");
-    assert_eq!(status["last_exit"], json!({"code": 1}), "{status}");
+    assert_eq!(status.state, "failed", "{status:?}");
+    assert_eq!(
+        status.last_exit,
+        Some(LastExit::Code { code: 1 }),
+        "{status:?}"
+    );
     stop_cleanly(&mut master);
 }
 

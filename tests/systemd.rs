@@ -21,6 +21,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use nix::sys::signal::Signal::SIGHUP;
+use plumule::protocol::{LastExit, StatusReport, WorkerStatus};
 use serde_json::Value;
 
 use common::*;
@@ -155,28 +156,22 @@ fn env_var<'a>(env: &'a Value, name: &str) -> Option<&'a str> {
 
 /// `plumule status --json` (exit 0, or 3 when a worker is failed), parsed.
 #[track_caller]
-fn status(sb: &Sandbox, config: &Path) -> Value {
-    let (code, json) = sb.status(config);
-    assert!(matches!(code, 0 | 3), "status exited {code}: {json}");
-    json
+fn status(sb: &Sandbox, config: &Path) -> StatusReport {
+    let (code, report) = sb.status(config);
+    assert!(matches!(code, 0 | 3), "status exited {code}: {report:?}");
+    report
 }
 
 /// Worker `id` of `program` in a status reply: the live one when, during a rolling restart, a
 /// stopping predecessor shares its id.
-fn worker(status: &Value, program: &str, id: u64) -> Value {
-    let programs = status["programs"].as_array().cloned().unwrap_or_default();
-    let Some(p) = programs.iter().find(|p| p["name"] == program) else {
-        return Value::Null;
-    };
-    let same_id: Vec<Value> = p["workers"]
-        .as_array()
-        .cloned()
-        .unwrap_or_default()
-        .into_iter()
-        .filter(|w| w["id"] == id)
+fn live_worker(status: &StatusReport, program: &str, id: u32) -> Option<WorkerStatus> {
+    let same_id: Vec<&WorkerStatus> = status
+        .workers()
+        .filter(|(p, w)| p.name == program && w.id == id)
+        .map(|(_, w)| w)
         .collect();
-    let live = same_id.iter().find(|w| w["state"] != "stopping");
-    live.or(same_id.first()).cloned().unwrap_or(Value::Null)
+    let live = same_id.iter().find(|w| w.state != "stopping");
+    live.or(same_id.first()).map(|w| (*w).clone())
 }
 
 /// Waits until worker `id` of `program` satisfies `cond` in `status --json`; returns it.
@@ -185,28 +180,28 @@ fn wait_worker(
     sb: &Sandbox,
     config: &Path,
     program: &str,
-    id: u64,
+    id: u32,
     what: &str,
-    cond: impl Fn(&Value) -> bool,
-) -> Value {
-    let mut last = Value::Null;
+    cond: impl Fn(&WorkerStatus) -> bool,
+) -> WorkerStatus {
+    let mut last = None;
     let give_up = Instant::now() + DEADLINE;
     // Gives up from inside the condition so that the failure shows the last status seen.
     wait_or_abort(
         &format!("{program}.{id} {what}"),
         DEADLINE + Duration::from_secs(1),
         || {
-            last = worker(&status(sb, config), program, id);
-            if cond(&last) {
+            last = live_worker(&status(sb, config), program, id);
+            if last.as_ref().is_some_and(&cond) {
                 Ok(true)
             } else if Instant::now() >= give_up {
-                Err(format!("after {DEADLINE:?} it is still {last}"))
+                Err(format!("after {DEADLINE:?} it is still {last:?}"))
             } else {
                 Ok(false)
             }
         },
     );
-    last
+    last.expect("waited for")
 }
 
 fn stop_cleanly(master: &mut Daemon) {
@@ -464,7 +459,7 @@ fn ready_waits_for_a_notify_worker_to_say_ready() {
         value_of(d, "STATUS").is_some_and(|s| s.starts_with("1/2 workers running"))
     });
     wait_worker(&sb, &config, "slow", 0, "waits for READY=1", |w| {
-        w["state"] == "starting" && w["pid"].is_i64()
+        w.state == "starting" && w.pid.is_some()
     });
     systemd.drain();
     assert!(
@@ -553,19 +548,23 @@ fn a_notify_worker_is_starting_until_ready_and_its_status_text_shows() {
 
     let pid = sb.wait_starts("svc", 1, DEADLINE)[0].pid;
     let w = wait_worker(&sb, &config, "svc", 0, "reports STATUS=warming up", |w| {
-        w["status"] == "warming up"
+        w.status.as_deref() == Some("warming up")
     });
-    assert_eq!(w["state"], "starting", "not running before READY=1: {w}");
-    assert_eq!(w["detail"], "waiting for READY=1", "{w}");
-    assert_eq!(w["pid"], pid, "{w}");
+    assert_eq!(w.state, "starting", "not running before READY=1: {w:?}");
+    assert_eq!(w.detail.as_deref(), Some("waiting for READY=1"), "{w:?}");
+    assert_eq!(w.pid, Some(pid), "{w:?}");
 
     fs::write(&go, "").expect("create the go file");
     let w = wait_worker(&sb, &config, "svc", 0, "is running", |w| {
-        w["state"] == "running"
+        w.state == "running"
     });
-    assert_eq!(w["status"], "serving", "the latest STATUS= shows: {w}");
-    assert_eq!(w["pid"], pid, "the same process: {w}");
-    assert_eq!(w["restarts"], 0, "{w}");
+    assert_eq!(
+        w.status.as_deref(),
+        Some("serving"),
+        "the latest STATUS= shows: {w:?}"
+    );
+    assert_eq!(w.pid, Some(pid), "the same process: {w:?}");
+    assert_eq!(w.restarts, 0, "{w:?}");
     stop_cleanly(&mut master);
 }
 
@@ -581,12 +580,14 @@ fn a_silent_notify_worker_is_restarted_after_ready_timeout() {
 
     let first = sb.wait_starts("mute", 1, DEADLINE)[0].clone();
     let w = wait_worker(&sb, &config, "mute", 0, "has been restarted", |w| {
-        w["restarts"].as_u64().is_some_and(|r| r >= 1) && w["pid"].is_i64() && w["pid"] != first.pid
+        w.restarts >= 1 && w.pid.is_some_and(|p| p != first.pid)
     });
     assert_eq!(
-        w["last_exit"],
-        serde_json::json!({"signal": "TERM"}),
-        "stopped with its stop_signal: {w}"
+        w.last_exit,
+        Some(LastExit::Signal {
+            signal: "TERM".into()
+        }),
+        "stopped with its stop_signal: {w:?}"
     );
     let starts = sb.wait_starts("mute", 2, DEADLINE);
     // Stamped by each shell once it runs, a little after the fork that starts the clock: the
@@ -649,19 +650,26 @@ fn a_worker_that_misses_its_watchdog_is_aborted_and_one_that_pings_is_left_alone
         "once",
         0,
         "has missed its watchdog twice",
-        |w| w["restarts"].as_u64().is_some_and(|r| r >= 2),
+        |w| w.restarts >= 2,
     );
-    assert_eq!(w["last_exit"], serde_json::json!({"signal": "ABRT"}), "{w}");
-    assert_ne!(w["pid"], first, "a new process: {w}");
+    assert_eq!(
+        w.last_exit,
+        Some(LastExit::Signal {
+            signal: "ABRT".into()
+        }),
+        "{w:?}"
+    );
+    assert_ne!(w.pid, Some(first), "a new process: {w:?}");
 
     // Two watchdog periods have passed at least: the pinging worker is still the first one.
-    let s = worker(&status(&sb, &config), "steady", 0);
+    let s = live_worker(&status(&sb, &config), "steady", 0).expect("steady.0 is listed");
     assert_eq!(
-        s["pid"], steady_pid,
-        "the pinging worker keeps its process: {s}"
+        s.pid,
+        Some(steady_pid),
+        "the pinging worker keeps its process: {s:?}"
     );
-    assert_eq!(s["state"], "running", "{s}");
-    assert_eq!(s["restarts"], 0, "{s}");
+    assert_eq!(s.state, "running", "{s:?}");
+    assert_eq!(s.restarts, 0, "{s:?}");
     assert_eq!(sb.starts_of("steady").len(), 1, "steady started once");
     stop_cleanly(&mut master);
 }
@@ -700,27 +708,23 @@ fn after_waits_for_the_ready_of_its_dependency_and_stops_in_reverse() {
 
     sb.wait_starts("a", 1, DEADLINE);
     wait_worker(&sb, &config, "a", 0, "waits for READY=1", |w| {
-        w["state"] == "starting" && w["detail"] == "waiting for READY=1"
+        w.state == "starting" && w.detail.as_deref() == Some("waiting for READY=1")
     });
     let w = wait_worker(&sb, &config, "b", 0, "waits for a", |w| {
-        w["state"] == "starting"
+        w.state == "starting"
     });
-    assert_eq!(w["detail"], "waiting for a", "{w}");
-    assert_eq!(
-        w["pid"],
-        Value::Null,
-        "b is not forked before a is ready: {w}"
-    );
+    assert_eq!(w.detail.as_deref(), Some("waiting for a"), "{w:?}");
+    assert_eq!(w.pid, None, "b is not forked before a is ready: {w:?}");
     assert!(sb.starts_of("b").is_empty(), "b has not started");
 
     fs::write(&go, "").expect("create the go file");
     let b_pid = sb.wait_starts("b", 1, DEADLINE)[0].pid;
     wait_worker(&sb, &config, "b", 0, "is running", |w| {
-        w["state"] == "running" && w["pid"] == b_pid
+        w.state == "running" && w.pid == Some(b_pid)
     });
     worker_env(&sb, b_pid);
-    let a0 = worker(&status(&sb, &config), "a", 0);
-    assert_eq!(a0["state"], "running", "a is ready: {a0}");
+    let a0 = live_worker(&status(&sb, &config), "a", 0).expect("a.0 is listed");
+    assert_eq!(a0.state, "running", "a is ready: {a0:?}");
 
     stop_cleanly(&mut master);
     assert_eq!(

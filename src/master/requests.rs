@@ -1,19 +1,64 @@
 //! Control requests: status, start/stop/restart, scale and reload, and the waiters that
 //! answer a request once its action is done (SPEC §9).
 
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Instant;
 
 use nix::unistd::Pid;
 
 use super::Master;
-use crate::config;
+use crate::config::{self, ConfigError};
 use crate::control::Incoming;
-use crate::diff;
-use crate::diff::ReloadAction;
+use crate::diff::{self, ReloadAction};
 use crate::plan::{Phase, Pool, PoolId};
-use crate::protocol::{self, ProgramStatus, Request, Response, Status, Target, WorkerStatus};
-use crate::slot::{AfterStop, Event, SlotState};
+use crate::protocol::{
+    self, Answer, LogsResult, ProgramStatus, ReloadResult, Request, Response, ScaleResult,
+    StatusReport, Target, TargetError, WorkerStatus,
+};
+use crate::slot::{AfterStop, Event, Slot, SlotState};
+
+/// Why the master refuses a control request; the text is the client's error line.
+#[derive(Debug, thiserror::Error)]
+pub enum RefusedError {
+    #[error(transparent)]
+    Target(#[from] TargetError),
+    #[error("no program named {program}")]
+    NoProgram { program: String },
+    #[error("no program named {program}.{id} ({program} has {desired} workers)")]
+    NoWorker {
+        program: String,
+        id: u32,
+        desired: u32,
+    },
+    #[error("cannot scale {program} to {workers}: at most {max} workers")]
+    TooManyWorkers {
+        program: String,
+        workers: u32,
+        max: u32,
+    },
+    #[error(transparent)]
+    Reload(#[from] ReloadError),
+    #[error("the master is stopping")]
+    Stopping,
+}
+
+/// Why a reload changed nothing.
+#[derive(Debug, thiserror::Error)]
+pub enum ReloadError {
+    #[error("reload refused, nothing changed: {0}")]
+    Config(#[source] ConfigError),
+    #[error("reload refused, nothing changed: cannot listen on {}: {reason}", address.display())]
+    Listen { address: PathBuf, reason: String },
+}
+
+impl RefusedError {
+    fn no_program(program: &str) -> Self {
+        RefusedError::NoProgram {
+            program: program.to_string(),
+        }
+    }
+}
 
 /// A request that is answered once its condition holds.
 pub struct Waiter {
@@ -31,10 +76,7 @@ enum WaitKind {
         old: Vec<Pid>,
     },
     /// `scale` and `reload`: the pools are settled; `result` is the answer then.
-    Settled {
-        pools: Vec<PoolId>,
-        result: serde_json::Value,
-    },
+    Settled { pools: Vec<PoolId>, result: Answer },
 }
 
 impl Master {
@@ -91,15 +133,18 @@ impl Master {
     fn handle(&mut self, conn: u64, req: Request, now: Instant) -> Option<Response> {
         if let Phase::ShuttingDown { .. } = self.phase {
             if !matches!(req, Request::Status { .. }) {
-                return Some(Response::error("the master is stopping"));
+                return Some(Response::error(RefusedError::Stopping));
             }
         }
         let result = match req {
             Request::Status { program } => return Some(self.status(program.as_deref(), now)),
-            Request::Reload => self.reload(now).map(|(changes, pools)| WaitKind::Settled {
-                pools,
-                result: serde_json::json!({ "changes": changes }),
-            }),
+            Request::Reload => self
+                .reload(now)
+                .map(|(changes, pools)| WaitKind::Settled {
+                    pools,
+                    result: ReloadResult { changes }.into(),
+                })
+                .map_err(RefusedError::from),
             Request::Start { target } => self.start(&target, now),
             Request::Stop { target } => self.stop_target(&target, now),
             Request::Restart { target } => self.restart(&target, now),
@@ -111,7 +156,7 @@ impl Master {
             } => return self.logs(conn, target, lines, follow),
         };
         match result {
-            Err(message) => Some(Response::error(message)),
+            Err(refused) => Some(Response::error(refused)),
             Ok(kind) => {
                 self.waiters.push(Waiter { conn, kind });
                 None
@@ -172,18 +217,17 @@ impl Master {
                 Err(e) => return Some(Response::error(e)),
             };
             if self.pool(&parsed.program).is_none() {
-                return Some(Response::error(format!(
-                    "no program named {}",
-                    parsed.program
-                )));
+                return Some(Response::error(RefusedError::NoProgram {
+                    program: parsed.program,
+                }));
             }
         }
-        let entries: Vec<protocol::LogEntry> = self
+        let lines = self
             .log_ring
             .tail(lines, target.as_deref())
             .map(protocol::LogEntry::from)
             .collect();
-        let response = Response::ok(serde_json::json!({ "lines": entries }));
+        let response = Response::ok(LogsResult { lines });
         if !follow {
             return Some(response);
         }
@@ -210,14 +254,14 @@ impl Master {
             if *seq == next {
                 return control.conns.contains_key(conn);
             }
-            let entries: Vec<protocol::LogEntry> = ring
+            let lines: Vec<protocol::LogEntry> = ring
                 .since(*seq)
                 .filter(|l| filter.as_deref().is_none_or(|f| l.matches(f)))
                 .map(protocol::LogEntry::from)
                 .collect();
             *seq = next;
-            entries.is_empty() && control.conns.contains_key(conn)
-                || control.stream(*conn, Response::ok(serde_json::json!({ "lines": entries })))
+            lines.is_empty() && control.conns.contains_key(conn)
+                || control.stream(*conn, Response::ok(LogsResult { lines }))
         });
     }
 
@@ -236,12 +280,12 @@ impl Master {
         match kind {
             WaitKind::Stopped { pool, ids } => {
                 let Some(pool) = self.pool_by_key(*pool) else {
-                    return Some(Response::ok(serde_json::json!({})));
+                    return Some(Response::done());
                 };
                 let busy = ids
                     .iter()
                     .any(|&id| pool.slots.get(id as usize).is_some_and(|s| s.is_live()));
-                (!busy).then(|| Response::ok(serde_json::json!({})))
+                (!busy).then(Response::done)
             }
             WaitKind::Running { pool, ids, old } => {
                 let Some(pool) = self.pool_by_key(*pool) else {
@@ -284,7 +328,7 @@ impl Master {
                     }
                 }
                 Some(if errors.is_empty() {
-                    Response::ok(serde_json::json!({}))
+                    Response::done()
                 } else {
                     Response::error(errors.join("\n"))
                 })
@@ -299,28 +343,29 @@ impl Master {
     }
 
     /// The pool index and slot ids a target names; errors name what does not exist.
-    fn resolve(&mut self, target: &str) -> Result<(usize, Vec<u32>), String> {
+    fn resolve(&mut self, target: &str) -> Result<(usize, Vec<u32>), RefusedError> {
         let t = Target::parse(target)?;
         let p = self
             .pools
             .iter()
             .position(|p| p.program.name == t.program && !p.removed)
-            .ok_or_else(|| format!("no program named {}", t.program))?;
+            .ok_or_else(|| RefusedError::no_program(&t.program))?;
         let desired = self.pools[p].desired();
         let ids = match t.id {
             Some(id) if id < desired || (id as usize) < self.pools[p].slots.len() => vec![id],
             Some(id) => {
-                return Err(format!(
-                    "no program named {}.{id} ({} has {desired} workers)",
-                    t.program, t.program
-                ))
+                return Err(RefusedError::NoWorker {
+                    program: t.program,
+                    id,
+                    desired,
+                })
             }
             None => (0..desired.max(self.pools[p].slots.len() as u32)).collect(),
         };
         Ok((p, ids))
     }
 
-    fn start(&mut self, target: &str, now: Instant) -> Result<WaitKind, String> {
+    fn start(&mut self, target: &str, now: Instant) -> Result<WaitKind, RefusedError> {
         let (p, ids) = self.resolve(target)?;
         let desired = self.pools[p].desired();
         let ids: Vec<u32> = ids.into_iter().filter(|&id| id < desired).collect();
@@ -336,7 +381,7 @@ impl Master {
         })
     }
 
-    fn stop_target(&mut self, target: &str, now: Instant) -> Result<WaitKind, String> {
+    fn stop_target(&mut self, target: &str, now: Instant) -> Result<WaitKind, RefusedError> {
         let (p, ids) = self.resolve(target)?;
         for &id in &ids {
             self.pool_event(p, id, Event::Disable, now);
@@ -349,7 +394,7 @@ impl Master {
         })
     }
 
-    fn restart(&mut self, target: &str, now: Instant) -> Result<WaitKind, String> {
+    fn restart(&mut self, target: &str, now: Instant) -> Result<WaitKind, RefusedError> {
         let (p, ids) = self.resolve(target)?;
         let desired = self.pools[p].desired();
         let ids: Vec<u32> = ids.into_iter().filter(|&id| id < desired).collect();
@@ -372,18 +417,19 @@ impl Master {
         })
     }
 
-    fn scale(&mut self, program: &str, workers: u32) -> Result<WaitKind, String> {
+    fn scale(&mut self, program: &str, workers: u32) -> Result<WaitKind, RefusedError> {
         if workers > config::MAX_WORKERS {
-            return Err(format!(
-                "cannot scale {program} to {workers}: at most {} workers",
-                config::MAX_WORKERS
-            ));
+            return Err(RefusedError::TooManyWorkers {
+                program: program.to_string(),
+                workers,
+                max: config::MAX_WORKERS,
+            });
         }
         let p = self
             .pools
             .iter()
             .position(|p| p.program.name == program && !p.removed)
-            .ok_or_else(|| format!("no program named {program}"))?;
+            .ok_or_else(|| RefusedError::no_program(program))?;
         let pool = &mut self.pools[p];
         log::info!(
             "{program}: scaling from {} to {workers} worker(s)",
@@ -393,13 +439,20 @@ impl Master {
         pool.touch_all();
         Ok(WaitKind::Settled {
             pools: vec![pool.key],
-            result: serde_json::json!({ "program": program, "workers": workers }),
+            result: ScaleResult {
+                program: program.to_string(),
+                workers,
+            }
+            .into(),
         })
     }
 
     /// Re-reads the config file and applies the difference. On error nothing changes.
     /// Returns the changes (as lines) and the pools to wait for.
-    pub(super) fn reload(&mut self, now: Instant) -> Result<(Vec<String>, Vec<PoolId>), String> {
+    pub(super) fn reload(
+        &mut self,
+        now: Instant,
+    ) -> Result<(Vec<String>, Vec<PoolId>), ReloadError> {
         let usec = crate::sys::notify::monotonic_usec();
         self.systemd
             .notifier
@@ -407,21 +460,18 @@ impl Master {
         let new = match config::load(&self.config.path) {
             Ok(c) => c,
             Err(e) => {
-                let message = format!("reload refused, nothing changed: {e}");
-                log::error!("{message}");
-                self.systemd.refused(&message);
-                return Err(message);
+                let refused = ReloadError::Config(e);
+                log::error!("{refused}");
+                self.systemd.refused(&refused.to_string());
+                return Err(refused);
             }
         };
         // New sockets are bound before anything changes, so a busy port refuses the reload.
-        if let Err((addr, reason)) = super::bind_listeners(&new, &mut self.listeners) {
-            let message = format!(
-                "reload refused, nothing changed: cannot listen on {}: {reason}",
-                addr.display()
-            );
-            log::error!("{message}");
-            self.systemd.refused(&message);
-            return Err(message);
+        if let Err((address, reason)) = super::bind_listeners(&new, &mut self.listeners) {
+            let refused = ReloadError::Listen { address, reason };
+            log::error!("{refused}");
+            self.systemd.refused(&refused.to_string());
+            return Err(refused);
         }
         let changes = diff::diff(&self.config, &new);
         let mut lines: Vec<String> = changes.iter().map(|c| c.describe(&new)).collect();
@@ -519,9 +569,15 @@ impl Master {
     fn status(&self, program: Option<&str>, now: Instant) -> Response {
         if let Some(name) = program {
             if self.pool(name).is_none() {
-                return Response::error(format!("no program named {name}"));
+                return Response::error(RefusedError::no_program(name));
             }
         }
+        let locks_of = |pid: Pid| {
+            self.procs
+                .get(&pid)
+                .map(|p| p.lock_names.clone())
+                .unwrap_or_default()
+        };
         let mut programs = Vec::new();
         for pool in &self.pools {
             if program.is_some_and(|n| n != pool.program.name) {
@@ -532,72 +588,8 @@ impl Master {
             let blocked_by = crate::plan::waiting_for(&self.pools, pool);
             let desired = pool.desired();
             for slot in &pool.slots {
-                if let Some(r) = slot.state().old() {
-                    workers.push(WorkerStatus {
-                        id: slot.id,
-                        pid: Some(r.pid.as_raw()),
-                        state: "stopping".into(),
-                        detail: Some("replaced by a rolling restart".into()),
-                        uptime_s: Some(now.saturating_duration_since(r.since).as_secs_f64()),
-                        restarts: slot.restarts,
-                        last_exit: None,
-                        locks: self
-                            .procs
-                            .get(&r.pid)
-                            .map(|p| p.lock_names.clone())
-                            .unwrap_or_default(),
-                        in_flight: 0,
-                        status: None,
-                    });
-                }
-                let locks = match slot.state().current() {
-                    SlotState::Running { pid, .. } | SlotState::Stopping { pid, .. } => self
-                        .procs
-                        .get(pid)
-                        .map(|p| p.lock_names.clone())
-                        .unwrap_or_default(),
-                    SlotState::Starting { pid, wait, .. }
-                        if *wait != crate::slot::StartWait::Exec =>
-                    {
-                        let all = self
-                            .procs
-                            .get(pid)
-                            .map(|p| p.lock_names.clone())
-                            .unwrap_or_default();
-                        match wait {
-                            crate::slot::StartWait::Lock(name) => {
-                                all.into_iter().take_while(|l| l != name).collect()
-                            }
-                            _ => all,
-                        }
-                    }
-                    _ => Vec::new(),
-                };
-                let waiting = blocked_by.filter(|_| {
-                    slot.id < desired && slot.enabled && matches!(slot.state(), SlotState::Stopped)
-                });
-                workers.push(WorkerStatus {
-                    id: slot.id,
-                    pid: slot.pid().map(|p| p.as_raw()),
-                    state: if waiting.is_some() {
-                        "starting"
-                    } else {
-                        slot.state().name()
-                    }
-                    .into(),
-                    detail: waiting
-                        .map(|d| format!("waiting for {d}"))
-                        .or_else(|| slot.detail(now)),
-                    uptime_s: slot
-                        .state()
-                        .since()
-                        .map(|s| now.saturating_duration_since(s).as_secs_f64()),
-                    restarts: slot.restarts,
-                    last_exit: slot.last_exit.map(protocol::LastExit::from),
-                    locks,
-                    in_flight: 0,
-                    status: slot.status.clone(),
-                });
+                let waiting = blocked_by.filter(|_| slot.id < desired);
+                workers.extend(worker_status(slot, &locks_of, waiting, now));
             }
             if let Some(dep) = blocked_by {
                 for id in pool.slots.len() as u32..desired {
@@ -620,6 +612,118 @@ impl Master {
                 workers,
             });
         }
-        Response::ok(Status { programs })
+        Response::ok(StatusReport { programs })
+    }
+}
+
+/// What `status` shows of one slot: during a rolling restart the old process (`stopping`),
+/// then the slot itself. `locks_of` names the locks a process holds, in the program's order;
+/// `waiting_for` is the `after` program that holds back this wanted slot, if any.
+///
+/// The one place that reads a slot's state for `status`.
+fn worker_status(
+    slot: &Slot,
+    locks_of: &dyn Fn(Pid) -> Vec<String>,
+    waiting_for: Option<&str>,
+    now: Instant,
+) -> Vec<WorkerStatus> {
+    let mut shown = Vec::with_capacity(1);
+    if let Some(r) = slot.state().old() {
+        shown.push(WorkerStatus {
+            id: slot.id,
+            pid: Some(r.pid.as_raw()),
+            state: "stopping".into(),
+            detail: Some("replaced by a rolling restart".into()),
+            uptime_s: Some(now.saturating_duration_since(r.since).as_secs_f64()),
+            restarts: slot.restarts,
+            last_exit: None,
+            locks: locks_of(r.pid),
+            in_flight: 0,
+            status: None,
+        });
+    }
+    let locks = match slot.state().current() {
+        SlotState::Running { pid, .. } | SlotState::Stopping { pid, .. } => locks_of(*pid),
+        SlotState::Starting { pid, wait, .. } if *wait != crate::slot::StartWait::Exec => {
+            let all = locks_of(*pid);
+            match wait {
+                // Still waiting for this one: only those before it are held.
+                crate::slot::StartWait::Lock(name) => {
+                    all.into_iter().take_while(|l| l != name).collect()
+                }
+                _ => all,
+            }
+        }
+        _ => Vec::new(),
+    };
+    let waiting =
+        waiting_for.filter(|_| slot.enabled && matches!(slot.state(), SlotState::Stopped));
+    shown.push(WorkerStatus {
+        id: slot.id,
+        pid: slot.pid().map(|p| p.as_raw()),
+        state: if waiting.is_some() {
+            "starting"
+        } else {
+            slot.state().name()
+        }
+        .into(),
+        detail: waiting
+            .map(|d| format!("waiting for {d}"))
+            .or_else(|| slot.detail(now)),
+        uptime_s: slot
+            .state()
+            .since()
+            .map(|s| now.saturating_duration_since(s).as_secs_f64()),
+        restarts: slot.restarts,
+        last_exit: slot.last_exit.map(protocol::LastExit::from),
+        locks,
+        in_flight: 0,
+        status: slot.status.clone(),
+    });
+    shown
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The texts clients print (SPEC §9 names "no program named …"), unchanged by typing.
+    #[test]
+    fn refusals_say_what_they_said() {
+        let table = [
+            (RefusedError::no_program("web"), "no program named web"),
+            (
+                RefusedError::NoWorker {
+                    program: "web".into(),
+                    id: 7,
+                    desired: 2,
+                },
+                "no program named web.7 (web has 2 workers)",
+            ),
+            (
+                RefusedError::TooManyWorkers {
+                    program: "web".into(),
+                    workers: 5000,
+                    max: 1024,
+                },
+                "cannot scale web to 5000: at most 1024 workers",
+            ),
+            (
+                Target::parse("web.x").unwrap_err().into(),
+                "bad worker id in `web.x`: expected PROGRAM or PROGRAM.ID",
+            ),
+            (
+                ReloadError::Listen {
+                    address: PathBuf::from("/run/web.sock"),
+                    reason: "address in use".into(),
+                }
+                .into(),
+                "reload refused, nothing changed: cannot listen on /run/web.sock: address in use",
+            ),
+            (RefusedError::Stopping, "the master is stopping"),
+        ];
+        for (refused, text) in table {
+            assert_eq!(Response::error(refused), Response::error(text));
+        }
     }
 }

@@ -27,6 +27,7 @@ use std::time::{Duration, Instant};
 use nix::sys::signal::{kill, Signal};
 use nix::sys::wait::{waitid, waitpid, Id, WaitPidFlag, WaitStatus};
 use nix::unistd::Pid;
+use plumule::protocol::{Request, Response, StatusReport, WorkerStatus};
 
 #[allow(unused_imports)] // not every test binary sends every signal
 pub use nix::sys::signal::Signal::{SIGINT, SIGKILL, SIGTERM, SIGUSR1};
@@ -614,7 +615,7 @@ impl Sandbox {
 
     /// `plumule status --json -c CONFIG`: its exit code and the parsed answer (SPEC §9 shape).
     #[track_caller]
-    pub fn status(&self, config: &Path) -> (i32, serde_json::Value) {
+    pub fn status(&self, config: &Path) -> (i32, StatusReport) {
         let out = self.plumule(
             &["status", "--json", "-c", &config.display().to_string()],
             Duration::from_secs(10),
@@ -623,28 +624,28 @@ impl Sandbox {
             .status
             .code()
             .unwrap_or_else(|| panic!("status: {}", out.status));
-        let json = serde_json::from_str(&out.stdout).unwrap_or_else(|e| {
+        let report = parse_status(&out.stdout).unwrap_or_else(|e| {
             panic!(
-                "status --json printed no JSON ({e}):\n{}\nstderr:\n{}",
+                "status --json printed no status report ({e}):\n{}\nstderr:\n{}",
                 out.stdout, out.stderr
             )
         });
-        (code, json)
+        (code, report)
+    }
+
+    /// `status` over this sandbox's control socket; `None` while no master answers there.
+    #[track_caller]
+    pub fn ask_status(&self) -> Option<StatusReport> {
+        ask_status(&self.runtime_dir().join("control.sock"))
     }
 
     /// The `status --json` entry of worker `program.id`.
     #[track_caller]
-    pub fn worker_status(&self, config: &Path, program: &str, id: u64) -> serde_json::Value {
-        let (_, json) = self.status(config);
-        let found = json["programs"]
-            .as_array()
-            .into_iter()
-            .flatten()
-            .filter(|p| p["name"] == program)
-            .flat_map(|p| p["workers"].as_array().into_iter().flatten())
-            .find(|w| w["id"] == id)
-            .cloned();
-        found.unwrap_or_else(|| panic!("no worker {program}.{id} in status --json: {json}"))
+    pub fn worker_status(&self, config: &Path, program: &str, id: u32) -> WorkerStatus {
+        let (_, report) = self.status(config);
+        worker(&report, program, id)
+            .cloned()
+            .unwrap_or_else(|| panic!("no worker {program}.{id} in status --json: {report:?}"))
     }
 
     /// SIGKILLs every process carrying this sandbox's marker until none is left (bounded).
@@ -841,7 +842,53 @@ pub fn assert_exit_code(status: ExitStatus, code: i32, stderr: &str) {
 }
 
 // ---------------------------------------------------------------------------------------------
-// Reading a status answer
+// Reading a status answer: always into the library's own `StatusReport`
+
+/// `status --json` output (or a status `result`) read as the typed report.
+pub fn parse_status(text: &str) -> Result<StatusReport, String> {
+    serde_json::from_str(text.trim()).map_err(|e| format!("not a status report: {e}"))
+}
+
+/// Asks for `status` on `socket` with the library's own request and response types, every read
+/// and write bounded; `None` while nothing listens there. Once connected, anything but a
+/// status report (no answer, a refusal, an unreadable line) panics.
+#[track_caller]
+pub fn ask_status(socket: &Path) -> Option<StatusReport> {
+    use std::io::{BufRead, BufReader};
+    let stream = std::os::unix::net::UnixStream::connect(socket).ok()?;
+    let bound = Some(Duration::from_secs(10));
+    stream.set_read_timeout(bound).expect("read timeout");
+    stream.set_write_timeout(bound).expect("write timeout");
+    let mut line = serde_json::to_vec(&Request::Status { program: None }).expect("encode");
+    line.push(b'\n');
+    (&stream).write_all(&line).expect("send status");
+    let mut answer = String::new();
+    BufReader::new(&stream)
+        .read_line(&mut answer)
+        .expect("an answer to status");
+    let answer: serde_json::Value = serde_json::from_str(&answer)
+        .unwrap_or_else(|e| panic!("the answer {answer:?} is not JSON: {e}"));
+    Some(status_of(&answer))
+}
+
+/// A whole answer line to `status` (`{"ok":true,"result":{"programs":…}}`), read with the
+/// library's `Response`: its report. Anything else panics.
+#[track_caller]
+pub fn status_of(answer: &serde_json::Value) -> StatusReport {
+    match serde_json::from_value::<Response>(answer.clone()) {
+        Ok(Response::Ok(plumule::protocol::Answer::Status(report))) => report,
+        Ok(other) => panic!("status failed: {other:?}"),
+        Err(e) => panic!("the answer {answer} is not a status response: {e}"),
+    }
+}
+
+/// The entry of worker `program.id` (the first, during a rolling restart the old process).
+pub fn worker<'a>(report: &'a StatusReport, program: &str, id: u32) -> Option<&'a WorkerStatus> {
+    report
+        .workers()
+        .find(|(p, w)| p.name == program && w.id == id)
+        .map(|(_, w)| w)
+}
 
 /// One entry of a `status` result: (program, id, pid, state).
 #[derive(Debug, Clone, PartialEq)]
@@ -852,24 +899,21 @@ pub struct Entry {
     pub state: String,
 }
 
-/// Every worker entry of a `status` result (`{"programs":[…]}`), in order.
-pub fn entries(status: &serde_json::Value) -> Vec<Entry> {
-    let mut out = Vec::new();
-    for p in status["programs"].as_array().expect("programs") {
-        for w in p["workers"].as_array().expect("workers") {
-            out.push(Entry {
-                program: p["name"].as_str().expect("name").to_string(),
-                id: w["id"].as_u64().expect("id") as u32,
-                pid: w["pid"].as_i64().map(|p| p as i32),
-                state: w["state"].as_str().expect("state").to_string(),
-            });
-        }
-    }
-    out
+/// Every worker entry of a `status` result, in order.
+pub fn entries(status: &StatusReport) -> Vec<Entry> {
+    status
+        .workers()
+        .map(|(p, w)| Entry {
+            program: p.name.clone(),
+            id: w.id,
+            pid: w.pid,
+            state: w.state.clone(),
+        })
+        .collect()
 }
 
 /// id → pid of the `running` workers of `program`.
-pub fn running(status: &serde_json::Value, program: &str) -> std::collections::BTreeMap<u32, i32> {
+pub fn running(status: &StatusReport, program: &str) -> std::collections::BTreeMap<u32, i32> {
     entries(status)
         .into_iter()
         .filter(|e| e.program == program && e.state == "running")

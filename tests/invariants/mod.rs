@@ -33,8 +33,8 @@ pub fn check_request(line: &[u8]) -> Option<Request> {
                 "{request:?} serialises to more than one line: {text:?}"
             );
             assert_eq!(
-                parse_request(text.as_bytes()).as_ref(),
-                Ok(&request),
+                parse_request(text.as_bytes()).ok().as_ref(),
+                Some(&request),
                 "{request:?} serialised as {text:?} does not parse back (input {:?})",
                 String::from_utf8_lossy(line)
             );
@@ -52,7 +52,8 @@ pub fn check_request(line: &[u8]) -> Option<Request> {
             }
             Some(request)
         }
-        Err(message) => {
+        Err(error) => {
+            let message = error.to_string();
             assert!(!message.is_empty(), "empty error for {line:?}");
             let reply = Response::error(message).to_line();
             assert_eq!(
