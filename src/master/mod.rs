@@ -363,7 +363,7 @@ impl Master {
                 let (program, slot) = self.slot_mut(pool, id);
                 let Some(pid) = slot.pid() else { return };
                 log::error!("{}.{}: missed its watchdog; sending ABRT", program.name, id);
-                let _ = nix::sys::signal::kill(pid, Signal::SIGABRT);
+                let _ = sys::process::signal_process(pid, Signal::SIGABRT);
                 slot.stop_reason = Some(crate::slot::StopReason::Watchdog);
                 slot.transition(
                     Event::Stop {
@@ -804,7 +804,7 @@ fn bind_listeners(
             if listeners.contains_key(&l.address) {
                 continue;
             }
-            let fd = sys::listen::bind(&l.address, l.mode).map_err(|e| {
+            let fd = bind_listener(&l.address, l.mode).map_err(|e| {
                 (
                     PathBuf::from(describe_addr(&l.address)),
                     format!("program {}: {e}", program.name),
@@ -819,6 +819,20 @@ fn bind_listeners(
         }
     }
     Ok(())
+}
+
+/// Binds one `listen` address; a `systemd:NAME` one must have been passed to the master.
+fn bind_listener(
+    addr: &ListenAddr,
+    mode: Option<u32>,
+) -> Result<OwnedFd, sys::listen::ListenError> {
+    match addr {
+        ListenAddr::Tcp(sa) => sys::listen::bind_tcp(*sa),
+        ListenAddr::Unix(path) => sys::listen::bind_unix(path, mode),
+        ListenAddr::Systemd(name) => {
+            Err(sys::listen::ListenError::NotPassed { name: name.clone() })
+        }
+    }
 }
 
 /// `tcp:HOST:PORT`, `unix:PATH`, `systemd:NAME`.

@@ -498,7 +498,8 @@ impl Master {
                     } else if *signal {
                         for slot in &pool.slots {
                             if let Some(pid) = slot.pid() {
-                                let _ = nix::sys::signal::kill(pid, program.reload_signal);
+                                let _ =
+                                    crate::sys::process::signal_process(pid, program.reload_signal);
                             }
                         }
                     }
