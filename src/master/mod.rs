@@ -446,7 +446,7 @@ impl Master {
         };
         let mut prepared = match worker::prepare(&program, id, workers, &self.ctx) {
             Ok(p) => p,
-            Err(reason) => return fail(self, reason),
+            Err(e) => return fail(self, e.to_string()),
         };
         let stdout = match self.output(&program.stdout, 1) {
             Ok(o) => o,
@@ -468,16 +468,16 @@ impl Master {
                 }
             }
         }
-        let req = &mut prepared.request;
+        let req = &mut prepared.setup;
         req.pass_fds = pass_fds;
         req.stdin = self.dev_null.as_raw_fd();
         req.stdout = stdout.0;
         req.stderr = stderr.0;
-        let child = match sys::spawn::spawn(req) {
+        let child = match sys::spawn::spawn(req, &mut prepared.body) {
             Ok(c) => c,
             Err(e) => {
                 // fork failing (EAGAIN, ENOMEM) is transient: retry as after a quick crash.
-                log::error!("{tag}: cannot fork: {e}");
+                log::error!("{tag}: {e}");
                 let slot = &mut self.pools[pool].slots[id as usize];
                 slot.state = crate::slot::SlotState::Backoff {
                     until: now + program.backoff.initial,
