@@ -109,8 +109,15 @@ pub enum Command {
     },
 }
 
-fn parse_duration(s: &str) -> Result<Duration, String> {
-    humantime::parse_duration(s).map_err(|e| format!("{e} (write e.g. \"5s\" or \"250ms\")"))
+/// A `--timeout` that is not a duration; clap shows it after the option's name.
+#[derive(Debug, thiserror::Error)]
+#[error("{source} (write e.g. \"5s\" or \"250ms\")")]
+struct BadDuration {
+    source: humantime::DurationError,
+}
+
+fn parse_duration(s: &str) -> Result<Duration, BadDuration> {
+    humantime::parse_duration(s).map_err(|source| BadDuration { source })
 }
 
 /// Parses the arguments, runs the command, and returns the process exit code.

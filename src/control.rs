@@ -14,8 +14,6 @@ use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use nix::sys::socket::{getsockopt, sockopt::PeerCredentials};
-
 use crate::config::GroupSpec;
 use crate::protocol::{parse_request, Request, Response, MAX_REQUEST};
 
@@ -95,7 +93,7 @@ impl ControlServer {
         let mode = if access.group.is_some() { 0o660 } else { 0o600 };
         std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))?;
         if let Some(g) = &access.group {
-            nix::unistd::chown(path, None, Some(g.gid.into()))?;
+            crate::sys::set_group(path, g.gid)?;
         }
         Ok(ControlServer {
             listener,
@@ -121,11 +119,10 @@ impl ControlServer {
                     return;
                 }
             };
-            let refusal = match getsockopt(&stream, PeerCredentials) {
-                Ok(c) if self.access.allows(c.uid(), c.gid()) => None,
-                Ok(c) => Some(format!(
-                    "permission denied: uid {} may not command this master",
-                    c.uid()
+            let refusal = match crate::sys::peer_credentials(&stream) {
+                Ok((uid, gid)) if self.access.allows(uid, gid) => None,
+                Ok((uid, _)) => Some(format!(
+                    "permission denied: uid {uid} may not command this master"
                 )),
                 Err(e) => Some(format!("cannot check peer credentials: {e}")),
             };

@@ -121,7 +121,7 @@ pub enum Wait {
 pub enum LockError {
     /// The name is not a valid lock name (see [`validate_name`]).
     #[error("invalid lock name {name:?}: {reason}")]
-    InvalidName { name: String, reason: String },
+    InvalidName { name: String, reason: NameError },
     /// The lock is held elsewhere: `Wait::NonBlock` (`waited` is `None`), or `Wait::Timeout`
     /// expired (`waited` is the timeout).
     #[error("{}", busy_message(.name, *.waited))]
@@ -173,28 +173,36 @@ impl LockError {
     }
 }
 
+/// What is wrong with a lock name; the text does not repeat the name.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum NameError {
+    #[error("the name is empty")]
+    Empty,
+    #[error("it contains {0:?}; only ASCII letters, digits, '.', '_' and '-' are allowed")]
+    Character(char),
+    #[error("it is {0} characters long; the limit is {MAX_NAME_LEN}")]
+    TooLong(usize),
+    #[error("it starts with a dot")]
+    LeadingDot,
+}
+
 /// Checks a lock name (after `{worker}` expansion): `[A-Za-z0-9._-]{1,100}`, not starting with a
-/// dot. The error says what is wrong, without repeating the name.
-pub fn validate_name(name: &str) -> Result<(), String> {
+/// dot.
+pub fn validate_name(name: &str) -> Result<(), NameError> {
     if name.is_empty() {
-        return Err("the name is empty".to_string());
+        return Err(NameError::Empty);
     }
     if let Some(bad) = name
         .chars()
         .find(|c| !(c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-')))
     {
-        return Err(format!(
-            "it contains {bad:?}; only ASCII letters, digits, '.', '_' and '-' are allowed"
-        ));
+        return Err(NameError::Character(bad));
     }
     if name.len() > MAX_NAME_LEN {
-        return Err(format!(
-            "it is {} characters long; the limit is {MAX_NAME_LEN}",
-            name.len()
-        ));
+        return Err(NameError::TooLong(name.len()));
     }
     if name.starts_with('.') {
-        return Err("it starts with a dot".to_string());
+        return Err(NameError::LeadingDot);
     }
     Ok(())
 }
@@ -776,7 +784,8 @@ mod tests {
         for (name, expected) in cases {
             match (validate_name(name), expected) {
                 (Ok(()), None) => {}
-                (Err(message), Some(part)) => {
+                (Err(e), Some(part)) => {
+                    let message = e.to_string();
                     assert!(
                         message.contains(part),
                         "{name:?}: {message:?} lacks {part:?}"

@@ -23,35 +23,15 @@
 //! is ignored, whatever the slot has become since.
 
 use std::collections::VecDeque;
-use std::fmt;
 use std::time::{Duration, Instant};
 
-use nix::sys::signal::Signal;
 use nix::unistd::Pid;
 
 use crate::backoff;
 use crate::config::{Program, ReadyMode, RestartPolicy};
 
-/// How a worker's main process ended.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Exit {
-    Code(i32),
-    Signal(Signal),
-}
-
-impl fmt::Display for Exit {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self {
-            Exit::Code(c) => write!(f, "exit {c}"),
-            Exit::Signal(s) => write!(f, "signal {}", signal_name(*s)),
-        }
-    }
-}
-
-/// "TERM" for SIGTERM: the form the config file and `status --json` use.
-pub fn signal_name(s: Signal) -> &'static str {
-    s.as_str().trim_start_matches("SIG")
-}
+/// How a worker's main process ended, as the reaper reports it: plain data from [`crate::sys`].
+pub use crate::sys::process::{signal_name, Exit};
 
 /// What a `starting` worker waits for.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -895,6 +875,7 @@ impl Slot {
 pub(crate) mod tests {
     use super::*;
     use crate::config::{Backoff, StartLimit};
+    use nix::sys::signal::Signal;
 
     pub(crate) fn program() -> Program {
         crate::test_support::program("web", 1)

@@ -3,13 +3,14 @@
 //! is created here; [`crate::sys::spawn`] does that.
 
 use std::ffi::{CString, OsStr, OsString};
+use std::io;
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 
 use crate::config::{CommandSpec, Program};
 use crate::locks;
-use crate::sys::spawn::{cstring, Credentials, LockRequest, Request};
+use crate::sys::spawn::{cstring, Body, Credentials, LockRequest, Setup};
 
 /// The PATH a worker gets when it inherits none.
 pub const DEFAULT_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
@@ -31,22 +32,37 @@ pub struct Context {
     pub notify_socket: Option<PathBuf>,
 }
 
-/// A spawn request with its stdio still to be filled in, and the lock names in the order
-/// the child takes them (its reports name locks by index).
+/// A worker's set-up with its stdio and descriptors still to be filled in, its exec body,
+/// and the lock names in the order the child takes them (its reports name locks by index).
 #[derive(Debug)]
 pub struct Prepared {
-    pub request: Request,
+    pub setup: Setup,
+    pub body: Body<'static>,
     pub lock_names: Vec<String>,
 }
 
-/// Prepares worker `id` of `program` (which runs `workers` workers). The error is the reason
-/// the worker cannot be started at all, as `status` will show it.
+/// Why a worker cannot be started at all; the text is what `status` shows.
+#[derive(Debug, thiserror::Error)]
+pub enum PrepareError {
+    #[error("cannot execute {name}: it is a directory")]
+    IsDirectory { name: String },
+    #[error("cannot execute {name}: not executable")]
+    NotExecutable { name: String },
+    #[error("cannot execute {name}: {source}")]
+    Unreadable { name: String, source: io::Error },
+    #[error("command not found: {name} (searched PATH={path})")]
+    NotFound { name: String, path: String },
+    #[error("cannot list the groups of user {user}: {source}")]
+    Groups { user: String, source: io::Error },
+}
+
+/// Prepares worker `id` of `program` (which runs `workers` workers).
 pub fn prepare(
     program: &Program,
     id: u32,
     workers: u32,
     ctx: &Context,
-) -> Result<Prepared, String> {
+) -> Result<Prepared, PrepareError> {
     let env = environment(program, id, workers, ctx);
     let argv: Vec<String> = match &program.command {
         CommandSpec::Argv(argv) => argv.clone(),
@@ -83,18 +99,7 @@ pub fn prepare(
         .filter(|(_, (k, _))| k == "WATCHDOG_PID" || k == "LISTEN_PID")
         .map(|(i, _)| i)
         .collect();
-    let request = Request {
-        program: cstring(exe.into_os_string().as_bytes()),
-        argv: argv.into_iter().map(cstring).collect(),
-        env: env
-            .iter()
-            .map(|(k, v)| {
-                let mut kv = k.as_bytes().to_vec();
-                kv.push(b'=');
-                kv.extend_from_slice(v.as_bytes());
-                cstring(kv)
-            })
-            .collect(),
+    let setup = Setup {
         cwd: program
             .cwd
             .as_ref()
@@ -108,10 +113,24 @@ pub fn prepare(
         locks: lock_requests,
         lock_mode: ctx.lock_mode,
         nofile: ctx.nofile,
+    };
+    let body = Body::Exec {
+        path: cstring(exe.into_os_string().as_bytes()),
+        argv: argv.into_iter().map(cstring).collect(),
+        envp: env
+            .iter()
+            .map(|(k, v)| {
+                let mut kv = k.as_bytes().to_vec();
+                kv.push(b'=');
+                kv.extend_from_slice(v.as_bytes());
+                cstring(kv)
+            })
+            .collect(),
         pid_vars,
     };
     Ok(Prepared {
-        request,
+        setup,
+        body,
         lock_names: locks.into_iter().map(|(n, _)| n).collect(),
     })
 }
@@ -205,18 +224,19 @@ fn own_user() -> (PathBuf, String, PathBuf) {
 
 /// Finds the executable: a path with a slash is taken as it is (relative to `cwd`), a bare
 /// name is looked up in `path_var`.
-pub fn resolve(name: &str, path_var: &OsStr, cwd: Option<&Path>) -> Result<PathBuf, String> {
+pub fn resolve(name: &str, path_var: &OsStr, cwd: Option<&Path>) -> Result<PathBuf, PrepareError> {
     if name.contains('/') {
         let p = Path::new(name);
         let full = match cwd {
             Some(dir) if p.is_relative() => dir.join(p),
             _ => p.to_path_buf(),
         };
+        let name = name.to_string();
         return match std::fs::metadata(&full) {
             Ok(m) if m.is_file() && m.permissions().mode() & 0o111 != 0 => Ok(p.to_path_buf()),
-            Ok(m) if m.is_dir() => Err(format!("cannot execute {name}: it is a directory")),
-            Ok(_) => Err(format!("cannot execute {name}: not executable")),
-            Err(e) => Err(format!("cannot execute {name}: {e}")),
+            Ok(m) if m.is_dir() => Err(PrepareError::IsDirectory { name }),
+            Ok(_) => Err(PrepareError::NotExecutable { name }),
+            Err(source) => Err(PrepareError::Unreadable { name, source }),
         };
     }
     for dir in std::env::split_paths(path_var) {
@@ -227,14 +247,14 @@ pub fn resolve(name: &str, path_var: &OsStr, cwd: Option<&Path>) -> Result<PathB
             }
         }
     }
-    Err(format!(
-        "command not found: {name} (searched PATH={})",
-        path_var.to_string_lossy()
-    ))
+    Err(PrepareError::NotFound {
+        name: name.to_string(),
+        path: path_var.to_string_lossy().into_owned(),
+    })
 }
 
 /// The credentials to switch to, or None when the master already runs as them.
-fn credentials(program: &Program) -> Result<Option<Credentials>, String> {
+fn credentials(program: &Program) -> Result<Option<Credentials>, PrepareError> {
     let euid = nix::unistd::geteuid().as_raw();
     let egid = nix::unistd::getegid().as_raw();
     let uid = program.user.as_ref().map_or(euid, |u| u.uid);
@@ -249,9 +269,14 @@ fn credentials(program: &Program) -> Result<Option<Credentials>, String> {
     }
     let groups = match &program.user {
         Some(u) => {
-            let name = CString::new(u.name.clone()).map_err(|e| e.to_string())?;
+            let groups_of = |source: io::Error| PrepareError::Groups {
+                user: u.name.clone(),
+                source,
+            };
+            let name = CString::new(u.name.clone())
+                .map_err(|e| groups_of(io::Error::new(io::ErrorKind::InvalidInput, e)))?;
             nix::unistd::getgrouplist(&name, nix::unistd::Gid::from_raw(gid))
-                .map_err(|e| format!("cannot list the groups of user {}: {e}", u.name))?
+                .map_err(|e| groups_of(e.into()))?
                 .into_iter()
                 .map(|g| g.as_raw())
                 .collect()
@@ -279,12 +304,16 @@ mod tests {
     fn bare_names_are_found_in_path_and_missing_ones_are_reported() {
         let found = resolve("sh", OsStr::new("/nonexistent:/bin:/usr/bin"), None).unwrap();
         assert!(found.ends_with("sh") && found.is_absolute(), "{found:?}");
-        let err = resolve("no-such-command-xyz", OsStr::new("/bin"), None).unwrap_err();
+        let err = resolve("no-such-command-xyz", OsStr::new("/bin"), None)
+            .unwrap_err()
+            .to_string();
         assert!(
             err.contains("command not found: no-such-command-xyz"),
             "{err}"
         );
-        let err = resolve("/nonexistent/x", OsStr::new("/bin"), None).unwrap_err();
+        let err = resolve("/nonexistent/x", OsStr::new("/bin"), None)
+            .unwrap_err()
+            .to_string();
         assert!(
             err.contains("/nonexistent/x") && err.contains("No such file"),
             "{err}"
@@ -292,7 +321,9 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let plain = dir.path().join("plain");
         std::fs::write(&plain, "data").unwrap();
-        let err = resolve(plain.to_str().unwrap(), OsStr::new("/bin"), None).unwrap_err();
+        let err = resolve(plain.to_str().unwrap(), OsStr::new("/bin"), None)
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("not executable"), "{err}");
     }
 
@@ -331,16 +362,14 @@ mod tests {
             },
         ];
         let prep = prepare(&p, 4, 1, &ctx()).unwrap();
-        let argv: Vec<_> = prep
-            .request
-            .argv
-            .iter()
-            .map(|a| a.to_str().unwrap())
-            .collect();
+        let Body::Exec { argv, .. } = &prep.body else {
+            panic!("a worker execs its command: {:?}", prep.body)
+        };
+        let argv: Vec<_> = argv.iter().map(|a| a.to_str().unwrap()).collect();
         assert_eq!(argv, ["/bin/sh", "-c", "echo hi"]);
         assert_eq!(prep.lock_names, ["a", "z-4"]);
         assert_eq!(
-            prep.request.locks[1].path.to_str().unwrap(),
+            prep.setup.locks[1].path.to_str().unwrap(),
             "/run/x/locks/z-4.lock"
         );
     }

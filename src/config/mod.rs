@@ -421,13 +421,28 @@ pub fn load(path: &Path) -> Result<Config, ConfigError> {
     if !metadata.is_file() {
         return Err(fail("not a regular file".to_owned()));
     }
-    check_ownership(&metadata, nix::unistd::geteuid().as_raw()).map_err(fail)?;
+    check_ownership(&metadata, nix::unistd::geteuid().as_raw()).map_err(|e| fail(e.to_string()))?;
     parse(&text, &path)
+}
+
+/// Why a configuration file is refused before it is read as TOML.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+enum Untrusted {
+    #[error(
+        "refusing a configuration file writable by {writers} (mode {mode:04o}): whoever can \
+         write it chooses what plumule runs; run `chmod go-w` on it"
+    )]
+    Writable { writers: &'static str, mode: u32 },
+    #[error(
+        "refusing a configuration file owned by uid {owner}, neither root nor the current \
+         user (uid {euid}): its owner chooses what plumule runs; `chown` it"
+    )]
+    Owner { owner: u32, euid: u32 },
 }
 
 /// The sshd rule: only the file's owner may be able to write it, and the owner must be root or
 /// us, since whoever can write the file chooses what plumule runs (possibly as root).
-fn check_ownership(metadata: &std::fs::Metadata, euid: u32) -> Result<(), String> {
+fn check_ownership(metadata: &std::fs::Metadata, euid: u32) -> Result<(), Untrusted> {
     let mode = metadata.mode();
     let writers = match (mode & 0o020 != 0, mode & 0o002 != 0) {
         (true, true) => Some("its group and by others"),
@@ -436,18 +451,14 @@ fn check_ownership(metadata: &std::fs::Metadata, euid: u32) -> Result<(), String
         (false, false) => None,
     };
     if let Some(writers) = writers {
-        return Err(format!(
-            "refusing a configuration file writable by {writers} (mode {:04o}): whoever can \
-             write it chooses what plumule runs; run `chmod go-w` on it",
-            mode & 0o7777
-        ));
+        return Err(Untrusted::Writable {
+            writers,
+            mode: mode & 0o7777,
+        });
     }
     let owner = metadata.uid();
     if owner != 0 && owner != euid {
-        return Err(format!(
-            "refusing a configuration file owned by uid {owner}, neither root nor the current \
-             user (uid {euid}): its owner chooses what plumule runs; `chown` it"
-        ));
+        return Err(Untrusted::Owner { owner, euid });
     }
     Ok(())
 }

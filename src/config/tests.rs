@@ -1127,7 +1127,9 @@ fn load_refuses_a_file_owned_by_someone_else() {
             "{err}"
         );
     } else {
-        let err = check_ownership(&metadata, owner + 1).unwrap_err();
+        let err = check_ownership(&metadata, owner + 1)
+            .unwrap_err()
+            .to_string();
         assert!(err.contains(&format!("owned by uid {owner}")), "{err}");
     }
 }

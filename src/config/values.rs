@@ -11,6 +11,18 @@ use nix::sys::signal::Signal;
 use super::raw::Scalar;
 use super::ListenAddr;
 
+/// What is wrong with a value, in words. The validator places it at the value's location in
+/// the file (hence no key or path here) and reports it with the file's other problems.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{0}")]
+pub(super) struct Invalid(String);
+
+impl From<Invalid> for String {
+    fn from(e: Invalid) -> String {
+        e.0
+    }
+}
+
 /// The closest candidate to `input`, when one is close enough to be a likely typo (a few
 /// edits, or one is a prefix of the other: `warning` suggests `warn`). Case is ignored, so
 /// `Always` suggests `always`.
@@ -52,23 +64,23 @@ pub(super) fn unknown_choice(what: &str, input: &str, candidates: &[&str]) -> St
 
 /// A duration: a string such as "250ms", "10s" or "1h 30m" (humantime syntax). A number is
 /// refused with the string to write instead: the unit must be explicit.
-pub(super) fn duration(value: &Scalar) -> Result<Duration, String> {
+pub(super) fn duration(value: &Scalar) -> Result<Duration, Invalid> {
     match value {
         Scalar::Str(s) => humantime::parse_duration(s.trim()).map_err(|e| {
-            format!(
+            Invalid(format!(
                 "invalid duration \"{s}\" ({e}); write it like \"250ms\", \"10s\" or \"1h 30m\""
-            )
+            ))
         }),
-        Scalar::Int(n) => Err(format!(
+        Scalar::Int(n) => Err(Invalid(format!(
             "expected a duration string like \"5s\", found the number {n}; write \"{n}s\""
-        )),
-        Scalar::Float(f) => Err(format!(
+        ))),
+        Scalar::Float(f) => Err(Invalid(format!(
             "expected a duration string like \"5s\", found the number {f}; write \"{}ms\"",
             (f * 1000.0).round()
-        )),
-        Scalar::Bool(b) => Err(format!(
+        ))),
+        Scalar::Bool(b) => Err(Invalid(format!(
             "expected a duration string like \"5s\", found the boolean {b}"
-        )),
+        ))),
     }
 }
 
@@ -89,30 +101,30 @@ const SIZE_UNITS: &[(&str, u64)] = &[
 /// A size in bytes: a string of a whole number and a unit of [`SIZE_UNITS`], with optional
 /// space between ("10MiB", "512 KB", "100B"; a bare "4096" is bytes). Like durations, a TOML
 /// number is refused so that the unit is always explicit.
-pub(super) fn size(value: &Scalar) -> Result<u64, String> {
+pub(super) fn size(value: &Scalar) -> Result<u64, Invalid> {
     const HINT: &str = "write it like \"10MiB\" (units: B, KB, MB, GB, TB, KiB, MiB, GiB, TiB)";
     let s = match value {
         Scalar::Str(s) => s.trim(),
         Scalar::Int(n) => {
-            return Err(format!(
+            return Err(Invalid(format!(
                 "expected a size string like \"10MiB\", found the number {n}; write \"{n}B\""
-            ))
+            )))
         }
         Scalar::Float(f) => {
-            return Err(format!(
+            return Err(Invalid(format!(
                 "expected a size string like \"10MiB\", found the number {f}; {HINT}"
-            ))
+            )))
         }
         Scalar::Bool(b) => {
-            return Err(format!(
+            return Err(Invalid(format!(
                 "expected a size string like \"10MiB\", found the boolean {b}"
-            ))
+            )))
         }
     };
     let digits = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
     let (number, unit) = s.split_at(digits);
     let unit = unit.trim();
-    let invalid = || format!("invalid size \"{s}\"; {HINT}");
+    let invalid = || Invalid(format!("invalid size \"{s}\"; {HINT}"));
     if number.is_empty() {
         return Err(invalid());
     }
@@ -128,13 +140,13 @@ pub(super) fn size(value: &Scalar) -> Result<u64, String> {
     };
     number
         .checked_mul(factor)
-        .ok_or_else(|| format!("size \"{s}\" is too large"))
+        .ok_or_else(|| Invalid(format!("size \"{s}\" is too large")))
 }
 
 /// A signal by name: "TERM", "SIGTERM", "term" and "sigterm" all name SIGTERM (case is
 /// ignored, the `SIG` prefix is optional). Numbers are not accepted: they differ across
 /// architectures.
-pub(super) fn signal(name: &str) -> Result<Signal, String> {
+pub(super) fn signal(name: &str) -> Result<Signal, Invalid> {
     let upper = name.trim().to_ascii_uppercase();
     let bare = upper.strip_prefix("SIG").unwrap_or(&upper);
     if !bare.is_empty() {
@@ -145,30 +157,30 @@ pub(super) fn signal(name: &str) -> Result<Signal, String> {
     let names: Vec<&str> = Signal::iterator()
         .map(|s| s.as_str().trim_start_matches("SIG"))
         .collect();
-    Err(match suggest(bare, &names) {
+    Err(Invalid(match suggest(bare, &names) {
         Some(s) => format!("unknown signal `{name}`, did you mean `{s}`?"),
         None => format!("unknown signal `{name}`; use a name like \"TERM\", \"HUP\" or \"INT\""),
-    })
+    }))
 }
 
 /// An octal permission string, "022" or "0022" (1 to 4 octal digits), at most `max`. A TOML
 /// number is refused: `umask = 022` is not valid TOML and `umask = 22` would be decimal.
-pub(super) fn octal(value: &Scalar, max: u32, example: &str) -> Result<u32, String> {
+pub(super) fn octal(value: &Scalar, max: u32, example: &str) -> Result<u32, Invalid> {
     let s = match value {
         Scalar::Str(s) => s.trim(),
         _ => {
-            return Err(format!(
+            return Err(Invalid(format!(
                 "expected an octal string like \"{example}\", found a {}; put it in quotes",
                 scalar_kind(value)
-            ))
+            )))
         }
     };
     let ok = (1..=4).contains(&s.len()) && s.bytes().all(|b| (b'0'..=b'7').contains(&b));
     match u32::from_str_radix(s, 8) {
         Ok(n) if ok && n <= max => Ok(n),
-        _ => Err(format!(
+        _ => Err(Invalid(format!(
             "invalid value \"{s}\": expected octal digits at most \"{max:04o}\", like \"{example}\""
-        )),
+        ))),
     }
 }
 
@@ -181,7 +193,7 @@ fn scalar_kind(value: &Scalar) -> &'static str {
 }
 
 /// Program and queue names: `[A-Za-z0-9_-]{1,64}` (no dots, so `PROGRAM.ID` parses).
-pub(super) fn check_name(what: &str, name: &str) -> Result<(), String> {
+pub(super) fn check_name(what: &str, name: &str) -> Result<(), Invalid> {
     let ok = (1..=64).contains(&name.len())
         && name
             .bytes()
@@ -189,9 +201,9 @@ pub(super) fn check_name(what: &str, name: &str) -> Result<(), String> {
     if ok {
         Ok(())
     } else {
-        Err(format!(
+        Err(Invalid(format!(
             "invalid {what} name `{name}`: use 1 to 64 characters among A-Z a-z 0-9 _ -"
-        ))
+        )))
     }
 }
 
@@ -199,7 +211,7 @@ pub(super) fn check_name(what: &str, name: &str) -> Result<(), String> {
 pub(super) const WORKER_PLACEHOLDER: &str = "{worker}";
 
 /// Lock names, after `{worker}` expansion: `[A-Za-z0-9._-]{1,100}`, not starting with a dot.
-pub(super) fn check_lock_name(name: &str) -> Result<(), String> {
+pub(super) fn check_lock_name(name: &str) -> Result<(), Invalid> {
     let ok = (1..=100).contains(&name.len())
         && !name.starts_with('.')
         && name
@@ -208,21 +220,21 @@ pub(super) fn check_lock_name(name: &str) -> Result<(), String> {
     if ok {
         Ok(())
     } else {
-        Err(format!(
+        Err(Invalid(format!(
             "invalid lock name `{name}`: use 1 to 100 characters among A-Z a-z 0-9 . _ -, \
              not starting with a dot"
-        ))
+        )))
     }
 }
 
 /// Checks a lock name template against every worker id it will be expanded with (the
 /// shortest, 0, and the longest, `max_id`).
-pub(super) fn check_lock_template(template: &str, max_id: u32) -> Result<(), String> {
+pub(super) fn check_lock_template(template: &str, max_id: u32) -> Result<(), Invalid> {
     let rest = template.replace(WORKER_PLACEHOLDER, "");
     if rest.contains('{') || rest.contains('}') {
-        return Err(format!(
+        return Err(Invalid(format!(
             "invalid lock name `{template}`: `{WORKER_PLACEHOLDER}` is the only placeholder"
-        ));
+        )));
     }
     for id in [0, max_id] {
         let expanded = template.replace(WORKER_PLACEHOLDER, &id.to_string());
@@ -230,7 +242,7 @@ pub(super) fn check_lock_template(template: &str, max_id: u32) -> Result<(), Str
             if expanded == template {
                 e
             } else {
-                format!("{e} (`{template}` for worker {id})")
+                Invalid(format!("{e} (`{template}` for worker {id})"))
             }
         })?;
     }
@@ -238,15 +250,15 @@ pub(super) fn check_lock_template(template: &str, max_id: u32) -> Result<(), Str
 }
 
 /// A name systemd accepts in `LISTEN_FDNAMES`: 1 to 255 printable ASCII characters, no `:`.
-pub(super) fn check_fd_name(name: &str) -> Result<(), String> {
+pub(super) fn check_fd_name(name: &str) -> Result<(), Invalid> {
     let ok =
         (1..=255).contains(&name.len()) && name.bytes().all(|b| b.is_ascii_graphic() && b != b':');
     if ok {
         Ok(())
     } else {
-        Err(format!(
+        Err(Invalid(format!(
             "invalid socket name `{name}`: use 1 to 255 printable ASCII characters, no `:` or space"
-        ))
+        )))
     }
 }
 
@@ -255,39 +267,39 @@ const MAX_UNIX_PATH: usize = 107;
 
 /// A listen or metrics address: `tcp:HOST:PORT` (HOST an IPv4 address or a bracketed IPv6
 /// one), `unix:PATH` (relative to `dir`) or `systemd:NAME` (a socket systemd passed the master).
-pub(super) fn listen_addr(s: &str, dir: &Path) -> Result<ListenAddr, String> {
+pub(super) fn listen_addr(s: &str, dir: &Path) -> Result<ListenAddr, Invalid> {
     if let Some(rest) = s.strip_prefix("tcp:") {
         let addr: SocketAddr = rest.parse().map_err(|_| {
-            format!(
+            Invalid(format!(
                 "invalid address `{s}`: expected tcp:HOST:PORT with an IP address, \
                  like \"tcp:127.0.0.1:8080\" or \"tcp:[::1]:8080\""
-            )
+            ))
         })?;
         if addr.port() == 0 {
-            return Err(format!(
+            return Err(Invalid(format!(
                 "invalid address `{s}`: the port must be 1 to 65535"
-            ));
+            )));
         }
         Ok(ListenAddr::Tcp(addr))
     } else if let Some(rest) = s.strip_prefix("unix:") {
         if rest.is_empty() {
-            return Err(format!("invalid address `{s}`: the path is empty"));
+            return Err(Invalid(format!("invalid address `{s}`: the path is empty")));
         }
         let path = resolve(dir, rest);
         if path.as_os_str().len() > MAX_UNIX_PATH {
-            return Err(format!(
+            return Err(Invalid(format!(
                 "invalid address `{s}`: the socket path {} is longer than {MAX_UNIX_PATH} bytes",
                 path.display()
-            ));
+            )));
         }
         Ok(ListenAddr::Unix(path))
     } else if let Some(rest) = s.strip_prefix("systemd:") {
-        check_fd_name(rest).map_err(|e| format!("invalid address `{s}`: {e}"))?;
+        check_fd_name(rest).map_err(|e| Invalid(format!("invalid address `{s}`: {e}")))?;
         Ok(ListenAddr::Systemd(rest.to_owned()))
     } else {
-        Err(format!(
+        Err(Invalid(format!(
             "invalid address `{s}`: expected tcp:HOST:PORT, unix:PATH or systemd:NAME"
-        ))
+        )))
     }
 }
 
@@ -315,11 +327,12 @@ mod tests {
         assert_eq!(duration(&s("1h 30m")), Ok(Duration::from_secs(5400)));
         assert!(duration(&s("5 parsecs")).is_err());
         assert_eq!(
-            duration(&Scalar::Int(5)).unwrap_err(),
+            duration(&Scalar::Int(5)).unwrap_err().to_string(),
             "expected a duration string like \"5s\", found the number 5; write \"5s\""
         );
         assert!(duration(&Scalar::Float(1.5))
             .unwrap_err()
+            .to_string()
             .ends_with("write \"1500ms\""));
     }
 
@@ -341,9 +354,13 @@ mod tests {
         ] {
             assert!(size(&s(bad)).is_err(), "{bad}");
         }
-        assert!(size(&s("20000000TiB")).unwrap_err().contains("too large"));
+        assert!(size(&s("20000000TiB"))
+            .unwrap_err()
+            .to_string()
+            .contains("too large"));
         assert!(size(&Scalar::Int(10))
             .unwrap_err()
+            .to_string()
             .contains("write \"10B\""));
     }
 
@@ -354,7 +371,7 @@ mod tests {
         }
         assert_eq!(signal("HUP"), Ok(Signal::SIGHUP));
         assert_eq!(
-            signal("TREM").unwrap_err(),
+            signal("TREM").unwrap_err().to_string(),
             "unknown signal `TREM`, did you mean `TERM`?"
         );
         assert!(signal("SIG").is_err());
@@ -371,6 +388,7 @@ mod tests {
         }
         assert!(octal(&Scalar::Int(18), 0o777, "022")
             .unwrap_err()
+            .to_string()
             .contains("put it in quotes"));
     }
 
@@ -386,11 +404,13 @@ mod tests {
         assert!(check_lock_template("db/{worker}", 0).is_err());
         assert!(check_lock_template("db-{id}", 0)
             .unwrap_err()
+            .to_string()
             .contains("only placeholder"));
         let long = format!("{}{{worker}}", "a".repeat(98));
         assert!(check_lock_template(&long, 9).is_ok());
         assert!(check_lock_template(&long, 100)
             .unwrap_err()
+            .to_string()
             .contains("for worker 100"));
     }
 
@@ -424,7 +444,10 @@ mod tests {
             assert!(listen_addr(bad, dir).is_err(), "{bad}");
         }
         let long = format!("unix:/{}", "s".repeat(120));
-        assert!(listen_addr(&long, dir).unwrap_err().contains("longer than"));
+        assert!(listen_addr(&long, dir)
+            .unwrap_err()
+            .to_string()
+            .contains("longer than"));
     }
 
     #[test]

@@ -570,7 +570,7 @@ impl Master {
                     "{}: missed its watchdog; sending ABRT",
                     self.pools[pool].tag(id)
                 );
-                if let Err(e) = sys::process::signal(pid, Signal::SIGABRT) {
+                if let Err(e) = sys::process::signal_process(pid, Signal::SIGABRT) {
                     log::warn!("cannot signal process {pid}: {e}");
                 }
                 let stop = Event::Stop {
@@ -661,16 +661,16 @@ impl Master {
                 }
             }
         }
-        let req = &mut prepared.request;
+        let req = &mut prepared.setup;
         req.pass_fds = pass_fds;
         req.stdin = self.dev_null.as_raw_fd();
         req.stdout = stdout.0;
         req.stderr = stderr.0;
-        let child = match sys::spawn::spawn(req) {
+        let child = match sys::spawn::spawn(req, &mut prepared.body) {
             Ok(c) => c,
             Err(e) => {
                 // fork failing (EAGAIN, ENOMEM) is transient: retry as after a quick crash.
-                log::error!("{tag}: cannot fork: {e}");
+                log::error!("{tag}: {e}");
                 let until = now + program.backoff.initial;
                 self.pool_event(pool, id, Event::SpawnFailed { until }, now);
                 return;
@@ -953,7 +953,7 @@ fn bind_listeners(
             if listeners.contains_key(&l.address) {
                 continue;
             }
-            let fd = sys::listen::bind(&l.address, l.mode).map_err(|e| {
+            let fd = bind_listener(&l.address, l.mode).map_err(|e| {
                 (
                     PathBuf::from(describe_addr(&l.address)),
                     format!("program {}: {e}", program.name),
@@ -968,6 +968,20 @@ fn bind_listeners(
         }
     }
     Ok(())
+}
+
+/// Binds one `listen` address; a `systemd:NAME` one must have been passed to the master.
+fn bind_listener(
+    addr: &ListenAddr,
+    mode: Option<u32>,
+) -> Result<OwnedFd, sys::listen::ListenError> {
+    match addr {
+        ListenAddr::Tcp(sa) => sys::listen::bind_tcp(*sa),
+        ListenAddr::Unix(path) => sys::listen::bind_unix(path, mode),
+        ListenAddr::Systemd(name) => {
+            Err(sys::listen::ListenError::NotPassed { name: name.clone() })
+        }
+    }
 }
 
 /// `tcp:HOST:PORT`, `unix:PATH`, `systemd:NAME`.

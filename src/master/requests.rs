@@ -510,7 +510,7 @@ impl Master {
                     };
                     for slot in &pool.slots {
                         if let Some(pid) = slot.pid() {
-                            if let Err(e) = crate::sys::process::signal(pid, signal) {
+                            if let Err(e) = crate::sys::process::signal_process(pid, signal) {
                                 log::warn!("{}: cannot signal {pid}: {e}", pool.tag(slot.id));
                             }
                         }

@@ -168,8 +168,8 @@ impl Master {
         let pid = if self.procs.contains_key(&sender) {
             sender
         } else {
-            match nix::unistd::getpgid(Some(sender)) {
-                Ok(pgid) if self.procs.contains_key(&pgid) => pgid,
+            match crate::sys::process::process_group(sender) {
+                Some(pgid) if self.procs.contains_key(&pgid) => pgid,
                 _ => {
                     log::debug!(
                         "notify socket: ignoring a message from pid {sender}, not a worker"

@@ -3,43 +3,78 @@
 
 use std::collections::HashMap;
 use std::io;
+use std::net::SocketAddr;
 use std::os::fd::{FromRawFd, OwnedFd, RawFd};
 use std::os::unix::fs::PermissionsExt;
 use std::os::unix::net::UnixListener;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
-use crate::config::ListenAddr;
-
-/// Binds `addr`: TCP with SO_REUSEADDR (std sets it), Unix after removing a stale socket
-/// file, with `mode` when given. The descriptor is close-on-exec; spawn places it at 3, 4, …
-pub fn bind(addr: &ListenAddr, mode: Option<u32>) -> io::Result<OwnedFd> {
-    match addr {
-        ListenAddr::Tcp(sa) => Ok(OwnedFd::from(std::net::TcpListener::bind(sa)?)),
-        ListenAddr::Unix(path) => bind_unix(path, mode),
-        ListenAddr::Systemd(name) => Err(io::Error::new(
-            io::ErrorKind::NotFound,
-            format!("systemd passed no socket named {name} (LISTEN_FDNAMES)"),
-        )),
-    }
+/// Why a listening socket could not be made; each variant names the address or path.
+#[derive(Debug, thiserror::Error)]
+pub enum ListenError {
+    #[error("cannot bind tcp:{address}: {source}")]
+    BindTcp {
+        address: SocketAddr,
+        source: io::Error,
+    },
+    #[error("cannot bind unix:{}: {source}", path.display())]
+    BindUnix { path: PathBuf, source: io::Error },
+    #[error("{} exists and is not a socket", path.display())]
+    NotASocket { path: PathBuf },
+    #[error("cannot remove the stale socket {}: {source}", path.display())]
+    RemoveStale { path: PathBuf, source: io::Error },
+    #[error("cannot create the folder {}: {source}", path.display())]
+    CreateDir { path: PathBuf, source: io::Error },
+    #[error("cannot set mode {mode:04o} on {}: {source}", path.display())]
+    Mode {
+        path: PathBuf,
+        mode: u32,
+        source: io::Error,
+    },
+    #[error("systemd passed no socket named {name} (LISTEN_FDNAMES)")]
+    NotPassed { name: String },
 }
 
-fn bind_unix(path: &Path, mode: Option<u32>) -> io::Result<OwnedFd> {
+/// Binds a TCP listener on `address`, with SO_REUSEADDR (std sets it). The descriptor is
+/// close-on-exec; spawn places it at 3, 4, …
+pub fn bind_tcp(address: SocketAddr) -> Result<OwnedFd, ListenError> {
+    std::net::TcpListener::bind(address)
+        .map(OwnedFd::from)
+        .map_err(|source| ListenError::BindTcp { address, source })
+}
+
+/// Binds a Unix listener at `path` after removing a stale socket file (never another kind of
+/// file), creating its folder, with `mode` when given. The descriptor is close-on-exec.
+pub fn bind_unix(path: &Path, mode: Option<u32>) -> Result<OwnedFd, ListenError> {
+    let owned = || path.to_path_buf();
     if let Ok(meta) = std::fs::symlink_metadata(path) {
         use std::os::unix::fs::FileTypeExt;
         if !meta.file_type().is_socket() {
-            return Err(io::Error::new(
-                io::ErrorKind::AlreadyExists,
-                format!("{} exists and is not a socket", path.display()),
-            ));
+            return Err(ListenError::NotASocket { path: owned() });
         }
-        std::fs::remove_file(path)?;
+        std::fs::remove_file(path).map_err(|source| ListenError::RemoveStale {
+            path: owned(),
+            source,
+        })?;
     }
     if let Some(dir) = path.parent() {
-        std::fs::create_dir_all(dir)?;
+        std::fs::create_dir_all(dir).map_err(|source| ListenError::CreateDir {
+            path: dir.to_path_buf(),
+            source,
+        })?;
     }
-    let listener = UnixListener::bind(path)?;
+    let listener = UnixListener::bind(path).map_err(|source| ListenError::BindUnix {
+        path: owned(),
+        source,
+    })?;
     if let Some(mode) = mode {
-        std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))?;
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)).map_err(
+            |source| ListenError::Mode {
+                path: owned(),
+                mode,
+                source,
+            },
+        )?;
     }
     Ok(OwnedFd::from(listener))
 }

@@ -11,7 +11,8 @@ pub mod signals;
 pub mod spawn;
 
 use std::io;
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::path::Path;
 use std::time::Duration;
 
 /// A pipe whose two ends are close-on-exec; `nonblock_read` makes the read end non-blocking.
@@ -28,6 +29,19 @@ pub fn set_nonblocking(fd: RawFd) -> io::Result<()> {
     let flags = OFlag::from_bits_truncate(fcntl(fd, FcntlArg::F_GETFL)?);
     fcntl(fd, FcntlArg::F_SETFL(flags | OFlag::O_NONBLOCK))?;
     Ok(())
+}
+
+/// Gives `path` to group `gid`, keeping its owner.
+pub fn set_group(path: &Path, gid: libc::gid_t) -> io::Result<()> {
+    nix::unistd::chown(path, None, Some(nix::unistd::Gid::from_raw(gid)))?;
+    Ok(())
+}
+
+/// The user and group ids of the process at the other end of a connected Unix socket, as the
+/// kernel recorded them at connect time (SO_PEERCRED).
+pub fn peer_credentials(sock: &impl AsFd) -> io::Result<(libc::uid_t, libc::gid_t)> {
+    let cred = nix::sys::socket::getsockopt(sock, nix::sys::socket::sockopt::PeerCredentials)?;
+    Ok((cred.uid(), cred.gid()))
 }
 
 /// Opens /dev/null for reading and writing, close-on-exec.

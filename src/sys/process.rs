@@ -1,12 +1,33 @@
-//! Processes and process groups: reaping, group signals, start times, limits.
+//! Processes and process groups: reaping, signals, start times, limits. Plain values in and
+//! out: nothing here knows about programs or slots.
 
+use std::fmt;
 use std::io;
 
 use nix::errno::Errno;
-use nix::sys::signal::{killpg, Signal};
+use nix::sys::signal::{kill, killpg, Signal};
 use nix::unistd::Pid;
 
-use crate::slot::Exit;
+/// How a process ended: its exit code, or the signal that killed it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Exit {
+    Code(i32),
+    Signal(Signal),
+}
+
+impl fmt::Display for Exit {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Exit::Code(c) => write!(f, "exit {c}"),
+            Exit::Signal(s) => write!(f, "signal {}", signal_name(*s)),
+        }
+    }
+}
+
+/// "TERM" for SIGTERM: the form the config file and `status --json` use.
+pub fn signal_name(s: Signal) -> &'static str {
+    s.as_str().trim_start_matches("SIG")
+}
 
 /// One reaped child.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -67,16 +88,25 @@ pub fn reap_one(is_worker: impl Fn(Pid) -> bool) -> io::Result<Option<Reaped>> {
 }
 
 /// Sends `sig` to the process group led by `pgid`. A group already gone is not an error.
-/// Sends `sig` to the one process `pid`.
-pub fn signal(pid: Pid, sig: Signal) -> io::Result<()> {
-    nix::sys::signal::kill(pid, sig).map_err(io::Error::from)
-}
-
 pub fn signal_group(pgid: Pid, sig: Signal) -> io::Result<()> {
     match killpg(pgid, sig) {
         Ok(()) | Err(Errno::ESRCH) => Ok(()),
         Err(e) => Err(e.into()),
     }
+}
+
+/// Sends `sig` to the single process `pid`. A process already gone is not an error.
+pub fn signal_process(pid: Pid, sig: Signal) -> io::Result<()> {
+    match kill(pid, sig) {
+        Ok(()) | Err(Errno::ESRCH) => Ok(()),
+        Err(e) => Err(e.into()),
+    }
+}
+
+/// The process group of `pid`, or `None` when no such process exists (or it is not ours to
+/// ask about).
+pub fn process_group(pid: Pid) -> Option<Pid> {
+    nix::unistd::getpgid(Some(pid)).ok()
 }
 
 /// Whether any live process is left in group `pgid`. Zombies do not count: an orphan that

@@ -1,13 +1,21 @@
-//! fork + exec of a worker, without blocking the master.
+//! Starting a child process without blocking the master, in two phases.
+//!
+//! 1. **Set-up** ([`Setup`]): its own process group, death with the master, default signal
+//!    dispositions and an empty signal mask, descriptors 0, 1, 2, 3… and nothing else, umask,
+//!    working folder, open-file limit, file locks, credentials.
+//! 2. **Body** ([`Body`]): exec a command, or call a Rust function in the forked child.
 //!
 //! `std::process::Command` is not used: its `spawn` waits until the child has exec'd, and a
-//! worker with `locks` blocks *before* exec, in the child, until its locks are free. Here the
+//! worker with `locks` blocks in set-up, in the child, until its locks are free. Here the
 //! master forks and returns at once; the child reports through a close-on-exec status pipe:
 //! "waiting for lock i", or "stage S failed with errno E" just before `_exit(127)`. End of
-//! file on that pipe without a failure record means the exec succeeded.
+//! file on that pipe without a failure record means set-up is done and the body has begun:
+//! exec closes the pipe for an [`Body::Exec`], the child closes it itself before a
+//! [`Body::Call`].
 //!
-//! Between fork and exec the child runs only async-signal-safe libc calls over data prepared
-//! before the fork (C strings, pointer arrays, descriptor lists): no allocation, no locks.
+//! Between fork and the body the child runs only async-signal-safe libc calls over data
+//! prepared before the fork (C strings, pointer arrays, descriptor lists): no allocation, no
+//! locks.
 
 use std::ffi::CString;
 use std::io;
@@ -29,29 +37,96 @@ pub struct LockRequest {
     pub shared: bool,
 }
 
-/// Everything the child needs, prepared by the parent.
+/// The child's set-up, prepared by the parent; the same whatever the body.
 #[derive(Debug)]
-pub struct Request {
-    /// The executable, already resolved (absolute or relative to `cwd`).
-    pub program: CString,
-    pub argv: Vec<CString>,
-    pub env: Vec<CString>,
+pub struct Setup {
     pub cwd: Option<CString>,
     pub umask: Option<libc::mode_t>,
     pub credentials: Option<Credentials>,
     pub stdin: RawFd,
     pub stdout: RawFd,
     pub stderr: RawFd,
-    /// Placed at descriptors 3, 4, … in the worker.
+    /// Placed at descriptors 3, 4, … in the child.
     pub pass_fds: Vec<RawFd>,
-    /// Taken in this order (the caller sorts them), held across exec.
+    /// Taken in this order (the caller sorts them), held by the child for its whole life
+    /// (across exec too).
     pub locks: Vec<LockRequest>,
     pub lock_mode: libc::mode_t,
-    /// The open-file limit to restore before exec (the master raised its own).
+    /// The open-file limit to restore (the master raised its own).
     pub nofile: Option<libc::rlimit>,
-    /// Indices into `env` of entries (`LISTEN_PID=`, `WATCHDOG_PID=`) whose value the child
-    /// replaces with its own pid, which is only known after fork.
-    pub pid_vars: Vec<usize>,
+}
+
+/// What the child does once set up.
+pub enum Body<'a> {
+    /// Replaces the child with the executable `path` (absolute or relative to the set-up's
+    /// `cwd`), with arguments `argv` and environment `envp` (`KEY=VALUE` entries).
+    Exec {
+        path: CString,
+        argv: Vec<CString>,
+        envp: Vec<CString>,
+        /// Indices into `envp` of entries (`LISTEN_PID=`, `WATCHDOG_PID=`) whose value the
+        /// child replaces with its own pid, which is only known after fork.
+        pid_vars: Vec<usize>,
+    },
+    /// Calls the function in the forked child, which then `_exit`s with its return value
+    /// (its low 8 bits, as for any exit code).
+    ///
+    /// The function runs after `fork` in a copy of the parent that has only the forking
+    /// thread, after the set-up above (its descriptors are exactly 0, 1, 2 and `pass_fds`
+    /// from 3; its signals have default dispositions and are unblocked). What that implies:
+    /// - it works on a *copy* of the parent's memory: what it changes, the parent never sees;
+    ///   it talks to the parent through its descriptors and its exit code;
+    /// - a lock another thread of the parent held at fork time (the allocator's, stdio's, a
+    ///   `Mutex`) stays locked forever in the child. The plumule master is single-threaded, so
+    ///   allocating is fine there; a multi-threaded caller must keep to async-signal-safe
+    ///   calls;
+    /// - no destructor of the parent's values runs at the end and Rust's buffered `stdout`
+    ///   is not flushed: flush what must be written before returning;
+    /// - a panic does not unwind back into the parent's code: it ends the child with exit
+    ///   code 101 (or SIGABRT when built with `panic = "abort"`).
+    Call(&'a mut dyn FnMut() -> i32),
+}
+
+impl std::fmt::Debug for Body<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Body::Exec {
+                path,
+                argv,
+                envp,
+                pid_vars,
+            } => f
+                .debug_struct("Exec")
+                .field("path", path)
+                .field("argv", argv)
+                .field("envp", envp)
+                .field("pid_vars", pid_vars)
+                .finish(),
+            Body::Call(_) => f.write_str("Call(..)"),
+        }
+    }
+}
+
+/// Exit code of a child whose [`Body::Call`] function panicked, as for a Rust `main`.
+pub const PANIC_EXIT: i32 = 101;
+
+/// Why no child was started. Failures inside the child are [`Report`]s instead.
+#[derive(Debug, thiserror::Error)]
+pub enum SpawnError {
+    #[error("cannot create a status pipe to start {what}: {source}")]
+    StatusPipe { what: String, source: io::Error },
+    #[error("cannot fork to start {what}: {source}")]
+    Fork { what: String, source: io::Error },
+}
+
+impl Body<'_> {
+    /// What the body runs, for messages: the executable, or "a function".
+    pub fn describe(&self) -> String {
+        match self {
+            Body::Exec { path, .. } => path.to_string_lossy().into_owned(),
+            Body::Call(_) => "a function".to_string(),
+        }
+    }
 }
 
 /// Where in the child a start failed.
@@ -121,61 +196,58 @@ pub fn read_reports(status: RawFd) -> io::Result<(Vec<Report>, bool)> {
     }
 }
 
-/// A forked worker and the read end of its status pipe (non-blocking).
+/// A forked child and the read end of its status pipe (non-blocking).
 #[derive(Debug)]
 pub struct Child {
     pub pid: Pid,
     pub status: OwnedFd,
 }
 
-/// Forks a worker as described by `req`. Returns once forked; the exec happens in the child.
-pub fn spawn(req: &Request) -> io::Result<Child> {
-    let (status_r, status_w) = super::pipe(true)?;
+/// Forks a child that runs `setup`, then `body`. Returns once forked: set-up and body happen
+/// in the child, which reports on [`Child::status`].
+pub fn spawn(setup: &Setup, body: &mut Body<'_>) -> Result<Child, SpawnError> {
+    let (status_r, status_w) = super::pipe(true).map_err(|source| SpawnError::StatusPipe {
+        what: body.describe(),
+        source,
+    })?;
     let master = nix::unistd::getpid().as_raw();
 
     // Everything the child touches is built here, before fork.
-    let argv: Vec<*const libc::c_char> = req
-        .argv
-        .iter()
-        .map(|a| a.as_ptr())
-        .chain(std::iter::once(std::ptr::null()))
-        .collect();
-    // Entries to complete with the child's pid get a buffer with room for the digits.
-    let mut env_bufs: Vec<Vec<u8>> = Vec::new();
-    for &i in &req.pid_vars {
-        let Some(entry) = req.env.get(i) else {
-            continue;
-        };
-        let bytes = entry.as_bytes();
-        let key_len = bytes
-            .iter()
-            .position(|&b| b == b'=')
-            .map_or(bytes.len(), |p| p + 1);
-        let mut b = bytes[..key_len].to_vec();
-        b.resize(key_len + 11, 0);
-        env_bufs.push(b);
-    }
-    let mut pid_slots: Vec<(*mut u8, usize)> = Vec::new();
-    let mut bufs = env_bufs.iter_mut();
-    let mut env: Vec<*const libc::c_char> = Vec::with_capacity(req.env.len() + 1);
-    for (i, e) in req.env.iter().enumerate() {
-        if req.pid_vars.contains(&i) {
-            if let Some(b) = bufs.next() {
-                let key_len = b.len() - 11;
-                pid_slots.push((b.as_mut_ptr(), key_len));
-                env.push(b.as_ptr().cast());
-                continue;
-            }
-        }
-        env.push(e.as_ptr());
-    }
-    env.push(std::ptr::null());
-
-    let mut sources: Vec<RawFd> = vec![req.stdin, req.stdout, req.stderr];
-    sources.extend(&req.pass_fds);
+    let mut sources: Vec<RawFd> = vec![setup.stdin, setup.stdout, setup.stderr];
+    sources.extend(&setup.pass_fds);
     sources.push(status_w.as_raw_fd());
     let mut scratch: Vec<RawFd> = vec![-1; sources.len()];
-    let groups = req.credentials.as_ref().map(|c| c.groups.clone());
+    // Only filled for an exec; they must outlive the fork, so they live here.
+    let mut argv_ptrs: Vec<*const libc::c_char> = Vec::new();
+    let mut env_ptrs: Vec<*const libc::c_char> = Vec::new();
+    let mut env_bufs: Vec<Vec<u8>> = Vec::new();
+    let mut pid_slots: Vec<(*mut u8, usize)> = Vec::new();
+    let describe = body.describe();
+    let child_body = match body {
+        Body::Exec {
+            path,
+            argv,
+            envp,
+            pid_vars,
+        } => {
+            prepare_exec(
+                argv,
+                envp,
+                pid_vars,
+                &mut argv_ptrs,
+                &mut env_ptrs,
+                &mut env_bufs,
+                &mut pid_slots,
+            );
+            ChildBody::Exec {
+                path,
+                argv: &argv_ptrs,
+                env: &env_ptrs,
+                pid_slots: &pid_slots,
+            }
+        }
+        Body::Call(f) => ChildBody::Call(&mut **f),
+    };
 
     // Block every signal across fork, so that no handler of the master's runs in the child
     // before the child has reset the dispositions.
@@ -188,24 +260,21 @@ pub fn spawn(req: &Request) -> io::Result<Child> {
         libc::pthread_sigmask(libc::SIG_SETMASK, &all, &mut old);
     }
     let mut ctx = ChildContext {
-        req,
-        argv: &argv,
-        env: &env,
-        pid_slots: &pid_slots,
+        setup,
         sources: &sources,
         scratch: &mut scratch,
-        groups: groups.as_deref(),
         master,
     };
     // fork, not vfork: the master goes on forking while children exec on the other cores.
     // (clone(CLONE_VM | CLONE_VFORK) was measured: it saves the page-table copy, but the
     // master then waits for every exec, and 200 workers started 3x slower on 2 cores.)
     // SAFETY: the master is single-threaded, and the child only runs `child_after_fork`,
-    // which uses async-signal-safe calls over memory prepared above.
+    // which uses async-signal-safe calls over memory prepared above until the body, whose
+    // constraints `Body::Call` documents.
     let pid = unsafe { libc::fork() };
     if pid == 0 {
         // SAFETY: we are the freshly forked child; see `child_after_fork`.
-        unsafe { child_after_fork(&mut ctx) }
+        unsafe { child_after_fork(&mut ctx, child_body) }
     }
     let fork_err = io::Error::last_os_error();
     // SAFETY: restores the mask saved above.
@@ -215,7 +284,10 @@ pub fn spawn(req: &Request) -> io::Result<Child> {
     drop(status_w);
     drop(env_bufs);
     if pid < 0 {
-        return Err(fork_err);
+        return Err(SpawnError::Fork {
+            what: describe,
+            source: fork_err,
+        });
     }
     Ok(Child {
         pid: Pid::from_raw(pid),
@@ -223,15 +295,64 @@ pub fn spawn(req: &Request) -> io::Result<Child> {
     })
 }
 
+/// Builds the NULL-terminated pointer arrays execve takes. Entries to complete with the
+/// child's pid get a buffer with room for the digits, and a `(buffer, offset)` in `pid_slots`.
+fn prepare_exec(
+    argv: &[CString],
+    envp: &[CString],
+    pid_vars: &[usize],
+    argv_ptrs: &mut Vec<*const libc::c_char>,
+    env_ptrs: &mut Vec<*const libc::c_char>,
+    env_bufs: &mut Vec<Vec<u8>>,
+    pid_slots: &mut Vec<(*mut u8, usize)>,
+) {
+    argv_ptrs.extend(argv.iter().map(|a| a.as_ptr()));
+    argv_ptrs.push(std::ptr::null());
+    for &i in pid_vars {
+        let Some(entry) = envp.get(i) else {
+            continue;
+        };
+        let bytes = entry.as_bytes();
+        let key_len = bytes
+            .iter()
+            .position(|&b| b == b'=')
+            .map_or(bytes.len(), |p| p + 1);
+        let mut b = bytes[..key_len].to_vec();
+        b.resize(key_len + 11, 0);
+        env_bufs.push(b);
+    }
+    let mut bufs = env_bufs.iter_mut();
+    env_ptrs.reserve(envp.len() + 1);
+    for (i, e) in envp.iter().enumerate() {
+        if pid_vars.contains(&i) {
+            if let Some(b) = bufs.next() {
+                let key_len = b.len() - 11;
+                pid_slots.push((b.as_mut_ptr(), key_len));
+                env_ptrs.push(b.as_ptr().cast());
+                continue;
+            }
+        }
+        env_ptrs.push(e.as_ptr());
+    }
+    env_ptrs.push(std::ptr::null());
+}
+
 struct ChildContext<'a> {
-    req: &'a Request,
-    argv: &'a [*const libc::c_char],
-    env: &'a [*const libc::c_char],
-    pid_slots: &'a [(*mut u8, usize)],
+    setup: &'a Setup,
     sources: &'a [RawFd],
     scratch: &'a mut [RawFd],
-    groups: Option<&'a [libc::gid_t]>,
     master: libc::pid_t,
+}
+
+/// The body as the child runs it: for an exec, pointer arrays built before fork.
+enum ChildBody<'a, 'f> {
+    Exec {
+        path: &'a std::ffi::CStr,
+        argv: &'a [*const libc::c_char],
+        env: &'a [*const libc::c_char],
+        pid_slots: &'a [(*mut u8, usize)],
+    },
+    Call(&'a mut (dyn FnMut() -> i32 + 'f)),
 }
 
 /// Writes a failure record and exits 127, like a shell that cannot run a command.
@@ -269,11 +390,52 @@ unsafe fn tie_to_master(master: libc::pid_t) {
     }
 }
 
+/// Set-up, then the body; never returns.
+///
 /// # Safety
 /// Must run only in a child just forked from the single-threaded master, with every signal
-/// blocked; it never returns.
-unsafe fn child_after_fork(ctx: &mut ChildContext<'_>) -> ! {
-    let req = ctx.req;
+/// blocked.
+unsafe fn child_after_fork(ctx: &mut ChildContext<'_>, body: ChildBody<'_, '_>) -> ! {
+    // SAFETY: same contract as ours.
+    let status = unsafe { set_up(ctx) };
+    match body {
+        ChildBody::Exec {
+            path,
+            argv,
+            env,
+            pid_slots,
+        } => {
+            // SAFETY: async-signal-safe calls over buffers prepared before fork, each slot
+            // with room for 11 bytes after its offset (see `prepare_exec`).
+            unsafe {
+                for &(buf, offset) in pid_slots {
+                    write_decimal(buf.add(offset), libc::getpid() as u32);
+                }
+                libc::execve(path.as_ptr(), argv.as_ptr(), env.as_ptr());
+                fail(status, Stage::Exec)
+            }
+        }
+        ChildBody::Call(f) => {
+            // There is no exec to close the close-on-exec status pipe: closing it is how the
+            // parent learns that set-up is over, exactly as for an exec.
+            // SAFETY: `status` is the child's own descriptor, used by nothing after this.
+            unsafe { libc::close(status) };
+            // A panic must not unwind into the parent's frames copied above us: the child
+            // would go on running the parent's code.
+            let code =
+                std::panic::catch_unwind(std::panic::AssertUnwindSafe(f)).unwrap_or(PANIC_EXIT);
+            // SAFETY: _exit ends this process without running the parent's destructors.
+            unsafe { libc::_exit(code) }
+        }
+    }
+}
+
+/// The set-up phase; returns the status pipe's descriptor, still open and close-on-exec.
+///
+/// # Safety
+/// As [`child_after_fork`].
+unsafe fn set_up(ctx: &mut ChildContext<'_>) -> RawFd {
+    let setup = ctx.setup;
     let n = ctx.sources.len() as RawFd;
     let mut status = *ctx.sources.last().expect("status pipe is always passed");
     // SAFETY (whole block): only async-signal-safe libc calls, over memory prepared before
@@ -322,27 +484,24 @@ unsafe fn child_after_fork(ctx: &mut ChildContext<'_>) -> ! {
             }
         }
 
-        for &(buf, offset) in ctx.pid_slots {
-            write_decimal(buf.add(offset), libc::getpid() as u32);
-        }
-        if let Some(mask) = req.umask {
+        if let Some(mask) = setup.umask {
             libc::umask(mask);
         }
-        if let Some(cwd) = &req.cwd {
+        if let Some(cwd) = &setup.cwd {
             if libc::chdir(cwd.as_ptr()) < 0 {
                 fail(status, Stage::Chdir);
             }
         }
-        if let Some(lim) = &req.nofile {
+        if let Some(lim) = &setup.nofile {
             libc::setrlimit(libc::RLIMIT_NOFILE, lim);
         }
-        for (i, lock) in req.locks.iter().enumerate() {
-            take_lock(lock, req.lock_mode, i as u16, status);
+        for (i, lock) in setup.locks.iter().enumerate() {
+            take_lock(lock, setup.lock_mode, i as u16, status);
         }
-        if let (Some(cred), Some(groups)) = (&req.credentials, ctx.groups) {
+        if let Some(cred) = &setup.credentials {
             // Raw syscalls: only this process changes; glibc's wrappers would also try to
             // bring every other thread of the process along.
-            if libc::syscall(libc::SYS_setgroups, groups.len(), groups.as_ptr()) < 0
+            if libc::syscall(libc::SYS_setgroups, cred.groups.len(), cred.groups.as_ptr()) < 0
                 || libc::syscall(libc::SYS_setgid, cred.gid) < 0
                 || libc::syscall(libc::SYS_setuid, cred.uid) < 0
             {
@@ -351,9 +510,8 @@ unsafe fn child_after_fork(ctx: &mut ChildContext<'_>) -> ! {
             // A change of credentials clears the parent-death signal: set it again.
             tie_to_master(ctx.master);
         }
-        libc::execve(req.program.as_ptr(), ctx.argv.as_ptr(), ctx.env.as_ptr());
-        fail(status, Stage::Exec)
     }
+    status
 }
 
 /// Opens (never following a symlink) and flocks one lock file; the descriptor is inherited
