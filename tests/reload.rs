@@ -6,70 +6,18 @@
 mod common;
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::io::{BufRead, BufReader, Write};
-use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
-use std::time::Duration;
 
 use serde_json::{json, Value};
 
 use common::*;
 use nix::sys::signal::Signal::SIGHUP;
 
-/// Upper bound for anything that should happen promptly (a start, a stop, an answer).
-const DEADLINE: Duration = Duration::from_secs(10);
-
 // ---------------------------------------------------------------------------------------------
 // Observing the master
 
-fn socket(sb: &Sandbox) -> PathBuf {
-    sb.runtime_dir().join("control.sock")
-}
-
-/// The `result` of a status request over the raw socket (bounded by [`DEADLINE`]), or `None`
-/// while nothing listens yet.
-fn try_status(sb: &Sandbox) -> Option<Value> {
-    let stream = UnixStream::connect(socket(sb)).ok()?;
-    stream.set_read_timeout(Some(DEADLINE)).unwrap();
-    stream.set_write_timeout(Some(DEADLINE)).unwrap();
-    (&stream)
-        .write_all(b"{\"cmd\":\"status\"}\n")
-        .expect("send status");
-    let mut line = String::new();
-    BufReader::new(&stream)
-        .read_line(&mut line)
-        .expect("an answer to status");
-    let answer: Value = serde_json::from_str(&line).expect("a JSON answer");
-    assert_eq!(answer["ok"], true, "status failed: {answer}");
-    Some(answer["result"].clone())
-}
-
-#[track_caller]
-fn status(sb: &Sandbox) -> Value {
-    try_status(sb).expect("the master answers status")
-}
-
 fn programs(status: &Value) -> BTreeSet<String> {
     entries(status).into_iter().map(|e| e.program).collect()
-}
-
-/// Waits until `program` has exactly workers 0..n, all running; returns id → pid.
-#[track_caller]
-fn wait_running(sb: &Sandbox, program: &str, n: u32) -> BTreeMap<u32, i32> {
-    let mut pids = BTreeMap::new();
-    sb.wait(
-        &format!("{program} has exactly workers 0..{n}, all running"),
-        DEADLINE,
-        || {
-            let Some(s) = try_status(sb) else {
-                return false;
-            };
-            let listed = entries(&s).iter().filter(|e| e.program == program).count();
-            pids = running(&s, program);
-            listed == n as usize && pids.keys().copied().eq(0..n)
-        },
-    );
-    pids
 }
 
 /// Asserts that `program` runs exactly `expected` (id → pid), every one alive.
@@ -132,21 +80,12 @@ fn app(sb: &Sandbox) -> PathBuf {
     sb.worker("app.sh", "sleep 1000 &\nwait $!")
 }
 
-fn sleeper(sb: &Sandbox) -> PathBuf {
-    sb.worker("sleeper.sh", "exec sleep 1000")
-}
-
 /// `[program.NAME]` running `script` with the argument `version`, and `extra` lines.
 fn program(name: &str, script: &Path, version: &str, extra: &str) -> String {
     format!(
         "[program.{name}]\ncommand = [{}, \"{version}\"]\n{extra}\n",
         toml_str(script)
     )
-}
-
-fn stop_cleanly(master: &mut Daemon) {
-    let status = master.stop_with(SIGTERM, DEADLINE);
-    assert_exit_code(status, 0, &master.stderr_text());
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -167,7 +106,7 @@ fn an_added_program_starts_and_the_others_keep_their_pids() {
     ));
     assert_eq!(reload(&sb, &config), "extra: added\n");
     // reload returns once the plan is applied: the new workers run.
-    let st = status(&sb);
+    let st = socket_status(&sb);
     let extra = running(&st, "extra");
     assert_eq!(extra.keys().copied().collect::<Vec<_>>(), [0, 1], "{st}");
     assert_pids(&st, "web", &before, "after adding extra");
@@ -191,9 +130,9 @@ fn a_removed_program_stops_and_the_others_keep_their_pids() {
     assert_eq!(reload(&sb, &config), "gone: removed\n");
     wait_all_dead(&sb, &gone, "gone was removed");
     sb.wait("status no longer lists gone", DEADLINE, || {
-        !programs(&status(&sb)).contains("gone")
+        !programs(&socket_status(&sb)).contains("gone")
     });
-    assert_pids(&status(&sb), "web", &before, "after removing gone");
+    assert_pids(&socket_status(&sb), "web", &before, "after removing gone");
     stop_cleanly(&mut master);
 }
 
@@ -215,7 +154,7 @@ fn a_changed_workers_count_scales_and_the_survivors_keep_their_pids() {
         program("web", &a, "v1", "workers = 5")
     ));
     assert_eq!(reload(&sb, &config), "web: workers 3 -> 5\n");
-    let st = status(&sb);
+    let st = socket_status(&sb);
     let five = running(&st, "web");
     assert_eq!(
         five.keys().copied().collect::<Vec<_>>(),
@@ -236,7 +175,7 @@ fn a_changed_workers_count_scales_and_the_survivors_keep_their_pids() {
     ));
     assert_eq!(reload(&sb, &config), "web: workers 5 -> 2\n");
     // Returned once the count is reached: the highest ids are gone, the lowest untouched.
-    let st = status(&sb);
+    let st = socket_status(&sb);
     let two: BTreeMap<u32, i32> = five
         .iter()
         .filter(|(id, _)| **id < 2)
@@ -331,7 +270,7 @@ fn a_command_change_rolls_one_worker_at_a_time_old_stopping_beside_its_successor
         "status shows an old web worker `stopping` beside its running successor",
         DEADLINE,
         || {
-            let st = status(&sb);
+            let st = socket_status(&sb);
             let web: Vec<Entry> = entries(&st)
                 .into_iter()
                 .filter(|e| e.program == "web")
@@ -390,7 +329,7 @@ fn a_command_change_rolls_one_worker_at_a_time_old_stopping_beside_its_successor
         "web: command changed (rolling restart)\n"
     );
 
-    let st = status(&sb);
+    let st = socket_status(&sb);
     let new = running(&st, "web");
     assert_eq!(new.keys().copied().collect::<Vec<_>>(), [0, 1], "{st}");
     assert_eq!(
@@ -436,7 +375,7 @@ fn an_unchanged_program_keeps_its_pids_beside_a_changed_one() {
         program("mid", &a, "v1", "workers = 2\nenv = { MODE = \"b\" }")
     ));
     assert_eq!(reload(&sb, &config), "mid: env changed (rolling restart)\n");
-    let st = status(&sb);
+    let st = socket_status(&sb);
     assert_pids(&st, "first", &f, "beside a changed program");
     assert_pids(&st, "last", &l, "beside a changed program");
     let new = running(&st, "mid");
@@ -482,14 +421,14 @@ fn a_settings_only_change_applies_in_place_without_touching_a_worker() {
         "{out}"
     );
     assert_eq!(out.lines().count(), 1, "{out}");
-    let st = status(&sb);
+    let st = socket_status(&sb);
     assert_pids(&st, "web", &before, "after a settings-only change");
     for w in st["programs"][0]["workers"].as_array().unwrap() {
         assert_eq!(w["restarts"], 0, "{w}");
     }
     // Applied: the new stop signal is the one a stop now sends (INT, not TERM).
     sb.cli_ok(&config, &["stop", "web.0"]);
-    let st = status(&sb);
+    let st = socket_status(&sb);
     let w0 = &st["programs"][0]["workers"][0];
     assert_eq!(w0["state"], "stopped", "{st}");
     assert_eq!(w0["last_exit"], json!({"signal": "INT"}), "{st}");
@@ -517,15 +456,15 @@ fn a_renamed_program_is_a_removal_and_an_addition() {
     let mut lines: Vec<&str> = out.lines().collect();
     lines.sort();
     assert_eq!(lines, ["after: added", "before: removed"], "{out}");
-    let st = status(&sb);
+    let st = socket_status(&sb);
     let new = running(&st, "after");
     assert_eq!(new.keys().copied().collect::<Vec<_>>(), [0, 1], "{st}");
     assert!(new.values().all(|p| !old.values().any(|o| o == p)), "{st}");
     wait_all_dead(&sb, &old, "before was renamed");
     sb.wait("status no longer lists `before`", DEADLINE, || {
-        programs(&status(&sb)) == BTreeSet::from(["after".to_string(), "keep".to_string()])
+        programs(&socket_status(&sb)) == BTreeSet::from(["after".to_string(), "keep".to_string()])
     });
-    assert_pids(&status(&sb), "keep", &k, "beside a rename");
+    assert_pids(&socket_status(&sb), "keep", &k, "beside a rename");
     stop_cleanly(&mut master);
 }
 
@@ -557,7 +496,7 @@ fn an_invalid_file_changes_nothing_and_reload_says_where_with_exit_1() {
     let config = config_with_line_8(&sb, &s, "workers = 2");
     let mut master = sb.start(&config);
     let before = wait_running(&sb, "web", 2);
-    let sock = socket(&sb).display().to_string();
+    let sock = sb.control_socket().display().to_string();
     let located = format!("{}:8:", config.display());
 
     for (line, what) in BAD_LINES {
@@ -571,7 +510,7 @@ fn an_invalid_file_changes_nothing_and_reload_says_where_with_exit_1() {
             out.stderr
         );
         assert_pids(
-            &status(&sb),
+            &socket_status(&sb),
             "web",
             &before,
             &format!("after a reload with a {what}"),
@@ -580,7 +519,7 @@ fn an_invalid_file_changes_nothing_and_reload_says_where_with_exit_1() {
     // The master kept the old config: a valid file now is compared with it.
     config_with_line_8(&sb, &s, "workers = 3");
     assert_eq!(reload(&sb, &config), "web: workers 2 -> 3\n");
-    let st = status(&sb);
+    let st = socket_status(&sb);
     assert_eq!(running(&st, "web").len(), 3, "{st}");
     for (id, pid) in &before {
         assert_eq!(running(&st, "web")[id], *pid);
@@ -606,7 +545,12 @@ fn reload_with_c_reaches_the_master_even_when_the_file_has_a_syntax_error() {
         "stderr names {located} (the master's answer), not a missing master: {}",
         out.stderr
     );
-    assert_pids(&status(&sb), "web", &before, "after the refused reload");
+    assert_pids(
+        &socket_status(&sb),
+        "web",
+        &before,
+        "after the refused reload",
+    );
     stop_cleanly(&mut master);
 }
 
@@ -628,7 +572,7 @@ fn sighup_with_an_invalid_file_keeps_everything_and_logs_where() {
             || master.stderr_lines_with(&[&located]).len() > n,
         );
         assert_pids(
-            &status(&sb),
+            &socket_status(&sb),
             "web",
             &before,
             &format!("after SIGHUP with a {what}"),
@@ -641,7 +585,7 @@ fn sighup_with_an_invalid_file_keeps_everything_and_logs_where() {
     ));
     master.signal(SIGHUP);
     wait_running(&sb, "late", 1);
-    assert_pids(&status(&sb), "web", &before, "after a valid SIGHUP");
+    assert_pids(&socket_status(&sb), "web", &before, "after a valid SIGHUP");
     stop_cleanly(&mut master);
 }
 
@@ -713,7 +657,7 @@ fn reload_signal_sends_reload_signal_at_every_reload_and_keeps_the_pids() {
             },
         );
         assert_eq!(got, expected, "signals logged after reload {round}");
-        let st = status(&sb);
+        let st = socket_status(&sb);
         assert_pids(&st, "hup", &hup, &format!("after reload {round}"));
         assert_pids(&st, "usr", &usr, &format!("after reload {round}"));
         assert_pids(&st, "plain", &plain, &format!("after reload {round}"));
@@ -736,7 +680,7 @@ fn reload_none_applies_a_command_change_at_the_next_restart_only() {
         reload(&sb, &config),
         "web: command changed (applies at each worker's next restart)\n"
     );
-    let st = status(&sb);
+    let st = socket_status(&sb);
     assert_pids(&st, "web", &before, "after a reload = \"none\" reload");
     for pid in before.values() {
         assert_eq!(version_of(*pid), "v1");
@@ -748,7 +692,7 @@ fn reload_none_applies_a_command_change_at_the_next_restart_only() {
     sb.wait(
         "web.0 runs again with a new pid",
         DEADLINE,
-        || match running(&status(&sb), "web").get(&0) {
+        || match running(&socket_status(&sb), "web").get(&0) {
             Some(p) if *p != before[&0] => {
                 replaced = *p;
                 true
@@ -762,7 +706,7 @@ fn reload_none_applies_a_command_change_at_the_next_restart_only() {
         "web.0 restarted with the new command"
     );
     assert_eq!(
-        running(&status(&sb), "web")[&1],
+        running(&socket_status(&sb), "web")[&1],
         before[&1],
         "web.1 untouched"
     );
@@ -770,7 +714,7 @@ fn reload_none_applies_a_command_change_at_the_next_restart_only() {
 
     // … and so does `restart`.
     sb.cli_ok(&config, &["restart", "web"]);
-    let st = status(&sb);
+    let st = socket_status(&sb);
     let after = running(&st, "web");
     assert_eq!(after.len(), 2, "{st}");
     for (id, pid) in &after {
@@ -792,12 +736,12 @@ fn scale_lasts_until_the_files_workers_changes() {
     wait_running(&sb, "web", 2);
 
     sb.cli_ok(&config, &["scale", "web", "4"]);
-    let scaled = running(&status(&sb), "web");
+    let scaled = running(&socket_status(&sb), "web");
     assert_eq!(scaled.len(), 4);
 
     // Nothing changed: the scaled count stays.
     assert_eq!(reload(&sb, &config), "nothing changed\n");
-    assert_pids(&status(&sb), "web", &scaled, "after an empty reload");
+    assert_pids(&socket_status(&sb), "web", &scaled, "after an empty reload");
 
     // A change that leaves `workers` as it was keeps the scaled count.
     sb.config(&program(
@@ -812,7 +756,7 @@ fn scale_lasts_until_the_files_workers_changes() {
         "{out}"
     );
     assert_pids(
-        &status(&sb),
+        &socket_status(&sb),
         "web",
         &scaled,
         "after a reload that kept `workers`",
@@ -826,7 +770,7 @@ fn scale_lasts_until_the_files_workers_changes() {
         "workers = 3\nstop_timeout = \"4s\"",
     ));
     assert_eq!(reload(&sb, &config), "web: workers 2 -> 3\n");
-    let st = status(&sb);
+    let st = socket_status(&sb);
     let three: BTreeMap<u32, i32> = scaled
         .iter()
         .filter(|(id, _)| **id < 3)

@@ -25,9 +25,6 @@ use serde_json::Value;
 
 use common::*;
 
-/// Upper bound for anything that should happen promptly (a start, a restart, a message).
-const DEADLINE: Duration = Duration::from_secs(10);
-
 /// Backoff for programs whose restarts must be quick and free of jitter.
 const FAST_BACKOFF: &str = r#"backoff = { initial = "10ms", max = "10ms", jitter = 0.0 }"#;
 
@@ -100,16 +97,6 @@ for step in sys.argv[1:]:
 while True:
     signal.pause()
 "#;
-
-/// The Python interpreter for `sd.py`: the system one when present (no pyenv shim between the
-/// wrapper's `exec` and the interpreter), else whatever PATH finds.
-fn python() -> &'static str {
-    if Path::new("/usr/bin/python3").exists() {
-        "/usr/bin/python3"
-    } else {
-        "python3"
-    }
-}
 
 /// A worker script `name` that records its start line, then becomes `sd.py STEPS…` (same pid).
 /// Core dumps are off: a worker killed by SIGABRT must not leave (or wait for) one.
@@ -207,11 +194,6 @@ fn wait_worker(
         },
     );
     last
-}
-
-fn stop_cleanly(master: &mut Daemon) {
-    let status = master.stop_with(SIGTERM, DEADLINE);
-    assert_exit_code(status, 0, &master.stderr_text());
 }
 
 // ---------------------------------------------------------------------------------------------
