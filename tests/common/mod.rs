@@ -524,47 +524,9 @@ impl Sandbox {
         args: &[&str],
         adjust: impl FnOnce(&mut Command),
     ) -> Daemon {
-        let n = self.spawned.fetch_add(1, Ordering::SeqCst) + 1;
-        let stdout = self.path(&format!("plumule-{n}.stdout"));
-        let stderr = self.path(&format!("plumule-{n}.stderr"));
-        let mut cmd = Command::new(binary);
-        cmd.args(args)
-            .current_dir(self.root())
-            .env(MARKER, self.dir.path())
-            .env_remove("NOTIFY_SOCKET")
-            .env_remove("PLUMULE_CONFIG")
-            .env_remove("PLUMULE_SOCKET")
-            .env_remove("LISTEN_FDS")
-            .env_remove("LISTEN_PID")
-            .env_remove("LISTEN_FDNAMES")
-            .env_remove("WATCHDOG_USEC")
-            .env_remove("WATCHDOG_PID")
-            .env_remove("JOURNAL_STREAM")
-            .stdin(Stdio::null())
-            .stdout(File::create(&stdout).expect("stdout file"))
-            .stderr(File::create(&stderr).expect("stderr file"));
-        // Its own process group, as under systemd: a signal meant for it never reaches the
-        // test runner, and the runner's terminal signals never reach it.
-        cmd.process_group(0);
-        adjust(&mut cmd);
-        let child = spawn_registered(&mut cmd);
-        let watch = Watch {
-            pid: child.id() as i32,
-            args: args.join(" "),
-            stderr: stderr.clone(),
-            exit_expected: Arc::new(AtomicBool::new(args.first() != Some(&"run"))),
-            budget_end: self.budget_end,
-        };
-        self.watches
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .push(watch.clone());
-        Daemon {
-            child,
-            stdout,
-            watch,
-            status: None,
-        }
+        // A one-shot command is expected to exit; a master is not.
+        let exit_expected = args.first() != Some(&"run");
+        self.spawn_watched(binary, args, &args.join(" "), exit_expected, adjust)
     }
 
     /// Starts a master through a launcher, `program ARGS…` (e.g. `/bin/sh -c '… exec plumule
@@ -575,6 +537,20 @@ impl Sandbox {
         program: &str,
         args: &[&str],
         what: &str,
+        adjust: impl FnOnce(&mut Command),
+    ) -> Daemon {
+        self.spawn_watched(Path::new(program), args, what, false, adjust)
+    }
+
+    /// Spawns `program ARGS…` in the sandbox: the marker set, the variables that would make a
+    /// master talk to the test's own systemd or sockets removed, stdin from /dev/null, stdout
+    /// and stderr to numbered files, its own process group; watched for an unexpected exit.
+    fn spawn_watched(
+        &self,
+        program: &Path,
+        args: &[&str],
+        what: &str,
+        exit_expected: bool,
         adjust: impl FnOnce(&mut Command),
     ) -> Daemon {
         let n = self.spawned.fetch_add(1, Ordering::SeqCst) + 1;
@@ -597,6 +573,8 @@ impl Sandbox {
         ] {
             cmd.env_remove(var);
         }
+        // Its own process group, as under systemd: a signal meant for it never reaches the
+        // test runner, and the runner's terminal signals never reach it.
         cmd.stdin(Stdio::null())
             .stdout(File::create(&stdout).expect("stdout file"))
             .stderr(File::create(&stderr).expect("stderr file"))
@@ -607,7 +585,7 @@ impl Sandbox {
             pid: child.id() as i32,
             args: what.to_string(),
             stderr,
-            exit_expected: Arc::new(AtomicBool::new(false)),
+            exit_expected: Arc::new(AtomicBool::new(exit_expected)),
             budget_end: self.budget_end,
         };
         self.watches
