@@ -780,3 +780,55 @@ fn scale_lasts_until_the_files_workers_changes() {
     assert!(!pid_alive(scaled[&3]), "web.3 stopped");
     stop_cleanly(&mut master);
 }
+
+/// Regression: a program removed by one reload and added back by the next while its old
+/// worker is still stopping (its TERM handler takes 3 s). The second reload must answer and
+/// the program's new worker must run, beside the old one until that one has exited.
+#[test]
+fn a_program_re_added_while_its_removed_worker_is_still_stopping_runs_again() {
+    let sb = Sandbox::new();
+    let keep = program("keep", &sleeper(&sb), "v1", "");
+    let slow = "[program.slow]\n\
+                command = \"trap 'sleep 3; exit 0' TERM; while :; do sleep 0.1; done\"\n\
+                stop_timeout = \"10s\"\n";
+    let config = sb.config(&format!("{keep}\n{slow}"));
+    let mut master = sb.start(&config);
+    wait_running(&sb, "keep", 1);
+    let old = wait_running(&sb, "slow", 1)[&0];
+
+    sb.config(&keep);
+    let removed = reload(&sb, &config);
+    assert!(
+        removed.contains("slow"),
+        "the reload says slow went: {removed}"
+    );
+    sb.wait("slow.0 is stopping", DEADLINE, || {
+        entries(&socket_status(&sb))
+            .iter()
+            .any(|e| e.program == "slow" && e.pid == Some(old) && e.state == "stopping")
+    });
+
+    sb.config(&format!("{keep}\n{slow}"));
+    let out = sb.cli(&config, &["reload"]);
+    assert_exit_code(out.status, 0, &out.stderr);
+    assert!(
+        pid_alive(old),
+        "the old slow.0 (pid {old}) was still stopping when slow came back"
+    );
+    let mut new = None;
+    sb.wait("a new slow.0 is running", DEADLINE, || {
+        new = running(&socket_status(&sb), "slow")
+            .get(&0)
+            .copied()
+            .filter(|&p| p != old);
+        new.is_some()
+    });
+    wait_all_dead(
+        &sb,
+        &[(0, old)].into(),
+        "the removed slow.0 ended its TERM handler",
+    );
+    let now = wait_running(&sb, "slow", 1);
+    assert_eq!(now[&0], new.unwrap(), "the new slow.0 kept running");
+    stop_cleanly(&mut master);
+}
