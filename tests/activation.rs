@@ -17,12 +17,8 @@ use std::os::unix::fs::{FileTypeExt, MetadataExt};
 use std::os::unix::net::UnixStream;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
-use std::time::Duration;
 
 use common::*;
-
-/// Upper bound for anything that should happen promptly (a start, a reply, an exit).
-const DEADLINE: Duration = Duration::from_secs(10);
 
 /// Accepts on descriptor 3 forever; answers `PID LISTEN_FDS LISTEN_PID LISTEN_FDNAMES`.
 const SERVE_PY: &str = r#"
@@ -35,37 +31,10 @@ while True:
         c.sendall(("%d %s\n" % (os.getpid(), " ".join(env))).encode())
 "#;
 
-fn python() -> &'static str {
-    if Path::new("/usr/bin/python3").exists() {
-        "/usr/bin/python3"
-    } else {
-        "python3"
-    }
-}
-
 /// `command = [python3, serve.py]` for a program, the script written into the sandbox.
 fn server_command(sb: &Sandbox) -> String {
     let script = sb.write_file("serve.py", SERVE_PY, 0o644);
     format!("[{}, {}]", toml_str(Path::new(python())), toml_str(&script))
-}
-
-/// The pid of `program.0` once it is running.
-#[track_caller]
-fn wait_running(sb: &Sandbox, config: &Path, program: &str) -> i32 {
-    let cfg = config.display().to_string();
-    let mut pid = None;
-    sb.wait(&format!("{program}.0 is running"), DEADLINE, || {
-        let out = sb.plumule(&["status", "--json", "-c", &cfg], DEADLINE);
-        let Ok(report) = parse_status(&out.stdout) else {
-            return false;
-        };
-        pid = report
-            .workers()
-            .find(|(p, w)| p.name == program && w.id == 0 && w.state == "running")
-            .and_then(|(_, w)| w.pid);
-        pid.is_some()
-    });
-    pid.unwrap()
 }
 
 /// What the server answered: (pid, LISTEN_FDS, LISTEN_PID, LISTEN_FDNAMES).
@@ -159,7 +128,7 @@ fn a_socket_systemd_passed_to_the_master_reaches_the_worker_at_fd_3() {
     // From now on only the master and its worker hold the socket: whoever answers on the
     // port is the worker.
     drop(listener);
-    let pid = wait_running(&sb, &config, "web");
+    let pid = wait_running(&sb, "web", 1)[&0];
 
     let (answered_by, fds, listen_pid, names) = ask_tcp(addr);
     assert_eq!(
@@ -224,7 +193,7 @@ fn a_unix_listen_socket_gets_its_mode_and_is_removed_when_the_master_stops() {
         server_command(&sb)
     ));
     let mut master = sb.start(&config);
-    let pid = wait_running(&sb, &config, "web");
+    let pid = wait_running(&sb, "web", 1)[&0];
 
     let sock: PathBuf = sb.path("web.sock");
     let meta = std::fs::symlink_metadata(&sock).expect("web.sock exists");

@@ -5,11 +5,8 @@
 mod common;
 
 use std::path::Path;
-use std::time::Duration;
 
 use common::*;
-
-const DEADLINE: Duration = Duration::from_secs(10);
 
 fn check(sb: &Sandbox, config: &Path) -> Outcome {
     sb.plumule(&["check", "-c", &config.display().to_string()], DEADLINE)

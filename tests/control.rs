@@ -11,24 +11,15 @@ use std::collections::BTreeMap;
 use std::io::{BufRead, BufReader, ErrorKind, Read, Write};
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::os::unix::net::UnixStream;
-use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
-use std::time::Duration;
 
 use plumule::protocol::{LastExit, StatusReport, WorkerStatus};
 use serde_json::{json, Value};
 
 use common::*;
 
-/// Upper bound for anything that should happen promptly (a start, a stop, an answer).
-const DEADLINE: Duration = Duration::from_secs(10);
-
 // ---------------------------------------------------------------------------------------------
 // Talking to the master
-
-fn socket(sb: &Sandbox) -> PathBuf {
-    sb.runtime_dir().join("control.sock")
-}
 
 /// One connection to the control socket, every read and write bounded by [`DEADLINE`].
 struct Ctl {
@@ -47,7 +38,8 @@ impl Ctl {
 
     #[track_caller]
     fn open(sb: &Sandbox) -> Ctl {
-        Ctl::connect(&socket(sb)).unwrap_or_else(|e| panic!("cannot connect to the master: {e}"))
+        Ctl::connect(&sb.control_socket())
+            .unwrap_or_else(|e| panic!("cannot connect to the master: {e}"))
     }
 
     fn stream(&self) -> &UnixStream {
@@ -86,16 +78,6 @@ impl Ctl {
     }
 }
 
-/// The `result` of a status request, or `None` while the master cannot be reached yet.
-fn try_status(sb: &Sandbox) -> Option<StatusReport> {
-    sb.ask_status()
-}
-
-#[track_caller]
-fn status(sb: &Sandbox) -> StatusReport {
-    try_status(sb).expect("the master answers status")
-}
-
 /// Every running worker: (program, id) → pid.
 fn all_running(status: &StatusReport) -> BTreeMap<(String, u32), i32> {
     entries(status)
@@ -103,28 +85,6 @@ fn all_running(status: &StatusReport) -> BTreeMap<(String, u32), i32> {
         .filter(|e| e.state == "running")
         .map(|e| ((e.program, e.id), e.pid.expect("pid")))
         .collect()
-}
-
-/// Waits until `program` has exactly workers 0..n, all running; returns id → pid.
-#[track_caller]
-fn wait_running(sb: &Sandbox, program: &str, n: u32) -> BTreeMap<u32, i32> {
-    let mut pids = BTreeMap::new();
-    sb.wait(
-        &format!("{program} has exactly workers 0..{n}, all running"),
-        DEADLINE,
-        || {
-            let Some(s) = try_status(sb) else {
-                return false;
-            };
-            let mine: Vec<Entry> = entries(&s)
-                .into_iter()
-                .filter(|e| e.program == program)
-                .collect();
-            pids = running(&s, program);
-            mine.len() == n as usize && pids.keys().copied().eq(0..n)
-        },
-    );
-    pids
 }
 
 /// The start line of the process `pid`, once its script has written it.
@@ -145,7 +105,7 @@ fn wait_start_line(sb: &Sandbox, pid: i32) -> Start {
 /// The master still answers `status` and every worker in `before` runs with the same pid.
 #[track_caller]
 fn assert_unharmed(sb: &Sandbox, before: &BTreeMap<(String, u32), i32>, after_what: &str) {
-    let now = all_running(&status(sb));
+    let now = all_running(&socket_status(sb));
     assert_eq!(&now, before, "worker pids changed after {after_what}");
     for ((program, id), pid) in before {
         assert!(
@@ -170,15 +130,6 @@ fn gated_worker(sb: &Sandbox, name: &str, gate: &Path) -> PathBuf {
             starts = sh_str(&sb.starts_file()),
         ),
     )
-}
-
-fn sleeper(sb: &Sandbox) -> PathBuf {
-    sb.worker("sleeper.sh", "exec sleep 1000")
-}
-
-fn stop_cleanly(master: &mut Daemon) {
-    let status = master.stop_with(SIGTERM, DEADLINE);
-    assert_exit_code(status, 0, &master.stderr_text());
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -367,7 +318,7 @@ fn stop_start_restart_a_whole_program() {
             "web worker {pid} still runs after `stop` returned"
         );
     }
-    let st = status(&sb);
+    let st = socket_status(&sb);
     let web_entries: Vec<Entry> = entries(&st)
         .into_iter()
         .filter(|e| e.program == "web")
@@ -384,7 +335,7 @@ fn stop_start_restart_a_whole_program() {
 
     // start returns once the new workers run.
     sb.cli_ok(&config, &["start", "web"]);
-    let started = running(&status(&sb), "web");
+    let started = running(&socket_status(&sb), "web");
     assert_eq!(
         started.keys().copied().collect::<Vec<_>>(),
         [0, 1],
@@ -400,7 +351,7 @@ fn stop_start_restart_a_whole_program() {
 
     // restart: every worker gets a new pid, the old ones are gone, when it returns.
     sb.cli_ok(&config, &["restart", "web"]);
-    let st = status(&sb);
+    let st = socket_status(&sb);
     let restarted = running(&st, "web");
     assert_eq!(restarted.len(), 2, "{st:?}");
     for (id, pid) in &restarted {
@@ -425,7 +376,7 @@ fn stop_start_restart_a_whole_program() {
     // start of a running program changes nothing.
     sb.cli_ok(&config, &["start", "web"]);
     assert_eq!(
-        running(&status(&sb), "web"),
+        running(&socket_status(&sb), "web"),
         restarted,
         "start of a running program"
     );
@@ -448,7 +399,7 @@ fn stop_start_restart_one_worker_by_id() {
         !pid_alive(before[&1]),
         "web.1 still runs after `stop web.1` returned"
     );
-    let st = status(&sb);
+    let st = socket_status(&sb);
     let e = entries(&st);
     assert!(
         e.iter()
@@ -463,7 +414,7 @@ fn stop_start_restart_one_worker_by_id() {
     );
 
     sb.cli_ok(&config, &["start", "web.1"]);
-    let after_start = running(&status(&sb), "web");
+    let after_start = running(&socket_status(&sb), "web");
     assert_eq!(after_start.len(), 3);
     assert_ne!(after_start[&1], before[&1], "web.1 got a new process");
     assert!(pid_alive(after_start[&1]));
@@ -472,7 +423,7 @@ fn stop_start_restart_one_worker_by_id() {
     assert_eq!(line.id, 1, "the new process is worker 1: {line:?}");
 
     sb.cli_ok(&config, &["restart", "web.2"]);
-    let after_restart = running(&status(&sb), "web");
+    let after_restart = running(&socket_status(&sb), "web");
     assert_ne!(after_restart[&2], before[&2], "web.2 got a new process");
     assert!(
         !pid_alive(before[&2]),
@@ -503,7 +454,7 @@ fn stop_start_restart_one_worker_by_id() {
             out.stderr
         );
     }
-    assert_eq!(running(&status(&sb), "web"), after_restart);
+    assert_eq!(running(&socket_status(&sb), "web"), after_restart);
     stop_cleanly(&mut master);
 }
 
@@ -532,7 +483,7 @@ fn start_clears_a_failed_worker() {
     // What it needed is there now: `start` returns with it running, and status is 0 again.
     std::fs::write(sb.path("ready"), "").unwrap();
     sb.cli_ok(&config, &["start", "flaky.0"]);
-    let pids = running(&status(&sb), "flaky");
+    let pids = running(&socket_status(&sb), "flaky");
     let pid = *pids.get(&0).expect("flaky.0 runs after `start` returned");
     assert!(pid_alive(pid));
     assert_eq!(wait_start_line(&sb, pid).program, "flaky");
@@ -557,7 +508,7 @@ fn scale_up_keeps_the_running_workers_and_scale_down_stops_the_highest_ids() {
 
     // scale returns once the count is reached.
     sb.cli_ok(&config, &["scale", "web", "5"]);
-    let st = status(&sb);
+    let st = socket_status(&sb);
     let up = running(&st, "web");
     assert_eq!(
         up.keys().copied().collect::<Vec<_>>(),
@@ -575,7 +526,7 @@ fn scale_up_keeps_the_running_workers_and_scale_down_stops_the_highest_ids() {
     }
 
     sb.cli_ok(&config, &["scale", "web", "1"]);
-    let st = status(&sb);
+    let st = socket_status(&sb);
     let web: Vec<Entry> = entries(&st)
         .into_iter()
         .filter(|e| e.program == "web")
@@ -592,11 +543,11 @@ fn scale_up_keeps_the_running_workers_and_scale_down_stops_the_highest_ids() {
 
     // Zero is a valid count; too many is refused with a message and changes nothing.
     sb.cli_ok(&config, &["scale", "web", "0"]);
-    assert!(running(&status(&sb), "web").is_empty());
+    assert!(running(&socket_status(&sb), "web").is_empty());
     assert!(!pid_alive(before[&0]));
     let out = sb.cli(&config, &["scale", "web", "4000000000"]);
     assert_exit_code(out.status, 1, &out.stderr);
-    assert!(running(&status(&sb), "web").is_empty());
+    assert!(running(&socket_status(&sb), "web").is_empty());
     stop_cleanly(&mut master);
 }
 
@@ -613,7 +564,7 @@ fn garbage_target(sb: &Sandbox) -> (Daemon, BTreeMap<(String, u32), i32>) {
     let master = sb.start(&config);
     wait_running(sb, "web", 3);
     wait_running(sb, "other", 1);
-    let pids = all_running(&status(sb));
+    let pids = all_running(&socket_status(sb));
     (master, pids)
 }
 
@@ -788,7 +739,7 @@ fn a_client_that_never_speaks_does_not_block_the_master() {
     let mut ctl = Ctl::open(&sb);
     let answer = ctl.call(&json!({"cmd": "restart", "target": "other"}));
     assert_eq!(answer["ok"], true, "{answer}");
-    let st = status(&sb);
+    let st = socket_status(&sb);
     assert_ne!(running(&st, "other")[&0], pids[&("other".to_string(), 0)]);
     assert_eq!(
         running(&st, "web"),
@@ -824,7 +775,7 @@ fn a_client_that_disconnects_before_its_reply_harms_nothing() {
     drop(ctl); // gone before the answer
     std::fs::write(&gate, "").unwrap();
     sb.wait("slow.0 runs a new process", DEADLINE, || {
-        running(&status(&sb), "slow")
+        running(&socket_status(&sb), "slow")
             .get(&0)
             .is_some_and(|p| *p != slow_before)
     });
@@ -847,7 +798,7 @@ fn a_client_that_disconnects_before_its_reply_harms_nothing() {
         .expect("the answer starts");
     drop(ctl);
 
-    let now = all_running(&status(&sb));
+    let now = all_running(&socket_status(&sb));
     for (id, pid) in &web {
         assert_eq!(now.get(&("web".to_string(), *id)), Some(pid), "web.{id}");
     }
@@ -894,15 +845,6 @@ fn three_hundred_connections_at_once_get_answers_or_a_clear_refusal() {
 
 const NOBODY: u32 = 65534;
 
-/// Skips (says so, returns false) unless the tests run as root.
-fn root_or_skip() -> bool {
-    let root = nix::unistd::geteuid().is_root();
-    if !root {
-        println!("skipped: needs root (to run a client as uid {NOBODY})");
-    }
-    root
-}
-
 /// A master with `web` (2 workers) whose socket folder other users may traverse, so that only
 /// the socket's mode and the master's credential check stand in their way.
 fn reachable_master(sb: &Sandbox) -> (Daemon, BTreeMap<(String, u32), i32>) {
@@ -913,7 +855,7 @@ fn reachable_master(sb: &Sandbox) -> (Daemon, BTreeMap<(String, u32), i32>) {
     ));
     let master = sb.start(&config);
     wait_running(sb, "web", 2);
-    let pids = all_running(&status(sb));
+    let pids = all_running(&socket_status(sb));
     std::fs::set_permissions(sb.root(), std::fs::Permissions::from_mode(0o711)).unwrap();
     (master, pids)
 }
@@ -921,12 +863,10 @@ fn reachable_master(sb: &Sandbox) -> (Daemon, BTreeMap<(String, u32), i32>) {
 /// `plumule ARGS… --socket control.sock` as uid/gid [`NOBODY`].
 #[track_caller]
 fn as_nobody(sb: &Sandbox, args: &[&str]) -> Outcome {
-    let sock = socket(sb).display().to_string();
+    let sock = sb.control_socket().display().to_string();
     let mut all = args.to_vec();
     all.extend(["--socket", &sock]);
-    let mut d = sb.spawn_plumule_with(&all, |cmd| {
-        cmd.uid(NOBODY).gid(NOBODY);
-    });
+    let mut d = sb.spawn_plumule_as(&all, NOBODY, NOBODY);
     let status = d.wait_exit(DEADLINE);
     Outcome {
         status,
@@ -937,12 +877,12 @@ fn as_nobody(sb: &Sandbox, args: &[&str]) -> Outcome {
 
 #[test]
 fn as_root_a_client_under_another_uid_is_refused_and_the_socket_is_0600() {
-    if !root_or_skip() {
+    if !root_or_skip(&format!("to run a client as uid {NOBODY}")) {
         return;
     }
     let sb = Sandbox::new();
     let (mut master, pids) = reachable_master(&sb);
-    let sock = socket(&sb);
+    let sock = sb.control_socket();
     let meta = std::fs::metadata(&sock).expect("control.sock exists");
     assert_eq!(meta.mode() & 0o777, 0o600, "control.sock mode");
     assert_eq!(meta.uid(), 0, "control.sock belongs to the master's user");
@@ -987,12 +927,12 @@ fn as_root_a_client_under_another_uid_is_refused_and_the_socket_is_0600() {
 /// closed socket: the client must still show the master's reason, not a broken pipe.
 #[test]
 fn as_root_a_refused_client_says_why() {
-    if !root_or_skip() {
+    if !root_or_skip(&format!("to run a client as uid {NOBODY}")) {
         return;
     }
     let sb = Sandbox::new();
     let (mut master, pids) = reachable_master(&sb);
-    std::fs::set_permissions(socket(&sb), std::fs::Permissions::from_mode(0o666)).unwrap();
+    std::fs::set_permissions(sb.control_socket(), std::fs::Permissions::from_mode(0o666)).unwrap();
     // A few rounds: which of the refusal and the request comes first is up to the scheduler.
     let rounds = [&["stop", "web"][..], &["status"], &["scale", "web", "0"]].repeat(5);
     for args in rounds {

@@ -17,9 +17,6 @@ use plumule::protocol::{StatusReport, WorkerStatus};
 
 use common::*;
 
-/// Upper bound for anything that should happen promptly (a start, a stop, a lock handed over).
-const DEADLINE: Duration = Duration::from_secs(10);
-
 /// Backoff for programs whose restarts must be quick and free of jitter.
 const FAST_BACKOFF: &str = r#"backoff = { initial = "1ms", max = "1ms", jitter = 0.0 }"#;
 
@@ -194,11 +191,6 @@ fn wait_blocked_on(pid: i32, path: &Path) {
         DEADLINE,
         || flocks(path).iter().any(|l| l.pid == pid && l.blocked),
     );
-}
-
-fn stop_cleanly(master: &mut Daemon) {
-    let status = master.stop_with(SIGTERM, DEADLINE);
-    assert_exit_code(status, 0, &master.stderr_text());
 }
 
 // ---------------------------------------------------------------------------------------------

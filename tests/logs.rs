@@ -6,11 +6,8 @@ mod common;
 use std::io::{BufRead, BufReader};
 use std::process::{Command, Stdio};
 use std::sync::mpsc;
-use std::time::Duration;
 
 use common::*;
-
-const DEADLINE: Duration = Duration::from_secs(10);
 
 #[test]
 fn logs_shows_recent_lines_filtered_by_program_and_worker() {

@@ -7,11 +7,8 @@ use std::fs::{self, OpenOptions};
 use std::io::Write;
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::Path;
-use std::time::Duration;
 
 use common::*;
-
-const DEADLINE: Duration = Duration::from_secs(10);
 
 #[test]
 fn log_output_reaches_the_master_stderr_tagged_program_dot_id() {

@@ -18,29 +18,16 @@ use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::os::unix::net::UnixDatagram;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
-use std::time::Duration;
 
 use plumule::protocol::{LastExit, WorkerStatus};
 
 use common::*;
-
-/// Upper bound for anything that should happen promptly (a start, an exit, a reply).
-const DEADLINE: Duration = Duration::from_secs(10);
 
 /// The PATH a worker gets with `inherit_env = false` (SPEC §9).
 const DEFAULT_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
 
 // ---------------------------------------------------------------------------------------------
 // Helpers
-
-/// Skips (says so, returns false) unless the tests run as root.
-fn root_or_skip(why: &str) -> bool {
-    let root = nix::unistd::geteuid().is_root();
-    if !root {
-        println!("skipped: needs root ({why})");
-    }
-    root
-}
 
 /// The `status --json` entry of `program.id`, or None while the master cannot answer yet.
 fn try_worker(sb: &Sandbox, config: &Path, program: &str, id: u32) -> Option<WorkerStatus> {
@@ -781,9 +768,7 @@ fn as_root_control_group_opens_the_socket_and_the_lock_files_to_the_group() {
     fs::set_permissions(sb.root(), fs::Permissions::from_mode(0o711)).unwrap();
     let sock_arg = sock.display().to_string();
     let as_nobody = |gid: u32| {
-        let mut d = sb.spawn_plumule_with(&["status", "--json", "--socket", &sock_arg], |cmd| {
-            cmd.uid(65534).gid(gid);
-        });
+        let mut d = sb.spawn_plumule_as(&["status", "--json", "--socket", &sock_arg], 65534, gid);
         let status = d.wait_exit(DEADLINE);
         (status, d.stdout_text(), d.stderr_text())
     };

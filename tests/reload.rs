@@ -7,50 +7,17 @@ mod common;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
-use std::time::Duration;
 
 use plumule::protocol::{LastExit, StatusReport};
 
 use common::*;
 use nix::sys::signal::Signal::SIGHUP;
 
-/// Upper bound for anything that should happen promptly (a start, a stop, an answer).
-const DEADLINE: Duration = Duration::from_secs(10);
-
 // ---------------------------------------------------------------------------------------------
 // Observing the master
 
-/// The status over the control socket, or `None` while nothing listens yet.
-fn try_status(sb: &Sandbox) -> Option<StatusReport> {
-    sb.ask_status()
-}
-
-#[track_caller]
-fn status(sb: &Sandbox) -> StatusReport {
-    try_status(sb).expect("the master answers status")
-}
-
 fn programs(status: &StatusReport) -> BTreeSet<String> {
     entries(status).into_iter().map(|e| e.program).collect()
-}
-
-/// Waits until `program` has exactly workers 0..n, all running; returns id → pid.
-#[track_caller]
-fn wait_running(sb: &Sandbox, program: &str, n: u32) -> BTreeMap<u32, i32> {
-    let mut pids = BTreeMap::new();
-    sb.wait(
-        &format!("{program} has exactly workers 0..{n}, all running"),
-        DEADLINE,
-        || {
-            let Some(s) = try_status(sb) else {
-                return false;
-            };
-            let listed = entries(&s).iter().filter(|e| e.program == program).count();
-            pids = running(&s, program);
-            listed == n as usize && pids.keys().copied().eq(0..n)
-        },
-    );
-    pids
 }
 
 /// Asserts that `program` runs exactly `expected` (id → pid), every one alive.
@@ -113,21 +80,12 @@ fn app(sb: &Sandbox) -> PathBuf {
     sb.worker("app.sh", "sleep 1000 &\nwait $!")
 }
 
-fn sleeper(sb: &Sandbox) -> PathBuf {
-    sb.worker("sleeper.sh", "exec sleep 1000")
-}
-
 /// `[program.NAME]` running `script` with the argument `version`, and `extra` lines.
 fn program(name: &str, script: &Path, version: &str, extra: &str) -> String {
     format!(
         "[program.{name}]\ncommand = [{}, \"{version}\"]\n{extra}\n",
         toml_str(script)
     )
-}
-
-fn stop_cleanly(master: &mut Daemon) {
-    let status = master.stop_with(SIGTERM, DEADLINE);
-    assert_exit_code(status, 0, &master.stderr_text());
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -148,7 +106,7 @@ fn an_added_program_starts_and_the_others_keep_their_pids() {
     ));
     assert_eq!(reload(&sb, &config), "extra: added\n");
     // reload returns once the plan is applied: the new workers run.
-    let st = status(&sb);
+    let st = socket_status(&sb);
     let extra = running(&st, "extra");
     assert_eq!(extra.keys().copied().collect::<Vec<_>>(), [0, 1], "{st:?}");
     assert_pids(&st, "web", &before, "after adding extra");
@@ -172,9 +130,9 @@ fn a_removed_program_stops_and_the_others_keep_their_pids() {
     assert_eq!(reload(&sb, &config), "gone: removed\n");
     wait_all_dead(&sb, &gone, "gone was removed");
     sb.wait("status no longer lists gone", DEADLINE, || {
-        !programs(&status(&sb)).contains("gone")
+        !programs(&socket_status(&sb)).contains("gone")
     });
-    assert_pids(&status(&sb), "web", &before, "after removing gone");
+    assert_pids(&socket_status(&sb), "web", &before, "after removing gone");
     stop_cleanly(&mut master);
 }
 
@@ -196,7 +154,7 @@ fn a_changed_workers_count_scales_and_the_survivors_keep_their_pids() {
         program("web", &a, "v1", "workers = 5")
     ));
     assert_eq!(reload(&sb, &config), "web: workers 3 -> 5\n");
-    let st = status(&sb);
+    let st = socket_status(&sb);
     let five = running(&st, "web");
     assert_eq!(
         five.keys().copied().collect::<Vec<_>>(),
@@ -217,7 +175,7 @@ fn a_changed_workers_count_scales_and_the_survivors_keep_their_pids() {
     ));
     assert_eq!(reload(&sb, &config), "web: workers 5 -> 2\n");
     // Returned once the count is reached: the highest ids are gone, the lowest untouched.
-    let st = status(&sb);
+    let st = socket_status(&sb);
     let two: BTreeMap<u32, i32> = five
         .iter()
         .filter(|(id, _)| **id < 2)
@@ -312,7 +270,7 @@ fn a_command_change_rolls_one_worker_at_a_time_old_stopping_beside_its_successor
         "status shows an old web worker `stopping` beside its running successor",
         DEADLINE,
         || {
-            let st = status(&sb);
+            let st = socket_status(&sb);
             let web: Vec<Entry> = entries(&st)
                 .into_iter()
                 .filter(|e| e.program == "web")
@@ -371,7 +329,7 @@ fn a_command_change_rolls_one_worker_at_a_time_old_stopping_beside_its_successor
         "web: command changed (rolling restart)\n"
     );
 
-    let st = status(&sb);
+    let st = socket_status(&sb);
     let new = running(&st, "web");
     assert_eq!(new.keys().copied().collect::<Vec<_>>(), [0, 1], "{st:?}");
     assert_eq!(
@@ -420,7 +378,7 @@ fn an_unchanged_program_keeps_its_pids_beside_a_changed_one() {
         program("mid", &a, "v1", "workers = 2\nenv = { MODE = \"b\" }")
     ));
     assert_eq!(reload(&sb, &config), "mid: env changed (rolling restart)\n");
-    let st = status(&sb);
+    let st = socket_status(&sb);
     assert_pids(&st, "first", &f, "beside a changed program");
     assert_pids(&st, "last", &l, "beside a changed program");
     let new = running(&st, "mid");
@@ -466,14 +424,14 @@ fn a_settings_only_change_applies_in_place_without_touching_a_worker() {
         "{out}"
     );
     assert_eq!(out.lines().count(), 1, "{out}");
-    let st = status(&sb);
+    let st = socket_status(&sb);
     assert_pids(&st, "web", &before, "after a settings-only change");
     for w in &st.programs[0].workers {
         assert_eq!(w.restarts, 0, "{w:?}");
     }
     // Applied: the new stop signal is the one a stop now sends (INT, not TERM).
     sb.cli_ok(&config, &["stop", "web.0"]);
-    let st = status(&sb);
+    let st = socket_status(&sb);
     let w0 = &st.programs[0].workers[0];
     assert_eq!(w0.state, "stopped", "{st:?}");
     assert_eq!(
@@ -507,7 +465,7 @@ fn a_renamed_program_is_a_removal_and_an_addition() {
     let mut lines: Vec<&str> = out.lines().collect();
     lines.sort();
     assert_eq!(lines, ["after: added", "before: removed"], "{out}");
-    let st = status(&sb);
+    let st = socket_status(&sb);
     let new = running(&st, "after");
     assert_eq!(new.keys().copied().collect::<Vec<_>>(), [0, 1], "{st:?}");
     assert!(
@@ -516,9 +474,9 @@ fn a_renamed_program_is_a_removal_and_an_addition() {
     );
     wait_all_dead(&sb, &old, "before was renamed");
     sb.wait("status no longer lists `before`", DEADLINE, || {
-        programs(&status(&sb)) == BTreeSet::from(["after".to_string(), "keep".to_string()])
+        programs(&socket_status(&sb)) == BTreeSet::from(["after".to_string(), "keep".to_string()])
     });
-    assert_pids(&status(&sb), "keep", &k, "beside a rename");
+    assert_pids(&socket_status(&sb), "keep", &k, "beside a rename");
     stop_cleanly(&mut master);
 }
 
@@ -550,7 +508,7 @@ fn an_invalid_file_changes_nothing_and_reload_says_where_with_exit_1() {
     let config = config_with_line_8(&sb, &s, "workers = 2");
     let mut master = sb.start(&config);
     let before = wait_running(&sb, "web", 2);
-    let sock = sb.runtime_dir().join("control.sock").display().to_string();
+    let sock = sb.control_socket().display().to_string();
     let located = format!("{}:8:", config.display());
 
     for (line, what) in BAD_LINES {
@@ -564,7 +522,7 @@ fn an_invalid_file_changes_nothing_and_reload_says_where_with_exit_1() {
             out.stderr
         );
         assert_pids(
-            &status(&sb),
+            &socket_status(&sb),
             "web",
             &before,
             &format!("after a reload with a {what}"),
@@ -573,7 +531,7 @@ fn an_invalid_file_changes_nothing_and_reload_says_where_with_exit_1() {
     // The master kept the old config: a valid file now is compared with it.
     config_with_line_8(&sb, &s, "workers = 3");
     assert_eq!(reload(&sb, &config), "web: workers 2 -> 3\n");
-    let st = status(&sb);
+    let st = socket_status(&sb);
     assert_eq!(running(&st, "web").len(), 3, "{st:?}");
     for (id, pid) in &before {
         assert_eq!(running(&st, "web")[id], *pid);
@@ -599,7 +557,12 @@ fn reload_with_c_reaches_the_master_even_when_the_file_has_a_syntax_error() {
         "stderr names {located} (the master's answer), not a missing master: {}",
         out.stderr
     );
-    assert_pids(&status(&sb), "web", &before, "after the refused reload");
+    assert_pids(
+        &socket_status(&sb),
+        "web",
+        &before,
+        "after the refused reload",
+    );
     stop_cleanly(&mut master);
 }
 
@@ -621,7 +584,7 @@ fn sighup_with_an_invalid_file_keeps_everything_and_logs_where() {
             || master.stderr_lines_with(&[&located]).len() > n,
         );
         assert_pids(
-            &status(&sb),
+            &socket_status(&sb),
             "web",
             &before,
             &format!("after SIGHUP with a {what}"),
@@ -634,7 +597,7 @@ fn sighup_with_an_invalid_file_keeps_everything_and_logs_where() {
     ));
     master.signal(SIGHUP);
     wait_running(&sb, "late", 1);
-    assert_pids(&status(&sb), "web", &before, "after a valid SIGHUP");
+    assert_pids(&socket_status(&sb), "web", &before, "after a valid SIGHUP");
     stop_cleanly(&mut master);
 }
 
@@ -706,7 +669,7 @@ fn reload_signal_sends_reload_signal_at_every_reload_and_keeps_the_pids() {
             },
         );
         assert_eq!(got, expected, "signals logged after reload {round}");
-        let st = status(&sb);
+        let st = socket_status(&sb);
         assert_pids(&st, "hup", &hup, &format!("after reload {round}"));
         assert_pids(&st, "usr", &usr, &format!("after reload {round}"));
         assert_pids(&st, "plain", &plain, &format!("after reload {round}"));
@@ -729,7 +692,7 @@ fn reload_none_applies_a_command_change_at_the_next_restart_only() {
         reload(&sb, &config),
         "web: command changed (applies at each worker's next restart)\n"
     );
-    let st = status(&sb);
+    let st = socket_status(&sb);
     assert_pids(&st, "web", &before, "after a reload = \"none\" reload");
     for pid in before.values() {
         assert_eq!(version_of(*pid), "v1");
@@ -741,7 +704,7 @@ fn reload_none_applies_a_command_change_at_the_next_restart_only() {
     sb.wait(
         "web.0 runs again with a new pid",
         DEADLINE,
-        || match running(&status(&sb), "web").get(&0) {
+        || match running(&socket_status(&sb), "web").get(&0) {
             Some(p) if *p != before[&0] => {
                 replaced = *p;
                 true
@@ -755,7 +718,7 @@ fn reload_none_applies_a_command_change_at_the_next_restart_only() {
         "web.0 restarted with the new command"
     );
     assert_eq!(
-        running(&status(&sb), "web")[&1],
+        running(&socket_status(&sb), "web")[&1],
         before[&1],
         "web.1 untouched"
     );
@@ -763,7 +726,7 @@ fn reload_none_applies_a_command_change_at_the_next_restart_only() {
 
     // … and so does `restart`.
     sb.cli_ok(&config, &["restart", "web"]);
-    let st = status(&sb);
+    let st = socket_status(&sb);
     let after = running(&st, "web");
     assert_eq!(after.len(), 2, "{st:?}");
     for (id, pid) in &after {
@@ -785,12 +748,12 @@ fn scale_lasts_until_the_files_workers_changes() {
     wait_running(&sb, "web", 2);
 
     sb.cli_ok(&config, &["scale", "web", "4"]);
-    let scaled = running(&status(&sb), "web");
+    let scaled = running(&socket_status(&sb), "web");
     assert_eq!(scaled.len(), 4);
 
     // Nothing changed: the scaled count stays.
     assert_eq!(reload(&sb, &config), "nothing changed\n");
-    assert_pids(&status(&sb), "web", &scaled, "after an empty reload");
+    assert_pids(&socket_status(&sb), "web", &scaled, "after an empty reload");
 
     // A change that leaves `workers` as it was keeps the scaled count.
     sb.config(&program(
@@ -805,7 +768,7 @@ fn scale_lasts_until_the_files_workers_changes() {
         "{out}"
     );
     assert_pids(
-        &status(&sb),
+        &socket_status(&sb),
         "web",
         &scaled,
         "after a reload that kept `workers`",
@@ -819,7 +782,7 @@ fn scale_lasts_until_the_files_workers_changes() {
         "workers = 3\nstop_timeout = \"4s\"",
     ));
     assert_eq!(reload(&sb, &config), "web: workers 2 -> 3\n");
-    let st = status(&sb);
+    let st = socket_status(&sb);
     let three: BTreeMap<u32, i32> = scaled
         .iter()
         .filter(|(id, _)| **id < 3)
@@ -827,5 +790,57 @@ fn scale_lasts_until_the_files_workers_changes() {
         .collect();
     assert_pids(&st, "web", &three, "after `workers` changed to 3");
     assert!(!pid_alive(scaled[&3]), "web.3 stopped");
+    stop_cleanly(&mut master);
+}
+
+/// Regression: a program removed by one reload and added back by the next while its old
+/// worker is still stopping (its TERM handler takes 3 s). The second reload must answer and
+/// the program's new worker must run, beside the old one until that one has exited.
+#[test]
+fn a_program_re_added_while_its_removed_worker_is_still_stopping_runs_again() {
+    let sb = Sandbox::new();
+    let keep = program("keep", &sleeper(&sb), "v1", "");
+    let slow = "[program.slow]\n\
+                command = \"trap 'sleep 3; exit 0' TERM; while :; do sleep 0.1; done\"\n\
+                stop_timeout = \"10s\"\n";
+    let config = sb.config(&format!("{keep}\n{slow}"));
+    let mut master = sb.start(&config);
+    wait_running(&sb, "keep", 1);
+    let old = wait_running(&sb, "slow", 1)[&0];
+
+    sb.config(&keep);
+    let removed = reload(&sb, &config);
+    assert!(
+        removed.contains("slow"),
+        "the reload says slow went: {removed}"
+    );
+    sb.wait("slow.0 is stopping", DEADLINE, || {
+        entries(&socket_status(&sb))
+            .iter()
+            .any(|e| e.program == "slow" && e.pid == Some(old) && e.state == "stopping")
+    });
+
+    sb.config(&format!("{keep}\n{slow}"));
+    let out = sb.cli(&config, &["reload"]);
+    assert_exit_code(out.status, 0, &out.stderr);
+    assert!(
+        pid_alive(old),
+        "the old slow.0 (pid {old}) was still stopping when slow came back"
+    );
+    let mut new = None;
+    sb.wait("a new slow.0 is running", DEADLINE, || {
+        new = running(&socket_status(&sb), "slow")
+            .get(&0)
+            .copied()
+            .filter(|&p| p != old);
+        new.is_some()
+    });
+    wait_all_dead(
+        &sb,
+        &[(0, old)].into(),
+        "the removed slow.0 ended its TERM handler",
+    );
+    let now = wait_running(&sb, "slow", 1);
+    assert_eq!(now[&0], new.unwrap(), "the new slow.0 kept running");
     stop_cleanly(&mut master);
 }

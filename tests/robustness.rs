@@ -16,14 +16,10 @@ use std::fs;
 use std::io::{BufRead, BufReader, ErrorKind, Write};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
-use std::time::Duration;
 
 use plumule::protocol::{Answer, Request, Response, MAX_REQUEST};
 
 use common::*;
-
-/// Upper bound for anything the master should do promptly.
-const DEADLINE: Duration = Duration::from_secs(10);
 
 // ---------------------------------------------------------------------------------------------
 // Deterministic randomness and mutations

@@ -4,11 +4,8 @@
 mod common;
 
 use std::fs;
-use std::time::Duration;
 
 use common::*;
-
-const DEADLINE: Duration = Duration::from_secs(10);
 
 fn wait_pidfile(sb: &Sandbox, master: &Daemon) {
     let expected = format!("{}\n", master.pid());

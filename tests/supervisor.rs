@@ -8,9 +8,6 @@ use std::time::{Duration, Instant};
 use common::*;
 use plumule::protocol::LastExit;
 
-/// Upper bound for anything that should happen promptly (a start, a restart, a stop).
-const DEADLINE: Duration = Duration::from_secs(10);
-
 /// Backoff for programs whose restarts must be quick and free of jitter.
 const FAST_BACKOFF: &str = r#"backoff = { initial = "1ms", max = "1ms", jitter = 0.0 }"#;
 
@@ -36,11 +33,6 @@ fn let_the_master_move_on(sb: &Sandbox) {
         send(current, SIGKILL);
         sb.wait_starts("probe", before.len() + 1, DEADLINE);
     }
-}
-
-fn stop_cleanly(master: &mut Daemon) {
-    let status = master.stop_with(SIGTERM, DEADLINE);
-    assert_exit_code(status, 0, &master.stderr_text());
 }
 
 #[test]

@@ -26,9 +26,6 @@ use serde_json::Value;
 
 use common::*;
 
-/// Upper bound for anything that should happen promptly (a start, a restart, a message).
-const DEADLINE: Duration = Duration::from_secs(10);
-
 /// Backoff for programs whose restarts must be quick and free of jitter.
 const FAST_BACKOFF: &str = r#"backoff = { initial = "10ms", max = "10ms", jitter = 0.0 }"#;
 
@@ -101,16 +98,6 @@ for step in sys.argv[1:]:
 while True:
     signal.pause()
 "#;
-
-/// The Python interpreter for `sd.py`: the system one when present (no pyenv shim between the
-/// wrapper's `exec` and the interpreter), else whatever PATH finds.
-fn python() -> &'static str {
-    if Path::new("/usr/bin/python3").exists() {
-        "/usr/bin/python3"
-    } else {
-        "python3"
-    }
-}
 
 /// A worker script `name` that records its start line, then becomes `sd.py STEPS…` (same pid).
 /// Core dumps are off: a worker killed by SIGABRT must not leave (or wait for) one.
@@ -202,11 +189,6 @@ fn wait_worker(
         },
     );
     last.expect("waited for")
-}
-
-fn stop_cleanly(master: &mut Daemon) {
-    let status = master.stop_with(SIGTERM, DEADLINE);
-    assert_exit_code(status, 0, &master.stderr_text());
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -1057,4 +1039,176 @@ fn outside_journald_log_lines_keep_their_timestamps() {
             "line without a timestamp: {line:?}\n{text}"
         );
     }
+}
+
+// ---------------------------------------------------------------------------------------------
+// systemd-notify from a worker's shell, and a refused reload's STATUS=
+
+/// The `status` entries of `program`'s workers, over the control socket.
+fn worker_entries(sb: &Sandbox, program: &str) -> Vec<WorkerStatus> {
+    let Some(s) = try_status(sb) else {
+        return Vec::new();
+    };
+    s.workers()
+        .filter(|(p, _)| p.name == program)
+        .map(|(_, w)| w.clone())
+        .collect()
+}
+
+/// 100 workers of `ready = "notify"` whose shell, once the file `gate` exists, runs
+/// `systemd-notify --ready --status="ready ID"` as a short-lived child, then sleeps; run as
+/// `user` when given. Every one must be attributed and become running, its STATUS= its own.
+///
+/// As root, systemd-notify sends with its parent's pid (the worker's); as another user it
+/// cannot, and sends with its own, which the master maps to the worker by process group. That
+/// lookup needs the helper alive: it is only because the master holds the helper's barrier
+/// until its READY=1 is handled. Without that, 100 helpers at once lose some (seen 3 runs
+/// out of 3 before the fix).
+fn systemd_notify_helpers_all_become_running(user: Option<&str>) {
+    let Some(notify) = needed_program("systemd-notify", "systemd") else {
+        return;
+    };
+    let n = 100;
+    let sb = Sandbox::new();
+    let gate = sb.path("gate");
+    // Workers as another user reach the gate, and the notify socket, through the sandbox.
+    fs::set_permissions(
+        sb.root(),
+        std::os::unix::fs::PermissionsExt::from_mode(0o711),
+    )
+    .expect("chmod the sandbox");
+    let command = format!(
+        "while [ ! -e {gate} ]; do sleep 0.01; done; \
+         {notify} --ready --status=\"ready $PLUMULE_WORKER_ID\"; exec sleep 1000",
+        gate = sh_str(&gate),
+        notify = sh_str(&notify),
+    );
+    let user = user
+        .map(|u| format!("user = \"{u}\"\n"))
+        .unwrap_or_default();
+    let config = sb.config(&format!(
+        "[program.helpers]\ncommand = {}\nworkers = {n}\nready = \"notify\"\n\
+         ready_timeout = \"30s\"\n{user}",
+        toml_str(Path::new(&command)),
+    ));
+    let mut master = sb.start(&config);
+    // The gate opens once the master has seen every exec: what is tested is the helper's
+    // message, not a READY=1 that races the exec confirmation.
+    sb.wait(
+        &format!("helpers has {n} workers waiting for READY=1"),
+        DEADLINE,
+        || {
+            let workers = worker_entries(&sb, "helpers");
+            workers.len() == n
+                && workers
+                    .iter()
+                    .all(|w| w.detail.as_deref() == Some("waiting for READY=1"))
+        },
+    );
+    fs::write(&gate, "").expect("open the gate");
+    let pids = wait_running(&sb, "helpers", n as u32);
+    for w in worker_entries(&sb, "helpers") {
+        assert_eq!(
+            w.status,
+            Some(format!("ready {}", w.id)),
+            "the helper's STATUS= is its worker's: {w:?}"
+        );
+        assert_eq!(w.restarts, 0, "{w:?}");
+    }
+    assert_eq!(pids.len(), n);
+    stop_cleanly(&mut master);
+}
+
+#[test]
+fn systemd_notify_run_from_a_shell_helper_is_attributed_through_its_barrier() {
+    systemd_notify_helpers_all_become_running(None);
+}
+
+#[test]
+fn as_root_systemd_notify_from_a_helper_of_a_nobody_worker_is_attributed_through_its_barrier() {
+    if !root_or_skip("to run workers as user nobody") {
+        return;
+    }
+    systemd_notify_helpers_all_become_running(Some("nobody"));
+}
+
+/// Regression: a reload refused for a typo sent `STATUS=reload refused…`; once the typo was
+/// reverted the good reload sent `READY=1` without a STATUS= when the worker summary had not
+/// changed, so systemd went on showing "reload refused".
+#[test]
+fn a_refused_reload_status_is_replaced_by_the_next_good_reload() {
+    let sb = Sandbox::new();
+    let programs = sleeper(&sb, "web", 2);
+    let config = sb.config(&programs);
+    let mut systemd = FakeSystemd::bind(&sb);
+    let mut master = sb.start_with_env(&config, &[systemd.env()]);
+    let ready = systemd.expect(&mut master, "READY=1", DEADLINE, |d| has_line(d, "READY=1"));
+    let summary = value_of(&ready, "STATUS")
+        .unwrap_or_else(|| panic!("READY=1 comes with a STATUS=: {ready:?}"))
+        .to_string();
+    assert!(summary.starts_with("2/2 workers running"), "{summary}");
+
+    let good = fs::read_to_string(&config).expect("read the config");
+    sb.config(&programs.replace("workers = 2", "worker = 2"));
+    let out = sb.cli(&config, &["reload"]);
+    assert_exit_code(out.status, 1, &out.stderr);
+    let refused = systemd.expect(&mut master, "STATUS=reload refused…", DEADLINE, |d| {
+        value_of(d, "STATUS").is_some_and(|s| s.starts_with("reload refused"))
+    });
+    assert!(has_line(&refused, "READY=1"), "{refused:?}");
+
+    fs::write(&config, good).expect("revert the typo");
+    sb.cli_ok(&config, &["reload"]);
+    let ready = systemd.expect(
+        &mut master,
+        "READY=1 after the good reload",
+        DEADLINE,
+        |d| has_line(d, "READY=1"),
+    );
+    // What systemd shows is the last STATUS= it received, up to this READY=1.
+    let shown = systemd.seen[..systemd.next]
+        .iter()
+        .rev()
+        .find_map(|d| value_of(d, "STATUS"))
+        .unwrap_or_default()
+        .to_string();
+    assert_eq!(
+        shown, summary,
+        "after the good reload systemd still shows the refusal; datagrams: {:?} (last {ready:?})",
+        systemd.seen
+    );
+    stop_cleanly(&mut master);
+}
+
+/// Regression for "READY before the exec confirmation": a worker whose shell runs
+/// `systemd-notify --ready` at once may have its READY=1 read before the master has read the
+/// end of its status pipe (the exec confirmation); that READY=1 must not be lost, which would
+/// leave the worker starting until `ready_timeout` and then restart it.
+#[test]
+fn ready_before_the_exec_confirmation_is_not_lost() {
+    let Some(notify) = needed_program("systemd-notify", "systemd") else {
+        return;
+    };
+    let sb = Sandbox::new();
+    let command = format!(
+        "{} --ready --status=\"ready $PLUMULE_WORKER_ID\"; exec sleep 1000",
+        sh_str(&notify)
+    );
+    let config = sb.config(&format!(
+        "[program.par]\ncommand = {}\nworkers = 0\nready = \"notify\"\nready_timeout = \"30s\"\n",
+        toml_str(Path::new(&command)),
+    ));
+    let mut master = sb.start(&config);
+    sb.wait("the master listens", DEADLINE, || try_status(&sb).is_some());
+    let cfg = config.display().to_string();
+    // Well below ready_timeout: a lost READY=1 shows as a timeout here, not as a slow pass.
+    let within = Duration::from_secs(15);
+    let out = sb.plumule(&["scale", "par", "20", "-c", &cfg], within);
+    assert_exit_code(out.status, 0, &out.stderr);
+    wait_running_within(&sb, "par", 20, within);
+    for w in worker_entries(&sb, "par") {
+        assert_eq!(w.restarts, 0, "no worker was restarted: {w:?}");
+        assert_eq!(w.status, Some(format!("ready {}", w.id)), "{w:?}");
+    }
+    stop_cleanly(&mut master);
 }

@@ -9,6 +9,19 @@ use super::Master;
 use crate::plan::{Phase, Pool};
 use crate::slot::Event;
 use crate::sys;
+use crate::sys::notify::Notification;
+
+/// Hands each message to `handle` in the order received, and closes the descriptors that came
+/// with it only once it has been handled. A `BARRIER=1` message's descriptor (what
+/// `sd_notify_barrier`, and so `systemd-notify`, waits on) is thus closed after every message
+/// received before it was handled: the sender is still alive while its READY=1 is attributed
+/// by its pid or process group, even when it is a short-lived helper.
+fn handle_in_order(messages: Vec<Notification>, mut handle: impl FnMut(i32, &str)) {
+    for message in messages {
+        handle(message.pid, &message.text);
+        drop(message);
+    }
+}
 
 /// What the master tells systemd, and when.
 pub(super) struct SystemdLink {
@@ -16,10 +29,9 @@ pub(super) struct SystemdLink {
     pub(super) ready_sent: bool,
     /// A reload is being applied: READY=1 once these programs are settled.
     pub(super) reloading: Option<Vec<crate::plan::PoolId>>,
-    pub(super) last_status: String,
-    /// Shown instead of the worker summary until the next good reload: why the last reload
-    /// was refused.
-    pub(super) refusal: Option<String>,
+    /// The last summary sent as `STATUS=`; a new one is sent when the summary changes. What
+    /// systemd shows may differ (a refused reload's reason): see [`Master::tell_systemd`].
+    pub(super) last_summary: String,
     /// Half of `$WATCHDOG_USEC`, when systemd watches us.
     pub(super) watchdog_every: Option<Duration>,
     pub(super) watchdog_next: Option<Instant>,
@@ -42,8 +54,7 @@ impl SystemdLink {
             notifier,
             ready_sent: false,
             reloading: None,
-            last_status: String::new(),
-            refusal: None,
+            last_summary: String::new(),
             watchdog_every,
             watchdog_next: watchdog_every.map(|w| now + w),
         }
@@ -51,8 +62,8 @@ impl SystemdLink {
 }
 
 impl SystemdLink {
-    /// A reload was refused: systemd leaves "reloading" and shows why, until a later reload
-    /// is applied (then the summary comes back even when it did not change).
+    /// A reload was refused: systemd leaves "reloading" and shows why, until the summary
+    /// changes or a later reload is applied (see [`Master::tell_systemd`]).
     pub(super) fn refused(&mut self, message: &str) {
         let first: String = message
             .lines()
@@ -62,18 +73,22 @@ impl SystemdLink {
             .take(200)
             .collect();
         self.notifier.send(&format!("READY=1\nSTATUS={first}"));
-        self.last_status = first.clone();
-        self.refusal = Some(first);
     }
 }
 
 impl Master {
     /// READY=1 once every program has settled (first start, then after each reload),
     /// STATUS= when the summary changes, WATCHDOG=1 when due. Returns the next watchdog time.
+    ///
+    /// A refused reload puts its reason in STATUS= (see `reload`) and it stays there while the
+    /// summary holds; the next reload that is applied replaces it: its READY=1 carries the
+    /// summary whenever the last STATUS= systemd received is not that summary.
     pub(super) fn tell_systemd(&mut self, now: Instant) -> Option<Instant> {
         if !self.systemd.notifier.enabled() {
             return None;
         }
+        let status = self.summary();
+        let mut ready = false;
         if self.phase == Phase::Running {
             let settled = |pools: &[Pool], keys: Option<&Vec<crate::plan::PoolId>>| {
                 pools
@@ -83,26 +98,28 @@ impl Master {
             };
             if !self.systemd.ready_sent && settled(&self.pools, None) {
                 self.systemd.ready_sent = true;
-                self.systemd
-                    .notifier
-                    .send(&format!("READY=1\nSTATUS={}", self.summary()));
-                self.systemd.last_status = self.summary();
+                ready = true;
             }
             if let Some(keys) = &self.systemd.reloading {
                 if settled(&self.pools, Some(keys)) {
                     self.systemd.reloading = None;
-                    self.systemd.refusal = None;
-                    self.systemd.notifier.send("READY=1");
+                    ready = true;
                 }
             }
         }
-        let status = match &self.systemd.refusal {
-            Some(refusal) => refusal.clone(),
-            None => self.summary(),
+        let stale = self.systemd.notifier.last_status() != Some(status.as_str());
+        let message = match (ready, stale || status != self.systemd.last_summary) {
+            (true, true) => Some(format!("READY=1\nSTATUS={status}")),
+            (true, false) => Some("READY=1".to_string()),
+            // Changed since the last summary sent: it replaces whatever systemd shows.
+            (false, _) if status != self.systemd.last_summary => Some(format!("STATUS={status}")),
+            (false, _) => None,
         };
-        if status != self.systemd.last_status {
-            self.systemd.notifier.send(&format!("STATUS={status}"));
-            self.systemd.last_status = status;
+        if let Some(message) = message {
+            self.systemd.notifier.send(&message);
+            if message.contains("STATUS=") {
+                self.systemd.last_summary = status;
+            }
         }
         if let (Some(every), Some(next)) = (self.systemd.watchdog_every, self.systemd.watchdog_next)
         {
@@ -158,9 +175,9 @@ impl Master {
                 break;
             }
         }
-        for (sender, text) in messages {
-            self.on_notification(Pid::from_raw(sender), &text, now);
-        }
+        handle_in_order(messages, |sender, text| {
+            self.on_notification(Pid::from_raw(sender), text, now)
+        });
     }
 
     fn on_notification(&mut self, sender: Pid, text: &str, now: Instant) {
@@ -202,5 +219,86 @@ impl Master {
                 _ => {}
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::io::IoSlice;
+    use std::os::fd::{AsFd, AsRawFd, OwnedFd};
+    use std::os::unix::net::UnixDatagram;
+
+    use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
+    use nix::sys::socket::{sendmsg, ControlMessage, MsgFlags, UnixAddr};
+
+    use super::*;
+    use crate::sys::notify::NotifySocket;
+
+    /// Sends `text` to `path` from `client`, passing `fd` along when given.
+    fn send_with(client: &UnixDatagram, path: &std::path::Path, text: &str, fd: Option<&OwnedFd>) {
+        let addr = UnixAddr::new(path).unwrap();
+        let raw = fd.map(|f| [f.as_raw_fd()]);
+        let cmsgs: Vec<ControlMessage> = raw.iter().map(|r| ControlMessage::ScmRights(r)).collect();
+        sendmsg(
+            client.as_raw_fd(),
+            &[IoSlice::new(text.as_bytes())],
+            &cmsgs,
+            MsgFlags::empty(),
+            Some(&addr),
+        )
+        .unwrap();
+    }
+
+    /// Whether every write end of the pipe whose read end is `read` has been closed.
+    fn hung_up(read: &OwnedFd) -> bool {
+        let mut fds = [PollFd::new(read.as_fd(), PollFlags::POLLIN)];
+        poll(&mut fds, PollTimeout::ZERO).unwrap();
+        fds[0]
+            .revents()
+            .is_some_and(|r| r.contains(PollFlags::POLLHUP))
+    }
+
+    #[test]
+    fn a_barrier_descriptor_is_closed_only_after_the_messages_before_it_were_handled() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("notify.sock");
+        let sock = NotifySocket::bind(&path).unwrap();
+        let client = UnixDatagram::unbound().unwrap();
+        let (barrier_read, barrier_write) = nix::unistd::pipe().unwrap();
+        let (other_read, other_write) = nix::unistd::pipe().unwrap();
+        send_with(&client, &path, "READY=1\nSTATUS=up", None);
+        send_with(&client, &path, "STATUS=with a stray fd", Some(&other_write));
+        send_with(&client, &path, "BARRIER=1", Some(&barrier_write));
+        // Only the copies in flight (then in the master) keep the pipes open now.
+        drop((barrier_write, other_write));
+
+        let mut messages = Vec::new();
+        while let Some(m) = sock.recv() {
+            messages.push(m);
+        }
+        assert_eq!(messages.len(), 3);
+        assert!(messages[2].is_barrier());
+        for m in &messages[1..] {
+            let flags = nix::fcntl::fcntl(m.fds[0].as_raw_fd(), nix::fcntl::F_GETFD).unwrap();
+            assert_ne!(flags & libc::FD_CLOEXEC, 0, "received close-on-exec");
+        }
+        assert!(!hung_up(&barrier_read) && !hung_up(&other_read));
+
+        let mut handled = Vec::new();
+        handle_in_order(messages, |pid, text| {
+            assert_eq!(pid, std::process::id() as i32);
+            // While a message is handled, the barrier (after it, or itself) is still held.
+            assert!(!hung_up(&barrier_read), "barrier released before {text:?}");
+            handled.push(text.to_string());
+        });
+        assert_eq!(
+            handled,
+            ["READY=1\nSTATUS=up", "STATUS=with a stray fd", "BARRIER=1"]
+        );
+        assert!(hung_up(&barrier_read), "the barrier's descriptor is closed");
+        assert!(
+            hung_up(&other_read),
+            "a descriptor passed with a message is closed"
+        );
     }
 }

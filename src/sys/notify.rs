@@ -1,9 +1,15 @@
 //! The sd_notify protocol, both ways: the master's messages to systemd (`$NOTIFY_SOCKET`,
 //! a path or an abstract `@name`), and plumule's own datagram socket on which workers send
 //! theirs, with SO_PASSCRED so that every message names the pid that sent it.
+//!
+//! Descriptors passed with a worker's message (SCM_RIGHTS) are owned by the [`Notification`]
+//! and closed when it is dropped: never leaked, never inherited (received close-on-exec). That
+//! is how `BARRIER=1` works: `sd_notify_barrier` sends the write end of a pipe and waits until
+//! every copy is closed, so the master drops the notification only once it has handled every
+//! message read before it, and the sender (still waiting) can be attributed meanwhile.
 
 use std::io::{self, IoSliceMut};
-use std::os::fd::{AsRawFd, RawFd};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::os::linux::net::SocketAddrExt;
 use std::os::unix::net::{SocketAddr, UnixDatagram};
 use std::path::{Path, PathBuf};
@@ -15,13 +21,18 @@ use nix::sys::socket::{
 /// The master's link to systemd; does nothing when `$NOTIFY_SOCKET` was not set.
 pub struct Notifier {
     socket: Option<(UnixDatagram, SocketAddr)>,
+    /// The value of the last `STATUS=` systemd received from us: what it shows now.
+    last_status: Option<String>,
 }
 
 impl Notifier {
     /// Reads `$NOTIFY_SOCKET` once; the variable is never passed on to workers.
     pub fn from_env() -> Notifier {
         let Some(value) = std::env::var_os("NOTIFY_SOCKET") else {
-            return Notifier { socket: None };
+            return Notifier {
+                socket: None,
+                last_status: None,
+            };
         };
         let value = value.to_string_lossy().into_owned();
         let addr = if let Some(name) = value.strip_prefix('@') {
@@ -39,7 +50,10 @@ impl Notifier {
                 None
             }
         };
-        Notifier { socket }
+        Notifier {
+            socket,
+            last_status: None,
+        }
     }
 
     pub fn enabled(&self) -> bool {
@@ -47,16 +61,26 @@ impl Notifier {
     }
 
     /// Sends one datagram of `KEY=VALUE` lines. A failure is logged, never fatal.
-    pub fn send(&self, message: &str) {
+    pub fn send(&mut self, message: &str) {
         let Some((socket, addr)) = &self.socket else {
             return;
         };
-        if let Err(e) = socket.send_to_addr(message.as_bytes(), addr) {
-            log::warn!(
+        match socket.send_to_addr(message.as_bytes(), addr) {
+            Ok(_) => {
+                if let Some(status) = message.lines().find_map(|l| l.strip_prefix("STATUS=")) {
+                    self.last_status = Some(status.to_string());
+                }
+            }
+            Err(e) => log::warn!(
                 "cannot notify systemd ({}), ignoring: {e}",
                 message.lines().next().unwrap_or("")
-            );
+            ),
         }
+    }
+
+    /// The last `STATUS=` value systemd received from us, whoever in the master sent it.
+    pub fn last_status(&self) -> Option<&str> {
+        self.last_status.as_deref()
     }
 }
 
@@ -69,6 +93,29 @@ pub fn monotonic_usec() -> u64 {
 
 /// Largest datagram read from a worker; longer ones are truncated (and ignored).
 pub const MAX_MESSAGE: usize = 4096;
+
+/// Most descriptors taken from one message (a barrier passes one). The kernel closes those
+/// that do not fit in the control buffer, so a message with more leaks nothing either.
+pub const MAX_FDS: usize = 16;
+
+/// One message from a worker (or anyone) on plumule's notify socket.
+#[derive(Debug)]
+pub struct Notification {
+    /// The sender's pid, from SCM_CREDENTIALS.
+    pub pid: i32,
+    /// The datagram, lossily UTF-8.
+    pub text: String,
+    /// Descriptors passed with it; closed when the notification is dropped.
+    pub fds: Vec<OwnedFd>,
+}
+
+impl Notification {
+    /// A `BARRIER=1` message: its descriptor must stay open until every message read before
+    /// it has been handled, then be closed (by dropping the notification).
+    pub fn is_barrier(&self) -> bool {
+        self.text.lines().any(|l| l == "BARRIER=1")
+    }
+}
 
 /// plumule's notify socket for workers.
 pub struct NotifySocket {
@@ -100,17 +147,20 @@ impl NotifySocket {
         self.socket.as_raw_fd()
     }
 
-    /// The next message and its sender's pid; `None` when nothing is waiting.
-    pub fn recv(&self) -> Option<(i32, String)> {
+    /// The next message, its sender's pid and the descriptors passed with it; `None` when
+    /// nothing is waiting. Messages without credentials or longer than [`MAX_MESSAGE`] are
+    /// skipped (their descriptors closed).
+    pub fn recv(&self) -> Option<Notification> {
         loop {
             let mut buf = [0u8; MAX_MESSAGE];
-            let mut cmsg = nix::cmsg_space!(libc::ucred);
+            let mut cmsg = nix::cmsg_space!(libc::ucred, [RawFd; MAX_FDS]);
             let mut iov = [IoSliceMut::new(&mut buf)];
             let msg = match recvmsg::<UnixAddr>(
                 self.fd(),
                 &mut iov,
                 Some(&mut cmsg),
-                MsgFlags::MSG_DONTWAIT | MsgFlags::MSG_TRUNC,
+                // CLOEXEC: a descriptor held while the master forks must not reach a worker.
+                MsgFlags::MSG_DONTWAIT | MsgFlags::MSG_TRUNC | MsgFlags::MSG_CMSG_CLOEXEC,
             ) {
                 Ok(m) => m,
                 Err(nix::errno::Errno::EINTR) => continue,
@@ -118,19 +168,36 @@ impl NotifySocket {
             };
             let len = msg.bytes;
             let mut pid = None;
+            let mut fds = Vec::new();
             if let Ok(cmsgs) = msg.cmsgs() {
                 for c in cmsgs {
-                    if let ControlMessageOwned::ScmCredentials(cred) = c {
-                        pid = Some(cred.pid());
+                    match c {
+                        ControlMessageOwned::ScmCredentials(cred) => pid = Some(cred.pid()),
+                        ControlMessageOwned::ScmRights(received) => {
+                            fds.extend(received.into_iter().map(|fd| {
+                                // SAFETY: the kernel has just installed `fd` in this process
+                                // for this message; nothing else knows it, so it is owned here
+                                // alone and closed once.
+                                unsafe { OwnedFd::from_raw_fd(fd) }
+                            }))
+                        }
+                        _ => {}
                     }
                 }
+            }
+            if msg.flags.contains(MsgFlags::MSG_CTRUNC) {
+                log::debug!("notify socket: a message carried more descriptors than it may");
             }
             if len > MAX_MESSAGE {
                 log::debug!("notify socket: ignoring a {len}-byte message");
                 continue;
             }
             let Some(pid) = pid else { continue };
-            return Some((pid, String::from_utf8_lossy(&buf[..len]).into_owned()));
+            return Some(Notification {
+                pid,
+                text: String::from_utf8_lossy(&buf[..len]).into_owned(),
+                fds,
+            });
         }
     }
 
@@ -153,9 +220,10 @@ mod tests {
         client
             .send_to(b"READY=1\nSTATUS=warming up", &path)
             .unwrap();
-        let (pid, text) = sock.recv().unwrap();
-        assert_eq!(pid, std::process::id() as i32);
-        assert_eq!(text, "READY=1\nSTATUS=warming up");
+        let n = sock.recv().unwrap();
+        assert_eq!(n.pid, std::process::id() as i32);
+        assert_eq!(n.text, "READY=1\nSTATUS=warming up");
+        assert!(n.fds.is_empty() && !n.is_barrier());
     }
 
     #[test]
@@ -163,15 +231,20 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("systemd.sock");
         let listener = UnixDatagram::bind(&path).unwrap();
-        let notifier = Notifier {
+        let mut notifier = Notifier {
             socket: Some((
                 UnixDatagram::unbound().unwrap(),
                 SocketAddr::from_pathname(&path).unwrap(),
             )),
+            last_status: None,
         };
         notifier.send("READY=1");
         let mut buf = [0u8; 64];
         let n = listener.recv(&mut buf).unwrap();
         assert_eq!(&buf[..n], b"READY=1");
+        assert_eq!(notifier.last_status(), None);
+        notifier.send("READY=1\nSTATUS=reload refused");
+        notifier.send("WATCHDOG=1");
+        assert_eq!(notifier.last_status(), Some("reload refused"));
     }
 }

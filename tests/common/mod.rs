@@ -21,7 +21,7 @@ use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, Once};
+use std::sync::{Arc, Mutex, Once, OnceLock};
 use std::time::{Duration, Instant};
 
 use nix::sys::signal::{kill, Signal};
@@ -45,6 +45,9 @@ const POLL_INTERVAL: Duration = Duration::from_millis(5);
 /// The most a test may spend waiting, all its waits together, counted from `Sandbox::new`: the
 /// waits of a sandbox and its daemons are cut short when it is spent.
 pub const TEST_BUDGET: Duration = Duration::from_secs(20);
+
+/// Upper bound for anything that should happen promptly in a test (a start, a stop, an answer).
+pub const DEADLINE: Duration = Duration::from_secs(10);
 
 /// `deadline`, shortened to what is left until `budget_end`.
 fn within_budget(deadline: Duration, budget_end: Instant) -> Duration {
@@ -235,6 +238,8 @@ pub struct Sandbox {
     watches: Mutex<Vec<Watch>>,
     /// When [`TEST_BUDGET`] is spent.
     budget_end: Instant,
+    /// The binary other users may run, once [`Sandbox::plumule_for_others`] has placed it.
+    shared_binary: OnceLock<PathBuf>,
 }
 
 /// What a wait needs to notice that a `plumule` process exited unexpectedly.
@@ -287,6 +292,7 @@ impl Sandbox {
             spawned: AtomicUsize::new(0),
             watches: Mutex::new(Vec::new()),
             budget_end: Instant::now() + TEST_BUDGET,
+            shared_binary: OnceLock::new(),
         }
     }
 
@@ -467,47 +473,61 @@ impl Sandbox {
     /// [`Sandbox::spawn_plumule`] with `adjust` applied to the command just before it is
     /// spawned (e.g. `uid`/`gid` to run a client as another user).
     pub fn spawn_plumule_with(&self, args: &[&str], adjust: impl FnOnce(&mut Command)) -> Daemon {
-        let n = self.spawned.fetch_add(1, Ordering::SeqCst) + 1;
-        let stdout = self.path(&format!("plumule-{n}.stdout"));
-        let stderr = self.path(&format!("plumule-{n}.stderr"));
-        let mut cmd = Command::new(PLUMULE);
-        cmd.args(args)
-            .current_dir(self.root())
-            .env(MARKER, self.dir.path())
-            .env_remove("NOTIFY_SOCKET")
-            .env_remove("PLUMULE_CONFIG")
-            .env_remove("PLUMULE_SOCKET")
-            .env_remove("LISTEN_FDS")
-            .env_remove("LISTEN_PID")
-            .env_remove("LISTEN_FDNAMES")
-            .env_remove("WATCHDOG_USEC")
-            .env_remove("WATCHDOG_PID")
-            .env_remove("JOURNAL_STREAM")
-            .stdin(Stdio::null())
-            .stdout(File::create(&stdout).expect("stdout file"))
-            .stderr(File::create(&stderr).expect("stderr file"));
-        // Its own process group, as under systemd: a signal meant for it never reaches the
-        // test runner, and the runner's terminal signals never reach it.
-        cmd.process_group(0);
-        adjust(&mut cmd);
-        let child = spawn_registered(&mut cmd);
-        let watch = Watch {
-            pid: child.id() as i32,
-            args: args.join(" "),
-            stderr: stderr.clone(),
-            exit_expected: Arc::new(AtomicBool::new(args.first() != Some(&"run"))),
-            budget_end: self.budget_end,
-        };
-        self.watches
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .push(watch.clone());
-        Daemon {
-            child,
-            stdout,
-            watch,
-            status: None,
-        }
+        self.spawn_binary_with(Path::new(PLUMULE), args, adjust)
+    }
+
+    /// `plumule ARGS…` as `uid`/`gid`, from the copy of the binary other users may run (see
+    /// [`Sandbox::plumule_for_others`]): the build tree may sit in a folder they cannot enter.
+    pub fn spawn_plumule_as(&self, args: &[&str], uid: u32, gid: u32) -> Daemon {
+        let binary = self.plumule_for_others();
+        self.spawn_binary_with(&binary, args, |cmd| {
+            cmd.uid(uid).gid(gid);
+        })
+    }
+
+    /// A copy of the binary under test that any user may execute: `bin/plumule` (0755) in the
+    /// sandbox, whose root becomes 0711 so that others may traverse it (not list it). Made once
+    /// per sandbox. The checkout, and `target/` with it, may live in a folder other users cannot
+    /// enter (a clone under a 0700 home), where they cannot run `target/…/plumule` itself.
+    pub fn plumule_for_others(&self) -> PathBuf {
+        self.shared_binary
+            .get_or_init(|| {
+                let bin = self.path("bin");
+                fs::create_dir(&bin).expect("create bin/ in the sandbox");
+                fs::set_permissions(&bin, fs::Permissions::from_mode(0o755)).expect("chmod bin/");
+                let copy = bin.join("plumule");
+                // A hard link when the sandbox is on the same filesystem; else `cp` in a child
+                // process, so that no descriptor open for writing on the copy exists in this
+                // process, where a concurrent fork would inherit it and make its exec fail
+                // with ETXTBSY.
+                if fs::hard_link(PLUMULE, &copy).is_err() {
+                    let out = Command::new("cp")
+                        .arg(PLUMULE)
+                        .arg(&copy)
+                        .output()
+                        .expect("run cp");
+                    assert!(out.status.success(), "cp {PLUMULE}: {out:?}");
+                }
+                fs::set_permissions(&copy, fs::Permissions::from_mode(0o755))
+                    .expect("chmod the copied binary");
+                fs::set_permissions(self.root(), fs::Permissions::from_mode(0o711))
+                    .expect("chmod the sandbox");
+                copy
+            })
+            .clone()
+    }
+
+    /// Spawns `BINARY ARGS…` (a `plumule`) with the environment, output capture, process group
+    /// and exit watch of [`Sandbox::spawn_plumule`].
+    fn spawn_binary_with(
+        &self,
+        binary: &Path,
+        args: &[&str],
+        adjust: impl FnOnce(&mut Command),
+    ) -> Daemon {
+        // A one-shot command is expected to exit; a master is not.
+        let exit_expected = args.first() != Some(&"run");
+        self.spawn_watched(binary, args, &args.join(" "), exit_expected, adjust)
     }
 
     /// Starts a master through a launcher, `program ARGS…` (e.g. `/bin/sh -c '… exec plumule
@@ -518,6 +538,20 @@ impl Sandbox {
         program: &str,
         args: &[&str],
         what: &str,
+        adjust: impl FnOnce(&mut Command),
+    ) -> Daemon {
+        self.spawn_watched(Path::new(program), args, what, false, adjust)
+    }
+
+    /// Spawns `program ARGS…` in the sandbox: the marker set, the variables that would make a
+    /// master talk to the test's own systemd or sockets removed, stdin from /dev/null, stdout
+    /// and stderr to numbered files, its own process group; watched for an unexpected exit.
+    fn spawn_watched(
+        &self,
+        program: &Path,
+        args: &[&str],
+        what: &str,
+        exit_expected: bool,
         adjust: impl FnOnce(&mut Command),
     ) -> Daemon {
         let n = self.spawned.fetch_add(1, Ordering::SeqCst) + 1;
@@ -540,6 +574,8 @@ impl Sandbox {
         ] {
             cmd.env_remove(var);
         }
+        // Its own process group, as under systemd: a signal meant for it never reaches the
+        // test runner, and the runner's terminal signals never reach it.
         cmd.stdin(Stdio::null())
             .stdout(File::create(&stdout).expect("stdout file"))
             .stderr(File::create(&stderr).expect("stderr file"))
@@ -550,7 +586,7 @@ impl Sandbox {
             pid: child.id() as i32,
             args: what.to_string(),
             stderr,
-            exit_expected: Arc::new(AtomicBool::new(false)),
+            exit_expected: Arc::new(AtomicBool::new(exit_expected)),
             budget_end: self.budget_end,
         };
         self.watches
@@ -919,4 +955,116 @@ pub fn running(status: &StatusReport, program: &str) -> std::collections::BTreeM
         .filter(|e| e.program == program && e.state == "running")
         .map(|e| (e.id, e.pid.expect("a running worker has a pid")))
         .collect()
+}
+
+// ---------------------------------------------------------------------------------------------
+// Helpers every test file used to define for itself
+
+/// SIGTERM to the master, which must exit 0 within [`DEADLINE`].
+#[track_caller]
+pub fn stop_cleanly(master: &mut Daemon) {
+    let status = master.stop_with(SIGTERM, DEADLINE);
+    assert_exit_code(status, 0, &master.stderr_text());
+}
+
+/// Whether the tests run as root; says the test is skipped, and `why` it needs root, if not.
+pub fn root_or_skip(why: &str) -> bool {
+    let root = nix::unistd::geteuid().is_root();
+    if !root {
+        println!("skipped: needs root ({why})");
+    }
+    root
+}
+
+/// The Python interpreter for worker scripts: the system one when present (no pyenv shim
+/// between a wrapper's `exec` and the interpreter, so the worker keeps its pid), else whatever
+/// PATH finds.
+pub fn python() -> &'static str {
+    if Path::new("/usr/bin/python3").exists() {
+        "/usr/bin/python3"
+    } else {
+        "python3"
+    }
+}
+
+/// The path of `name` in PATH, if it is there. A test that needs a program which CI installs
+/// calls [`needed_program`] instead.
+pub fn find_program(name: &str) -> Option<PathBuf> {
+    std::env::var_os("PATH")
+        .into_iter()
+        .flat_map(|p| std::env::split_paths(&p).collect::<Vec<_>>())
+        .map(|dir| dir.join(name))
+        .find(|p| fs::metadata(p).is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0))
+}
+
+/// The path of `name` in PATH. When it is missing the test is skipped, loudly (on stderr,
+/// returns `None`); under CI (`$CI` set), where it is installed, a missing program fails.
+#[track_caller]
+pub fn needed_program(name: &str, package: &str) -> Option<PathBuf> {
+    let found = find_program(name);
+    if found.is_none() {
+        assert!(
+            std::env::var_os("CI").is_none(),
+            "`{name}` is not in PATH, and CI must install it (package {package})"
+        );
+        eprintln!("SKIPPED: `{name}` is not in PATH (install the {package} package)");
+    }
+    found
+}
+
+/// A worker script, `sleeper.sh`, that records its start line and becomes `sleep 1000`.
+pub fn sleeper(sb: &Sandbox) -> PathBuf {
+    sb.worker("sleeper.sh", "exec sleep 1000")
+}
+
+// ---------------------------------------------------------------------------------------------
+// Status over the raw control socket
+
+impl Sandbox {
+    /// The master's control socket.
+    pub fn control_socket(&self) -> PathBuf {
+        self.runtime_dir().join("control.sock")
+    }
+}
+
+/// The status over the control socket (each read and write bounded), or `None` while
+/// nothing listens yet.
+pub fn try_status(sb: &Sandbox) -> Option<StatusReport> {
+    sb.ask_status()
+}
+
+/// [`try_status`] that must get an answer.
+#[track_caller]
+pub fn socket_status(sb: &Sandbox) -> StatusReport {
+    try_status(sb).expect("the master answers status")
+}
+
+/// Waits until `program` has exactly workers 0..n, all running; returns id → pid.
+#[track_caller]
+pub fn wait_running(sb: &Sandbox, program: &str, n: u32) -> std::collections::BTreeMap<u32, i32> {
+    wait_running_within(sb, program, n, DEADLINE)
+}
+
+/// [`wait_running`] with its own deadline.
+#[track_caller]
+pub fn wait_running_within(
+    sb: &Sandbox,
+    program: &str,
+    n: u32,
+    deadline: Duration,
+) -> std::collections::BTreeMap<u32, i32> {
+    let mut pids = std::collections::BTreeMap::new();
+    sb.wait(
+        &format!("{program} has exactly workers 0..{n}, all running"),
+        deadline,
+        || {
+            let Some(s) = try_status(sb) else {
+                return false;
+            };
+            let listed = entries(&s).iter().filter(|e| e.program == program).count();
+            pids = running(&s, program);
+            listed == n as usize && pids.keys().copied().eq(0..n)
+        },
+    );
+    pids
 }
