@@ -92,6 +92,18 @@ enum Part {
     Notify = 4,
 }
 
+impl Proc {
+    /// The record of this worker's process group, for a later master.
+    fn group(&self, pid: Pid) -> orphans::Group {
+        orphans::Group {
+            pgid: pid,
+            start_time: self.start_time,
+            stop_signal: self.stop_signal,
+            stop_timeout: self.stop_timeout,
+        }
+    }
+}
+
 impl Part {
     fn token(self, local: u64) -> u64 {
         (self as u64) << 56 | (local & ((1 << 56) - 1))
@@ -152,7 +164,8 @@ pub struct Master {
     ctx: worker::Context,
     dev_null: OwnedFd,
     files: HashMap<PathBuf, RotatingFile>,
-    groups_dirty: bool,
+    /// The record of live process groups for a later master (see [`orphans`]).
+    journal: orphans::Journal,
     control: Option<crate::control::ControlServer>,
     /// What the reactor watches of the control socket: connection id → (fd, also writable).
     control_watch: HashMap<u64, (RawFd, bool)>,
@@ -264,6 +277,7 @@ impl Master {
                 reason: e.to_string(),
             }
         })?;
+        let journal = orphans::Journal::new(&config.runtime_dir);
         Ok(Master {
             config: Arc::new(config),
             next_pool: pools.len() as u64,
@@ -278,7 +292,7 @@ impl Master {
             ctx,
             dev_null,
             files: HashMap::new(),
-            groups_dirty: false,
+            journal,
             control: Some(control),
             control_watch: HashMap::new(),
             listening: false,
@@ -705,7 +719,7 @@ impl Master {
                 stop_timeout: program.stop_timeout,
             },
         );
-        self.groups_dirty = true;
+        self.journal.started(&self.procs[&pid].group(pid));
         let generation = self.pools[pool].generation;
         self.pools[pool].slots[id as usize].generation = generation;
         self.pool_event(pool, id, Event::Spawned { pid }, now);
@@ -779,7 +793,7 @@ impl Master {
             log::debug!("reaped process {pid} ({exit}), not a worker");
             return;
         };
-        self.groups_dirty = true;
+        self.journal.gone(pid);
         // Whatever the child reported before dying, and its last output.
         self.drain_status(&mut proc, pid, now);
         for stream in [Stream::Stdout, Stream::Stderr] {
@@ -881,22 +895,17 @@ impl Master {
         }
     }
 
-    /// Records the live process groups for a later master (see [`orphans`]).
+    /// Writes the process groups started and gone since the last pass to the record a
+    /// later master reads (see [`orphans`]).
     fn save_groups(&mut self) {
-        if !std::mem::take(&mut self.groups_dirty) {
-            return;
-        }
-        let groups: Vec<orphans::Group> = self
-            .procs
-            .iter()
-            .map(|(&pid, p)| orphans::Group {
-                pgid: pid,
-                start_time: p.start_time,
-                stop_signal: p.stop_signal,
-                stop_timeout: p.stop_timeout,
-            })
-            .collect();
-        if let Err(e) = orphans::write(&self.config.runtime_dir, &groups) {
+        let procs = &self.procs;
+        let all = || {
+            procs
+                .iter()
+                .map(|(&pid, p)| p.group(pid))
+                .collect::<Vec<_>>()
+        };
+        if let Err(e) = self.journal.flush(all) {
             log::warn!("cannot record the worker process groups, ignoring: {e}");
         }
     }
