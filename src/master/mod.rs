@@ -1,37 +1,49 @@
-//! The master: one thread, one poll(2) loop, the only code that carries out actions.
+//! The master: one thread, one event loop over a few subsystems, no periodic tick.
 //!
-//! Every wake-up runs the same pass: drain signals, reap children, read worker pipes, then
-//! [`plan`] and carry out its actions. The poll timeout is the earliest deadline the plan
-//! reports (a backoff, a kill); with none, poll waits forever, so an idle master never wakes.
+//! ```text
+//!                 ┌──────────────────────── Master::run ─────────────────────────┐
+//!                 │  wait on the reactor (epoll) until a descriptor is ready or    │
+//!                 │  the earliest deadline of any part; then, in order:            │
+//!                 │   1. signals: SIGCHLD reaps, SIGHUP reloads, TERM/INT stop     │
+//!                 │   2. each ready token goes to the part its tag names           │
+//!                 │   3. the supervisor plans the dirty slots and acts             │
+//!                 │   4. each part's after_pass, which also gives its deadline     │
+//!                 └────────┬──────────────────┬──────────────────┬────────────────┘
+//!                          │                  │                  │
+//!        Part::Workers  ┌──▼─────────────┐  ┌─▼──────────────┐ ┌─▼───────────────┐
+//!        Part::Signals  │ Supervisor     │  │ Clients        │ │ Systemd         │
+//!                       │ pools, slots,  │◄─┤ control.sock,  │ │ notify.sock for │
+//!                       │ procs + pipes, │  │ connections,   │ │ workers; tells  │
+//!                       │ timers, output │◄─┤ waiters, logs  │ │ systemd READY,  │
+//!                       │ (the only one  │  │ -f followers   │ │ STATUS, WATCHDOG│
+//!                       │ that acts)     │  │ Part::Control  │ │ Part::Notify    │
+//!                       └────────────────┘  └────────────────┘ └─────────────────┘
+//! ```
+//!
+//! Every descriptor is registered once with the [`Reactor`](crate::sys::reactor::Reactor)
+//! under a token whose high byte is its [`Part`]; a wait costs what is ready, not what is
+//! registered. The [`Supervisor`] holds the state all parts share; each other part owns its own
+//! descriptors and state and implements [`Subsystem`]: what to do when one of its tokens is
+//! ready, what follows a pass, and when it next needs to run. Adding a subsystem (a queue, a
+//! metrics endpoint) means a [`Part`] tag, a field of [`Master`], and one line in
+//! `Master::parts`. When nothing is ready and no deadline is set, the master sleeps.
 
-use std::collections::{BTreeSet, HashMap};
-use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
-use nix::sys::signal::Signal;
-use nix::unistd::Pid;
+use crate::config::Config;
+use crate::sys::pidfile::PidfileError;
+use crate::sys::reactor::Ready;
 
-use crate::backoff::Jitter;
-use crate::config::{Config, ListenAddr, Program};
-use crate::orphans;
-use crate::output::{LogRing, RotatingFile, Stream};
-use crate::plan::{plan, Action, Dirty, Phase, Pool, PoolId, WorkerKey};
-use crate::slot::{AfterStop, Event, Exit, Slot, SlotState};
-use crate::sys;
-use crate::sys::pidfile::{Pidfile, PidfileError};
-use crate::sys::reactor::Reactor;
-use crate::sys::signals::{Signals, HANDLED};
-use crate::sys::spawn::{Report, Stage};
-use crate::worker;
-
+mod clients;
+mod commands;
 mod output;
-mod requests;
+mod supervisor;
 mod systemd;
 
-use output::{pump, OutPipe};
-use systemd::SystemdLink;
+use clients::Clients;
+use supervisor::Supervisor;
+use systemd::Systemd;
 
 /// How much recent worker output the master keeps for `plumule logs`.
 const LOG_RING_LINES: usize = 10_000;
@@ -62,29 +74,14 @@ impl MasterError {
     }
 }
 
-/// What the master holds for one live worker process.
-struct Proc {
-    key: WorkerKey,
-    /// `PROGRAM.ID`, for its output and logs.
-    tag: Arc<str>,
-    /// Status pipe until the exec is confirmed (or the child died).
-    status: Option<OwnedFd>,
-    lock_names: Vec<String>,
-    stdout: Option<OutPipe>,
-    stderr: Option<OutPipe>,
-    start_time: u64,
-    stop_signal: Signal,
-    stop_timeout: Duration,
-}
-
-/// The subsystems of the loop. Each descriptor registered with the reactor carries a token
-/// whose high byte names the part that owns it; the rest is the part's own.
+/// Which part of the loop a registered descriptor belongs to: the high byte of its token.
+/// The rest of the token is the part's own (a pid and pipe, a connection id).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 #[repr(u8)]
-enum Part {
-    /// The signal self-pipe.
+pub(super) enum Part {
+    /// The signal self-pipe (the supervisor's).
     Signals = 1,
-    /// Worker processes: status pipes and output pipes, keyed by pid.
+    /// Worker processes: status pipes and output pipes (the supervisor's).
     Workers = 2,
     /// The control socket: its listener and its connections.
     Control = 3,
@@ -92,26 +89,16 @@ enum Part {
     Notify = 4,
 }
 
-impl Proc {
-    /// The record of this worker's process group, for a later master.
-    fn group(&self, pid: Pid) -> orphans::Group {
-        orphans::Group {
-            pgid: pid,
-            start_time: self.start_time,
-            stop_signal: self.stop_signal,
-            stop_timeout: self.stop_timeout,
-        }
-    }
-}
+const LOCAL_BITS: u64 = 56;
 
 impl Part {
-    fn token(self, local: u64) -> u64 {
-        (self as u64) << 56 | (local & ((1 << 56) - 1))
+    pub(super) fn token(self, local: u64) -> u64 {
+        (self as u64) << LOCAL_BITS | (local & ((1 << LOCAL_BITS) - 1))
     }
 
     fn of(token: u64) -> Option<(Part, u64)> {
-        let local = token & ((1 << 56) - 1);
-        let part = match token >> 56 {
+        let local = token & ((1 << LOCAL_BITS) - 1);
+        let part = match token >> LOCAL_BITS {
             1 => Part::Signals,
             2 => Part::Workers,
             3 => Part::Control,
@@ -122,63 +109,24 @@ impl Part {
     }
 }
 
-/// Which pipe of a worker a `Part::Workers` token names.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Pipe {
-    Status = 0,
-    Stdout = 1,
-    Stderr = 2,
+/// A part of the loop beside the supervisor. It owns its descriptors (registered with
+/// `sup.reactor` under its [`Part`] tag) and its state, and works on the supervisor's.
+trait Subsystem {
+    /// The tag of the tokens it registers.
+    fn part(&self) -> Part;
+    /// One of its descriptors is ready; `local` is the token without the tag.
+    fn ready(&mut self, sup: &mut Supervisor, local: u64, ready: Ready, now: Instant);
+    /// After the supervisor has settled in a pass: what follows from the new state (answers,
+    /// notifications, registrations). Returns when it next needs to run without an event.
+    fn after_pass(&mut self, sup: &mut Supervisor, now: Instant) -> Option<Instant>;
+    /// The master is stopping for good: last answers, sockets closed.
+    fn finish(&mut self, sup: &mut Supervisor);
 }
-
-fn pipe_token(pid: Pid, pipe: Pipe) -> u64 {
-    Part::Workers.token((pipe as u64) << 32 | pid.as_raw() as u32 as u64)
-}
-
-fn pipe_of(local: u64) -> (Pid, Pipe) {
-    let pid = Pid::from_raw((local & 0xffff_ffff) as u32 as i32);
-    let pipe = match local >> 32 {
-        0 => Pipe::Status,
-        1 => Pipe::Stdout,
-        _ => Pipe::Stderr,
-    };
-    (pid, pipe)
-}
-
-/// The control part's token for the listener; connections use their own ids (from 1).
-const LISTENER: u64 = 0;
 
 pub struct Master {
-    config: Arc<Config>,
-    pools: Vec<Pool>,
-    /// The next [`PoolId`] to hand out: never reused.
-    next_pool: u64,
-    /// Slot deadlines (backoff over, SIGKILL due, ready timeout, watchdog): when one passes,
-    /// its slot is planned again. Stale entries only cause one more look at their slot.
-    timers: BTreeSet<(Instant, WorkerKey)>,
-    procs: HashMap<Pid, Proc>,
-    reactor: Reactor,
-    signals: Signals,
-    pidfile: Option<Pidfile>,
-    phase: Phase,
-    jitter: Jitter,
-    ctx: worker::Context,
-    dev_null: OwnedFd,
-    files: HashMap<PathBuf, RotatingFile>,
-    /// The record of live process groups for a later master (see [`orphans`]).
-    journal: orphans::Journal,
-    control: Option<crate::control::ControlServer>,
-    /// What the reactor watches of the control socket: connection id → (fd, also writable).
-    control_watch: HashMap<u64, (RawFd, bool)>,
-    listening: bool,
-    waiters: Vec<requests::Waiter>,
-    systemd: SystemdLink,
-    notify_socket: Option<sys::notify::NotifySocket>,
-    /// Bound once, kept across reloads while some program lists them.
-    listeners: HashMap<ListenAddr, OwnedFd>,
-    /// Recent worker output for `plumule logs`.
-    log_ring: LogRing,
-    /// `logs --follow` connections: (connection, filter, next line to send).
-    followers: Vec<(u64, Option<String>, u64)>,
+    sup: Supervisor,
+    clients: Clients,
+    systemd: Systemd,
 }
 
 /// Creates a missing directory with `mode`; refuses one that others may write to.
@@ -211,98 +159,22 @@ fn prepare_dir(what: &'static str, path: &Path, mode: u32) -> Result<(), MasterE
 
 impl Master {
     /// Takes the runtime dir (pidfile), stops leftovers of a previous master, and registers
-    /// the signals — all before the first worker is forked.
+    /// the signals and sockets — all before the first worker is forked.
     pub fn new(config: Config) -> Result<Master, MasterError> {
-        prepare_dir("runtime_dir", &config.runtime_dir, 0o755)?;
-        let pidfile = Pidfile::acquire(&config.runtime_dir).map_err(MasterError::Busy)?;
-        prepare_dir("state_dir", &config.state_dir, 0o700)?;
-        prepare_dir("lock_dir", &config.lock_dir, 0o755)?;
-        let signals = Signals::register(&HANDLED).map_err(MasterError::Setup)?;
-        if let Err(e) = sys::process::become_subreaper() {
-            log::warn!("cannot become the subreaper of the workers' children, ignoring: {e}");
-        }
-        let nofile = sys::process::raise_nofile_limit()
-            .map_err(|e| log::warn!("cannot raise the open-file limit, ignoring: {e}"))
-            .ok();
-        orphans::stop_leftovers(&config.runtime_dir);
-        let dev_null = sys::dev_null().map_err(MasterError::Setup)?;
-        let notify_path = config.runtime_dir.join("notify.sock");
-        let notify_socket =
-            sys::notify::NotifySocket::bind(&notify_path).map_err(|e| MasterError::Dir {
-                what: "notify socket",
-                path: notify_path.clone(),
-                reason: e.to_string(),
-            })?;
-        let ctx = worker::Context {
-            lock_dir: config.lock_dir.clone(),
-            lock_mode: if config.control_group.is_some() {
-                0o664
-            } else {
-                0o644
-            },
-            nofile,
-            notify_socket: Some(notify_path),
-        };
-        let mut listeners = HashMap::new();
-        for (name, fd) in sys::listen::from_systemd() {
-            listeners.insert(ListenAddr::Systemd(name), fd);
-        }
-        bind_listeners(&config, &mut listeners).map_err(|(path, reason)| MasterError::Dir {
-            what: "listen socket",
-            path,
-            reason,
-        })?;
-        let pools: Vec<Pool> = config
-            .programs
-            .iter()
-            .enumerate()
-            .map(|(i, p)| Pool::new(PoolId(i as u64), Arc::new(p.clone())))
-            .collect();
-        let reactor = Reactor::new().map_err(MasterError::Setup)?;
-        reactor
-            .add(signals.fd(), Part::Signals.token(0), false)
-            .map_err(MasterError::Setup)?;
-        reactor
-            .add(notify_socket.fd(), Part::Notify.token(0), false)
-            .map_err(MasterError::Setup)?;
-        let access = crate::control::Access {
-            uid: nix::unistd::geteuid().as_raw(),
-            group: config.control_group.clone(),
-        };
-        let control_path = config.runtime_dir.join("control.sock");
-        let control = crate::control::ControlServer::bind(&control_path, access).map_err(|e| {
-            MasterError::Dir {
-                what: "control socket",
-                path: control_path.clone(),
-                reason: e.to_string(),
-            }
-        })?;
-        let journal = orphans::Journal::new(&config.runtime_dir);
+        let sup = Supervisor::new(config)?;
+        let systemd = Systemd::new(&sup)?;
+        let clients = Clients::new(&sup)?;
         Ok(Master {
-            config: Arc::new(config),
-            next_pool: pools.len() as u64,
-            pools,
-            timers: BTreeSet::new(),
-            procs: HashMap::new(),
-            reactor,
-            signals,
-            pidfile: Some(pidfile),
-            phase: Phase::Running,
-            jitter: Jitter::from_entropy(),
-            ctx,
-            dev_null,
-            files: HashMap::new(),
-            journal,
-            control: Some(control),
-            control_watch: HashMap::new(),
-            listening: false,
-            waiters: Vec::new(),
-            systemd: SystemdLink::from_env(Instant::now()),
-            notify_socket: Some(notify_socket),
-            listeners,
-            log_ring: LogRing::new(LOG_RING_LINES, LOG_RING_BYTES),
-            followers: Vec::new(),
+            sup,
+            clients,
+            systemd,
         })
+    }
+
+    /// The supervisor and every subsystem, these in the order their `after_pass` runs:
+    /// requests change what is wanted before systemd is told the state.
+    fn parts(&mut self) -> (&mut Supervisor, [&mut dyn Subsystem; 2]) {
+        (&mut self.sup, [&mut self.clients, &mut self.systemd])
     }
 
     /// Runs until a graceful stop has finished.
@@ -311,39 +183,29 @@ impl Master {
             "plumule {} started (pid {}), {} program(s), runtime dir {}",
             env!("CARGO_PKG_VERSION"),
             std::process::id(),
-            self.pools.len(),
-            self.config.runtime_dir.display()
+            self.sup.pools.len(),
+            self.sup.config.runtime_dir.display()
         );
         loop {
             let now = Instant::now();
-            let mut wake_at = self.settle(now);
-            while self.check_waiters(now) {
-                // Pipelined requests were carried out behind an answered one: act on them
-                // before sleeping. Each round consumes buffered request lines, so this ends.
-                wake_at = self.settle(now);
+            self.sup.settle(now);
+            let mut wake_at = None;
+            let (sup, parts) = self.parts();
+            for part in parts {
+                wake_at = earliest(wake_at, part.after_pass(sup, now));
             }
-            self.feed_followers();
-            for t in [
-                self.tell_systemd(now),
-                self.control.as_mut().and_then(|c| c.expire(now)),
-            ]
-            .into_iter()
-            .flatten()
-            {
-                wake_at = Some(wake_at.map_or(t, |w| w.min(t)));
-            }
-            if matches!(self.phase, Phase::ShuttingDown { .. }) && self.procs.is_empty() {
+            wake_at = earliest(wake_at, self.sup.next_deadline());
+            if self.sup.finished() {
                 break;
             }
-            self.save_groups();
-            self.watch_control();
+            self.sup.save_groups();
             let timeout = wake_at.map(|t| t.saturating_duration_since(Instant::now()));
-            let ready = self.reactor.wait(timeout).map_err(MasterError::Setup)?;
+            let ready = self.sup.reactor.wait(timeout).map_err(MasterError::Setup)?;
             // Signals (and so reaping) first, whatever was reported: a signal whose handler
             // ran as the wait returned (because a pipe was ready first) has not shown in
             // `ready` yet, and SIGUSR1 must be handled before the output that follows it, a
             // worker's exit known before its pipes close.
-            self.handle_signals();
+            self.sup.handle_signals();
             // The notify socket before the status pipes: READY=1 confirms an exec too, and
             // a worker's messages are attributed while it still lives.
             let mut ready = ready;
@@ -352,660 +214,32 @@ impl Master {
                 let Some((part, local)) = Part::of(token) else {
                     continue;
                 };
+                let now = Instant::now();
                 match part {
                     Part::Signals => {}
-                    Part::Workers => {
-                        let (pid, pipe) = pipe_of(local);
-                        match pipe {
-                            Pipe::Status => self.read_status(pid, Instant::now()),
-                            Pipe::Stdout => self.read_output(pid, Stream::Stdout),
-                            Pipe::Stderr => self.read_output(pid, Stream::Stderr),
+                    Part::Workers => self.sup.ready(local, now),
+                    _ => {
+                        let (sup, parts) = self.parts();
+                        if let Some(p) = parts.into_iter().find(|p| p.part() == part) {
+                            p.ready(sup, local, events, now);
                         }
                     }
-                    Part::Control if local == LISTENER => {
-                        if let Some(c) = self.control.as_mut() {
-                            c.accept(Instant::now());
-                        }
-                    }
-                    Part::Control => self.serve_client(local, events.0),
-                    Part::Notify => self.read_notifications(Instant::now()),
                 }
             }
         }
-        self.finish();
+        let (sup, parts) = self.parts();
+        for part in parts {
+            part.finish(sup);
+        }
+        self.sup.finish();
+        log::info!("stopped");
         Ok(())
     }
-
-    /// Brings the reactor in line with the control socket: the listener while new clients
-    /// are taken, each connection for reading, and for writing while it has output queued.
-    /// Costs the number of connections, which is bounded and small, not the fleet.
-    fn watch_control(&mut self) {
-        let Some(c) = &self.control else { return };
-        let listen = self.phase == Phase::Running;
-        if listen != self.listening {
-            let fd = c.fd();
-            if listen {
-                if let Err(e) = self.reactor.add(fd, Part::Control.token(LISTENER), false) {
-                    log::error!("cannot watch the control socket: {e}");
-                }
-            } else {
-                // During a graceful stop no new client is taken; those connected still get
-                // answers.
-                self.reactor.remove(fd);
-            }
-            self.listening = listen;
-        }
-        let mut seen = HashMap::with_capacity(self.control_watch.len());
-        for (fd, events, id) in c.poll_entries() {
-            let write = events & libc::POLLOUT != 0;
-            let token = Part::Control.token(id);
-            let result = match self.control_watch.get(&id) {
-                None => self.reactor.add(fd, token, write),
-                Some(&(old_fd, old_write)) if old_fd == fd && old_write == write => Ok(()),
-                Some(_) => self.reactor.modify(fd, token, write),
-            };
-            if let Err(e) = result {
-                log::warn!("cannot watch control connection {id}: {e}");
-            }
-            seen.insert(id, (fd, write));
-        }
-        // Closed connections closed their descriptors, which left the reactor with them.
-        self.control_watch = seen;
-    }
-
-    /// Plans and acts until nothing is left to do now; returns the next deadline.
-    fn settle(&mut self, now: Instant) -> Option<Instant> {
-        // Slots whose deadline has come are looked at again.
-        while let Some(&(at, key)) = self.timers.first() {
-            if at > now {
-                break;
-            }
-            self.timers.pop_first();
-            if let Some(p) = self.pool_index(key.pool) {
-                self.pools[p].touch(key.id);
-            }
-        }
-        // Each action changes the state it was planned from, so this converges; the bound
-        // only guards against a planning bug turning into a busy loop.
-        let mut settled = false;
-        for _ in 0..16 {
-            let plan = plan(&self.pools, self.phase, now);
-            for pool in &mut self.pools {
-                pool.dirty = Dirty::Clean;
-            }
-            for (p, id, at) in plan.timers {
-                self.timers.insert((
-                    at,
-                    WorkerKey {
-                        pool: self.pools[p].key,
-                        id,
-                    },
-                ));
-            }
-            if plan.actions.is_empty() {
-                settled = true;
-                break;
-            }
-            for action in plan.actions {
-                self.act(action, now);
-            }
-            self.pools.retain(|p| !(p.removed && p.slots.is_empty()));
-        }
-        if !settled {
-            log::error!("planning did not settle; retrying in 10ms");
-            for pool in &mut self.pools {
-                pool.touch_all();
-            }
-            return Some(now + Duration::from_millis(10));
-        }
-        let mut wake_at = self.timers.first().map(|t| t.0);
-        if let Phase::ShuttingDown { deadline } = self.phase {
-            if !self.procs.is_empty() {
-                wake_at = Some(wake_at.map_or(deadline, |w| w.min(deadline)));
-            }
-        }
-        wake_at
-    }
-
-    /// The index of the pool `key` names, if it still exists. Pools are few (one per
-    /// program), so a scan is the cheap way; no name is compared.
-    fn pool_index(&self, key: PoolId) -> Option<usize> {
-        self.pools.iter().position(|p| p.key == key)
-    }
-
-    /// Feeds `event` to the slot `key` names, if the slot still exists, and notes what needs
-    /// planning again: the slot, and programs started `after` this one when it became or
-    /// stopped being running. Returns whether the slot changed.
-    fn slot_event(&mut self, key: WorkerKey, event: Event, now: Instant) -> bool {
-        let Some(p) = self.pool_index(key.pool) else {
-            return false;
-        };
-        self.pool_event(p, key.id, event, now)
-    }
-
-    fn pool_event(&mut self, p: usize, id: u32, event: Event, now: Instant) -> bool {
-        let pool = &mut self.pools[p];
-        let program = Arc::clone(&pool.program);
-        let Some(slot) = pool.slots.get_mut(id as usize) else {
-            return false;
-        };
-        let was_running = matches!(slot.state(), SlotState::Running { .. });
-        if !slot.transition(event, &program, now) {
-            return false;
-        }
-        let is_running = matches!(slot.state(), SlotState::Running { .. });
-        pool.touch(id);
-        if was_running != is_running {
-            for other in &mut self.pools {
-                if other.program.after.contains(&program.name) {
-                    other.touch_all();
-                }
-            }
-        }
-        true
-    }
-
-    fn act(&mut self, action: Action, now: Instant) {
-        match action {
-            Action::Spawn { pool, id } => self.spawn(pool, id, now),
-            Action::Stop { pool, id } => self.stop(pool, id, AfterStop::Rest, now),
-            Action::Kill { pool, id } => {
-                let Some(pid) = self.pools[pool].slots[id as usize].pid() else {
-                    return;
-                };
-                log::warn!(
-                    "{}: still running after its stop timeout; sending KILL",
-                    self.pools[pool].tag(id)
-                );
-                if let Err(e) = sys::process::signal_group(pid, Signal::SIGKILL) {
-                    log::warn!("cannot kill process group {pid}: {e}");
-                }
-                self.pool_event(pool, id, Event::Killed, now);
-            }
-            Action::CancelBackoff { pool, id } => {
-                self.pool_event(pool, id, Event::CancelBackoff, now);
-            }
-            Action::Forget { pool, .. } => {
-                self.pools[pool].slots.pop();
-                self.pools[pool].touch_all();
-            }
-            Action::Roll { pool, id } => {
-                log::info!(
-                    "{}: rolling restart: starting a successor to {}",
-                    self.pools[pool].tag(id),
-                    self.pools[pool].slots[id as usize]
-                        .pid()
-                        .map_or(0, |p| p.as_raw())
-                );
-                if self.pool_event(pool, id, Event::Roll, now) {
-                    self.spawn(pool, id, now);
-                }
-            }
-            Action::Restart { pool, id } => self.stop(pool, id, AfterStop::Restart, now),
-            Action::Retire { pool, id } => {
-                let program = Arc::clone(&self.pools[pool].program);
-                let kill_at = match self.phase {
-                    Phase::ShuttingDown { deadline } => deadline.min(now + program.stop_timeout),
-                    Phase::Running => now + program.stop_timeout,
-                };
-                let Some(old) = self.pools[pool].slots[id as usize].state().old().cloned() else {
-                    return;
-                };
-                log::info!(
-                    "{}: successor is up; stopping the old process {}",
-                    self.pools[pool].tag(id),
-                    old.pid
-                );
-                if let Err(e) = sys::process::signal_group(old.pid, program.stop_signal) {
-                    log::warn!("cannot signal process group {}: {e}", old.pid);
-                }
-                self.pool_event(pool, id, Event::Retire { kill_at }, now);
-            }
-            Action::ReadyTimeout { pool, id } => {
-                let program = Arc::clone(&self.pools[pool].program);
-                log::error!(
-                    "{}: not ready after {}; stopping it",
-                    self.pools[pool].tag(id),
-                    crate::format_duration(program.ready_timeout)
-                );
-                self.stop(
-                    pool,
-                    id,
-                    AfterStop::Crash(crate::slot::StopReason::ReadyTimeout),
-                    now,
-                );
-            }
-            Action::WatchdogMiss { pool, id } => {
-                let program = Arc::clone(&self.pools[pool].program);
-                let Some(pid) = self.pools[pool].slots[id as usize].pid() else {
-                    return;
-                };
-                log::error!(
-                    "{}: missed its watchdog; sending ABRT",
-                    self.pools[pool].tag(id)
-                );
-                if let Err(e) = sys::process::signal_process(pid, Signal::SIGABRT) {
-                    log::warn!("cannot signal process {pid}: {e}");
-                }
-                let stop = Event::Stop {
-                    kill_at: now + program.stop_timeout,
-                    then: AfterStop::Crash(crate::slot::StopReason::Watchdog),
-                };
-                self.pool_event(pool, id, stop, now);
-            }
-            Action::KillOld { pool, id } => {
-                let Some(old) = self.pools[pool].slots[id as usize].state().old().cloned() else {
-                    return;
-                };
-                if let Err(e) = sys::process::signal_group(old.pid, Signal::SIGKILL) {
-                    log::warn!("cannot kill process group {}: {e}", old.pid);
-                }
-                self.pool_event(pool, id, Event::KillOld, now);
-            }
-        }
-    }
-
-    /// Sends the stop signal to the slot's process group; `then` says what follows its end.
-    fn stop(&mut self, pool: usize, id: u32, then: AfterStop, now: Instant) {
-        let program = Arc::clone(&self.pools[pool].program);
-        let mut kill_at = now + program.stop_timeout;
-        if let Phase::ShuttingDown { deadline } = self.phase {
-            kill_at = kill_at.min(deadline);
-        }
-        let Some(pid) = self.pools[pool].slots[id as usize].pid() else {
-            return;
-        };
-        let stopping = matches!(
-            self.pools[pool].slots[id as usize].state().current(),
-            SlotState::Stopping { .. }
-        );
-        if !stopping {
-            log::debug!(
-                "{}: sending {} to process group {pid}",
-                self.pools[pool].tag(id),
-                program.stop_signal
-            );
-            if let Err(e) = sys::process::signal_group(pid, program.stop_signal) {
-                log::warn!(
-                    "{}: cannot signal process group {pid}: {e}",
-                    self.pools[pool].tag(id)
-                );
-            }
-        }
-        self.pool_event(pool, id, Event::Stop { kill_at, then }, now);
-    }
-
-    fn spawn(&mut self, pool: usize, id: u32, now: Instant) {
-        let workers = self.pools[pool].desired();
-        let program = Arc::clone(&self.pools[pool].program);
-        let key = WorkerKey {
-            pool: self.pools[pool].key,
-            id,
-        };
-        let slots = &mut self.pools[pool].slots;
-        if id as usize == slots.len() {
-            slots.push(Slot::new(id));
-        }
-        let tag: Arc<str> = Arc::from(self.pools[pool].tag(id).to_string());
-        let fail = |master: &mut Master, reason: String| {
-            log::error!("{tag}: failed: cannot start: {reason}");
-            master.pool_event(pool, id, Event::Fail { reason }, now);
-        };
-        let mut prepared = match worker::prepare(&program, id, workers, &self.ctx) {
-            Ok(p) => p,
-            Err(reason) => return fail(self, reason.to_string()),
-        };
-        let stdout = match self.output(&program.stdout, 1) {
-            Ok(o) => o,
-            Err(reason) => return fail(self, reason.to_string()),
-        };
-        let stderr = match self.output(&program.stderr, 2) {
-            Ok(o) => o,
-            Err(reason) => return fail(self, reason.to_string()),
-        };
-        let mut pass_fds = Vec::with_capacity(program.listen.len());
-        for l in &program.listen {
-            match self.listeners.get(&l.address) {
-                Some(fd) => pass_fds.push(fd.as_raw_fd()),
-                None => {
-                    return fail(
-                        self,
-                        format!("no socket bound for {}", describe_addr(&l.address)),
-                    )
-                }
-            }
-        }
-        let req = &mut prepared.setup;
-        req.pass_fds = pass_fds;
-        req.stdin = self.dev_null.as_raw_fd();
-        req.stdout = stdout.0;
-        req.stderr = stderr.0;
-        let child = match sys::spawn::spawn(req, &mut prepared.body) {
-            Ok(c) => c,
-            Err(e) => {
-                // fork failing (EAGAIN, ENOMEM) is transient: retry as after a quick crash.
-                log::error!("{tag}: {e}");
-                let until = now + program.backoff.initial;
-                self.pool_event(pool, id, Event::SpawnFailed { until }, now);
-                return;
-            }
-        };
-        // The write ends now live in the child only.
-        drop(stdout.1);
-        drop(stderr.1);
-        log::info!("{tag}: started (pid {})", child.pid);
-        let pid = child.pid;
-        for (fd, pipe) in [
-            (Some(child.status.as_raw_fd()), Pipe::Status),
-            (stdout.2.as_ref().map(|o| o.fd.as_raw_fd()), Pipe::Stdout),
-            (stderr.2.as_ref().map(|o| o.fd.as_raw_fd()), Pipe::Stderr),
-        ] {
-            let Some(fd) = fd else { continue };
-            if let Err(e) = self.reactor.add(fd, pipe_token(pid, pipe), false) {
-                log::error!("{tag}: cannot watch its {pipe:?} pipe: {e}");
-            }
-        }
-        self.procs.insert(
-            pid,
-            Proc {
-                key,
-                tag,
-                status: Some(child.status),
-                lock_names: prepared.lock_names,
-                stdout: stdout.2,
-                stderr: stderr.2,
-                start_time: sys::process::start_time(pid).unwrap_or(0),
-                stop_signal: program.stop_signal,
-                stop_timeout: program.stop_timeout,
-            },
-        );
-        self.journal.started(&self.procs[&pid].group(pid));
-        let generation = self.pools[pool].generation;
-        self.pools[pool].slots[id as usize].generation = generation;
-        self.pool_event(pool, id, Event::Spawned { pid }, now);
-    }
-
-    fn handle_signals(&mut self) {
-        for sig in self.signals.drain() {
-            match sig {
-                Signal::SIGCHLD => self.reap_all(),
-                Signal::SIGTERM | Signal::SIGINT => self.begin_shutdown(sig),
-                Signal::SIGHUP => {
-                    log::info!("SIGHUP: reloading {}", self.config.path.display());
-                    let _ = self.reload(Instant::now());
-                }
-                Signal::SIGUSR1 => self.reopen_files(),
-                _ => {}
-            }
-        }
-    }
-
-    fn begin_shutdown(&mut self, sig: Signal) {
-        if let Phase::ShuttingDown { .. } = self.phase {
-            log::info!("{sig} again: the graceful stop is already under way");
-            return;
-        }
-        let deadline = Instant::now() + self.config.shutdown_timeout;
-        log::info!(
-            "{sig}: stopping {} worker(s) (everything left is killed after {})",
-            self.procs.len(),
-            crate::format_duration(self.config.shutdown_timeout)
-        );
-        self.phase = Phase::ShuttingDown { deadline };
-        let extend = (self.config.shutdown_timeout + Duration::from_secs(5)).as_micros();
-        self.systemd
-            .notifier
-            .send(&format!("STOPPING=1\nEXTEND_TIMEOUT_USEC={extend}"));
-    }
-
-    /// Reaps every exited child: SIGCHLD coalesces, so one signal may stand for many.
-    fn reap_all(&mut self) {
-        loop {
-            let procs = &self.procs;
-            match sys::process::reap_one(|pid| procs.contains_key(&pid)) {
-                Ok(Some(reaped)) => self.on_exit(reaped.pid, reaped.exit),
-                Ok(None) => return,
-                Err(e) => {
-                    log::error!("waitid failed: {e}");
-                    return;
-                }
-            }
-        }
-    }
-
-    /// Stops watching a worker's pipes and closes them.
-    fn forget_pipes(&mut self, proc: &mut Proc) {
-        for fd in [
-            proc.status.take(),
-            proc.stdout.take().map(|o| o.fd),
-            proc.stderr.take().map(|o| o.fd),
-        ]
-        .into_iter()
-        .flatten()
-        {
-            self.reactor.remove(fd.as_raw_fd());
-        }
-    }
-
-    fn on_exit(&mut self, pid: Pid, exit: Exit) {
-        let now = Instant::now();
-        let Some(mut proc) = self.procs.remove(&pid) else {
-            log::debug!("reaped process {pid} ({exit}), not a worker");
-            return;
-        };
-        self.journal.gone(pid);
-        // Whatever the child reported before dying, and its last output.
-        self.drain_status(&mut proc, pid, now);
-        for stream in [Stream::Stdout, Stream::Stderr] {
-            let pipe = match stream {
-                Stream::Stdout => proc.stdout.as_mut(),
-                Stream::Stderr => proc.stderr.as_mut(),
-            };
-            if let Some(pipe) = pipe {
-                pump(
-                    pipe,
-                    &proc.tag,
-                    stream,
-                    &mut self.files,
-                    &mut self.log_ring,
-                    true,
-                );
-            }
-        }
-        self.forget_pipes(&mut proc);
-        let jitter = self.jitter.sample();
-        let Some(p) = self.pool_index(proc.key.pool) else {
-            return;
-        };
-        let slot = &self.pools[p].slots[proc.key.id as usize];
-        if slot.state().old().is_some_and(|o| o.pid == pid) {
-            self.pool_event(p, proc.key.id, Event::Exited { pid, exit, jitter }, now);
-            return;
-        }
-        let before = slot.state().name();
-        if !self.pool_event(p, proc.key.id, Event::Exited { pid, exit, jitter }, now) {
-            return;
-        }
-        let tag = &proc.tag;
-        let program = &self.pools[p].program;
-        match self.pools[p].slots[proc.key.id as usize].state().current() {
-            SlotState::Backoff { until } => {
-                let delay = until.saturating_duration_since(now);
-                if delay.is_zero() {
-                    log::info!("{tag}: {exit}; restarting");
-                } else {
-                    log::warn!(
-                        "{tag}: {exit}; restarting in {}",
-                        crate::format_duration(delay)
-                    );
-                }
-            }
-            SlotState::Failed { reason } => log::error!("{tag}: failed: {reason}"),
-            SlotState::Exited { .. } => log::info!(
-                "{tag}: {exit}; not restarted (restart = {:?})",
-                program.restart
-            ),
-            _ if before == "stopping" => log::info!("{tag}: stopped ({exit})"),
-            _ => log::info!("{tag}: {exit}"),
-        }
-    }
-
-    fn read_status(&mut self, pid: Pid, now: Instant) {
-        if let Some(mut proc) = self.procs.remove(&pid) {
-            self.drain_status(&mut proc, pid, now);
-            self.procs.insert(pid, proc);
-        }
-    }
-
-    fn drain_status(&mut self, proc: &mut Proc, pid: Pid, now: Instant) {
-        let Some(fd) = &proc.status else { return };
-        let (reports, eof) = match sys::spawn::read_reports(fd.as_raw_fd()) {
-            Ok(r) => r,
-            Err(e) => {
-                log::warn!("{}: cannot read its status pipe: {e}", proc.tag);
-                (Vec::new(), true)
-            }
-        };
-        let mut failed = false;
-        for report in reports {
-            match report {
-                Report::WaitingForLock(i) => {
-                    let name = proc.lock_names.get(i as usize).cloned().unwrap_or_default();
-                    log::info!("{}: waiting for lock {name}", proc.tag);
-                    self.slot_event(proc.key, Event::WaitingForLock { pid, name }, now);
-                }
-                Report::Failed { stage, errno } => {
-                    failed = true;
-                    let Some(p) = self.pool_index(proc.key.pool) else {
-                        continue;
-                    };
-                    let reason =
-                        describe_failure(&self.pools[p].program, stage, errno, &proc.lock_names);
-                    self.pool_event(p, proc.key.id, Event::StartError { pid, reason }, now);
-                }
-            }
-        }
-        if eof {
-            if let Some(fd) = proc.status.take() {
-                self.reactor.remove(fd.as_raw_fd());
-            }
-            if !failed {
-                self.slot_event(proc.key, Event::Exec { pid }, now);
-            }
-        }
-    }
-
-    /// Writes the process groups started and gone since the last pass to the record a
-    /// later master reads (see [`orphans`]).
-    fn save_groups(&mut self) {
-        let procs = &self.procs;
-        let all = || {
-            procs
-                .iter()
-                .map(|(&pid, p)| p.group(pid))
-                .collect::<Vec<_>>()
-        };
-        if let Err(e) = self.journal.flush(all) {
-            log::warn!("cannot record the worker process groups, ignoring: {e}");
-        }
-    }
-
-    fn finish(mut self) {
-        self.abandon_waiters();
-        for addr in self.listeners.keys() {
-            if let ListenAddr::Unix(path) = addr {
-                let _ = std::fs::remove_file(path);
-            }
-        }
-        if let Some(c) = self.control.take() {
-            c.close();
-        }
-        if let Some(n) = self.notify_socket.take() {
-            n.close();
-        }
-        orphans::remove(&self.config.runtime_dir);
-        if let Some(p) = self.pidfile.take() {
-            p.remove();
-        }
-        log::info!("stopped");
-    }
 }
 
-fn describe_failure(program: &Program, stage: Stage, errno: i32, locks: &[String]) -> String {
-    let why = sys::spawn::errno_text(errno);
-    match stage {
-        Stage::Exec => format!("cannot execute {}: {why}", command_name(program)),
-        Stage::Chdir => format!(
-            "cannot change directory to {}: {why}",
-            program.cwd.as_deref().unwrap_or(Path::new("?")).display()
-        ),
-        Stage::Lock(i) => format!(
-            "cannot take lock {}: {why}",
-            locks.get(i as usize).map(String::as_str).unwrap_or("?")
-        ),
-        Stage::Credentials => format!(
-            "cannot switch to user {} / group {}: {why}",
-            program.user.as_ref().map_or("(same)", |u| u.name.as_str()),
-            program.group.as_ref().map_or("(same)", |g| g.name.as_str())
-        ),
-        Stage::Setup => format!("cannot set up the worker's descriptors: {why}"),
-    }
-}
-
-/// Binds every `listen` address of `config` not bound yet. The error names the address.
-fn bind_listeners(
-    config: &Config,
-    listeners: &mut HashMap<ListenAddr, OwnedFd>,
-) -> Result<(), (PathBuf, String)> {
-    for program in &config.programs {
-        for l in &program.listen {
-            if listeners.contains_key(&l.address) {
-                continue;
-            }
-            let fd = bind_listener(&l.address, l.mode).map_err(|e| {
-                (
-                    PathBuf::from(describe_addr(&l.address)),
-                    format!("program {}: {e}", program.name),
-                )
-            })?;
-            log::info!(
-                "{}: listening on {}",
-                program.name,
-                describe_addr(&l.address)
-            );
-            listeners.insert(l.address.clone(), fd);
-        }
-    }
-    Ok(())
-}
-
-/// Binds one `listen` address; a `systemd:NAME` one must have been passed to the master.
-fn bind_listener(
-    addr: &ListenAddr,
-    mode: Option<u32>,
-) -> Result<OwnedFd, sys::listen::ListenError> {
-    match addr {
-        ListenAddr::Tcp(sa) => sys::listen::bind_tcp(*sa),
-        ListenAddr::Unix(path) => sys::listen::bind_unix(path, mode),
-        ListenAddr::Systemd(name) => {
-            Err(sys::listen::ListenError::NotPassed { name: name.clone() })
-        }
-    }
-}
-
-/// `tcp:HOST:PORT`, `unix:PATH`, `systemd:NAME`.
-pub fn describe_addr(addr: &ListenAddr) -> String {
-    match addr {
-        ListenAddr::Tcp(sa) => format!("tcp:{sa}"),
-        ListenAddr::Unix(p) => format!("unix:{}", p.display()),
-        ListenAddr::Systemd(n) => format!("systemd:{n}"),
-    }
-}
-
-/// The executable a program runs, for messages.
-fn command_name(program: &Program) -> &str {
-    match &program.command {
-        crate::config::CommandSpec::Argv(argv) => argv.first().map_or("?", String::as_str),
-        crate::config::CommandSpec::Shell(_) => "/bin/sh",
+fn earliest(a: Option<Instant>, b: Option<Instant>) -> Option<Instant> {
+    match (a, b) {
+        (Some(a), Some(b)) => Some(a.min(b)),
+        (a, b) => a.or(b),
     }
 }

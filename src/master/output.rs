@@ -8,7 +8,7 @@ use std::sync::Arc;
 
 use nix::unistd::Pid;
 
-use super::Master;
+use super::supervisor::Supervisor;
 use crate::config::OutputSpec;
 use crate::output::{LineSplitter, LogRing, RotatingFile, Stream, DEFAULT_MAX_LINE};
 use crate::sys;
@@ -24,7 +24,7 @@ pub(super) struct OutPipe {
     pub(super) sink: Sink,
 }
 
-impl Master {
+impl Supervisor {
     /// The descriptor a worker writes `fd` (1 or 2) to, the write end to close after fork
     /// (if any), and the pipe the master reads (if any).
     #[allow(clippy::type_complexity)]

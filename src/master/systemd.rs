@@ -5,11 +5,13 @@ use std::time::{Duration, Instant};
 
 use nix::unistd::Pid;
 
-use super::Master;
+use super::supervisor::{notify_path, Note, Supervisor};
+use super::{MasterError, Part, Subsystem};
 use crate::plan::{Phase, Pool};
 use crate::slot::Event;
 use crate::sys;
-use crate::sys::notify::Notification;
+use crate::sys::notify::{Notification, NotifySocket};
+use crate::sys::reactor::Ready;
 
 /// Hands each message to `handle` in the order received, and closes the descriptors that came
 /// with it only once it has been handled. A `BARRIER=1` message's descriptor (what
@@ -23,22 +25,36 @@ fn handle_in_order(messages: Vec<Notification>, mut handle: impl FnMut(i32, &str
     }
 }
 
-/// What the master tells systemd, and when.
-pub(super) struct SystemdLink {
-    pub(super) notifier: sys::notify::Notifier,
-    pub(super) ready_sent: bool,
-    /// A reload is being applied: READY=1 once these programs are settled.
-    pub(super) reloading: Option<Vec<crate::plan::PoolId>>,
+/// The systemd part of the loop: plumule's notify socket, on which workers (or their
+/// children) send READY=1, STATUS= and WATCHDOG=1, and what the master tells its own systemd,
+/// and when.
+pub(super) struct Systemd {
+    socket: Option<NotifySocket>,
+    notifier: sys::notify::Notifier,
+    ready_sent: bool,
+    /// A reload is being applied: READY=1 once these pools are settled.
+    reloading: Option<Vec<crate::plan::PoolId>>,
     /// The last summary sent as `STATUS=`; a new one is sent when the summary changes. What
-    /// systemd shows may differ (a refused reload's reason): see [`Master::tell_systemd`].
-    pub(super) last_summary: String,
+    /// systemd shows may differ (a refused reload's reason): see [`Systemd::tell`].
+    last_summary: String,
     /// Half of `$WATCHDOG_USEC`, when systemd watches us.
-    pub(super) watchdog_every: Option<Duration>,
-    pub(super) watchdog_next: Option<Instant>,
+    watchdog_every: Option<Duration>,
+    watchdog_next: Option<Instant>,
 }
 
-impl SystemdLink {
-    pub(super) fn from_env(now: Instant) -> SystemdLink {
+impl Systemd {
+    /// Binds the notify socket for workers and reads how systemd watches the master.
+    pub(super) fn new(sup: &Supervisor) -> Result<Systemd, MasterError> {
+        let path = notify_path(&sup.config);
+        let socket = NotifySocket::bind(&path).map_err(|e| MasterError::Dir {
+            what: "notify socket",
+            path: path.clone(),
+            reason: e.to_string(),
+        })?;
+        sup.reactor
+            .add(socket.fd(), Part::Notify.token(0), false)
+            .map_err(MasterError::Setup)?;
+        let now = Instant::now();
         let notifier = sys::notify::Notifier::from_env();
         let ours = std::env::var("WATCHDOG_PID")
             .ok()
@@ -50,93 +66,103 @@ impl SystemdLink {
                 u > 0 && ours.is_none_or(|p| p == std::process::id()) && notifier.enabled()
             })
             .map(|u| Duration::from_micros(u / 2));
-        SystemdLink {
+        Ok(Systemd {
+            socket: Some(socket),
             notifier,
             ready_sent: false,
             reloading: None,
             last_summary: String::new(),
             watchdog_every,
             watchdog_next: watchdog_every.map(|w| now + w),
+        })
+    }
+
+    /// Tells systemd what the supervisor noted, in order.
+    fn relay(&mut self, notes: Vec<Note>) {
+        for note in notes {
+            match note {
+                Note::Reloading { monotonic_usec } => self
+                    .notifier
+                    .send(&format!("RELOADING=1\nMONOTONIC_USEC={monotonic_usec}")),
+                // systemd leaves "reloading" and shows why, until the summary changes or a
+                // later reload is applied (see `tell`).
+                Note::ReloadRefused(message) => {
+                    let first: String = message
+                        .lines()
+                        .next()
+                        .unwrap_or_default()
+                        .chars()
+                        .take(200)
+                        .collect();
+                    self.notifier.send(&format!("READY=1\nSTATUS={first}"));
+                }
+                Note::Reloaded(pools) => self.reloading = Some(pools),
+                Note::Stopping { extend_usec } => self
+                    .notifier
+                    .send(&format!("STOPPING=1\nEXTEND_TIMEOUT_USEC={extend_usec}")),
+            }
         }
     }
-}
 
-impl SystemdLink {
-    /// A reload was refused: systemd leaves "reloading" and shows why, until the summary
-    /// changes or a later reload is applied (see [`Master::tell_systemd`]).
-    pub(super) fn refused(&mut self, message: &str) {
-        let first: String = message
-            .lines()
-            .next()
-            .unwrap_or_default()
-            .chars()
-            .take(200)
-            .collect();
-        self.notifier.send(&format!("READY=1\nSTATUS={first}"));
-    }
-}
-
-impl Master {
     /// READY=1 once every program has settled (first start, then after each reload),
     /// STATUS= when the summary changes, WATCHDOG=1 when due. Returns the next watchdog time.
     ///
     /// A refused reload puts its reason in STATUS= (see `reload`) and it stays there while the
     /// summary holds; the next reload that is applied replaces it: its READY=1 carries the
     /// summary whenever the last STATUS= systemd received is not that summary.
-    pub(super) fn tell_systemd(&mut self, now: Instant) -> Option<Instant> {
-        if !self.systemd.notifier.enabled() {
+    fn tell(&mut self, sup: &Supervisor, now: Instant) -> Option<Instant> {
+        if !self.notifier.enabled() {
             return None;
         }
-        let status = self.summary();
+        let status = Self::summary(sup);
         let mut ready = false;
-        if self.phase == Phase::Running {
+        if sup.phase == Phase::Running {
             let settled = |pools: &[Pool], keys: Option<&Vec<crate::plan::PoolId>>| {
                 pools
                     .iter()
                     .filter(|p| keys.is_none_or(|k| k.contains(&p.key)))
                     .all(|p| crate::plan::settled_for_ready(pools, p))
             };
-            if !self.systemd.ready_sent && settled(&self.pools, None) {
-                self.systemd.ready_sent = true;
+            if !self.ready_sent && settled(&sup.pools, None) {
+                self.ready_sent = true;
                 ready = true;
             }
-            if let Some(keys) = &self.systemd.reloading {
-                if settled(&self.pools, Some(keys)) {
-                    self.systemd.reloading = None;
+            if let Some(keys) = &self.reloading {
+                if settled(&sup.pools, Some(keys)) {
+                    self.reloading = None;
                     ready = true;
                 }
             }
         }
-        let stale = self.systemd.notifier.last_status() != Some(status.as_str());
-        let message = match (ready, stale || status != self.systemd.last_summary) {
+        let stale = self.notifier.last_status() != Some(status.as_str());
+        let message = match (ready, stale || status != self.last_summary) {
             (true, true) => Some(format!("READY=1\nSTATUS={status}")),
             (true, false) => Some("READY=1".to_string()),
             // Changed since the last summary sent: it replaces whatever systemd shows.
-            (false, _) if status != self.systemd.last_summary => Some(format!("STATUS={status}")),
+            (false, _) if status != self.last_summary => Some(format!("STATUS={status}")),
             (false, _) => None,
         };
         if let Some(message) = message {
-            self.systemd.notifier.send(&message);
+            self.notifier.send(&message);
             if message.contains("STATUS=") {
-                self.systemd.last_summary = status;
+                self.last_summary = status;
             }
         }
-        if let (Some(every), Some(next)) = (self.systemd.watchdog_every, self.systemd.watchdog_next)
-        {
+        if let (Some(every), Some(next)) = (self.watchdog_every, self.watchdog_next) {
             if next <= now {
-                self.systemd.notifier.send("WATCHDOG=1");
-                self.systemd.watchdog_next = Some(now + every);
+                self.notifier.send("WATCHDOG=1");
+                self.watchdog_next = Some(now + every);
             }
         }
-        self.systemd.watchdog_next
+        self.watchdog_next
     }
 
     /// "12/12 workers running, 0 failed", plus what is degraded.
-    fn summary(&self) -> String {
+    fn summary(sup: &Supervisor) -> String {
         let mut wanted = 0;
         let mut running = 0;
         let mut failed = Vec::new();
-        for pool in &self.pools {
+        for pool in &sup.pools {
             let desired = pool.desired();
             wanted += desired;
             for slot in pool.slots.iter().filter(|s| s.id < desired) {
@@ -157,15 +183,15 @@ impl Master {
             failed.truncate(5);
             s.push_str(&format!(" ({})", failed.join(", ")));
         }
-        if self.phase != Phase::Running {
+        if sup.phase != Phase::Running {
             s = format!("stopping: {s}");
         }
         s
     }
 
     /// Messages on plumule's notify socket, from workers (or their children).
-    pub(super) fn read_notifications(&mut self, now: Instant) {
-        let Some(sock) = &self.notify_socket else {
+    fn read_notifications(&mut self, sup: &mut Supervisor, now: Instant) {
+        let Some(sock) = &self.socket else {
             return;
         };
         let mut messages = Vec::new();
@@ -176,17 +202,17 @@ impl Master {
             }
         }
         handle_in_order(messages, |sender, text| {
-            self.on_notification(Pid::from_raw(sender), text, now)
+            Self::on_notification(sup, Pid::from_raw(sender), text, now)
         });
     }
 
-    fn on_notification(&mut self, sender: Pid, text: &str, now: Instant) {
+    fn on_notification(sup: &mut Supervisor, sender: Pid, text: &str, now: Instant) {
         // A worker's children speak for it too (as with NotifyAccess=all): match the group.
-        let pid = if self.procs.contains_key(&sender) {
+        let pid = if sup.procs.contains_key(&sender) {
             sender
         } else {
             match crate::sys::process::process_group(sender) {
-                Some(pgid) if self.procs.contains_key(&pgid) => pgid,
+                Some(pgid) if sup.procs.contains_key(&pgid) => pgid,
                 _ => {
                     log::debug!(
                         "notify socket: ignoring a message from pid {sender}, not a worker"
@@ -195,22 +221,22 @@ impl Master {
                 }
             }
         };
-        let Some(key) = self.procs.get(&pid).map(|p| p.key) else {
+        let Some(key) = sup.procs.get(&pid).map(|p| p.key) else {
             return;
         };
         for line in text.lines() {
             match line.split_once('=') {
                 Some(("READY", "1")) => {
-                    self.slot_event(key, Event::Ready { pid }, now);
+                    sup.slot_event(key, Event::Ready { pid }, now);
                 }
                 Some(("WATCHDOG", "1")) => {
-                    self.slot_event(key, Event::WatchdogPing { pid }, now);
+                    sup.slot_event(key, Event::WatchdogPing { pid }, now);
                 }
                 Some(("STATUS", s)) => {
-                    let Some(p) = self.pool_index(key.pool) else {
+                    let Some(p) = sup.pool_index(key.pool) else {
                         continue;
                     };
-                    if let Some(slot) = self.pools[p].slots.get_mut(key.id as usize) {
+                    if let Some(slot) = sup.pools[p].slots.get_mut(key.id as usize) {
                         if slot.pid() == Some(pid) {
                             slot.status = Some(s.chars().take(256).collect());
                         }
@@ -218,6 +244,28 @@ impl Master {
                 }
                 _ => {}
             }
+        }
+    }
+}
+
+impl Subsystem for Systemd {
+    fn part(&self) -> Part {
+        Part::Notify
+    }
+
+    fn ready(&mut self, sup: &mut Supervisor, _local: u64, _ready: Ready, now: Instant) {
+        self.read_notifications(sup, now);
+    }
+
+    fn after_pass(&mut self, sup: &mut Supervisor, now: Instant) -> Option<Instant> {
+        let notes = std::mem::take(&mut sup.notes);
+        self.relay(notes);
+        self.tell(sup, now)
+    }
+
+    fn finish(&mut self, _sup: &mut Supervisor) {
+        if let Some(n) = self.socket.take() {
+            n.close();
         }
     }
 }

@@ -1,5 +1,6 @@
-//! Control requests: status, start/stop/restart, scale and reload, and the waiters that
-//! answer a request once its action is done (SPEC §9).
+//! What control requests do: status, start/stop/restart, scale and reload, each one handler
+//! on the supervisor's state, and when the answer of a waiting request is due. The socket and
+//! the waiting itself belong to the clients part.
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -7,14 +8,13 @@ use std::time::Instant;
 
 use nix::unistd::Pid;
 
-use super::Master;
+use super::supervisor::{Note, Supervisor};
 use crate::config::{self, ConfigError};
-use crate::control::Incoming;
 use crate::diff::{self, ReloadAction};
-use crate::plan::{Phase, Pool, PoolId};
+use crate::plan::{Pool, PoolId};
 use crate::protocol::{
-    self, Answer, LogsResult, ProgramStatus, ReloadResult, Request, Response, ScaleResult,
-    StatusReport, Target, TargetError, WorkerStatus,
+    self, Answer, ProgramStatus, Response, ScaleResult, StatusReport, Target, TargetError,
+    WorkerStatus,
 };
 use crate::slot::{AfterStop, Event, Slot, SlotState};
 
@@ -60,13 +60,7 @@ impl RefusedError {
     }
 }
 
-/// A request that is answered once its condition holds.
-pub struct Waiter {
-    conn: u64,
-    kind: WaitKind,
-}
-
-enum WaitKind {
+pub(super) enum WaitKind {
     /// `stop`: the slots have no process left.
     Stopped { pool: PoolId, ids: Vec<u32> },
     /// `start`/`restart`: each slot runs a process other than `old`.
@@ -79,193 +73,8 @@ enum WaitKind {
     Settled { pools: Vec<PoolId>, result: Answer },
 }
 
-impl Master {
-    pub(super) fn serve_client(&mut self, id: u64, revents: i16) {
-        let now = Instant::now();
-        let Some(control) = self.control.as_mut() else {
-            return;
-        };
-        if revents & libc::POLLOUT != 0 {
-            control.flush(id);
-        }
-        if revents & (libc::POLLIN | libc::POLLHUP | libc::POLLERR) == 0 {
-            return;
-        }
-        let incoming = control.read(id, now);
-        self.serve_requests(id, incoming, now);
-    }
-
-    /// Carries out `incoming` and the requests buffered behind it on the same connection, in
-    /// order, until one has to wait for its answer or none is left. Returns whether it carried
-    /// out any request.
-    fn serve_requests(&mut self, id: u64, mut incoming: Incoming, now: Instant) -> bool {
-        let mut served = false;
-        loop {
-            match incoming {
-                Incoming::Request(req) => {
-                    served = true;
-                    if let Some(response) = self.handle(id, req, now) {
-                        let Some(control) = self.control.as_mut() else {
-                            return served;
-                        };
-                        control.respond(id, response, now);
-                        // Requests pipelined on one line batch are served in order.
-                        incoming = control.next_request(id, now);
-                        continue;
-                    }
-                    return served;
-                }
-                Incoming::Nothing => {
-                    if let Some(control) = self.control.as_mut() {
-                        control.flush(id);
-                    }
-                    return served;
-                }
-                Incoming::Closed => {
-                    self.waiters.retain(|w| w.conn != id);
-                    return served;
-                }
-            }
-        }
-    }
-
-    /// Carries out a request; `None` when the answer waits for a condition.
-    fn handle(&mut self, conn: u64, req: Request, now: Instant) -> Option<Response> {
-        if let Phase::ShuttingDown { .. } = self.phase {
-            if !matches!(req, Request::Status { .. }) {
-                return Some(Response::error(RefusedError::Stopping));
-            }
-        }
-        let result = match req {
-            Request::Status { program } => return Some(self.status(program.as_deref(), now)),
-            Request::Reload => self
-                .reload(now)
-                .map(|(changes, pools)| WaitKind::Settled {
-                    pools,
-                    result: ReloadResult { changes }.into(),
-                })
-                .map_err(RefusedError::from),
-            Request::Start { target } => self.start(&target, now),
-            Request::Stop { target } => self.stop_target(&target, now),
-            Request::Restart { target } => self.restart(&target, now),
-            Request::Scale { program, workers } => self.scale(&program, workers),
-            Request::Logs {
-                target,
-                lines,
-                follow,
-            } => return self.logs(conn, target, lines, follow),
-        };
-        match result {
-            Err(refused) => Some(Response::error(refused)),
-            Ok(kind) => {
-                self.waiters.push(Waiter { conn, kind });
-                None
-            }
-        }
-    }
-
-    /// Answers every waiter whose condition now holds, then carries out the requests its
-    /// client had pipelined behind the one answered (they were read already: poll will not
-    /// report them again). Returns whether it carried out any: the caller plans again then.
-    pub(super) fn check_waiters(&mut self, now: Instant) -> bool {
-        if self.waiters.is_empty() {
-            return false;
-        }
-        let mut served = false;
-        let waiters = std::mem::take(&mut self.waiters);
-        for w in waiters {
-            match self.outcome(&w.kind) {
-                None => self.waiters.push(w),
-                Some(response) => {
-                    let Some(c) = self.control.as_mut() else {
-                        continue;
-                    };
-                    c.respond(w.conn, response, now);
-                    let next = c.next_request(w.conn, now);
-                    served |= self.serve_requests(w.conn, next, now);
-                }
-            }
-        }
-        served
-    }
-
-    /// Answers what is still waiting: the master is going away.
-    pub(super) fn abandon_waiters(&mut self) {
-        let now = Instant::now();
-        for w in std::mem::take(&mut self.waiters) {
-            let response = self
-                .outcome(&w.kind)
-                .unwrap_or_else(|| Response::error("the master stopped"));
-            if let Some(c) = self.control.as_mut() {
-                c.respond(w.conn, response, now);
-            }
-        }
-    }
-
-    /// The last `lines` lines of worker output; with `follow`, the connection keeps receiving
-    /// new lines (one `{"ok":true,"result":{"lines":[…]}}` object per batch).
-    fn logs(
-        &mut self,
-        conn: u64,
-        target: Option<String>,
-        lines: usize,
-        follow: bool,
-    ) -> Option<Response> {
-        if let Some(t) = &target {
-            let parsed = match Target::parse(t) {
-                Ok(p) => p,
-                Err(e) => return Some(Response::error(e)),
-            };
-            if self.pool(&parsed.program).is_none() {
-                return Some(Response::error(RefusedError::NoProgram {
-                    program: parsed.program,
-                }));
-            }
-        }
-        let lines = self
-            .log_ring
-            .tail(lines, target.as_deref())
-            .map(protocol::LogEntry::from)
-            .collect();
-        let response = Response::ok(LogsResult { lines });
-        if !follow {
-            return Some(response);
-        }
-        let next = self.log_ring.next_seq();
-        if let Some(c) = self.control.as_mut() {
-            if c.stream(conn, response) {
-                self.followers.push((conn, target, next));
-            }
-        }
-        None
-    }
-
-    /// Sends new worker lines to `logs --follow` connections.
-    pub(super) fn feed_followers(&mut self) {
-        if self.followers.is_empty() {
-            return;
-        }
-        let next = self.log_ring.next_seq();
-        let Some(control) = self.control.as_mut() else {
-            return;
-        };
-        let ring = &self.log_ring;
-        self.followers.retain_mut(|(conn, filter, seq)| {
-            if *seq == next {
-                return control.conns.contains_key(conn);
-            }
-            let lines: Vec<protocol::LogEntry> = ring
-                .since(*seq)
-                .filter(|l| filter.as_deref().is_none_or(|f| l.matches(f)))
-                .map(protocol::LogEntry::from)
-                .collect();
-            *seq = next;
-            lines.is_empty() && control.conns.contains_key(conn)
-                || control.stream(*conn, Response::ok(LogsResult { lines }))
-        });
-    }
-
-    fn pool(&self, name: &str) -> Option<&Pool> {
+impl Supervisor {
+    pub(super) fn pool(&self, name: &str) -> Option<&Pool> {
         self.pools
             .iter()
             .find(|p| p.program.name == name && !p.removed)
@@ -276,7 +85,7 @@ impl Master {
         self.pools.iter().find(|p| p.key == key && !p.removed)
     }
 
-    fn outcome(&self, kind: &WaitKind) -> Option<Response> {
+    pub(super) fn outcome(&self, kind: &WaitKind) -> Option<Response> {
         match kind {
             WaitKind::Stopped { pool, ids } => {
                 let Some(pool) = self.pool_by_key(*pool) else {
@@ -343,7 +152,7 @@ impl Master {
     }
 
     /// The pool index and slot ids a target names; errors name what does not exist.
-    fn resolve(&mut self, target: &str) -> Result<(usize, Vec<u32>), RefusedError> {
+    pub(super) fn resolve(&mut self, target: &str) -> Result<(usize, Vec<u32>), RefusedError> {
         let t = Target::parse(target)?;
         let p = self
             .pools
@@ -365,7 +174,7 @@ impl Master {
         Ok((p, ids))
     }
 
-    fn start(&mut self, target: &str, now: Instant) -> Result<WaitKind, RefusedError> {
+    pub(super) fn start(&mut self, target: &str, now: Instant) -> Result<WaitKind, RefusedError> {
         let (p, ids) = self.resolve(target)?;
         let desired = self.pools[p].desired();
         let ids: Vec<u32> = ids.into_iter().filter(|&id| id < desired).collect();
@@ -381,7 +190,11 @@ impl Master {
         })
     }
 
-    fn stop_target(&mut self, target: &str, now: Instant) -> Result<WaitKind, RefusedError> {
+    pub(super) fn stop_target(
+        &mut self,
+        target: &str,
+        now: Instant,
+    ) -> Result<WaitKind, RefusedError> {
         let (p, ids) = self.resolve(target)?;
         for &id in &ids {
             self.pool_event(p, id, Event::Disable, now);
@@ -394,7 +207,7 @@ impl Master {
         })
     }
 
-    fn restart(&mut self, target: &str, now: Instant) -> Result<WaitKind, RefusedError> {
+    pub(super) fn restart(&mut self, target: &str, now: Instant) -> Result<WaitKind, RefusedError> {
         let (p, ids) = self.resolve(target)?;
         let desired = self.pools[p].desired();
         let ids: Vec<u32> = ids.into_iter().filter(|&id| id < desired).collect();
@@ -417,7 +230,7 @@ impl Master {
         })
     }
 
-    fn scale(&mut self, program: &str, workers: u32) -> Result<WaitKind, RefusedError> {
+    pub(super) fn scale(&mut self, program: &str, workers: u32) -> Result<WaitKind, RefusedError> {
         if workers > config::MAX_WORKERS {
             return Err(RefusedError::TooManyWorkers {
                 program: program.to_string(),
@@ -454,23 +267,24 @@ impl Master {
         now: Instant,
     ) -> Result<(Vec<String>, Vec<PoolId>), ReloadError> {
         let usec = crate::sys::notify::monotonic_usec();
-        self.systemd
-            .notifier
-            .send(&format!("RELOADING=1\nMONOTONIC_USEC={usec}"));
+        self.notes.push(Note::Reloading {
+            monotonic_usec: usec,
+        });
         let new = match config::load(&self.config.path) {
             Ok(c) => c,
             Err(e) => {
                 let refused = ReloadError::Config(e);
                 log::error!("{refused}");
-                self.systemd.refused(&refused.to_string());
+                self.notes.push(Note::ReloadRefused(refused.to_string()));
                 return Err(refused);
             }
         };
         // New sockets are bound before anything changes, so a busy port refuses the reload.
-        if let Err((address, reason)) = super::bind_listeners(&new, &mut self.listeners) {
+        if let Err((address, reason)) = super::supervisor::bind_listeners(&new, &mut self.listeners)
+        {
             let refused = ReloadError::Listen { address, reason };
             log::error!("{refused}");
-            self.systemd.refused(&refused.to_string());
+            self.notes.push(Note::ReloadRefused(refused.to_string()));
             return Err(refused);
         }
         let changes = diff::diff(&self.config, &new);
@@ -556,7 +370,7 @@ impl Master {
                     .any(|p| p.listen.iter().any(|l| &l.address == addr))
         });
         self.config = Arc::new(new);
-        self.systemd.reloading = Some(wait_for.clone());
+        self.notes.push(Note::Reloaded(wait_for.clone()));
         if lines.is_empty() {
             log::info!("reload: nothing changed");
         }
@@ -566,7 +380,7 @@ impl Master {
         Ok((lines, wait_for))
     }
 
-    fn status(&self, program: Option<&str>, now: Instant) -> Response {
+    pub(super) fn status(&self, program: Option<&str>, now: Instant) -> Response {
         if let Some(name) = program {
             if self.pool(name).is_none() {
                 return Response::error(RefusedError::no_program(name));

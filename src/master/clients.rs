@@ -1,0 +1,328 @@
+//! The control socket as a part of the loop: its connections, the requests that wait for
+//! their answer (SPEC §9: `stop` answers once the workers have exited, `start` once they run,
+//! `scale` and `reload` once settled), and `logs --follow` streams. What a request does to the
+//! workers is the supervisor's (see `commands`); this part only carries requests and answers.
+
+use std::collections::HashMap;
+use std::os::fd::RawFd;
+use std::time::Instant;
+
+use super::commands::WaitKind;
+use super::supervisor::Supervisor;
+use super::{MasterError, Part, Subsystem};
+use crate::control::{ControlServer, Incoming};
+use crate::plan::Phase;
+use crate::protocol::{self, LogsResult, ReloadResult, Request, Response, Target};
+use crate::sys::reactor::Ready;
+
+use super::commands::RefusedError;
+
+/// The control part's token for the listener; connections use their ids (from 1).
+const LISTENER: u64 = 0;
+
+/// A request that is answered once its condition holds.
+struct Waiter {
+    conn: u64,
+    kind: WaitKind,
+}
+
+pub(super) struct Clients {
+    server: Option<ControlServer>,
+    waiters: Vec<Waiter>,
+    /// `logs --follow` connections: (connection, filter, next line to send).
+    followers: Vec<(u64, Option<String>, u64)>,
+    /// What the reactor watches of the socket: connection id → (fd, also writable).
+    watched: HashMap<u64, (RawFd, bool)>,
+    listening: bool,
+}
+
+impl Clients {
+    pub(super) fn new(sup: &Supervisor) -> Result<Clients, MasterError> {
+        let access = crate::control::Access {
+            uid: nix::unistd::geteuid().as_raw(),
+            group: sup.config.control_group.clone(),
+        };
+        let path = sup.config.runtime_dir.join("control.sock");
+        let server = ControlServer::bind(&path, access).map_err(|e| MasterError::Dir {
+            what: "control socket",
+            path: path.clone(),
+            reason: e.to_string(),
+        })?;
+        Ok(Clients {
+            server: Some(server),
+            waiters: Vec::new(),
+            followers: Vec::new(),
+            watched: HashMap::new(),
+            listening: false,
+        })
+    }
+
+    /// Brings the reactor in line with the socket: the listener while new clients are taken,
+    /// each connection for reading, and for writing while it has output queued. Costs the
+    /// number of connections, which is bounded and small, not the fleet.
+    fn watch(&mut self, sup: &Supervisor) {
+        let Some(c) = &self.server else { return };
+        let listen = sup.phase == Phase::Running;
+        if listen != self.listening {
+            let fd = c.fd();
+            if listen {
+                if let Err(e) = sup.reactor.add(fd, Part::Control.token(LISTENER), false) {
+                    log::error!("cannot watch the control socket: {e}");
+                }
+            } else {
+                // During a graceful stop no new client is taken; those connected still get
+                // answers.
+                sup.reactor.remove(fd);
+            }
+            self.listening = listen;
+        }
+        let mut seen = HashMap::with_capacity(self.watched.len());
+        for (fd, events, id) in c.poll_entries() {
+            let write = events & libc::POLLOUT != 0;
+            let token = Part::Control.token(id);
+            let result = match self.watched.get(&id) {
+                None => sup.reactor.add(fd, token, write),
+                Some(&(old_fd, old_write)) if old_fd == fd && old_write == write => Ok(()),
+                Some(_) => sup.reactor.modify(fd, token, write),
+            };
+            if let Err(e) = result {
+                log::warn!("cannot watch control connection {id}: {e}");
+            }
+            seen.insert(id, (fd, write));
+        }
+        // Closed connections closed their descriptors, which left the reactor with them.
+        self.watched = seen;
+    }
+
+    fn serve_client(&mut self, sup: &mut Supervisor, id: u64, revents: i16) {
+        let now = Instant::now();
+        let Some(control) = self.server.as_mut() else {
+            return;
+        };
+        if revents & libc::POLLOUT != 0 {
+            control.flush(id);
+        }
+        if revents & (libc::POLLIN | libc::POLLHUP | libc::POLLERR) == 0 {
+            return;
+        }
+        let incoming = control.read(id, now);
+        self.serve_requests(sup, id, incoming, now);
+    }
+
+    /// Carries out `incoming` and the requests buffered behind it on the same connection, in
+    /// order, until one has to wait for its answer or none is left. Returns whether it carried
+    /// out any request.
+    fn serve_requests(
+        &mut self,
+        sup: &mut Supervisor,
+        id: u64,
+        mut incoming: Incoming,
+        now: Instant,
+    ) -> bool {
+        let mut served = false;
+        loop {
+            match incoming {
+                Incoming::Request(req) => {
+                    served = true;
+                    if let Some(response) = self.handle(sup, id, req, now) {
+                        let Some(control) = self.server.as_mut() else {
+                            return served;
+                        };
+                        control.respond(id, response, now);
+                        // Requests pipelined on one line batch are served in order.
+                        incoming = control.next_request(id, now);
+                        continue;
+                    }
+                    return served;
+                }
+                Incoming::Nothing => {
+                    if let Some(control) = self.server.as_mut() {
+                        control.flush(id);
+                    }
+                    return served;
+                }
+                Incoming::Closed => {
+                    self.waiters.retain(|w| w.conn != id);
+                    return served;
+                }
+            }
+        }
+    }
+
+    /// Carries out a request; `None` when the answer waits for a condition.
+    fn handle(
+        &mut self,
+        sup: &mut Supervisor,
+        conn: u64,
+        req: Request,
+        now: Instant,
+    ) -> Option<Response> {
+        if let Phase::ShuttingDown { .. } = sup.phase {
+            if !matches!(req, Request::Status { .. }) {
+                return Some(Response::error(RefusedError::Stopping));
+            }
+        }
+        let result = match req {
+            Request::Status { program } => return Some(sup.status(program.as_deref(), now)),
+            Request::Reload => sup
+                .reload(now)
+                .map(|(changes, pools)| WaitKind::Settled {
+                    pools,
+                    result: ReloadResult { changes }.into(),
+                })
+                .map_err(RefusedError::from),
+            Request::Start { target } => sup.start(&target, now),
+            Request::Stop { target } => sup.stop_target(&target, now),
+            Request::Restart { target } => sup.restart(&target, now),
+            Request::Scale { program, workers } => sup.scale(&program, workers),
+            Request::Logs {
+                target,
+                lines,
+                follow,
+            } => return self.logs(sup, conn, target, lines, follow),
+        };
+        match result {
+            Err(refused) => Some(Response::error(refused)),
+            Ok(kind) => {
+                self.waiters.push(Waiter { conn, kind });
+                None
+            }
+        }
+    }
+
+    /// Answers every waiter whose condition now holds, then carries out the requests its
+    /// client had pipelined behind the one answered (they were read already: poll will not
+    /// report them again). Returns whether it carried out any: the caller plans again then.
+    fn check_waiters(&mut self, sup: &mut Supervisor, now: Instant) -> bool {
+        if self.waiters.is_empty() {
+            return false;
+        }
+        let mut served = false;
+        let waiters = std::mem::take(&mut self.waiters);
+        for w in waiters {
+            match sup.outcome(&w.kind) {
+                None => self.waiters.push(w),
+                Some(response) => {
+                    let Some(c) = self.server.as_mut() else {
+                        continue;
+                    };
+                    c.respond(w.conn, response, now);
+                    let next = c.next_request(w.conn, now);
+                    served |= self.serve_requests(sup, w.conn, next, now);
+                }
+            }
+        }
+        served
+    }
+
+    /// Answers what is still waiting: the master is going away.
+    fn abandon_waiters(&mut self, sup: &Supervisor) {
+        let now = Instant::now();
+        for w in std::mem::take(&mut self.waiters) {
+            let response = sup
+                .outcome(&w.kind)
+                .unwrap_or_else(|| Response::error("the master stopped"));
+            if let Some(c) = self.server.as_mut() {
+                c.respond(w.conn, response, now);
+            }
+        }
+    }
+
+    /// The last `lines` lines of worker output; with `follow`, the connection keeps receiving
+    /// new lines (one `{"ok":true,"result":{"lines":[…]}}` object per batch).
+    fn logs(
+        &mut self,
+        sup: &Supervisor,
+        conn: u64,
+        target: Option<String>,
+        lines: usize,
+        follow: bool,
+    ) -> Option<Response> {
+        if let Some(t) = &target {
+            let parsed = match Target::parse(t) {
+                Ok(p) => p,
+                Err(e) => return Some(Response::error(e)),
+            };
+            if sup.pool(&parsed.program).is_none() {
+                return Some(Response::error(RefusedError::NoProgram {
+                    program: parsed.program,
+                }));
+            }
+        }
+        let lines = sup
+            .log_ring
+            .tail(lines, target.as_deref())
+            .map(protocol::LogEntry::from)
+            .collect();
+        let response = Response::ok(LogsResult { lines });
+        if !follow {
+            return Some(response);
+        }
+        let next = sup.log_ring.next_seq();
+        if let Some(c) = self.server.as_mut() {
+            if c.stream(conn, response) {
+                self.followers.push((conn, target, next));
+            }
+        }
+        None
+    }
+
+    /// Sends new worker lines to `logs --follow` connections.
+    fn feed_followers(&mut self, sup: &Supervisor) {
+        if self.followers.is_empty() {
+            return;
+        }
+        let next = sup.log_ring.next_seq();
+        let Some(control) = self.server.as_mut() else {
+            return;
+        };
+        let ring = &sup.log_ring;
+        self.followers.retain_mut(|(conn, filter, seq)| {
+            if *seq == next {
+                return control.conns.contains_key(conn);
+            }
+            let lines: Vec<protocol::LogEntry> = ring
+                .since(*seq)
+                .filter(|l| filter.as_deref().is_none_or(|f| l.matches(f)))
+                .map(protocol::LogEntry::from)
+                .collect();
+            *seq = next;
+            lines.is_empty() && control.conns.contains_key(conn)
+                || control.stream(*conn, Response::ok(LogsResult { lines }))
+        });
+    }
+}
+
+impl Subsystem for Clients {
+    fn part(&self) -> Part {
+        Part::Control
+    }
+
+    fn ready(&mut self, sup: &mut Supervisor, local: u64, ready: Ready, now: Instant) {
+        if local == LISTENER {
+            if let Some(c) = self.server.as_mut() {
+                c.accept(now);
+            }
+        } else {
+            self.serve_client(sup, local, ready.0);
+        }
+    }
+
+    fn after_pass(&mut self, sup: &mut Supervisor, now: Instant) -> Option<Instant> {
+        while self.check_waiters(sup, now) {
+            // Pipelined requests were carried out behind an answered one: act on them
+            // before sleeping. Each round consumes buffered request lines, so this ends.
+            sup.settle(now);
+        }
+        self.feed_followers(sup);
+        self.watch(sup);
+        self.server.as_mut().and_then(|c| c.expire(now))
+    }
+
+    fn finish(&mut self, sup: &mut Supervisor) {
+        self.abandon_waiters(sup);
+        if let Some(c) = self.server.take() {
+            c.close();
+        }
+    }
+}
