@@ -2,13 +2,12 @@
 //! on the supervisor's state, and when the answer of a waiting request is due. The socket and
 //! the waiting itself belong to the clients part.
 
-use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Instant;
 
 use nix::unistd::Pid;
 
-use super::supervisor::{Note, Supervisor};
+use super::supervisor::{BindError, Note, Supervisor};
 use crate::config::{self, ConfigError};
 use crate::diff::{self, ReloadAction};
 use crate::plan::{Pool, PoolId};
@@ -48,8 +47,8 @@ pub enum RefusedError {
 pub enum ReloadError {
     #[error("reload refused, nothing changed: {0}")]
     Config(#[source] ConfigError),
-    #[error("reload refused, nothing changed: cannot listen on {}: {reason}", address.display())]
-    Listen { address: PathBuf, reason: String },
+    #[error("reload refused, nothing changed: cannot listen: {0}")]
+    Listen(#[source] BindError),
 }
 
 impl RefusedError {
@@ -280,9 +279,8 @@ impl Supervisor {
             }
         };
         // New sockets are bound before anything changes, so a busy port refuses the reload.
-        if let Err((address, reason)) = super::supervisor::bind_listeners(&new, &mut self.listeners)
-        {
-            let refused = ReloadError::Listen { address, reason };
+        if let Err(e) = super::supervisor::bind_listeners(&new, &mut self.listeners) {
+            let refused = ReloadError::Listen(e);
             log::error!("{refused}");
             self.notes.push(Note::ReloadRefused(refused.to_string()));
             return Err(refused);
@@ -499,6 +497,8 @@ fn worker_status(
 
 #[cfg(test)]
 mod tests {
+    use std::path::PathBuf;
+
     use super::*;
 
     /// The texts clients print (SPEC §9 names "no program named …"), unchanged by typing.
@@ -527,12 +527,16 @@ mod tests {
                 "bad worker id in `web.x`: expected PROGRAM or PROGRAM.ID",
             ),
             (
-                ReloadError::Listen {
-                    address: PathBuf::from("/run/web.sock"),
-                    reason: "address in use".into(),
-                }
+                ReloadError::Listen(BindError {
+                    program: "web".into(),
+                    source: crate::sys::listen::ListenError::BindUnix {
+                        path: PathBuf::from("/run/web.sock"),
+                        source: std::io::Error::from_raw_os_error(libc::EADDRINUSE),
+                    },
+                })
                 .into(),
-                "reload refused, nothing changed: cannot listen on /run/web.sock: address in use",
+                "reload refused, nothing changed: cannot listen: program web: \
+                 cannot bind unix:/run/web.sock: Address in use (os error 98)",
             ),
             (RefusedError::Stopping, "the master is stopping"),
         ];

@@ -41,6 +41,8 @@ mod output;
 mod supervisor;
 mod systemd;
 
+pub use supervisor::BindError;
+
 use clients::Clients;
 use supervisor::Supervisor;
 use systemd::Systemd;
@@ -60,6 +62,8 @@ pub enum MasterError {
         path: PathBuf,
         reason: String,
     },
+    #[error("cannot listen: {0}")]
+    Listen(BindError),
     #[error("cannot set up the master: {0}")]
     Setup(std::io::Error),
 }

@@ -18,6 +18,18 @@ pub(super) enum Sink {
     File(PathBuf),
 }
 
+/// Why a worker's output could not be set up; its start fails with this reason.
+#[derive(Debug, thiserror::Error)]
+pub(super) enum OutputError {
+    #[error("cannot open output file {}: {source}", path.display())]
+    Open {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("cannot create an output pipe: {0}")]
+    Pipe(std::io::Error),
+}
+
 pub(super) struct OutPipe {
     pub(super) fd: OwnedFd,
     pub(super) splitter: LineSplitter,
@@ -32,7 +44,7 @@ impl Supervisor {
         &mut self,
         spec: &OutputSpec,
         fd: RawFd,
-    ) -> Result<(RawFd, Option<OwnedFd>, Option<OutPipe>), String> {
+    ) -> Result<(RawFd, Option<OwnedFd>, Option<OutPipe>), OutputError> {
         let sink = match spec {
             OutputSpec::Inherit => return Ok((fd, None, None)),
             OutputSpec::Null => return Ok((self.dev_null.as_raw_fd(), None, None)),
@@ -43,14 +55,18 @@ impl Supervisor {
                 keep,
             } => {
                 if !self.files.contains_key(path) {
-                    let file = RotatingFile::open(path, *max_size, *keep)
-                        .map_err(|e| format!("cannot open output file {}: {e}", path.display()))?;
+                    let file = RotatingFile::open(path, *max_size, *keep).map_err(|source| {
+                        OutputError::Open {
+                            path: path.clone(),
+                            source,
+                        }
+                    })?;
                     self.files.insert(path.clone(), file);
                 }
                 Sink::File(path.clone())
             }
         };
-        let (r, w) = sys::pipe(true).map_err(|e| format!("cannot create an output pipe: {e}"))?;
+        let (r, w) = sys::pipe(true).map_err(OutputError::Pipe)?;
         let raw = w.as_raw_fd();
         Ok((
             raw,

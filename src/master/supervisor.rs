@@ -151,11 +151,7 @@ impl Supervisor {
         for (name, fd) in sys::listen::from_systemd() {
             listeners.insert(ListenAddr::Systemd(name), fd);
         }
-        bind_listeners(&config, &mut listeners).map_err(|(path, reason)| MasterError::Dir {
-            what: "listen socket",
-            path,
-            reason,
-        })?;
+        bind_listeners(&config, &mut listeners).map_err(MasterError::Listen)?;
         let pools: Vec<Pool> = config
             .programs
             .iter()
@@ -739,21 +735,29 @@ fn describe_failure(program: &Program, stage: Stage, errno: i32, locks: &[String
     }
 }
 
-/// Binds every `listen` address of `config` not bound yet. The error names the address.
+/// A `listen` address of a program could not be had.
+#[derive(Debug, thiserror::Error)]
+#[error("program {program}: {source}")]
+pub struct BindError {
+    pub program: String,
+    #[source]
+    pub source: sys::listen::ListenError,
+}
+
+/// Binds every `listen` address of `config` not bound yet. The error names the program and
+/// the address.
 pub(super) fn bind_listeners(
     config: &Config,
     listeners: &mut HashMap<ListenAddr, OwnedFd>,
-) -> Result<(), (PathBuf, String)> {
+) -> Result<(), BindError> {
     for program in &config.programs {
         for l in &program.listen {
             if listeners.contains_key(&l.address) {
                 continue;
             }
-            let fd = bind_listener(&l.address, l.mode).map_err(|e| {
-                (
-                    PathBuf::from(describe_addr(&l.address)),
-                    format!("program {}: {e}", program.name),
-                )
+            let fd = bind_listener(&l.address, l.mode).map_err(|source| BindError {
+                program: program.name.clone(),
+                source,
             })?;
             log::info!(
                 "{}: listening on {}",
@@ -766,7 +770,6 @@ pub(super) fn bind_listeners(
     Ok(())
 }
 
-/// Binds one `listen` address; a `systemd:NAME` one must have been passed to the master.
 fn bind_listener(
     addr: &ListenAddr,
     mode: Option<u32>,
