@@ -536,7 +536,7 @@ mod tests {
                 })
                 .into(),
                 "reload refused, nothing changed: cannot listen: program web: \
-                 cannot bind unix:/run/web.sock: Address in use (os error 98)",
+                 cannot bind unix:/run/web.sock: Address already in use (os error 98)",
             ),
             (RefusedError::Stopping, "the master is stopping"),
         ];
