@@ -31,7 +31,7 @@ pub enum ListenError {
         mode: u32,
         source: io::Error,
     },
-    #[error("systemd passed no socket named {name} (LISTEN_FDNAMES)")]
+    #[error("cannot use systemd:{name}: systemd passed no socket of that name (LISTEN_FDNAMES)")]
     NotPassed { name: String },
 }
 
