@@ -90,6 +90,9 @@ impl Supervisor {
         };
         if let Some(p) = pipe {
             if pump(p, &tag, stream, &mut self.files, &mut self.log_ring, false) {
+                // Out of the reactor before it closes: a child forked meanwhile may still
+                // hold a copy until its exec, which would keep the end of file reported.
+                self.reactor.remove(p.fd.as_raw_fd());
                 *pipe = None;
             }
         }
