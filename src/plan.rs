@@ -51,6 +51,9 @@ pub struct Pool {
     pub generation: u64,
     pub slots: Vec<Slot>,
     pub dirty: Dirty,
+    /// Set when `generation` moves; cleared once no slot runs an older one. Saves walking
+    /// every slot on every plan to find out that no rolling restart is under way.
+    pub roll_pending: bool,
 }
 
 impl Pool {
@@ -63,6 +66,7 @@ impl Pool {
             generation: 0,
             slots: Vec::new(),
             dirty: Dirty::All,
+            roll_pending: false,
         }
     }
 
@@ -118,7 +122,7 @@ impl Pool {
     }
 
     /// Whether a rolling restart is under way: some wanted slot runs an older generation.
-    fn rolling(&self) -> bool {
+    pub fn rolling(&self) -> bool {
         self.program.reload != ReloadMode::None
             && self
                 .slots
@@ -419,7 +423,7 @@ pub fn plan(pools: &[Pool], phase: Phase, now: Instant) -> Plan {
                 }
             }
         }
-        if phase == Phase::Running && pool.rolling() {
+        if phase == Phase::Running && pool.roll_pending && pool.rolling() {
             plan_roll(&mut plan, p, pool, desired);
         }
         // Trailing dead slots beyond the desired count go; the highest ids first.

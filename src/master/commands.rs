@@ -343,6 +343,7 @@ impl Supervisor {
                     }
                     if roll {
                         self.pools[p].generation += 1;
+                        self.pools[p].roll_pending = true;
                         let failed: Vec<u32> = self.pools[p]
                             .slots
                             .iter()

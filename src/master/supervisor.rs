@@ -229,6 +229,9 @@ impl Supervisor {
             let plan = plan(&self.pools, self.phase, now);
             for pool in &mut self.pools {
                 pool.dirty = Dirty::Clean;
+                if pool.roll_pending && !pool.rolling() {
+                    pool.roll_pending = false;
+                }
             }
             for (p, id, at) in plan.timers {
                 self.timers.insert((
