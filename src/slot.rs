@@ -402,6 +402,18 @@ impl Slot {
         use SlotState as S;
         use Step::{Go, Ignore};
         let mine = |pid: &Pid, of: Option<Pid>| of == Some(*pid);
+        // Every state but `Rolling` (which hands its events on, above): the ignored pairs.
+        macro_rules! any_state {
+            () => {
+                S::Stopped
+                    | S::Starting { .. }
+                    | S::Running { .. }
+                    | S::Stopping { .. }
+                    | S::Backoff { .. }
+                    | S::Exited { .. }
+                    | S::Failed { .. }
+            };
+        }
         match (state, event) {
             // A rolling restart: what concerns the old process is handled here, the rest is
             // the successor's and goes through the same table.
@@ -481,16 +493,7 @@ impl Slot {
                 wait: StartWait::Lock(name),
                 error: error.clone(),
             }),
-            (
-                S::Starting { .. }
-                | S::Running { .. }
-                | S::Stopping { .. }
-                | S::Stopped
-                | S::Backoff { .. }
-                | S::Exited { .. }
-                | S::Failed { .. },
-                E::WaitingForLock { .. },
-            ) => Ignore,
+            (any_state!(), E::WaitingForLock { .. }) => Ignore,
 
             (
                 S::Starting {
@@ -503,16 +506,7 @@ impl Slot {
                 wait: wait.clone(),
                 error: Some(reason),
             }),
-            (
-                S::Starting { .. }
-                | S::Running { .. }
-                | S::Stopping { .. }
-                | S::Stopped
-                | S::Backoff { .. }
-                | S::Exited { .. }
-                | S::Failed { .. },
-                E::StartError { .. },
-            ) => Ignore,
+            (any_state!(), E::StartError { .. }) => Ignore,
 
             (
                 S::Starting {
@@ -535,16 +529,7 @@ impl Slot {
                     error: None,
                 },
             }),
-            (
-                S::Starting { .. }
-                | S::Running { .. }
-                | S::Stopping { .. }
-                | S::Stopped
-                | S::Backoff { .. }
-                | S::Exited { .. }
-                | S::Failed { .. },
-                E::Exec { .. },
-            ) => Ignore,
+            (any_state!(), E::Exec { .. }) => Ignore,
 
             // READY=1 can only come from a process that has exec'd: a READY read before the
             // status pipe's end (the notify socket is read first in a pass) confirms the exec.
@@ -561,16 +546,7 @@ impl Slot {
                 since: *since,
                 watchdog_at: program.watchdog.map(|w| now + w),
             }),
-            (
-                S::Starting { .. }
-                | S::Running { .. }
-                | S::Stopping { .. }
-                | S::Stopped
-                | S::Backoff { .. }
-                | S::Exited { .. }
-                | S::Failed { .. },
-                E::Ready { .. },
-            ) => Ignore,
+            (any_state!(), E::Ready { .. }) => Ignore,
 
             (
                 S::Running {
@@ -584,16 +560,7 @@ impl Slot {
                 since: *since,
                 watchdog_at: program.watchdog.map(|w| now + w),
             }),
-            (
-                S::Starting { .. }
-                | S::Running { .. }
-                | S::Stopping { .. }
-                | S::Stopped
-                | S::Backoff { .. }
-                | S::Exited { .. }
-                | S::Failed { .. },
-                E::WatchdogPing { .. },
-            ) => Ignore,
+            (any_state!(), E::WatchdogPing { .. }) => Ignore,
 
             (
                 S::Starting { pid, since, .. } | S::Running { pid, since, .. },
@@ -650,16 +617,7 @@ impl Slot {
                 killed: true,
                 then: *then,
             }),
-            (
-                S::Starting { .. }
-                | S::Running { .. }
-                | S::Stopping { .. }
-                | S::Stopped
-                | S::Backoff { .. }
-                | S::Exited { .. }
-                | S::Failed { .. },
-                E::Killed,
-            ) => Ignore,
+            (any_state!(), E::Killed) => Ignore,
 
             (
                 S::Stopping {
@@ -710,27 +668,9 @@ impl Slot {
                 let ran = now.saturating_duration_since(*since);
                 Go(self.after_exit(exit, ran, jitter, None, program, now))
             }
-            (
-                S::Starting { .. }
-                | S::Running { .. }
-                | S::Stopping { .. }
-                | S::Stopped
-                | S::Backoff { .. }
-                | S::Exited { .. }
-                | S::Failed { .. },
-                E::Exited { .. },
-            ) => Ignore,
+            (any_state!(), E::Exited { .. }) => Ignore,
 
-            (
-                S::Starting { .. }
-                | S::Running { .. }
-                | S::Stopping { .. }
-                | S::Stopped
-                | S::Backoff { .. }
-                | S::Exited { .. }
-                | S::Failed { .. },
-                E::Fail { reason },
-            ) => Go(S::Failed { reason }),
+            (any_state!(), E::Fail { reason }) => Go(S::Failed { reason }),
 
             (state, E::Enable) => {
                 self.enabled = true;
