@@ -105,6 +105,9 @@ pub(super) struct Supervisor {
     pub(super) log_ring: LogRing,
     /// What the systemd part has to tell systemd, in order (see [`Note`]).
     pub(super) notes: Vec<Note>,
+    /// Forks the workers, so that the cost of a fork does not grow with the master's
+    /// descriptors (see [`sys::forkserver`]); `None` if it could not start or failed.
+    forkserver: Option<sys::forkserver::ForkServer>,
 }
 
 /// What happened in the supervisor that systemd is told about, left for the systemd part.
@@ -163,6 +166,9 @@ impl Supervisor {
             .add(signals.fd(), Part::Signals.token(0), false)
             .map_err(MasterError::Setup)?;
         let journal = orphans::Journal::new(&config.runtime_dir);
+        let forkserver = sys::forkserver::ForkServer::start()
+            .map_err(|e| log::warn!("cannot start the fork server, forking from the master: {e}"))
+            .ok();
         Ok(Supervisor {
             config: Arc::new(config),
             next_pool: pools.len() as u64,
@@ -181,6 +187,7 @@ impl Supervisor {
             listeners,
             log_ring: LogRing::new(LOG_RING_LINES, LOG_RING_BYTES),
             notes: Vec::new(),
+            forkserver,
         })
     }
 
@@ -475,7 +482,16 @@ impl Supervisor {
         req.stdin = self.dev_null.as_raw_fd();
         req.stdout = stdout.0;
         req.stderr = stderr.0;
-        let child = match sys::spawn::spawn(req, &mut prepared.body) {
+        let forked = match self.forkserver.as_mut() {
+            Some(server) => server.spawn(req, &prepared.body).or_else(|e| {
+                // Ours, so this should not happen; if it does, the master can still fork.
+                log::warn!("the fork server failed ({e}); the master forks workers itself now");
+                self.forkserver = None;
+                sys::spawn::spawn(req, &mut prepared.body)
+            }),
+            None => sys::spawn::spawn(req, &mut prepared.body),
+        };
+        let child = match forked {
             Ok(c) => c,
             Err(e) => {
                 // fork failing (EAGAIN, ENOMEM) is transient: retry as after a quick crash.
@@ -705,6 +721,7 @@ impl Supervisor {
 
     /// The master is going away: sockets and records go with it.
     pub(super) fn finish(&mut self) {
+        self.forkserver = None;
         for addr in self.listeners.keys() {
             if let ListenAddr::Unix(path) = addr {
                 let _ = std::fs::remove_file(path);

@@ -2,6 +2,7 @@
 //! Each `unsafe` block carries a `// SAFETY:` line naming the invariant it relies on.
 
 pub mod alarm;
+pub mod forkserver;
 pub mod listen;
 pub mod notify;
 pub mod pidfile;

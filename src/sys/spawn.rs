@@ -211,18 +211,48 @@ pub fn spawn(setup: &Setup, body: &mut Body<'_>) -> Result<Child, SpawnError> {
         source,
     })?;
     let master = nix::unistd::getpid().as_raw();
+    let pid = start(setup, body, status_w.as_raw_fd(), master, Parent::Me).map_err(|source| {
+        SpawnError::Fork {
+            what: body.describe(),
+            source,
+        }
+    })?;
+    Ok(Child {
+        pid,
+        status: status_r,
+    })
+}
 
+/// Whose child a new process is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Parent {
+    /// The caller's: fork(2).
+    Me,
+    /// The caller's parent's, a sibling of the caller: clone(2) with `CLONE_PARENT`. What the
+    /// fork server does, so that workers are the master's children although the server
+    /// forked them.
+    Mine,
+}
+
+/// Starts a child that runs `setup`, then `body`, reporting on `status_w` (which the caller
+/// keeps and closes). `master` is the pid the child ties its life to.
+pub(super) fn start(
+    setup: &Setup,
+    body: &mut Body<'_>,
+    status_w: RawFd,
+    master: libc::pid_t,
+    parent: Parent,
+) -> io::Result<Pid> {
     // Everything the child touches is built here, before fork.
     let mut sources: Vec<RawFd> = vec![setup.stdin, setup.stdout, setup.stderr];
     sources.extend(&setup.pass_fds);
-    sources.push(status_w.as_raw_fd());
+    sources.push(status_w);
     let mut scratch: Vec<RawFd> = vec![-1; sources.len()];
     // Only filled for an exec; they must outlive the fork, so they live here.
     let mut argv_ptrs: Vec<*const libc::c_char> = Vec::new();
     let mut env_ptrs: Vec<*const libc::c_char> = Vec::new();
     let mut env_bufs: Vec<Vec<u8>> = Vec::new();
     let mut pid_slots: Vec<(*mut u8, usize)> = Vec::new();
-    let describe = body.describe();
     let child_body = match body {
         Body::Exec {
             path,
@@ -268,10 +298,24 @@ pub fn spawn(setup: &Setup, body: &mut Body<'_>) -> Result<Child, SpawnError> {
     // fork, not vfork: the master goes on forking while children exec on the other cores.
     // (clone(CLONE_VM | CLONE_VFORK) was measured: it saves the page-table copy, but the
     // master then waits for every exec, and 200 workers started 3x slower on 2 cores.)
-    // SAFETY: the master is single-threaded, and the child only runs `child_after_fork`,
-    // which uses async-signal-safe calls over memory prepared above until the body, whose
-    // constraints `Body::Call` documents.
-    let pid = unsafe { libc::fork() };
+    let pid = match parent {
+        // SAFETY: the caller is single-threaded, and the child only runs `child_after_fork`,
+        // which uses async-signal-safe calls over memory prepared above until the body,
+        // whose constraints `Body::Call` documents.
+        Parent::Me => unsafe { libc::fork() },
+        // SAFETY: as fork: without a new stack the child runs on a copy of ours, and it only
+        // makes raw system calls until execve (the fork server passes exec bodies only).
+        Parent::Mine => unsafe {
+            libc::syscall(
+                libc::SYS_clone,
+                (libc::CLONE_PARENT | libc::SIGCHLD) as libc::c_ulong,
+                0usize,
+                0usize,
+                0usize,
+                0usize,
+            ) as libc::pid_t
+        },
+    };
     if pid == 0 {
         // SAFETY: we are the freshly forked child; see `child_after_fork`.
         unsafe { child_after_fork(&mut ctx, child_body) }
@@ -281,18 +325,11 @@ pub fn spawn(setup: &Setup, body: &mut Body<'_>) -> Result<Child, SpawnError> {
     unsafe {
         libc::pthread_sigmask(libc::SIG_SETMASK, &old, std::ptr::null_mut());
     }
-    drop(status_w);
     drop(env_bufs);
     if pid < 0 {
-        return Err(SpawnError::Fork {
-            what: describe,
-            source: fork_err,
-        });
+        return Err(fork_err);
     }
-    Ok(Child {
-        pid: Pid::from_raw(pid),
-        status: status_r,
-    })
+    Ok(Pid::from_raw(pid))
 }
 
 /// Builds the NULL-terminated pointer arrays execve takes. Entries to complete with the
