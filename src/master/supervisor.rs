@@ -37,6 +37,9 @@ pub(super) struct Proc {
     pub(super) lock_names: Vec<String>,
     pub(super) stdout: Option<OutPipe>,
     pub(super) stderr: Option<OutPipe>,
+    /// Readable once the process has exited (see [`sys::process::pidfd`]); `None` where the
+    /// kernel has no pidfds, and SIGCHLD's sweep finds the exit.
+    exit_fd: Option<OwnedFd>,
     start_time: u64,
     stop_signal: Signal,
     stop_timeout: Duration,
@@ -60,6 +63,8 @@ pub(super) enum Pipe {
     Status = 0,
     Stdout = 1,
     Stderr = 2,
+    /// The process's pidfd: readable when it has exited.
+    Exit = 3,
 }
 
 fn pipe_token(pid: Pid, pipe: Pipe) -> u64 {
@@ -71,7 +76,8 @@ pub(super) fn pipe_of(local: u64) -> (Pid, Pipe) {
     let pipe = match local >> 32 {
         0 => Pipe::Status,
         1 => Pipe::Stdout,
-        _ => Pipe::Stderr,
+        2 => Pipe::Stderr,
+        _ => Pipe::Exit,
     };
     (pid, pipe)
 }
@@ -108,7 +114,14 @@ pub(super) struct Supervisor {
     /// Forks the workers, so that the cost of a fork does not grow with the master's
     /// descriptors (see [`sys::forkserver`]); `None` if it could not start or failed.
     forkserver: Option<sys::forkserver::ForkServer>,
+    /// When to look for exited children that are not workers (see `on_sigchld`).
+    sweep_at: Option<Instant>,
+    /// Live workers without a pidfd, whose exit only SIGCHLD's wait finds.
+    without_pidfd: usize,
 }
+
+/// How long SIGCHLD's sweep for adopted orphans waits, so that a burst of exits costs one.
+const SWEEP_DELAY: Duration = Duration::from_millis(100);
 
 /// What happened in the supervisor that systemd is told about, left for the systemd part.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -188,6 +201,8 @@ impl Supervisor {
             log_ring: LogRing::new(LOG_RING_LINES, LOG_RING_BYTES),
             notes: Vec::new(),
             forkserver,
+            sweep_at: None,
+            without_pidfd: 0,
         })
     }
 
@@ -198,12 +213,16 @@ impl Supervisor {
             Pipe::Status => self.read_status(pid, now),
             Pipe::Stdout => self.read_output(pid, Stream::Stdout),
             Pipe::Stderr => self.read_output(pid, Stream::Stderr),
+            Pipe::Exit => self.reap_worker(pid),
         }
     }
 
     /// The earliest slot timer, or the shutdown deadline while workers remain.
     pub(super) fn next_deadline(&self) -> Option<Instant> {
         let mut wake_at = self.timers.first().map(|t| t.0);
+        if let Some(at) = self.sweep_at {
+            wake_at = Some(wake_at.map_or(at, |w| w.min(at)));
+        }
         if let Phase::ShuttingDown { deadline } = self.phase {
             if !self.procs.is_empty() {
                 wake_at = Some(wake_at.map_or(deadline, |w| w.min(deadline)));
@@ -219,6 +238,10 @@ impl Supervisor {
 
     /// Plans and acts until nothing is left to do now; returns the next deadline.
     pub(super) fn settle(&mut self, now: Instant) {
+        if self.sweep_at.is_some_and(|at| at <= now) {
+            self.sweep_at = None;
+            self.reap_all();
+        }
         // Slots whose deadline has come are looked at again.
         while let Some(&(at, key)) = self.timers.first() {
             if at > now {
@@ -506,7 +529,14 @@ impl Supervisor {
         drop(stderr.1);
         log::info!("{tag}: started (pid {})", child.pid);
         let pid = child.pid;
+        let exit_fd = sys::process::pidfd(pid)
+            .map_err(|e| log::debug!("{tag}: no pidfd ({e}); its exit is found by SIGCHLD"))
+            .ok();
+        if exit_fd.is_none() {
+            self.without_pidfd += 1;
+        }
         for (fd, pipe) in [
+            (exit_fd.as_ref().map(|fd| fd.as_raw_fd()), Pipe::Exit),
             (Some(child.status.as_raw_fd()), Pipe::Status),
             (stdout.2.as_ref().map(|o| o.fd.as_raw_fd()), Pipe::Stdout),
             (stderr.2.as_ref().map(|o| o.fd.as_raw_fd()), Pipe::Stderr),
@@ -525,6 +555,7 @@ impl Supervisor {
                 lock_names: prepared.lock_names,
                 stdout: stdout.2,
                 stderr: stderr.2,
+                exit_fd,
                 start_time: sys::process::start_time(pid).unwrap_or(0),
                 stop_signal: program.stop_signal,
                 stop_timeout: program.stop_timeout,
@@ -539,7 +570,7 @@ impl Supervisor {
     pub(super) fn handle_signals(&mut self) {
         for sig in self.signals.drain() {
             match sig {
-                Signal::SIGCHLD => self.reap_all(),
+                Signal::SIGCHLD => self.on_sigchld(),
                 Signal::SIGTERM | Signal::SIGINT => self.begin_shutdown(sig),
                 Signal::SIGHUP => {
                     log::info!("SIGHUP: reloading {}", self.config.path.display());
@@ -582,12 +613,45 @@ impl Supervisor {
         }
     }
 
+    /// A worker's pidfd is readable: it has exited. Reaped through its own descriptor, at
+    /// the cost of one process whatever the size of the fleet.
+    fn reap_worker(&mut self, pid: Pid) {
+        let Some(fd) = self
+            .procs
+            .get(&pid)
+            .and_then(|p| p.exit_fd.as_ref())
+            .map(|fd| fd.as_raw_fd())
+        else {
+            return;
+        };
+        match sys::process::reap_pidfd(fd) {
+            Ok(Some(reaped)) => self.on_exit(reaped.pid, reaped.exit),
+            Ok(None) => {}
+            Err(e) => log::error!("waitid on the pidfd of {pid} failed: {e}"),
+        }
+    }
+
+    /// SIGCHLD. Workers with a pidfd are reaped through it as their exit is reported, so the
+    /// wait over all children (which walks every one of them) only has to find the others:
+    /// the orphans of workers, adopted by the master as subreaper. That sweep is put off a
+    /// little, so that a burst of exits costs one walk, and one restart none.
+    fn on_sigchld(&mut self) {
+        if self.without_pidfd == 0 {
+            if self.sweep_at.is_none() {
+                self.sweep_at = Some(Instant::now() + SWEEP_DELAY);
+            }
+        } else {
+            self.reap_all();
+        }
+    }
+
     /// Stops watching a worker's pipes and closes them.
     pub(super) fn forget_pipes(&mut self, proc: &mut Proc) {
         for fd in [
             proc.status.take(),
             proc.stdout.take().map(|o| o.fd),
             proc.stderr.take().map(|o| o.fd),
+            proc.exit_fd.take(),
         ]
         .into_iter()
         .flatten()
@@ -603,6 +667,9 @@ impl Supervisor {
             return;
         };
         self.journal.gone(pid);
+        if proc.exit_fd.is_none() {
+            self.without_pidfd -= 1;
+        }
         // Whatever the child reported before dying, and its last output.
         self.drain_status(&mut proc, pid, now);
         for stream in [Stream::Stdout, Stream::Stderr] {
