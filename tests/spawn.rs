@@ -14,6 +14,7 @@ use std::time::{Duration, Instant};
 use nix::sys::wait::{waitpid, WaitStatus};
 use nix::unistd::Pid;
 use plumule::sys;
+use plumule::sys::forkserver::ForkServer;
 use plumule::sys::spawn::{spawn, Body, Report, Setup, Stage, PANIC_EXIT};
 
 static SERIAL: Mutex<()> = Mutex::new(());
@@ -212,4 +213,84 @@ fn an_exec_body_gets_its_own_pid_in_the_environment_and_a_missing_program_is_rep
     );
     assert_eq!(output, "");
     assert_eq!(code, 127);
+}
+
+/// `/bin/sh -c SCRIPT` as an exec body.
+fn sh(script: &str) -> Body<'static> {
+    Body::Exec {
+        path: CString::new("/bin/sh").unwrap(),
+        argv: ["sh", "-c", script]
+            .iter()
+            .map(|a| CString::new(*a).unwrap())
+            .collect(),
+        envp: vec![CString::new("PATH=/usr/bin:/bin").unwrap()],
+        pid_vars: Vec::new(),
+    }
+}
+
+/// The descriptors open in process `pid`, from /proc.
+fn open_fds(pid: Pid) -> Vec<i32> {
+    let mut fds: Vec<i32> = std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .expect("read /proc/PID/fd")
+        .filter_map(|e| e.ok()?.file_name().to_str()?.parse().ok())
+        .collect();
+    fds.sort();
+    fds
+}
+
+#[test]
+fn the_fork_server_starts_children_of_its_caller_that_inherit_none_of_its_descriptors() {
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    // Descriptors the caller holds when the server starts and after: none reaches a child.
+    let (_held_r, _held_w) = sys::pipe(false).expect("pipe");
+    let mut server = ForkServer::start().expect("start the fork server");
+    let (_later_r, _later_w) = sys::pipe(false).expect("pipe");
+
+    let null = sys::dev_null().expect("open /dev/null");
+    let (out_r, out_w) = sys::pipe(true).expect("pipe");
+    let s = setup(&null, &out_w);
+    let body = sh("echo parent=$PPID fds=$(ls /proc/self/fd | wc -l); exit 42");
+    let child = server.spawn(&s, &body).expect("spawn through the server");
+    drop(out_w);
+    assert_eq!(reports_until_eof(&child.status), [], "set-up went through");
+    let output = read_until_eof(&out_r);
+    // The shell's $PPID is its parent: the test process, not the server (CLONE_PARENT).
+    let me = nix::unistd::getpid();
+    assert!(output.contains(&format!("parent={me} ")), "{output:?}");
+    // 0, 1, 2, and the one `ls` opens to read /proc/self/fd: nothing of ours or the server's.
+    assert!(output.contains("fds=4"), "{output:?}");
+    assert_eq!(exit_code(child.pid), 42, "the caller reaps its child");
+    // It has answered, so it is past its own set-up: only its socket besides 0, 1, 2.
+    assert_eq!(
+        open_fds(server.pid()),
+        [0, 1, 2, 3],
+        "the server keeps only its socket"
+    );
+
+    // A set-up failure is reported on the status pipe as with a direct spawn.
+    let mut s = setup(&null, &null);
+    s.cwd = Some(CString::new("/nonexistent/dir").unwrap());
+    let child = server.spawn(&s, &sh("exit 0")).expect("spawn");
+    assert_eq!(
+        reports_until_eof(&child.status),
+        [Report::Failed {
+            stage: Stage::Chdir,
+            errno: libc::ENOENT
+        }]
+    );
+    assert_eq!(exit_code(child.pid), 127);
+
+    // A function body cannot cross to another process: refused, nothing started.
+    let mut f = || 0;
+    assert!(server
+        .spawn(&setup(&null, &null), &Body::Call(&mut f))
+        .is_err());
+
+    // Dropping the handle ends and reaps the server.
+    let pid = server.pid();
+    drop(server);
+    assert!(
+        nix::sys::signal::kill(pid, None).is_err(),
+        "the server {pid} is gone and reaped"
+    );
 }

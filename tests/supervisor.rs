@@ -641,3 +641,36 @@ exit 1"#,
     );
     stop_cleanly(&mut master);
 }
+
+/// The workers are forked by a small fork server, a child of the master. Should it die, the
+/// master forks them itself: supervision goes on.
+#[test]
+fn a_dead_fork_server_does_not_stop_restarts() {
+    let sb = Sandbox::new();
+    let script = sb.worker("pool.sh", "exec sleep 1000");
+    let config = sb.config(&format!(
+        "[program.pool]\ncommand = {}\nworkers = 1\n",
+        argv(&script)
+    ));
+    let mut master = sb.start(&config);
+    let first = sb.wait_starts("pool", 1, DEADLINE)[0].clone();
+    let server = live_children(master.pid())
+        .into_iter()
+        .find(|p| p.comm == plumule::sys::forkserver::NAME)
+        .expect("the master has a fork server");
+    assert_eq!(proc_stat(first.pid).unwrap().ppid, master.pid());
+    send(server.pid, SIGKILL);
+    send(first.pid, SIGKILL);
+    let starts = sb.wait_starts("pool", 2, DEADLINE);
+    let second = &starts[1];
+    assert!(pid_alive(second.pid), "{second:?} runs");
+    assert_eq!(
+        proc_stat(second.pid).unwrap().ppid,
+        master.pid(),
+        "forked by the master itself"
+    );
+    sb.wait("the dead fork server is reaped", DEADLINE, || {
+        proc_stat(server.pid).is_none_or(|p| p.ppid != master.pid())
+    });
+    stop_cleanly(&mut master);
+}

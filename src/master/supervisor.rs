@@ -663,7 +663,14 @@ impl Supervisor {
     pub(super) fn on_exit(&mut self, pid: Pid, exit: Exit) {
         let now = Instant::now();
         let Some(mut proc) = self.procs.remove(&pid) else {
-            log::debug!("reaped process {pid} ({exit}), not a worker");
+            if self.forkserver.as_ref().is_some_and(|f| f.pid() == pid) {
+                log::warn!("the fork server ended ({exit}); the master forks workers itself now");
+                if let Some(server) = self.forkserver.take() {
+                    server.reaped();
+                }
+            } else {
+                log::debug!("reaped process {pid} ({exit}), not a worker");
+            }
             return;
         };
         self.journal.gone(pid);

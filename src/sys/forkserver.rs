@@ -39,6 +39,8 @@ const PATIENCE: Duration = Duration::from_secs(2);
 pub struct ForkServer {
     sock: UnixStream,
     pid: Pid,
+    /// Reaped by the caller already: its pid may belong to another process by now.
+    reaped: bool,
 }
 
 impl ForkServer {
@@ -64,12 +66,19 @@ impl ForkServer {
         Ok(ForkServer {
             sock: ours,
             pid: Pid::from_raw(pid),
+            reaped: false,
         })
     }
 
     /// The server's pid (a child of the master, not a worker).
     pub fn pid(&self) -> Pid {
         self.pid
+    }
+
+    /// Lets go of a server the caller has reaped (it died): nothing is signalled or waited
+    /// for, since its pid may have been given to another process since.
+    pub fn reaped(mut self) {
+        self.reaped = true;
     }
 
     /// Starts a child that runs `setup` then the exec `body`, as [`super::spawn::spawn`]
@@ -140,6 +149,9 @@ impl Drop for ForkServer {
     /// The server holds nothing worth a graceful end, and a stopped one must not hold the
     /// master up: it is killed, then reaped here so that nothing is left.
     fn drop(&mut self) {
+        if self.reaped {
+            return;
+        }
         let _ = nix::sys::signal::kill(self.pid, nix::sys::signal::Signal::SIGKILL);
         let _ = nix::sys::wait::waitpid(self.pid, None);
     }
