@@ -3,10 +3,14 @@
 //! The crate is layered so that decisions never perform effects:
 //!
 //! - [`config`]: the TOML file → a validated [`config::Config`];
-//! - [`backoff`], [`slot`], [`plan`]: pure decisions (restart delays, the worker state machine,
-//!   the actions that bring what runs in line with what should run);
-//! - [`worker`]: how a worker is started (executable, environment, credentials, locks);
-//! - [`master`]: the single-threaded event loop, the only code that carries out actions;
+//! - [`backoff`], [`slot`], [`plan`], [`diff`]: pure decisions (restart delays, the worker state
+//!   machine, the actions that bring what runs in line with what should run, what a reload
+//!   changes);
+//! - [`launch`]: how a worker is started (executable, environment, credentials, locks);
+//! - [`master`]: the single-threaded event loop over its subsystems, the only code that carries
+//!   out actions;
+//! - [`protocol`], [`control`], [`client`]: the control socket's typed messages, its server
+//!   side, and the client commands;
 //! - [`sys`]: every syscall wrapper and every `unsafe` block;
 //! - [`output`], [`logging`], [`locks`], [`orphans`]: worker output, the master's log, named
 //!   file locks, and the record of process groups that outlives a crashed master;
@@ -20,6 +24,7 @@ pub mod client;
 pub mod config;
 pub mod control;
 pub mod diff;
+pub mod launch;
 pub mod locks;
 pub mod logging;
 pub mod master;
@@ -31,7 +36,6 @@ pub mod slot;
 pub mod sys;
 #[cfg(test)]
 mod test_support;
-pub mod worker;
 
 /// Named file locks as RAII guards, the same lock files workers and `plumule lock` use.
 pub use locks::{acquire as lock, LockGuard, Mode as LockMode, Wait as LockWait};

@@ -21,11 +21,11 @@
 //! ```
 //!
 //! Every descriptor is registered once with the [`Reactor`](crate::sys::reactor::Reactor)
-//! under a token whose high byte is its [`Part`]; a wait costs what is ready, not what is
-//! registered. The [`Supervisor`] holds the state all parts share; each other part owns its own
-//! descriptors and state and implements [`Subsystem`]: what to do when one of its tokens is
+//! under a token whose high byte is its `Part`; a wait costs what is ready, not what is
+//! registered. The `Supervisor` holds the state all parts share; each other part owns its own
+//! descriptors and state and implements `Subsystem`: what to do when one of its tokens is
 //! ready, what follows a pass, and when it next needs to run. Adding a subsystem (a queue, a
-//! metrics endpoint) means a [`Part`] tag, a field of [`Master`], and one line in
+//! metrics endpoint) means a `Part` tag, a field of [`Master`], and one line in
 //! `Master::parts`. When nothing is ready and no deadline is set, the master sleeps.
 
 use std::path::{Path, PathBuf};

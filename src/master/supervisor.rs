@@ -16,6 +16,7 @@ use super::output::{pump, OutPipe};
 use super::{MasterError, Part, LOG_RING_BYTES, LOG_RING_LINES};
 use crate::backoff::Jitter;
 use crate::config::{Config, ListenAddr, Program};
+use crate::launch;
 use crate::orphans;
 use crate::output::{LogRing, RotatingFile, Stream};
 use crate::plan::{plan, Action, Dirty, Phase, Pool, PoolId, WorkerKey};
@@ -25,7 +26,6 @@ use crate::sys::pidfile::Pidfile;
 use crate::sys::reactor::Reactor;
 use crate::sys::signals::{Signals, HANDLED};
 use crate::sys::spawn::{Report, Stage};
-use crate::worker;
 
 /// What the master holds for one live worker process.
 pub(super) struct Proc {
@@ -100,7 +100,7 @@ pub(super) struct Supervisor {
     pidfile: Option<Pidfile>,
     pub(super) phase: Phase,
     jitter: Jitter,
-    ctx: worker::Context,
+    ctx: launch::Context,
     pub(super) dev_null: OwnedFd,
     pub(super) files: HashMap<PathBuf, RotatingFile>,
     /// The record of live process groups for a later master (see [`orphans`]).
@@ -153,7 +153,7 @@ impl Supervisor {
             .ok();
         orphans::stop_leftovers(&config.runtime_dir);
         let dev_null = sys::dev_null().map_err(MasterError::Setup)?;
-        let ctx = worker::Context {
+        let ctx = launch::Context {
             lock_dir: config.lock_dir.clone(),
             lock_mode: if config.control_group.is_some() {
                 0o664
@@ -476,7 +476,7 @@ impl Supervisor {
             log::error!("{tag}: failed: cannot start: {reason}");
             master.pool_event(pool, id, Event::Fail { reason }, now);
         };
-        let mut prepared = match worker::prepare(&program, id, workers, &self.ctx) {
+        let mut prepared = match launch::prepare(&program, id, workers, &self.ctx) {
             Ok(p) => p,
             Err(reason) => return fail(self, reason.to_string()),
         };
