@@ -118,6 +118,9 @@ pub(super) struct Supervisor {
     sweep_at: Option<Instant>,
     /// Live workers without a pidfd, whose exit only SIGCHLD's wait finds.
     without_pidfd: usize,
+    /// Moves whenever a slot or a pool changed: what other parts derive from the whole fleet
+    /// (systemd's STATUS=) is computed again only then.
+    pub(super) epoch: u64,
 }
 
 /// How long SIGCHLD's sweep for adopted orphans waits, so that a burst of exits costs one.
@@ -203,6 +206,7 @@ impl Supervisor {
             forkserver,
             sweep_at: None,
             without_pidfd: 0,
+            epoch: 0,
         })
     }
 
@@ -256,6 +260,9 @@ impl Supervisor {
         // only guards against a planning bug turning into a busy loop.
         let mut settled = false;
         for _ in 0..16 {
+            if self.pools.iter().any(|p| p.dirty != Dirty::Clean) {
+                self.epoch += 1;
+            }
             let plan = plan(&self.pools, self.phase, now);
             for pool in &mut self.pools {
                 pool.dirty = Dirty::Clean;
@@ -594,6 +601,7 @@ impl Supervisor {
             crate::format_duration(self.config.shutdown_timeout)
         );
         self.phase = Phase::ShuttingDown { deadline };
+        self.epoch += 1;
         let extend_usec = (self.config.shutdown_timeout + Duration::from_secs(5)).as_micros();
         self.notes.push(Note::Stopping { extend_usec });
     }

@@ -40,6 +40,9 @@ pub(super) struct Systemd {
     /// Half of `$WATCHDOG_USEC`, when systemd watches us.
     watchdog_every: Option<Duration>,
     watchdog_next: Option<Instant>,
+    /// The supervisor's epoch when READY and STATUS were last worked out: nothing to redo
+    /// (no walk over the fleet) until it moves.
+    seen_epoch: Option<u64>,
 }
 
 impl Systemd {
@@ -74,11 +77,16 @@ impl Systemd {
             last_summary: String::new(),
             watchdog_every,
             watchdog_next: watchdog_every.map(|w| now + w),
+            seen_epoch: None,
         })
     }
 
     /// Tells systemd what the supervisor noted, in order.
     fn relay(&mut self, notes: Vec<Note>) {
+        if !notes.is_empty() {
+            // A reload or a stop changes what READY and STATUS say, fleet changed or not.
+            self.seen_epoch = None;
+        }
         for note in notes {
             match note {
                 Note::Reloading { monotonic_usec } => self
@@ -114,6 +122,21 @@ impl Systemd {
         if !self.notifier.enabled() {
             return None;
         }
+        if self.seen_epoch != Some(sup.epoch) {
+            self.seen_epoch = Some(sup.epoch);
+            self.tell_state(sup);
+        }
+        if let (Some(every), Some(next)) = (self.watchdog_every, self.watchdog_next) {
+            if next <= now {
+                self.notifier.send("WATCHDOG=1");
+                self.watchdog_next = Some(now + every);
+            }
+        }
+        self.watchdog_next
+    }
+
+    /// READY=1 and STATUS= from the state of the fleet.
+    fn tell_state(&mut self, sup: &Supervisor) {
         let status = Self::summary(sup);
         let mut ready = false;
         if sup.phase == Phase::Running {
@@ -148,13 +171,6 @@ impl Systemd {
                 self.last_summary = status;
             }
         }
-        if let (Some(every), Some(next)) = (self.watchdog_every, self.watchdog_next) {
-            if next <= now {
-                self.notifier.send("WATCHDOG=1");
-                self.watchdog_next = Some(now + every);
-            }
-        }
-        self.watchdog_next
     }
 
     /// "12/12 workers running, 0 failed", plus what is degraded.
