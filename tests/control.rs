@@ -295,6 +295,21 @@ fn status_exits_3_when_a_worker_is_failed() {
     stop_cleanly(&mut master);
 }
 
+/// An operator who stops a failed worker has acknowledged it: it is `stopped`, and `status`
+/// no longer exits 3 for it.
+#[test]
+fn stop_acknowledges_a_failed_worker() {
+    let sb = Sandbox::new();
+    let config = sb.config(&flaky_program(&sb));
+    let mut master = sb.start(&config);
+    wait_state(&sb, "flaky", 0, "failed");
+    sb.cli_ok(&config, &["stop", "flaky"]);
+    let w = sb.worker_status(&config, "flaky", 0);
+    assert_eq!((w.state.as_str(), w.pid), ("stopped", None), "{w:?}");
+    sb.cli_ok(&config, &["status"]);
+    stop_cleanly(&mut master);
+}
+
 // ---------------------------------------------------------------------------------------------
 // stop / start / restart
 
