@@ -109,7 +109,12 @@ impl PipeWorker {
                 }
             }
         });
-        PipeWorker { protocol, jobs: Some(jobs_write), answers, body: Some(body) }
+        PipeWorker {
+            protocol,
+            jobs: Some(jobs_write),
+            answers,
+            body: Some(body),
+        }
     }
 
     fn send(&mut self, payload: &[u8]) {
@@ -127,7 +132,9 @@ impl PipeWorker {
         match self.answers.recv_timeout(DEADLINE) {
             Ok(answer) => answer,
             Err(RecvTimeoutError::Timeout) => panic!("no answer to {what} within {DEADLINE:?}"),
-            Err(RecvTimeoutError::Disconnected) => panic!("stdout closed before the answer to {what}"),
+            Err(RecvTimeoutError::Disconnected) => {
+                panic!("stdout closed before the answer to {what}")
+            }
         }
     }
 
@@ -148,11 +155,15 @@ impl PipeWorker {
                 Err(RecvTimeoutError::Timeout) => panic!("the worker did not finish after EOF"),
             }
         }
-        let result = self.body.take().unwrap().join().expect("the worker body panicked");
+        let result = self
+            .body
+            .take()
+            .unwrap()
+            .join()
+            .expect("the worker body panicked");
         (rest, result)
     }
 }
-
 
 /// One answer as the master reads it; `None` at EOF.
 fn read_answer(protocol: Protocol, input: &mut impl BufRead) -> Option<Vec<u8>> {
@@ -251,7 +262,10 @@ fn eof_between_jobs_ends_the_jobs_and_eof_inside_a_frame_is_an_error() {
     let (mut jobs, output) = in_memory(Protocol::Frames, input);
     jobs.next().unwrap().unwrap().ok("").unwrap();
     let error = jobs.next().unwrap().unwrap_err();
-    assert!(matches!(error, Error::Truncated { got: 6, want: 13 }), "{error}");
+    assert!(
+        matches!(error, Error::Truncated { got: 6, want: 13 }),
+        "{error}"
+    );
     assert!(jobs.next().is_none(), "the jobs end after an error");
     assert_eq!(output.bytes(), [0, 0, 0, 1, 0]);
 }
@@ -267,8 +281,14 @@ fn a_job_over_max_frame_is_an_error() {
         .unwrap();
     assert_eq!(jobs.next().unwrap().unwrap().payload(), b"1234");
     let error = jobs.next().unwrap().unwrap_err();
-    assert!(matches!(error, Error::FrameTooLarge { len: 5, max: 4 }), "{error}");
-    assert_eq!(error.to_string(), "a job of 5 bytes exceeds max_frame (4 bytes)");
+    assert!(
+        matches!(error, Error::FrameTooLarge { len: 5, max: 4 }),
+        "{error}"
+    );
+    assert_eq!(
+        error.to_string(),
+        "a job of 5 bytes exceeds max_frame (4 bytes)"
+    );
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -336,7 +356,10 @@ fn an_answer_to_a_master_that_is_gone_is_an_error() {
     let error = jobs.next().unwrap().unwrap().ok("").unwrap_err();
     assert!(matches!(&error, Error::Write(e) if e.kind() == std::io::ErrorKind::BrokenPipe));
     // Sticky: the next answer cannot be written either, whatever the pipe does now.
-    assert!(matches!(jobs.next().unwrap().unwrap().ok(""), Err(Error::Write(_))));
+    assert!(matches!(
+        jobs.next().unwrap().unwrap().ok(""),
+        Err(Error::Write(_))
+    ));
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -357,7 +380,9 @@ fn area(job: Resize) -> Result<Area, Fail> {
     match (job.width, job.height) {
         (0, _) | (_, 0) => Err(Fail::drop("empty image")),
         (w, _) if w > 10_000 => Err(Fail::retry("too wide for now")),
-        (w, h) => Ok(Area { pixels: u64::from(w) * u64::from(h) }),
+        (w, h) => Ok(Area {
+            pixels: u64::from(w) * u64::from(h),
+        }),
     }
 }
 
@@ -414,30 +439,47 @@ fn env_probe() {
         && std::env::var_os(plumule::worker::MAX_FRAME_ENV).is_none()
     {
         let jobs = opened.unwrap();
-        assert_eq!((jobs.protocol(), jobs.max_frame()), (Protocol::Lines, DEFAULT_MAX_FRAME));
+        assert_eq!(
+            (jobs.protocol(), jobs.max_frame()),
+            (Protocol::Lines, DEFAULT_MAX_FRAME)
+        );
     }
 }
 
 fn probe(env: &[(&str, &str)]) -> String {
     let mut command = Command::new(std::env::current_exe().unwrap());
     command.args(["env_probe", "--exact", "--nocapture", "--test-threads=1"]);
-    command.env_remove("PLUMULE_QUEUE_PROTOCOL").env_remove("PLUMULE_QUEUE_MAX_FRAME");
+    command
+        .env_remove("PLUMULE_QUEUE_PROTOCOL")
+        .env_remove("PLUMULE_QUEUE_MAX_FRAME");
     command.envs(env.iter().copied());
     let out = command.output().unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let stdout = String::from_utf8(out.stdout).unwrap();
     // libtest writes its own words around the probe's on the same line.
     let start = stdout.find("<probe>").expect("the probe's report") + "<probe>".len();
-    let end = stdout[start..].find("</probe>").expect("the end of the probe's report");
+    let end = stdout[start..]
+        .find("</probe>")
+        .expect("the end of the probe's report");
     stdout[start..start + end].to_string()
 }
 
 #[test]
 fn the_protocol_and_frame_limit_come_from_the_environment() {
     assert_eq!(probe(&[]), format!("ok lines {DEFAULT_MAX_FRAME}"));
-    assert_eq!(probe(&[("PLUMULE_QUEUE_PROTOCOL", "")]), format!("ok lines {DEFAULT_MAX_FRAME}"));
     assert_eq!(
-        probe(&[("PLUMULE_QUEUE_PROTOCOL", "frames"), ("PLUMULE_QUEUE_MAX_FRAME", "1024")]),
+        probe(&[("PLUMULE_QUEUE_PROTOCOL", "")]),
+        format!("ok lines {DEFAULT_MAX_FRAME}")
+    );
+    assert_eq!(
+        probe(&[
+            ("PLUMULE_QUEUE_PROTOCOL", "frames"),
+            ("PLUMULE_QUEUE_MAX_FRAME", "1024")
+        ]),
         "ok frames 1024"
     );
     assert_eq!(
@@ -467,7 +509,10 @@ fn the_pool_answers_in_job_order_under_uneven_work() {
         let threads_seen = Mutex::new(std::collections::HashSet::new());
         pool.run(jobs, |job| {
             most.fetch_max(pool.in_flight(), Ordering::Relaxed);
-            threads_seen.lock().unwrap().insert(std::thread::current().id());
+            threads_seen
+                .lock()
+                .unwrap()
+                .insert(std::thread::current().id());
             uneven_work(job.seq());
             Answer::ok(job.payload())
         })
@@ -481,7 +526,10 @@ fn the_pool_answers_in_job_order_under_uneven_work() {
             .collect();
         assert_eq!(output.bytes(), expected, "{protocol}");
         assert!(most.load(Ordering::Relaxed) <= pool.capacity());
-        assert!(threads_seen.lock().unwrap().len() > 1, "the jobs ran on several threads");
+        assert!(
+            threads_seen.lock().unwrap().len() > 1,
+            "the jobs ran on several threads"
+        );
         assert_eq!(pool.in_flight(), 0);
     }
 }
@@ -503,7 +551,9 @@ fn the_pool_holds_no_more_than_threads_plus_backlog() {
             })
         });
         wait_for("the pool holds 5 jobs", DEADLINE, || pool.in_flight() == 5);
-        wait_for("both threads have a job", DEADLINE, || started.load(Ordering::SeqCst) == 2);
+        wait_for("both threads have a job", DEADLINE, || {
+            started.load(Ordering::SeqCst) == 2
+        });
         // The reader had 45 more jobs at hand; it must have stopped.
         for _ in 0..1000 {
             assert!(pool.in_flight() <= 5, "the pool read past its capacity");
@@ -514,7 +564,13 @@ fn the_pool_holds_no_more_than_threads_plus_backlog() {
         drop(open_gate);
         running.join().unwrap().unwrap();
     });
-    assert_eq!(output.text(), numbered_lines(50).lines().map(|l| format!("ok {l}\n")).collect::<String>());
+    assert_eq!(
+        output.text(),
+        numbered_lines(50)
+            .lines()
+            .map(|l| format!("ok {l}\n"))
+            .collect::<String>()
+    );
 }
 
 #[test]
