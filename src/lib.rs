@@ -36,6 +36,7 @@ pub mod slot;
 pub mod sys;
 #[cfg(test)]
 mod test_support;
+pub mod worker;
 
 /// Named file locks as RAII guards, the same lock files workers and `plumule lock` use.
 pub use locks::{acquire as lock, LockGuard, Mode as LockMode, Wait as LockWait};
