@@ -152,7 +152,7 @@ impl ControlServer {
         }
     }
 
-    /// (fd, wants to write, connection id) for the poll set.
+    /// (fd, wanted events as poll bits, connection id) for the reactor.
     pub fn poll_entries(&self) -> impl Iterator<Item = (RawFd, i16, u64)> + '_ {
         self.conns.iter().filter_map(|(&id, c)| {
             let mut events = 0;

@@ -14,6 +14,8 @@
 //! - [`sys`]: every syscall wrapper and every `unsafe` block;
 //! - [`output`], [`logging`], [`locks`], [`orphans`]: worker output, the master's log, named
 //!   file locks, and the record of process groups that outlives a crashed master;
+//! - [`worker`]: the library for queue workers written in Rust (jobs on stdin, answers on
+//!   stdout, typed payloads, a thread pool that answers in order);
 //! - [`cli`]: the `plumule` command line.
 
 #![deny(unsafe_op_in_unsafe_fn)]
