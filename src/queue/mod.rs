@@ -6,4 +6,4 @@
 //!   `frames`), encoders and incremental decoders for both ends.
 
 pub mod ring;
-
+pub mod wire;
