@@ -32,6 +32,7 @@ pub mod orphans;
 pub mod output;
 pub mod plan;
 pub mod protocol;
+pub mod queue;
 pub mod slot;
 pub mod sys;
 #[cfg(test)]
