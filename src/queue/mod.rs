@@ -1,9 +1,12 @@
-//! Job queues (SPEC §4): the pure building blocks the master and the worker library share.
+//! Job queues (SPEC §4): the building blocks the master and the worker library share. The
+//! master does not feed queues yet; these are their parts, each tested on its own.
 //!
 //! - [`ring`]: routing decisions (consistent hash ring for `route = "key"`, least-loaded,
 //!   round-robin);
 //! - [`wire`]: the bytes on a queue worker's stdin and stdout, for both protocols (`lines` and
-//!   `frames`), encoders and incremental decoders for both ends.
+//!   `frames`), encoders and incremental decoders for both ends;
+//! - [`store`]: the on-disk log of a durable queue, its format and its recovery.
 
 pub mod ring;
+pub mod store;
 pub mod wire;

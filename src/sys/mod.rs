@@ -3,6 +3,7 @@
 
 pub mod alarm;
 pub mod forkserver;
+pub mod fs;
 pub mod listen;
 pub mod notify;
 pub mod pidfile;
