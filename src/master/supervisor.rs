@@ -512,7 +512,9 @@ impl Supervisor {
         req.stdin = self.dev_null.as_raw_fd();
         req.stdout = stdout.0;
         req.stderr = stderr.0;
-        let forked = match self.forkserver.as_mut() {
+        let exec = matches!(prepared.body, sys::spawn::Body::Exec { .. });
+        let forked = match self.forkserver.as_mut().filter(|_| exec) {
+            // A function body (the library's) runs in a fork of the master itself.
             Some(server) => server.spawn(req, &prepared.body).or_else(|e| {
                 // Ours, so this should not happen; if it does, the master can still fork.
                 log::warn!("the fork server failed ({e}); the master forks workers itself now");
