@@ -19,7 +19,8 @@ use crate::protocol::{Answer, Request, Response};
     name = "plumule",
     version,
     about = "A multi-process daemon supervisor",
-    propagate_version = true
+    propagate_version = true,
+    subcommand_value_name = "COMMAND"
 )]
 pub struct Cli {
     /// The config file (default: $PLUMULE_CONFIG, ./plumule.toml, /etc/plumule/plumule.toml)
@@ -32,68 +33,111 @@ pub struct Cli {
     pub command: Command,
 }
 
+/// The commands. Those marked `hide` parse (so they can say "not supported yet") but are not
+/// built: `--help`, the man page and the completion scripts leave them out.
 #[derive(Debug, Subcommand)]
 pub enum Command {
-    /// Run the master in the foreground
+    /// Run the master in the foreground (it never daemonizes itself)
     Run,
     /// Validate the config file and print the resolved programs and queues
     Check,
     /// One row per worker: state, pid, uptime, restarts, last exit
     Status {
-        /// Only this program
+        /// Show only this program's workers
         program: Option<String>,
-        /// Machine-readable output
+        /// Print one JSON object (the control protocol's status answer) instead of a table
         #[arg(long)]
         json: bool,
     },
     /// Re-read the config file and apply what changed (like SIGHUP)
     Reload,
     /// Start a program or one worker (PROGRAM.ID); clears `failed`
-    Start { target: String },
+    Start {
+        /// PROGRAM or PROGRAM.ID: a whole program, or one worker by its id (from 0)
+        target: String,
+    },
     /// Stop a program or one worker (PROGRAM.ID)
-    Stop { target: String },
+    Stop {
+        /// PROGRAM or PROGRAM.ID: a whole program, or one worker by its id (from 0)
+        target: String,
+    },
     /// Restart a program or one worker (PROGRAM.ID)
-    Restart { target: String },
+    Restart {
+        /// PROGRAM or PROGRAM.ID: a whole program, or one worker by its id (from 0)
+        target: String,
+    },
     /// Change the number of workers of a program at run time
-    Scale { program: String, workers: u32 },
-    /// Enqueue jobs (no payload: one job per line of stdin)
+    Scale {
+        /// The program to scale
+        program: String,
+        /// How many workers it runs from now on (until the file's `workers` for it changes)
+        #[arg(value_name = "N")]
+        workers: u32,
+    },
+    /// Enqueue jobs (not built yet: job queues)
+    #[command(hide = true)]
     Submit {
+        /// The queue to add the jobs to
         queue: String,
+        /// The routing key of the jobs
         #[arg(long)]
         key: Option<String>,
+        /// Wait for the jobs' results and print them
         #[arg(long)]
         wait: bool,
+        /// The jobs, one per argument (none: one job per line of stdin)
         payload: Vec<String>,
     },
-    /// Queue counters; --dead lists dead letters
+    /// Queue counters (not built yet: job queues)
+    #[command(hide = true)]
     Queue {
+        /// Only this queue
         queue: Option<String>,
+        /// Machine-readable output
         #[arg(long)]
         json: bool,
+        /// List the dead letters with their reasons
         #[arg(long)]
         dead: bool,
     },
-    /// Put dead letters back in the queue
+    /// Put dead letters back in the queue (not built yet: job queues)
+    #[command(hide = true)]
     Requeue {
+        /// The queue whose dead letters to requeue
         queue: String,
+        /// Requeue every dead letter of the queue
         #[arg(long, conflicts_with = "ids")]
         all: bool,
+        /// The dead letters to requeue
         ids: Vec<String>,
     },
     /// Recent worker output kept by the master
     Logs {
+        /// PROGRAM or PROGRAM.ID: only this program's or this worker's lines (default: all)
         target: Option<String>,
-        #[arg(short = 'n', long = "lines", default_value_t = 50)]
+        /// How many of the most recent lines to print
+        #[arg(
+            short = 'n',
+            long = "lines",
+            value_name = "LINES",
+            default_value_t = 50
+        )]
         lines: usize,
+        /// Then keep printing new lines as they come, until interrupted (exit 1 when the
+        /// master goes away)
         #[arg(short = 'f', long)]
         follow: bool,
     },
-    /// Shell completions
-    Completions { shell: clap_complete::Shell },
-    /// The man page (roff) on stdout
+    /// Print a shell completion script on stdout
+    Completions {
+        /// The shell to write the script for
+        shell: clap_complete::Shell,
+    },
+    /// Print the man page plumule(1) on stdout, in roff (try `plumule man | man -l -`)
     Man,
     /// Run CMD holding the named file lock (like flock(1)); 75 when the lock is not taken
     Lock {
+        /// The lock's name: the file lock_dir/NAME.lock, the same one workers' `locks` take
         name: String,
         /// Take a shared (read) lock
         #[arg(long)]
@@ -104,9 +148,28 @@ pub enum Command {
         /// Give up at once when the lock is held
         #[arg(long)]
         nonblock: bool,
+        /// The command to run while the lock is held, and its arguments (after `--`); its
+        /// exit status is plumule's
         #[arg(last = true, required = true, value_name = "CMD")]
         cmd: Vec<OsString>,
     },
+}
+
+/// The command line as users are shown it: [`Cli`] without its hidden subcommands. The
+/// completion scripts are made from it, since clap_complete lists hidden subcommands too.
+pub fn shown_command() -> clap::Command {
+    let full = Cli::command();
+    let mut shown = clap::Command::new("plumule")
+        .bin_name("plumule")
+        .version(env!("CARGO_PKG_VERSION"))
+        .propagate_version(true)
+        .subcommand_value_name("COMMAND")
+        .args(full.get_arguments().cloned())
+        .subcommands(full.get_subcommands().filter(|s| !s.is_hide_set()).cloned());
+    if let Some(about) = full.get_about() {
+        shown = shown.about(about.clone());
+    }
+    shown
 }
 
 /// A `--timeout` that is not a duration; clap shows it after the option's name.
@@ -132,12 +195,12 @@ pub fn run(cli: Cli) -> i32 {
         Command::Check => check(cli.config),
         Command::Completions { shell } => {
             let mut out = Vec::new();
-            clap_complete::generate(shell, &mut Cli::command(), "plumule", &mut out);
+            clap_complete::generate(shell, &mut shown_command(), "plumule", &mut out);
             print_all(&out)
         }
         Command::Man => {
             let mut out = Vec::new();
-            match clap_mangen::Man::new(Cli::command()).render(&mut out) {
+            match crate::manpage::render(Cli::command(), &mut out) {
                 Ok(()) => print_all(&out),
                 Err(e) => fail(format!("cannot render the man page: {e}")),
             }

@@ -16,7 +16,7 @@
 //!   file locks, and the record of process groups that outlives a crashed master;
 //! - [`worker`]: the library for queue workers written in Rust (jobs on stdin, answers on
 //!   stdout, typed payloads, a thread pool that answers in order);
-//! - [`cli`]: the `plumule` command line.
+//! - [`cli`], [`manpage`]: the `plumule` command line and its man page.
 
 #![deny(unsafe_op_in_unsafe_fn)]
 
@@ -29,6 +29,7 @@ pub mod diff;
 pub mod launch;
 pub mod locks;
 pub mod logging;
+pub mod manpage;
 pub mod master;
 pub mod orphans;
 pub mod output;
