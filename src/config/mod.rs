@@ -484,14 +484,24 @@ fn parse_with(
     unsupported: &[Unsupported],
 ) -> Result<Config, ConfigError> {
     let path = absolute(path);
-    let source = locate::Source::new(text);
-    let pending = match toml::from_str::<raw::RawFile>(text) {
-        Ok(raw) => match validate::validate(&raw, &source, &path, host, unsupported) {
-            Ok(config) => return Ok(config),
-            Err(pending) => pending,
-        },
-        Err(error) => vec![locate::toml_error(&error, &source)],
-    };
+    let (text, mut pending) = without_leading_zeros(text);
+    let source = locate::Source::new(&text);
+    match toml_edit::ImDocument::parse(text.as_str()) {
+        Ok(doc) => {
+            let (raw, read) = raw::read(doc.as_table());
+            match validate::validate(&raw, &source, &path, host, unsupported) {
+                Ok(config) if read.problems.is_empty() && pending.is_empty() => return Ok(config),
+                Ok(_) => {}
+                Err(found) => pending.extend(
+                    found
+                        .into_iter()
+                        .filter(|p| !p.key.as_deref().is_some_and(|k| read.covers(k))),
+                ),
+            }
+            pending.extend(read.problems);
+        }
+        Err(error) => pending.push(locate::syntax_error(&error, &source)),
+    }
     let mut problems: Vec<Problem> = pending
         .into_iter()
         .map(|p| Problem {
@@ -502,6 +512,31 @@ fn parse_with(
         .collect();
     problems.sort_by_key(|p| (p.location.is_none(), p.location));
     Err(ConfigError { path, problems })
+}
+
+/// TOML refuses a number with a leading zero (`umask = 022`) as a syntax error that says
+/// neither which key nor why, and stops there. Each such number gets its own problem, and
+/// its zeros are blanked (same offsets, so locations hold) so that the rest of the file is
+/// still read and checked. Returns the text to read and those problems.
+fn without_leading_zeros(text: &str) -> (String, Vec<Pending>) {
+    let mut text = text.to_owned();
+    let mut found: Vec<Pending> = Vec::new();
+    // Each round blanks at least one `0`, so this ends; the bound keeps a pathological file
+    // from costing one parse per zero.
+    while found.len() < 100 {
+        let Err(error) = toml_edit::ImDocument::parse(text.as_str()) else {
+            break;
+        };
+        let Some(zero) = error
+            .span()
+            .and_then(|span| locate::leading_zero(&text, span.start))
+        else {
+            break;
+        };
+        text.replace_range(zero.zeros.clone(), &" ".repeat(zero.zeros.len()));
+        found.push(zero.problem);
+    }
+    (text, found)
 }
 
 fn absolute(path: &Path) -> PathBuf {
