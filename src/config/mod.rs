@@ -1,13 +1,17 @@
-//! Configuration: the TOML file as the user wrote it (`raw`: serde types that mirror SPEC §2,
-//! `deny_unknown_fields`) and the validated [`Config`] that the rest of plumule trusts.
+//! Configuration: the TOML file as the user wrote it (`raw`: plain structs read key by key
+//! from toml_edit's spanned document) and the validated [`Config`] that the rest of plumule
+//! trusts.
 //!
 //! Invariants of a [`Config`]: every name is valid, every reference (`after`, `queue`) resolves,
 //! every path is absolute, every user and group exists, and `after` has no cycle.
 //!
-//! Reading a file is [`load`] (permission checks, then [`parse`]). A file that is not valid
-//! TOML or does not fit the schema's types yields its first error; a file that fits yields
-//! every validation problem at once. Each problem is located (`FILE:LINE:COL: KEY: message`),
-//! see [`ConfigError`].
+//! Reading a file is [`load`] (permission checks, then [`parse`]). Every problem of a file is
+//! reported at once: unknown keys (with the key probably meant), values of the wrong type, and
+//! every validation problem; a key reported as unknown or mistyped gets no follow-up ("missing
+//! key") problem. The one exception is a TOML syntax error, after which nothing can be read,
+//! except a number with a leading zero (`umask = 022`): that gets its own hint and the rest of
+//! the file is still checked. Each problem is located (`FILE:LINE:COL: KEY: message`), see
+//! [`ConfigError`]. [`load_for_check`] adds the warnings of `plumule check` ([`Warnings`]).
 //!
 //! Value syntaxes, decided here:
 //! - durations are strings in humantime syntax ("250ms", "10s", "1h 30m"); a number is an
@@ -488,7 +492,11 @@ fn parse_with(
     let source = locate::Source::new(&text);
     match toml_edit::ImDocument::parse(text.as_str()) {
         Ok(doc) => {
-            let (raw, read) = raw::read(doc.as_table());
+            let (raw, mut read) = raw::read(doc.as_table());
+            // A value whose leading zeros were blanked is read as a number that validation
+            // would refuse again.
+            read.reported
+                .extend(pending.iter().filter_map(|p| p.key.clone()));
             match validate::validate(&raw, &source, &path, host, unsupported) {
                 Ok(config) if read.problems.is_empty() && pending.is_empty() => return Ok(config),
                 Ok(_) => {}
