@@ -38,6 +38,7 @@ mod locate;
 mod raw;
 mod validate;
 mod values;
+mod warnings;
 
 #[cfg(test)]
 mod tests;
@@ -53,6 +54,7 @@ use std::time::Duration;
 use nix::sys::signal::Signal;
 
 pub use locate::Location;
+pub use warnings::{Probe, Warnings};
 
 /// A validated configuration.
 #[derive(Debug, Clone, PartialEq)]
@@ -337,17 +339,22 @@ impl fmt::Display for ConfigError {
             if i > 0 {
                 writeln!(f)?;
             }
-            write!(f, "{}", self.path.display())?;
-            if let Some(Location { line, column }) = problem.location {
-                write!(f, ":{line}:{column}")?;
-            }
-            if let Some(key) = &problem.key {
-                write!(f, ": {key}")?;
-            }
-            write!(f, ": {}", problem.message)?;
+            write_problem(f, &self.path, problem)?;
         }
         Ok(())
     }
+}
+
+/// `FILE:LINE:COL: KEY: message`, leaving out what is unknown.
+fn write_problem(f: &mut fmt::Formatter<'_>, path: &Path, problem: &Problem) -> fmt::Result {
+    write!(f, "{}", path.display())?;
+    if let Some(Location { line, column }) = problem.location {
+        write!(f, ":{line}:{column}")?;
+    }
+    if let Some(key) = &problem.key {
+        write!(f, ": {key}")?;
+    }
+    write!(f, ": {}", problem.message)
 }
 
 impl std::error::Error for ConfigError {}
@@ -408,6 +415,22 @@ fn choose_config_path(cli: Option<&Path>, env: Option<OsString>, local: bool) ->
 /// writable by its group or by others, or owned by a user other than root and the current
 /// effective user. The checks apply to the file opened (symbolic links followed).
 pub fn load(path: &Path) -> Result<Config, ConfigError> {
+    let (path, text) = read_trusted(path)?;
+    parse(&text, &path)
+}
+
+/// [`load`], and the warnings of `plumule check` about what cannot run as written on this
+/// host (see [`Probe`]).
+pub fn load_for_check(path: &Path, probe: &Probe) -> Result<(Config, Warnings), ConfigError> {
+    let (path, text) = read_trusted(path)?;
+    let config = parse(&text, &path)?;
+    let warnings = warnings::warnings(&config, &text, probe);
+    Ok((config, warnings))
+}
+
+/// The absolute path and the content of the file at `path`, once it passed the checks of
+/// [`load`].
+fn read_trusted(path: &Path) -> Result<(PathBuf, String), ConfigError> {
     let path = absolute(path);
     let fail = |message: String| ConfigError::whole_file(&path, message);
     let read = || -> io::Result<(std::fs::Metadata, String)> {
@@ -426,7 +449,7 @@ pub fn load(path: &Path) -> Result<Config, ConfigError> {
         return Err(fail("not a regular file".to_owned()));
     }
     check_ownership(&metadata, nix::unistd::geteuid().as_raw()).map_err(|e| fail(e.to_string()))?;
-    parse(&text, &path)
+    Ok((path, text))
 }
 
 /// Why a configuration file is refused before it is read as TOML.

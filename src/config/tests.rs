@@ -1335,3 +1335,85 @@ fn a_real_syntax_error_after_a_leading_zero_is_still_reported() {
     );
     assert!(all[1].starts_with(&line("4:")), "{all:#?}");
 }
+
+// ---- Warnings of `plumule check`. ----
+
+/// The warnings about `text` (which must be valid) on a host where only `/bin/found` is an
+/// executable and the master runs as `euid`.
+fn warnings_as(text: &str, euid: u32) -> Vec<String> {
+    let config = parse_all(text).unwrap_or_else(|e| panic!("expected a valid config:\n{e}"));
+    let resolve = |name: &str, path: &std::ffi::OsStr, _: Option<&Path>| {
+        if name == "/bin/found" || (name == "found" && path.to_str() == Some("/bin")) {
+            Ok(())
+        } else {
+            Err(format!(
+                "command not found: {name} (searched PATH={path:?})"
+            ))
+        }
+    };
+    let probe = Probe {
+        euid,
+        egid: euid,
+        inherited_path: Some("/inherited".into()),
+        default_path: std::ffi::OsStr::new("/bin"),
+        resolve: &resolve,
+    };
+    let shown = warnings::warnings(&config, text, &probe).to_string();
+    shown.lines().map(str::to_owned).collect()
+}
+
+#[test]
+fn check_warns_about_what_cannot_run_here() {
+    let text = "[program.a]\ncommand = [\"/bin/found\"]\ncwd = \"/nonexistent-plumule-dir\"\n\
+                [program.b]\ncommand = [\"found\"]\ninherit_env = false\n\
+                [program.c]\ncommand = [\"found\"]\n\
+                [program.d]\ncommand = [\"lost\"]\nenv = { PATH = \"/bin\" }\n\
+                user = \"root\"\ngroup = \"root\"\n";
+    assert_eq!(
+        warnings_as(text, 0),
+        [
+            format!(
+                "warning: {}",
+                line("3:1: program.a.cwd: the folder /nonexistent-plumule-dir does not exist")
+            ),
+            // Inherits the master's PATH, where `found` is not.
+            format!(
+                "warning: {}",
+                line(
+                    "8:1: program.c.command: command not found: found (searched \
+                     PATH=\"/inherited\")"
+                )
+            ),
+            format!(
+                "warning: {}",
+                line("10:1: program.d.command: command not found: lost (searched PATH=\"/bin\")")
+            ),
+        ]
+    );
+    // Not root: `user` and `group` cannot be switched to.
+    let not_root = warnings_as(text, 4242);
+    assert_eq!(not_root.len(), 5, "{not_root:#?}");
+    assert_eq!(
+        not_root[3],
+        format!(
+            "warning: {}",
+            line(
+                "12:1: program.d.user: plumule is not running as root (uid 4242): it cannot \
+                 start workers as user `root`"
+            )
+        )
+    );
+    assert!(
+        not_root[4].starts_with(&format!("warning: {}", line("13:1: program.d.group: "))),
+        "{not_root:#?}"
+    );
+}
+
+#[test]
+fn a_file_that_runs_here_has_no_warnings() {
+    let text = "[program.a]\ncommand = [\"/bin/found\"]\ncwd = \"/\"\n\
+                [program.b]\ncommand = \"anything at all\"\n";
+    // A shell command runs /bin/sh, which this fake host does not have.
+    assert_eq!(warnings_as(text, 0).len(), 1);
+    assert!(warnings_as("[program.a]\ncommand = [\"/bin/found\"]\ncwd = \"/\"\n", 0).is_empty());
+}
