@@ -169,8 +169,9 @@ pub(super) fn leading_zero(text: &str, offset: usize) -> Option<LeadingZero> {
     let bytes = line.as_bytes();
     // The last number token starting at or before the error that begins with 0 and a digit.
     let start = (0..bytes.len())
+        .rev()
         .filter(|&i| line_start + i <= offset)
-        .filter(|&i| {
+        .find(|&i| {
             let starts_token = i == 0 || !is_number_byte(bytes[i - 1]);
             let zero_digit = bytes[i] == b'0' && bytes.get(i + 1).is_some_and(u8::is_ascii_digit);
             let after_value_start = line[..i]
@@ -179,8 +180,7 @@ pub(super) fn leading_zero(text: &str, offset: usize) -> Option<LeadingZero> {
                 .trim_end()
                 .ends_with(['=', '[', ',']);
             starts_token && zero_digit && after_value_start
-        })
-        .last()?;
+        })?;
     let end = (start..bytes.len())
         .find(|&i| !is_number_byte(bytes[i]))
         .unwrap_or(bytes.len());

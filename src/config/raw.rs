@@ -94,11 +94,8 @@ pub(super) struct RawQueue {
     pub max_frame: Option<Spanned<Scalar>>,
 }
 
-/// A TOML table read into `T`. A derived struct would also accept an array, filling its
-/// fields in order (`plumule = ["/run/x"]` would set `runtime_dir`): this accepts tables only.
-
 /// A scalar of any TOML type, for values that are strings but deserve a better message than
-/// serde's when they are not (durations, sizes, octal modes).
+/// a type error when they are not (durations, sizes, octal modes).
 #[derive(Debug, Clone, PartialEq)]
 pub(super) enum Scalar {
     Str(String),
