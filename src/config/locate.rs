@@ -162,7 +162,10 @@ const OCTAL_KEYS: &[&str] = &["umask", "mode"];
 
 /// Recognises a syntax error at `offset` as a number with a leading zero on that line.
 pub(super) fn leading_zero(text: &str, offset: usize) -> Option<LeadingZero> {
-    let offset = offset.min(text.len());
+    let mut offset = offset.min(text.len());
+    while !text.is_char_boundary(offset) {
+        offset -= 1;
+    }
     let line_start = text[..offset].rfind('\n').map_or(0, |i| i + 1);
     let line_end = text[offset..].find('\n').map_or(text.len(), |i| offset + i);
     let line = &text[line_start..line_end];
@@ -172,14 +175,16 @@ pub(super) fn leading_zero(text: &str, offset: usize) -> Option<LeadingZero> {
         .rev()
         .filter(|&i| line_start + i <= offset)
         .find(|&i| {
-            let starts_token = i == 0 || !is_number_byte(bytes[i - 1]);
+            // `0` is ASCII, so `i` is a char boundary once it holds.
             let zero_digit = bytes[i] == b'0' && bytes.get(i + 1).is_some_and(u8::is_ascii_digit);
-            let after_value_start = line[..i]
-                .trim_end()
-                .trim_end_matches(['+', '-'])
-                .trim_end()
-                .ends_with(['=', '[', ',']);
-            starts_token && zero_digit && after_value_start
+            let starts_token = i == 0 || !is_number_byte(bytes[i - 1]);
+            zero_digit
+                && starts_token
+                && line[..i]
+                    .trim_end()
+                    .trim_end_matches(['+', '-'])
+                    .trim_end()
+                    .ends_with(['=', '[', ','])
         })?;
     let end = (start..bytes.len())
         .find(|&i| !is_number_byte(bytes[i]))
@@ -396,6 +401,24 @@ mod tests {
             Some("program.web.backoff")
         );
         assert!(src.key_span(&["program", "web", "at"]).is_some());
+    }
+
+    /// Found by tests/robustness.rs: an offset inside a multi-byte character panicked.
+    #[test]
+    fn leading_zero_handles_any_offset() {
+        let text = "a = \"é\" x\nb = 007 # é\n";
+        for offset in 0..=text.len() + 1 {
+            let _ = leading_zero(text, offset);
+        }
+        let b = text.find("007").unwrap();
+        let found = leading_zero(text, b + 1).unwrap();
+        assert_eq!(found.zeros, b..b + 2);
+        assert_eq!(found.problem.key.as_deref(), Some("b"));
+        assert_eq!(
+            found.problem.message,
+            "a number cannot start with 0 in TOML: write b = 7"
+        );
+        assert!(leading_zero(text, text.find('x').unwrap()).is_none());
     }
 
     #[test]
