@@ -40,7 +40,12 @@ pub enum Command {
     /// Run the master in the foreground (it never daemonizes itself)
     Run,
     /// Validate the config file and print the resolved programs and queues
-    Check,
+    Check {
+        /// Also fail (exit 1) on warnings: what cannot run here as written (a command not
+        /// found, a missing cwd, `user` or `group` without root)
+        #[arg(long)]
+        strict: bool,
+    },
     /// One row per worker: state, pid, uptime, restarts, last exit
     Status {
         /// Show only this program's workers
@@ -192,7 +197,7 @@ pub fn main() -> i32 {
 pub fn run(cli: Cli) -> i32 {
     match cli.command {
         Command::Run => run_master(cli.config),
-        Command::Check => check(cli.config),
+        Command::Check { strict } => check(cli.config, strict),
         Command::Completions { shell } => {
             let mut out = Vec::new();
             clap_complete::generate(shell, &mut shown_command(), "plumule", &mut out);
@@ -384,12 +389,36 @@ fn run_master(cli_path: Option<PathBuf>) -> i32 {
     }
 }
 
-fn check(cli_path: Option<PathBuf>) -> i32 {
-    let config = match load(cli_path) {
-        Ok(c) => c,
-        Err(code) => return code,
+/// `plumule check`: errors exit 1; warnings are printed and exit 1 only with `--strict`.
+fn check(cli_path: Option<PathBuf>, strict: bool) -> i32 {
+    let path = config::find_config_path(cli_path.as_deref());
+    let resolve = |name: &str, path_var: &std::ffi::OsStr, cwd: Option<&std::path::Path>| {
+        crate::launch::resolve(name, path_var, cwd)
+            .map(drop)
+            .map_err(|e| e.to_string())
     };
-    print_all(describe(&config).as_bytes())
+    let probe = config::Probe {
+        euid: nix::unistd::geteuid().as_raw(),
+        egid: nix::unistd::getegid().as_raw(),
+        inherited_path: std::env::var_os("PATH"),
+        default_path: crate::launch::DEFAULT_PATH.as_ref(),
+        resolve: &resolve,
+    };
+    let (config, warnings) = match config::load_for_check(&path, &probe) {
+        Ok(checked) => checked,
+        Err(e) => return fail(format!("invalid config:\n{e}")),
+    };
+    let code = print_all(describe(&config).as_bytes());
+    if warnings.is_empty() {
+        return code;
+    }
+    eprintln!("{warnings}");
+    if strict {
+        let n = warnings.problems.len();
+        let s = if n == 1 { "" } else { "s" };
+        return fail(format!("{n} warning{s}, refused with --strict"));
+    }
+    code
 }
 
 /// The resolved config, as `check` prints it.

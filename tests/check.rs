@@ -120,3 +120,200 @@ fn the_example_config_passes_check() {
     let out = check(&sb, &example);
     assert_exit_code(out.status, 0, &out.stderr);
 }
+
+fn check_args(sb: &Sandbox, config: &Path, more: &[&str]) -> Outcome {
+    let config = config.display().to_string();
+    let mut args = vec!["check", "-c", &config];
+    args.extend_from_slice(more);
+    sb.plumule(&args, DEADLINE)
+}
+
+/// The lines of `stderr` that report a problem of `file` (`FILE:LINE:…`), in order.
+fn located(stderr: &str, file: &Path) -> Vec<String> {
+    let prefix = format!("{}:", file.display());
+    stderr
+        .lines()
+        .filter_map(|l| l.strip_prefix(&prefix))
+        .map(str::to_owned)
+        .collect()
+}
+
+/// Regression (operator experience): four mistakes in one file came out one at a time, each
+/// only after the previous one was fixed. Now `check` reports all of them at once.
+#[test]
+fn check_reports_every_error_of_a_file_at_once() {
+    let sb = Sandbox::new();
+    let text = format!(
+        "{}[program.web]\ncomand = [\"/bin/true\"]\nstop_signal = \"TREM\"\n\
+         stop_timeout = 10\nrestart = \"sometimes\"\nworker = 2\nenv = {{ A = \"1\" }}\n\
+         backof = {{ initial = \"1s\" }}\n",
+        sb.header()
+    );
+    let config = sb.write_file("bad.toml", &text, 0o644);
+    let out = check(&sb, &config);
+    assert_exit_code(out.status, 1, &out.stderr);
+    assert_eq!(
+        located(&out.stderr, &config),
+        [
+            "7:1: program.web.comand: unknown key `comand`, did you mean `command`?",
+            "8:15: program.web.stop_signal: unknown signal `TREM`, did you mean `TERM`?",
+            "9:16: program.web.stop_timeout: expected a duration string like \"5s\", found \
+             the number 10; write \"10s\"",
+            "10:11: program.web.restart: unknown restart policy `sometimes`; expected one of \
+             `always`, `on-failure`, `never`",
+            "11:1: program.web.worker: unknown key `worker`, did you mean `workers`?",
+            "13:1: program.web.backof: unknown key `backof`, did you mean `backoff`?",
+        ],
+        "stderr:\n{}",
+        out.stderr
+    );
+    assert!(
+        out.stdout.is_empty(),
+        "nothing resolved is printed: {}",
+        out.stdout
+    );
+}
+
+/// Regression: `umask = 022` (a TOML number with a leading zero) was a bare "expected
+/// newline" syntax error with no key and no hint.
+#[test]
+fn check_says_to_quote_a_umask_written_as_a_number() {
+    let sb = Sandbox::new();
+    let config = config_with_line_8(&sb, "umask = 022");
+    let out = check(&sb, &config);
+    assert_exit_code(out.status, 1, &out.stderr);
+    assert_eq!(
+        located(&out.stderr, &config),
+        [
+            "8:9: program.web.umask: a number cannot start with 0 in TOML; write the umask as a \
+          string: umask = \"022\""
+        ],
+        "stderr:\n{}",
+        out.stderr
+    );
+    // Other numbers with a leading zero get their fix too, and the rest of the file is
+    // still checked.
+    let text = format!(
+        "{}[program.web]\ncommand = [\"/bin/true\"]\nworkers = 08\nrestart = \"alway\"\n",
+        sb.header()
+    );
+    let config = sb.write_file("zeros.toml", &text, 0o644);
+    let out = check(&sb, &config);
+    assert_exit_code(out.status, 1, &out.stderr);
+    assert_eq!(
+        located(&out.stderr, &config),
+        [
+            "8:11: program.web.workers: a number cannot start with 0 in TOML: write workers = 8",
+            "9:11: program.web.restart: unknown restart policy `alway`, did you mean `always`?",
+        ],
+        "stderr:\n{}",
+        out.stderr
+    );
+}
+
+#[test]
+fn check_warns_about_a_missing_command_or_cwd_and_fails_only_with_strict() {
+    let sb = Sandbox::new();
+    let text = format!(
+        "{}[program.web]\ncommand = [\"plumule-no-such-command\"]\n\
+         [program.job]\ncommand = [\"/bin/true\"]\ncwd = \"gone\"\n\
+         [program.ok]\ncommand = [\"true\"]\n",
+        sb.header()
+    );
+    let config = sb.write_file("warn.toml", &text, 0o644);
+    let out = check(&sb, &config);
+    assert_exit_code(out.status, 0, &out.stderr);
+    assert!(
+        out.stdout.contains("web") && out.stdout.contains("job") && out.stdout.contains("ok"),
+        "the resolved programs are printed:\n{}",
+        out.stdout
+    );
+    let file = config.display().to_string();
+    let warnings: Vec<&str> = out.stderr.lines().collect();
+    assert_eq!(warnings.len(), 2, "two warnings:\n{}", out.stderr);
+    assert!(
+        warnings[0].starts_with(&format!(
+            "warning: {file}:7:1: program.web.command: command not found: \
+             plumule-no-such-command (searched PATH="
+        )),
+        "{}",
+        out.stderr
+    );
+    assert_eq!(
+        warnings[1],
+        format!(
+            "warning: {file}:10:1: program.job.cwd: the folder {} does not exist",
+            sb.path("gone").display()
+        )
+    );
+
+    let strict = check_args(&sb, &config, &["--strict"]);
+    assert_exit_code(strict.status, 1, &strict.stderr);
+    assert_eq!(
+        strict
+            .stderr
+            .lines()
+            .filter(|l| l.starts_with("warning: "))
+            .count(),
+        2,
+        "{}",
+        strict.stderr
+    );
+    assert!(
+        strict.stderr.contains("2 warnings, refused with --strict"),
+        "{}",
+        strict.stderr
+    );
+
+    // A file that runs here passes --strict.
+    let text = format!(
+        "{}[program.ok]\ncommand = [\"true\"]\ncwd = \".\"\n",
+        sb.header()
+    );
+    let fine = sb.write_file("fine.toml", &text, 0o644);
+    let out = check_args(&sb, &fine, &["--strict"]);
+    assert_exit_code(out.status, 0, &out.stderr);
+    assert!(out.stderr.is_empty(), "no warning: {}", out.stderr);
+}
+
+#[test]
+fn check_warns_about_user_and_group_when_not_root() {
+    let sb = Sandbox::new();
+    let text = format!(
+        "{}[program.web]\ncommand = [\"/bin/true\"]\nuser = \"root\"\ngroup = \"root\"\n",
+        sb.header()
+    );
+    let config = sb.write_file("users.toml", &text, 0o644);
+    let file = config.display().to_string();
+    let not_root = |args: &[&str]| {
+        let mut all = vec!["check", "-c", &file];
+        all.extend_from_slice(args);
+        let mut d = sb.spawn_plumule_as(&all, 65534, 65534);
+        let status = d.wait_exit(DEADLINE);
+        Outcome {
+            status,
+            stdout: d.stdout_text(),
+            stderr: d.stderr_text(),
+        }
+    };
+    let out = not_root(&[]);
+    assert_exit_code(out.status, 0, &out.stderr);
+    assert_eq!(
+        out.stderr.lines().collect::<Vec<_>>(),
+        [
+            format!(
+                "warning: {file}:8:1: program.web.user: plumule is not running as root (uid \
+                 65534): it cannot start workers as user `root`"
+            ),
+            format!(
+                "warning: {file}:9:1: program.web.group: plumule is not running as root (gid \
+                 65534): it cannot start workers in group `root`"
+            ),
+        ]
+    );
+    let strict = not_root(&["--strict"]);
+    assert_exit_code(strict.status, 1, &strict.stderr);
+    // As root, the same file has nothing to warn about.
+    let out = check_args(&sb, &config, &["--strict"]);
+    assert_exit_code(out.status, 0, &out.stderr);
+}

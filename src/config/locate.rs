@@ -12,7 +12,6 @@ use std::ops::Range;
 use serde::de::{Deserialize, Deserializer, MapAccess, SeqAccess, Visitor};
 use toml::Spanned;
 
-use super::values::unknown_choice;
 use super::Pending;
 
 /// A 1-based line and column (columns count characters, not bytes).
@@ -112,9 +111,9 @@ impl<'a> Source<'a> {
     }
 }
 
-/// Locates a toml error (a syntax error, or a value that does not fit the schema's types) and
-/// rewords serde's message for a person who edits TOML rather than Rust.
-pub(super) fn toml_error(error: &toml::de::Error, source: &Source) -> Pending {
+/// Locates a syntax error of the file (toml's parser stops at the first one, so there is only
+/// one to report) and names the key it concerns when it can.
+pub(super) fn syntax_error(error: &toml_edit::TomlError, source: &Source) -> Pending {
     let mut message = error
         .message()
         .lines()
@@ -137,22 +136,8 @@ pub(super) fn toml_error(error: &toml::de::Error, source: &Source) -> Pending {
             None => "unexpected end of file".to_owned(),
         };
     }
-    let mut path = source.key_at(span.start).map(|k| k.path.clone());
-    if message.ends_with("expected a borrowed string") {
-        // A value written as a dotted-key table (`healthy_after.x = 1`): toml gives such
-        // implicit tables no span, so `Spanned` reads the table's first key instead of a span
-        // and fails. The located key is that first key; the culprit is its table.
-        if let Some(path) = &mut path {
-            path.pop();
-        }
-        message = "invalid type: table, expected a value".to_owned();
-    } else if let Some(unknown) = unknown_key(&message) {
-        message = unknown;
-    } else {
-        message = plain_words(&message);
-    }
-    let key = match path {
-        Some(path) => Some(display_path(&path)),
+    let key = match source.key_at(span.start) {
+        Some(k) => Some(display_path(&k.path)),
         None => duplicate_key(&message).or_else(|| source.header_at(span.start)),
     };
     Pending {
@@ -160,6 +145,106 @@ pub(super) fn toml_error(error: &toml::de::Error, source: &Source) -> Pending {
         key,
         message,
     }
+}
+
+/// A number written with a leading zero (`umask = 022`, `workers = 08`), which TOML refuses
+/// as a syntax error ("expected newline") that names neither the key nor the cause.
+pub(super) struct LeadingZero {
+    /// The problem to report instead, located at the number, naming its key.
+    pub problem: Pending,
+    /// The zeros that, replaced by spaces, leave a number TOML accepts (`022` → ` 22`), at
+    /// the same offsets, so that the rest of the file can be read and checked too.
+    pub zeros: Range<usize>,
+}
+
+/// The keys whose values are octal strings: a number there was meant as that string.
+const OCTAL_KEYS: &[&str] = &["umask", "mode"];
+
+/// Recognises a syntax error at `offset` as a number with a leading zero on that line.
+pub(super) fn leading_zero(text: &str, offset: usize) -> Option<LeadingZero> {
+    let mut offset = offset.min(text.len());
+    while !text.is_char_boundary(offset) {
+        offset -= 1;
+    }
+    let line_start = text[..offset].rfind('\n').map_or(0, |i| i + 1);
+    let line_end = text[offset..].find('\n').map_or(text.len(), |i| offset + i);
+    let line = &text[line_start..line_end];
+    let bytes = line.as_bytes();
+    // The last number token starting at or before the error that begins with 0 and a digit.
+    let start = (0..bytes.len())
+        .rev()
+        .filter(|&i| line_start + i <= offset)
+        .find(|&i| {
+            // `0` is ASCII, so `i` is a char boundary once it holds.
+            let zero_digit = bytes[i] == b'0' && bytes.get(i + 1).is_some_and(u8::is_ascii_digit);
+            let starts_token = i == 0 || !is_number_byte(bytes[i - 1]);
+            zero_digit
+                && starts_token
+                && line[..i]
+                    .trim_end()
+                    .trim_end_matches(['+', '-'])
+                    .trim_end()
+                    .ends_with(['=', '[', ','])
+        })?;
+    let end = (start..bytes.len())
+        .find(|&i| !is_number_byte(bytes[i]))
+        .unwrap_or(bytes.len());
+    let token = &line[start..end];
+    let zeros = token
+        .bytes()
+        .zip(token.bytes().skip(1))
+        .take_while(|&(b, next)| b == b'0' && next.is_ascii_digit())
+        .count();
+    let key = value_key(&line[..start])?;
+    let header = text[..line_start]
+        .lines()
+        .rev()
+        .map(str::trim)
+        .find(|l| l.starts_with('['))
+        .map(|l| l.trim_matches(['[', ']']).trim().to_owned());
+    let name = key.rsplit('.').next().unwrap_or(&key).trim().to_owned();
+    let message = if OCTAL_KEYS.contains(&name.as_str()) {
+        format!(
+            "a number cannot start with 0 in TOML; write the {name} as a string: \
+             {name} = \"{token}\""
+        )
+    } else {
+        format!(
+            "a number cannot start with 0 in TOML: write {name} = {}",
+            &token[zeros..]
+        )
+    };
+    let full_key = match header {
+        Some(h) if !h.is_empty() => format!("{h}.{key}"),
+        _ => key,
+    };
+    let at = line_start + start;
+    Some(LeadingZero {
+        problem: Pending {
+            span: Some(at..line_start + end),
+            key: Some(full_key),
+            message,
+        },
+        zeros: at..at + zeros,
+    })
+}
+
+fn is_number_byte(b: u8) -> bool {
+    b.is_ascii_alphanumeric() || matches!(b, b'_' | b'.' | b'+' | b'-' | b':')
+}
+
+/// The key a value is set on, from the text of its line before the value:
+/// `umask = ` → `umask`; `backoff = { initial = ` → `backoff.initial`;
+/// `codes = [0, ` → `codes`.
+fn value_key(before: &str) -> Option<String> {
+    let mut parts = Vec::new();
+    for segment in before.split('{') {
+        if let Some(assignment) = segment.rsplit(',').find(|p| p.contains('=')) {
+            let (key, _) = assignment.split_once('=')?;
+            parts.push(key.trim().to_owned());
+        }
+    }
+    (!parts.is_empty() && parts.iter().all(|p| !p.is_empty())).then(|| parts.join("."))
 }
 
 /// The key of toml's "duplicate key `k` in table `t`" (a syntax error: the file has no key
@@ -174,36 +259,6 @@ fn duplicate_key(message: &str) -> Option<String> {
         Some((table, _)) => Some(format!("{table}.{key}")),
         None => Some(key.to_owned()),
     }
-}
-
-/// serde's "unknown field `x`, expected one of `a`, `b`" as "unknown key `x`, did you mean …?".
-fn unknown_key(message: &str) -> Option<String> {
-    let rest = message.strip_prefix("unknown field `")?;
-    let end = rest.find('`')?;
-    let name = &rest[..end];
-    let expected: Vec<&str> = rest[end + 1..].split('`').skip(1).step_by(2).collect();
-    Some(if expected.is_empty() {
-        format!("unknown key `{name}`")
-    } else {
-        unknown_choice("key", name, &expected)
-    })
-}
-
-/// serde's and Rust's type names in TOML words.
-fn plain_words(message: &str) -> String {
-    let mut out = message
-        .replace("invalid type: map", "invalid type: table")
-        .replace("expected a map", "expected a table")
-        .replace("invalid type: sequence", "invalid type: array")
-        .replace("expected a sequence", "expected an array")
-        .replace("expected i64", "expected an integer")
-        .replace("expected f64", "expected a number");
-    // Derived structs expect "struct RawProgram": a table.
-    if let Some(i) = out.find("expected struct ") {
-        let end = out[i..].find([',', ';']).map_or(out.len(), |e| i + e);
-        out.replace_range(i..end, "expected a table");
-    }
-    out
 }
 
 /// A dotted key path for messages: bare segments as is, others quoted as TOML would.
@@ -346,6 +401,24 @@ mod tests {
             Some("program.web.backoff")
         );
         assert!(src.key_span(&["program", "web", "at"]).is_some());
+    }
+
+    /// Found by tests/robustness.rs: an offset inside a multi-byte character panicked.
+    #[test]
+    fn leading_zero_handles_any_offset() {
+        let text = "a = \"é\" x\nb = 007 # é\n";
+        for offset in 0..=text.len() + 1 {
+            let _ = leading_zero(text, offset);
+        }
+        let b = text.find("007").unwrap();
+        let found = leading_zero(text, b + 1).unwrap();
+        assert_eq!(found.zeros, b..b + 2);
+        assert_eq!(found.problem.key.as_deref(), Some("b"));
+        assert_eq!(
+            found.problem.message,
+            "a number cannot start with 0 in TOML: write b = 7"
+        );
+        assert!(leading_zero(text, text.find('x').unwrap()).is_none());
     }
 
     #[test]

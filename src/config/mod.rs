@@ -1,13 +1,17 @@
-//! Configuration: the TOML file as the user wrote it (`raw`: serde types that mirror SPEC §2,
-//! `deny_unknown_fields`) and the validated [`Config`] that the rest of plumule trusts.
+//! Configuration: the TOML file as the user wrote it (`raw`: plain structs read key by key
+//! from toml_edit's spanned document) and the validated [`Config`] that the rest of plumule
+//! trusts.
 //!
 //! Invariants of a [`Config`]: every name is valid, every reference (`after`, `queue`) resolves,
 //! every path is absolute, every user and group exists, and `after` has no cycle.
 //!
-//! Reading a file is [`load`] (permission checks, then [`parse`]). A file that is not valid
-//! TOML or does not fit the schema's types yields its first error; a file that fits yields
-//! every validation problem at once. Each problem is located (`FILE:LINE:COL: KEY: message`),
-//! see [`ConfigError`].
+//! Reading a file is [`load`] (permission checks, then [`parse`]). Every problem of a file is
+//! reported at once: unknown keys (with the key probably meant), values of the wrong type, and
+//! every validation problem; a key reported as unknown or mistyped gets no follow-up ("missing
+//! key") problem. The one exception is a TOML syntax error, after which nothing can be read,
+//! except a number with a leading zero (`umask = 022`): that gets its own hint and the rest of
+//! the file is still checked. Each problem is located (`FILE:LINE:COL: KEY: message`), see
+//! [`ConfigError`]. [`load_for_check`] adds the warnings of `plumule check` ([`Warnings`]).
 //!
 //! Value syntaxes, decided here:
 //! - durations are strings in humantime syntax ("250ms", "10s", "1h 30m"); a number is an
@@ -34,6 +38,7 @@ mod locate;
 mod raw;
 mod validate;
 mod values;
+mod warnings;
 
 #[cfg(test)]
 mod tests;
@@ -49,6 +54,7 @@ use std::time::Duration;
 use nix::sys::signal::Signal;
 
 pub use locate::Location;
+pub use warnings::{Probe, Warnings};
 
 /// A validated configuration.
 #[derive(Debug, Clone, PartialEq)]
@@ -333,17 +339,22 @@ impl fmt::Display for ConfigError {
             if i > 0 {
                 writeln!(f)?;
             }
-            write!(f, "{}", self.path.display())?;
-            if let Some(Location { line, column }) = problem.location {
-                write!(f, ":{line}:{column}")?;
-            }
-            if let Some(key) = &problem.key {
-                write!(f, ": {key}")?;
-            }
-            write!(f, ": {}", problem.message)?;
+            write_problem(f, &self.path, problem)?;
         }
         Ok(())
     }
+}
+
+/// `FILE:LINE:COL: KEY: message`, leaving out what is unknown.
+fn write_problem(f: &mut fmt::Formatter<'_>, path: &Path, problem: &Problem) -> fmt::Result {
+    write!(f, "{}", path.display())?;
+    if let Some(Location { line, column }) = problem.location {
+        write!(f, ":{line}:{column}")?;
+    }
+    if let Some(key) = &problem.key {
+        write!(f, ": {key}")?;
+    }
+    write!(f, ": {}", problem.message)
 }
 
 impl std::error::Error for ConfigError {}
@@ -404,6 +415,22 @@ fn choose_config_path(cli: Option<&Path>, env: Option<OsString>, local: bool) ->
 /// writable by its group or by others, or owned by a user other than root and the current
 /// effective user. The checks apply to the file opened (symbolic links followed).
 pub fn load(path: &Path) -> Result<Config, ConfigError> {
+    let (path, text) = read_trusted(path)?;
+    parse(&text, &path)
+}
+
+/// [`load`], and the warnings of `plumule check` about what cannot run as written on this
+/// host (see [`Probe`]).
+pub fn load_for_check(path: &Path, probe: &Probe) -> Result<(Config, Warnings), ConfigError> {
+    let (path, text) = read_trusted(path)?;
+    let config = parse(&text, &path)?;
+    let warnings = warnings::warnings(&config, &text, probe);
+    Ok((config, warnings))
+}
+
+/// The absolute path and the content of the file at `path`, once it passed the checks of
+/// [`load`].
+fn read_trusted(path: &Path) -> Result<(PathBuf, String), ConfigError> {
     let path = absolute(path);
     let fail = |message: String| ConfigError::whole_file(&path, message);
     let read = || -> io::Result<(std::fs::Metadata, String)> {
@@ -422,7 +449,7 @@ pub fn load(path: &Path) -> Result<Config, ConfigError> {
         return Err(fail("not a regular file".to_owned()));
     }
     check_ownership(&metadata, nix::unistd::geteuid().as_raw()).map_err(|e| fail(e.to_string()))?;
-    parse(&text, &path)
+    Ok((path, text))
 }
 
 /// Why a configuration file is refused before it is read as TOML.
@@ -484,14 +511,28 @@ fn parse_with(
     unsupported: &[Unsupported],
 ) -> Result<Config, ConfigError> {
     let path = absolute(path);
-    let source = locate::Source::new(text);
-    let pending = match toml::from_str::<raw::RawFile>(text) {
-        Ok(raw) => match validate::validate(&raw, &source, &path, host, unsupported) {
-            Ok(config) => return Ok(config),
-            Err(pending) => pending,
-        },
-        Err(error) => vec![locate::toml_error(&error, &source)],
-    };
+    let (text, mut pending) = without_leading_zeros(text);
+    let source = locate::Source::new(&text);
+    match toml_edit::ImDocument::parse(text.as_str()) {
+        Ok(doc) => {
+            let (raw, mut read) = raw::read(doc.as_table());
+            // A value whose leading zeros were blanked is read as a number that validation
+            // would refuse again.
+            read.reported
+                .extend(pending.iter().filter_map(|p| p.key.clone()));
+            match validate::validate(&raw, &source, &path, host, unsupported) {
+                Ok(config) if read.problems.is_empty() && pending.is_empty() => return Ok(config),
+                Ok(_) => {}
+                Err(found) => pending.extend(
+                    found
+                        .into_iter()
+                        .filter(|p| !p.key.as_deref().is_some_and(|k| read.covers(k))),
+                ),
+            }
+            pending.extend(read.problems);
+        }
+        Err(error) => pending.push(locate::syntax_error(&error, &source)),
+    }
     let mut problems: Vec<Problem> = pending
         .into_iter()
         .map(|p| Problem {
@@ -502,6 +543,31 @@ fn parse_with(
         .collect();
     problems.sort_by_key(|p| (p.location.is_none(), p.location));
     Err(ConfigError { path, problems })
+}
+
+/// TOML refuses a number with a leading zero (`umask = 022`) as a syntax error that says
+/// neither which key nor why, and stops there. Each such number gets its own problem, and
+/// its zeros are blanked (same offsets, so locations hold) so that the rest of the file is
+/// still read and checked. Returns the text to read and those problems.
+fn without_leading_zeros(text: &str) -> (String, Vec<Pending>) {
+    let mut text = text.to_owned();
+    let mut found: Vec<Pending> = Vec::new();
+    // Each round blanks at least one `0`, so this ends; the bound keeps a pathological file
+    // from costing one parse per zero.
+    while found.len() < 100 {
+        let Err(error) = toml_edit::ImDocument::parse(text.as_str()) else {
+            break;
+        };
+        let Some(zero) = error
+            .span()
+            .and_then(|span| locate::leading_zero(&text, span.start))
+        else {
+            break;
+        };
+        text.replace_range(zero.zeros.clone(), &" ".repeat(zero.zeros.len()));
+        found.push(zero.problem);
+    }
+    (text, found)
 }
 
 fn absolute(path: &Path) -> PathBuf {

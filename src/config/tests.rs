@@ -1191,3 +1191,229 @@ fn duplicate_key_is_named() {
         line("3:1: plumule.log_level: duplicate key `log_level` in table `plumule`")
     );
 }
+
+// ---- Every problem at once (the operator-experience issue). ----
+
+/// Regression: a file with four mistakes showed only the unknown key; the other three came
+/// one by one as each was fixed.
+#[test]
+fn four_mistakes_are_reported_together() {
+    let text = "[program.web]\ncomand = [\"/usr/bin/web\"]\nstop_signal = \"TREM\"\n\
+                stop_timeout = 10\nrestart = \"sometimes\"\n";
+    assert_eq!(
+        problems(text),
+        [
+            line("2:1: program.web.comand: unknown key `comand`, did you mean `command`?"),
+            line("3:15: program.web.stop_signal: unknown signal `TREM`, did you mean `TERM`?"),
+            line(
+                "4:16: program.web.stop_timeout: expected a duration string like \"5s\", \
+                 found the number 10; write \"10s\""
+            ),
+            line(
+                "5:11: program.web.restart: unknown restart policy `sometimes`; expected one \
+                 of `always`, `on-failure`, `never`"
+            ),
+        ]
+    );
+}
+
+#[test]
+fn every_unknown_key_is_reported_not_only_the_first() {
+    let text = "[plumule]\nlog_levle = \"info\"\n[program.web]\ncommand = \"x\"\nworker = 2\n\
+                backoff = { intial = \"1s\", maxx = \"2s\" }\n[queue.q]\nprefech = 2\n";
+    assert_eq!(
+        parse_all(text)
+            .unwrap_err()
+            .to_string()
+            .lines()
+            .collect::<Vec<_>>(),
+        [
+            line("2:1: plumule.log_levle: unknown key `log_levle`, did you mean `log_level`?"),
+            line("5:1: program.web.worker: unknown key `worker`, did you mean `workers`?"),
+            line("6:13: program.web.backoff.intial: unknown key `intial`, did you mean `initial`?"),
+            line("6:28: program.web.backoff.maxx: unknown key `maxx`, did you mean `max`?"),
+            line("8:1: queue.q.prefech: unknown key `prefech`, did you mean `prefetch`?"),
+        ]
+    );
+}
+
+#[test]
+fn wrong_types_everywhere_are_reported_together_without_follow_up_noise() {
+    // `command = 5` is a wrong type, not also a missing command; `locks` with a bad item is
+    // reported once, at the item.
+    let text = "[program.web]\ncommand = 5\nworkers = \"2\"\ninherit_env = \"yes\"\n\
+                locks = [\"a\", 3]\nenv = { A = 1 }\n";
+    assert_eq!(
+        problems(text),
+        [
+            line(
+                "2:11: program.web.command: invalid type: integer `5`, expected an array of \
+                 strings (argv) or a string (run by /bin/sh -c)"
+            ),
+            line("3:11: program.web.workers: invalid type: string \"2\", expected an integer"),
+            line("4:15: program.web.inherit_env: invalid type: string \"yes\", expected a boolean"),
+            line(
+                "5:15: program.web.locks: invalid type: integer `3`, expected a lock name or a \
+                 table { name = \"...\", shared = true }"
+            ),
+            line("6:13: program.web.env.A: invalid type: integer `1`, expected a string"),
+        ]
+    );
+}
+
+#[test]
+fn an_unknown_key_and_validation_problems_come_together() {
+    let text = format!("{WEB}workerz = 2\nworkers = 20000\nhealthy_after = 5\n");
+    assert_eq!(
+        problems(&text),
+        [
+            line("3:1: program.web.workerz: unknown key `workerz`, did you mean `workers`?"),
+            line("4:11: program.web.workers: must be between 0 and 10000, found 20000"),
+            line(
+                "5:17: program.web.healthy_after: expected a duration string like \"5s\", \
+                 found the number 5; write \"5s\""
+            ),
+        ]
+    );
+}
+
+/// Regression: `umask = 022` gave toml's bare "expected newline, `#`" with no key.
+#[test]
+fn umask_as_a_number_with_a_leading_zero_says_to_quote_it() {
+    assert_eq!(
+        problem(&format!("{WEB}umask = 022\n")),
+        line(
+            "3:9: program.web.umask: a number cannot start with 0 in TOML; write the umask \
+             as a string: umask = \"022\""
+        )
+    );
+}
+
+#[test]
+fn leading_zeros_are_hinted_and_the_rest_of_the_file_is_still_checked() {
+    let text = format!(
+        "{WEB}workers = 08\numask = 0027 # comment\nrestart = \"alway\"\n\
+         backoff = {{ multiplier = 02.5 }}\nsuccess_exit_codes = [0, 01]\n\
+         listen = [{{ address = \"unix:s\", mode = 0660 }}]\n"
+    );
+    assert_eq!(
+        parse_all(&text).unwrap_err().to_string().lines().collect::<Vec<_>>(),
+        [
+            line("3:11: program.web.workers: a number cannot start with 0 in TOML: write workers = 8"),
+            line(
+                "4:9: program.web.umask: a number cannot start with 0 in TOML; write the umask \
+                 as a string: umask = \"0027\""
+            ),
+            line(
+                "5:11: program.web.restart: unknown restart policy `alway`, did you mean \
+                 `always`?"
+            ),
+            line(
+                "6:26: program.web.backoff.multiplier: a number cannot start with 0 in TOML: \
+                 write multiplier = 2.5"
+            ),
+            line(
+                "7:26: program.web.success_exit_codes: a number cannot start with 0 in TOML: \
+                 write success_exit_codes = 1"
+            ),
+            line(
+                "8:40: program.web.listen.mode: a number cannot start with 0 in TOML; write the \
+                 mode as a string: mode = \"0660\""
+            ),
+        ]
+    );
+}
+
+#[test]
+fn a_real_syntax_error_after_a_leading_zero_is_still_reported() {
+    let text = format!("{WEB}umask = 022\nworkers = \n");
+    let all = problems(&text);
+    assert_eq!(all.len(), 2, "{all:#?}");
+    assert!(
+        all[0].starts_with(&line("3:9: program.web.umask: ")),
+        "{all:#?}"
+    );
+    assert!(all[1].starts_with(&line("4:")), "{all:#?}");
+}
+
+// ---- Warnings of `plumule check`. ----
+
+/// The warnings about `text` (which must be valid) on a host where only `/bin/found` is an
+/// executable and the master runs as `euid`.
+fn warnings_as(text: &str, euid: u32) -> Vec<String> {
+    let config = parse_all(text).unwrap_or_else(|e| panic!("expected a valid config:\n{e}"));
+    let resolve = |name: &str, path: &std::ffi::OsStr, _: Option<&Path>| {
+        if name == "/bin/found" || (name == "found" && path.to_str() == Some("/bin")) {
+            Ok(())
+        } else {
+            Err(format!(
+                "command not found: {name} (searched PATH={path:?})"
+            ))
+        }
+    };
+    let probe = Probe {
+        euid,
+        egid: euid,
+        inherited_path: Some("/inherited".into()),
+        default_path: std::ffi::OsStr::new("/bin"),
+        resolve: &resolve,
+    };
+    let shown = warnings::warnings(&config, text, &probe).to_string();
+    shown.lines().map(str::to_owned).collect()
+}
+
+#[test]
+fn check_warns_about_what_cannot_run_here() {
+    let text = "[program.a]\ncommand = [\"/bin/found\"]\ncwd = \"/nonexistent-plumule-dir\"\n\
+                [program.b]\ncommand = [\"found\"]\ninherit_env = false\n\
+                [program.c]\ncommand = [\"found\"]\n\
+                [program.d]\ncommand = [\"lost\"]\nenv = { PATH = \"/bin\" }\n\
+                user = \"root\"\ngroup = \"root\"\n";
+    assert_eq!(
+        warnings_as(text, 0),
+        [
+            format!(
+                "warning: {}",
+                line("3:1: program.a.cwd: the folder /nonexistent-plumule-dir does not exist")
+            ),
+            // Inherits the master's PATH, where `found` is not.
+            format!(
+                "warning: {}",
+                line(
+                    "8:1: program.c.command: command not found: found (searched \
+                     PATH=\"/inherited\")"
+                )
+            ),
+            format!(
+                "warning: {}",
+                line("10:1: program.d.command: command not found: lost (searched PATH=\"/bin\")")
+            ),
+        ]
+    );
+    // Not root: `user` and `group` cannot be switched to.
+    let not_root = warnings_as(text, 4242);
+    assert_eq!(not_root.len(), 5, "{not_root:#?}");
+    assert_eq!(
+        not_root[3],
+        format!(
+            "warning: {}",
+            line(
+                "12:1: program.d.user: plumule is not running as root (uid 4242): it cannot \
+                 start workers as user `root`"
+            )
+        )
+    );
+    assert!(
+        not_root[4].starts_with(&format!("warning: {}", line("13:1: program.d.group: "))),
+        "{not_root:#?}"
+    );
+}
+
+#[test]
+fn a_file_that_runs_here_has_no_warnings() {
+    let text = "[program.a]\ncommand = [\"/bin/found\"]\ncwd = \"/\"\n\
+                [program.b]\ncommand = \"anything at all\"\n";
+    // A shell command runs /bin/sh, which this fake host does not have.
+    assert_eq!(warnings_as(text, 0).len(), 1);
+    assert!(warnings_as("[program.a]\ncommand = [\"/bin/found\"]\ncwd = \"/\"\n", 0).is_empty());
+}

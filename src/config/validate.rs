@@ -19,7 +19,7 @@ use toml::Spanned;
 use super::locate::{display_key, display_path, Source};
 use super::raw::{
     RawBackoff, RawCommand, RawFile, RawListen, RawLock, RawOutput, RawPlumule, RawProgram,
-    RawQueue, Scalar, Table,
+    RawQueue, Scalar,
 };
 use super::values::{self, resolve, suggest, unknown_choice};
 use super::{
@@ -134,7 +134,7 @@ pub(super) fn validate(
     };
     v.unsupported_keys(unsupported);
     let default_plumule = RawPlumule::default();
-    let plumule = raw.plumule.as_deref().unwrap_or(&default_plumule);
+    let plumule = raw.plumule.as_ref().unwrap_or(&default_plumule);
     let plumule_key = Key::root("plumule");
 
     let (default_runtime, default_state) = default_dirs(host);
@@ -554,7 +554,7 @@ impl Validator<'_> {
             ) as u32,
             retry_backoff: self.backoff(
                 &key.child("retry_backoff"),
-                raw.retry_backoff.as_deref(),
+                raw.retry_backoff.as_ref(),
                 DEFAULT_RETRY_BACKOFF,
             ),
             route: self.choice(
@@ -604,7 +604,7 @@ impl Validator<'_> {
                 })
                 .collect(),
         };
-        let start_limit = raw.start_limit.as_deref().map(|s| {
+        let start_limit = raw.start_limit.as_ref().map(|s| {
             let k = key.child("start_limit");
             StartLimit {
                 burst: self.int(
@@ -671,11 +671,7 @@ impl Validator<'_> {
                 raw.healthy_after.as_ref(),
                 Duration::from_secs(1),
             ),
-            backoff: self.backoff(
-                &key.child("backoff"),
-                raw.backoff.as_deref(),
-                DEFAULT_BACKOFF,
-            ),
+            backoff: self.backoff(&key.child("backoff"), raw.backoff.as_ref(), DEFAULT_BACKOFF),
             start_limit,
             stop_signal: self.signal(
                 &key.child("stop_signal"),
@@ -988,8 +984,8 @@ impl Validator<'_> {
     /// `after` and `queue` name things that exist.
     fn references(
         &mut self,
-        programs: &BTreeMap<Spanned<String>, Table<RawProgram>>,
-        queues: &BTreeMap<Spanned<String>, Table<RawQueue>>,
+        programs: &BTreeMap<Spanned<String>, RawProgram>,
+        queues: &BTreeMap<Spanned<String>, RawQueue>,
     ) {
         let program_names: Vec<&str> = programs.keys().map(|k| k.get_ref().as_str()).collect();
         let queue_names: Vec<&str> = queues.keys().map(|k| k.get_ref().as_str()).collect();
@@ -1011,7 +1007,7 @@ impl Validator<'_> {
     }
 
     /// Reports each cycle of `after` once, at the entry that closes it.
-    fn after_cycles(&mut self, programs: &BTreeMap<Spanned<String>, Table<RawProgram>>) {
+    fn after_cycles(&mut self, programs: &BTreeMap<Spanned<String>, RawProgram>) {
         let names: Vec<&str> = programs.keys().map(|k| k.get_ref().as_str()).collect();
         let index = |n: &str| names.iter().position(|m| *m == n);
         // Edges to defined programs only; the undefined ones are reported already.
