@@ -191,7 +191,7 @@ fn uneven_work(i: u64) {
     x ^= x >> 29;
     x = x.wrapping_mul(0xBF58_476D_1CE4_E5B9);
     x ^= x >> 32;
-    std::thread::sleep(Duration::from_micros(x % 2000));
+    std::thread::sleep(Duration::from_micros(x % 2000)); // the job's work, not a wait
 }
 
 // ---------------------------------------------------------------------------------------------
