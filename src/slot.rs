@@ -225,6 +225,10 @@ pub struct Slot {
     /// Spawn times inside the `start_limit` window.
     starts: VecDeque<Instant>,
     pub last_exit: Option<Exit>,
+    /// Why plumule itself stopped the last process, when that stop counted as a crash (a
+    /// ready timeout, a missed watchdog): its `last_exit` is then the signal plumule sent,
+    /// not something the worker did of its own accord.
+    pub last_stop: Option<StopReason>,
     /// The worker's last `STATUS=` line (reset when a new process starts).
     pub status: Option<String>,
 }
@@ -313,6 +317,7 @@ impl Slot {
             crashes: 0,
             starts: VecDeque::new(),
             last_exit: None,
+            last_stop: None,
             status: None,
         }
     }
@@ -359,6 +364,22 @@ impl Slot {
             | SlotState::Running { .. }
             | SlotState::Stopped
             | SlotState::Rolling { .. } => None,
+        }
+    }
+
+    /// How the last process ended, in words: the reason plumule stopped it when that stop
+    /// counted as a crash (the signal it sent is not the worker's doing), else its exit.
+    pub fn last_end(&self, program: &Program) -> String {
+        match self.last_stop {
+            Some(StopReason::ReadyTimeout) => format!(
+                "not ready within ready_timeout ({})",
+                crate::format_duration(program.ready_timeout)
+            ),
+            Some(StopReason::Watchdog) => format!(
+                "missed its watchdog ({})",
+                program.watchdog.map_or("?".into(), crate::format_duration)
+            ),
+            None => self.last_exit.map_or("?".into(), |e| e.to_string()),
         }
     }
 
@@ -630,6 +651,10 @@ impl Slot {
                 },
             ) if mine(pid, Some(from)) => {
                 self.last_exit = Some(exit);
+                self.last_stop = match then {
+                    AfterStop::Crash(reason) => Some(*reason),
+                    AfterStop::Restart | AfterStop::Rest => None,
+                };
                 match then {
                     AfterStop::Crash(reason) => {
                         let ran = match reason {
@@ -653,6 +678,7 @@ impl Slot {
                 },
             ) if *pid == from => {
                 self.last_exit = Some(exit);
+                self.last_stop = None;
                 let ran = now.saturating_duration_since(*since);
                 Go(self.after_exit(exit, ran, jitter, error.clone(), program, now))
             }
@@ -665,6 +691,7 @@ impl Slot {
                 },
             ) if *pid == from => {
                 self.last_exit = Some(exit);
+                self.last_stop = None;
                 let ran = now.saturating_duration_since(*since);
                 Go(self.after_exit(exit, ran, jitter, None, program, now))
             }
@@ -1099,6 +1126,11 @@ pub(crate) mod tests {
             "quick crash: initial delay"
         );
         assert_eq!(slot.crashes, 1);
+        assert_eq!(
+            slot.last_end(&p),
+            "not ready within ready_timeout (30s)",
+            "the TERM was plumule's, not a crash of the worker's"
+        );
 
         let t = t + ms(200);
         slot.transition(Event::Spawned { pid: pid(4) }, &p, t);
@@ -1115,6 +1147,16 @@ pub(crate) mod tests {
             *slot.state(),
             SlotState::Backoff { until: t + ms(901) },
             "healthy run: at once"
+        );
+        assert_eq!(slot.last_end(&p), "missed its watchdog (500ms)");
+        let t = t + ms(1000);
+        slot.transition(Event::Spawned { pid: pid(5) }, &p, t);
+        slot.transition(Event::Exec { pid: pid(5) }, &p, t);
+        slot.transition(exited(5, Exit::Code(3)), &p, t + ms(1));
+        assert_eq!(
+            slot.last_end(&p),
+            Exit::Code(3).to_string(),
+            "its own exit again"
         );
     }
 

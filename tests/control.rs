@@ -962,3 +962,120 @@ fn as_root_a_refused_client_says_why() {
     assert_unharmed(&sb, &pids, "refused clients");
     stop_cleanly(&mut master);
 }
+
+// ---------------------------------------------------------------------------------------------
+// start, restart and scale wait until the workers have run for healthy_after (SPEC §1)
+
+/// The uptime `status` shows for `program.id`.
+fn uptime(sb: &Sandbox, program: &str, id: u32) -> f64 {
+    let st = socket_status(sb);
+    let w = worker(&st, program, id).unwrap_or_else(|| panic!("no {program}.{id}: {st:?}"));
+    assert_eq!(w.state, "running", "{w:?}");
+    w.uptime_s.unwrap_or_else(|| panic!("no uptime: {w:?}"))
+}
+
+#[test]
+fn start_of_a_program_that_exits_at_once_fails_naming_the_worker_and_its_exit() {
+    let sb = Sandbox::new();
+    let crash = sb.worker("crash.sh", "exit 3");
+    let config = sb.config(&format!(
+        "[program.crash]\ncommand = {}\nhealthy_after = \"1s\"\n\
+         backoff = {{ initial = \"10s\" }}\n",
+        argv(&crash)
+    ));
+    let mut master = sb.start(&config);
+    sb.wait_starts("crash", 1, DEADLINE);
+
+    let out = sb.cli(&config, &["start", "crash"]);
+    assert_exit_code(out.status, 1, &out.stdout);
+    assert!(
+        out.stderr.contains("crash.0") && out.stderr.contains('3'),
+        "names the worker and its exit: {}",
+        out.stderr
+    );
+    assert!(sb.starts_of("crash").len() >= 2, "`start` started it again");
+    stop_cleanly(&mut master);
+}
+
+#[test]
+fn restart_returns_once_the_new_worker_has_run_for_healthy_after() {
+    let sb = Sandbox::new();
+    let s = sleeper(&sb);
+    let config = sb.config(&format!(
+        "[program.web]\ncommand = {}\nhealthy_after = \"700ms\"\n",
+        argv(&s)
+    ));
+    let mut master = sb.start(&config);
+    let before = wait_running(&sb, "web", 1);
+
+    sb.cli_ok(&config, &["restart", "web"]);
+    let after = running(&socket_status(&sb), "web");
+    assert_ne!(after[&0], before[&0], "a new process");
+    let up = uptime(&sb, "web", 0);
+    assert!(
+        up >= 0.7,
+        "answered after {up}s of running, before healthy_after"
+    );
+
+    sb.cli_ok(&config, &["start", "web"]);
+    assert_eq!(
+        running(&socket_status(&sb), "web"),
+        after,
+        "`start` of a running program touches nothing"
+    );
+    stop_cleanly(&mut master);
+}
+
+/// A worker plumule stopped for missing its ready_timeout did not "crash (signal TERM)": the
+/// answer names the real reason, for `restart` and for the new workers of `scale`.
+#[test]
+fn restart_and_scale_name_a_ready_timeout_not_the_term_plumule_sent() {
+    let sb = Sandbox::new();
+    let mute = sb.worker("mute.sh", "exec sleep 1000");
+    let config = sb.config(&format!(
+        "[program.mute]\ncommand = {}\nready = \"notify\"\nready_timeout = \"300ms\"\n\
+         backoff = {{ initial = \"10s\" }}\n",
+        argv(&mute)
+    ));
+    let mut master = sb.start(&config);
+    sb.wait_starts("mute", 1, DEADLINE);
+
+    for args in [&["restart", "mute"][..], &["scale", "mute", "2"]] {
+        let out = sb.cli(&config, args);
+        assert_exit_code(out.status, 1, &format!("{args:?}: {}", out.stdout));
+        let id = if args[0] == "scale" {
+            "mute.1"
+        } else {
+            "mute.0"
+        };
+        assert!(
+            out.stderr.contains(id)
+                && out
+                    .stderr
+                    .contains("not ready within ready_timeout (300ms)")
+                && !out.stderr.contains("TERM"),
+            "{args:?}: {}",
+            out.stderr
+        );
+    }
+    stop_cleanly(&mut master);
+}
+
+#[test]
+fn scale_up_returns_once_the_new_workers_have_run_for_healthy_after() {
+    let sb = Sandbox::new();
+    let s = sleeper(&sb);
+    let config = sb.config(&format!(
+        "[program.web]\ncommand = {}\nhealthy_after = \"700ms\"\n",
+        argv(&s)
+    ));
+    let mut master = sb.start(&config);
+    wait_running(&sb, "web", 1);
+
+    sb.cli_ok(&config, &["scale", "web", "3"]);
+    for id in 1..3 {
+        let up = uptime(&sb, "web", id);
+        assert!(up >= 0.7, "web.{id} had run {up}s when `scale` answered");
+    }
+    stop_cleanly(&mut master);
+}

@@ -200,7 +200,7 @@ impl Clients {
         let mut served = false;
         let waiters = std::mem::take(&mut self.waiters);
         for w in waiters {
-            match sup.outcome(&w.kind) {
+            match sup.outcome(&w.kind, now) {
                 None => self.waiters.push(w),
                 Some(response) => {
                     let Some(c) = self.server.as_mut() else {
@@ -220,7 +220,7 @@ impl Clients {
         let now = Instant::now();
         for w in std::mem::take(&mut self.waiters) {
             let response = sup
-                .outcome(&w.kind)
+                .outcome(&w.kind, now)
                 .unwrap_or_else(|| Response::error("the master stopped"));
             if let Some(c) = self.server.as_mut() {
                 c.respond(w.conn, response, now);
@@ -316,7 +316,12 @@ impl Subsystem for Clients {
         }
         self.feed_followers(sup);
         self.watch(sup);
-        self.server.as_mut().and_then(|c| c.expire(now))
+        let recheck = self
+            .waiters
+            .iter()
+            .filter_map(|w| sup.recheck_at(&w.kind, now))
+            .min();
+        super::earliest(self.server.as_mut().and_then(|c| c.expire(now)), recheck)
     }
 
     fn finish(&mut self, sup: &mut Supervisor) {

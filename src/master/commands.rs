@@ -62,14 +62,30 @@ impl RefusedError {
 pub(super) enum WaitKind {
     /// `stop`: the slots have no process left.
     Stopped { pool: PoolId, ids: Vec<u32> },
-    /// `start`/`restart`: each slot runs a process other than `old`.
+    /// `start`, `restart` and `scale`: each slot runs a process other than `old`, which has
+    /// been up for the program's `healthy_after` (SPEC §1, like supervisorctl's `startsecs`);
+    /// an error as soon as one of them ends before that. With `settle`, the pool must also be
+    /// settled (a scale-down's surplus gone) before `result` is the answer.
     Running {
         pool: PoolId,
         ids: Vec<u32>,
         old: Vec<Pid>,
+        /// Each slot's `restarts` when the request came, beside `ids`: a quick crash since
+        /// shows as a higher count even when the slot has already been spawned again.
+        restarts: Vec<u32>,
+        settle: bool,
+        result: Answer,
     },
-    /// `scale` and `reload`: the pools are settled; `result` is the answer then.
+    /// `reload`: the pools are settled; `result` is the answer then.
     Settled { pools: Vec<PoolId>, result: Answer },
+}
+
+/// Where a waiting request stands.
+enum Progress {
+    Answer(Response),
+    /// Not yet; with nothing else happening, look again at this moment (a worker reaching
+    /// `healthy_after`).
+    Pending(Option<Instant>),
 }
 
 impl Supervisor {
@@ -84,68 +100,131 @@ impl Supervisor {
         self.pools.iter().find(|p| p.key == key && !p.removed)
     }
 
-    pub(super) fn outcome(&self, kind: &WaitKind) -> Option<Response> {
+    /// The answer of a waiting request, once it is due.
+    pub(super) fn outcome(&self, kind: &WaitKind, now: Instant) -> Option<Response> {
+        match self.progress(kind, now) {
+            Progress::Answer(response) => Some(response),
+            Progress::Pending(_) => None,
+        }
+    }
+
+    /// When a waiting request must be looked at again though nothing happens: the waiting
+    /// costs a timer only while someone waits, no tick.
+    pub(super) fn recheck_at(&self, kind: &WaitKind, now: Instant) -> Option<Instant> {
+        match self.progress(kind, now) {
+            Progress::Answer(_) => None,
+            Progress::Pending(at) => at,
+        }
+    }
+
+    fn progress(&self, kind: &WaitKind, now: Instant) -> Progress {
+        let pending = Progress::Pending(None);
         match kind {
             WaitKind::Stopped { pool, ids } => {
                 let Some(pool) = self.pool_by_key(*pool) else {
-                    return Some(Response::done());
+                    return Progress::Answer(Response::done());
                 };
                 let busy = ids
                     .iter()
                     .any(|&id| pool.slots.get(id as usize).is_some_and(|s| s.is_live()));
-                (!busy).then(Response::done)
+                if busy {
+                    pending
+                } else {
+                    Progress::Answer(Response::done())
+                }
             }
-            WaitKind::Running { pool, ids, old } => {
+            WaitKind::Running {
+                pool,
+                ids,
+                old,
+                restarts,
+                settle,
+                result,
+            } => {
                 let Some(pool) = self.pool_by_key(*pool) else {
-                    return Some(Response::error("the program was removed by a reload"));
+                    return Progress::Answer(Response::error(
+                        "the program was removed by a reload",
+                    ));
                 };
-                let program = &pool.program.name;
+                let program = &pool.program;
+                let name = &program.name;
+                // Held back by an `after` dependency that has given up: say so, not hang.
+                let blocked = crate::plan::waiting_for(&self.pools, pool).filter(|dep| {
+                    self.pools
+                        .iter()
+                        .any(|p| p.program.name == *dep && p.settled())
+                });
                 let mut errors = Vec::new();
-                for &id in ids {
-                    // Held back by an `after` dependency that has given up: say so, not hang.
-                    let blocked = crate::plan::waiting_for(&self.pools, pool).filter(|dep| {
-                        self.pools
-                            .iter()
-                            .any(|p| p.program.name == *dep && p.settled())
-                    });
+                let mut waiting = false;
+                let mut recheck: Option<Instant> = None;
+                for (i, &id) in ids.iter().enumerate() {
                     if let Some(dep) = blocked {
                         errors.push(format!(
-                            "{program}.{id}: waiting for {dep}, which is not running"
+                            "{name}.{id}: waiting for {dep}, which is not running"
                         ));
                         continue;
                     }
-                    let slot = pool.slots.get(id as usize)?;
-                    if matches!(slot.state(), SlotState::Running { pid, .. } if !old.contains(pid))
-                    {
+                    let Some(slot) = pool.slots.get(id as usize) else {
+                        waiting = true;
                         continue;
-                    }
+                    };
+                    let base = restarts.get(i).copied().unwrap_or(0);
                     match slot.state().current() {
                         SlotState::Failed { reason } => {
-                            errors.push(format!("{program}.{id}: failed: {reason}"))
+                            errors.push(format!("{name}.{id}: failed: {reason}"));
+                            continue;
                         }
-                        SlotState::Exited { exit } => {
-                            errors.push(format!("{program}.{id}: exited ({exit})"))
+                        SlotState::Exited { .. } => {
+                            errors
+                                .push(format!("{name}.{id}: exited ({})", slot.last_end(program)));
+                            continue;
                         }
-                        SlotState::Backoff { .. } if slot.crashes > 0 => {
-                            let exit = slot.last_exit.map_or("?".to_string(), |e| e.to_string());
+                        _ if slot.crashes > 0 && slot.restarts > base => {
+                            let how = match slot.last_stop {
+                                Some(_) => "stopped",
+                                None => "crashed",
+                            };
                             errors.push(format!(
-                                "{program}.{id}: crashed ({exit}) and is restarting"
-                            ))
+                                "{name}.{id}: {how} ({}) before running for healthy_after ({}), \
+                                 and is restarting",
+                                slot.last_end(program),
+                                crate::format_duration(program.healthy_after)
+                            ));
+                            continue;
                         }
-                        _ => return None,
+                        _ => {}
+                    }
+                    match slot.state() {
+                        SlotState::Running { pid, since, .. } if !old.contains(pid) => {
+                            let healthy = *since + program.healthy_after;
+                            if healthy > now {
+                                waiting = true;
+                                recheck = Some(recheck.map_or(healthy, |r| r.min(healthy)));
+                            }
+                        }
+                        _ => waiting = true,
                     }
                 }
-                Some(if errors.is_empty() {
-                    Response::done()
-                } else {
-                    Response::error(errors.join("\n"))
-                })
+                if !errors.is_empty() {
+                    return Progress::Answer(Response::error(errors.join("\n")));
+                }
+                if waiting {
+                    return Progress::Pending(recheck);
+                }
+                if *settle && !pool.settled() {
+                    return pending;
+                }
+                Progress::Answer(Response::ok(result.clone()))
             }
             WaitKind::Settled { pools, result } => {
                 let done = pools
                     .iter()
                     .all(|&key| self.pool_by_key(key).is_none_or(Pool::settled));
-                done.then(|| Response::ok(result.clone()))
+                if done {
+                    Progress::Answer(Response::ok(result.clone()))
+                } else {
+                    pending
+                }
             }
         }
     }
@@ -182,11 +261,30 @@ impl Supervisor {
             // `enabled` may change without the state: plan the slot either way.
             self.pools[p].touch(id);
         }
-        Ok(WaitKind::Running {
-            pool: self.pools[p].key,
+        Ok(self.wait_running(p, ids, Vec::new(), None))
+    }
+
+    /// Waits for `ids` of pool `p` to run for `healthy_after`, processes other than `old`.
+    fn wait_running(
+        &self,
+        p: usize,
+        ids: Vec<u32>,
+        old: Vec<Pid>,
+        scaled: Option<ScaleResult>,
+    ) -> WaitKind {
+        let pool = &self.pools[p];
+        let restarts = ids
+            .iter()
+            .map(|&id| pool.slots.get(id as usize).map_or(0, |s| s.restarts))
+            .collect();
+        WaitKind::Running {
+            pool: pool.key,
             ids,
-            old: Vec::new(),
-        })
+            old,
+            restarts,
+            settle: scaled.is_some(),
+            result: scaled.map_or(Answer::Done(protocol::Done {}), Answer::from),
+        }
     }
 
     pub(super) fn stop_target(
@@ -222,11 +320,7 @@ impl Supervisor {
                 self.stop(p, id, AfterStop::Restart, now);
             }
         }
-        Ok(WaitKind::Running {
-            pool: self.pools[p].key,
-            ids,
-            old,
-        })
+        Ok(self.wait_running(p, ids, old, None))
     }
 
     pub(super) fn scale(&mut self, program: &str, workers: u32) -> Result<WaitKind, RefusedError> {
@@ -243,20 +337,16 @@ impl Supervisor {
             .position(|p| p.program.name == program && !p.removed)
             .ok_or_else(|| RefusedError::no_program(program))?;
         let pool = &mut self.pools[p];
-        log::info!(
-            "{program}: scaling from {} to {workers} worker(s)",
-            pool.desired()
-        );
+        let from = pool.desired();
+        log::info!("{program}: scaling from {from} to {workers} worker(s)");
         pool.scale = Some(workers);
         pool.touch_all();
-        Ok(WaitKind::Settled {
-            pools: vec![pool.key],
-            result: ScaleResult {
-                program: program.to_string(),
-                workers,
-            }
-            .into(),
-        })
+        // The new workers must come up like those of `start`; the others only settle.
+        let result = ScaleResult {
+            program: program.to_string(),
+            workers,
+        };
+        Ok(self.wait_running(p, (from..workers).collect(), Vec::new(), Some(result)))
     }
 
     /// Re-reads the config file and applies the difference. On error nothing changes.
