@@ -121,6 +121,52 @@ pub fn diff(old: &Config, new: &Config) -> Vec<Change> {
     changes
 }
 
+/// What changed among the `[plumule]` keys, one line each (SPEC §9): `log_level` and
+/// `shutdown_timeout` apply at once; the directories and `control_group` are the master's
+/// own set-up and take effect when it restarts. (`metrics` belongs to its own part.)
+pub fn settings_changes(old: &Config, new: &Config) -> Vec<String> {
+    let mut lines = Vec::new();
+    if old.log_level != new.log_level {
+        lines.push(format!(
+            "log_level: {} -> {} (applied)",
+            old.log_level.as_str().to_lowercase(),
+            new.log_level.as_str().to_lowercase()
+        ));
+    }
+    if old.shutdown_timeout != new.shutdown_timeout {
+        lines.push(format!(
+            "shutdown_timeout: {} -> {} (applied)",
+            crate::format_duration(old.shutdown_timeout),
+            crate::format_duration(new.shutdown_timeout)
+        ));
+    }
+    let restart_only = [
+        ("runtime_dir", old.runtime_dir != new.runtime_dir),
+        ("state_dir", old.state_dir != new.state_dir),
+        ("lock_dir", old.lock_dir != new.lock_dir),
+        ("control_group", old.control_group != new.control_group),
+    ];
+    for (key, changed) in restart_only {
+        if changed {
+            lines.push(format!(
+                "{key} changed: takes effect when the master restarts"
+            ));
+        }
+    }
+    lines
+}
+
+/// `new` as the running master applies it: the keys that take effect only when the master
+/// restarts keep their running values (what the master bound, locked and created), so that
+/// the next reload still reports them as pending.
+pub fn applicable(old: &Config, mut new: Config) -> Config {
+    new.runtime_dir = old.runtime_dir.clone();
+    new.state_dir = old.state_dir.clone();
+    new.lock_dir = old.lock_dir.clone();
+    new.control_group = old.control_group.clone();
+    new
+}
+
 /// (process keys, in-place keys) that differ, `workers` excluded. `Program` is destructured
 /// whole: a new field does not compile until it is sorted into one list or the other.
 pub fn changed_keys(o: &Program, n: &Program) -> (Vec<&'static str>, Vec<&'static str>) {
@@ -247,6 +293,41 @@ mod tests {
 
     use crate::test_support::{config, program};
     use std::time::Duration;
+
+    #[test]
+    fn plumule_keys_apply_at_once_or_at_the_next_master() {
+        let old = config(vec![program("web", 1)]);
+        assert!(settings_changes(&old, &old.clone()).is_empty());
+        let mut new = old.clone();
+        new.log_level = log::LevelFilter::Debug;
+        new.shutdown_timeout = Duration::from_secs(5);
+        new.runtime_dir = "/run/other".into();
+        new.lock_dir = "/run/other/locks".into();
+        assert_eq!(
+            settings_changes(&old, &new),
+            [
+                "log_level: info -> debug (applied)",
+                "shutdown_timeout: 30s -> 5s (applied)",
+                "runtime_dir changed: takes effect when the master restarts",
+                "lock_dir changed: takes effect when the master restarts",
+            ]
+        );
+        let applied = applicable(&old, new.clone());
+        assert_eq!(
+            (applied.log_level, applied.shutdown_timeout),
+            (new.log_level, new.shutdown_timeout)
+        );
+        assert_eq!(
+            (&applied.runtime_dir, &applied.lock_dir),
+            (&old.runtime_dir, &old.lock_dir),
+            "the running master keeps its directories"
+        );
+        assert_eq!(
+            settings_changes(&applied, &new).len(),
+            2,
+            "still pending at the next reload"
+        );
+    }
 
     #[test]
     fn unchanged_programs_are_absent() {

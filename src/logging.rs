@@ -41,10 +41,13 @@ pub fn init(level: log::LevelFilter) {
     let journal = stderr_is_journal();
     JOURNAL.store(journal, Ordering::Relaxed);
     let mut builder = env_logger::Builder::new();
-    builder.filter_level(level);
-    if let Ok(spec) = std::env::var("RUST_LOG") {
-        builder.parse_filters(&spec);
-    }
+    // The logger itself lets everything through and `log`'s max level filters, so that a
+    // reload can raise the level as well as lower it (RUST_LOG, when set, decides alone).
+    let from_env = std::env::var("RUST_LOG").ok();
+    match &from_env {
+        Some(spec) => builder.parse_filters(spec),
+        None => builder.filter_level(log::LevelFilter::Trace),
+    };
     builder.format(move |buf, record| {
         if journal {
             writeln!(buf, "<{}>{}", priority(record.level()), record.args())
@@ -58,9 +61,8 @@ pub fn init(level: log::LevelFilter) {
             )
         }
     });
-    if builder.try_init().is_ok() {
-        return;
-    }
+    // Whether it was set up now or before, the level is `level` from here on.
+    let _ = builder.try_init();
     set_level(level);
 }
 

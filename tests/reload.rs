@@ -844,3 +844,60 @@ fn a_program_re_added_while_its_removed_worker_is_still_stopping_runs_again() {
     assert_eq!(now[&0], new.unwrap(), "the new slow.0 kept running");
     stop_cleanly(&mut master);
 }
+
+// ---------------------------------------------------------------------------------------------
+// [plumule] keys (SPEC §9)
+
+/// `log_level` and `shutdown_timeout` apply at once and the reload says so; `lock_dir` takes
+/// effect when the master restarts, and the reload says that too. No worker is touched.
+#[test]
+fn reload_applies_log_level_and_shutdown_timeout_and_defers_the_directories() {
+    let sb = Sandbox::new();
+    let s = sleeper(&sb);
+    let file = |extra: &str| {
+        sb.write_file(
+            "plumule.toml",
+            &format!(
+                "[plumule]\nruntime_dir = {}\nstate_dir = {}\n{extra}\n\
+                 [program.web]\ncommand = {}\n",
+                toml_str(&sb.runtime_dir()),
+                toml_str(&sb.path("state")),
+                argv(&s)
+            ),
+            0o644,
+        )
+    };
+    let config = file("shutdown_timeout = \"5s\"\nlog_level = \"info\"\n");
+    let mut master = sb.start(&config);
+    let before = wait_running(&sb, "web", 1);
+
+    file(&format!(
+        "shutdown_timeout = \"3s\"\nlog_level = \"debug\"\nlock_dir = {}\n",
+        toml_str(&sb.path("elsewhere"))
+    ));
+    let out = reload(&sb, &config);
+    for needles in [
+        &["log_level", "debug"][..],
+        &["shutdown_timeout", "3s"],
+        &["lock_dir", "restart"],
+    ] {
+        assert!(
+            out.lines().any(|l| needles.iter().all(|n| l.contains(n))),
+            "the reload reports {needles:?}: {out}"
+        );
+    }
+    assert!(!out.contains("nothing changed"), "{out}");
+    assert_pids(&socket_status(&sb), "web", &before, "after the reload");
+
+    // debug now: the slot's transitions are logged.
+    sb.cli_ok(&config, &["stop", "web"]);
+    master.wait_stderr(&["web.0: running -> stopping"], DEADLINE);
+    // The new shutdown_timeout is the one the graceful stop uses.
+    master.signal(nix::sys::signal::Signal::SIGTERM);
+    master.wait_stderr(&["killed after 3s"], DEADLINE);
+    master.wait_exit(DEADLINE);
+    assert!(
+        !sb.path("elsewhere").exists(),
+        "the running master keeps its lock_dir until it restarts"
+    );
+}

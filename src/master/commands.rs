@@ -377,20 +377,8 @@ impl Supervisor {
         }
         let changes = diff::diff(&self.config, &new);
         let mut lines: Vec<String> = changes.iter().map(|c| c.describe(&new)).collect();
-        for (key, a, b) in [
-            ("runtime_dir", &self.config.runtime_dir, &new.runtime_dir),
-            ("state_dir", &self.config.state_dir, &new.state_dir),
-            ("lock_dir", &self.config.lock_dir, &new.lock_dir),
-        ] {
-            if a != b {
-                lines.push(format!(
-                    "{key} changed: takes effect when the master restarts"
-                ));
-            }
-        }
-        if self.config.control_group != new.control_group {
-            lines.push("control_group changed: takes effect when the master restarts".into());
-        }
+        lines.extend(diff::settings_changes(&self.config, &new));
+        let new = diff::applicable(&self.config, new);
         let mut wait_for = Vec::new();
         for action in diff::plan_reload(&self.pools, &changes, &new) {
             match action {
