@@ -1079,3 +1079,50 @@ fn scale_up_returns_once_the_new_workers_have_run_for_healthy_after() {
     }
     stop_cleanly(&mut master);
 }
+
+// ---------------------------------------------------------------------------------------------
+// A busy `listen` address fails its program only
+
+#[test]
+fn a_busy_listen_port_fails_only_its_program_and_start_binds_it_again() {
+    let sb = Sandbox::new();
+    let s = sleeper(&sb);
+    let squatter = std::net::TcpListener::bind("127.0.0.1:0").expect("bind a port");
+    let addr = squatter.local_addr().unwrap().to_string();
+    let programs = |more: &str| {
+        format!(
+            "[program.web]\ncommand = {a}\nlisten = [\"tcp:{addr}\"]\n\n\
+             [program.other]\ncommand = {a}\n{more}",
+            a = argv(&s)
+        )
+    };
+    let config = sb.config(&programs(""));
+    let mut master = sb.start(&config);
+    wait_running(&sb, "other", 1);
+    let failed = wait_state(&sb, "web", 0, "failed");
+    let detail = failed.detail.unwrap_or_default();
+    assert!(
+        detail.contains(&addr) && detail.contains("in use"),
+        "names the address and the error: {detail}"
+    );
+
+    // The address was already the running config's: a reload is not refused for it.
+    sb.config(&programs(&format!(
+        "\n[program.more]\ncommand = {}\n",
+        argv(&s)
+    )));
+    sb.cli_ok(&config, &["reload"]);
+    wait_running(&sb, "more", 1);
+
+    // While the port is still taken, `start` tries again and says why it failed.
+    let out = sb.cli(&config, &["start", "web"]);
+    assert_exit_code(out.status, 1, &out.stdout);
+    assert!(out.stderr.contains(&addr), "{}", out.stderr);
+
+    drop(squatter);
+    sb.cli_ok(&config, &["start", "web"]);
+    let pid = running(&socket_status(&sb), "web")[&0];
+    assert!(pid_alive(pid));
+    std::net::TcpStream::connect(&addr).expect("the master listens on the port now");
+    stop_cleanly(&mut master);
+}

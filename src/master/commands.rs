@@ -369,7 +369,23 @@ impl Supervisor {
             }
         };
         // New sockets are bound before anything changes, so a busy port refuses the reload.
-        if let Err(e) = super::supervisor::bind_listeners(&new, &mut self.listeners) {
+        // An address the running config already lists and could not bind (busy when the
+        // master started) is left to its program's next start, as then.
+        let listed = |config: &config::Config, addr: &crate::config::ListenAddr| {
+            config
+                .programs
+                .iter()
+                .any(|p| p.listen.iter().any(|l| &l.address == addr))
+        };
+        let busy = super::supervisor::bind_listeners(&new, &mut self.listeners)
+            .into_iter()
+            .find(|e| !listed(&self.config, &e.address));
+        if let Some(e) = busy {
+            // What this reload bound goes with it.
+            let old = Arc::clone(&self.config);
+            self.listeners.retain(|addr, _| {
+                matches!(addr, crate::config::ListenAddr::Systemd(_)) || listed(&old, addr)
+            });
             let refused = ReloadError::Listen(e);
             log::error!("{refused}");
             self.notes.push(Note::ReloadRefused(refused.to_string()));
@@ -608,6 +624,7 @@ mod tests {
             (
                 ReloadError::Listen(BindError {
                     program: "web".into(),
+                    address: crate::config::ListenAddr::Unix("/run/web.sock".into()),
                     source: crate::sys::listen::ListenError::BindUnix {
                         path: PathBuf::from("/run/web.sock"),
                         source: std::io::Error::from_raw_os_error(libc::EADDRINUSE),

@@ -170,7 +170,16 @@ impl Supervisor {
         for (name, fd) in sys::listen::from_systemd() {
             listeners.insert(ListenAddr::Systemd(name), fd);
         }
-        bind_listeners(&config, &mut listeners).map_err(MasterError::Listen)?;
+        // A socket that cannot be had now (a busy port) fails only the program that needs it:
+        // its workers go `failed` with the error when they are spawned, and `start` tries the
+        // bind again. A `systemd:` socket systemd did not pass can never be had by this
+        // master: that mismatch of unit and config stops it, like an invalid config.
+        for e in bind_listeners(&config, &mut listeners) {
+            if matches!(e.address, ListenAddr::Systemd(_)) {
+                return Err(MasterError::Listen(e));
+            }
+            log::error!("{e}; its workers cannot start until `plumule start` binds it");
+        }
         let pools: Vec<Pool> = config
             .programs
             .iter()
@@ -497,14 +506,22 @@ impl Supervisor {
         };
         let mut pass_fds = Vec::with_capacity(program.listen.len());
         for l in &program.listen {
-            match self.listeners.get(&l.address) {
-                Some(fd) => pass_fds.push(fd.as_raw_fd()),
-                None => {
-                    return fail(
-                        self,
-                        format!("no socket bound for {}", describe_addr(&l.address)),
-                    )
+            if !self.listeners.contains_key(&l.address) {
+                // Busy when the master started (or at a reload): try again now.
+                match bind_listener(&l.address, l.mode) {
+                    Ok(fd) => {
+                        log::info!(
+                            "{}: listening on {}",
+                            program.name,
+                            describe_addr(&l.address)
+                        );
+                        self.listeners.insert(l.address.clone(), fd);
+                    }
+                    Err(e) => return fail(self, e.to_string()),
                 }
+            }
+            if let Some(fd) = self.listeners.get(&l.address) {
+                pass_fds.push(fd.as_raw_fd());
             }
         }
         let req = &mut prepared.setup;
@@ -844,34 +861,42 @@ fn describe_failure(program: &Program, stage: Stage, errno: i32, locks: &[String
 #[error("program {program}: {source}")]
 pub struct BindError {
     pub program: String,
+    /// The address (also named in `source`).
+    pub address: ListenAddr,
     #[source]
     pub source: sys::listen::ListenError,
 }
 
-/// Binds every `listen` address of `config` not bound yet. The error names the program and
-/// the address.
+/// Binds every `listen` address of `config` not bound yet, as many as can be; returns what
+/// could not be had, each error naming the program and the address.
 pub(super) fn bind_listeners(
     config: &Config,
     listeners: &mut HashMap<ListenAddr, OwnedFd>,
-) -> Result<(), BindError> {
+) -> Vec<BindError> {
+    let mut errors = Vec::new();
     for program in &config.programs {
         for l in &program.listen {
             if listeners.contains_key(&l.address) {
                 continue;
             }
-            let fd = bind_listener(&l.address, l.mode).map_err(|source| BindError {
-                program: program.name.clone(),
-                source,
-            })?;
-            log::info!(
-                "{}: listening on {}",
-                program.name,
-                describe_addr(&l.address)
-            );
-            listeners.insert(l.address.clone(), fd);
+            match bind_listener(&l.address, l.mode) {
+                Ok(fd) => {
+                    log::info!(
+                        "{}: listening on {}",
+                        program.name,
+                        describe_addr(&l.address)
+                    );
+                    listeners.insert(l.address.clone(), fd);
+                }
+                Err(source) => errors.push(BindError {
+                    program: program.name.clone(),
+                    address: l.address.clone(),
+                    source,
+                }),
+            }
         }
     }
-    Ok(())
+    errors
 }
 
 fn bind_listener(
