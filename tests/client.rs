@@ -136,7 +136,7 @@ fn status_outside_the_config_folder_finds_the_master_in_the_default_runtime_dir(
         ("RUNTIME_DIRECTORY", runtime.display().to_string()),
         ("XDG_RUNTIME_DIR", xdg.display().to_string()),
     ];
-    let mut master = sb.spawn_plumule_with(&["run", "-c", &config.display().to_string()], |cmd| {
+    let master = sb.spawn_plumule_with(&["run", "-c", &config.display().to_string()], |cmd| {
         cmd.envs(env.iter().map(|(k, v)| (k, v)));
     });
     master.wait_stderr(&["started"], DEADLINE);
