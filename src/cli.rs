@@ -5,14 +5,14 @@
 //! runtime dir (or, for `status`, a worker is `failed`).
 
 use std::ffi::OsString;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use clap::{CommandFactory, Parser, Subcommand};
 
 use crate::client;
 use crate::config;
-use crate::protocol::{Answer, Request, Response};
+use crate::protocol::{Answer, Request, Response, Target};
 
 #[derive(Debug, Parser)]
 #[command(
@@ -53,23 +53,42 @@ pub enum Command {
         /// Print one JSON object (the control protocol's status answer) instead of a table
         #[arg(long)]
         json: bool,
+        #[command(flatten)]
+        wait: Wait<5>,
     },
     /// Re-read the config file and apply what changed (like SIGHUP)
-    Reload,
+    Reload {
+        #[command(flatten)]
+        quiet: Quiet,
+        #[command(flatten)]
+        wait: Wait<30>,
+    },
     /// Start a program or one worker (PROGRAM.ID); clears `failed`
     Start {
         /// PROGRAM or PROGRAM.ID: a whole program, or one worker by its id (from 0)
         target: String,
+        #[command(flatten)]
+        quiet: Quiet,
+        #[command(flatten)]
+        wait: Wait<30>,
     },
     /// Stop a program or one worker (PROGRAM.ID)
     Stop {
         /// PROGRAM or PROGRAM.ID: a whole program, or one worker by its id (from 0)
         target: String,
+        #[command(flatten)]
+        quiet: Quiet,
+        #[command(flatten)]
+        wait: Wait<30>,
     },
     /// Restart a program or one worker (PROGRAM.ID)
     Restart {
         /// PROGRAM or PROGRAM.ID: a whole program, or one worker by its id (from 0)
         target: String,
+        #[command(flatten)]
+        quiet: Quiet,
+        #[command(flatten)]
+        wait: Wait<30>,
     },
     /// Change the number of workers of a program at run time
     Scale {
@@ -78,6 +97,10 @@ pub enum Command {
         /// How many workers it runs from now on (until the file's `workers` for it changes)
         #[arg(value_name = "N")]
         workers: u32,
+        #[command(flatten)]
+        quiet: Quiet,
+        #[command(flatten)]
+        wait: Wait<30>,
     },
     /// Enqueue jobs (not built yet: job queues)
     #[command(hide = true)]
@@ -120,18 +143,18 @@ pub enum Command {
     Logs {
         /// PROGRAM or PROGRAM.ID: only this program's or this worker's lines (default: all)
         target: Option<String>,
-        /// How many of the most recent lines to print
-        #[arg(
-            short = 'n',
-            long = "lines",
-            value_name = "LINES",
-            default_value_t = 50
-        )]
-        lines: usize,
+        /// How many of the most recent lines to print (default: 50; with --since, all kept)
+        #[arg(short = 'n', long = "lines", value_name = "LINES")]
+        lines: Option<usize>,
+        /// Only lines newer than this ("10m", "1h 30m")
+        #[arg(long, value_name = "DUR", value_parser = parse_duration)]
+        since: Option<Duration>,
         /// Then keep printing new lines as they come, until interrupted (exit 1 when the
         /// master goes away)
         #[arg(short = 'f', long)]
         follow: bool,
+        #[command(flatten)]
+        wait: Wait<30>,
     },
     /// Print a shell completion script on stdout
     Completions {
@@ -158,6 +181,29 @@ pub enum Command {
         #[arg(last = true, required = true, value_name = "CMD")]
         cmd: Vec<OsString>,
     },
+}
+
+/// `--timeout` of a client command; `DEFAULT` seconds when not given.
+#[derive(Debug, Clone, Copy, clap::Args)]
+pub struct Wait<const DEFAULT: u64> {
+    /// Give up (exit 1) when the master has said nothing for this long (default: 30s;
+    /// `status`: 5s). A master at work on a long request says so every second
+    #[arg(long, value_name = "DUR", value_parser = parse_duration)]
+    pub timeout: Option<Duration>,
+}
+
+impl<const DEFAULT: u64> Wait<DEFAULT> {
+    fn limit(self) -> Option<Duration> {
+        Some(self.timeout.unwrap_or(Duration::from_secs(DEFAULT)))
+    }
+}
+
+/// `-q` of the commands that act.
+#[derive(Debug, Clone, Copy, clap::Args)]
+pub struct Quiet {
+    /// Print nothing on success (errors still go to stderr)
+    #[arg(short = 'q', long)]
+    pub quiet: bool,
 }
 
 /// The command line as users are shown it: [`Cli`] without its hidden subcommands. The
@@ -230,10 +276,14 @@ pub fn run(cli: Cli) -> i32 {
             };
             crate::locks::run_locked(&lock_dir, &name, mode, wait, &cmd)
         }
-        Command::Status { program, json } => {
+        Command::Status {
+            program,
+            json,
+            wait,
+        } => {
             let socket = cli.socket.as_deref();
             let req = Request::Status { program };
-            client::run(socket, cli.config.as_deref(), req, |answer| {
+            client::run(socket, cli.config.as_deref(), wait.limit(), req, |answer| {
                 let Answer::Status(status) = answer else {
                     return fail(client::ClientError::Unexpected { what: "status" }.to_string());
                 };
@@ -243,7 +293,12 @@ pub fn run(cli: Cli) -> i32 {
                         Err(e) => return fail(format!("cannot encode the status: {e}")),
                     }
                 } else {
-                    client::format_status(&status)
+                    use std::io::IsTerminal;
+                    let colour = client::colour_wanted(
+                        std::io::stdout().is_terminal(),
+                        std::env::var_os("NO_COLOR").as_deref(),
+                    );
+                    client::format_status(&status, colour)
                 };
                 if print_all(text.as_bytes()) != 0 {
                     return 1;
@@ -255,14 +310,18 @@ pub fn run(cli: Cli) -> i32 {
                 }
             })
         }
-        Command::Reload => client::run(
+        Command::Reload { quiet, wait } => client::run(
             cli.socket.as_deref(),
             cli.config.as_deref(),
+            wait.limit(),
             Request::Reload,
             |answer| {
                 let Answer::Reload(reload) = answer else {
                     return fail(client::ClientError::Unexpected { what: "reload" }.to_string());
                 };
+                if quiet.quiet {
+                    return 0;
+                }
                 let mut text = String::new();
                 if reload.changes.is_empty() {
                     text.push_str("nothing changed\n");
@@ -274,58 +333,73 @@ pub fn run(cli: Cli) -> i32 {
                 print_all(text.as_bytes())
             },
         ),
-        Command::Start { target } => simple(&cli.socket, &cli.config, Request::Start { target }),
-        Command::Stop { target } => simple(&cli.socket, &cli.config, Request::Stop { target }),
-        Command::Restart { target } => {
-            simple(&cli.socket, &cli.config, Request::Restart { target })
-        }
-        Command::Scale { program, workers } => simple(
-            &cli.socket,
-            &cli.config,
+        Command::Start {
+            target,
+            quiet,
+            wait,
+        } => act(
+            cli.socket.as_deref(),
+            cli.config.as_deref(),
+            Request::Start { target },
+            quiet,
+            wait,
+        ),
+        Command::Stop {
+            target,
+            quiet,
+            wait,
+        } => act(
+            cli.socket.as_deref(),
+            cli.config.as_deref(),
+            Request::Stop { target },
+            quiet,
+            wait,
+        ),
+        Command::Restart {
+            target,
+            quiet,
+            wait,
+        } => act(
+            cli.socket.as_deref(),
+            cli.config.as_deref(),
+            Request::Restart { target },
+            quiet,
+            wait,
+        ),
+        Command::Scale {
+            program,
+            workers,
+            quiet,
+            wait,
+        } => act(
+            cli.socket.as_deref(),
+            cli.config.as_deref(),
             Request::Scale { program, workers },
+            quiet,
+            wait,
         ),
         Command::Logs {
             target,
             lines,
+            since,
             follow,
+            wait,
         } => {
+            // With --since, every line kept is a candidate; the master caps what it sends.
+            let default_lines = if since.is_some() { usize::MAX } else { 50 };
             let req = Request::Logs {
                 target,
-                lines,
+                lines: lines.unwrap_or(default_lines),
                 follow,
             };
-            if !follow {
-                return client::run(
-                    cli.socket.as_deref(),
-                    cli.config.as_deref(),
-                    req,
-                    |answer| match answer {
-                        Answer::Logs(logs) => {
-                            let _ = client::print_log_lines(&logs);
-                            0
-                        }
-                        _ => fail(client::ClientError::Unexpected { what: "logs" }.to_string()),
-                    },
-                );
-            }
-            let socket = match client::socket_path(cli.socket.as_deref(), cli.config.as_deref()) {
-                Ok(s) => s,
-                Err(e) => return fail(e.to_string()),
-            };
-            let mut code = 0;
-            let streamed = client::stream_answers(&socket, &req, |r| match r {
-                Response::Ok(Answer::Logs(logs)) => client::print_log_lines(&logs),
-                Response::Ok(_) => {
-                    code = fail(client::ClientError::Unexpected { what: "logs" }.to_string());
-                    false
-                }
-                Response::Error(e) => {
-                    code = fail(e);
-                    false
-                }
-            });
-            match streamed {
-                Ok(()) => code,
+            match logs(
+                cli.socket.as_deref(),
+                cli.config.as_deref(),
+                &req,
+                since,
+                wait.limit(),
+            ) {
+                Ok(()) => 0,
                 Err(e) => fail(e.to_string()),
             }
         }
@@ -333,9 +407,111 @@ pub fn run(cli: Cli) -> i32 {
     }
 }
 
-/// A request whose success prints nothing.
-fn simple(socket: &Option<PathBuf>, config: &Option<PathBuf>, req: Request) -> i32 {
-    client::run(socket.as_deref(), config.as_deref(), req, |_| 0)
+/// `start`, `stop`, `restart`, `scale`: the request, then (unless `-q`) one line saying
+/// where the program or worker stands, from a status asked on the same connection.
+fn act(
+    socket: Option<&Path>,
+    config: Option<&Path>,
+    req: Request,
+    quiet: Quiet,
+    wait: Wait<30>,
+) -> i32 {
+    match act_on(socket, config, &req, quiet.quiet, wait.limit()) {
+        Ok(line) => match line {
+            Some(line) => print_all(format!("{line}\n").as_bytes()),
+            None => 0,
+        },
+        Err(e) => fail(e),
+    }
+}
+
+fn act_on(
+    socket: Option<&Path>,
+    config: Option<&Path>,
+    req: &Request,
+    quiet: bool,
+    timeout: Option<Duration>,
+) -> Result<Option<String>, String> {
+    let text = |e: client::ClientError| e.to_string();
+    let socket = client::socket_path(socket, config).map_err(text)?;
+    let mut conn = client::Connection::open(&socket, timeout).map_err(text)?;
+    conn.ask(req).map_err(text)?;
+    let target = match req {
+        Request::Start { target } | Request::Stop { target } | Request::Restart { target } => {
+            Target::parse(target).map_err(|e| e.to_string())?
+        }
+        Request::Scale { program, .. } => Target {
+            program: program.clone(),
+            id: None,
+        },
+        _ => return Ok(None),
+    };
+    let starts = matches!(req, Request::Start { .. } | Request::Restart { .. });
+    if quiet && !starts {
+        return Ok(None);
+    }
+    if let Request::Stop { .. } = req {
+        return Ok(Some(format!("{}: stopped", req_target_name(&target))));
+    }
+    let status = Request::Status {
+        program: Some(target.program.clone()),
+    };
+    let Answer::Status(report) = conn.ask(&status).map_err(text)? else {
+        return Err(text(client::ClientError::Unexpected { what: "status" }));
+    };
+    let none = report.workers().all(|(p, _)| p.name != target.program);
+    if starts && target.id.is_none() && none {
+        // The request succeeded, yet nothing runs: say so rather than a silent success.
+        return Err(format!(
+            "{0}: 0 workers wanted; nothing to start (`plumule scale {0} N` sets how many)",
+            target.program
+        ));
+    }
+    Ok((!quiet).then(|| client::summary_line(&target, &report)))
+}
+
+/// `web` or `web.2`.
+fn req_target_name(t: &Target) -> String {
+    match t.id {
+        Some(id) => format!("{}.{id}", t.program),
+        None => t.program.clone(),
+    }
+}
+
+/// `logs`, and `logs -f`: the silence bound holds until the first answer, then the stream
+/// may be quiet for as long as the workers are; its end means the master went away.
+fn logs(
+    socket: Option<&Path>,
+    config: Option<&Path>,
+    req: &Request,
+    since: Option<Duration>,
+    timeout: Option<Duration>,
+) -> Result<(), client::ClientError> {
+    let socket = client::socket_path(socket, config)?;
+    let mut conn = client::Connection::open(&socket, timeout)?;
+    let follow = matches!(req, Request::Logs { follow: true, .. });
+    conn.send(req)?;
+    let mut first = true;
+    loop {
+        let response = match conn.read_response()? {
+            Some(r) => r,
+            None if first => return Err(client::ClientError::NoAnswer),
+            None => return Err(client::ClientError::Gone),
+        };
+        let mut logs = match response {
+            Response::Ok(Answer::Logs(logs)) => logs,
+            Response::Ok(_) => return Err(client::ClientError::Unexpected { what: "logs" }),
+            Response::Error(e) => return Err(client::ClientError::Refused(e)),
+        };
+        client::logs_since(&mut logs, since, std::time::SystemTime::now());
+        if !client::print_log_lines(&logs) || !follow {
+            return Ok(());
+        }
+        if first {
+            conn.unbounded()?;
+            first = false;
+        }
+    }
 }
 
 fn command_name(c: &Command) -> &'static str {

@@ -4,9 +4,12 @@
 use std::io::{self, BufRead, BufReader, Write};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 
 use crate::config;
-use crate::protocol::{Answer, LogsResult, Request, Response, StatusReport, WorkerStatus};
+use crate::protocol::{
+    self, Answer, LogsResult, Message, Request, Response, StatusReport, WorkerStatus,
+};
 
 /// Why a client command got no answer it can use; the text is what the user reads.
 #[derive(Debug, thiserror::Error)]
@@ -27,6 +30,16 @@ pub enum ClientError {
     Receive(#[source] io::Error),
     #[error("the master closed the connection without answering")]
     NoAnswer,
+    /// `--timeout` of silence: the master is stopped, wedged or overloaded.
+    #[error(
+        "gave up after {} of silence from the master ({what}); is it stopped or wedged? \
+         (--timeout sets how long to wait)",
+        crate::format_duration(*after)
+    )]
+    Silent { after: Duration, what: String },
+    /// A `logs -f` stream ended: the master stopped or closed the connection.
+    #[error("the master went away (it stopped or closed the connection)")]
+    Gone,
     #[error("unreadable answer from the master: {0}")]
     Unreadable(#[source] serde_json::Error),
     /// A well-formed answer of the wrong kind for the request (`what`: "status", …).
@@ -38,7 +51,9 @@ pub enum ClientError {
 }
 
 /// Finds the master's socket, first to last: `--socket`, `-c FILE`'s runtime dir,
-/// `$PLUMULE_SOCKET`, the config file found as usual.
+/// `$PLUMULE_SOCKET`, the config file found as usual, then (no file found, and none named by
+/// `-c` or `$PLUMULE_CONFIG`) the default runtime dir of SPEC §2, the one a master whose
+/// config does not set `runtime_dir` uses.
 pub fn socket_path(
     socket: Option<&Path>,
     config_path: Option<&Path>,
@@ -51,8 +66,21 @@ pub fn socket_path(
             return Ok(PathBuf::from(s));
         }
     }
+    let named =
+        config_path.is_some() || std::env::var_os("PLUMULE_CONFIG").is_some_and(|p| !p.is_empty());
     let path = config::find_config_path(config_path);
+    if !named && !path.exists() {
+        let folder = std::env::current_dir().unwrap_or_default();
+        return Ok(default_runtime_dir(&folder)?.join("control.sock"));
+    }
     Ok(runtime_dir_of(&path)?.join("control.sock"))
+}
+
+/// The runtime dir of a config that does not set it, for this user and environment.
+fn default_runtime_dir(folder: &Path) -> Result<PathBuf, ClientError> {
+    config::parse("", &folder.join("plumule.toml"))
+        .map(|c| c.runtime_dir)
+        .map_err(ClientError::Defaults)
 }
 
 /// The runtime dir a config file names, read leniently: a client must still reach the master
@@ -80,9 +108,7 @@ fn runtime_dir_of(path: &Path) -> Result<PathBuf, ClientError> {
         return Ok(dir);
     }
     // Unset: the same defaults as the master's, from an empty config beside the file.
-    config::parse("", &folder.join("plumule.toml"))
-        .map(|c| c.runtime_dir)
-        .map_err(ClientError::Defaults)
+    default_runtime_dir(&folder)
 }
 
 /// `runtime_dir = "…"` under `[plumule]`, found line by line in a file that does not parse.
@@ -106,81 +132,185 @@ fn scan_runtime_dir(text: &str) -> Option<String> {
     None
 }
 
-/// Sends `req` and waits for its answer.
-pub fn call(socket: &Path, req: &Request) -> Result<Response, ClientError> {
-    let mut answers = Vec::new();
-    stream_answers(socket, req, |r| {
-        answers.push(r);
-        false
-    })?;
-    answers.pop().ok_or(ClientError::NoAnswer)
+/// A connection to the master that gives up when the master has been silent for `timeout`.
+///
+/// Requests ask for progress lines (see [`crate::protocol`]): a master at work on a long
+/// request says so at least every [`crate::protocol::PROGRESS_EVERY`], so only a stopped or
+/// wedged master stays silent long enough to time out.
+pub struct Connection {
+    reader: BufReader<UnixStream>,
+    timeout: Option<Duration>,
+    /// What the client waits for now, for the message when it gives up.
+    waiting_for: String,
+    /// A send that failed: reported only if no answer can be read either.
+    unsent: Option<io::Error>,
 }
 
-/// Sends `req`; the master's refusal is an error too.
-pub fn ask(socket: &Path, req: &Request) -> Result<Answer, ClientError> {
-    match call(socket, req)? {
-        Response::Ok(answer) => Ok(answer),
-        Response::Error(message) => Err(ClientError::Refused(message)),
+impl Connection {
+    /// Connects to `socket`; `timeout` bounds each silence of the master (None: no bound).
+    pub fn open(socket: &Path, timeout: Option<Duration>) -> Result<Connection, ClientError> {
+        let stream = UnixStream::connect(socket).map_err(|source| match source.kind() {
+            io::ErrorKind::NotFound | io::ErrorKind::ConnectionRefused => ClientError::NoMaster {
+                socket: socket.to_path_buf(),
+            },
+            _ => ClientError::Connect {
+                socket: socket.to_path_buf(),
+                source,
+            },
+        })?;
+        let set = stream
+            .set_read_timeout(timeout)
+            .and_then(|()| stream.set_write_timeout(timeout));
+        set.map_err(|source| ClientError::Connect {
+            socket: socket.to_path_buf(),
+            source,
+        })?;
+        Ok(Connection {
+            reader: BufReader::new(stream),
+            timeout,
+            waiting_for: String::new(),
+            unsent: None,
+        })
+    }
+
+    /// Sends `req`, asking for progress lines.
+    pub fn send(&mut self, req: &Request) -> Result<(), ClientError> {
+        let line = req.to_line(true).map_err(ClientError::Encode)?;
+        self.waiting_for = format!("waiting for {}", req.describe());
+        // A master that refuses us (credentials, too many clients) answers and closes at
+        // once: even if the send fails, its answer may be waiting.
+        if let Err(e) = self.reader.get_ref().write_all(&line) {
+            if self.is_silence(&e) {
+                return Err(self.silent());
+            }
+            self.unsent = Some(e);
+        }
+        Ok(())
+    }
+
+    /// Stops bounding the master's silences (a `logs -f` stream, once it has started).
+    pub fn unbounded(&mut self) -> Result<(), ClientError> {
+        self.timeout = None;
+        self.reader
+            .get_ref()
+            .set_read_timeout(None)
+            .map_err(ClientError::Receive)
+    }
+
+    fn is_silence(&self, e: &io::Error) -> bool {
+        self.timeout.is_some()
+            && matches!(
+                e.kind(),
+                io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+            )
+    }
+
+    fn silent(&self) -> ClientError {
+        ClientError::Silent {
+            after: self.timeout.unwrap_or_default(),
+            what: self.waiting_for.clone(),
+        }
+    }
+
+    /// The next response; progress lines are taken in on the way. `None` once the master has
+    /// closed the connection.
+    pub fn read_response(&mut self) -> Result<Option<Response>, ClientError> {
+        loop {
+            let mut line = String::new();
+            let read = self.reader.read_line(&mut line);
+            if line.is_empty() {
+                if let Some(e) = self.unsent.take() {
+                    return Err(ClientError::Send(e));
+                }
+            }
+            match read {
+                Ok(_) => {}
+                Err(e) if self.is_silence(&e) => return Err(self.silent()),
+                Err(e) => return Err(ClientError::Receive(e)),
+            }
+            if line.is_empty() {
+                return Ok(None);
+            }
+            match protocol::parse_message(&line).map_err(ClientError::Unreadable)? {
+                Message::Progress(text) => self.waiting_for = text,
+                Message::Response(r) => return Ok(Some(r)),
+            }
+        }
+    }
+
+    /// Sends `req` and reads its response; the master's refusal is an error too.
+    pub fn ask(&mut self, req: &Request) -> Result<Answer, ClientError> {
+        self.send(req)?;
+        match self.read_response()?.ok_or(ClientError::NoAnswer)? {
+            Response::Ok(answer) => Ok(answer),
+            Response::Error(message) => Err(ClientError::Refused(message)),
+        }
     }
 }
 
+/// Sends `req` and waits for its answer, giving up after `timeout` of silence.
+pub fn ask(socket: &Path, req: &Request, timeout: Option<Duration>) -> Result<Answer, ClientError> {
+    Connection::open(socket, timeout)?.ask(req)
+}
+
 /// Asks for `status` (of one program, or all).
-pub fn status(socket: &Path, program: Option<&str>) -> Result<StatusReport, ClientError> {
+pub fn status(
+    socket: &Path,
+    program: Option<&str>,
+    timeout: Option<Duration>,
+) -> Result<StatusReport, ClientError> {
     let req = Request::Status {
         program: program.map(str::to_string),
     };
-    match ask(socket, &req)? {
+    match ask(socket, &req, timeout)? {
         Answer::Status(report) => Ok(report),
         _ => Err(ClientError::Unexpected { what: "status" }),
     }
 }
 
-/// Sends `req` and hands every answer line to `on_answer` until it returns false or the
-/// master closes the connection (`logs --follow` streams many).
-pub fn stream_answers(
-    socket: &Path,
-    req: &Request,
-    mut on_answer: impl FnMut(Response) -> bool,
-) -> Result<(), ClientError> {
-    let stream = UnixStream::connect(socket).map_err(|source| match source.kind() {
-        io::ErrorKind::NotFound | io::ErrorKind::ConnectionRefused => ClientError::NoMaster {
-            socket: socket.to_path_buf(),
-        },
-        _ => ClientError::Connect {
-            socket: socket.to_path_buf(),
-            source,
-        },
-    })?;
-    let mut line = serde_json::to_vec(req).map_err(ClientError::Encode)?;
-    line.push(b'\n');
-    // A master that refuses us (credentials, too many clients) answers and closes at once:
-    // even if the send fails, its answer may be waiting.
-    let mut sent = (&stream).write_all(&line);
-    let mut reader = BufReader::new(&stream);
-    let mut answered = false;
-    loop {
-        let mut answer = String::new();
-        let read = reader.read_line(&mut answer);
-        if answer.is_empty() {
-            if let Err(e) = sent {
-                return Err(ClientError::Send(e));
-            }
-        }
-        sent = Ok(());
-        read.map_err(ClientError::Receive)?;
-        if answer.is_empty() {
-            return if answered {
-                Ok(())
-            } else {
-                Err(ClientError::NoAnswer)
-            };
-        }
-        answered = true;
-        let response = serde_json::from_str(&answer).map_err(ClientError::Unreadable)?;
-        if !on_answer(response) {
-            return Ok(());
+/// What an acting command prints once done: one line for its program or worker, from a
+/// status of that program ("web: 4 running", "web: 3 running, 1 backoff", "web.2: running",
+/// "web: 0 workers").
+pub fn summary_line(target: &protocol::Target, report: &StatusReport) -> String {
+    let workers: Vec<&WorkerStatus> = report
+        .workers()
+        .filter(|(p, _)| p.name == target.program)
+        .map(|(_, w)| w)
+        .collect();
+    if let Some(id) = target.id {
+        // During a roll an old process may show beside its successor: the newest counts.
+        let state = workers
+            .iter()
+            .rev()
+            .find(|w| w.id == id)
+            .map_or("gone", |w| w.state.as_str());
+        return format!("{}.{id}: {state}", target.program);
+    }
+    if workers.is_empty() {
+        return format!("{}: 0 workers", target.program);
+    }
+    let mut counts: Vec<(&str, usize)> = Vec::new();
+    for w in &workers {
+        match counts.iter_mut().find(|(s, _)| *s == w.state) {
+            Some((_, n)) => *n += 1,
+            None => counts.push((&w.state, 1)),
         }
     }
+    // Running first, then the others in the order the table shows them.
+    counts.sort_by_key(|(s, _)| *s != "running");
+    let parts: Vec<String> = counts.iter().map(|(s, n)| format!("{n} {s}")).collect();
+    format!("{}: {}", target.program, parts.join(", "))
+}
+
+/// Keeps the log entries newer than `since` before now (all of them without `since`, and
+/// those whose time does not read as RFC 3339).
+pub fn logs_since(logs: &mut LogsResult, since: Option<Duration>, now: std::time::SystemTime) {
+    let Some(since) = since else { return };
+    let Some(from) = now.checked_sub(since) else {
+        return;
+    };
+    logs.lines
+        .retain(|l| humantime::parse_rfc3339(&l.time).map_or(true, |t| t >= from));
 }
 
 /// Prints `logs` lines as the master's log shows them: `TIME PROGRAM.ID: line`.
@@ -199,10 +329,11 @@ pub fn print_log_lines(logs: &LogsResult) -> bool {
 pub fn run(
     socket: Option<&Path>,
     config_path: Option<&Path>,
+    timeout: Option<Duration>,
     req: Request,
     on_ok: impl FnOnce(Answer) -> i32,
 ) -> i32 {
-    let answer = socket_path(socket, config_path).and_then(|s| ask(&s, &req));
+    let answer = socket_path(socket, config_path).and_then(|s| ask(&s, &req, timeout));
     match answer {
         Ok(answer) => on_ok(answer),
         Err(e) => {
@@ -215,9 +346,48 @@ pub fn run(
 fn uptime(seconds: Option<f64>) -> String {
     match seconds {
         None => "-".into(),
-        Some(s) => crate::format_duration(std::time::Duration::from_secs(s as u64)),
+        Some(s) => short_duration(s.max(0.0) as u64),
     }
 }
+
+/// A duration for a table: its two largest units, "3h 12m", "2d 4h", "45s" (a zero second
+/// unit is left out: "2h").
+pub fn short_duration(seconds: u64) -> String {
+    const UNITS: [(u64, &str); 4] = [(86_400, "d"), (3_600, "h"), (60, "m"), (1, "s")];
+    let Some(first) = UNITS.iter().position(|(n, _)| seconds >= *n) else {
+        return "0s".into();
+    };
+    let (n, unit) = UNITS[first];
+    let mut out = format!("{}{unit}", seconds / n);
+    if let Some(&(m, unit)) = UNITS.get(first + 1) {
+        let rest = seconds % n / m;
+        if rest > 0 {
+            out.push_str(&format!(" {rest}{unit}"));
+        }
+    }
+    out
+}
+
+/// Whether `status` colours its states: only on a terminal, and never with `NO_COLOR` set
+/// to anything but the empty string (no-color.org).
+pub fn colour_wanted(terminal: bool, no_color: Option<&std::ffi::OsStr>) -> bool {
+    terminal && no_color.is_none_or(|v| v.is_empty())
+}
+
+/// The ANSI colour of a state: red for trouble, green for running, yellow for in between.
+fn state_colour(state: &str) -> Option<&'static str> {
+    match state {
+        "running" => Some("32"),
+        "failed" => Some("1;31"),
+        "backoff" => Some("33"),
+        "starting" | "stopping" => Some("36"),
+        "exited" | "stopped" => Some("2"),
+        _ => None,
+    }
+}
+
+/// The column of the status table that holds the state.
+const STATE_COLUMN: usize = 3;
 
 fn last_exit(w: &WorkerStatus) -> String {
     match &w.last_exit {
@@ -227,8 +397,9 @@ fn last_exit(w: &WorkerStatus) -> String {
     }
 }
 
-/// The status table with its summary line.
-pub fn format_status(status: &StatusReport) -> String {
+/// The status table with its summary line; `colour`: states in ANSI colours (a terminal).
+/// Columns are as wide as their widest cell, so long names keep the table aligned.
+pub fn format_status(status: &StatusReport, colour: bool) -> String {
     let mut rows = vec![[
         "PROGRAM".to_string(),
         "ID".into(),
@@ -281,10 +452,21 @@ pub fn format_status(status: &StatusReport) -> String {
     for row in &rows {
         let mut line = String::new();
         for (i, cell) in row.iter().enumerate() {
-            if i == row.len() - 1 {
-                line.push_str(cell);
+            let padded = if i == row.len() - 1 {
+                cell.clone()
             } else {
-                line.push_str(&format!("{cell:<w$}  ", w = widths[i]));
+                format!("{cell:<w$}  ", w = widths[i])
+            };
+            // Padding is measured on the plain text; the escape codes go around it.
+            match (i, colour && !std::ptr::eq(row, &rows[0])) {
+                (STATE_COLUMN, true) => match state_colour(cell) {
+                    Some(code) => {
+                        let (text, pad) = padded.split_at(cell.len());
+                        line.push_str(&format!("\x1b[{code}m{text}\x1b[0m{pad}"));
+                    }
+                    None => line.push_str(&padded),
+                },
+                _ => line.push_str(&padded),
             }
         }
         out.push_str(line.trim_end());
@@ -325,7 +507,7 @@ mod tests {
                 workers: vec![w(0, "running", Some(42)), w(1, "failed", None)],
             }],
         };
-        let text = format_status(&status);
+        let text = format_status(&status, false);
         let lines: Vec<&str> = text.lines().collect();
         assert_eq!(lines.len(), 4, "{text}");
         assert!(lines[0].starts_with("PROGRAM"));
@@ -337,6 +519,126 @@ mod tests {
         );
         assert!(lines[2].contains("failed") && lines[2].contains("exit 1"));
         assert_eq!(lines[3], "1 program(s), 2 worker(s): 1 failed, 1 running");
+    }
+
+    #[test]
+    fn durations_show_their_two_largest_units() {
+        let table = [
+            (0, "0s"),
+            (45, "45s"),
+            (60, "1m"),
+            (75, "1m 15s"),
+            (3 * 3600 + 12 * 60 + 30, "3h 12m"),
+            (7200, "2h"),
+            (2 * 86_400 + 4 * 3600 + 59, "2d 4h"),
+        ];
+        for (secs, text) in table {
+            assert_eq!(short_duration(secs), text, "{secs}");
+        }
+    }
+
+    #[test]
+    fn colour_only_on_a_terminal_without_no_color() {
+        use std::ffi::OsStr;
+        assert!(colour_wanted(true, None));
+        assert!(colour_wanted(true, Some(OsStr::new(""))));
+        assert!(!colour_wanted(true, Some(OsStr::new("1"))));
+        assert!(!colour_wanted(false, None));
+    }
+
+    fn worker(id: u32, state: &str) -> WorkerStatus {
+        WorkerStatus {
+            id,
+            pid: Some(100 + id as i32),
+            state: state.into(),
+            detail: None,
+            uptime_s: Some(3.0),
+            restarts: 0,
+            last_exit: None,
+            locks: vec![],
+            in_flight: 0,
+            status: None,
+        }
+    }
+
+    #[test]
+    fn coloured_states_keep_the_columns_aligned_and_long_names_fit() {
+        let long = "a-program-with-a-rather-long-name";
+        let status = StatusReport {
+            programs: vec![
+                ProgramStatus {
+                    name: "web".into(),
+                    workers: vec![worker(0, "running"), worker(1, "failed")],
+                },
+                ProgramStatus {
+                    name: long.into(),
+                    workers: vec![worker(0, "backoff")],
+                },
+            ],
+        };
+        let plain = format_status(&status, false);
+        assert!(!plain.contains('\x1b'), "{plain}");
+        let coloured = format_status(&status, true);
+        assert!(coloured.contains("\x1b[32mrunning\x1b[0m"), "{coloured}");
+        assert!(coloured.contains("\x1b[1;31mfailed\x1b[0m"), "{coloured}");
+        // Without its escape codes, the coloured table is the plain one.
+        let stripped = coloured
+            .replace("\x1b[32m", "")
+            .replace("\x1b[1;31m", "")
+            .replace("\x1b[33m", "")
+            .replace("\x1b[0m", "");
+        assert_eq!(stripped, plain);
+        // Every column starts at the same place on every row, the long name's included.
+        let rows: Vec<&str> = plain.lines().take(4).collect();
+        let id_at = rows[0].find("ID").unwrap();
+        assert!(id_at > long.len(), "{plain}");
+        for row in &rows[1..] {
+            assert!(row[id_at..].starts_with(['0', '1']), "{plain}");
+            assert!(row[..id_at].ends_with("  "), "{plain}");
+        }
+    }
+
+    #[test]
+    fn summary_lines_count_states_per_program_or_name_the_worker() {
+        let report = StatusReport {
+            programs: vec![ProgramStatus {
+                name: "web".into(),
+                workers: vec![
+                    worker(0, "backoff"),
+                    worker(1, "running"),
+                    worker(2, "running"),
+                ],
+            }],
+        };
+        let t = |s: &str| crate::protocol::Target::parse(s).unwrap();
+        assert_eq!(
+            summary_line(&t("web"), &report),
+            "web: 2 running, 1 backoff"
+        );
+        assert_eq!(summary_line(&t("web.1"), &report), "web.1: running");
+        let empty = StatusReport { programs: vec![] };
+        assert_eq!(summary_line(&t("web"), &empty), "web: 0 workers");
+    }
+
+    #[test]
+    fn logs_since_keeps_the_newer_entries() {
+        let entry = |time: &str| crate::protocol::LogEntry {
+            time: time.into(),
+            source: "web.0".into(),
+            stream: "stdout".into(),
+            line: time.into(),
+        };
+        let mut logs = LogsResult {
+            lines: vec![
+                entry("2024-01-01T10:00:00.000Z"),
+                entry("2024-01-01T11:59:00.000Z"),
+                entry("not a time"),
+            ],
+        };
+        let now = humantime::parse_rfc3339("2024-01-01T12:00:00Z").unwrap();
+        logs_since(&mut logs, Some(Duration::from_secs(600)), now);
+        let kept: Vec<&str> = logs.lines.iter().map(|l| l.line.as_str()).collect();
+        assert_eq!(kept, ["2024-01-01T11:59:00.000Z", "not a time"]);
     }
 
     /// The texts users (and the integration tests) read, unchanged by typing the errors.

@@ -15,7 +15,7 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use crate::config::GroupSpec;
-use crate::protocol::{parse_request, Request, Response, MAX_REQUEST};
+use crate::protocol::{parse_request_line, Progress, Request, Response, MAX_REQUEST};
 
 pub const MAX_CONNECTIONS: usize = 128;
 pub const MAX_PENDING_OUTPUT: usize = 16 * 1024 * 1024;
@@ -60,6 +60,8 @@ pub struct Conn {
     idle_since: Instant,
     /// A request is being carried out; no other is read until it is answered.
     pub busy: bool,
+    /// The request being carried out asked for progress lines while it waits.
+    pub progress: bool,
     /// Close once the output is written.
     closing: bool,
 }
@@ -146,6 +148,7 @@ impl ControlServer {
                 output: Vec::new(),
                 idle_since: now,
                 busy: false,
+                progress: false,
                 closing: false,
             };
             self.conns.insert(self.next_id, conn);
@@ -231,9 +234,10 @@ impl ControlServer {
             if line.iter().all(|b| b.is_ascii_whitespace()) {
                 continue;
             }
-            match parse_request(&line[..end]) {
-                Ok(req) => {
+            match parse_request_line(&line[..end]) {
+                Ok((req, progress)) => {
                     conn.busy = true;
+                    conn.progress = progress;
                     return Incoming::Request(req);
                 }
                 Err(message) => {
@@ -282,6 +286,27 @@ impl ControlServer {
         conn.output.extend(line);
         self.flush(id);
         self.conns.contains_key(&id)
+    }
+
+    /// Tells a busy connection whose request asked for it that its request is still being
+    /// carried out (`{"progress":…}`); does nothing for the others.
+    pub fn progress(&mut self, id: u64, text: &str) {
+        let Some(conn) = self.conns.get_mut(&id) else {
+            return;
+        };
+        if !conn.busy || !conn.progress {
+            return;
+        }
+        let line = Progress {
+            progress: text.to_string(),
+        }
+        .to_line();
+        if conn.output.len() + line.len() > MAX_PENDING_OUTPUT {
+            // Unread progress lines pile up only for a client that reads nothing.
+            return;
+        }
+        conn.output.extend(line);
+        self.flush(id);
     }
 
     /// Writes what the socket takes now.

@@ -12,11 +12,30 @@
 //! A response comes once the action is done (SPEC §9): `stop` when the workers have exited,
 //! `start`/`restart` when the new workers run, `scale` when the count is reached, `reload`
 //! when the new plan is applied, rolling restarts included.
+//!
+//! Progress lines. A request may carry `"progress":true` beside its `cmd`; the master then
+//! acknowledges it at once, when it has to wait for its answer, and repeats that at most every
+//! [`PROGRESS_EVERY`] while it waits, with a line that is not a response:
+//!
+//! ```text
+//! → {"cmd":"stop","target":"web","progress":true}
+//! ← {"progress":"waiting for web to stop"}
+//! ← {"progress":"waiting for web to stop"}
+//! ← {"ok":true,"result":{}}
+//! ```
+//!
+//! So a client can tell a master that works on a long request from one that is stopped or
+//! wedged: only silence counts (`plumule --timeout`). A request without the field gets no
+//! progress line, exactly as before, so older clients and scripts reading the first line as
+//! the answer keep working.
 
 use serde::{Deserialize, Serialize};
 
 /// Longest request line the master reads; longer ones get an error and the connection closes.
 pub const MAX_REQUEST: usize = 64 * 1024;
+
+/// How often, at most, the master repeats a progress line while a request waits.
+pub const PROGRESS_EVERY: std::time::Duration = std::time::Duration::from_secs(1);
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "cmd", rename_all = "snake_case", deny_unknown_fields)]
@@ -52,6 +71,68 @@ pub enum Request {
 
 fn default_log_lines() -> usize {
     50
+}
+
+impl Request {
+    /// What the client waits for while this request is carried out, for progress lines and
+    /// for the client's message when it gives up ("web to stop").
+    pub fn describe(&self) -> String {
+        match self {
+            Request::Status { program: None } => "the status".into(),
+            Request::Status { program: Some(p) } => format!("the status of {p}"),
+            Request::Reload => "the reload to be applied".into(),
+            Request::Start { target } => format!("{target} to run"),
+            Request::Stop { target } => format!("{target} to stop"),
+            Request::Restart { target } => format!("{target} to restart and run"),
+            Request::Scale { program, workers } => {
+                format!("{program} to reach {workers} worker(s)")
+            }
+            Request::Logs { .. } => "the logs".into(),
+        }
+    }
+
+    /// The request as one line, newline included; with `progress`, asking for progress lines.
+    pub fn to_line(&self, progress: bool) -> Result<Vec<u8>, serde_json::Error> {
+        let mut value = serde_json::to_value(self)?;
+        if let (true, Some(map)) = (progress, value.as_object_mut()) {
+            map.insert("progress".into(), serde_json::Value::Bool(true));
+        }
+        let mut line = serde_json::to_vec(&value)?;
+        line.push(b'\n');
+        Ok(line)
+    }
+}
+
+/// A line the master sends before the answer of a request that waits, when the request asked
+/// for it: `{"progress":"waiting for web to stop"}`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Progress {
+    pub progress: String,
+}
+
+impl Progress {
+    /// The progress line, newline included.
+    pub fn to_line(&self) -> Vec<u8> {
+        let mut line = serde_json::to_vec(self).unwrap_or_else(|_| br#"{"progress":""}"#.to_vec());
+        line.push(b'\n');
+        line
+    }
+}
+
+/// A line a client reads: progress, or the response.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Message {
+    Progress(String),
+    Response(Response),
+}
+
+/// Parses one line from the master.
+pub fn parse_message(line: &str) -> Result<Message, serde_json::Error> {
+    if let Ok(p) = serde_json::from_str::<Progress>(line) {
+        return Ok(Message::Progress(p.progress));
+    }
+    serde_json::from_str(line).map(Message::Response)
 }
 
 /// One line of worker output, as `logs` sends it.
@@ -238,8 +319,26 @@ pub enum RequestError {
 
 /// Parses one request line.
 pub fn parse_request(line: &[u8]) -> Result<Request, RequestError> {
+    parse_request_line(line).map(|(req, _)| req)
+}
+
+/// Parses one request line, and whether it asks for progress lines (`"progress":true`).
+pub fn parse_request_line(line: &[u8]) -> Result<(Request, bool), RequestError> {
+    use serde::de::Error as _;
     let text = std::str::from_utf8(line).map_err(|_| RequestError::NotUtf8)?;
-    serde_json::from_str(text.trim()).map_err(RequestError::Malformed)
+    let mut value: serde_json::Value =
+        serde_json::from_str(text.trim()).map_err(RequestError::Malformed)?;
+    let progress = match value.as_object_mut().and_then(|m| m.remove("progress")) {
+        None => false,
+        Some(serde_json::Value::Bool(b)) => b,
+        Some(_) => {
+            return Err(RequestError::Malformed(serde_json::Error::custom(
+                "`progress` must be true or false",
+            )))
+        }
+    };
+    let req = serde_json::from_value(value).map_err(RequestError::Malformed)?;
+    Ok((req, progress))
 }
 
 /// `PROGRAM` or `PROGRAM.ID`.
@@ -406,6 +505,36 @@ mod tests {
             let round = serde_json::to_string(&expected).unwrap();
             assert_eq!(parse_request(round.as_bytes()).ok(), Some(expected));
         }
+    }
+
+    #[test]
+    fn progress_is_asked_for_beside_cmd_and_sent_on_its_own_line() {
+        let stop = Request::Stop {
+            target: "web".into(),
+        };
+        let line = stop.to_line(true).unwrap();
+        assert_eq!(
+            String::from_utf8(line.clone()).unwrap(),
+            "{\"cmd\":\"stop\",\"progress\":true,\"target\":\"web\"}\n"
+        );
+        assert_eq!(parse_request_line(&line).unwrap(), (stop.clone(), true));
+        let plain = stop.to_line(false).unwrap();
+        assert_eq!(parse_request_line(&plain).unwrap(), (stop.clone(), false));
+        assert!(parse_request_line(br#"{"cmd":"stop","target":"web","progress":1}"#).is_err());
+        let p = Progress {
+            progress: format!("waiting for {}", stop.describe()),
+        };
+        let line = String::from_utf8(p.to_line()).unwrap();
+        assert_eq!(line, "{\"progress\":\"waiting for web to stop\"}\n");
+        assert_eq!(
+            parse_message(line.trim()).unwrap(),
+            Message::Progress("waiting for web to stop".into())
+        );
+        assert_eq!(
+            parse_message(r#"{"ok":true,"result":{}}"#).unwrap(),
+            Message::Response(Response::done())
+        );
+        assert!(parse_message(r#"{"progress":"x","ok":true}"#).is_err());
     }
 
     #[test]

@@ -24,6 +24,10 @@ const LISTENER: u64 = 0;
 struct Waiter {
     conn: u64,
     kind: WaitKind,
+    /// The progress line its client gets while it waits ("waiting for web to stop").
+    progress: String,
+    /// When the next progress line is due.
+    next_progress: Instant,
 }
 
 pub(super) struct Clients {
@@ -162,6 +166,7 @@ impl Clients {
                 return Some(Response::error(RefusedError::Stopping));
             }
         }
+        let progress = format!("waiting for {}", req.describe());
         let result = match req {
             Request::Status { program } => return Some(sup.status(program.as_deref(), now)),
             Request::Reload => sup
@@ -184,7 +189,16 @@ impl Clients {
         match result {
             Err(refused) => Some(Response::error(refused)),
             Ok(kind) => {
-                self.waiters.push(Waiter { conn, kind });
+                // The acknowledgement: the client knows at once that the master is at work.
+                if let Some(c) = self.server.as_mut() {
+                    c.progress(conn, &progress);
+                }
+                self.waiters.push(Waiter {
+                    conn,
+                    kind,
+                    progress,
+                    next_progress: now + protocol::PROGRESS_EVERY,
+                });
                 None
             }
         }
@@ -213,6 +227,19 @@ impl Clients {
             }
         }
         served
+    }
+
+    /// Sends the progress lines that are due to the requests still waiting; returns when the
+    /// next one is. A deadline exists only while a request waits: an idle master has no timer.
+    fn send_progress(&mut self, now: Instant) -> Option<Instant> {
+        let control = self.server.as_mut()?;
+        for w in &mut self.waiters {
+            if w.next_progress <= now {
+                control.progress(w.conn, &w.progress);
+                w.next_progress = now + protocol::PROGRESS_EVERY;
+            }
+        }
+        self.waiters.iter().map(|w| w.next_progress).min()
     }
 
     /// Answers what is still waiting: the master is going away.
@@ -314,6 +341,7 @@ impl Subsystem for Clients {
             // before sleeping. Each round consumes buffered request lines, so this ends.
             sup.settle(now);
         }
+        let progress_due = self.send_progress(now);
         self.feed_followers(sup);
         self.watch(sup);
         let recheck = self
@@ -321,7 +349,8 @@ impl Subsystem for Clients {
             .iter()
             .filter_map(|w| sup.recheck_at(&w.kind, now))
             .min();
-        super::earliest(self.server.as_mut().and_then(|c| c.expire(now)), recheck)
+        let expiry = self.server.as_mut().and_then(|c| c.expire(now));
+        super::earliest(super::earliest(progress_due, expiry), recheck)
     }
 
     fn finish(&mut self, sup: &mut Supervisor) {
