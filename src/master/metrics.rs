@@ -337,8 +337,17 @@ impl Metrics {
             }
             if self.conns.len() >= MAX_CONNECTIONS {
                 log::warn!("metrics: more than {MAX_CONNECTIONS} scrapers at once; refusing one");
-                // Best effort: a fresh socket's buffer takes this whole.
+                // Best effort: a fresh socket's buffer takes this whole. What the scraper has
+                // sent already is read, so that the close does not reset the connection
+                // before the answer is read; what comes later may still be lost that way.
                 let _ = stream.write(&response(503, "Service Unavailable", "", "busy\n"));
+                stream.shutdown_write();
+                let mut buf = [0u8; 4096];
+                for _ in 0..(MAX_REQUEST / buf.len() + 1) {
+                    if !matches!(stream.read(&mut buf), Ok(n) if n > 0) {
+                        break;
+                    }
+                }
                 continue;
             }
             self.next_id += 1;
@@ -757,5 +766,144 @@ impl Subsystem for Metrics {
             sup.reactor.remove(listener.fd());
             listener.close();
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::slot::{Old, StartWait};
+    use nix::sys::signal::Signal;
+
+    #[test]
+    fn routes_by_request_line() {
+        let cases: &[(&str, Route)] = &[
+            ("GET /metrics HTTP/1.1", Route::Metrics),
+            ("GET /metrics HTTP/1.0", Route::Metrics),
+            ("GET /metrics?name[]=x HTTP/1.1", Route::Metrics),
+            ("GET / HTTP/1.1", Route::NotFound),
+            ("GET /metrics/ HTTP/1.1", Route::NotFound),
+            ("HEAD /metrics HTTP/1.1", Route::BadMethod),
+            ("POST /metrics HTTP/1.1", Route::BadMethod),
+            ("GET /metrics HTTP/2.0", Route::BadVersion),
+            ("GET /metrics", Route::Bad),
+            ("GET  /metrics HTTP/1.1", Route::Bad),
+            ("GET metrics HTTP/1.1", Route::Bad),
+            ("G(T /metrics HTTP/1.1", Route::Bad),
+            ("GET /metrics FTP/1.1", Route::Bad),
+        ];
+        for (line, expected) in cases {
+            let head = format!("{line}\r\nHost: x\r\n\r\n");
+            assert_eq!(&route(head.as_bytes()), expected, "{line}");
+        }
+        assert_eq!(route(b"GET /metrics HTTP/1.1\n\n"), Route::Metrics);
+        assert_eq!(route(b"\xff\xfe /metrics HTTP/1.1\r\n\r\n"), Route::Bad);
+    }
+
+    #[test]
+    fn the_head_ends_at_the_first_blank_line() {
+        assert_eq!(head_end(b"GET / HTTP/1.1\r\nHost: x\r\n"), None);
+        assert_eq!(head_end(b"GET / HTTP/1.1\r\n\r\nbody"), Some(18));
+        assert_eq!(head_end(b"GET / HTTP/1.1\n\n"), Some(16));
+        assert_eq!(head_end(b"GET / HTTP/1.1\r\nA: b\r\n\r\n"), Some(24));
+        // A request cannot begin with its blank line.
+        assert_eq!(head_end(b"\r\n"), None);
+    }
+
+    #[test]
+    fn answers_carry_their_length_and_close() {
+        let text = String::from_utf8(response(404, "Not Found", "", "nope\n")).unwrap();
+        assert_eq!(
+            text,
+            "HTTP/1.1 404 Not Found\r\nContent-Type: text/plain; charset=utf-8\r\n\
+             Content-Length: 5\r\nConnection: close\r\n\r\nnope\n"
+        );
+        assert_eq!(label("a\"b\\c\nd"), "a\\\"b\\\\c\\nd");
+    }
+
+    #[test]
+    fn exit_reasons_put_what_plumule_asked_for_first() {
+        let program = crate::test_support::program("web", 1);
+        let pid = Pid::from_raw(42);
+        let other = Pid::from_raw(43);
+        let now = Instant::now();
+        let stopping = |then| SlotState::Stopping {
+            pid,
+            since: now,
+            kill_at: now,
+            killed: false,
+            then,
+        };
+        let running = SlotState::Running {
+            pid,
+            since: now,
+            watchdog_at: None,
+        };
+        let term = Exit::Signal(Signal::SIGTERM);
+        let cases = [
+            (running.clone(), Exit::Code(0), "success"),
+            (running.clone(), Exit::Code(1), "failure"),
+            (running.clone(), term, "signal"),
+            (stopping(AfterStop::Rest), term, "stopped"),
+            (stopping(AfterStop::Restart), Exit::Code(1), "stopped"),
+            (
+                stopping(AfterStop::Crash(StopReason::ReadyTimeout)),
+                term,
+                "ready_timeout",
+            ),
+            (
+                stopping(AfterStop::Crash(StopReason::Watchdog)),
+                Exit::Signal(Signal::SIGABRT),
+                "watchdog",
+            ),
+            (
+                SlotState::Starting {
+                    pid,
+                    since: now,
+                    wait: StartWait::Exec,
+                    error: Some("cannot execute".into()),
+                },
+                Exit::Code(127),
+                "start_error",
+            ),
+            // The old process of a rolling restart, and its successor.
+            (
+                SlotState::Rolling {
+                    old: Old {
+                        pid,
+                        since: now,
+                        kill_at: Some(now),
+                        killed: false,
+                    },
+                    next: Box::new(SlotState::Running {
+                        pid: other,
+                        since: now,
+                        watchdog_at: None,
+                    }),
+                },
+                term,
+                "stopped",
+            ),
+        ];
+        for (state, exit, expected) in cases {
+            assert_eq!(
+                exit_reason(&state, pid, exit, &program),
+                expected,
+                "{state:?} {exit}"
+            );
+            assert!(REASONS.contains(&expected));
+        }
+    }
+
+    #[test]
+    fn counters_only_grow() {
+        let mut c = Counters::default();
+        c.exited("web", "signal");
+        c.exited("web", "signal");
+        c.restarted("web", 0);
+        assert!(c.restarts.is_empty());
+        c.restarted("web", 2);
+        assert_eq!(c.exits[&("web".to_string(), "signal")], 2);
+        assert_eq!(c.restarts["web"], 2);
     }
 }

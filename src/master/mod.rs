@@ -186,11 +186,12 @@ impl Master {
     }
 
     /// The supervisor and every subsystem, these in the order their `after_pass` runs:
-    /// requests change what is wanted before systemd is told the state (metrics only read).
+    /// metrics applies a reloaded address before the reload is answered; requests change
+    /// what is wanted before systemd is told the state.
     fn parts(&mut self) -> (&mut Supervisor, [&mut dyn Subsystem; 3]) {
         (
             &mut self.sup,
-            [&mut self.clients, &mut self.systemd, &mut self.metrics],
+            [&mut self.metrics, &mut self.clients, &mut self.systemd],
         )
     }
 
