@@ -377,11 +377,11 @@ fn configuration(roff: &mut Roff) {
         roff,
         "metrics",
         "",
-        "Not supported yet: a file that sets it is refused.",
+        "tcp:HOST:PORT or unix:PATH: serve Prometheus metrics at GET /metrics there (see README).",
     );
     paragraph(
         roff,
-        "A reload applies log_level and shutdown_timeout at once; runtime_dir, state_dir, \
+        "A reload applies log_level, shutdown_timeout and metrics at once; runtime_dir, state_dir, \
          lock_dir and control_group take effect when the master restarts (plumule reload says \
          so).",
     );
@@ -889,8 +889,8 @@ fn examples(roff: &mut Roff) {
 fn not_yet_built(roff: &mut Roff) {
     roff.control("SH", ["NOT YET BUILT"]);
     roff.text([roman(
-        "Job queues and metrics are not built yet. The commands submit, queue and requeue \
-         parse but answer \"not supported yet\" (exit 1), and a config that sets metrics, a \
+        "Job queues are not built yet. The commands submit, queue and requeue \
+         parse but answer \"not supported yet\" (exit 1), and a config that sets a \
          program's queue or a [queue.NAME] table is refused.",
     )]);
 }

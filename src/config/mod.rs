@@ -65,7 +65,8 @@ pub struct Config {
     pub state_dir: PathBuf,
     pub lock_dir: PathBuf,
     pub control_group: Option<GroupSpec>,
-    pub metrics: Option<String>,
+    /// Where the Prometheus endpoint listens: `Tcp` or `Unix`, never `Systemd`.
+    pub metrics: Option<ListenAddr>,
     pub shutdown_timeout: Duration,
     pub log_level: log::LevelFilter,
     /// Sorted by name.
@@ -265,10 +266,6 @@ pub struct Unsupported {
 
 /// Keys whose feature is not built yet. Shipping a feature removes its line.
 pub const UNSUPPORTED: &[Unsupported] = &[
-    Unsupported {
-        key: "plumule.metrics",
-        value: None,
-    },
     Unsupported {
         key: "queue.*",
         value: None,

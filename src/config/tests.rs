@@ -420,6 +420,26 @@ fn other_unknown_choices() {
 }
 
 #[test]
+fn metrics_takes_a_tcp_or_unix_address_resolved_against_the_config_folder() {
+    let unix = parse_now("[plumule]\nmetrics = \"unix:run/metrics.sock\"\n").unwrap();
+    assert_eq!(
+        unix.metrics,
+        Some(ListenAddr::Unix("/etc/plumule/run/metrics.sock".into()))
+    );
+    let tcp = parse_now("[plumule]\nmetrics = \"tcp:[::1]:9187\"\n").unwrap();
+    assert_eq!(
+        tcp.metrics,
+        Some(ListenAddr::Tcp("[::1]:9187".parse().unwrap()))
+    );
+    assert_eq!(
+        problem("[plumule]\nmetrics = \"systemd:m\"\n"),
+        line("2:11: plumule.metrics: expected a tcp:HOST:PORT or unix:PATH address")
+    );
+    assert!(problem("[plumule]\nmetrics = \"tcp:localhost:9187\"\n")
+        .contains("expected tcp:HOST:PORT with an IP address"),);
+}
+
+#[test]
 fn unsupported_keys_are_refused_where_they_are_set() {
     let text = "[plumule]\nmetrics = \"tcp:127.0.0.1:9187\"\n\
                 [program.resize]\ncommand = \"r\"\nqueue = \"t\"\nready = \"notify\"\n\
@@ -428,7 +448,6 @@ fn unsupported_keys_are_refused_where_they_are_set() {
     assert_eq!(
         problems(text),
         [
-            line("2:1: plumule.metrics: `metrics` is not supported yet"),
             line("5:1: program.resize.queue: `queue` is not supported yet"),
             line("9:8: queue.t: `queue` is not supported yet"),
         ]
@@ -737,7 +756,10 @@ route = "least-loaded"
 max_pending = 1000000
 "#;
     let config = ok(text);
-    assert_eq!(config.metrics.as_deref(), Some("tcp:127.0.0.1:9187"));
+    assert_eq!(
+        config.metrics,
+        Some(ListenAddr::Tcp("127.0.0.1:9187".parse().unwrap()))
+    );
     let web = config.program("web").unwrap();
     assert_eq!(web.ready, ReadyMode::Notify);
     assert_eq!(web.watchdog, Some(Duration::from_secs(30)));
@@ -767,7 +789,7 @@ max_pending = 1000000
     );
     assert_eq!(config.queues.len(), 1);
     // Every error: the file is refused today, one line per unsupported key.
-    assert_eq!(parse_now(text).unwrap_err().problems.len(), 3);
+    assert_eq!(parse_now(text).unwrap_err().problems.len(), 2);
 }
 
 #[test]
@@ -1058,7 +1080,7 @@ fn config_path_search_order() {
 #[test]
 fn unsupported_list_matches_keys_and_values() {
     assert!(unsupported(&["program", "web", "listen"], None).is_none());
-    assert!(unsupported(&["plumule", "metrics"], None).is_some());
+    assert!(unsupported(&["plumule", "metrics"], None).is_none());
     assert!(unsupported(&["program", "web", "after"], None).is_none());
     assert!(unsupported(&["program", "web", "ready"], Some("notify")).is_none());
     assert!(unsupported(&["queue", "q"], None).is_some());

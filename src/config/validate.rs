@@ -154,10 +154,10 @@ pub(super) fn validate(
         .control_group
         .as_ref()
         .and_then(|g| v.group(&plumule_key.child("control_group"), g));
-    let metrics = plumule.metrics.as_ref().map(|m| {
-        v.metrics(&plumule_key.child("metrics"), m);
-        m.get_ref().clone()
-    });
+    let metrics = plumule
+        .metrics
+        .as_ref()
+        .and_then(|m| v.metrics(&plumule_key.child("metrics"), m));
     let shutdown_timeout = v.duration(
         &plumule_key.child("shutdown_timeout"),
         plumule.shutdown_timeout.as_ref(),
@@ -507,13 +507,17 @@ impl Validator<'_> {
         }
     }
 
-    fn metrics(&mut self, key: &Key, value: &Spanned<String>) {
+    fn metrics(&mut self, key: &Key, value: &Spanned<String>) -> Option<ListenAddr> {
         match values::listen_addr(value.get_ref(), &self.dir) {
-            Ok(ListenAddr::Tcp(_) | ListenAddr::Unix(_)) => {}
+            Ok(addr @ (ListenAddr::Tcp(_) | ListenAddr::Unix(_))) => Some(addr),
             Ok(ListenAddr::Systemd(_)) => {
-                self.at(value, key, "expected a tcp:HOST:PORT or unix:PATH address")
+                self.at(value, key, "expected a tcp:HOST:PORT or unix:PATH address");
+                None
             }
-            Err(e) => self.at(value, key, e),
+            Err(e) => {
+                self.at(value, key, e);
+                None
+            }
         }
     }
 

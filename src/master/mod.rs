@@ -37,6 +37,7 @@ use crate::sys::reactor::Ready;
 
 mod clients;
 mod commands;
+mod metrics;
 mod output;
 mod supervisor;
 mod systemd;
@@ -44,6 +45,7 @@ mod systemd;
 pub use supervisor::BindError;
 
 use clients::Clients;
+use metrics::Metrics;
 use supervisor::Supervisor;
 use systemd::Systemd;
 
@@ -64,6 +66,8 @@ pub enum MasterError {
     },
     #[error("cannot listen: {0}")]
     Listen(BindError),
+    #[error("cannot serve metrics: {0}")]
+    Metrics(crate::sys::listen::ListenError),
     #[error("cannot set up the master: {0}")]
     Setup(std::io::Error),
 }
@@ -91,6 +95,8 @@ pub(super) enum Part {
     Control = 3,
     /// plumule's notify socket for workers.
     Notify = 4,
+    /// The Prometheus endpoint: its listener and its connections.
+    Metrics = 5,
 }
 
 const LOCAL_BITS: u64 = 56;
@@ -107,6 +113,7 @@ impl Part {
             2 => Part::Workers,
             3 => Part::Control,
             4 => Part::Notify,
+            5 => Part::Metrics,
             _ => return None,
         };
         Some((part, local))
@@ -131,6 +138,7 @@ pub struct Master {
     sup: Supervisor,
     clients: Clients,
     systemd: Systemd,
+    metrics: Metrics,
 }
 
 /// Creates a missing directory with `mode`; refuses one that others may write to.
@@ -168,17 +176,23 @@ impl Master {
         let sup = Supervisor::new(config)?;
         let systemd = Systemd::new(&sup)?;
         let clients = Clients::new(&sup)?;
+        let metrics = Metrics::new(&sup)?;
         Ok(Master {
             sup,
             clients,
             systemd,
+            metrics,
         })
     }
 
     /// The supervisor and every subsystem, these in the order their `after_pass` runs:
-    /// requests change what is wanted before systemd is told the state.
-    fn parts(&mut self) -> (&mut Supervisor, [&mut dyn Subsystem; 2]) {
-        (&mut self.sup, [&mut self.clients, &mut self.systemd])
+    /// metrics applies a reloaded address before the reload is answered; requests change
+    /// what is wanted before systemd is told the state.
+    fn parts(&mut self) -> (&mut Supervisor, [&mut dyn Subsystem; 3]) {
+        (
+            &mut self.sup,
+            [&mut self.metrics, &mut self.clients, &mut self.systemd],
+        )
     }
 
     /// Runs until a graceful stop has finished.

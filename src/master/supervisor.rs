@@ -118,6 +118,8 @@ pub(super) struct Supervisor {
     sweep_at: Option<Instant>,
     /// Live workers without a pidfd, whose exit only SIGCHLD's wait finds.
     without_pidfd: usize,
+    /// Exits and restarts by program, for the metrics endpoint.
+    pub(super) counters: super::metrics::Counters,
     /// Moves whenever a slot or a pool changed: what other parts derive from the whole fleet
     /// (systemd's STATUS=) is computed again only then.
     pub(super) epoch: u64,
@@ -215,6 +217,7 @@ impl Supervisor {
             forkserver,
             sweep_at: None,
             without_pidfd: 0,
+            counters: Default::default(),
             epoch: 0,
         })
     }
@@ -728,6 +731,10 @@ impl Supervisor {
             return;
         };
         let slot = &self.pools[p].slots[proc.key.id as usize];
+        let program = &self.pools[p].program;
+        let reason = super::metrics::exit_reason(slot.state(), pid, exit, program);
+        self.counters.exited(&program.name, reason);
+        let restarts = slot.restarts;
         if slot.state().old().is_some_and(|o| o.pid == pid) {
             self.pool_event(p, proc.key.id, Event::Exited { pid, exit, jitter }, now);
             return;
@@ -738,6 +745,9 @@ impl Supervisor {
         }
         let tag = &proc.tag;
         let program = &self.pools[p].program;
+        let slot = &self.pools[p].slots[proc.key.id as usize];
+        let restarted = slot.restarts.saturating_sub(restarts);
+        self.counters.restarted(&program.name, restarted.into());
         match self.pools[p].slots[proc.key.id as usize].state().current() {
             SlotState::Backoff { until } => {
                 let delay = until.saturating_duration_since(now);

@@ -50,10 +50,11 @@ impl Reactor {
     }
 
     fn ctl(&self, op: libc::c_int, fd: RawFd, token: u64, write: bool) -> io::Result<()> {
-        let mut event = libc::epoll_event {
-            events: interest(write),
-            u64: token,
-        };
+        self.ctl_events(op, fd, token, interest(write))
+    }
+
+    fn ctl_events(&self, op: libc::c_int, fd: RawFd, token: u64, events: u32) -> io::Result<()> {
+        let mut event = libc::epoll_event { events, u64: token };
         // SAFETY: `event` lives across the call; the kernel copies it. A bad `fd` is reported
         // as an error, not undefined behaviour.
         let r = unsafe { libc::epoll_ctl(self.epoll.as_raw_fd(), op, fd, &mut event) };
@@ -71,6 +72,13 @@ impl Reactor {
     /// Changes what `fd` is watched for.
     pub fn modify(&self, fd: RawFd, token: u64, write: bool) -> io::Result<()> {
         self.ctl(libc::EPOLL_CTL_MOD, fd, token, write)
+    }
+
+    /// Watches `fd` for writing only: for a connection that has read all it will act on and
+    /// waits for room to answer, whose peer may have closed its side (which would keep a
+    /// read interest ready). Hang-ups and errors are still reported.
+    pub fn modify_write_only(&self, fd: RawFd, token: u64) -> io::Result<()> {
+        self.ctl_events(libc::EPOLL_CTL_MOD, fd, token, libc::EPOLLOUT as u32)
     }
 
     /// Stops watching `fd`. Closing the descriptor does the same (when no duplicate of it
