@@ -53,6 +53,17 @@ pub enum Command {
         /// Print one JSON object (the control protocol's status answer) instead of a table
         #[arg(long)]
         json: bool,
+        /// Redraw the table every INTERVAL ("2s", "500ms"; default 1s) until interrupted; exit 1
+        /// when the master goes away. Not on a terminal, the tables follow each other with a
+        /// blank line between them (--json: one object per line). Put PROGRAM before --watch
+        #[arg(
+            long,
+            value_name = "INTERVAL",
+            num_args = 0..=1,
+            default_missing_value = "1s",
+            value_parser = parse_interval
+        )]
+        watch: Option<Duration>,
         #[command(flatten)]
         wait: Wait<5>,
     },
@@ -97,6 +108,30 @@ pub enum Command {
         /// How many workers it runs from now on (until the file's `workers` for it changes)
         #[arg(value_name = "N")]
         workers: u32,
+        #[command(flatten)]
+        quiet: Quiet,
+        #[command(flatten)]
+        wait: Wait<30>,
+    },
+    /// Send a signal to the workers of a program, or to one worker (PROGRAM.ID)
+    Signal {
+        /// PROGRAM or PROGRAM.ID: every running worker of a program, or one worker by its id
+        target: String,
+        /// The signal, by name as in the config file: HUP, SIGHUP, usr1 (case is ignored;
+        /// numbers are refused, they differ across architectures)
+        #[arg(value_parser = parse_signal_name)]
+        signal: String,
+        /// Send it to each worker's whole process group (the worker and its children), not
+        /// only to the worker's main process
+        #[arg(long)]
+        group: bool,
+        #[command(flatten)]
+        quiet: Quiet,
+        #[command(flatten)]
+        wait: Wait<30>,
+    },
+    /// Stop the master gracefully (like SIGTERM) and wait until it has exited
+    Shutdown {
         #[command(flatten)]
         quiet: Quiet,
         #[command(flatten)]
@@ -234,6 +269,20 @@ fn parse_duration(s: &str) -> Result<Duration, BadDuration> {
     humantime::parse_duration(s).map_err(|source| BadDuration { source })
 }
 
+/// `status --watch INTERVAL`: a duration above zero.
+fn parse_interval(s: &str) -> Result<Duration, String> {
+    match parse_duration(s) {
+        Ok(d) if d.is_zero() => Err("the interval must be above zero (e.g. \"1s\")".into()),
+        Ok(d) => Ok(d),
+        Err(e) => Err(e.to_string()),
+    }
+}
+
+/// The SIGNAL of `plumule signal`, checked here (a usage error) and sent by its plain name.
+fn parse_signal_name(s: &str) -> Result<String, String> {
+    crate::protocol::parse_signal(s).map(|sig| crate::slot::signal_name(sig).to_string())
+}
+
 /// Parses the arguments, runs the command, and returns the process exit code.
 pub fn main() -> i32 {
     let cli = Cli::parse();
@@ -279,6 +328,19 @@ pub fn run(cli: Cli) -> i32 {
         Command::Status {
             program,
             json,
+            watch: Some(interval),
+            wait,
+        } => {
+            let socket = cli.socket.as_deref();
+            match watch_status(socket, cli.config.as_deref(), program, json, interval, wait) {
+                Ok(()) => 0,
+                Err(e) => fail(e.to_string()),
+            }
+        }
+        Command::Status {
+            program,
+            json,
+            watch: None,
             wait,
         } => {
             let socket = cli.socket.as_deref();
@@ -378,6 +440,46 @@ pub fn run(cli: Cli) -> i32 {
             quiet,
             wait,
         ),
+        Command::Signal {
+            target,
+            signal,
+            group,
+            quiet,
+            wait,
+        } => {
+            let req = Request::Signal {
+                target: target.clone(),
+                signal,
+                group,
+            };
+            client::run(
+                cli.socket.as_deref(),
+                cli.config.as_deref(),
+                wait.limit(),
+                req,
+                |answer| {
+                    let Answer::Signal(sent) = answer else {
+                        return fail(
+                            client::ClientError::Unexpected { what: "signal" }.to_string(),
+                        );
+                    };
+                    if quiet.quiet {
+                        return 0;
+                    }
+                    print_all(format!("{}\n", client::signal_line(&target, &sent)).as_bytes())
+                },
+            )
+        }
+        Command::Shutdown { quiet, wait } => {
+            match client::shutdown(cli.socket.as_deref(), cli.config.as_deref(), wait.limit()) {
+                Ok(pid) if !quiet.quiet => {
+                    let pid = pid.map_or(String::new(), |p| format!(" (pid {p})"));
+                    print_all(format!("master{pid}: stopped\n").as_bytes())
+                }
+                Ok(_) => 0,
+                Err(e) => fail(e.to_string()),
+            }
+        }
         Command::Logs {
             target,
             lines,
@@ -511,6 +613,64 @@ fn logs(
             conn.unbounded()?;
             first = false;
         }
+    }
+}
+
+/// `status --watch`: the status every `interval` over one connection (a new one when the
+/// master has closed it, idle), printed in place on a terminal, one after the other
+/// otherwise. Ends when stdout goes away (Ok) or the master does ([`client::ClientError::Gone`]).
+fn watch_status(
+    socket: Option<&Path>,
+    config: Option<&Path>,
+    program: Option<String>,
+    json: bool,
+    interval: Duration,
+    wait: Wait<5>,
+) -> Result<(), client::ClientError> {
+    use std::io::{IsTerminal, Write};
+    let socket = client::socket_path(socket, config)?;
+    let terminal = std::io::stdout().is_terminal();
+    let colour = client::colour_wanted(terminal, std::env::var_os("NO_COLOR").as_deref());
+    let req = Request::Status { program };
+    let mut conn = client::Connection::open(&socket, wait.limit())?;
+    let mut first = true;
+    loop {
+        let answer = match conn.ask(&req) {
+            Ok(answer) => answer,
+            // The master's refusal ("no program named web") and its silence stand as they are.
+            Err(e @ (client::ClientError::Refused(_) | client::ClientError::Silent { .. })) => {
+                return Err(e)
+            }
+            Err(e) if first => return Err(e),
+            // Closed: by a master that went away, or by one that closes idle connections.
+            Err(_) => {
+                conn = client::Connection::open(&socket, wait.limit())
+                    .map_err(|_| client::ClientError::Gone)?;
+                match conn.ask(&req) {
+                    Ok(answer) => answer,
+                    Err(e @ client::ClientError::Refused(_)) => return Err(e),
+                    // Silent too: a stopping master takes no new connection.
+                    Err(_) => return Err(client::ClientError::Gone),
+                }
+            }
+        };
+        let Answer::Status(status) = answer else {
+            return Err(client::ClientError::Unexpected { what: "status" });
+        };
+        let text = client::watch_frame(&status, json, terminal, colour, first);
+        let mut out = std::io::stdout().lock();
+        let written = out.write_all(text.as_bytes()).and_then(|()| out.flush());
+        match written {
+            Ok(()) => {}
+            // `plumule status --watch | head`: the reader is done, and so is the watch.
+            Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => return Ok(()),
+            Err(e) => return Err(client::ClientError::Stdout(e)),
+        }
+        drop(out);
+        first = false;
+        // The refresh interval the user asked for: the client's own pace, not a wait for
+        // the master (which is asked again at once after it).
+        std::thread::sleep(interval);
     }
 }
 

@@ -48,6 +48,14 @@ pub enum ClientError {
     /// The master's own refusal ("no program named web").
     #[error("{0}")]
     Refused(String),
+    /// `shutdown`: the master answered, yet its process was still there after `--timeout`.
+    #[error(
+        "the master (pid {pid}) closed its control socket but has not exited after {}",
+        crate::format_duration(*after)
+    )]
+    NotExited { pid: i32, after: Duration },
+    #[error("cannot write to stdout: {0}")]
+    Stdout(#[source] io::Error),
 }
 
 /// Finds the master's socket, first to last: `--socket`, `-c FILE`'s runtime dir,
@@ -238,6 +246,27 @@ impl Connection {
         }
     }
 
+    /// The pid of the master at the other end, as the kernel recorded it when the master
+    /// listened (SO_PEERCRED); `None` when the kernel does not say (another pid namespace).
+    pub fn peer_pid(&self) -> Option<i32> {
+        use nix::sys::socket::{getsockopt, sockopt::PeerCredentials};
+        let cred = getsockopt(self.reader.get_ref(), PeerCredentials).ok()?;
+        Some(cred.pid()).filter(|&p| p > 0)
+    }
+
+    /// Waits, `timeout` at most, until the master closes the connection; any line read on the
+    /// way is dropped.
+    pub fn wait_closed(&mut self) -> Result<(), ClientError> {
+        loop {
+            match self.read_response() {
+                Ok(None) => return Ok(()),
+                Ok(Some(_)) => {}
+                Err(ClientError::Receive(_)) => return Ok(()),
+                Err(e) => return Err(e),
+            }
+        }
+    }
+
     /// Sends `req` and reads its response; the master's refusal is an error too.
     pub fn ask(&mut self, req: &Request) -> Result<Answer, ClientError> {
         self.send(req)?;
@@ -246,6 +275,54 @@ impl Connection {
             Response::Error(message) => Err(ClientError::Refused(message)),
         }
     }
+}
+
+/// `plumule shutdown`: asks the master for a graceful stop and returns once it has exited —
+/// its answer (sent once every worker is gone), the connection closing, then its process
+/// gone (a pidfd on it, opened before the request so that a reused pid cannot fool the
+/// wait). Each step is bounded by `timeout` of silence; the master says it is still at work
+/// every second until it answers. Returns the master's pid when the kernel told it.
+pub fn shutdown(
+    socket: Option<&Path>,
+    config_path: Option<&Path>,
+    timeout: Option<Duration>,
+) -> Result<Option<i32>, ClientError> {
+    let socket = socket_path(socket, config_path)?;
+    let mut conn = Connection::open(&socket, timeout)?;
+    let pid = conn.peer_pid();
+    let exit_fd = pid.and_then(|p| crate::sys::process::pidfd(nix::unistd::Pid::from_raw(p)).ok());
+    conn.send(&Request::Shutdown)?;
+    match conn.read_response() {
+        Ok(Some(Response::Ok(_))) => conn.wait_closed()?,
+        Ok(Some(Response::Error(message))) => return Err(ClientError::Refused(message)),
+        // Closed without an answer: the master may have finished between our connect and
+        // the request (a stop already under way). Its process tells.
+        Ok(None) | Err(ClientError::Receive(_)) if exit_fd.is_some() => {}
+        Ok(None) => return Err(ClientError::NoAnswer),
+        Err(e) => return Err(e),
+    }
+    if let (Some(fd), Some(pid)) = (exit_fd, pid) {
+        use std::os::fd::AsRawFd;
+        let mut fds = [libc::pollfd {
+            fd: fd.as_raw_fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        }];
+        let give_up = timeout.map(|t| std::time::Instant::now() + t);
+        loop {
+            let left = give_up.map(|g| g.saturating_duration_since(std::time::Instant::now()));
+            if crate::sys::poll(&mut fds, left).map_err(ClientError::Receive)? > 0 {
+                break;
+            }
+            if left.is_some_and(|l| l.is_zero()) {
+                return Err(ClientError::NotExited {
+                    pid,
+                    after: timeout.unwrap_or_default(),
+                });
+            }
+        }
+    }
+    Ok(pid)
 }
 
 /// Sends `req` and waits for its answer, giving up after `timeout` of silence.
@@ -300,6 +377,45 @@ pub fn summary_line(target: &protocol::Target, report: &StatusReport) -> String 
     counts.sort_by_key(|(s, _)| *s != "running");
     let parts: Vec<String> = counts.iter().map(|(s, n)| format!("{n} {s}")).collect();
     format!("{}: {}", target.program, parts.join(", "))
+}
+
+/// What `signal` prints once done: "web: sent HUP to 3 workers", "web.1: sent HUP", and with
+/// `--group` "web: sent HUP to the process groups of 2 workers", "web.1: sent HUP to its
+/// process group".
+pub fn signal_line(target: &str, sent: &protocol::SignalResult) -> String {
+    let one = protocol::Target::parse(target).is_ok_and(|t| t.id.is_some());
+    let n = sent.workers.len();
+    let workers = if n == 1 { "worker" } else { "workers" };
+    let whom = match (one, sent.group) {
+        (true, false) => String::new(),
+        (true, true) => " to its process group".into(),
+        (false, false) => format!(" to {n} {workers}"),
+        (false, true) => format!(" to the process groups of {n} {workers}"),
+    };
+    let name = if one { target } else { &sent.program };
+    format!("{name}: sent {}{whom}", sent.signal)
+}
+
+/// One refresh of `status --watch`: on a terminal, the cursor home and the screen cleared
+/// before the table (so it redraws in place); otherwise tables one after the other with a
+/// blank line between them. `--json`: one status object per line.
+pub fn watch_frame(
+    status: &StatusReport,
+    json: bool,
+    terminal: bool,
+    colour: bool,
+    first: bool,
+) -> String {
+    let body = if json {
+        serde_json::to_string(status).unwrap_or_default() + "\n"
+    } else {
+        format_status(status, colour)
+    };
+    match (terminal, json, first) {
+        (true, false, _) => format!("\x1b[H\x1b[2J{body}"),
+        (false, false, false) => format!("\n{body}"),
+        _ => body,
+    }
 }
 
 /// Keeps the log entries newer than `since` before now (all of them without `since`, and

@@ -67,6 +67,18 @@ pub enum Request {
         #[serde(default)]
         follow: bool,
     },
+    /// Sends `signal` (a name, as [`parse_signal`] reads it) to the main process of each
+    /// running worker of `target`; with `group`, to each one's whole process group.
+    Signal {
+        target: String,
+        signal: String,
+        #[serde(default)]
+        group: bool,
+    },
+    /// A graceful stop of the master, like SIGTERM. Acknowledged at once, then progress
+    /// lines until every worker is gone; answered `{}` as the master finishes, and the
+    /// connection closes when it exits.
+    Shutdown,
 }
 
 fn default_log_lines() -> usize {
@@ -88,6 +100,8 @@ impl Request {
                 format!("{program} to reach {workers} worker(s)")
             }
             Request::Logs { .. } => "the logs".into(),
+            Request::Signal { target, .. } => format!("{target} to be signalled"),
+            Request::Shutdown => "the master to stop".into(),
         }
     }
 
@@ -181,6 +195,8 @@ pub enum Answer {
     Status(StatusReport),
     /// `reload`.
     Reload(ReloadResult),
+    /// `signal` (before `scale`: its fields are a superset of a scale answer's `program`).
+    Signal(SignalResult),
     /// `scale`.
     Scale(ScaleResult),
     /// `logs`, and each batch of `logs --follow`.
@@ -205,6 +221,16 @@ pub struct ReloadResult {
 pub struct ScaleResult {
     pub program: String,
     pub workers: u32,
+}
+
+/// The answer of `signal`: which workers of `program` were sent `signal` (by name, "HUP"),
+/// to their process groups when `group`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SignalResult {
+    pub program: String,
+    pub signal: String,
+    pub group: bool,
+    pub workers: Vec<u32>,
 }
 
 /// The answer of `logs`: the last lines kept, oldest first.
@@ -296,6 +322,12 @@ impl From<ScaleResult> for Answer {
     }
 }
 
+impl From<SignalResult> for Answer {
+    fn from(s: SignalResult) -> Self {
+        Answer::Signal(s)
+    }
+}
+
 impl From<LogsResult> for Answer {
     fn from(l: LogsResult) -> Self {
         Answer::Logs(l)
@@ -339,6 +371,27 @@ pub fn parse_request_line(line: &[u8]) -> Result<(Request, bool), RequestError> 
     };
     let req = serde_json::from_value(value).map_err(RequestError::Malformed)?;
     Ok((req, progress))
+}
+
+/// A signal as `plumule signal` takes it: a name exactly as the config file's `stop_signal`
+/// ("HUP", "SIGHUP", "usr1"; see [`crate::config::parse_signal`]). Numbers are refused, as
+/// in the file (they differ across architectures), with the name to write instead.
+pub fn parse_signal(text: &str) -> Result<nix::sys::signal::Signal, String> {
+    let trimmed = text.trim();
+    if let Ok(n) = trimmed.parse::<i32>() {
+        return Err(match nix::sys::signal::Signal::try_from(n) {
+            Ok(s) => format!(
+                "signal numbers are not accepted (they differ across architectures): \
+                 write `{}`",
+                crate::slot::signal_name(s)
+            ),
+            Err(_) => format!(
+                "signal numbers are not accepted, and `{trimmed}` is none; \
+                 use a name like \"TERM\", \"HUP\" or \"USR1\""
+            ),
+        });
+    }
+    crate::config::parse_signal(text)
 }
 
 /// `PROGRAM` or `PROGRAM.ID`.

@@ -384,6 +384,13 @@ struct Host<'a> {
     euid: u32,
 }
 
+/// A signal by name, exactly as the config file reads `stop_signal`: "HUP", "SIGHUP", "hup"
+/// (case ignored, `SIG` optional); the error says what was meant or how to write one.
+/// `plumule signal` uses it too, so the command line and the file accept the same names.
+pub fn parse_signal(name: &str) -> Result<Signal, String> {
+    values::signal(name).map_err(String::from)
+}
+
 /// The configuration file to use: `cli` (`-c/--config`), else `$PLUMULE_CONFIG`, else
 /// `./plumule.toml` when it exists, else `/etc/plumule/plumule.toml`.
 pub fn find_config_path(cli: Option<&Path>) -> PathBuf {

@@ -85,7 +85,14 @@ impl Clients {
             let write = events & libc::POLLOUT != 0;
             let token = Part::Control.token(id);
             let result = match self.watched.get(&id) {
-                None => sup.reactor.add(fd, token, write),
+                // A connection that wanted nothing for a while (busy, its output sent) left
+                // `watched` but not the reactor: it is changed, not added again.
+                None => match sup.reactor.add(fd, token, write) {
+                    Err(e) if e.raw_os_error() == Some(libc::EEXIST) => {
+                        sup.reactor.modify(fd, token, write)
+                    }
+                    other => other,
+                },
                 Some(&(old_fd, old_write)) if old_fd == fd && old_write == write => Ok(()),
                 Some(_) => sup.reactor.modify(fd, token, write),
             };
@@ -162,7 +169,8 @@ impl Clients {
         now: Instant,
     ) -> Option<Response> {
         if let Phase::ShuttingDown { .. } = sup.phase {
-            if !matches!(req, Request::Status { .. }) {
+            // Status still answers, and a shutdown waits for the stop under way.
+            if !matches!(req, Request::Status { .. } | Request::Shutdown) {
                 return Some(Response::error(RefusedError::Stopping));
             }
         }
@@ -185,6 +193,17 @@ impl Clients {
                 lines,
                 follow,
             } => return self.logs(sup, conn, target, lines, follow),
+            Request::Signal {
+                target,
+                signal,
+                group,
+            } => {
+                return Some(match sup.signal(&target, &signal, group) {
+                    Ok(sent) => Response::ok(sent),
+                    Err(refused) => Response::error(refused),
+                })
+            }
+            Request::Shutdown => Ok(sup.shutdown()),
         };
         match result {
             Err(refused) => Some(Response::error(refused)),

@@ -1,10 +1,12 @@
-//! What control requests do: status, start/stop/restart, scale and reload, each one handler
+//! What control requests do: status, start/stop/restart, scale, reload, signal and shutdown,
+//! each one handler
 //! on the supervisor's state, and when the answer of a waiting request is due. The socket and
 //! the waiting itself belong to the clients part.
 
 use std::sync::Arc;
 use std::time::Instant;
 
+use nix::sys::signal::Signal;
 use nix::unistd::Pid;
 
 use super::supervisor::{BindError, Note, Supervisor};
@@ -12,10 +14,10 @@ use crate::config::{self, ConfigError};
 use crate::diff::{self, ReloadAction};
 use crate::plan::{Pool, PoolId};
 use crate::protocol::{
-    self, Answer, ProgramStatus, Response, ScaleResult, StatusReport, Target, TargetError,
-    WorkerStatus,
+    self, Answer, ProgramStatus, Response, ScaleResult, SignalResult, StatusReport, Target,
+    TargetError, WorkerStatus,
 };
-use crate::slot::{AfterStop, Event, Slot, SlotState};
+use crate::slot::{AfterStop, Event, Slot, SlotState, StartWait};
 
 /// Why the master refuses a control request; the text is the client's error line.
 #[derive(Debug, thiserror::Error)]
@@ -40,6 +42,25 @@ pub enum RefusedError {
     Reload(#[from] ReloadError),
     #[error("the master is stopping")]
     Stopping,
+    #[error("{0}")]
+    BadSignal(String),
+    /// `signal` to a program none of whose workers runs.
+    #[error("{program}: no worker is running, nothing to signal")]
+    NoneRunning { program: String },
+    /// `signal` to one worker that does not run.
+    #[error("{program}.{id}: not running ({state}), nothing to signal")]
+    NotRunning {
+        program: String,
+        id: u32,
+        state: &'static str,
+    },
+    #[error("cannot send {signal} to {worker} (pid {pid}): {source}")]
+    Kill {
+        signal: &'static str,
+        worker: String,
+        pid: i32,
+        source: std::io::Error,
+    },
 }
 
 /// Why a reload changed nothing.
@@ -78,6 +99,9 @@ pub(super) enum WaitKind {
     },
     /// `reload`: the pools are settled; `result` is the answer then.
     Settled { pools: Vec<PoolId>, result: Answer },
+    /// `shutdown`: the graceful stop has finished (every worker is gone); answered as the
+    /// master exits, whose connection closes right after.
+    Exit,
 }
 
 /// Where a waiting request stands.
@@ -216,6 +240,8 @@ impl Supervisor {
                 }
                 Progress::Answer(Response::ok(result.clone()))
             }
+            WaitKind::Exit if self.finished() => Progress::Answer(Response::done()),
+            WaitKind::Exit => pending,
             WaitKind::Settled { pools, result } => {
                 let done = pools
                     .iter()
@@ -347,6 +373,88 @@ impl Supervisor {
             workers,
         };
         Ok(self.wait_running(p, (from..workers).collect(), Vec::new(), Some(result)))
+    }
+
+    /// `signal`: sends `signal` (a name) to the main process of every worker of `target` that
+    /// runs its command (`running`, `stopping`, or `starting` once exec'd and waiting to be
+    /// ready); with `group`, to each one's process group (a worker leads its own). A worker
+    /// still in plumule's code before its exec (waiting for a lock) or without a process is
+    /// left alone; a target with no such worker is refused, saying so.
+    pub(super) fn signal(
+        &mut self,
+        target: &str,
+        signal: &str,
+        group: bool,
+    ) -> Result<SignalResult, RefusedError> {
+        let sig = protocol::parse_signal(signal).map_err(RefusedError::BadSignal)?;
+        let one = Target::parse(target)?.id.is_some();
+        let (p, ids) = self.resolve(target)?;
+        let pool = &self.pools[p];
+        let mut pids = Vec::new();
+        for &id in &ids {
+            let state = pool.slots.get(id as usize).map(|s| s.state().current());
+            match state {
+                Some(
+                    SlotState::Running { pid, .. }
+                    | SlotState::Stopping { pid, .. }
+                    | SlotState::Starting {
+                        pid,
+                        wait: StartWait::Ready,
+                        ..
+                    },
+                ) => pids.push((id, *pid)),
+                _ if one => {
+                    return Err(RefusedError::NotRunning {
+                        program: pool.program.name.clone(),
+                        id,
+                        state: state.map_or("stopped", SlotState::name),
+                    })
+                }
+                _ => {}
+            }
+        }
+        if pids.is_empty() {
+            return Err(RefusedError::NoneRunning {
+                program: pool.program.name.clone(),
+            });
+        }
+        let name = crate::slot::signal_name(sig);
+        let mut workers = Vec::with_capacity(pids.len());
+        for (id, pid) in pids {
+            // A worker leads its own process group: its pid is the group's id.
+            let sent = if group {
+                crate::sys::process::signal_group(pid, sig)
+            } else {
+                crate::sys::process::signal_process(pid, sig)
+            };
+            let worker = pool.tag(id).to_string();
+            if let Err(source) = sent {
+                return Err(RefusedError::Kill {
+                    signal: name,
+                    worker,
+                    pid: pid.as_raw(),
+                    source,
+                });
+            }
+            let whom = if group { "process group" } else { "process" };
+            log::info!("{worker}: sent SIG{name} to its {whom} {pid} (plumule signal)");
+            workers.push(id);
+        }
+        Ok(SignalResult {
+            program: pool.program.name.clone(),
+            signal: name.to_string(),
+            group,
+            workers,
+        })
+    }
+
+    /// `shutdown`: the graceful stop SIGTERM starts (SPEC §3); waits until it has finished.
+    pub(super) fn shutdown(&mut self) -> WaitKind {
+        if !matches!(self.phase, crate::plan::Phase::ShuttingDown { .. }) {
+            log::info!("shutdown requested over the control socket");
+            self.begin_shutdown(Signal::SIGTERM);
+        }
+        WaitKind::Exit
     }
 
     /// Re-reads the config file and applies the difference. On error nothing changes.
