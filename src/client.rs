@@ -737,6 +737,66 @@ mod tests {
     }
 
     #[test]
+    fn signal_lines_name_the_program_or_the_worker() {
+        let sent = |workers: Vec<u32>, group| protocol::SignalResult {
+            program: "web".into(),
+            signal: "HUP".into(),
+            group,
+            workers,
+        };
+        let table = [
+            (
+                "web",
+                sent(vec![0, 1, 2], false),
+                "web: sent HUP to 3 workers",
+            ),
+            ("web", sent(vec![1], false), "web: sent HUP to 1 worker"),
+            (
+                "web",
+                sent(vec![0, 1], true),
+                "web: sent HUP to the process groups of 2 workers",
+            ),
+            ("web.2", sent(vec![2], false), "web.2: sent HUP"),
+            (
+                "web.2",
+                sent(vec![2], true),
+                "web.2: sent HUP to its process group",
+            ),
+        ];
+        for (target, result, line) in table {
+            assert_eq!(signal_line(target, &result), line);
+        }
+    }
+
+    #[test]
+    fn watch_frames_redraw_on_a_terminal_and_follow_each_other_elsewhere() {
+        let status = StatusReport {
+            programs: vec![ProgramStatus {
+                name: "web".into(),
+                workers: vec![worker(0, "running")],
+            }],
+        };
+        let table = format_status(&status, false);
+        assert_eq!(watch_frame(&status, false, false, false, true), table);
+        assert_eq!(
+            watch_frame(&status, false, false, false, false),
+            format!("\n{table}")
+        );
+        for first in [true, false] {
+            assert_eq!(
+                watch_frame(&status, false, true, false, first),
+                format!("\x1b[H\x1b[2J{table}")
+            );
+            let json = watch_frame(&status, true, first, false, first);
+            assert_eq!(json.lines().count(), 1);
+            assert_eq!(
+                serde_json::from_str::<StatusReport>(json.trim()).unwrap(),
+                status
+            );
+        }
+    }
+
+    #[test]
     fn logs_since_keeps_the_newer_entries() {
         let entry = |time: &str| crate::protocol::LogEntry {
             time: time.into(),

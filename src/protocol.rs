@@ -548,6 +548,23 @@ mod tests {
                     follow: true,
                 },
             ),
+            (
+                r#"{"cmd":"signal","target":"web.1","signal":"HUP"}"#,
+                Request::Signal {
+                    target: "web.1".into(),
+                    signal: "HUP".into(),
+                    group: false,
+                },
+            ),
+            (
+                r#"{"cmd":"signal","target":"web","signal":"USR1","group":true}"#,
+                Request::Signal {
+                    target: "web".into(),
+                    signal: "USR1".into(),
+                    group: true,
+                },
+            ),
+            (r#"{"cmd":"shutdown"}"#, Request::Shutdown),
         ];
         for (line, expected) in table {
             assert_eq!(
@@ -610,6 +627,31 @@ mod tests {
                 "{err}"
             );
         }
+    }
+
+    /// The names the config file takes, and numbers refused with the name to write.
+    #[test]
+    fn signals_are_names_as_in_the_config_file() {
+        use nix::sys::signal::Signal;
+        for (text, signal) in [
+            ("HUP", Signal::SIGHUP),
+            ("SIGHUP", Signal::SIGHUP),
+            ("usr1", Signal::SIGUSR1),
+            ("sigUsr2", Signal::SIGUSR2),
+            (" TERM ", Signal::SIGTERM),
+        ] {
+            assert_eq!(parse_signal(text), Ok(signal), "{text}");
+        }
+        assert_eq!(
+            parse_signal("9").unwrap_err(),
+            "signal numbers are not accepted (they differ across architectures): write `KILL`"
+        );
+        assert!(parse_signal("99").unwrap_err().contains("`99` is none"));
+        assert!(parse_signal("TREM")
+            .unwrap_err()
+            .contains("did you mean `TERM`?"));
+        assert!(parse_signal("").is_err());
+        assert!(parse_signal("SIG").is_err());
     }
 
     #[test]
@@ -717,6 +759,18 @@ mod tests {
                 }],
             }),
             Response::ok(LogsResult { lines: vec![] }),
+            Response::ok(SignalResult {
+                program: "web".into(),
+                signal: "HUP".into(),
+                group: true,
+                workers: vec![0, 2],
+            }),
+            Response::ok(SignalResult {
+                program: "web".into(),
+                signal: "USR1".into(),
+                group: false,
+                workers: vec![],
+            }),
             Response::done(),
             Response::error("no program named web"),
         ];

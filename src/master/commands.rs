@@ -743,6 +743,29 @@ mod tests {
                  cannot bind unix:/run/web.sock: Address already in use (os error 98)",
             ),
             (RefusedError::Stopping, "the master is stopping"),
+            (
+                RefusedError::NoneRunning {
+                    program: "web".into(),
+                },
+                "web: no worker is running, nothing to signal",
+            ),
+            (
+                RefusedError::NotRunning {
+                    program: "web".into(),
+                    id: 2,
+                    state: "backoff",
+                },
+                "web.2: not running (backoff), nothing to signal",
+            ),
+            (
+                RefusedError::Kill {
+                    signal: "HUP",
+                    worker: "web.0".into(),
+                    pid: 42,
+                    source: std::io::Error::from_raw_os_error(libc::EPERM),
+                },
+                "cannot send HUP to web.0 (pid 42): Operation not permitted (os error 1)",
+            ),
         ];
         for (refused, text) in table {
             assert_eq!(Response::error(refused), Response::error(text));
