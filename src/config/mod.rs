@@ -106,6 +106,76 @@ pub struct Program {
     pub listen: Vec<ListenSpec>,
     pub after: Vec<String>,
     pub queue: Option<String>,
+    /// Scheduling niceness, -20 to 19 (`None`: the master's).
+    pub nice: Option<i32>,
+    /// `/proc/self/oom_score_adj`, -1000 to 1000 (`None`: the master's).
+    pub oom_score_adj: Option<i32>,
+    /// Resource limits set before exec, at most one per resource, in [`LimitResource`] order.
+    pub limits: Vec<Limit>,
+}
+
+/// A resource `limits` can set (setrlimit(2)).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum LimitResource {
+    /// RLIMIT_AS: address space, bytes.
+    As,
+    /// RLIMIT_CORE: core file size, bytes.
+    Core,
+    /// RLIMIT_MEMLOCK: locked memory, bytes.
+    Memlock,
+    /// RLIMIT_NOFILE: open descriptors.
+    Nofile,
+    /// RLIMIT_NPROC: processes of the worker's user.
+    Nproc,
+}
+
+impl LimitResource {
+    /// Every resource, in order.
+    pub const ALL: [LimitResource; 5] = [
+        LimitResource::As,
+        LimitResource::Core,
+        LimitResource::Memlock,
+        LimitResource::Nofile,
+        LimitResource::Nproc,
+    ];
+
+    /// Its key in `limits`.
+    pub fn name(self) -> &'static str {
+        match self {
+            LimitResource::As => "as",
+            LimitResource::Core => "core",
+            LimitResource::Memlock => "memlock",
+            LimitResource::Nofile => "nofile",
+            LimitResource::Nproc => "nproc",
+        }
+    }
+
+    /// Whether its value is a size in bytes (and may be written "64MiB").
+    pub fn is_bytes(self) -> bool {
+        matches!(
+            self,
+            LimitResource::As | LimitResource::Core | LimitResource::Memlock
+        )
+    }
+}
+
+/// One entry of `limits`: both the soft and the hard limit are set to `value`, as systemd's
+/// `LimitNOFILE=N` does.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Limit {
+    pub resource: LimitResource,
+    /// `None`: "unlimited".
+    pub value: Option<u64>,
+}
+
+impl fmt::Display for Limit {
+    /// `nofile 65536`, `core unlimited`.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self.value {
+            Some(v) => write!(f, "{} {v}", self.resource.name()),
+            None => write!(f, "{} unlimited", self.resource.name()),
+        }
+    }
 }
 
 /// What to execute. A relative `argv[0]` with a slash has been made absolute against the config

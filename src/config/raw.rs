@@ -65,6 +65,10 @@ pub(super) struct RawProgram {
     pub listen: Option<Vec<Spanned<RawListen>>>,
     pub after: Option<Vec<Spanned<String>>>,
     pub queue: Option<Spanned<String>>,
+    pub nice: Option<Spanned<i64>>,
+    pub oom_score_adj: Option<Spanned<i64>>,
+    /// Resource name (known ones only) and value.
+    pub limits: Option<Vec<(Spanned<String>, Spanned<Scalar>)>>,
 }
 
 /// `backoff` and `retry_backoff`.
@@ -191,6 +195,9 @@ const PROGRAM_KEYS: &[&str] = &[
     "listen",
     "after",
     "queue",
+    "nice",
+    "oom_score_adj",
+    "limits",
 ];
 const BACKOFF_KEYS: &[&str] = &["initial", "max", "multiplier", "jitter"];
 const START_LIMIT_KEYS: &[&str] = &["burst", "interval"];
@@ -600,7 +607,44 @@ impl Reader {
                 r.string(Some(n), &k("after"))
             }),
             queue: self.string(f.get("queue"), &k("queue")),
+            nice: self.int(f.get("nice"), &k("nice")),
+            oom_score_adj: self.int(f.get("oom_score_adj"), &k("oom_score_adj")),
+            limits: f.get("limits").and_then(|n| self.limits(n, &k("limits"))),
         })
+    }
+
+    /// `limits = { nofile = 65536, core = 0 }`: an unknown resource is reported like an
+    /// unknown key, with the name probably meant.
+    fn limits(
+        &mut self,
+        node: Node,
+        key: &Path,
+    ) -> Option<Vec<(Spanned<String>, Spanned<Scalar>)>> {
+        let Some(entries) = node.entries() else {
+            self.wrong_type(node, key, "a table like { nofile = 65536 }");
+            return None;
+        };
+        let names: Vec<&str> = crate::config::LimitResource::ALL
+            .iter()
+            .map(|r| r.name())
+            .collect();
+        let mut out = Vec::new();
+        for entry in entries {
+            let k = child(key, entry.name);
+            if !names.contains(&entry.name) {
+                self.report(
+                    entry.span.clone(),
+                    &k,
+                    unknown_choice("limit", entry.name, &names),
+                );
+                continue;
+            }
+            if let Some(value) = self.scalar(Some(entry.node), &k) {
+                let name = Spanned::new(entry.span.unwrap_or(0..0), entry.name.to_owned());
+                out.push((name, value));
+            }
+        }
+        Some(out)
     }
 
     fn backoff(&mut self, node: Node, key: &Path) -> Option<RawBackoff> {

@@ -1439,3 +1439,98 @@ fn a_file_that_runs_here_has_no_warnings() {
     assert_eq!(warnings_as(text, 0).len(), 1);
     assert!(warnings_as("[program.a]\ncommand = [\"/bin/found\"]\ncwd = \"/\"\n", 0).is_empty());
 }
+
+// ---- nice, oom_score_adj, limits. ----
+
+#[test]
+fn nice_oom_score_adj_and_limits_are_read() {
+    let text = format!(
+        "{WEB}nice = -5\noom_score_adj = -1000\n\
+         limits = {{ nproc = 64, nofile = 65536, core = \"unlimited\", memlock = \"64MiB\", as = 0 }}\n"
+    );
+    let config = ok(&text);
+    let web = config.program("web").unwrap();
+    assert_eq!((web.nice, web.oom_score_adj), (Some(-5), Some(-1000)));
+    let limit = |resource, value| Limit { resource, value };
+    assert_eq!(
+        web.limits,
+        [
+            limit(LimitResource::As, Some(0)),
+            limit(LimitResource::Core, None),
+            limit(LimitResource::Memlock, Some(64 << 20)),
+            limit(LimitResource::Nofile, Some(65536)),
+            limit(LimitResource::Nproc, Some(64)),
+        ],
+        "sorted by resource"
+    );
+    let plain = ok(WEB);
+    let web = plain.program("web").unwrap();
+    assert_eq!(
+        (web.nice, web.oom_score_adj),
+        (None, None),
+        "unset: inherited"
+    );
+    assert!(web.limits.is_empty());
+}
+
+#[test]
+fn nice_and_oom_score_adj_ranges() {
+    assert_eq!(
+        problem(&format!("{WEB}nice = 20\n")),
+        line("3:8: program.web.nice: must be between -20 and 19, found 20")
+    );
+    assert_eq!(
+        problem(&format!("{WEB}nice = -21\n")),
+        line("3:8: program.web.nice: must be between -20 and 19, found -21")
+    );
+    assert_eq!(
+        problem(&format!("{WEB}oom_score_adj = 1001\n")),
+        line("3:17: program.web.oom_score_adj: must be between -1000 and 1000, found 1001")
+    );
+    assert_eq!(
+        problem(&format!("{WEB}nice = \"high\"\n")),
+        line("3:8: program.web.nice: invalid type: string \"high\", expected an integer")
+    );
+    ok(&format!("{WEB}nice = 19\noom_score_adj = 1000\n"));
+    ok(&format!("{WEB}nice = -20\noom_score_adj = -1000\n"));
+}
+
+#[test]
+fn limit_names_and_values_are_checked() {
+    assert_eq!(
+        problem(&format!("{WEB}limits = {{ nofiles = 10 }}\n")),
+        line("3:12: program.web.limits.nofiles: unknown limit `nofiles`, did you mean `nofile`?")
+    );
+    let p = problem(&format!("{WEB}limits = {{ cpu = 10 }}\n"));
+    assert!(
+        p.contains(
+            "unknown limit `cpu`; expected one of `as`, `core`, `memlock`, `nofile`, `nproc`"
+        ),
+        "{p}"
+    );
+    assert_eq!(
+        problem(&format!("{WEB}limits = {{ nofile = \"unlimited\" }}\n")),
+        line(
+            "3:21: program.web.limits.nofile: the kernel caps open files (fs.nr_open): \
+             give a number like 65536"
+        )
+    );
+    assert_eq!(
+        problem(&format!("{WEB}limits = {{ nproc = -1 }}\n")),
+        line("3:20: program.web.limits.nproc: must be at least 0, found -1")
+    );
+    let p = problem(&format!("{WEB}limits = {{ nproc = \"10MiB\" }}\n"));
+    assert!(
+        p.contains("expected a whole number or \"unlimited\""),
+        "{p}"
+    );
+    let p = problem(&format!("{WEB}limits = {{ core = \"lots\" }}\n"));
+    assert!(
+        p.contains("program.web.limits.core: invalid size \"lots\""),
+        "{p}"
+    );
+    assert_eq!(
+        problem(&format!("{WEB}limits = 5\n")),
+        line("3:10: program.web.limits: invalid type: integer `5`, expected a table like { nofile = 65536 }")
+    );
+}

@@ -23,9 +23,9 @@ use super::raw::{
 };
 use super::values::{self, resolve, suggest, unknown_choice};
 use super::{
-    find_unsupported, Backoff, CommandSpec, Config, GroupSpec, Host, ListenAddr, ListenSpec,
-    LockSpec, OutputSpec, Pending, Program, Queue, QueueProtocol, ReadyMode, ReloadMode,
-    RestartPolicy, Route, StartLimit, Unsupported, UserSpec, MAX_WORKERS,
+    find_unsupported, Backoff, CommandSpec, Config, GroupSpec, Host, Limit, LimitResource,
+    ListenAddr, ListenSpec, LockSpec, OutputSpec, Pending, Program, Queue, QueueProtocol,
+    ReadyMode, ReloadMode, RestartPolicy, Route, StartLimit, Unsupported, UserSpec, MAX_WORKERS,
 };
 
 /// SPEC §9 defaults.
@@ -722,9 +722,78 @@ impl Validator<'_> {
             listen: self.listen(&key.child("listen"), raw.listen.as_deref(), &name),
             after,
             queue: raw.queue.as_ref().map(|q| q.get_ref().clone()),
+            nice: raw
+                .nice
+                .as_ref()
+                .map(|n| self.int(&key.child("nice"), Some(n), -20, 19, 0) as i32),
+            oom_score_adj: raw
+                .oom_score_adj
+                .as_ref()
+                .map(|n| self.int(&key.child("oom_score_adj"), Some(n), -1000, 1000, 0) as i32),
+            limits: self.limits(&key.child("limits"), raw.limits.as_deref()),
             workers,
             name,
         }
+    }
+
+    /// `limits`: a whole number (bytes for the sizes), a size string for `as`, `core` and
+    /// `memlock`, or "unlimited" (not for `nofile`, which the kernel always bounds).
+    fn limits(
+        &mut self,
+        key: &Key,
+        raw: Option<&[(Spanned<String>, Spanned<Scalar>)]>,
+    ) -> Vec<Limit> {
+        let mut limits: Vec<Limit> = Vec::new();
+        for (name, value) in raw.unwrap_or_default() {
+            let k = key.child(name.get_ref());
+            let Some(resource) = LimitResource::ALL
+                .into_iter()
+                .find(|r| r.name() == name.get_ref())
+            else {
+                continue; // reported when read
+            };
+            let parsed = match value.get_ref() {
+                Scalar::Int(n) if *n >= 0 => Ok(Some(*n as u64)),
+                Scalar::Int(n) => Err(format!("must be at least 0, found {n}")),
+                Scalar::Str(s) if s.trim().eq_ignore_ascii_case("unlimited") => {
+                    if resource == LimitResource::Nofile {
+                        Err(
+                            "the kernel caps open files (fs.nr_open): give a number like 65536"
+                                .to_owned(),
+                        )
+                    } else {
+                        Ok(None)
+                    }
+                }
+                Scalar::Str(_) if resource.is_bytes() => values::size(value.get_ref())
+                    .map(Some)
+                    .map_err(|e| e.to_string()),
+                other => Err(format!(
+                    "expected a whole number{} or \"unlimited\", found {}",
+                    if resource.is_bytes() {
+                        ", a size like \"64MiB\""
+                    } else {
+                        ""
+                    },
+                    match other {
+                        Scalar::Str(s) => format!("{s:?}"),
+                        Scalar::Int(n) => n.to_string(),
+                        Scalar::Float(f) => f.to_string(),
+                        Scalar::Bool(b) => b.to_string(),
+                    }
+                )),
+            };
+            match parsed {
+                // RLIM_INFINITY is all ones: a number that large would mean "unlimited".
+                Ok(Some(v)) if v == u64::MAX => {
+                    self.at(value, &k, "too large: write \"unlimited\"")
+                }
+                Ok(v) => limits.push(Limit { resource, value: v }),
+                Err(e) => self.at(value, &k, e),
+            }
+        }
+        limits.sort_by_key(|l| l.resource);
+        limits
     }
 
     fn command(&mut self, key: &Key, raw: Option<&Spanned<RawCommand>>) -> CommandSpec {
