@@ -24,6 +24,8 @@ pub(super) struct RawFile {
     pub plumule: Option<RawPlumule>,
     pub program: Option<BTreeMap<Spanned<String>, RawProgram>>,
     pub queue: Option<BTreeMap<Spanned<String>, RawQueue>>,
+    /// File patterns (see `super::include`).
+    pub include: Option<Vec<Spanned<String>>>,
 }
 
 #[derive(Debug, Default)]
@@ -158,7 +160,7 @@ pub(super) struct RawListenTable {
 
 // ---- Reading the parsed document. ----
 
-const FILE_KEYS: &[&str] = &["plumule", "program", "queue"];
+const FILE_KEYS: &[&str] = &["plumule", "program", "queue", "include"];
 const PLUMULE_KEYS: &[&str] = &[
     "runtime_dir",
     "state_dir",
@@ -223,16 +225,6 @@ pub(super) struct ReadProblems {
     /// validation would call it missing), and of the keys that an unknown key was taken for
     /// (`comand` is reported as a likely `command`; "missing key `command`" would be noise).
     pub reported: Vec<String>,
-}
-
-impl ReadProblems {
-    /// Whether a problem of validation on `key` repeats one reported here.
-    pub fn covers(&self, key: &str) -> bool {
-        self.reported.iter().any(|r| {
-            key.strip_prefix(r.as_str())
-                .is_some_and(|rest| rest.is_empty() || rest.starts_with('.'))
-        })
-    }
 }
 
 /// Reads the document's root table into a [`RawFile`], recording every unknown key and every
@@ -377,6 +369,7 @@ impl Reader {
     fn report(&mut self, span: Option<Range<usize>>, key: &Path, message: String) {
         let key = display_path(key);
         self.out.problems.push(Pending {
+            file: 0,
             span,
             key: Some(key.clone()),
             message,
@@ -526,6 +519,9 @@ impl Reader {
             queue: fields
                 .get("queue")
                 .and_then(|n| self.named(n, &child(&key, "queue"), |r, n, k| r.queue(n, k))),
+            include: self.array(fields.get("include"), &child(&key, "include"), |r, n| {
+                r.string(Some(n), &child(&key, "include"))
+            }),
         }
     }
 
