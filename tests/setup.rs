@@ -94,3 +94,93 @@ fn a_limit_the_kernel_refuses_fails_the_worker_with_a_clear_reason() {
     );
     master.stop_with(SIGTERM, DEADLINE);
 }
+
+/// Writes `conf.d/NAME.toml` (mode 0644) with `text`.
+fn conf_d(sb: &Sandbox, name: &str, text: &str) {
+    fs::create_dir_all(sb.path("conf.d")).unwrap();
+    sb.write_file(&format!("conf.d/{name}.toml"), text, 0o644);
+}
+
+/// A program running the worker script `NAME.sh` (which records its starts), with `extra`.
+fn program(sb: &Sandbox, name: &str, extra: &str) -> String {
+    let script = sb.worker(&format!("{name}.sh"), "exec sleep 600");
+    format!(
+        "[program.{name}]\ncommand = [{:?}]\n{extra}",
+        script.display().to_string()
+    )
+}
+
+#[test]
+fn programs_of_included_files_run_and_a_reload_restarts_only_the_edited_one() {
+    let sb = Sandbox::new();
+    conf_d(&sb, "a", &program(&sb, "alpha", ""));
+    conf_d(&sb, "b", &program(&sb, "beta", "workers = 2\n"));
+    // A top-level key: before the header's `[plumule]` table.
+    let config = sb.write_file(
+        "plumule.toml",
+        &format!(
+            "include = [\"conf.d/*.toml\"]\n{}{}",
+            sb.header(),
+            program(&sb, "main", "")
+        ),
+        0o644,
+    );
+    let check = sb.cli_ok(&config, &["check"]);
+    for name in ["alpha", "beta", "main"] {
+        assert!(
+            check.stdout.contains(name),
+            "check shows {name}:\n{}",
+            check.stdout
+        );
+    }
+    let mut master = sb.start(&config);
+    let alpha = sb.wait_starts("alpha", 1, DEADLINE);
+    let beta = sb.wait_starts("beta", 2, DEADLINE);
+    let main = sb.wait_starts("main", 1, DEADLINE);
+
+    // A process key changes in an included file: that program rolls, the others stay.
+    conf_d(&sb, "b", &program(&sb, "beta", "workers = 2\nnice = 3\n"));
+    let out = sb.cli_ok(&config, &["reload"]);
+    assert!(
+        out.stdout.contains("beta"),
+        "reload says what changed: {}",
+        out.stdout
+    );
+    let rolled = sb.wait_starts("beta", 4, DEADLINE);
+    for s in &rolled[2..] {
+        let stat = fs::read_to_string(format!("/proc/{}/stat", s.pid)).unwrap();
+        let nice = stat.rsplit(')').next().unwrap().split(' ').nth(17).unwrap();
+        assert_eq!(
+            nice, "3",
+            "the new beta worker {s:?} runs with the edited nice"
+        );
+    }
+    for s in alpha.iter().chain(&main) {
+        assert!(pid_alive(s.pid), "untouched worker {s:?} still runs");
+    }
+    assert_eq!(sb.starts_of("alpha").len(), 1);
+    assert_eq!(sb.starts_of("main").len(), 1);
+    for s in &beta {
+        sb.wait(&format!("old beta worker {} gone", s.pid), DEADLINE, || {
+            !pid_alive(s.pid)
+        });
+    }
+
+    // A broken included file is refused by reload, located in that file, and changes nothing.
+    conf_d(
+        &sb,
+        "a",
+        &format!("{}worker = 2\n", program(&sb, "alpha", "")),
+    );
+    let out = sb.cli(&config, &["reload"]);
+    assert_exit_code(out.status, 1, &out.stderr);
+    let file = sb.path("conf.d/a.toml").display().to_string();
+    assert!(
+        out.stderr
+            .contains(&format!("{file}:3:1: program.alpha.worker: unknown key")),
+        "{}",
+        out.stderr
+    );
+    assert!(alpha.iter().all(|s| pid_alive(s.pid)));
+    master.stop_with(SIGTERM, DEADLINE);
+}
