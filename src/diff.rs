@@ -26,6 +26,9 @@ pub const PROCESS_KEYS: &[&str] = &[
     "queue",
     "ready",
     "watchdog",
+    "nice",
+    "oom_score_adj",
+    "limits",
 ];
 
 #[derive(Debug, Clone, PartialEq)]
@@ -187,6 +190,9 @@ pub fn changed_keys(o: &Program, n: &Program) -> (Vec<&'static str>, Vec<&'stati
         queue,
         ready,
         watchdog,
+        nice,
+        oom_score_adj,
+        limits,
         restart,
         success_exit_codes,
         healthy_after,
@@ -207,7 +213,7 @@ pub fn changed_keys(o: &Program, n: &Program) -> (Vec<&'static str>, Vec<&'stati
         };
     }
     cmp!(process: command, env, inherit_env, cwd, user, group, umask, listen, locks, stdout,
-        stderr, queue, ready, watchdog);
+        stderr, queue, ready, watchdog, nice, oom_score_adj, limits);
     cmp!(settings: restart, success_exit_codes, healthy_after, backoff, start_limit, stop_signal,
         stop_timeout, reload, reload_signal, ready_timeout, after);
     (process, settings)

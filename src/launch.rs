@@ -8,9 +8,9 @@ use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 
-use crate::config::{CommandSpec, Program};
+use crate::config::{CommandSpec, Limit, LimitResource, Program};
 use crate::locks;
-use crate::sys::spawn::{cstring, Body, Credentials, LockRequest, Setup};
+use crate::sys::spawn::{cstring, Body, Credentials, LockRequest, ResourceLimit, Setup, Stage};
 
 /// The PATH a worker gets when it inherits none.
 pub const DEFAULT_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
@@ -113,6 +113,9 @@ pub fn prepare(
         locks: lock_requests,
         lock_mode: ctx.lock_mode,
         nofile: ctx.nofile,
+        limits: program.limits.iter().map(resource_limit).collect(),
+        nice: program.nice,
+        oom_score_adj: program.oom_score_adj,
     };
     let body = Body::Exec {
         path: cstring(exe.into_os_string().as_bytes()),
@@ -132,6 +135,51 @@ pub fn prepare(
         setup,
         body,
         lock_names: locks.into_iter().map(|(n, _)| n).collect(),
+    })
+}
+
+/// The setrlimit(2) call for a `limits` entry: soft and hard limit both at the value.
+fn resource_limit(limit: &Limit) -> ResourceLimit {
+    let resource = match limit.resource {
+        LimitResource::As => libc::RLIMIT_AS,
+        LimitResource::Core => libc::RLIMIT_CORE,
+        LimitResource::Memlock => libc::RLIMIT_MEMLOCK,
+        LimitResource::Nofile => libc::RLIMIT_NOFILE,
+        LimitResource::Nproc => libc::RLIMIT_NPROC,
+    };
+    let value = limit.value.unwrap_or(libc::RLIM_INFINITY as _);
+    ResourceLimit {
+        resource: resource as _,
+        cur: value,
+        max: value,
+    }
+}
+
+/// What `status` shows when the child could not set a `limits` entry, `nice` or
+/// `oom_score_adj` ([`Stage::Limit`], [`Stage::Nice`], [`Stage::OomScoreAdj`]); `None` for
+/// the other stages. `why` is the errno's text.
+pub fn describe_shaping_failure(program: &Program, stage: Stage, why: &str) -> Option<String> {
+    let shown = |v: Option<i32>| v.map_or("?".to_owned(), |v| v.to_string());
+    Some(match stage {
+        Stage::Limit(i) => match program.limits.get(usize::from(i)) {
+            Some(Limit {
+                resource,
+                value: Some(v),
+            }) => format!("cannot set limit {} to {v}: {why}", resource.name()),
+            Some(Limit {
+                resource,
+                value: None,
+            }) => format!("cannot set limit {} to unlimited: {why}", resource.name()),
+            None => format!("cannot set a resource limit: {why}"),
+        },
+        Stage::Nice => format!("cannot set nice to {}: {why}", shown(program.nice)),
+        Stage::OomScoreAdj => format!(
+            "cannot set oom_score_adj to {}: {why}",
+            shown(program.oom_score_adj)
+        ),
+        Stage::Setup | Stage::Chdir | Stage::Lock(_) | Stage::Credentials | Stage::Exec => {
+            return None
+        }
     })
 }
 

@@ -329,6 +329,18 @@ fn configuration(roff: &mut Roff) {
          config file. Program names are [A-Za-z0-9_-]{1,64}; lock names are \
          [A-Za-z0-9._-]{1,100}, not starting with a dot, after {worker} expansion.",
     );
+    paragraph(
+        roff,
+        "include = [\"conf.d/*.toml\"], a top-level key of the main file (before its first \
+         table), merges more files: patterns relative to the main file's folder, * and ? in \
+         the file name only, files read in name order (dot files only for a pattern starting \
+         with a dot). A pattern without wildcards must name an existing file; one with \
+         wildcards may match nothing. Included files hold [program.NAME] and [queue.NAME] \
+         tables only (no [plumule], no include); their relative paths resolve against their \
+         own folder, and their problems are located in them. A name defined in two files is \
+         an error naming both. They pass the same ownership checks as the main file, and \
+         check and reload read them again.",
+    );
 
     roff.control("SS", ["[plumule]"]);
     key(
@@ -455,7 +467,7 @@ fn configuration(roff: &mut Roff) {
         "\"restart\"",
         "What a reload does to this program when a key that shapes the process (command, \
          env, inherit_env, cwd, user, group, umask, listen, locks, stdout, stderr, ready, \
-         watchdog) changed. restart: a rolling restart, one worker at a time, the successor \
+         watchdog, nice, oom_score_adj, limits) changed. restart: a rolling restart, one worker at a time, the successor \
          running (ready) before the old one gets its stop signal; stop then start when the \
          program holds an exclusive lock. signal: every reload sends reload_signal to each \
          worker, changed or not, and process key changes still roll them. none: changes \
@@ -506,6 +518,29 @@ fn configuration(roff: &mut Roff) {
         "umask",
         "the master's",
         "The workers' umask, an octal string (\"022\").",
+    );
+    key(
+        roff,
+        "nice",
+        "the master's",
+        "Scheduling niceness, -20 to 19 (below the master's needs a root master).",
+    );
+    key(
+        roff,
+        "oom_score_adj",
+        "the master's",
+        "Written to /proc/self/oom_score_adj, -1000 to 1000 (lowering it needs root).",
+    );
+    key(
+        roff,
+        "limits",
+        "the master's",
+        "Resource limits: { nofile = 65536, nproc = 512, core = 0, memlock = \"64MiB\", \
+         as = \"unlimited\" }. Each sets both the soft and the hard limit. Values are whole \
+         numbers, \"unlimited\" (not for nofile), or for core, memlock and as (bytes) a size \
+         string. Set in the child before it changes user, after which it could not raise \
+         them; a limit the kernel refuses fails the worker with \"cannot set limit NAME to \
+         N: REASON\".",
     );
     key(
         roff,

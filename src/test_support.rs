@@ -42,6 +42,9 @@ pub(crate) fn program(name: &str, workers: u32) -> Program {
         listen: vec![],
         after: vec![],
         queue: None,
+        nice: None,
+        oom_score_adj: None,
+        limits: vec![],
     }
 }
 

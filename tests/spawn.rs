@@ -35,6 +35,9 @@ fn setup(stdin: &OwnedFd, stdout: &OwnedFd) -> Setup {
         locks: Vec::new(),
         lock_mode: 0o644,
         nofile: None,
+        limits: Vec::new(),
+        nice: None,
+        oom_score_adj: None,
     }
 }
 

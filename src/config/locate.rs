@@ -123,6 +123,7 @@ pub(super) fn syntax_error(error: &toml_edit::TomlError, source: &Source) -> Pen
         .join("; ");
     let Some(span) = error.span() else {
         return Pending {
+            file: 0,
             span: None,
             key: None,
             message,
@@ -141,6 +142,7 @@ pub(super) fn syntax_error(error: &toml_edit::TomlError, source: &Source) -> Pen
         None => duplicate_key(&message).or_else(|| source.header_at(span.start)),
     };
     Pending {
+        file: 0,
         span: Some(span),
         key,
         message,
@@ -221,6 +223,7 @@ pub(super) fn leading_zero(text: &str, offset: usize) -> Option<LeadingZero> {
     let at = line_start + start;
     Some(LeadingZero {
         problem: Pending {
+            file: 0,
             span: Some(at..line_start + end),
             key: Some(full_key),
             message,

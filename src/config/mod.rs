@@ -34,6 +34,7 @@
 //! address, and a command's program when it contains a slash) resolve against the folder of
 //! the file.
 
+mod include;
 mod locate;
 mod raw;
 mod validate;
@@ -106,6 +107,76 @@ pub struct Program {
     pub listen: Vec<ListenSpec>,
     pub after: Vec<String>,
     pub queue: Option<String>,
+    /// Scheduling niceness, -20 to 19 (`None`: the master's).
+    pub nice: Option<i32>,
+    /// `/proc/self/oom_score_adj`, -1000 to 1000 (`None`: the master's).
+    pub oom_score_adj: Option<i32>,
+    /// Resource limits set before exec, at most one per resource, in [`LimitResource`] order.
+    pub limits: Vec<Limit>,
+}
+
+/// A resource `limits` can set (setrlimit(2)).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum LimitResource {
+    /// RLIMIT_AS: address space, bytes.
+    As,
+    /// RLIMIT_CORE: core file size, bytes.
+    Core,
+    /// RLIMIT_MEMLOCK: locked memory, bytes.
+    Memlock,
+    /// RLIMIT_NOFILE: open descriptors.
+    Nofile,
+    /// RLIMIT_NPROC: processes of the worker's user.
+    Nproc,
+}
+
+impl LimitResource {
+    /// Every resource, in order.
+    pub const ALL: [LimitResource; 5] = [
+        LimitResource::As,
+        LimitResource::Core,
+        LimitResource::Memlock,
+        LimitResource::Nofile,
+        LimitResource::Nproc,
+    ];
+
+    /// Its key in `limits`.
+    pub fn name(self) -> &'static str {
+        match self {
+            LimitResource::As => "as",
+            LimitResource::Core => "core",
+            LimitResource::Memlock => "memlock",
+            LimitResource::Nofile => "nofile",
+            LimitResource::Nproc => "nproc",
+        }
+    }
+
+    /// Whether its value is a size in bytes (and may be written "64MiB").
+    pub fn is_bytes(self) -> bool {
+        matches!(
+            self,
+            LimitResource::As | LimitResource::Core | LimitResource::Memlock
+        )
+    }
+}
+
+/// One entry of `limits`: both the soft and the hard limit are set to `value`, as systemd's
+/// `LimitNOFILE=N` does.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Limit {
+    pub resource: LimitResource,
+    /// `None`: "unlimited".
+    pub value: Option<u64>,
+}
+
+impl fmt::Display for Limit {
+    /// `nofile 65536`, `core unlimited`.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self.value {
+            Some(v) => write!(f, "{} {v}", self.resource.name()),
+            None => write!(f, "{} unlimited", self.resource.name()),
+        }
+    }
 }
 
 /// What to execute. A relative `argv[0]` with a slash has been made absolute against the config
@@ -324,6 +395,8 @@ pub struct ConfigError {
 /// One problem with a configuration file.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Problem {
+    /// The included file the problem is in; `None`: the main file.
+    pub file: Option<PathBuf>,
     pub location: Option<Location>,
     /// The dotted key path, e.g. `program.web.backoff.initial`.
     pub key: Option<String>,
@@ -344,6 +417,7 @@ impl fmt::Display for ConfigError {
 
 /// `FILE:LINE:COL: KEY: message`, leaving out what is unknown.
 fn write_problem(f: &mut fmt::Formatter<'_>, path: &Path, problem: &Problem) -> fmt::Result {
+    let path = problem.file.as_deref().unwrap_or(path);
     write!(f, "{}", path.display())?;
     if let Some(Location { line, column }) = problem.location {
         write!(f, ":{line}:{column}")?;
@@ -361,6 +435,7 @@ impl ConfigError {
         ConfigError {
             path: path.to_path_buf(),
             problems: vec![Problem {
+                file: None,
                 location: None,
                 key: None,
                 message,
@@ -372,6 +447,8 @@ impl ConfigError {
 /// A problem before it is located: the byte span of the file it concerns.
 #[derive(Debug)]
 struct Pending {
+    /// Index of the file among those read: 0 the main file, then the included ones.
+    file: usize,
     span: Option<std::ops::Range<usize>>,
     key: Option<String>,
     message: String,
@@ -427,8 +504,8 @@ pub fn load(path: &Path) -> Result<Config, ConfigError> {
 /// host (see [`Probe`]).
 pub fn load_for_check(path: &Path, probe: &Probe) -> Result<(Config, Warnings), ConfigError> {
     let (path, text) = read_trusted(path)?;
-    let config = parse(&text, &path)?;
-    let warnings = warnings::warnings(&config, &text, probe);
+    let (config, files) = parse_files(&text, &path, &this_host(), UNSUPPORTED)?;
+    let warnings = warnings::warnings(&config, &files, probe);
     Ok((config, warnings))
 }
 
@@ -498,13 +575,17 @@ fn check_ownership(metadata: &std::fs::Metadata, euid: u32) -> Result<(), Untrus
 /// checks (see [`load`]). `path` names the file in messages, and its folder is where relative
 /// paths resolve. Users and groups are looked up on this system; default folders come from the
 /// environment (SPEC §2).
+///
+/// The files `include` names are read from the file system (with the checks of [`load`]).
 pub fn parse(text: &str, path: &Path) -> Result<Config, ConfigError> {
-    let var = |name: &str| std::env::var_os(name);
-    let host = Host {
-        var: &var,
+    parse_with(text, path, &this_host(), UNSUPPORTED)
+}
+
+fn this_host() -> Host<'static> {
+    Host {
+        var: &|name: &str| std::env::var_os(name),
         euid: nix::unistd::geteuid().as_raw(),
-    };
-    parse_with(text, path, &host, UNSUPPORTED)
+    }
 }
 
 /// [`parse`] with the process's environment and the list of unsupported keys as parameters.
@@ -514,39 +595,177 @@ fn parse_with(
     host: &Host,
     unsupported: &[Unsupported],
 ) -> Result<Config, ConfigError> {
+    parse_files(text, path, host, unsupported).map(|(config, _)| config)
+}
+
+/// One file read for a configuration: its path, its text (leading zeros blanked), what was
+/// read from it (`None` after a syntax error).
+struct ReadFile {
+    path: PathBuf,
+    text: String,
+    raw: Option<raw::RawFile>,
+}
+
+/// [`parse_with`], also returning every file read (the main one first) with its text.
+fn parse_files(
+    text: &str,
+    path: &Path,
+    host: &Host,
+    unsupported: &[Unsupported],
+) -> Result<(Config, Vec<(PathBuf, String)>), ConfigError> {
     let path = absolute(path);
-    let (text, mut pending) = without_leading_zeros(text);
-    let source = locate::Source::new(&text);
-    match toml_edit::ImDocument::parse(text.as_str()) {
-        Ok(doc) => {
-            let (raw, mut read) = raw::read(doc.as_table());
-            // A value whose leading zeros were blanked is read as a number that validation
-            // would refuse again.
-            read.reported
-                .extend(pending.iter().filter_map(|p| p.key.clone()));
-            match validate::validate(&raw, &source, &path, host, unsupported) {
-                Ok(config) if read.problems.is_empty() && pending.is_empty() => return Ok(config),
-                Ok(_) => {}
-                Err(found) => pending.extend(
-                    found
-                        .into_iter()
-                        .filter(|p| !p.key.as_deref().is_some_and(|k| read.covers(k))),
-                ),
-            }
-            pending.extend(read.problems);
-        }
-        Err(error) => pending.push(locate::syntax_error(&error, &source)),
+    let mut pending: Vec<Pending> = Vec::new();
+    let mut reported: Vec<String> = Vec::new();
+    let mut files = vec![read_one(text, &path, 0, &mut pending, &mut reported)];
+    let patterns = files[0]
+        .raw
+        .as_ref()
+        .and_then(|r| r.include.clone())
+        .unwrap_or_default();
+    for (path, text) in included(&patterns, &path, &mut pending) {
+        let index = files.len();
+        files.push(read_one(&text, &path, index, &mut pending, &mut reported));
     }
-    let mut problems: Vec<Problem> = pending
+    let sources: Vec<locate::Source> = files.iter().map(|f| locate::Source::new(&f.text)).collect();
+    let covers = |key: &str| {
+        reported.iter().any(|r| {
+            key.strip_prefix(r.as_str())
+                .is_some_and(|rest| rest.is_empty() || rest.starts_with('.'))
+        })
+    };
+    if files.iter().all(|f| f.raw.is_some()) {
+        let inputs: Vec<validate::FileInput> = files
+            .iter()
+            .zip(&sources)
+            .filter_map(|(f, source)| {
+                Some(validate::FileInput {
+                    raw: f.raw.as_ref()?,
+                    source,
+                    path: &f.path,
+                })
+            })
+            .collect();
+        match validate::validate(&inputs, host, unsupported) {
+            Ok(config) if pending.is_empty() => {
+                let read = files.into_iter().map(|f| (f.path, f.text)).collect();
+                return Ok((config, read));
+            }
+            Ok(_) => {}
+            Err(found) => pending.extend(
+                found
+                    .into_iter()
+                    .filter(|p| !p.key.as_deref().is_some_and(covers)),
+            ),
+        }
+    }
+    let mut problems: Vec<(usize, Problem)> = pending
         .into_iter()
-        .map(|p| Problem {
-            location: p.span.map(|s| source.location(s.start)),
-            key: p.key,
-            message: p.message,
+        .map(|p| {
+            let problem = Problem {
+                file: (p.file > 0).then(|| files[p.file].path.clone()),
+                location: p.span.map(|s| sources[p.file].location(s.start)),
+                key: p.key,
+                message: p.message,
+            };
+            (p.file, problem)
         })
         .collect();
-    problems.sort_by_key(|p| (p.location.is_none(), p.location));
-    Err(ConfigError { path, problems })
+    problems.sort_by_key(|(file, p)| (*file, p.location.is_none(), p.location));
+    Err(ConfigError {
+        path,
+        problems: problems.into_iter().map(|(_, p)| p).collect(),
+    })
+}
+
+/// Reads one file's text as file `index`, adding its problems to `pending` and the keys they
+/// cover to `reported`.
+fn read_one(
+    text: &str,
+    path: &Path,
+    index: usize,
+    pending: &mut Vec<Pending>,
+    reported: &mut Vec<String>,
+) -> ReadFile {
+    let (text, mut found) = without_leading_zeros(text);
+    // A value whose leading zeros were blanked is read as a number that validation would
+    // refuse again.
+    reported.extend(found.iter().filter_map(|p| p.key.clone()));
+    let raw = match toml_edit::ImDocument::parse(text.as_str()) {
+        Ok(doc) => {
+            let (raw, read) = raw::read(doc.as_table());
+            found.extend(read.problems);
+            reported.extend(read.reported);
+            Some(raw)
+        }
+        Err(error) => {
+            found.push(locate::syntax_error(&error, &locate::Source::new(&text)));
+            None
+        }
+    };
+    pending.extend(found.into_iter().map(|p| Pending { file: index, ..p }));
+    ReadFile {
+        path: path.to_path_buf(),
+        text,
+        raw,
+    }
+}
+
+/// The files `include` names (see [`include`]), read with the checks of [`load`]; a pattern
+/// that cannot be expanded, or a file that cannot be read, is a problem located at the
+/// pattern in the main file.
+fn included(
+    patterns: &[toml::Spanned<String>],
+    main: &Path,
+    pending: &mut Vec<Pending>,
+) -> Vec<(PathBuf, String)> {
+    let dir = main.parent().unwrap_or(Path::new("/"));
+    let mut seen: Vec<PathBuf> = vec![std::fs::canonicalize(main).unwrap_or_else(|_| main.into())];
+    let mut out = Vec::new();
+    for pattern in patterns {
+        let problem = |message: String| Pending {
+            file: 0,
+            span: Some(pattern.span()),
+            key: Some("include".to_owned()),
+            message,
+        };
+        let paths = match include::expand(pattern.get_ref(), dir) {
+            Ok(paths) => paths,
+            Err(e) => {
+                pending.push(problem(e));
+                continue;
+            }
+        };
+        for path in paths {
+            let canonical = std::fs::canonicalize(&path).unwrap_or_else(|_| path.clone());
+            if seen.contains(&canonical) {
+                continue;
+            }
+            if out.len() == include::MAX_INCLUDED {
+                pending.push(problem(format!(
+                    "more than {} included files",
+                    include::MAX_INCLUDED
+                )));
+                return out;
+            }
+            seen.push(canonical);
+            match read_trusted(&path) {
+                Ok(file) => out.push(file),
+                Err(e) => {
+                    let why = e
+                        .problems
+                        .into_iter()
+                        .map(|p| p.message)
+                        .collect::<Vec<_>>();
+                    pending.push(problem(format!(
+                        "cannot include {}: {}",
+                        path.display(),
+                        why.join("; ")
+                    )));
+                }
+            }
+        }
+    }
+    out
 }
 
 /// TOML refuses a number with a leading zero (`umask = 022`) as a syntax error that says

@@ -24,6 +24,8 @@ pub(super) struct RawFile {
     pub plumule: Option<RawPlumule>,
     pub program: Option<BTreeMap<Spanned<String>, RawProgram>>,
     pub queue: Option<BTreeMap<Spanned<String>, RawQueue>>,
+    /// File patterns (see `super::include`).
+    pub include: Option<Vec<Spanned<String>>>,
 }
 
 #[derive(Debug, Default)]
@@ -65,6 +67,10 @@ pub(super) struct RawProgram {
     pub listen: Option<Vec<Spanned<RawListen>>>,
     pub after: Option<Vec<Spanned<String>>>,
     pub queue: Option<Spanned<String>>,
+    pub nice: Option<Spanned<i64>>,
+    pub oom_score_adj: Option<Spanned<i64>>,
+    /// Resource name (known ones only) and value.
+    pub limits: Option<Vec<(Spanned<String>, Spanned<Scalar>)>>,
 }
 
 /// `backoff` and `retry_backoff`.
@@ -154,7 +160,7 @@ pub(super) struct RawListenTable {
 
 // ---- Reading the parsed document. ----
 
-const FILE_KEYS: &[&str] = &["plumule", "program", "queue"];
+const FILE_KEYS: &[&str] = &["plumule", "program", "queue", "include"];
 const PLUMULE_KEYS: &[&str] = &[
     "runtime_dir",
     "state_dir",
@@ -191,6 +197,9 @@ const PROGRAM_KEYS: &[&str] = &[
     "listen",
     "after",
     "queue",
+    "nice",
+    "oom_score_adj",
+    "limits",
 ];
 const BACKOFF_KEYS: &[&str] = &["initial", "max", "multiplier", "jitter"];
 const START_LIMIT_KEYS: &[&str] = &["burst", "interval"];
@@ -216,16 +225,6 @@ pub(super) struct ReadProblems {
     /// validation would call it missing), and of the keys that an unknown key was taken for
     /// (`comand` is reported as a likely `command`; "missing key `command`" would be noise).
     pub reported: Vec<String>,
-}
-
-impl ReadProblems {
-    /// Whether a problem of validation on `key` repeats one reported here.
-    pub fn covers(&self, key: &str) -> bool {
-        self.reported.iter().any(|r| {
-            key.strip_prefix(r.as_str())
-                .is_some_and(|rest| rest.is_empty() || rest.starts_with('.'))
-        })
-    }
 }
 
 /// Reads the document's root table into a [`RawFile`], recording every unknown key and every
@@ -370,6 +369,7 @@ impl Reader {
     fn report(&mut self, span: Option<Range<usize>>, key: &Path, message: String) {
         let key = display_path(key);
         self.out.problems.push(Pending {
+            file: 0,
             span,
             key: Some(key.clone()),
             message,
@@ -519,6 +519,9 @@ impl Reader {
             queue: fields
                 .get("queue")
                 .and_then(|n| self.named(n, &child(&key, "queue"), |r, n, k| r.queue(n, k))),
+            include: self.array(fields.get("include"), &child(&key, "include"), |r, n| {
+                r.string(Some(n), &child(&key, "include"))
+            }),
         }
     }
 
@@ -600,7 +603,44 @@ impl Reader {
                 r.string(Some(n), &k("after"))
             }),
             queue: self.string(f.get("queue"), &k("queue")),
+            nice: self.int(f.get("nice"), &k("nice")),
+            oom_score_adj: self.int(f.get("oom_score_adj"), &k("oom_score_adj")),
+            limits: f.get("limits").and_then(|n| self.limits(n, &k("limits"))),
         })
+    }
+
+    /// `limits = { nofile = 65536, core = 0 }`: an unknown resource is reported like an
+    /// unknown key, with the name probably meant.
+    fn limits(
+        &mut self,
+        node: Node,
+        key: &Path,
+    ) -> Option<Vec<(Spanned<String>, Spanned<Scalar>)>> {
+        let Some(entries) = node.entries() else {
+            self.wrong_type(node, key, "a table like { nofile = 65536 }");
+            return None;
+        };
+        let names: Vec<&str> = crate::config::LimitResource::ALL
+            .iter()
+            .map(|r| r.name())
+            .collect();
+        let mut out = Vec::new();
+        for entry in entries {
+            let k = child(key, entry.name);
+            if !names.contains(&entry.name) {
+                self.report(
+                    entry.span.clone(),
+                    &k,
+                    unknown_choice("limit", entry.name, &names),
+                );
+                continue;
+            }
+            if let Some(value) = self.scalar(Some(entry.node), &k) {
+                let name = Spanned::new(entry.span.unwrap_or(0..0), entry.name.to_owned());
+                out.push((name, value));
+            }
+        }
+        Some(out)
     }
 
     fn backoff(&mut self, node: Node, key: &Path) -> Option<RawBackoff> {

@@ -1183,6 +1183,7 @@ fn load_reports_located_problems_with_the_path() {
     assert_eq!(
         err.problems,
         [Problem {
+            file: None,
             location: Some(Location { line: 3, column: 1 }),
             key: Some("program.web.worker".into()),
             message: "unknown key `worker`, did you mean `workers`?".into(),
@@ -1380,7 +1381,8 @@ fn warnings_as(text: &str, euid: u32) -> Vec<String> {
         default_path: std::ffi::OsStr::new("/bin"),
         resolve: &resolve,
     };
-    let shown = warnings::warnings(&config, text, &probe).to_string();
+    let files = [(PathBuf::from(FILE), text.to_owned())];
+    let shown = warnings::warnings(&config, &files, &probe).to_string();
     shown.lines().map(str::to_owned).collect()
 }
 
@@ -1438,4 +1440,264 @@ fn a_file_that_runs_here_has_no_warnings() {
     // A shell command runs /bin/sh, which this fake host does not have.
     assert_eq!(warnings_as(text, 0).len(), 1);
     assert!(warnings_as("[program.a]\ncommand = [\"/bin/found\"]\ncwd = \"/\"\n", 0).is_empty());
+}
+
+// ---- nice, oom_score_adj, limits. ----
+
+#[test]
+fn nice_oom_score_adj_and_limits_are_read() {
+    let text = format!(
+        "{WEB}nice = -5\noom_score_adj = -1000\n\
+         limits = {{ nproc = 64, nofile = 65536, core = \"unlimited\", memlock = \"64MiB\", as = 0 }}\n"
+    );
+    let config = ok(&text);
+    let web = config.program("web").unwrap();
+    assert_eq!((web.nice, web.oom_score_adj), (Some(-5), Some(-1000)));
+    let limit = |resource, value| Limit { resource, value };
+    assert_eq!(
+        web.limits,
+        [
+            limit(LimitResource::As, Some(0)),
+            limit(LimitResource::Core, None),
+            limit(LimitResource::Memlock, Some(64 << 20)),
+            limit(LimitResource::Nofile, Some(65536)),
+            limit(LimitResource::Nproc, Some(64)),
+        ],
+        "sorted by resource"
+    );
+    let plain = ok(WEB);
+    let web = plain.program("web").unwrap();
+    assert_eq!(
+        (web.nice, web.oom_score_adj),
+        (None, None),
+        "unset: inherited"
+    );
+    assert!(web.limits.is_empty());
+}
+
+#[test]
+fn nice_and_oom_score_adj_ranges() {
+    assert_eq!(
+        problem(&format!("{WEB}nice = 20\n")),
+        line("3:8: program.web.nice: must be between -20 and 19, found 20")
+    );
+    assert_eq!(
+        problem(&format!("{WEB}nice = -21\n")),
+        line("3:8: program.web.nice: must be between -20 and 19, found -21")
+    );
+    assert_eq!(
+        problem(&format!("{WEB}oom_score_adj = 1001\n")),
+        line("3:17: program.web.oom_score_adj: must be between -1000 and 1000, found 1001")
+    );
+    assert_eq!(
+        problem(&format!("{WEB}nice = \"high\"\n")),
+        line("3:8: program.web.nice: invalid type: string \"high\", expected an integer")
+    );
+    ok(&format!("{WEB}nice = 19\noom_score_adj = 1000\n"));
+    ok(&format!("{WEB}nice = -20\noom_score_adj = -1000\n"));
+}
+
+#[test]
+fn limit_names_and_values_are_checked() {
+    assert_eq!(
+        problem(&format!("{WEB}limits = {{ nofiles = 10 }}\n")),
+        line("3:12: program.web.limits.nofiles: unknown limit `nofiles`, did you mean `nofile`?")
+    );
+    let p = problem(&format!("{WEB}limits = {{ cpu = 10 }}\n"));
+    assert!(
+        p.contains(
+            "unknown limit `cpu`; expected one of `as`, `core`, `memlock`, `nofile`, `nproc`"
+        ),
+        "{p}"
+    );
+    assert_eq!(
+        problem(&format!("{WEB}limits = {{ nofile = \"unlimited\" }}\n")),
+        line(
+            "3:21: program.web.limits.nofile: the kernel caps open files (fs.nr_open): \
+             give a number like 65536"
+        )
+    );
+    assert_eq!(
+        problem(&format!("{WEB}limits = {{ nproc = -1 }}\n")),
+        line("3:20: program.web.limits.nproc: must be at least 0, found -1")
+    );
+    let p = problem(&format!("{WEB}limits = {{ nproc = \"10MiB\" }}\n"));
+    assert!(
+        p.contains("expected a whole number or \"unlimited\""),
+        "{p}"
+    );
+    let p = problem(&format!("{WEB}limits = {{ core = \"lots\" }}\n"));
+    assert!(
+        p.contains("program.web.limits.core: invalid size \"lots\""),
+        "{p}"
+    );
+    assert_eq!(
+        problem(&format!("{WEB}limits = 5\n")),
+        line("3:10: program.web.limits: invalid type: integer `5`, expected a table like { nofile = 65536 }")
+    );
+}
+
+// ---- include. ----
+
+/// A folder with `plumule.toml` (`main`) and the `(name, text)` files, all mode 0600.
+fn include_tree(main: &str, files: &[(&str, &str)]) -> (tempfile::TempDir, PathBuf) {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir().unwrap();
+    for (name, text) in files.iter().chain([&("plumule.toml", main)]) {
+        let path = dir.path().join(name);
+        std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+        std::fs::write(&path, text).unwrap();
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)).unwrap();
+    }
+    let main = dir.path().join("plumule.toml");
+    (dir, main)
+}
+
+/// Parses the file at `path` (and what it includes) as if every feature were built.
+fn load_all(path: &Path) -> Result<Config, ConfigError> {
+    let text = std::fs::read_to_string(path).unwrap();
+    let var = |_: &str| None;
+    let host = Host { var: &var, euid: 0 };
+    parse_with(&text, path, &host, &[])
+}
+
+fn load_lines(path: &Path) -> Vec<String> {
+    match load_all(path) {
+        Ok(c) => panic!("expected an error, got {c:?}"),
+        Err(e) => e.to_string().lines().map(str::to_owned).collect(),
+    }
+}
+
+#[test]
+fn included_files_bring_programs_and_queues_in_name_order() {
+    let (dir, main) = include_tree(
+        &format!("include = [\"conf.d/*.toml\", \"extra.toml\"]\n{WEB}"),
+        &[
+            (
+                "conf.d/b.toml",
+                "[program.b]\ncommand = [\"./run\"]\ncwd = \"data\"\n",
+            ),
+            (
+                "conf.d/a.toml",
+                "[program.a]\ncommand = [\"a\"]\n[queue.q]\n",
+            ),
+            ("conf.d/notes.txt", "not toml"),
+            ("extra.toml", "[program.c]\ncommand = [\"c\"]\n"),
+        ],
+    );
+    let config = load_all(&main).unwrap_or_else(|e| panic!("{e}"));
+    let names: Vec<&str> = config.programs.iter().map(|p| p.name.as_str()).collect();
+    assert_eq!(names, ["a", "b", "c", "web"]);
+    assert_eq!(config.queues.len(), 1);
+    assert_eq!(config.path, main);
+    // Relative paths of an included file resolve against its own folder.
+    let b = config.program("b").unwrap();
+    let conf_d = dir.path().join("conf.d");
+    assert_eq!(b.cwd.as_deref(), Some(conf_d.join("data").as_path()));
+    let run = conf_d.join("run").display().to_string();
+    assert_eq!(b.command, CommandSpec::Argv(vec![run]));
+}
+
+#[test]
+fn a_problem_in_an_included_file_is_located_in_that_file() {
+    let (dir, main) = include_tree(
+        "include = [\"conf.d/*.toml\"]\n",
+        &[(
+            "conf.d/web.toml",
+            "# the web program\n[program.web]\ncommand = [\"web\"]\nworker = 2\nnice = 40\n",
+        )],
+    );
+    let file = dir.path().join("conf.d/web.toml").display().to_string();
+    assert_eq!(
+        load_lines(&main),
+        [
+            format!(
+                "{file}:4:1: program.web.worker: unknown key `worker`, did you mean `workers`?"
+            ),
+            format!("{file}:5:8: program.web.nice: must be between -20 and 19, found 40"),
+        ]
+    );
+}
+
+#[test]
+fn a_name_defined_in_two_files_is_an_error_naming_both() {
+    let (dir, main) = include_tree(
+        &format!("include = [\"conf.d/*.toml\"]\n{WEB}[queue.q]\n"),
+        &[
+            ("conf.d/a.toml", "[program.web]\ncommand = [\"other\"]\n"),
+            ("conf.d/b.toml", "\n[queue.q]\n"),
+        ],
+    );
+    let root = dir.path().display();
+    assert_eq!(
+        load_lines(&main),
+        [
+            format!(
+                "{root}/conf.d/a.toml:1:10: program.web: program `web` is already defined in \
+                 {root}/plumule.toml:2:10"
+            ),
+            format!(
+                "{root}/conf.d/b.toml:2:8: queue.q: queue `q` is already defined in \
+                 {root}/plumule.toml:4:8"
+            ),
+        ]
+    );
+}
+
+#[test]
+fn included_files_hold_programs_and_queues_only() {
+    let (dir, main) = include_tree(
+        "include = [\"a.toml\"]\n",
+        &[(
+            "a.toml",
+            "include = [\"b.toml\"]\n[plumule]\nlog_level = \"debug\"\n",
+        )],
+    );
+    let file = dir.path().join("a.toml").display().to_string();
+    assert_eq!(
+        load_lines(&main),
+        [
+            format!(
+                "{file}:1:1: include: an included file cannot include others: list every \
+                 pattern in the main file"
+            ),
+            format!(
+                "{file}:2:2: plumule: `[plumule]` belongs in the main file, not in an included one"
+            ),
+        ]
+    );
+}
+
+#[test]
+fn include_patterns_that_cannot_be_read_are_located_at_the_pattern() {
+    use std::os::unix::fs::PermissionsExt;
+    let (dir, main) = include_tree(
+        "include = [\n  \"missing.toml\",\n  \"*/x.toml\",\n  \"open.toml\",\n  \"plumule.toml\",\n  \"*.toml\",\n]\n",
+        &[("open.toml", "")],
+    );
+    let open = dir.path().join("open.toml");
+    std::fs::set_permissions(&open, std::fs::Permissions::from_mode(0o666)).unwrap();
+    let lines = load_lines(&main);
+    let main_shown = main.display().to_string();
+    assert_eq!(lines.len(), 3, "{lines:#?}");
+    assert!(
+        lines[0].starts_with(&format!("{main_shown}:2:3: include: cannot include "))
+            && lines[0].contains("missing.toml: cannot read the configuration file: No such file"),
+        "{lines:#?}"
+    );
+    assert!(
+        lines[1].starts_with(&format!("{main_shown}:3:3: include: wildcards")),
+        "{lines:#?}"
+    );
+    // The file that others can write is refused like the main file would be; the main file
+    // matched by its own pattern, and a file named twice, are read once.
+    assert!(
+        lines[2].starts_with(&format!("{main_shown}:4:3: include: cannot include "))
+            && lines[2].contains("refusing a configuration file writable by"),
+        "{lines:#?}"
+    );
+    assert_eq!(
+        problem("include = \"conf.d/*.toml\"\n"),
+        line("1:11: include: invalid type: string \"conf.d/*.toml\", expected an array")
+    );
 }

@@ -23,9 +23,9 @@ use super::raw::{
 };
 use super::values::{self, resolve, suggest, unknown_choice};
 use super::{
-    find_unsupported, Backoff, CommandSpec, Config, GroupSpec, Host, ListenAddr, ListenSpec,
-    LockSpec, OutputSpec, Pending, Program, Queue, QueueProtocol, ReadyMode, ReloadMode,
-    RestartPolicy, Route, StartLimit, Unsupported, UserSpec, MAX_WORKERS,
+    find_unsupported, Backoff, CommandSpec, Config, GroupSpec, Host, Limit, LimitResource,
+    ListenAddr, ListenSpec, LockSpec, OutputSpec, Pending, Program, Queue, QueueProtocol,
+    ReadyMode, ReloadMode, RestartPolicy, Route, StartLimit, Unsupported, UserSpec, MAX_WORKERS,
 };
 
 /// SPEC §9 defaults.
@@ -119,20 +119,42 @@ impl Key {
     }
 }
 
+/// One file of the configuration: the main file first, then the included ones.
+pub(super) struct FileInput<'a> {
+    pub raw: &'a RawFile,
+    pub source: &'a Source<'a>,
+    pub path: &'a Path,
+}
+
+/// The programs of every file by name, with the index of their file.
+type Programs<'r> = BTreeMap<Spanned<String>, (usize, &'r RawProgram)>;
+
 pub(super) fn validate(
-    raw: &RawFile,
-    source: &Source,
-    file: &Path,
+    files: &[FileInput],
     host: &Host,
     unsupported: &[Unsupported],
 ) -> Result<Config, Vec<Pending>> {
+    let main = &files[0];
+    let dirs: Vec<PathBuf> = files
+        .iter()
+        .map(|f| f.path.parent().unwrap_or(Path::new("/")).to_path_buf())
+        .collect();
     let mut v = Validator {
-        source,
-        dir: file.parent().unwrap_or(Path::new("/")).to_path_buf(),
+        source: main.source,
+        dir: dirs[0].clone(),
+        file: 0,
         problems: Vec::new(),
         listen_seen: Vec::new(),
     };
-    v.unsupported_keys(unsupported);
+    for (i, f) in files.iter().enumerate() {
+        v.enter(i, f.source, &dirs[i]);
+        v.unsupported_keys(unsupported);
+        if i > 0 {
+            v.main_only(f.raw);
+        }
+    }
+    v.enter(0, main.source, &dirs[0]);
+    let raw = main.raw;
     let default_plumule = RawPlumule::default();
     let plumule = raw.plumule.as_ref().unwrap_or(&default_plumule);
     let plumule_key = Key::root("plumule");
@@ -171,27 +193,28 @@ pub(super) fn validate(
         log::LevelFilter::Info,
     );
 
-    let no_queues = BTreeMap::new();
-    let raw_queues = raw.queue.as_ref().unwrap_or(&no_queues);
-    let queues: Vec<Queue> = raw_queues
-        .iter()
-        .map(|(name, q)| v.queue(name, q))
-        .collect();
+    let raw_queues: BTreeMap<Spanned<String>, (usize, &RawQueue)> =
+        v.merge(files, &dirs, "queue", |f| f.raw.queue.as_ref());
+    let mut queues: Vec<Queue> = Vec::new();
+    for (name, (i, q)) in &raw_queues {
+        v.enter(*i, files[*i].source, &dirs[*i]);
+        queues.push(v.queue(name, q));
+    }
 
-    let no_programs = BTreeMap::new();
-    let raw_programs = raw.program.as_ref().unwrap_or(&no_programs);
-    let programs: Vec<Program> = raw_programs
-        .iter()
-        .map(|(name, p)| v.program(name, p))
-        .collect();
-    v.references(raw_programs, raw_queues);
-    v.after_cycles(raw_programs);
+    let raw_programs: Programs = v.merge(files, &dirs, "program", |f| f.raw.program.as_ref());
+    let mut programs: Vec<Program> = Vec::new();
+    for (name, (i, p)) in &raw_programs {
+        v.enter(*i, files[*i].source, &dirs[*i]);
+        programs.push(v.program(name, p));
+    }
+    v.references(files, &dirs, &raw_programs, &raw_queues);
+    v.after_cycles(files, &dirs, &raw_programs);
 
     if !v.problems.is_empty() {
         return Err(v.problems);
     }
     Ok(Config {
-        path: file.to_path_buf(),
+        path: main.path.to_path_buf(),
         runtime_dir,
         state_dir,
         lock_dir,
@@ -248,17 +271,76 @@ fn default_dirs(host: &Host) -> (PathBuf, PathBuf) {
 }
 
 struct Validator<'a> {
+    /// The file being checked: its text, its folder (relative paths resolve against it), its
+    /// index among the files (0: the main file).
     source: &'a Source<'a>,
-    /// The config file's folder: relative paths resolve against it.
     dir: PathBuf,
+    file: usize,
     problems: Vec<Pending>,
     /// `tcp:` and `unix:` listen addresses seen so far, with their program.
     listen_seen: Vec<(ListenAddr, String)>,
 }
 
-impl Validator<'_> {
+impl<'a> Validator<'a> {
+    /// What follows concerns file `file`.
+    fn enter(&mut self, file: usize, source: &'a Source<'a>, dir: &Path) {
+        self.file = file;
+        self.source = source;
+        self.dir = dir.to_path_buf();
+    }
+
+    /// An included file holds programs and queues only.
+    fn main_only(&mut self, raw: &RawFile) {
+        if raw.plumule.is_some() {
+            self.at_key(
+                &Key::root("plumule"),
+                "`[plumule]` belongs in the main file, not in an included one",
+            );
+        }
+        if raw.include.is_some() {
+            self.at_key(
+                &Key::root("include"),
+                "an included file cannot include others: list every pattern in the main file",
+            );
+        }
+    }
+
+    /// The `[program.*]` (or `[queue.*]`) tables of every file by name, with their file; a
+    /// name defined in two files is reported in the later one, naming the first.
+    fn merge<'r: 'a, T>(
+        &mut self,
+        files: &[FileInput<'r>],
+        dirs: &[PathBuf],
+        what: &str,
+        tables: impl Fn(&FileInput<'r>) -> Option<&'r BTreeMap<Spanned<String>, T>>,
+    ) -> BTreeMap<Spanned<String>, (usize, &'r T)> {
+        let mut merged: BTreeMap<Spanned<String>, (usize, &'r T)> = BTreeMap::new();
+        for (i, f) in files.iter().enumerate() {
+            for (name, t) in tables(f).into_iter().flatten() {
+                if let Some((first, _)) = merged.get_key_value(name) {
+                    let (j, _) = merged[name];
+                    let at = files[j].source.location(first.span().start);
+                    let message = format!(
+                        "{what} `{}` is already defined in {}:{}:{}",
+                        name.get_ref(),
+                        files[j].path.display(),
+                        at.line,
+                        at.column
+                    );
+                    self.enter(i, f.source, &dirs[i]);
+                    let key = Key(vec![what.to_owned(), name.get_ref().clone()]);
+                    self.at(name, &key, message);
+                    continue;
+                }
+                merged.insert(name.clone(), (i, t));
+            }
+        }
+        merged
+    }
+
     fn report(&mut self, span: Option<Range<usize>>, key: &Key, message: impl Into<String>) {
         self.problems.push(Pending {
+            file: self.file,
             span,
             key: Some(key.text()),
             message: message.into(),
@@ -722,9 +804,78 @@ impl Validator<'_> {
             listen: self.listen(&key.child("listen"), raw.listen.as_deref(), &name),
             after,
             queue: raw.queue.as_ref().map(|q| q.get_ref().clone()),
+            nice: raw
+                .nice
+                .as_ref()
+                .map(|n| self.int(&key.child("nice"), Some(n), -20, 19, 0) as i32),
+            oom_score_adj: raw
+                .oom_score_adj
+                .as_ref()
+                .map(|n| self.int(&key.child("oom_score_adj"), Some(n), -1000, 1000, 0) as i32),
+            limits: self.limits(&key.child("limits"), raw.limits.as_deref()),
             workers,
             name,
         }
+    }
+
+    /// `limits`: a whole number (bytes for the sizes), a size string for `as`, `core` and
+    /// `memlock`, or "unlimited" (not for `nofile`, which the kernel always bounds).
+    fn limits(
+        &mut self,
+        key: &Key,
+        raw: Option<&[(Spanned<String>, Spanned<Scalar>)]>,
+    ) -> Vec<Limit> {
+        let mut limits: Vec<Limit> = Vec::new();
+        for (name, value) in raw.unwrap_or_default() {
+            let k = key.child(name.get_ref());
+            let Some(resource) = LimitResource::ALL
+                .into_iter()
+                .find(|r| r.name() == name.get_ref())
+            else {
+                continue; // reported when read
+            };
+            let parsed = match value.get_ref() {
+                Scalar::Int(n) if *n >= 0 => Ok(Some(*n as u64)),
+                Scalar::Int(n) => Err(format!("must be at least 0, found {n}")),
+                Scalar::Str(s) if s.trim().eq_ignore_ascii_case("unlimited") => {
+                    if resource == LimitResource::Nofile {
+                        Err(
+                            "the kernel caps open files (fs.nr_open): give a number like 65536"
+                                .to_owned(),
+                        )
+                    } else {
+                        Ok(None)
+                    }
+                }
+                Scalar::Str(_) if resource.is_bytes() => values::size(value.get_ref())
+                    .map(Some)
+                    .map_err(|e| e.to_string()),
+                other => Err(format!(
+                    "expected a whole number{} or \"unlimited\", found {}",
+                    if resource.is_bytes() {
+                        ", a size like \"64MiB\""
+                    } else {
+                        ""
+                    },
+                    match other {
+                        Scalar::Str(s) => format!("{s:?}"),
+                        Scalar::Int(n) => n.to_string(),
+                        Scalar::Float(f) => f.to_string(),
+                        Scalar::Bool(b) => b.to_string(),
+                    }
+                )),
+            };
+            match parsed {
+                // RLIM_INFINITY is all ones: a number that large would mean "unlimited".
+                Ok(Some(v)) if v == u64::MAX => {
+                    self.at(value, &k, "too large: write \"unlimited\"")
+                }
+                Ok(v) => limits.push(Limit { resource, value: v }),
+                Err(e) => self.at(value, &k, e),
+            }
+        }
+        limits.sort_by_key(|l| l.resource);
+        limits
     }
 
     fn command(&mut self, key: &Key, raw: Option<&Spanned<RawCommand>>) -> CommandSpec {
@@ -988,12 +1139,15 @@ impl Validator<'_> {
     /// `after` and `queue` name things that exist.
     fn references(
         &mut self,
-        programs: &BTreeMap<Spanned<String>, RawProgram>,
-        queues: &BTreeMap<Spanned<String>, RawQueue>,
+        files: &[FileInput<'a>],
+        dirs: &[PathBuf],
+        programs: &Programs,
+        queues: &BTreeMap<Spanned<String>, (usize, &RawQueue)>,
     ) {
         let program_names: Vec<&str> = programs.keys().map(|k| k.get_ref().as_str()).collect();
         let queue_names: Vec<&str> = queues.keys().map(|k| k.get_ref().as_str()).collect();
-        for (name, p) in programs {
+        for (name, &(i, p)) in programs {
+            self.enter(i, files[i].source, &dirs[i]);
             let key = Key(vec!["program".to_owned(), name.get_ref().clone()]);
             for a in p.after.iter().flatten() {
                 if !program_names.contains(&a.get_ref().as_str()) {
@@ -1011,13 +1165,13 @@ impl Validator<'_> {
     }
 
     /// Reports each cycle of `after` once, at the entry that closes it.
-    fn after_cycles(&mut self, programs: &BTreeMap<Spanned<String>, RawProgram>) {
+    fn after_cycles(&mut self, files: &[FileInput<'a>], dirs: &[PathBuf], programs: &Programs) {
         let names: Vec<&str> = programs.keys().map(|k| k.get_ref().as_str()).collect();
         let index = |n: &str| names.iter().position(|m| *m == n);
         // Edges to defined programs only; the undefined ones are reported already.
         let edges: Vec<Vec<(usize, &Spanned<String>)>> = programs
             .values()
-            .map(|p| {
+            .map(|(_, p)| {
                 p.after
                     .iter()
                     .flatten()
@@ -1064,7 +1218,10 @@ impl Validator<'_> {
                 }
             }
         }
+        let file_of: Vec<usize> = programs.values().map(|&(i, _)| i).collect();
         for (node, entry, cycle) in cycles {
+            let i = file_of[node];
+            self.enter(i, files[i].source, &dirs[i]);
             let key = Key(vec![
                 "program".to_owned(),
                 names[node].to_owned(),

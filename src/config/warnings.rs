@@ -54,11 +54,19 @@ impl fmt::Display for Warnings {
     }
 }
 
-/// The warnings about `config`, read from `text` (the file's content, for locations).
-pub(super) fn warnings(config: &Config, text: &str, probe: &Probe) -> Warnings {
-    let source = Source::new(text);
+/// The warnings about `config`, read from `files` (each file's path and content, the main
+/// one first, for locations).
+pub(super) fn warnings(config: &Config, files: &[(PathBuf, String)], probe: &Probe) -> Warnings {
+    let sources: Vec<Source> = files.iter().map(|(_, text)| Source::new(text)).collect();
     let mut problems = Vec::new();
     for p in &config.programs {
+        // The file that defines the program.
+        let index = sources
+            .iter()
+            .position(|s| s.key_span(&["program", &p.name]).is_some())
+            .unwrap_or(0);
+        let source = &sources[index];
+        let file = (index > 0).then(|| files[index].0.clone());
         let mut warn = |key: &str, message: String| {
             let path = ["program", p.name.as_str(), key];
             // Located at the key, else at its program (a group brought by `user`).
@@ -66,6 +74,7 @@ pub(super) fn warnings(config: &Config, text: &str, probe: &Probe) -> Warnings {
                 .key_span(&path)
                 .or_else(|| source.key_span(&path[..2]));
             problems.push(Problem {
+                file: file.clone(),
                 location: span.map(|s| source.location(s.start)),
                 key: Some(display_path(&path)),
                 message,
@@ -137,7 +146,7 @@ pub(super) fn warnings(config: &Config, text: &str, probe: &Probe) -> Warnings {
             }
         }
     }
-    problems.sort_by_key(|p| (p.location.is_none(), p.location));
+    problems.sort_by_key(|p| (p.file.clone(), p.location.is_none(), p.location));
     Warnings {
         path: config.path.clone(),
         problems,

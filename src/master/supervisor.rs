@@ -863,6 +863,9 @@ fn describe_failure(program: &Program, stage: Stage, errno: i32, locks: &[String
             program.group.as_ref().map_or("(same)", |g| g.name.as_str())
         ),
         Stage::Setup => format!("cannot set up the worker's descriptors: {why}"),
+        Stage::Limit(_) | Stage::Nice | Stage::OomScoreAdj => {
+            launch::describe_shaping_failure(program, stage, &why).unwrap_or(why)
+        }
     }
 }
 

@@ -25,7 +25,9 @@ use std::time::Duration;
 use nix::sys::socket::{recvmsg, sendmsg, ControlMessage, ControlMessageOwned, MsgFlags};
 use nix::unistd::Pid;
 
-use super::spawn::{start, Body, Child, Credentials, LockRequest, Parent, Setup, SpawnError};
+use super::spawn::{
+    start, Body, Child, Credentials, LockRequest, Parent, ResourceLimit, Setup, SpawnError,
+};
 
 /// The most descriptors one request carries (the kernel's SCM_MAX_FD).
 const MAX_FDS: usize = 253;
@@ -294,7 +296,8 @@ fn receive_header(stream: &UnixStream) -> io::Result<Option<([u8; 8], Vec<OwnedF
 // the value; `list` is a u32 count then the items.
 //
 //   opt bytes cwd · opt u32 umask · opt (u32 uid, u32 gid, list u32 groups) credentials ·
-//   opt (u64 cur, u64 max) nofile · u32 lock_mode · list (bytes path, u8 shared) locks ·
+//   opt (u64 cur, u64 max) nofile · list (u32 resource, u64 cur, u64 max) limits ·
+//   opt i32 nice · opt i32 oom_score_adj · u32 lock_mode · list (bytes path, u8 shared) locks ·
 //   bytes path · list bytes argv · list bytes envp · list u32 pid_vars
 //
 // The descriptors travel beside it (see the module docs); `pass_fds` is their count past 4.
@@ -407,6 +410,21 @@ pub fn encode(setup: &Setup, body: &Body<'_>) -> Option<Vec<u8>> {
         }
         None => w.u8(0),
     }
+    w.u32(setup.limits.len() as u32);
+    for l in &setup.limits {
+        w.u32(l.resource);
+        w.u64(l.cur);
+        w.u64(l.max);
+    }
+    for v in [setup.nice, setup.oom_score_adj] {
+        match v {
+            Some(v) => {
+                w.u8(1);
+                w.u32(v as u32);
+            }
+            None => w.u8(0),
+        }
+    }
     w.u32(setup.lock_mode);
     w.u32(setup.locks.len() as u32);
     for l in &setup.locks {
@@ -455,6 +473,26 @@ pub fn decode(payload: &[u8], fds: &[RawFd]) -> Option<(Setup, Body<'static>)> {
     } else {
         None
     };
+    let n = r.count(20)?;
+    let limits = (0..n)
+        .map(|_| {
+            Some(ResourceLimit {
+                resource: r.u32()?,
+                cur: r.u64()?,
+                max: r.u64()?,
+            })
+        })
+        .collect::<Option<Vec<_>>>()?;
+    let nice = if r.flag()? {
+        Some(r.u32()? as i32)
+    } else {
+        None
+    };
+    let oom_score_adj = if r.flag()? {
+        Some(r.u32()? as i32)
+    } else {
+        None
+    };
     let lock_mode = r.u32()?;
     let n = r.count(5)?;
     let locks = (0..n)
@@ -488,6 +526,9 @@ pub fn decode(payload: &[u8], fds: &[RawFd]) -> Option<(Setup, Body<'static>)> {
         locks,
         lock_mode,
         nofile,
+        limits,
+        nice,
+        oom_score_adj,
     };
     Some((
         setup,
@@ -531,6 +572,20 @@ mod tests {
                 rlim_cur: 1024,
                 rlim_max: 4096,
             }),
+            limits: vec![
+                ResourceLimit {
+                    resource: libc::RLIMIT_CORE as _,
+                    cur: 0,
+                    max: 0,
+                },
+                ResourceLimit {
+                    resource: libc::RLIMIT_NOFILE as _,
+                    cur: 65536,
+                    max: u64::MAX,
+                },
+            ],
+            nice: Some(-5),
+            oom_score_adj: Some(-1000),
         };
         let body = Body::Exec {
             path: c("/usr/bin/env"),
@@ -557,6 +612,8 @@ mod tests {
         assert_eq!(got.lock_mode, 0o644);
         let lim = got.nofile.unwrap();
         assert_eq!((lim.rlim_cur, lim.rlim_max), (1024, 4096));
+        assert_eq!(got.limits, setup.limits);
+        assert_eq!((got.nice, got.oom_score_adj), (Some(-5), Some(-1000)));
         let Body::Exec {
             path,
             argv,
@@ -585,6 +642,9 @@ mod tests {
             locks: vec![],
             lock_mode: 0o644,
             nofile: None,
+            limits: vec![],
+            nice: None,
+            oom_score_adj: None,
         };
         let body = Body::Exec {
             path: c("/bin/true"),

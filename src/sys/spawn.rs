@@ -2,7 +2,10 @@
 //!
 //! 1. **Set-up** ([`Setup`]): its own process group, death with the master, default signal
 //!    dispositions and an empty signal mask, descriptors 0, 1, 2, 3… and nothing else, umask,
-//!    working folder, open-file limit, file locks, credentials.
+//!    working folder, open-file limit, resource limits, niceness, OOM score adjustment, file
+//!    locks, credentials. Limits, niceness and OOM score come before the change of
+//!    credentials: raising a hard limit, a negative nice or a lower OOM score needs the
+//!    master's privileges, which the worker no longer has after it.
 //! 2. **Body** ([`Body`]): exec a command, or call a Rust function in the forked child.
 //!
 //! `std::process::Command` is not used: its `spawn` waits until the child has exec'd, and a
@@ -54,6 +57,21 @@ pub struct Setup {
     pub lock_mode: libc::mode_t,
     /// The open-file limit to restore (the master raised its own).
     pub nofile: Option<libc::rlimit>,
+    /// Set after `nofile`, in this order; a failure is [`Stage::Limit`] with the index.
+    pub limits: Vec<ResourceLimit>,
+    /// setpriority(PRIO_PROCESS, 0, nice).
+    pub nice: Option<i32>,
+    /// Written to `/proc/self/oom_score_adj`.
+    pub oom_score_adj: Option<i32>,
+}
+
+/// One setrlimit(2) call.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ResourceLimit {
+    /// `libc::RLIMIT_*`.
+    pub resource: u32,
+    pub cur: u64,
+    pub max: u64,
 }
 
 /// What the child does once set up.
@@ -137,6 +155,10 @@ pub enum Stage {
     Lock(u16),
     Credentials,
     Exec,
+    /// The limit at this index of [`Setup::limits`].
+    Limit(u16),
+    Nice,
+    OomScoreAdj,
 }
 
 /// A message from a child that has not exec'd yet.
@@ -157,6 +179,9 @@ fn encode(kind: u8, stage: Stage, errno: i32) -> [u8; REPORT_LEN] {
         Stage::Lock(i) => (2, i),
         Stage::Credentials => (3, 0),
         Stage::Exec => (4, 0),
+        Stage::Limit(i) => (5, i),
+        Stage::Nice => (6, 0),
+        Stage::OomScoreAdj => (7, 0),
     };
     let i = index.to_le_bytes();
     let e = errno.to_le_bytes();
@@ -172,6 +197,9 @@ fn decode(rec: &[u8]) -> Option<Report> {
         2 => Stage::Lock(index),
         3 => Stage::Credentials,
         4 => Stage::Exec,
+        5 => Stage::Limit(index),
+        6 => Stage::Nice,
+        7 => Stage::OomScoreAdj,
         _ => return None,
     };
     match rec[0] {
@@ -248,6 +276,8 @@ pub(super) fn start(
     sources.extend(&setup.pass_fds);
     sources.push(status_w);
     let mut scratch: Vec<RawFd> = vec![-1; sources.len()];
+    // The value to write to /proc/self/oom_score_adj, formatted here: no formatting after fork.
+    let oom_score_adj: Option<Vec<u8>> = setup.oom_score_adj.map(|v| v.to_string().into_bytes());
     // Only filled for an exec; they must outlive the fork, so they live here.
     let mut argv_ptrs: Vec<*const libc::c_char> = Vec::new();
     let mut env_ptrs: Vec<*const libc::c_char> = Vec::new();
@@ -294,6 +324,7 @@ pub(super) fn start(
         sources: &sources,
         scratch: &mut scratch,
         master,
+        oom_score_adj: oom_score_adj.as_deref(),
     };
     // fork, not vfork: the master goes on forking while children exec on the other cores.
     // (clone(CLONE_VM | CLONE_VFORK) was measured: it saves the page-table copy, but the
@@ -379,6 +410,8 @@ struct ChildContext<'a> {
     sources: &'a [RawFd],
     scratch: &'a mut [RawFd],
     master: libc::pid_t,
+    /// [`Setup::oom_score_adj`] in decimal.
+    oom_score_adj: Option<&'a [u8]>,
 }
 
 /// The body as the child runs it: for an exec, pointer arrays built before fork.
@@ -532,6 +565,32 @@ unsafe fn set_up(ctx: &mut ChildContext<'_>) -> RawFd {
         if let Some(lim) = &setup.nofile {
             libc::setrlimit(libc::RLIMIT_NOFILE, lim);
         }
+        // Before credentials change and before the locks: a worker that cannot get its
+        // limits fails at once instead of waiting for a lock first.
+        for (i, lim) in setup.limits.iter().enumerate() {
+            let value = libc::rlimit {
+                rlim_cur: lim.cur as libc::rlim_t,
+                rlim_max: lim.max as libc::rlim_t,
+            };
+            if libc::setrlimit(lim.resource as _, &value) < 0 {
+                fail(status, Stage::Limit(i as u16));
+            }
+        }
+        if let Some(nice) = setup.nice {
+            if libc::setpriority(libc::PRIO_PROCESS, 0, nice) < 0 {
+                fail(status, Stage::Nice);
+            }
+        }
+        if let Some(text) = ctx.oom_score_adj {
+            let fd = libc::open(
+                c"/proc/self/oom_score_adj".as_ptr(),
+                libc::O_WRONLY | libc::O_CLOEXEC,
+            );
+            if fd < 0 || libc::write(fd, text.as_ptr().cast(), text.len()) != text.len() as isize {
+                fail(status, Stage::OomScoreAdj);
+            }
+            libc::close(fd);
+        }
         for (i, lock) in setup.locks.iter().enumerate() {
             take_lock(lock, setup.lock_mode, i as u16, status);
         }
@@ -654,6 +713,9 @@ mod tests {
             (KIND_FAIL, Stage::Chdir, libc::EACCES),
             (KIND_FAIL, Stage::Credentials, libc::EPERM),
             (KIND_FAIL, Stage::Setup, libc::EMFILE),
+            (KIND_FAIL, Stage::Limit(4), libc::EPERM),
+            (KIND_FAIL, Stage::Nice, libc::EACCES),
+            (KIND_FAIL, Stage::OomScoreAdj, libc::EACCES),
         ] {
             assert_eq!(
                 decode(&encode(kind, stage, errno)),
