@@ -1,7 +1,12 @@
 //! Benchmark of the supervisor itself (issue 2): cold start, restart latency, quick-crash
 //! backoff, master memory, idle activity and graceful stop, with N workers of a tiny C program,
-//! measured by the method of `shared/PEERS.md` and printed as a table beside the goals and the
-//! best peers.
+//! printed as a table beside the goals and a baseline the bench measures itself in the same run.
+//!
+//! The baseline is the physical floor on this machine: the bench process starts the same N tiny
+//! workers itself with a plain fork+exec loop, restarts a SIGKILLed one by waiting for it and
+//! forking+exec'ing a new one, and stops them all with SIGTERM and waitpid. That is what any
+//! supervisor must do at the least, with no config, no bookkeeping and no control socket. The
+//! memory floor is one idle C process (a tiny worker), and the idle floor is 0.
 //!
 //! Run: `cargo bench --bench supervisor [-- --workers N[,N…] --kills K --idle-secs S --plumule
 //! PATH]`. By default it measures N = 200 and then N = 2000, prints one table per N, and then a
@@ -276,6 +281,18 @@ struct Report {
     idle: Activity,
     idle_window: Duration,
     stop: Duration,
+    floor: Floor,
+}
+
+/// The same measurements with no supervisor: the bench's own fork+exec loop (see the module
+/// docs).
+#[derive(Default)]
+struct Floor {
+    cold_start: Duration,
+    restarts: Vec<Duration>,
+    /// Of one tiny worker: the least any process costs.
+    memory: Memory,
+    stop: Duration,
 }
 
 /// Builds the worker, starts the supervisor, and measures in an order that keeps each figure
@@ -298,6 +315,12 @@ fn run(sup: &dyn Supervisor, opts: &Options, n: usize) -> Result<Report> {
     eprintln!(
         "bench: {n} workers, {} kills, {} s idle",
         opts.kills, opts.idle_secs
+    );
+    report.floor = floor(dir.path(), &worker, n, opts.kills)?;
+    eprintln!(
+        "bench: floor (fork+exec loop): cold start {}, restart median {}",
+        ms(report.floor.cold_start),
+        ms(median(&report.floor.restarts))
     );
     let (mut sv, cold_start) = Running::start(sup, dir.path(), &worker, n)?;
     report.cold_start = cold_start;
@@ -335,6 +358,110 @@ fn run(sup: &dyn Supervisor, opts: &Options, n: usize) -> Result<Report> {
     report.stop = sv.graceful_stop()?;
     eprintln!("bench: graceful stop {}", ms(report.stop));
     Ok(report)
+}
+
+/// Measures the floor: the bench starts `n` tiny workers itself (fork+exec, one after the
+/// other), restarts `kills` of them after SIGKILL (waitpid, then fork+exec), and stops them all
+/// (SIGTERM to each, then waitpid for each). Times come from the workers' own start stamps, as
+/// for the supervisor.
+fn floor(dir: &Path, worker: &Worker, n: usize, kills: usize) -> Result<Floor> {
+    let log_path = dir.join("floor.log");
+    write_file(&log_path, "", 0o644)?;
+    let mut fleet = Fleet {
+        exe: sys::cstring(worker.exe.as_os_str())?,
+        log: sys::cstring(log_path.as_os_str())?,
+        pids: Vec::with_capacity(n),
+    };
+    let mut log = WorkerLog::open(&log_path, n)?;
+    let mut floor = Floor::default();
+
+    let t0 = sys::mono_ns();
+    for id in 0..n {
+        let pid = fleet.spawn(id)?;
+        fleet.pids.push(pid);
+    }
+    wait_floor(&mut log, COLD_START_DEADLINE, |l| l.started() == n)?;
+    let last = log.first.iter().flatten().max().copied().unwrap_or(t0);
+    floor.cold_start = Duration::from_nanos(last.saturating_sub(t0));
+    floor.memory = memory(&fleet.pids[..1])?;
+
+    for k in 0..kills {
+        let id = k % n;
+        let seen = log.starts_of(id);
+        let t_kill = sys::mono_ns();
+        let old = fleet.pids[id];
+        sys::kill(old, libc::SIGKILL).map_err(|e| format!("kill -KILL {old}: {e}"))?;
+        sys::waitpid(old).map_err(|e| format!("waitpid({old}): {e}"))?;
+        fleet.pids[id] = fleet.spawn(id)?;
+        wait_floor(&mut log, RESTART_DEADLINE, |l| l.starts_of(id) > seen)?;
+        let ns = log.latest(id).map_or(0, |s| s.ns);
+        floor
+            .restarts
+            .push(Duration::from_nanos(ns.saturating_sub(t_kill)));
+    }
+
+    let t0 = sys::mono_ns();
+    for &pid in &fleet.pids {
+        sys::kill(pid, libc::SIGTERM).map_err(|e| format!("kill -TERM {pid}: {e}"))?;
+    }
+    for pid in std::mem::take(&mut fleet.pids) {
+        sys::waitpid(pid).map_err(|e| format!("waitpid({pid}): {e}"))?;
+    }
+    floor.stop = Duration::from_nanos(sys::mono_ns() - t0);
+    Ok(floor)
+}
+
+/// The tiny workers the bench runs itself for the floor; dropping it kills and reaps those
+/// still running.
+struct Fleet {
+    exe: std::ffi::CString,
+    log: std::ffi::CString,
+    pids: Vec<i32>,
+}
+
+impl Fleet {
+    fn spawn(&self, id: usize) -> Result<i32> {
+        let id = sys::cstring(id.to_string().as_ref())?;
+        sys::fork_exec(&[&self.exe, &self.log, &id]).map_err(|e| format!("fork+exec: {e}"))
+    }
+}
+
+impl Drop for Fleet {
+    fn drop(&mut self) {
+        for &pid in &self.pids {
+            let _ = sys::kill(pid, libc::SIGKILL);
+        }
+        for &pid in &self.pids {
+            let _ = sys::waitpid(pid);
+        }
+    }
+}
+
+/// Waits (on inotify, up to `timeout`) until `done` holds for the floor's worker log.
+fn wait_floor(
+    log: &mut WorkerLog,
+    timeout: Duration,
+    done: impl Fn(&WorkerLog) -> bool,
+) -> Result<()> {
+    let deadline = sys::mono_ns() + timeout.as_nanos() as u64;
+    loop {
+        log.refresh()?;
+        if done(log) {
+            return Ok(());
+        }
+        let now = sys::mono_ns();
+        if now >= deadline {
+            return Err(format!(
+                "the floor's own workers: only {} had started within {timeout:?}",
+                log.started()
+            ));
+        }
+        if sys::poll(&[log.inotify.as_fd()], Duration::from_nanos(deadline - now))
+            .map_err(|e| format!("poll: {e}"))?[0]
+        {
+            sys::drain(log.inotify.as_fd());
+        }
+    }
 }
 
 /// Compiles `tiny_worker.c` with `$CC` (default `cc`) `-O2` into `dir`.
@@ -815,69 +942,56 @@ fn pids_running(exe: &Path) -> Vec<i32> {
 // ---------------------------------------------------------------------------------------------
 // The table.
 
-/// Goals and best peers from shared/PEERS.md at one worker count.
-struct Reference {
-    cold_goal: &'static str,
-    cold_peer: &'static str,
-    restart_goal: &'static str,
-    restart_peer: &'static str,
-    rss_goal: &'static str,
-    rss_peer: &'static str,
-    pss_goal: &'static str,
-    pss_peer: &'static str,
-    stop_goal: &'static str,
-    stop_peer: &'static str,
+/// The goals of issue 2 at one worker count.
+struct Goals {
+    cold: &'static str,
+    restart: &'static str,
+    rss: &'static str,
+    pss: &'static str,
+    stop: &'static str,
 }
 
-fn reference(n: usize) -> (Reference, &'static str) {
-    let at200 = Reference {
-        cold_goal: "≤ 100 ms",
-        cold_peer: "s6-notify 195 ms, runit 210 ms",
-        restart_goal: "≤ 1 ms",
-        restart_peer: "runit 2.4 ms, s6-notify 2.6 ms",
-        rss_goal: "≤ 4 MiB",
-        rss_peer: "Horust 5.8 MiB (at 50)",
-        pss_goal: "≤ 2 MiB",
-        pss_peer: "Horust 6.4 MiB, runit 18.8 MiB (201 procs)",
-        stop_goal: "≤ 60 ms",
-        stop_peer: "s6-notify 187 ms",
+fn goals(n: usize) -> (Goals, &'static str) {
+    let at200 = Goals {
+        cold: "≤ 100 ms",
+        restart: "≤ 1 ms",
+        rss: "≤ 4 MiB",
+        pss: "≤ 2 MiB",
+        stop: "≤ 60 ms",
     };
     match n {
         200 => (at200, ""),
         50 => (
-            Reference {
-                cold_goal: "≤ 25 ms",
-                cold_peer: "runit 46–75 ms, s6 68–79 ms",
-                rss_goal: "≤ 4 MiB (at 200)",
-                rss_peer: "Horust 5.8 MiB",
-                pss_goal: "≤ 2 MiB (at 200)",
-                pss_peer: "Cotyledon 3.6–4.1 MiB, Horust 4.0–4.2 MiB",
-                stop_goal: "≤ 30 ms",
-                stop_peer: "s6-notify 36 ms",
+            Goals {
+                cold: "≤ 25 ms",
+                rss: "≤ 4 MiB (at 200)",
+                pss: "≤ 2 MiB (at 200)",
+                stop: "≤ 30 ms",
                 ..at200
             },
             "",
         ),
-        // PEERS.md has no peer at 2000: with their defaults runit stops at 1000 services and
-        // s6 at 500. Its goals are relative to 200 (see the growth table).
+        // At 2000 the goals are relative to 200 (see the growth table).
         2000 => (
-            Reference {
-                cold_goal: "≤ 1 s (linear from 200)",
-                cold_peer: "none: runit stops at 1000, s6 at 500",
-                restart_goal: "≤ 1.2 × the median at 200",
-                restart_peer: "",
-                rss_goal: "",
-                rss_peer: "",
-                pss_goal: "",
-                pss_peer: "",
-                stop_goal: "",
-                stop_peer: "",
+            Goals {
+                cold: "≤ 1 s (linear from 200)",
+                restart: "≤ 1.2 × the median at 200",
+                rss: "",
+                pss: "",
+                stop: "",
             },
             "",
         ),
-        _ => (at200, " (goals and peers are the figures at N = 200)"),
+        _ => (at200, " (goals are the figures at N = 200)"),
     }
 }
+
+/// What the baseline column holds, printed under each table.
+const BASELINE_NOTE: &str = "baseline: measured in this run with no supervisor: the bench \
+                             itself fork+execs the same N tiny workers one after the other, \
+                             restarts a SIGKILLed one with waitpid then fork+exec, and stops \
+                             them with SIGTERM and waitpid; memory is one idle tiny worker \
+                             (the least a process costs); idle is 0";
 
 /// What every table shares: the date, machine, binary and the settings of every run.
 fn header(sup: &dyn Supervisor, opts: &Options) -> String {
@@ -909,10 +1023,11 @@ fn header(sup: &dyn Supervisor, opts: &Options) -> String {
 }
 
 impl Report {
-    /// The table of one run, beside the goals and the best peers at its N.
+    /// The table of one run, beside the goals at its N and the baseline of the same run.
     fn render(&self, sup: &dyn Supervisor) -> String {
         let n = self.n;
-        let (r, note) = reference(n);
+        let (r, note) = goals(n);
+        let f = &self.floor;
         let mut rows: Vec<Vec<String>> = Vec::new();
         let mut row = |m: String, v: String, g: &str, p: &str| {
             rows.push(vec![m, v, g.into(), p.into()]);
@@ -920,22 +1035,22 @@ impl Report {
         row(
             format!("cold start, all {n} exec'd"),
             ms(self.cold_start),
-            r.cold_goal,
-            r.cold_peer,
+            r.cold,
+            &ms(f.cold_start),
         );
         if !self.restarts.is_empty() {
             let k = self.restarts.len();
             row(
                 format!("restart after SIGKILL, median of {k}"),
                 ms(median(&self.restarts)),
-                r.restart_goal,
-                r.restart_peer,
+                r.restart,
+                &ms(median(&f.restarts)),
             );
             row(
                 format!("restart after SIGKILL, p90 of {k}"),
                 ms(percentile(&self.restarts, 90)),
                 "",
-                "",
+                &ms(percentile(&f.restarts, 90)),
             );
         }
         row(
@@ -945,19 +1060,22 @@ impl Report {
             ),
             ms(median(&self.quick_crash)),
             &format!("= backoff.initial ({})", ms(sup.backoff_initial())),
-            "Cotyledon 7.5–10 ms (no backoff); runit, s6 1003 ms",
+            &format!(
+                "{} (backoff.initial + restart)",
+                ms(sup.backoff_initial() + median(&f.restarts))
+            ),
         );
         row(
             "master RSS after start".into(),
             mib(self.memory.rss_kib),
-            r.rss_goal,
-            r.rss_peer,
+            r.rss,
+            &mib(f.memory.rss_kib),
         );
         row(
             "master + fork server PSS".into(),
             mib(self.memory.pss_kib),
-            r.pss_goal,
-            r.pss_peer,
+            r.pss,
+            &mib(f.memory.pss_kib),
         );
         row(
             "master + fork server open fds (soft limit)".into(),
@@ -970,19 +1088,19 @@ impl Report {
             format!("idle: context switches in {s} s"),
             self.idle.ctx_switches.to_string(),
             "0",
-            "s6, s6-notify, Cotyledon 0 (in 10 s)",
+            "0",
         );
         row(
             format!("idle: CPU ticks (utime+stime) in {s} s"),
             self.idle.cpu_ticks.to_string(),
             "0",
-            "",
+            "0",
         );
         row(
             format!("graceful stop, all {n} gone"),
             ms(self.stop),
-            r.stop_goal,
-            r.stop_peer,
+            r.stop,
+            &ms(f.stop),
         );
 
         let mut out = String::new();
@@ -994,9 +1112,10 @@ impl Report {
             "metric".to_string(),
             sup.name(),
             "goal".into(),
-            "best peer".into(),
+            "baseline".into(),
         ];
         out.push_str(&table(&head, &rows));
+        let _ = writeln!(out, "{BASELINE_NOTE}");
         out
     }
 }
@@ -1360,6 +1479,50 @@ mod sys {
                 }
                 Ok(())
             });
+        }
+    }
+
+    /// `s` as a C string, for exec.
+    pub fn cstring(s: &std::ffi::OsStr) -> Result<std::ffi::CString> {
+        use std::os::unix::ffi::OsStrExt;
+        std::ffi::CString::new(s.as_bytes()).map_err(|_| format!("{s:?} holds a NUL byte"))
+    }
+
+    /// fork, then in the child execv(`argv[0]`, `argv`) with the bench's environment: the
+    /// least a supervisor does to start a worker. The child dies with the bench (SIGKILL).
+    pub fn fork_exec(argv: &[&std::ffi::CString]) -> io::Result<i32> {
+        let mut ptrs: Vec<*const libc::c_char> = argv.iter().map(|a| a.as_ptr()).collect();
+        ptrs.push(std::ptr::null());
+        // SAFETY: the bench is single-threaded, and the child only calls prctl, execv and
+        // _exit, which are async-signal-safe; `ptrs` is a NULL-terminated array of pointers to
+        // C strings that outlive the call (the child's copy of them lives until its exec).
+        let pid = unsafe { libc::fork() };
+        match pid {
+            -1 => Err(io::Error::last_os_error()),
+            0 => {
+                // SAFETY: see above; the child never returns from this block.
+                unsafe {
+                    libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
+                    libc::execv(ptrs[0], ptrs.as_ptr());
+                    libc::_exit(127)
+                }
+            }
+            pid => Ok(pid),
+        }
+    }
+
+    /// Waits for the child `pid` to end and reaps it.
+    pub fn waitpid(pid: i32) -> io::Result<()> {
+        let mut status = 0;
+        loop {
+            // SAFETY: `status` is a valid, writable int for the duration of the call.
+            if unsafe { libc::waitpid(pid, &mut status, 0) } == pid {
+                return Ok(());
+            }
+            let e = io::Error::last_os_error();
+            if e.kind() != io::ErrorKind::Interrupted {
+                return Err(e);
+            }
         }
     }
 

@@ -1,6 +1,6 @@
 /*
- * tiny_worker: the worker the supervisor benchmark runs, like the tiny program the peers were
- * measured with (../../shared/PEERS.md).
+ * tiny_worker: the worker the supervisor benchmark runs, under plumule and under the bench's
+ * own fork+exec loop (the baseline).
  *
  * usage: tiny_worker LOGFILE [ID]
  *

@@ -6,7 +6,8 @@
 //! - [`format_tagged`] renders a line for the master's own log, so that nothing a worker prints
 //!   can pass for a line of the master's or reach the terminal as an escape sequence.
 //! - [`RotatingFile`] appends lines to a `stdout = { file = ... }` file and rotates it by size.
-//! - [`LogRing`] remembers recent lines for `plumule logs`, bounded in lines and in bytes.
+//! - [`LogRing`] remembers recent lines for `plumule logs` (worker output and the master's
+//!   events about workers, told apart by [`Stream`]), bounded in lines and in bytes.
 //!
 //! Nothing here assumes UTF-8: lines are byte slices until they are shown to a person.
 
@@ -397,19 +398,23 @@ fn write_two(file: &mut File, a: &[u8], b: &[u8]) -> io::Result<()> {
     }
 }
 
-/// Which of a worker's output streams a line came from.
+/// Where a kept line about a worker came from: one of its output streams, or the master.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Stream {
     Stdout,
     Stderr,
+    /// Not a pipe: an event the master recorded about the worker (started, exited,
+    /// restarting, stopped), so that `plumule logs` shows it among the worker's output.
+    Plumule,
 }
 
 impl Stream {
-    /// `"stdout"` or `"stderr"`.
+    /// `"stdout"`, `"stderr"` or `"plumule"`.
     pub fn as_str(self) -> &'static str {
         match self {
             Stream::Stdout => "stdout",
             Stream::Stderr => "stderr",
+            Stream::Plumule => "plumule",
         }
     }
 }
@@ -420,7 +425,7 @@ impl fmt::Display for Stream {
     }
 }
 
-/// One line of worker output, as kept by [`LogRing`].
+/// One line of worker output, or one event about the worker, as kept by [`LogRing`].
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct LogLine {
     /// When the master read it.
@@ -457,7 +462,8 @@ fn source_matches(source: &str, filter: &str) -> bool {
     }
 }
 
-/// Recent worker output kept in memory for `plumule logs`, oldest first.
+/// Recent worker output and the master's events about workers, kept in memory for
+/// `plumule logs`, oldest first.
 ///
 /// Bounded twice: at most `max_lines` lines, and at most `max_bytes` bytes of sources plus
 /// lines; the oldest lines go first when either bound is crossed. A single line that would not

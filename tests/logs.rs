@@ -30,12 +30,18 @@ fn logs_shows_recent_lines_filtered_by_program_and_worker() {
 
     let all = sb.plumule(&["logs", "-c", &c], DEADLINE);
     assert_exit_code(all.status, 0, &all.stderr);
-    assert_eq!(all.stdout.lines().count(), 7, "{}", all.stdout);
+    // Seven lines of output, and the master's "started" event of each of the three workers.
+    assert_eq!(all.stdout.lines().count(), 10, "{}", all.stdout);
 
     let one = sb.plumule(&["logs", "talker.1", "-c", &c], DEADLINE);
     let lines: Vec<&str> = one.stdout.lines().collect();
-    assert_eq!(lines.len(), 3, "{}", one.stdout);
-    for (i, line) in lines.iter().enumerate() {
+    assert_eq!(lines.len(), 4, "{}", one.stdout);
+    assert!(
+        lines[0].contains("talker.1: plumule: started (pid "),
+        "{}",
+        lines[0]
+    );
+    for (i, line) in lines[1..].iter().enumerate() {
         assert!(
             line.ends_with(&format!("talker.1: line {} of 1", i + 1)),
             "{line}"

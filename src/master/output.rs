@@ -1,16 +1,19 @@
 //! Worker output in the master: the pipes it reads, where their lines go (its log, a rotating
-//! file, the `logs` ring), and SIGUSR1's reopening of files.
+//! file, the `logs` ring), SIGUSR1's reopening of files, and [`event`], which puts what the
+//! master says about a worker in the same ring.
 
 use std::collections::HashMap;
+use std::fmt;
 use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 use std::path::PathBuf;
 use std::sync::Arc;
 
 use nix::unistd::Pid;
 
-use super::supervisor::Supervisor;
+use super::supervisor::{Proc, Supervisor};
 use crate::config::OutputSpec;
 use crate::output::{LineSplitter, LogRing, RotatingFile, Stream, DEFAULT_MAX_LINE};
+use crate::slot::StartWait;
 use crate::sys;
 
 pub(super) enum Sink {
@@ -87,6 +90,7 @@ impl Supervisor {
         let pipe = match stream {
             Stream::Stdout => &mut proc.stdout,
             Stream::Stderr => &mut proc.stderr,
+            Stream::Plumule => return,
         };
         if let Some(p) = pipe {
             if pump(p, &tag, stream, &mut self.files, &mut self.log_ring, false) {
@@ -98,6 +102,25 @@ impl Supervisor {
         }
     }
 
+    /// Reads what is left in an exited worker's pipes, to their end.
+    pub(super) fn drain_output(&mut self, proc: &mut Proc) {
+        for (pipe, stream) in [
+            (proc.stdout.as_mut(), Stream::Stdout),
+            (proc.stderr.as_mut(), Stream::Stderr),
+        ] {
+            if let Some(pipe) = pipe {
+                pump(
+                    pipe,
+                    &proc.tag,
+                    stream,
+                    &mut self.files,
+                    &mut self.log_ring,
+                    true,
+                );
+            }
+        }
+    }
+
     pub(super) fn reopen_files(&mut self) {
         log::info!("SIGUSR1: reopening {} output file(s)", self.files.len());
         for file in self.files.values_mut() {
@@ -105,6 +128,39 @@ impl Supervisor {
                 log::error!("cannot reopen {}: {e}", file.path().display());
             }
         }
+    }
+}
+
+/// Says what happened to the worker `tag` (`web.2`): logs `web.2: <what>` at `level`, and
+/// keeps `plumule: <what>` in the ring as a [`Stream::Plumule`] line of that worker, so that
+/// `plumule logs web` shows the worker's starts, exits and restarts among its output, in the
+/// order they happened. The prefix tells the event apart where the stream is not shown.
+///
+/// Takes the ring rather than the supervisor so that callers may hold other parts of it
+/// (the program, the slot) while they describe the event.
+pub(super) fn event(
+    ring: &mut LogRing,
+    level: log::Level,
+    tag: impl fmt::Display,
+    what: fmt::Arguments,
+) {
+    let (tag, what) = (tag.to_string(), what.to_string());
+    log::log!(level, "{tag}: {what}");
+    ring.push(&tag, Stream::Plumule, format!("plumule: {what}").as_bytes());
+}
+
+/// Records that a starting worker now runs, when its start waited for more than its exec:
+/// for its `READY=1` (`ready = "notify"`) or for a file lock.
+pub(super) fn now_running(ring: &mut LogRing, tag: impl fmt::Display, waited: &StartWait) {
+    match waited {
+        StartWait::Exec => {}
+        StartWait::Ready => event(ring, log::Level::Info, tag, format_args!("ready (READY=1)")),
+        StartWait::Lock(name) => event(
+            ring,
+            log::Level::Info,
+            tag,
+            format_args!("running (holds lock {name})"),
+        ),
     }
 }
 

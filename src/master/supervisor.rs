@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 use nix::sys::signal::Signal;
 use nix::unistd::Pid;
 
-use super::output::{pump, OutPipe};
+use super::output::{event, OutPipe};
 use super::{MasterError, Part, LOG_RING_BYTES, LOG_RING_LINES};
 use crate::backoff::Jitter;
 use crate::config::{Config, ListenAddr, Program};
@@ -26,6 +26,7 @@ use crate::sys::pidfile::Pidfile;
 use crate::sys::reactor::Reactor;
 use crate::sys::signals::{Signals, HANDLED};
 use crate::sys::spawn::{Report, Stage};
+use log::Level;
 
 /// What the master holds for one live worker process.
 pub(super) struct Proc {
@@ -334,11 +335,18 @@ impl Supervisor {
             return false;
         };
         let was_running = matches!(slot.state(), SlotState::Running { .. });
+        let waited = match slot.state() {
+            SlotState::Starting { wait, .. } => Some(wait.clone()),
+            _ => None,
+        };
         if !slot.transition(event, &program, now) {
             return false;
         }
         let is_running = matches!(slot.state(), SlotState::Running { .. });
         pool.touch(id);
+        if let (true, Some(wait)) = (is_running, waited) {
+            super::output::now_running(&mut self.log_ring, self.pools[p].tag(id), &wait);
+        }
         if was_running != is_running {
             for other in &mut self.pools {
                 if other.program.after.contains(&program.name) {
@@ -357,9 +365,11 @@ impl Supervisor {
                 let Some(pid) = self.pools[pool].slots[id as usize].pid() else {
                     return;
                 };
-                log::warn!(
-                    "{}: still running after its stop timeout; sending KILL",
-                    self.pools[pool].tag(id)
+                event(
+                    &mut self.log_ring,
+                    Level::Warn,
+                    self.pools[pool].tag(id),
+                    format_args!("still running after its stop timeout; sending KILL"),
                 );
                 if let Err(e) = sys::process::signal_group(pid, Signal::SIGKILL) {
                     log::warn!("cannot kill process group {pid}: {e}");
@@ -374,12 +384,16 @@ impl Supervisor {
                 self.pools[pool].touch_all();
             }
             Action::Roll { pool, id } => {
-                log::info!(
-                    "{}: rolling restart: starting a successor to {}",
+                event(
+                    &mut self.log_ring,
+                    Level::Info,
                     self.pools[pool].tag(id),
-                    self.pools[pool].slots[id as usize]
-                        .pid()
-                        .map_or(0, |p| p.as_raw())
+                    format_args!(
+                        "rolling restart: starting a successor to {}",
+                        self.pools[pool].slots[id as usize]
+                            .pid()
+                            .map_or(0, |p| p.as_raw())
+                    ),
                 );
                 if self.pool_event(pool, id, Event::Roll, now) {
                     self.spawn(pool, id, now);
@@ -395,10 +409,11 @@ impl Supervisor {
                 let Some(old) = self.pools[pool].slots[id as usize].state().old().cloned() else {
                     return;
                 };
-                log::info!(
-                    "{}: successor is up; stopping the old process {}",
+                event(
+                    &mut self.log_ring,
+                    Level::Info,
                     self.pools[pool].tag(id),
-                    old.pid
+                    format_args!("successor is up; stopping the old process {}", old.pid),
                 );
                 if let Err(e) = sys::process::signal_group(old.pid, program.stop_signal) {
                     log::warn!("cannot signal process group {}: {e}", old.pid);
@@ -407,10 +422,14 @@ impl Supervisor {
             }
             Action::ReadyTimeout { pool, id } => {
                 let program = Arc::clone(&self.pools[pool].program);
-                log::error!(
-                    "{}: not ready after {}; stopping it",
+                event(
+                    &mut self.log_ring,
+                    Level::Error,
                     self.pools[pool].tag(id),
-                    crate::format_duration(program.ready_timeout)
+                    format_args!(
+                        "not ready after {}; stopping it",
+                        crate::format_duration(program.ready_timeout)
+                    ),
                 );
                 self.stop(
                     pool,
@@ -424,9 +443,11 @@ impl Supervisor {
                 let Some(pid) = self.pools[pool].slots[id as usize].pid() else {
                     return;
                 };
-                log::error!(
-                    "{}: missed its watchdog; sending ABRT",
-                    self.pools[pool].tag(id)
+                event(
+                    &mut self.log_ring,
+                    Level::Error,
+                    self.pools[pool].tag(id),
+                    format_args!("missed its watchdog; sending ABRT"),
                 );
                 if let Err(e) = sys::process::signal_process(pid, Signal::SIGABRT) {
                     log::warn!("cannot signal process {pid}: {e}");
@@ -464,10 +485,14 @@ impl Supervisor {
             SlotState::Stopping { .. }
         );
         if !stopping {
-            log::debug!(
-                "{}: sending {} to process group {pid}",
+            event(
+                &mut self.log_ring,
+                Level::Debug,
                 self.pools[pool].tag(id),
-                program.stop_signal
+                format_args!(
+                    "stopping: sending {} to process group {pid}",
+                    sys::process::signal_name(program.stop_signal)
+                ),
             );
             if let Err(e) = sys::process::signal_group(pid, program.stop_signal) {
                 log::warn!(
@@ -492,7 +517,12 @@ impl Supervisor {
         }
         let tag: Arc<str> = Arc::from(self.pools[pool].tag(id).to_string());
         let fail = |master: &mut Supervisor, reason: String| {
-            log::error!("{tag}: failed: cannot start: {reason}");
+            event(
+                &mut master.log_ring,
+                Level::Error,
+                &tag,
+                format_args!("failed: cannot start: {reason}"),
+            );
             master.pool_event(pool, id, Event::Fail { reason }, now);
         };
         let mut prepared = match launch::prepare(&program, id, workers, &self.ctx) {
@@ -547,7 +577,7 @@ impl Supervisor {
             Ok(c) => c,
             Err(e) => {
                 // fork failing (EAGAIN, ENOMEM) is transient: retry as after a quick crash.
-                log::error!("{tag}: {e}");
+                event(&mut self.log_ring, Level::Error, &tag, format_args!("{e}"));
                 let until = now + program.backoff.initial;
                 self.pool_event(pool, id, Event::SpawnFailed { until }, now);
                 return;
@@ -556,7 +586,12 @@ impl Supervisor {
         // The write ends now live in the child only.
         drop(stdout.1);
         drop(stderr.1);
-        log::info!("{tag}: started (pid {})", child.pid);
+        event(
+            &mut self.log_ring,
+            Level::Info,
+            &tag,
+            format_args!("started (pid {})", child.pid),
+        );
         let pid = child.pid;
         let exit_fd = sys::process::pidfd(pid)
             .map_err(|e| log::debug!("{tag}: no pidfd ({e}); its exit is found by SIGCHLD"))
@@ -709,22 +744,7 @@ impl Supervisor {
         }
         // Whatever the child reported before dying, and its last output.
         self.drain_status(&mut proc, pid, now);
-        for stream in [Stream::Stdout, Stream::Stderr] {
-            let pipe = match stream {
-                Stream::Stdout => proc.stdout.as_mut(),
-                Stream::Stderr => proc.stderr.as_mut(),
-            };
-            if let Some(pipe) = pipe {
-                pump(
-                    pipe,
-                    &proc.tag,
-                    stream,
-                    &mut self.files,
-                    &mut self.log_ring,
-                    true,
-                );
-            }
-        }
+        self.drain_output(&mut proc);
         self.forget_pipes(&mut proc);
         let jitter = self.jitter.sample();
         let Some(p) = self.pool_index(proc.key.pool) else {
@@ -748,25 +768,48 @@ impl Supervisor {
         let slot = &self.pools[p].slots[proc.key.id as usize];
         let restarted = slot.restarts.saturating_sub(restarts);
         self.counters.restarted(&program.name, restarted.into());
+        let ring = &mut self.log_ring;
         match self.pools[p].slots[proc.key.id as usize].state().current() {
             SlotState::Backoff { until } => {
                 let delay = until.saturating_duration_since(now);
                 if delay.is_zero() {
-                    log::info!("{tag}: {exit}; restarting");
+                    event(
+                        ring,
+                        Level::Info,
+                        tag,
+                        format_args!("exited ({exit}); restarting"),
+                    );
                 } else {
-                    log::warn!(
-                        "{tag}: {exit}; restarting in {}",
-                        crate::format_duration(delay)
+                    let delay = crate::format_duration(delay);
+                    event(
+                        ring,
+                        Level::Warn,
+                        tag,
+                        format_args!("exited ({exit}); restarting in {delay}"),
                     );
                 }
             }
-            SlotState::Failed { reason } => log::error!("{tag}: failed: {reason}"),
-            SlotState::Exited { .. } => log::info!(
-                "{tag}: {exit}; not restarted (restart = {:?})",
-                program.restart
-            ),
-            _ if before == "stopping" => log::info!("{tag}: stopped ({exit})"),
-            _ => log::info!("{tag}: {exit}"),
+            SlotState::Failed { reason } => {
+                event(
+                    ring,
+                    Level::Error,
+                    tag,
+                    format_args!("exited ({exit}); failed: {reason}"),
+                );
+            }
+            SlotState::Exited { .. } => {
+                let restart = program.restart;
+                event(
+                    ring,
+                    Level::Info,
+                    tag,
+                    format_args!("exited ({exit}); not restarted (restart = {restart:?})"),
+                );
+            }
+            _ if before == "stopping" => {
+                event(ring, Level::Info, tag, format_args!("stopped ({exit})"));
+            }
+            _ => event(ring, Level::Info, tag, format_args!("exited ({exit})")),
         }
     }
 
@@ -791,7 +834,12 @@ impl Supervisor {
             match report {
                 Report::WaitingForLock(i) => {
                     let name = proc.lock_names.get(i as usize).cloned().unwrap_or_default();
-                    log::info!("{}: waiting for lock {name}", proc.tag);
+                    event(
+                        &mut self.log_ring,
+                        Level::Info,
+                        &proc.tag,
+                        format_args!("waiting for lock {name}"),
+                    );
                     self.slot_event(proc.key, Event::WaitingForLock { pid, name }, now);
                 }
                 Report::Failed { stage, errno } => {
