@@ -156,7 +156,7 @@ pub struct LogEntry {
     pub time: String,
     /// `PROGRAM.ID`.
     pub source: String,
-    /// `stdout` or `stderr`.
+    /// `stdout` or `stderr` (the worker's output), or `plumule` (the supervisor's own events about it).
     pub stream: String,
     /// The line, invalid UTF-8 replaced.
     pub line: String,
