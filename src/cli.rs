@@ -82,6 +82,8 @@ pub enum Command {
         quiet: Quiet,
         #[command(flatten)]
         wait: Wait<30>,
+        #[command(flatten)]
+        no_wait: NoWait,
     },
     /// Stop a program or one worker (PROGRAM.ID)
     Stop {
@@ -100,6 +102,8 @@ pub enum Command {
         quiet: Quiet,
         #[command(flatten)]
         wait: Wait<30>,
+        #[command(flatten)]
+        no_wait: NoWait,
     },
     /// Change the number of workers of a program at run time
     Scale {
@@ -112,6 +116,8 @@ pub enum Command {
         quiet: Quiet,
         #[command(flatten)]
         wait: Wait<30>,
+        #[command(flatten)]
+        no_wait: NoWait,
     },
     /// Send a signal to the workers of a program, or to one worker (PROGRAM.ID)
     Signal {
@@ -231,6 +237,14 @@ impl<const DEFAULT: u64> Wait<DEFAULT> {
     fn limit(self) -> Option<Duration> {
         Some(self.timeout.unwrap_or(Duration::from_secs(DEFAULT)))
     }
+}
+
+/// `--no-wait` of `start`, `restart` and `scale`.
+#[derive(Debug, Clone, Copy, clap::Args)]
+pub struct NoWait {
+    /// Return once the master has accepted the request, without waiting for the workers
+    #[arg(long)]
+    pub no_wait: bool,
 }
 
 /// `-q` of the commands that act.
@@ -399,12 +413,14 @@ pub fn run(cli: Cli) -> i32 {
             target,
             quiet,
             wait,
+            no_wait,
         } => act(
             cli.socket.as_deref(),
             cli.config.as_deref(),
             Request::Start { target },
             quiet,
             wait,
+            no_wait.no_wait,
         ),
         Command::Stop {
             target,
@@ -416,29 +432,34 @@ pub fn run(cli: Cli) -> i32 {
             Request::Stop { target },
             quiet,
             wait,
+            false,
         ),
         Command::Restart {
             target,
             quiet,
             wait,
+            no_wait,
         } => act(
             cli.socket.as_deref(),
             cli.config.as_deref(),
             Request::Restart { target },
             quiet,
             wait,
+            no_wait.no_wait,
         ),
         Command::Scale {
             program,
             workers,
             quiet,
             wait,
+            no_wait,
         } => act(
             cli.socket.as_deref(),
             cli.config.as_deref(),
             Request::Scale { program, workers },
             quiet,
             wait,
+            no_wait.no_wait,
         ),
         Command::Signal {
             target,
@@ -517,7 +538,28 @@ fn act(
     req: Request,
     quiet: Quiet,
     wait: Wait<30>,
+    no_wait: bool,
 ) -> i32 {
+    if no_wait {
+        let accepted = client::socket_path(socket, config)
+            .and_then(|socket| client::Connection::open(&socket, wait.limit()))
+            .and_then(|mut conn| conn.request_accepted(&req));
+        return match accepted {
+            Ok(()) if quiet.quiet => 0,
+            Ok(()) => {
+                let line = match &req {
+                    Request::Start { target } => format!("{target}: start requested"),
+                    Request::Restart { target } => format!("{target}: restart requested"),
+                    Request::Scale { program, workers } => {
+                        format!("{program}: scaling to {workers} requested")
+                    }
+                    other => format!("{}: requested", other.describe()),
+                };
+                print_all(format!("{line}\n").as_bytes())
+            }
+            Err(e) => fail(e.to_string()),
+        };
+    }
     match act_on(socket, config, &req, quiet.quiet, wait.limit()) {
         Ok(line) => match line {
             Some(line) => print_all(format!("{line}\n").as_bytes()),

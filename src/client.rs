@@ -267,6 +267,32 @@ impl Connection {
         }
     }
 
+    /// Sends `req` and returns once the master has taken it on: its first progress line (it
+    /// waits for the work to be done) or its answer. The master's refusal is an error.
+    pub fn request_accepted(&mut self, req: &Request) -> Result<(), ClientError> {
+        self.send(req)?;
+        loop {
+            let mut line = String::new();
+            match self.reader.read_line(&mut line) {
+                Ok(0) => {
+                    return Err(match self.unsent.take() {
+                        Some(e) => ClientError::Send(e),
+                        None => ClientError::NoAnswer,
+                    })
+                }
+                Ok(_) => {}
+                Err(e) if self.is_silence(&e) => return Err(self.silent()),
+                Err(e) => return Err(ClientError::Receive(e)),
+            }
+            match protocol::parse_message(&line).map_err(ClientError::Unreadable)? {
+                Message::Progress(_) | Message::Response(Response::Ok(_)) => return Ok(()),
+                Message::Response(Response::Error(message)) => {
+                    return Err(ClientError::Refused(message))
+                }
+            }
+        }
+    }
+
     /// Sends `req` and reads its response; the master's refusal is an error too.
     pub fn ask(&mut self, req: &Request) -> Result<Answer, ClientError> {
         self.send(req)?;

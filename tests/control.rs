@@ -997,6 +997,33 @@ fn start_of_a_program_that_exits_at_once_fails_naming_the_worker_and_its_exit() 
     stop_cleanly(&mut master);
 }
 
+/// `--no-wait` returns once the master has accepted the request: the same start that fails
+/// above succeeds, and the worker is started again all the same.
+#[test]
+fn start_no_wait_returns_once_the_request_is_accepted() {
+    let sb = Sandbox::new();
+    let crash = sb.worker("crash.sh", "exit 3");
+    let config = sb.config(&format!(
+        "[program.crash]\ncommand = {}\nhealthy_after = \"10s\"\n\
+         backoff = {{ initial = \"10s\" }}\n",
+        argv(&crash)
+    ));
+    let mut master = sb.start(&config);
+    sb.wait_starts("crash", 1, DEADLINE);
+    let out = sb.cli_ok(&config, &["start", "crash", "--no-wait"]);
+    assert_eq!(out.stdout, "crash: start requested\n");
+    sb.wait_starts("crash", 2, DEADLINE);
+    // A refusal still fails.
+    let out = sb.cli(&config, &["start", "nope", "--no-wait"]);
+    assert_exit_code(out.status, 1, &out.stderr);
+    assert!(
+        out.stderr.contains("no program named nope"),
+        "{}",
+        out.stderr
+    );
+    stop_cleanly(&mut master);
+}
+
 #[test]
 fn restart_returns_once_the_new_worker_has_run_for_healthy_after() {
     let sb = Sandbox::new();
