@@ -271,25 +271,22 @@ impl Connection {
     /// waits for the work to be done) or its answer. The master's refusal is an error.
     pub fn request_accepted(&mut self, req: &Request) -> Result<(), ClientError> {
         self.send(req)?;
-        loop {
-            let mut line = String::new();
-            match self.reader.read_line(&mut line) {
-                Ok(0) => {
-                    return Err(match self.unsent.take() {
-                        Some(e) => ClientError::Send(e),
-                        None => ClientError::NoAnswer,
-                    })
-                }
-                Ok(_) => {}
-                Err(e) if self.is_silence(&e) => return Err(self.silent()),
-                Err(e) => return Err(ClientError::Receive(e)),
+        // The first line, whatever it is, says the request was taken on (or refused).
+        let mut line = String::new();
+        match self.reader.read_line(&mut line) {
+            Ok(0) => {
+                return Err(match self.unsent.take() {
+                    Some(e) => ClientError::Send(e),
+                    None => ClientError::NoAnswer,
+                })
             }
-            match protocol::parse_message(&line).map_err(ClientError::Unreadable)? {
-                Message::Progress(_) | Message::Response(Response::Ok(_)) => return Ok(()),
-                Message::Response(Response::Error(message)) => {
-                    return Err(ClientError::Refused(message))
-                }
-            }
+            Ok(_) => {}
+            Err(e) if self.is_silence(&e) => return Err(self.silent()),
+            Err(e) => return Err(ClientError::Receive(e)),
+        }
+        match protocol::parse_message(&line).map_err(ClientError::Unreadable)? {
+            Message::Progress(_) | Message::Response(Response::Ok(_)) => Ok(()),
+            Message::Response(Response::Error(message)) => Err(ClientError::Refused(message)),
         }
     }
 
