@@ -76,6 +76,15 @@ pub(super) struct Counters {
     exits: BTreeMap<(String, &'static str), u64>,
 }
 
+/// Why the endpoint could not be served at an address.
+#[derive(Debug, thiserror::Error)]
+enum ServeError {
+    #[error(transparent)]
+    Bind(ListenError),
+    #[error("cannot watch {address}: {source}")]
+    Watch { address: String, source: io::Error },
+}
+
 impl Counters {
     pub(super) fn exited(&mut self, program: &str, reason: &'static str) {
         *self.exits.entry((program.to_owned(), reason)).or_default() += 1;
@@ -302,14 +311,17 @@ impl Metrics {
         }
     }
 
-    fn listen(&mut self, sup: &Supervisor, addr: &ListenAddr) -> Result<(), String> {
-        let listener = Listener::bind(addr).map_err(|e| e.to_string())?;
-        if let Err(e) = sup
+    fn listen(&mut self, sup: &Supervisor, addr: &ListenAddr) -> Result<(), ServeError> {
+        let listener = Listener::bind(addr).map_err(ServeError::Bind)?;
+        if let Err(source) = sup
             .reactor
             .add(listener.fd(), Part::Metrics.token(LISTENER), false)
         {
             listener.close();
-            return Err(format!("cannot watch {}: {e}", describe_addr(addr)));
+            return Err(ServeError::Watch {
+                address: describe_addr(addr),
+                source,
+            });
         }
         self.listener = Some(listener);
         Ok(())
