@@ -79,6 +79,44 @@ pub enum Request {
     /// lines until every worker is gone; answered `{}` as the master finishes, and the
     /// connection closes when it exits.
     Shutdown,
+    /// Enqueues `jobs` on `queue`, all with `key` (`--key`). Answered with [`Submitted`] once
+    /// the jobs are stored (for a durable queue: synced to disk). The batch is refused whole
+    /// when it would cross `max_pending`, or when a `lines` payload holds a newline. With
+    /// `base64`, each job is the base64 (standard alphabet, padded) of its bytes; otherwise
+    /// the job is the string's UTF-8 bytes. With `wait`, the master keeps the outcome of
+    /// these jobs for this connection, and a later [`Request::Results`] returns them.
+    Submit {
+        queue: String,
+        jobs: Vec<String>,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        key: Option<String>,
+        #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+        base64: bool,
+        #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+        wait: bool,
+    },
+    /// The outcomes of every job this connection submitted with `wait`, answered once all
+    /// of them have ended (answered `ok`, or dead-lettered), in submission order, as
+    /// [`JobResults`]. Progress lines meanwhile, when asked for.
+    Results,
+    /// Counts of one queue or of all ([`QueueReport`]); with `dead`, the dead letters of
+    /// `queue` (required then) as [`DeadLetters`].
+    Queue {
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        queue: Option<String>,
+        #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+        dead: bool,
+    },
+    /// Puts dead letters of `queue` back: those in `ids`, or all of them with `all`.
+    /// Answered with [`Requeued`]; an id that is not a dead letter is an error naming it,
+    /// and then nothing is requeued.
+    Requeue {
+        queue: String,
+        #[serde(default, skip_serializing_if = "Vec::is_empty")]
+        ids: Vec<u64>,
+        #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+        all: bool,
+    },
 }
 
 fn default_log_lines() -> usize {
@@ -102,6 +140,20 @@ impl Request {
             Request::Logs { .. } => "the logs".into(),
             Request::Signal { target, .. } => format!("{target} to be signalled"),
             Request::Shutdown => "the master to stop".into(),
+            Request::Submit { queue, jobs, .. } => {
+                format!("{} job(s) to be stored in queue {queue}", jobs.len())
+            }
+            Request::Results => "the results of the jobs submitted".into(),
+            Request::Queue { queue: None, .. } => "the queue counts".into(),
+            Request::Queue {
+                queue: Some(q),
+                dead: false,
+            } => format!("the counts of queue {q}"),
+            Request::Queue {
+                queue: Some(q),
+                dead: true,
+            } => format!("the dead letters of queue {q}"),
+            Request::Requeue { queue, .. } => format!("dead letters of {queue} to be requeued"),
         }
     }
 
@@ -201,6 +253,16 @@ pub enum Answer {
     Scale(ScaleResult),
     /// `logs`, and each batch of `logs --follow`.
     Logs(LogsResult),
+    /// `queue`.
+    Queues(QueueReport),
+    /// `queue --dead`.
+    DeadLetters(DeadLetters),
+    /// `requeue`.
+    Requeued(Requeued),
+    /// `submit`.
+    Submitted(Submitted),
+    /// `results`.
+    Results(JobResults),
     /// `start`, `stop`, `restart`: `{}`.
     Done(Done),
 }
@@ -238,6 +300,106 @@ pub struct SignalResult {
 pub struct LogsResult {
     pub lines: Vec<LogEntry>,
 }
+
+/// The answer of `submit`: the batch is stored. Its jobs have the ids `first_id` to
+/// `first_id + count - 1` (a batch is stored in one piece, so its ids are consecutive).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Submitted {
+    pub queue: String,
+    pub first_id: u64,
+    pub count: u64,
+}
+
+/// The answer of `results`: one entry per job submitted with `wait` on this connection, in
+/// submission order.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct JobResults {
+    pub results: Vec<JobResult>,
+}
+
+/// How one job ended, as `submit --wait` prints it: `ok RESULT` or `dead REASON`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct JobResult {
+    pub queue: String,
+    pub id: u64,
+    pub outcome: JobOutcome,
+    /// The result (`ok`) or the reason (`dead`); base64 of the bytes when `base64`, else
+    /// the bytes as UTF-8.
+    pub text: String,
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub base64: bool,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum JobOutcome {
+    Ok,
+    Dead,
+}
+
+/// The answer of `queue`: SPEC §9's `queue --json`, as is.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct QueueReport {
+    pub queues: Vec<QueueCounts>,
+}
+
+/// One queue's counts. `pending` and `in_flight` are now; `done`, `retried` (redeliveries,
+/// whatever their cause) and `dead` count since the queue was created (for a durable queue,
+/// `done` and `retried` since the master started; `dead` is the dead letters kept).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct QueueCounts {
+    pub name: String,
+    pub pending: u64,
+    pub in_flight: u64,
+    pub done: u64,
+    pub retried: u64,
+    pub dead: u64,
+}
+
+/// The answer of `queue QUEUE --dead`: its dead letters, oldest first.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DeadLetters {
+    pub queue: String,
+    pub dead: Vec<DeadLetter>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DeadLetter {
+    pub id: u64,
+    pub attempts: u32,
+    pub reason: String,
+    /// The job's payload; base64 when `base64`, else UTF-8.
+    pub payload: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub key: Option<String>,
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub base64: bool,
+}
+
+/// The answer of `requeue`: how many dead letters are pending again.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Requeued {
+    pub queue: String,
+    pub requeued: u64,
+}
+
+macro_rules! answer_from {
+    ($($t:ident => $v:ident),* $(,)?) => {
+        $(impl From<$t> for Answer {
+            fn from(x: $t) -> Self {
+                Answer::$v(x)
+            }
+        })*
+    };
+}
+
+answer_from!(
+    QueueReport => Queues,
+    DeadLetters => DeadLetters,
+    Requeued => Requeued,
+    Submitted => Submitted,
+    JobResults => Results,
+);
 
 /// A response as it travels; [`Response`] is what both ends work with.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

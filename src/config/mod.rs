@@ -289,6 +289,9 @@ pub struct Queue {
     pub route: Route,
     pub max_pending: u64,
     pub max_frame: u64,
+    /// A job in flight longer than this (counted from when it became the oldest unanswered
+    /// job of its worker) gets the worker stopped and is redelivered.
+    pub job_timeout: Option<Duration>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -336,16 +339,7 @@ pub struct Unsupported {
 }
 
 /// Keys whose feature is not built yet. Shipping a feature removes its line.
-pub const UNSUPPORTED: &[Unsupported] = &[
-    Unsupported {
-        key: "queue.*",
-        value: None,
-    },
-    Unsupported {
-        key: "program.*.queue",
-        value: None,
-    },
-];
+pub const UNSUPPORTED: &[Unsupported] = &[];
 
 /// The entry of [`UNSUPPORTED`] that a key set in a file falls under, if any. `path` is the
 /// key's full path (`["program", "web", "after"]`), `value` its value when it is a string.

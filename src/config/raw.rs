@@ -98,6 +98,7 @@ pub(super) struct RawQueue {
     pub route: Option<Spanned<String>>,
     pub max_pending: Option<Spanned<i64>>,
     pub max_frame: Option<Spanned<Scalar>>,
+    pub job_timeout: Option<Spanned<Scalar>>,
 }
 
 /// A scalar of any TOML type, for values that are strings but deserve a better message than
@@ -212,6 +213,7 @@ const QUEUE_KEYS: &[&str] = &[
     "route",
     "max_pending",
     "max_frame",
+    "job_timeout",
 ];
 const OUTPUT_FILE_KEYS: &[&str] = &["file", "max_size", "keep"];
 const LOCK_KEYS: &[&str] = &["name", "shared"];
@@ -675,6 +677,7 @@ impl Reader {
             route: self.string(f.get("route"), &k("route")),
             max_pending: self.int(f.get("max_pending"), &k("max_pending")),
             max_frame: self.scalar(f.get("max_frame"), &k("max_frame")),
+            job_timeout: self.scalar(f.get("job_timeout"), &k("job_timeout")),
         })
     }
 

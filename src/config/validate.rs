@@ -658,6 +658,7 @@ impl<'a> Validator<'a> {
                 1_000_000,
             ) as u64,
             max_frame,
+            job_timeout: self.opt_duration(&key.child("job_timeout"), raw.job_timeout.as_ref()),
         }
     }
 

@@ -204,6 +204,12 @@ impl Clients {
                 })
             }
             Request::Shutdown => Ok(sup.shutdown()),
+            Request::Submit { .. }
+            | Request::Results
+            | Request::Queue { .. }
+            | Request::Requeue { .. } => {
+                return Some(Response::error("queues are not served by this master yet"))
+            }
         };
         match result {
             Err(refused) => Some(Response::error(refused)),
