@@ -8,5 +8,6 @@
 //! - [`store`]: the on-disk log of a durable queue, its format and its recovery.
 
 pub mod ring;
+pub mod state;
 pub mod store;
 pub mod wire;
