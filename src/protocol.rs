@@ -383,6 +383,29 @@ pub struct Requeued {
     pub requeued: u64,
 }
 
+/// Bytes as a JSON string: the UTF-8 text itself when they are valid UTF-8, else their base64
+/// (standard alphabet, padded) and `true`.
+pub fn encode_bytes(bytes: &[u8]) -> (String, bool) {
+    use base64::Engine;
+    match std::str::from_utf8(bytes) {
+        Ok(s) => (s.to_owned(), false),
+        Err(_) => (
+            base64::engine::general_purpose::STANDARD.encode(bytes),
+            true,
+        ),
+    }
+}
+
+/// The bytes a JSON string stands for: as [`encode_bytes`] made it.
+pub fn decode_bytes(text: &str, base64: bool) -> Result<Vec<u8>, base64::DecodeError> {
+    use base64::Engine;
+    if base64 {
+        base64::engine::general_purpose::STANDARD.decode(text)
+    } else {
+        Ok(text.as_bytes().to_vec())
+    }
+}
+
 macro_rules! answer_from {
     ($($t:ident => $v:ident),* $(,)?) => {
         $(impl From<$t> for Answer {

@@ -39,6 +39,7 @@ mod clients;
 mod commands;
 mod metrics;
 mod output;
+mod queues;
 mod supervisor;
 mod systemd;
 
@@ -70,6 +71,11 @@ pub enum MasterError {
     Metrics(crate::sys::listen::ListenError),
     #[error("cannot set up the master: {0}")]
     Setup(std::io::Error),
+    #[error("cannot open queue {queue}: {source}")]
+    Queue {
+        queue: String,
+        source: crate::queue::store::Error,
+    },
 }
 
 impl MasterError {
@@ -97,6 +103,8 @@ pub(super) enum Part {
     Notify = 4,
     /// The Prometheus endpoint: its listener and its connections.
     Metrics = 5,
+    /// Queue consumers' job and answer pipes (the supervisor's, see `queues`).
+    Queues = 6,
 }
 
 const LOCAL_BITS: u64 = 56;
@@ -114,6 +122,7 @@ impl Part {
             3 => Part::Control,
             4 => Part::Notify,
             5 => Part::Metrics,
+            6 => Part::Queues,
             _ => return None,
         };
         Some((part, local))
@@ -206,6 +215,7 @@ impl Master {
         );
         loop {
             let now = Instant::now();
+            self.sup.queues_pass(now);
             self.sup.settle(now);
             let mut wake_at = None;
             let (sup, parts) = self.parts();
@@ -236,6 +246,7 @@ impl Master {
                 match part {
                     Part::Signals => {}
                     Part::Workers => self.sup.ready(local, now),
+                    Part::Queues => self.sup.queue_ready(local, now),
                     _ => {
                         let (sup, parts) = self.parts();
                         if let Some(p) = parts.into_iter().find(|p| p.part() == part) {

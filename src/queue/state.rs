@@ -400,8 +400,7 @@ impl QueueState {
                     continue;
                 };
                 while self.has_room(c) {
-                    let Some(job) = self.parked.get_mut(&slot).and_then(VecDeque::pop_front)
-                    else {
+                    let Some(job) = self.parked.get_mut(&slot).and_then(VecDeque::pop_front) else {
                         break;
                     };
                     self.parked_len -= 1;
@@ -573,7 +572,10 @@ impl QueueState {
         let Some(con) = self.consumers.get_mut(&c) else {
             return;
         };
-        let back: Vec<InFlight> = con.in_flight.drain(keep.min(con.in_flight.len())..).collect();
+        let back: Vec<InFlight> = con
+            .in_flight
+            .drain(keep.min(con.in_flight.len())..)
+            .collect();
         if con.in_flight.is_empty() {
             con.head_since = None;
         }
@@ -882,7 +884,10 @@ mod tests {
             assert_eq!(dispatch(&mut q, now).len(), 1, "attempt {attempt}");
             q.answer(c, fail("boom"), now, 0.0).unwrap();
             assert_eq!(q.deadline(), Some(now + Duration::from_secs(delay)));
-            assert_eq!(q.wake(now + Duration::from_secs(delay) - Duration::from_millis(1)), 0);
+            assert_eq!(
+                q.wake(now + Duration::from_secs(delay) - Duration::from_millis(1)),
+                0
+            );
             now += Duration::from_secs(delay);
             assert_eq!(q.wake(now), 1);
         }
@@ -914,7 +919,15 @@ mod tests {
         };
         q.answer(ConsumerId(100), drop, now, 0.0).unwrap();
         let ev: Vec<JobEvent> = q.events().collect();
-        assert!(matches!(&ev[..], [JobEvent::Dead { id: 1, attempts: 0, watched: true, .. }]));
+        assert!(matches!(
+            &ev[..],
+            [JobEvent::Dead {
+                id: 1,
+                attempts: 0,
+                watched: true,
+                ..
+            }]
+        ));
     }
 
     #[test]
@@ -1093,13 +1106,18 @@ mod tests {
         // Routing decisions only, through the state's ring: 10 000 keys over 4 then 5 slots.
         let mut q = QueueState::new(settings(Route::Key, 1));
         q.set_slots(4);
-        let keys: Vec<Vec<u8>> = (0..10_000).map(|i| format!("key-{i}").into_bytes()).collect();
+        let keys: Vec<Vec<u8>> = (0..10_000)
+            .map(|i| format!("key-{i}").into_bytes())
+            .collect();
         let before: Vec<Option<u32>> = keys.iter().map(|k| q.ring.route(k, |_| true)).collect();
         q.set_slots(5);
         let after: Vec<Option<u32>> = keys.iter().map(|k| q.ring.route(k, |_| true)).collect();
         let moved = before.iter().zip(&after).filter(|(a, b)| a != b).count();
         let share = moved as f64 / keys.len() as f64;
-        println!("4 -> 5 slots: {moved} of 10000 keys moved ({:.1} %, ideal 20 %)", share * 100.0);
+        println!(
+            "4 -> 5 slots: {moved} of 10000 keys moved ({:.1} %, ideal 20 %)",
+            share * 100.0
+        );
         assert!((0.15..0.25).contains(&share), "{share}");
         assert!(before
             .iter()

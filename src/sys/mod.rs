@@ -26,6 +26,13 @@ pub fn pipe(nonblock_read: bool) -> io::Result<(OwnedFd, OwnedFd)> {
     Ok((r, w))
 }
 
+/// Asks the kernel for a pipe buffer of `bytes` (F_SETPIPE_SZ); it may give less (an
+/// unprivileged process is held to /proc/sys/fs/pipe-max-size). Returns the size it has.
+pub fn set_pipe_size(fd: RawFd, bytes: i32) -> io::Result<usize> {
+    use nix::fcntl::{fcntl, FcntlArg};
+    Ok(fcntl(fd, FcntlArg::F_SETPIPE_SZ(bytes.into()))? as usize)
+}
+
 pub fn set_nonblocking(fd: RawFd) -> io::Result<()> {
     use nix::fcntl::{fcntl, FcntlArg, OFlag};
     let flags = OFlag::from_bits_truncate(fcntl(fd, FcntlArg::F_GETFL)?);
