@@ -561,7 +561,9 @@ mod tests {
                 .append_submitted(id, 0, None, format!("job {id}").as_bytes())
                 .unwrap();
         }
+        let appended = started.elapsed();
         q.commit(Some(&mut s)).unwrap();
+        let committed = started.elapsed();
         assert_eq!(s.syncs_requested(), 1, "one pass, one sync");
         assert!(q.syncing());
         assert!(q.synced() < last, "nothing acknowledged before the reply");
@@ -575,8 +577,10 @@ mod tests {
         assert_eq!(upto, last, "the reply covers the first pass exactly");
         assert!(upto < more);
         eprintln!(
-            "group commit: {n} records of ~10 bytes appended, written and synced by {} \
-             syncer request(s) in {elapsed:?}",
+            "group commit: {n} records of ~10 bytes ({} bytes) appended in {appended:?}, \
+             written and sync asked by {committed:?}, synced by {} syncer request(s) in \
+             {elapsed:?} in all",
+            last.offset,
             s.syncs_requested()
         );
         q.commit(Some(&mut s)).unwrap();

@@ -181,6 +181,8 @@ pub struct Syncer {
     queue: VecDeque<Request>,
     /// Replies read from a process that died, handed out by the next [`Syncer::replies`].
     early: Vec<Reply>,
+    /// The socket reached end of file or failed: the process is gone or going.
+    gone: bool,
     syncs_requested: u64,
 }
 
@@ -197,6 +199,7 @@ impl Syncer {
             outstanding: Vec::new(),
             queue: VecDeque::new(),
             early: Vec::new(),
+            gone: false,
             syncs_requested: 0,
         })
     }
@@ -215,6 +218,7 @@ impl Syncer {
         self.sock = sock;
         self.pid = pid;
         self.reaped = false;
+        self.gone = false;
         let mut tags: Vec<Tag> = self.held.keys().copied().collect();
         tags.sort();
         for tag in tags {
@@ -242,6 +246,13 @@ impl Syncer {
     /// [`Syncer::send_queued`] when it is writable.
     pub fn wants_write(&self) -> bool {
         !self.queue.is_empty()
+    }
+
+    /// Whether the socket was found closed (the process died, or is dying): its descriptor
+    /// stays readable until [`Syncer::restart`] or drop, so stop watching it until then. The
+    /// death itself comes as the exit of [`Syncer::pid`].
+    pub fn is_gone(&self) -> bool {
+        self.gone
     }
 
     /// Lets go of a syncer the caller has reaped without replacing it: nothing is signalled
@@ -336,13 +347,15 @@ impl Syncer {
                 )
             };
             if n < 0 {
-                if Errno::last() == Errno::EINTR {
-                    continue;
+                match Errno::last() {
+                    Errno::EINTR => continue,
+                    Errno::EAGAIN => {}
+                    _ => self.gone = true,
                 }
-                // EAGAIN: nothing more now; anything else: the socket is gone.
                 break;
             }
             if n == 0 {
+                self.gone = true;
                 break;
             }
             if let Some(reply) = Reply::decode(&buf[..n as usize]) {
