@@ -156,7 +156,7 @@ fn a_restarted_syncer_gets_the_descriptors_and_the_unanswered_syncs_again() {
 fn settle(q: &mut Durable, s: &mut Syncer) -> OnReply {
     loop {
         for r in wait_replies(s) {
-            match q.on_reply(&r) {
+            match q.on_reply(&r, Instant::now()) {
                 OnReply::NotMine => {}
                 other => return other,
             }
@@ -174,14 +174,14 @@ fn a_durable_queue_rides_over_the_syncer_dying() {
     // Restarted in place: the running sync is answered by the new process.
     kill(s.pid(), Signal::SIGSTOP).unwrap();
     let a = q.append_submitted(1, 0, None, b"a").unwrap();
-    q.commit(Some(&mut s)).unwrap();
+    q.commit(Some(&mut s), Instant::now()).unwrap();
     kill_and_reap(&s);
     assert!(!s.is_gone(), "not known before the socket is read");
     assert_eq!(s.replies(), []);
     assert!(s.is_gone());
     s.restart().unwrap();
     assert!(!s.is_gone());
-    q.commit(Some(&mut s)).unwrap();
+    q.commit(Some(&mut s), Instant::now()).unwrap();
     assert_eq!(s.syncs_requested(), 1, "not asked twice");
     assert_eq!(settle(&mut q, &mut s), OnReply::Synced(a));
 
@@ -189,11 +189,11 @@ fn a_durable_queue_rides_over_the_syncer_dying() {
     // handing the segment over again.
     kill(s.pid(), Signal::SIGSTOP).unwrap();
     let b = q.append_submitted(2, 0, None, b"b").unwrap();
-    q.commit(Some(&mut s)).unwrap();
+    q.commit(Some(&mut s), Instant::now()).unwrap();
     kill_and_reap(&s);
     s.reaped();
     let mut s = Syncer::start().unwrap();
-    q.commit(Some(&mut s)).unwrap();
+    q.commit(Some(&mut s), Instant::now()).unwrap();
     assert_eq!(s.syncs_requested(), 1);
     assert_eq!(settle(&mut q, &mut s), OnReply::Synced(b));
     drop(q);
@@ -293,7 +293,7 @@ fn a_full_disk_fails_the_submission_clearly_loses_nothing_and_passes() {
                 }
             }
         }
-        if let Err(f) = q.commit(Some(&mut s)) {
+        if let Err(f) = q.commit(Some(&mut s), Instant::now()) {
             ledger.fail(&f);
         }
         ledger.ack(q.synced());
@@ -321,7 +321,7 @@ fn a_full_disk_fails_the_submission_clearly_loses_nothing_and_passes() {
         ledger.acked.len()
     );
     // The master goes on: what was stored is all there.
-    q.commit(Some(&mut s)).unwrap();
+    q.commit(Some(&mut s), Instant::now()).unwrap();
     ledger.ack(q.synced());
     assert!(ledger.waiting.is_empty());
     assert_eq!(
@@ -342,7 +342,7 @@ fn a_full_disk_fails_the_submission_clearly_loses_nothing_and_passes() {
         let pos = q.append_submitted(id, 0, None, &payload).unwrap();
         ledger.waiting.insert(pos, id);
     }
-    q.commit(Some(&mut s)).unwrap();
+    q.commit(Some(&mut s), Instant::now()).unwrap();
     ledger.ack(q.synced());
     if q.syncing() {
         let OnReply::Synced(upto) = settle(&mut q, &mut s) else {

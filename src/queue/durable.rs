@@ -61,13 +61,13 @@
 //! }
 //!
 //! // end of the pass, for each durable queue
-//! if let Err(f) = q.commit(syncer.as_mut()) { fail the waiting entries with pos > f.after }
+//! if let Err(f) = q.commit(syncer.as_mut(), now) { fail the waiting entries with pos > f.after }
 //! ack the waiting entries with pos <= q.synced()    // an inline sync may have covered them
 //!
 //! // syncer.fd() readable
 //! for reply in syncer.replies() {
 //!     for q in queues {
-//!         match q.on_reply(&reply) {
+//!         match q.on_reply(&reply, now) {
 //!             OnReply::NotMine => continue,
 //!             OnReply::Synced(upto) => ack the waiting entries with pos <= upto,
 //!             OnReply::Failed(f) => fail the waiting entries with pos > f.after,
@@ -83,9 +83,13 @@
 
 use std::fs::File;
 use std::io;
+use std::time::{Duration, Instant};
 
 use crate::queue::store::{self, Outcome, Pos, Store, HEADER_LEN};
 use crate::sys::syncer::{Reply, Syncer, Tag};
+
+/// How many sync durations wait for [`Durable::take_sync_times`] at most.
+pub const MAX_SYNC_TIMES: usize = 1024;
 
 /// Why records of a queue could not be stored.
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
@@ -127,6 +131,7 @@ struct Handed {
 struct InFlight {
     tag: Tag,
     pos: Pos,
+    asked: Instant,
 }
 
 /// One durable queue's store with group commit. See the module docs.
@@ -144,6 +149,8 @@ pub struct Durable {
     /// Segments and live jobs at the last compaction check.
     checked: (usize, usize),
     syncs_inline: u64,
+    /// How long syncs took, for the fsync histogram; drained by the caller.
+    sync_times: Vec<Duration>,
 }
 
 impl Durable {
@@ -161,6 +168,7 @@ impl Durable {
             warned_inline: false,
             checked,
             syncs_inline: 0,
+            sync_times: Vec::new(),
         }
     }
 
@@ -212,7 +220,11 @@ impl Durable {
     /// running, asks `syncer` for one covering everything written (`None`: syncs inline).
     /// Then compacts if it pays. Acknowledge what [`Durable::synced`] covers afterwards: an
     /// inline sync, or a move to a new segment, may have covered more.
-    pub fn commit(&mut self, mut syncer: Option<&mut Syncer>) -> Result<(), Failed> {
+    ///
+    /// Call it at the end of every pass that appended to this queue, and once after the
+    /// syncer was restarted, replaced or dropped: a sync lost with the old one is asked again
+    /// (or done inline) only here.
+    pub fn commit(&mut self, mut syncer: Option<&mut Syncer>, now: Instant) -> Result<(), Failed> {
         if let Some(s) = syncer.as_deref_mut() {
             for tag in self.to_close.drain(..) {
                 s.close(tag);
@@ -245,7 +257,7 @@ impl Durable {
                 }
                 // Not running, or lost with a syncer that was replaced.
                 self.in_flight = None;
-                match self.ask(s, written) {
+                match self.ask(s, written, now) {
                     Ok(()) => return Ok(()),
                     Err(e) => self.warn_inline(&format!("the syncer took no request ({e})")),
                 }
@@ -260,7 +272,7 @@ impl Durable {
 
     /// Hands the current segment to the syncer if it does not hold it, and asks for a sync up
     /// to `written`.
-    fn ask(&mut self, s: &mut Syncer, written: Pos) -> io::Result<()> {
+    fn ask(&mut self, s: &mut Syncer, written: Pos, now: Instant) -> io::Result<()> {
         let tag = match self.handed {
             Some(h) if h.segment == written.segment && s.holds(h.tag) => h.tag,
             _ => {
@@ -276,13 +288,19 @@ impl Durable {
             }
         };
         s.sync(tag, written.offset)?;
-        self.in_flight = Some(InFlight { tag, pos: written });
+        self.in_flight = Some(InFlight {
+            tag,
+            pos: written,
+            asked: now,
+        });
         Ok(())
     }
 
     /// Takes a reply of the syncer: if it answers this queue's running sync, the log is marked
     /// synced (or, on failure, cut back).
-    pub fn on_reply(&mut self, reply: &Reply) -> OnReply {
+    /// `now` is when the reply was read: the sync's time, as the loop saw it from request to
+    /// reply, goes to [`Durable::take_sync_times`].
+    pub fn on_reply(&mut self, reply: &Reply, now: Instant) -> OnReply {
         let Some(f) = self.in_flight else {
             return OnReply::NotMine;
         };
@@ -292,6 +310,7 @@ impl Durable {
         self.in_flight = None;
         match *reply {
             Reply::Synced { .. } => {
+                self.record_time(now.saturating_duration_since(f.asked));
                 self.store.mark_synced(f.pos);
                 self.maybe_compact();
                 OnReply::Synced(self.store.synced())
@@ -323,9 +342,25 @@ impl Durable {
         self.recover()?;
         self.in_flight = None;
         self.syncs_inline += 1;
+        let started = Instant::now();
         match self.store.sync() {
-            Ok(pos) => Ok(pos),
+            Ok(pos) => {
+                self.record_time(started.elapsed());
+                Ok(pos)
+            }
             Err(e) => Err(self.fail(&e)),
+        }
+    }
+
+    /// The durations of the syncs that succeeded since the last call (at most
+    /// [`MAX_SYNC_TIMES`] are kept), for `plumule_queue_fsync_seconds`.
+    pub fn take_sync_times(&mut self) -> Vec<Duration> {
+        std::mem::take(&mut self.sync_times)
+    }
+
+    fn record_time(&mut self, took: Duration) {
+        if self.sync_times.len() < MAX_SYNC_TIMES {
+            self.sync_times.push(took);
         }
     }
 
@@ -502,7 +537,6 @@ mod tests {
     use super::*;
     use crate::queue::store::{Options, RecoveredJob};
     use std::path::Path;
-    use std::time::{Duration, Instant};
 
     fn open(dir: &Path, segment_size: u64) -> Durable {
         let (store, rec) = Store::open(dir, Options { segment_size }).unwrap();
@@ -539,7 +573,7 @@ mod tests {
     fn wait_synced(q: &mut Durable, s: &mut Syncer) -> Pos {
         loop {
             for r in wait_replies(s) {
-                match q.on_reply(&r) {
+                match q.on_reply(&r, Instant::now()) {
                     OnReply::Synced(pos) => return pos,
                     OnReply::NotMine => {}
                     OnReply::Failed(f) => panic!("{f:?}"),
@@ -562,7 +596,7 @@ mod tests {
                 .unwrap();
         }
         let appended = started.elapsed();
-        q.commit(Some(&mut s)).unwrap();
+        q.commit(Some(&mut s), Instant::now()).unwrap();
         let committed = started.elapsed();
         assert_eq!(s.syncs_requested(), 1, "one pass, one sync");
         assert!(q.syncing());
@@ -570,11 +604,13 @@ mod tests {
 
         // A second pass while the sync runs: written, not synced, no second request.
         let more = q.append_submitted(n + 1, 0, None, b"later").unwrap();
-        q.commit(Some(&mut s)).unwrap();
+        q.commit(Some(&mut s), Instant::now()).unwrap();
         assert_eq!(s.syncs_requested(), 1, "the running sync is not doubled");
         let upto = wait_synced(&mut q, &mut s);
         let elapsed = started.elapsed();
         assert_eq!(upto, last, "the reply covers the first pass exactly");
+        assert_eq!(q.take_sync_times().len(), 1, "one sync timed");
+        assert_eq!(q.take_sync_times(), []);
         assert!(upto < more);
         eprintln!(
             "group commit: {n} records of ~10 bytes ({} bytes) appended in {appended:?}, \
@@ -583,12 +619,12 @@ mod tests {
             last.offset,
             s.syncs_requested()
         );
-        q.commit(Some(&mut s)).unwrap();
+        q.commit(Some(&mut s), Instant::now()).unwrap();
         assert_eq!(s.syncs_requested(), 2);
         assert_eq!(wait_synced(&mut q, &mut s), more);
         assert!(!q.syncing());
         // Nothing left: an idle pass asks for nothing.
-        q.commit(Some(&mut s)).unwrap();
+        q.commit(Some(&mut s), Instant::now()).unwrap();
         assert_eq!(s.syncs_requested(), 2);
         assert_eq!(q.syncs_inline(), 0);
 
@@ -600,7 +636,7 @@ mod tests {
                 q.append_submitted(n + 2 + p * 50 + i, 0, None, b"x")
                     .unwrap();
             }
-            q.commit(Some(&mut s)).unwrap();
+            q.commit(Some(&mut s), Instant::now()).unwrap();
             if q.syncing() {
                 wait_synced(&mut q, &mut s);
             }
@@ -619,13 +655,13 @@ mod tests {
         let mut q = open(dir.path(), 64 << 20);
         let mut s = Syncer::start().unwrap();
         let a = q.append_submitted(1, 0, None, b"kept").unwrap();
-        q.commit(Some(&mut s)).unwrap();
+        q.commit(Some(&mut s), Instant::now()).unwrap();
         assert_eq!(wait_synced(&mut q, &mut s), a);
 
         // Two records of 35 bytes, then pretend their sync failed with EIO.
         q.append_submitted(2, 0, None, &[b'b'; 10]).unwrap();
         let c = q.append_submitted(3, 0, None, &[b'c'; 10]).unwrap();
-        q.commit(Some(&mut s)).unwrap();
+        q.commit(Some(&mut s), Instant::now()).unwrap();
         let sent = q.in_flight.expect("a sync asked");
         assert_eq!(sent.pos, c);
         let failure = Reply::Failed {
@@ -633,7 +669,7 @@ mod tests {
             offset: c.offset,
             errno: libc::EIO,
         };
-        let OnReply::Failed(f) = q.on_reply(&failure) else {
+        let OnReply::Failed(f) = q.on_reply(&failure, Instant::now()) else {
             panic!("the failure is this queue's")
         };
         assert_eq!(
@@ -654,13 +690,13 @@ mod tests {
         // to that sync ("synced") must not cover it.
         let d = q.append_submitted(4, 0, None, &[b'd'; 45]).unwrap();
         assert_eq!(d, c, "the same offset as the cut records");
-        q.commit(Some(&mut s)).unwrap();
+        q.commit(Some(&mut s), Instant::now()).unwrap();
         assert_eq!(s.syncs_requested(), 3);
         let mut stale_seen = false;
         let upto = loop {
             let mut synced = None;
             for r in wait_replies(&mut s) {
-                match q.on_reply(&r) {
+                match q.on_reply(&r, Instant::now()) {
                     OnReply::NotMine => {
                         assert_eq!(r.tag(), sent.tag);
                         assert_eq!(q.synced(), a, "a stale reply moved nothing");
@@ -686,18 +722,18 @@ mod tests {
         let mut q = open(dir.path(), 64 << 20);
         let mut s = Syncer::start().unwrap();
         let a = q.append_submitted(1, 0, None, b"a").unwrap();
-        q.commit(Some(&mut s)).unwrap();
+        q.commit(Some(&mut s), Instant::now()).unwrap();
         let sent = q.in_flight.unwrap();
         let reply = Reply::Failed {
             tag: sent.tag,
             offset: sent.pos.offset,
             errno: libc::EBADF,
         };
-        assert_eq!(q.on_reply(&reply), OnReply::Synced(a));
+        assert_eq!(q.on_reply(&reply, Instant::now()), OnReply::Synced(a));
         assert_eq!(q.syncs_inline(), 1);
         // The next sync goes through a descriptor handed over again.
         let b = q.append_submitted(2, 0, None, b"b").unwrap();
-        q.commit(Some(&mut s)).unwrap();
+        q.commit(Some(&mut s), Instant::now()).unwrap();
         assert_ne!(q.in_flight.unwrap().tag, sent.tag);
         assert_eq!(wait_synced(&mut q, &mut s), b);
         drop(q);
@@ -709,19 +745,20 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let mut q = open(dir.path(), 64 << 20);
         let a = q.append_submitted(1, 0, None, b"a").unwrap();
-        q.commit(None).unwrap();
+        q.commit(None, Instant::now()).unwrap();
         assert_eq!(q.synced(), a);
         assert_eq!(q.syncs_inline(), 1);
-        q.commit(None).unwrap();
+        assert_eq!(q.take_sync_times().len(), 1);
+        q.commit(None, Instant::now()).unwrap();
         assert_eq!(q.syncs_inline(), 1, "nothing new, no sync");
 
         // A sync asked of a syncer that then went away is done inline by the next commit.
         let mut s = Syncer::start().unwrap();
         let b = q.append_submitted(2, 0, None, b"b").unwrap();
-        q.commit(Some(&mut s)).unwrap();
+        q.commit(Some(&mut s), Instant::now()).unwrap();
         assert!(q.syncing());
         drop(s);
-        q.commit(None).unwrap();
+        q.commit(None, Instant::now()).unwrap();
         assert_eq!(q.synced(), b);
         assert!(!q.syncing());
     }
@@ -732,7 +769,7 @@ mod tests {
         let mut q = open(dir.path(), 4096);
         let mut s = Syncer::start().unwrap();
         q.append_submitted(1, 0, None, b"first").unwrap();
-        q.commit(Some(&mut s)).unwrap();
+        q.commit(Some(&mut s), Instant::now()).unwrap();
         let first = q.in_flight.unwrap();
         // Enough to need segment 2 while the sync of segment 1 runs.
         let mut last = first.pos;
@@ -740,7 +777,7 @@ mod tests {
             last = q.append_submitted(id, 0, None, &[b'p'; 100]).unwrap();
         }
         assert!(last.segment > first.pos.segment);
-        q.commit(Some(&mut s)).unwrap();
+        q.commit(Some(&mut s), Instant::now()).unwrap();
         let second = q.in_flight.unwrap();
         assert_ne!(second.tag, first.tag, "the new segment's own descriptor");
         assert!(
@@ -759,11 +796,11 @@ mod tests {
         let mut q = open(dir.path(), 64 << 20);
         let mut s = Syncer::start().unwrap();
         q.append_submitted(1, 0, None, b"synced").unwrap();
-        q.commit(Some(&mut s)).unwrap();
+        q.commit(Some(&mut s), Instant::now()).unwrap();
         wait_synced(&mut q, &mut s);
         q.append_answered(1, Outcome::Ok(b"done")).unwrap();
         q.append_submitted(2, 0, None, b"written").unwrap();
-        q.commit(Some(&mut s)).unwrap();
+        q.commit(Some(&mut s), Instant::now()).unwrap();
         q.append_submitted(3, 0, None, b"only appended").unwrap();
         // The process dies here: written records are in the kernel's hands (a process crash
         // keeps them; only a power loss could take them, which the acknowledgement rule
@@ -784,11 +821,11 @@ mod tests {
                 q.append_answered(id, Outcome::Ok(b"")).unwrap();
             }
             if id % 10 == 0 {
-                q.commit(None).unwrap();
+                q.commit(None, Instant::now()).unwrap();
             }
             most = most.max(q.store().segments());
         }
-        q.commit(None).unwrap();
+        q.commit(None, Instant::now()).unwrap();
         assert!(most >= 3, "the log spread over {most} segments");
         assert!(
             q.store().segments() < most,

@@ -245,7 +245,7 @@ impl Syncer {
     /// Whether requests wait for room in the socket: watch [`Syncer::fd`] for writing and call
     /// [`Syncer::send_queued`] when it is writable.
     pub fn wants_write(&self) -> bool {
-        !self.queue.is_empty()
+        !self.queue.is_empty() && !self.gone
     }
 
     /// Whether the socket was found closed (the process died, or is dying): its descriptor
@@ -318,9 +318,14 @@ impl Syncer {
                 Ok(()) => {
                     self.queue.pop_front();
                 }
-                // Full: later, when writable. Broken: the syncer died; what is outstanding
-                // goes to the next one at restart.
-                Err(_) => return,
+                // Full: later, when writable.
+                Err(Errno::EAGAIN) => return,
+                // Broken: the syncer died; what is held and outstanding goes to the next one
+                // at restart.
+                Err(_) => {
+                    self.gone = true;
+                    return;
+                }
             }
         }
     }
@@ -370,8 +375,12 @@ impl Syncer {
     }
 
     fn push(&mut self, req: Request) {
-        if self.queue.is_empty() && self.send(&req).is_ok() {
-            return;
+        if self.queue.is_empty() {
+            match self.send(&req) {
+                Ok(()) => return,
+                Err(Errno::EAGAIN) => {}
+                Err(_) => self.gone = true,
+            }
         }
         self.queue.push_back(req);
     }
