@@ -11,6 +11,7 @@ pub mod process;
 pub mod reactor;
 pub mod signals;
 pub mod spawn;
+pub mod syncer;
 
 use std::io;
 use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd, RawFd};
