@@ -83,14 +83,14 @@ pub enum SubmitError {
     KeyTooLong,
     /// The master refused a batch (past `max_pending`, a `lines` payload with a newline…).
     #[error(
-        "{queue}: the batch of {count} job(s) from {first} to {last} was refused: {reason}; \
-         {stored} job(s) were stored before it{after}"
+        "{queue}: the batch of {count} job(s) {span} was refused: {reason}; {stored} job(s) \
+         were stored before it{after}"
     )]
     Refused {
         queue: String,
         count: usize,
-        first: Origin,
-        last: Origin,
+        /// "from line 1 of stdin to line 1000 of stdin", "at payload 1".
+        span: String,
         reason: String,
         stored: u64,
         /// Batches sent behind it, before its refusal came back, and stored all the same.
@@ -283,6 +283,15 @@ struct Sent {
     last: Origin,
 }
 
+impl Sent {
+    fn span(&self) -> String {
+        match self.first == self.last {
+            true => format!("at {}", self.first),
+            false => format!("from {} to {}", self.first, self.last),
+        }
+    }
+}
+
 /// What one job costs in a request line: as a JSON string (None: not UTF-8), as base64.
 fn encoded_len(job: &[u8]) -> (Option<usize>, usize) {
     let text = std::str::from_utf8(job)
@@ -450,7 +459,7 @@ impl<'a, P: Peer> Submitter<'a, P> {
                 while let Some(next) = self.sent.pop_front() {
                     match self.peer.read_response() {
                         Ok(Some(Response::Ok(Answer::Submitted(s)))) => {
-                            after.push(format!("{} from {} to {}", s.count, next.first, next.last))
+                            after.push(format!("{} {}", s.count, next.span()))
                         }
                         _ => break,
                     }
@@ -465,8 +474,7 @@ impl<'a, P: Peer> Submitter<'a, P> {
                 Err(SubmitError::Refused {
                     queue: self.queue.clone(),
                     count: front.count,
-                    first: front.first,
-                    last: front.last,
+                    span: front.span(),
                     reason,
                     stored: self.stored,
                     after,
