@@ -28,12 +28,17 @@
 //! - `env` may not set the variables plumule sets itself (`PLUMULE_*`, `NOTIFY_SOCKET`,
 //!   `LISTEN_*`, `WATCHDOG_*`);
 //! - limits (README "Limits"): `workers` ≤ [`MAX_WORKERS`] per program and
-//!   ≤ [`MAX_TOTAL_WORKERS`] over all programs; each `env` string (`KEY=VALUE`) and each
+//!   ≤ [`MAX_TOTAL_WORKERS`] over all programs; 10 000 programs and 10 000 queues; each `env` string (`KEY=VALUE`) and each
 //!   command argument under the kernel's per-string limit ([`MAX_ARG_STRING`]), and a
 //!   program's own environment and argv together ≤ [`MAX_ARGS_TOTAL`]; every duration
 //!   ≤ [`MAX_DURATION`] (10 years); `prefetch` ≤ 10 000, `max_pending` ≤ 100 000 000,
 //!   `start_limit.burst` ≤ 10 000, `partitions` ≤ 65 536, `max_frame` < 4 GiB (a frame
 //!   length is 4 bytes), exit codes 0 to 255;
+//! - `node` is `[A-Za-z0-9._-]{1,253}` (default: the host name); `cluster.etcd` lists
+//!   `http://` or `https://` endpoints, `cluster.lease` is at least 1s (default 10s); a queue's
+//!   `backend` is a `redis://` URL, `claim_after` (default 30s) is positive, `partitions`
+//!   (default 64) is 1 to 65 536. `cluster`, `backend` and cluster locks are read and checked
+//!   but refused as not supported yet ([`UNSUPPORTED`]);
 //! - the per-user runtime folder in /tmp (no `$XDG_RUNTIME_DIR`) is created 0700 when missing
 //!   and refused when it is not a directory of ours that only we may write (see
 //!   [`check_private_dir`]).

@@ -1778,6 +1778,22 @@ fn total_workers_across_programs_are_bounded() {
     assert_eq!(total, MAX_TOTAL_WORKERS);
 }
 
+#[test]
+fn programs_and_queues_are_bounded_in_number() {
+    let programs: String = (0..=10_000)
+        .map(|i| format!("[program.p{i:05}]\ncommand = \"x\"\nworkers = 0\n"))
+        .collect();
+    assert_eq!(
+        problem(&programs),
+        line("30001:10: program.p10000: more than 10000 programs: the limit is 10000")
+    );
+    let queues: String = (0..=10_000).map(|i| format!("[queue.q{i:05}]\n")).collect();
+    assert_eq!(
+        problem(&queues),
+        line("10001:8: queue.q10000: more than 10000 queues: the limit is 10000")
+    );
+}
+
 /// Issue 14: a 50 MiB `env` value was accepted, and could only fail at exec.
 #[test]
 fn environment_strings_stay_under_the_kernel_limits() {

@@ -59,6 +59,9 @@ const MAX_KEEP: i64 = 1000;
 const MAX_PENDING_LIMIT: i64 = 100_000_000;
 /// Starts remembered per worker for `start_limit`: the window keeps one instant per start.
 const MAX_BURST: i64 = 10_000;
+/// Programs, and queues, a configuration may define: each costs the master a pool (or a
+/// queue) and its metrics series.
+const MAX_NAMED: usize = 10_000;
 const DEFAULT_CLAIM_AFTER: Duration = Duration::from_secs(30);
 const DEFAULT_PARTITIONS: i64 = 64;
 /// Key partitions of a Redis queue: one stream each.
@@ -227,6 +230,12 @@ pub(super) fn validate(
 
     let raw_queues: BTreeMap<Spanned<String>, (usize, &RawQueue)> =
         v.merge(files, &dirs, "queue", |f| f.raw.queue.as_ref());
+    v.too_many(
+        files,
+        &dirs,
+        "queue",
+        raw_queues.keys().map(|k| (k, raw_queues[k].0)),
+    );
     let mut queues: Vec<Queue> = Vec::new();
     for (name, (i, q)) in &raw_queues {
         v.enter(*i, files[*i].source, &dirs[*i]);
@@ -234,6 +243,12 @@ pub(super) fn validate(
     }
 
     let raw_programs: Programs = v.merge(files, &dirs, "program", |f| f.raw.program.as_ref());
+    v.too_many(
+        files,
+        &dirs,
+        "program",
+        raw_programs.keys().map(|k| (k, raw_programs[k].0)),
+    );
     let mut programs: Vec<Program> = Vec::new();
     for (name, (i, p)) in &raw_programs {
         v.enter(*i, files[*i].source, &dirs[*i]);
@@ -720,6 +735,26 @@ impl<'a> Validator<'a> {
                 MAX_PARTITIONS,
                 DEFAULT_PARTITIONS,
             ) as u32,
+        }
+    }
+
+    /// At most [`MAX_NAMED`] programs (or queues): reported once, at the first one past the
+    /// limit in name order.
+    fn too_many<'n>(
+        &mut self,
+        files: &[FileInput<'a>],
+        dirs: &[PathBuf],
+        what: &str,
+        mut names: impl Iterator<Item = (&'n Spanned<String>, usize)>,
+    ) {
+        if let Some((name, i)) = names.nth(MAX_NAMED) {
+            self.enter(i, files[i].source, &dirs[i]);
+            let key = Key(vec![what.to_owned(), name.get_ref().clone()]);
+            self.at(
+                name,
+                &key,
+                format!("more than {MAX_NAMED} {what}s: the limit is {MAX_NAMED}"),
+            );
         }
     }
 
