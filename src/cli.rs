@@ -889,13 +889,16 @@ fn run_master(cli_path: Option<PathBuf>) -> i32 {
             return e.exit_code();
         }
     };
-    match master.run() {
+    let code = match master.run() {
         Ok(()) => 0,
         Err(e) => {
             log::error!("{e}");
             e.exit_code()
         }
-    }
+    };
+    // Lines a slow reader of stderr has not taken yet get a last chance.
+    crate::logging::finish(std::time::Duration::from_secs(1));
+    code
 }
 
 /// `plumule check`: errors exit 1; warnings are printed and exit 1 only with `--strict`.

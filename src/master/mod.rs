@@ -105,6 +105,8 @@ pub(super) enum Part {
     Metrics = 5,
     /// Queue consumers' job and answer pipes (the supervisor's, see `queues`).
     Queues = 6,
+    /// The master's own log, while lines wait for a slow reader of its stderr.
+    Log = 7,
 }
 
 const LOCAL_BITS: u64 = 56;
@@ -123,6 +125,7 @@ impl Part {
             4 => Part::Notify,
             5 => Part::Metrics,
             6 => Part::Queues,
+            7 => Part::Log,
             _ => return None,
         };
         Some((part, local))
@@ -213,6 +216,7 @@ impl Master {
             self.sup.pools.len(),
             self.sup.config.runtime_dir.display()
         );
+        let mut log_fd = None;
         loop {
             let now = Instant::now();
             self.sup.queues_pass(now);
@@ -227,6 +231,7 @@ impl Master {
                 break;
             }
             self.sup.save_groups();
+            log_fd = watch_log(&self.sup.reactor, log_fd);
             let timeout = wake_at.map(|t| t.saturating_duration_since(Instant::now()));
             let ready = self.sup.reactor.wait(timeout).map_err(MasterError::Setup)?;
             // Signals (and so reaping) first, whatever was reported: a signal whose handler
@@ -247,6 +252,7 @@ impl Master {
                     Part::Signals => {}
                     Part::Workers => self.sup.ready(local, now),
                     Part::Queues => self.sup.queue_ready(local, now),
+                    Part::Log => crate::logging::flush(),
                     _ => {
                         let (sup, parts) = self.parts();
                         if let Some(p) = parts.into_iter().find(|p| p.part() == part) {
@@ -263,6 +269,30 @@ impl Master {
         self.sup.finish();
         log::info!("stopped");
         Ok(())
+    }
+}
+
+/// Watches the master's log descriptor for writability while lines wait for it (a reader of
+/// stderr that stopped reading); returns what is watched now.
+fn watch_log(
+    reactor: &crate::sys::reactor::Reactor,
+    watched: Option<std::os::fd::RawFd>,
+) -> Option<std::os::fd::RawFd> {
+    let want = crate::logging::pending_fd();
+    if want == watched {
+        return watched;
+    }
+    if let Some(fd) = watched {
+        reactor.remove(fd);
+    }
+    let fd = want?;
+    match reactor.add(fd, Part::Log.token(0), true) {
+        Ok(()) => Some(fd),
+        Err(e) => {
+            // Lines still go out with the next one logged.
+            log::debug!("cannot watch the log descriptor: {e}");
+            None
+        }
     }
 }
 
