@@ -20,6 +20,12 @@
 //!                       └────────────────┘  └────────────────┘ └─────────────────┘
 //! ```
 //!
+//! The job queues (`queues`) are state of the supervisor's, since both a stop (the
+//! supervisor) and a `submit` (a client) change them; their descriptors (consumers' job and
+//! answer pipes, the syncer's socket) have a tag of their own, `Part::Queues`, and the loop
+//! gives them one pass of their own (`queues_pass`: retries due, job timeouts, group commit,
+//! deliveries) before the supervisor settles.
+//!
 //! Every descriptor is registered once with the [`Reactor`](crate::sys::reactor::Reactor)
 //! under a token whose high byte is its `Part`; a wait costs what is ready, not what is
 //! registered. The `Supervisor` holds the state all parts share; each other part owns its own
