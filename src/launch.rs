@@ -67,13 +67,18 @@ pub fn prepare(
     let argv: Vec<String> = match &program.command {
         CommandSpec::Argv(argv) => argv.clone(),
         CommandSpec::Shell(line) => vec!["/bin/sh".into(), "-c".into(), line.clone()],
+        // A library service: no executable to find (see the body below).
+        CommandSpec::Function(_) => vec![String::new()],
     };
     let path_var = env
         .iter()
         .find(|(k, _)| k == "PATH")
         .map(|(_, v)| v.clone())
         .unwrap_or_else(|| DEFAULT_PATH.into());
-    let exe = resolve(&argv[0], &path_var, program.cwd.as_deref())?;
+    let exe = match &program.command {
+        CommandSpec::Function(_) => PathBuf::new(),
+        _ => resolve(&argv[0], &path_var, program.cwd.as_deref())?,
+    };
 
     let mut locks: Vec<(String, bool)> = program
         .locks
@@ -130,6 +135,15 @@ pub fn prepare(
             })
             .collect(),
         pid_vars,
+    };
+    // A library service runs its function in the forked child, without exec: the child is
+    // a copy of the master, environment included, so the exec's environment is not used.
+    let body = match &program.command {
+        CommandSpec::Function(f) => {
+            let f = std::sync::Arc::clone(&f.0);
+            Body::Call(Box::new(move || f(id, workers)))
+        }
+        _ => body,
     };
     Ok(Prepared {
         setup,

@@ -36,11 +36,14 @@ pub mod output;
 pub mod plan;
 pub mod protocol;
 pub mod queue;
+pub mod service;
 pub mod slot;
 pub mod sys;
 #[cfg(test)]
 mod test_support;
 pub mod worker;
+
+pub use service::{Service, ServiceId, ServiceManager, ServiceOptions, Worker};
 
 /// Named file locks as RAII guards, the same lock files workers and `plumule lock` use.
 pub use locks::{acquire as lock, LockGuard, Mode as LockMode, Wait as LockWait};

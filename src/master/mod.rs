@@ -37,6 +37,7 @@ use crate::sys::reactor::Ready;
 
 mod clients;
 mod commands;
+mod hooks;
 mod metrics;
 mod output;
 mod supervisor;
@@ -45,6 +46,7 @@ mod systemd;
 pub use supervisor::BindError;
 
 use clients::Clients;
+pub(crate) use hooks::{Hooks, Request, StopKind};
 use metrics::Metrics;
 use supervisor::Supervisor;
 use systemd::Systemd;
@@ -183,6 +185,17 @@ impl Master {
             systemd,
             metrics,
         })
+    }
+
+    /// A master for a program that embeds it (the library): `config` is built in memory,
+    /// and `hooks` are told of spawns, exits, reloads and stops.
+    pub(crate) fn with_hooks(
+        config: Config,
+        hooks: Box<dyn hooks::Hooks>,
+    ) -> Result<Master, MasterError> {
+        let mut master = Master::new(config)?;
+        master.sup.hooks = Some(hooks);
+        Ok(master)
     }
 
     /// The supervisor and every subsystem, these in the order their `after_pass` runs:

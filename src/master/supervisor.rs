@@ -124,6 +124,8 @@ pub(super) struct Supervisor {
     /// Moves whenever a slot or a pool changed: what other parts derive from the whole fleet
     /// (systemd's STATUS=) is computed again only then.
     pub(super) epoch: u64,
+    /// The embedding program's hooks (the library's); `None` for the binary.
+    pub(super) hooks: Option<Box<dyn super::hooks::Hooks>>,
 }
 
 /// How long SIGCHLD's sweep for adopted orphans waits, so that a burst of exits costs one.
@@ -220,6 +222,7 @@ impl Supervisor {
             without_pidfd: 0,
             counters: Default::default(),
             epoch: 0,
+            hooks: None,
         })
     }
 
@@ -273,6 +276,8 @@ impl Supervisor {
         // only guards against a planning bug turning into a busy loop.
         let mut settled = false;
         for _ in 0..16 {
+            // What hooks asked for, in the last round's actions too.
+            self.hook_requests(now);
             if self.pools.iter().any(|p| p.dirty != Dirty::Clean) {
                 self.epoch += 1;
             }
@@ -629,6 +634,7 @@ impl Supervisor {
         let generation = self.pools[pool].generation;
         self.pools[pool].slots[id as usize].generation = generation;
         self.pool_event(pool, id, Event::Spawned { pid }, now);
+        self.hook_spawned(pool, id, pid);
     }
 
     pub(super) fn handle_signals(&mut self) {
@@ -636,6 +642,7 @@ impl Supervisor {
             match sig {
                 Signal::SIGCHLD => self.on_sigchld(),
                 Signal::SIGTERM | Signal::SIGINT => self.begin_shutdown(sig),
+                Signal::SIGHUP if self.hook_reload() => log::info!("SIGHUP: reloading workers"),
                 Signal::SIGHUP => {
                     log::info!("SIGHUP: reloading {}", self.config.path.display());
                     let _ = self.reload(Instant::now());
@@ -651,6 +658,7 @@ impl Supervisor {
             log::info!("{sig} again: the graceful stop is already under way");
             return;
         }
+        self.hook_stopping(sig);
         let deadline = Instant::now() + self.config.shutdown_timeout;
         log::info!(
             "{sig}: stopping {} worker(s) (everything left is killed after {})",
@@ -750,6 +758,7 @@ impl Supervisor {
         let Some(p) = self.pool_index(proc.key.pool) else {
             return;
         };
+        self.hook_exited(p, proc.key.id, pid, exit);
         let slot = &self.pools[p].slots[proc.key.id as usize];
         let program = &self.pools[p].program;
         let reason = super::metrics::exit_reason(slot.state(), pid, exit, program);
@@ -987,6 +996,7 @@ fn command_name(program: &Program) -> &str {
     match &program.command {
         crate::config::CommandSpec::Argv(argv) => argv.first().map_or("?", String::as_str),
         crate::config::CommandSpec::Shell(_) => "/bin/sh",
+        crate::config::CommandSpec::Function(_) => "a function",
     }
 }
 

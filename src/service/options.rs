@@ -1,0 +1,138 @@
+//! How a service's workers are supervised: the config file's program keys, as Rust values.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use nix::sys::signal::Signal;
+
+use crate::config::{
+    Backoff, CommandSpec, Function, Limit, LockSpec, OutputSpec, Program, ReadyMode, ReloadMode,
+    RestartPolicy, StartLimit,
+};
+
+/// The supervision settings of one service: the keys of a `[program.NAME]` table of the
+/// config file (SPEC §2), with the same types and the same defaults. Build it with struct
+/// update syntax:
+///
+/// ```
+/// use std::time::Duration;
+/// use plumule::ServiceOptions;
+///
+/// let options = ServiceOptions {
+///     workers: 4,
+///     stop_timeout: Duration::from_secs(3),
+///     ..ServiceOptions::default()
+/// };
+/// assert_eq!(options.healthy_after, Duration::from_secs(1));
+/// ```
+#[derive(Debug, Clone, PartialEq)]
+pub struct ServiceOptions {
+    /// How many workers to run (default 1); changed at run time by
+    /// [`ServiceManager::reconfigure`](crate::ServiceManager::reconfigure).
+    pub workers: u32,
+    /// When a worker that ended is started again (default: always).
+    pub restart: RestartPolicy,
+    /// Exit codes that count as success for `restart = on-failure` (default `[0]`).
+    pub success_exit_codes: Vec<i32>,
+    /// A worker that ran this long was healthy: its next restart is immediate and its backoff
+    /// starts over (default 1s).
+    pub healthy_after: Duration,
+    /// The delay before restarting a worker that keeps crashing (default 100ms, ×2, up to
+    /// 30s, jitter 0.1).
+    pub backoff: Backoff,
+    /// At most `burst` starts within `interval`, else the worker is `failed` (default: none).
+    pub start_limit: Option<StartLimit>,
+    /// The signal that asks a worker to stop (default SIGTERM; SIGTERM always does too).
+    pub stop_signal: Signal,
+    /// How long a worker has, after its stop signal, to run `terminate` and exit before it
+    /// gets SIGKILL (default 10s).
+    pub stop_timeout: Duration,
+    /// The signal that asks a worker to reload (default SIGHUP).
+    pub reload_signal: Signal,
+    /// Named file locks each worker holds while it runs (`{worker}` expands to its id).
+    pub locks: Vec<LockSpec>,
+    /// Where the workers' stdout goes (default: the master's log, tagged `NAME.ID`).
+    pub stdout: OutputSpec,
+    /// Where the workers' stderr goes (default: the master's log).
+    pub stderr: OutputSpec,
+    /// The workers' working folder, absolute (default: the master's).
+    pub cwd: Option<PathBuf>,
+    /// The workers' umask (default: the master's).
+    pub umask: Option<u32>,
+    /// Scheduling niceness, -20 to 19 (default: the master's).
+    pub nice: Option<i32>,
+    /// `/proc/self/oom_score_adj`, -1000 to 1000 (default: the master's).
+    pub oom_score_adj: Option<i32>,
+    /// Resource limits set in each worker before the service is built.
+    pub limits: Vec<Limit>,
+}
+
+impl Default for ServiceOptions {
+    /// SPEC §9's defaults, with one worker.
+    fn default() -> Self {
+        ServiceOptions {
+            workers: 1,
+            restart: RestartPolicy::Always,
+            success_exit_codes: vec![0],
+            healthy_after: Duration::from_secs(1),
+            backoff: Backoff {
+                initial: Duration::from_millis(100),
+                max: Duration::from_secs(30),
+                multiplier: 2.0,
+                jitter: 0.1,
+            },
+            start_limit: None,
+            stop_signal: Signal::SIGTERM,
+            stop_timeout: Duration::from_secs(10),
+            reload_signal: Signal::SIGHUP,
+            locks: Vec::new(),
+            stdout: OutputSpec::Log,
+            stderr: OutputSpec::Log,
+            cwd: None,
+            umask: None,
+            nice: None,
+            oom_score_adj: None,
+            limits: Vec::new(),
+        }
+    }
+}
+
+impl ServiceOptions {
+    /// The program the supervisor runs for this service: `function` instead of a command,
+    /// and the keys a library service has no use for at their defaults.
+    pub(super) fn program(&self, name: &str, function: Function) -> Program {
+        Program {
+            name: name.to_string(),
+            command: CommandSpec::Function(function),
+            workers: self.workers,
+            restart: self.restart,
+            success_exit_codes: self.success_exit_codes.clone(),
+            healthy_after: self.healthy_after,
+            backoff: self.backoff,
+            start_limit: self.start_limit,
+            stop_signal: self.stop_signal,
+            stop_timeout: self.stop_timeout,
+            reload: ReloadMode::Signal,
+            reload_signal: self.reload_signal,
+            env: BTreeMap::new(),
+            inherit_env: true,
+            cwd: self.cwd.clone(),
+            user: None,
+            group: None,
+            umask: self.umask,
+            stdout: self.stdout.clone(),
+            stderr: self.stderr.clone(),
+            locks: self.locks.clone(),
+            ready: ReadyMode::Started,
+            ready_timeout: Duration::from_secs(30),
+            watchdog: None,
+            listen: Vec::new(),
+            after: Vec::new(),
+            queue: None,
+            nice: self.nice,
+            oom_score_adj: self.oom_score_adj,
+            limits: self.limits.clone(),
+        }
+    }
+}
