@@ -10,9 +10,9 @@
 //! from a hook. `--runtime-dir DIR` puts the control socket at `DIR/control.sock`, for
 //! `plumule --socket DIR/control.sock status`.
 
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
-use plumule::service::{Error, Exit, RestartPolicy};
+use plumule::service::{Error, Exit, Reload, RestartPolicy};
 use plumule::{Service, ServiceManager, ServiceOptions, Worker};
 
 /// Counts ticks; says how many when it stops.
@@ -45,17 +45,23 @@ impl Service for Printer {
     }
 }
 
-/// Ends its worker after a delay (`restart = never`: it stays ended).
+/// Ends its worker at `until` (`restart = never`: it stays ended).
 struct Clock {
-    after: Duration,
+    until: Instant,
 }
 
 impl Service for Clock {
     fn run(&mut self, worker: &Worker) -> Result<(), Error> {
-        if worker.wait(self.after).is_none() {
+        let left = self.until.saturating_duration_since(Instant::now());
+        if worker.wait(left).is_none() {
             std::process::exit(0);
         }
         Ok(())
+    }
+
+    /// Not a reason to start counting again: `run` goes on with the time left.
+    fn reload(&mut self, _worker: &Worker) -> Reload {
+        Reload::Resume
     }
 }
 
@@ -96,7 +102,9 @@ pub fn run(args: &[String]) -> i32 {
             restart: RestartPolicy::Never,
             ..ServiceOptions::default()
         };
-        manager.add_with("clock", options, move |_worker: &Worker| Clock { after });
+        manager.add_with("clock", options, move |_worker: &Worker| Clock {
+            until: Instant::now() + after,
+        });
         let handle = manager.handle();
         manager.on_dead_worker(move |name, _, _, exit| {
             if name == "clock" && exit == Exit::Code(0) {
