@@ -136,12 +136,23 @@ pub fn prepare(
             .collect(),
         pid_vars,
     };
-    // A library service runs its function in the forked child, without exec: the child is
-    // a copy of the master, environment included, so the exec's environment is not used.
+    // A library service runs its function in the forked child, without exec.
     let body = match &program.command {
         CommandSpec::Function(f) => {
             let f = std::sync::Arc::clone(&f.0);
-            Body::Call(Box::new(move || f(id, workers)))
+            Body::Call(Box::new(move || {
+                // The environment an exec'd worker gets (plumule's NOTIFY_SOCKET, never the
+                // master's; PLUMULE_*), set in the child, which has only this thread.
+                let pid = std::process::id().to_string();
+                for (k, _) in std::env::vars_os() {
+                    std::env::remove_var(k);
+                }
+                for (k, v) in &env {
+                    let pid_var = k == "WATCHDOG_PID" || k == "LISTEN_PID";
+                    std::env::set_var(k, if pid_var { pid.as_ref() } else { v.as_os_str() });
+                }
+                f(id, workers)
+            }))
         }
         _ => body,
     };

@@ -40,7 +40,7 @@ mod scenarios {
     use std::rc::Rc;
     use std::time::Duration;
 
-    use plumule::service::{Backoff, Error, Exit, Reload};
+    use plumule::service::{Backoff, Error, Exit, ReadyMode, Reload};
     use plumule::{Service, ServiceManager, ServiceOptions, Worker};
 
     fn dir() -> PathBuf {
@@ -224,6 +224,43 @@ mod scenarios {
         manager.run()
     }
 
+    /// `ready = Notify`: ready once the file `go` exists.
+    struct Slow;
+
+    impl Service for Slow {
+        fn run(&mut self, worker: &Worker) -> Result<(), Error> {
+            let var = |k: &str| std::env::var(k).unwrap_or_else(|_| "-".into());
+            note(format!(
+                "env {} {} {} {} {}",
+                me(worker),
+                var("PLUMULE_PROGRAM"),
+                var("PLUMULE_WORKER_ID"),
+                var("PLUMULE_WORKERS"),
+                var("NOTIFY_SOCKET")
+            ));
+            // The program's own polling, while the test waits on what it shows.
+            while !dir().join("go").exists() {
+                if worker.wait(Duration::from_millis(10)).is_some() {
+                    return Ok(());
+                }
+            }
+            worker.ready();
+            Ok(())
+        }
+    }
+
+    fn notify() -> i32 {
+        let mut manager = ServiceManager::new();
+        manager.runtime_dir(dir().join("run"));
+        let options = ServiceOptions {
+            workers: 2,
+            ready: ReadyMode::Notify,
+            ..ServiceOptions::default()
+        };
+        manager.add_with("slow", options, |_: &Worker| Slow);
+        manager.run()
+    }
+
     /// A thread runs before `run`.
     fn threaded() -> i32 {
         let (tx, rx) = std::sync::mpsc::channel::<()>();
@@ -245,6 +282,7 @@ mod scenarios {
             "panicking" => panicking(),
             "hanging" => hanging(),
             "threaded" => threaded(),
+            "notify" => notify(),
             "example-pool" => super::service_pool::run(&[
                 arg("--exit-after"),
                 arg("1s"),
@@ -527,8 +565,28 @@ fn reconfigure_from_a_hook_and_scale_over_the_socket() {
     assert!(pid_alive(pid0));
     assert!(run.matching(&["dead", "alpha", "0"]).is_empty());
     // And `status` shows it.
-    let out = run.cli(&["status", "alpha"]);
-    assert!(out.contains("alpha"), "{out}");
+    let status = common::ask_status(&run.control_socket()).expect("status");
+    let alpha = status
+        .programs
+        .iter()
+        .find(|p| p.name == "alpha")
+        .expect("alpha");
+    let states: Vec<(u32, &str)> = alpha
+        .workers
+        .iter()
+        .map(|w| (w.id, w.state.as_str()))
+        .collect();
+    assert_eq!(states, [(0, "running")]);
+    // `logs` has the supervisor's events and the workers' output.
+    let logs = run.cli(&["logs", "alpha", "-n", "1000"]);
+    assert!(
+        logs.contains("alpha.2") && logs.contains("started"),
+        "{logs}"
+    );
+    // `reload` over the socket is SIGHUP: the reload hooks, then every worker's reload.
+    run.cli(&["reload"]);
+    run.wait_events(&["hook-reload", "2"], 1);
+    run.wait_events(&["reload", "alpha", "0"], 1);
 }
 
 fn sighup_to_the_master_runs_the_reload_hooks_then_every_workers_reload() {
@@ -642,6 +700,33 @@ fn sigterm_right_after_the_start_still_ends_cleanly() {
     let status = run.master.stop_with(Signal::SIGTERM, DEADLINE);
     common::assert_exit_code(status, 0, &run.master.stderr_text());
     run.assert_nothing_left();
+}
+
+fn a_notify_service_is_running_once_it_says_ready() {
+    let run = Run::start("notify");
+    let envs = run.wait_events(&["env", "slow"], 2);
+    let socket = run.sandbox.path("run").join("notify.sock");
+    for e in &envs {
+        // The environment of an exec'd worker: its name, id and count, plumule's socket.
+        assert_eq!(e[4..7], ["slow", e[2].as_str(), "2"], "{e:?}");
+        assert_eq!(e[7], socket.display().to_string(), "{e:?}");
+    }
+    let states = || -> Vec<String> {
+        common::ask_status(&run.control_socket())
+            .map(|s| {
+                s.programs[0]
+                    .workers
+                    .iter()
+                    .map(|w| w.state.clone())
+                    .collect()
+            })
+            .unwrap_or_default()
+    };
+    assert_eq!(states(), ["starting", "starting"]);
+    write(&run.sandbox.path("go"), "");
+    run.sandbox.wait("both workers are running", DEADLINE, || {
+        states() == ["running", "running"]
+    });
 }
 
 fn run_refuses_a_process_that_runs_threads() {
@@ -773,6 +858,10 @@ const TESTS: &[(&str, fn())] = &[
     (
         "sigterm_right_after_the_start_still_ends_cleanly",
         sigterm_right_after_the_start_still_ends_cleanly,
+    ),
+    (
+        "a_notify_service_is_running_once_it_says_ready",
+        a_notify_service_is_running_once_it_says_ready,
     ),
     (
         "run_refuses_a_process_that_runs_threads",

@@ -18,7 +18,9 @@ mod manager;
 mod options;
 mod worker;
 
-pub use crate::config::{Backoff, Limit, LockSpec, OutputSpec, RestartPolicy, StartLimit};
+pub use crate::config::{
+    Backoff, Limit, LockSpec, OutputSpec, ReadyMode, RestartPolicy, StartLimit,
+};
 pub use crate::slot::Exit;
 pub use manager::{ManagerHandle, ServiceId, ServiceManager};
 pub use options::ServiceOptions;

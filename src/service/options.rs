@@ -52,6 +52,12 @@ pub struct ServiceOptions {
     pub reload_signal: Signal,
     /// Named file locks each worker holds while it runs (`{worker}` expands to its id).
     pub locks: Vec<LockSpec>,
+    /// When a worker counts as running: once forked and set up (`Started`, the default), or
+    /// once it calls [`Worker::ready`](crate::Worker::ready) (`Notify`).
+    pub ready: ReadyMode,
+    /// With `ready = Notify`: a worker not ready after this long is stopped and restarted
+    /// with backoff (default 30s).
+    pub ready_timeout: Duration,
     /// Where the workers' stdout goes (default: the master's log, tagged `NAME.ID`).
     pub stdout: OutputSpec,
     /// Where the workers' stderr goes (default: the master's log).
@@ -87,6 +93,8 @@ impl Default for ServiceOptions {
             stop_timeout: Duration::from_secs(10),
             reload_signal: Signal::SIGHUP,
             locks: Vec::new(),
+            ready: ReadyMode::Started,
+            ready_timeout: Duration::from_secs(30),
             stdout: OutputSpec::Log,
             stderr: OutputSpec::Log,
             cwd: None,
@@ -124,8 +132,8 @@ impl ServiceOptions {
             stdout: self.stdout.clone(),
             stderr: self.stderr.clone(),
             locks: self.locks.clone(),
-            ready: ReadyMode::Started,
-            ready_timeout: Duration::from_secs(30),
+            ready: self.ready,
+            ready_timeout: self.ready_timeout,
             watchdog: None,
             listen: Vec::new(),
             after: Vec::new(),

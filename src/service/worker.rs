@@ -120,6 +120,14 @@ impl Worker {
         self.wait(timeout).is_some()
     }
 
+    /// Tells the master this worker is ready, for a service with `ready = Notify` (see
+    /// [`ServiceOptions::ready`](crate::ServiceOptions::ready)): until then it is `starting`,
+    /// and `plumule start`/`scale` wait. Sends `READY=1` to plumule's notify socket, the
+    /// worker's `$NOTIFY_SOCKET`; does nothing harmful when called again or without it.
+    pub fn ready(&self) {
+        crate::sys::notify::Notifier::from_env().send("READY=1");
+    }
+
     /// A descriptor that is readable while a request is waiting, for a body that polls its
     /// own descriptors. Do not read from it; [`Worker::pending`] says what the request is.
     pub fn request_fd(&self) -> BorrowedFd<'_> {
