@@ -95,6 +95,7 @@ impl Supervisor {
             return;
         };
         if h.stopping(signal) == StopKind::Immediate {
+            log::info!("{signal}: killing every worker at once");
             for &pid in self.procs.keys() {
                 if let Err(e) = crate::sys::process::signal_group(pid, Signal::SIGKILL) {
                     log::warn!("cannot kill process group {pid}: {e}");

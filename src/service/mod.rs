@@ -14,6 +14,8 @@
 //! in the forked child and never returns into the master's code (it `_exit`s); its signal
 //! handling is plumule's ([`crate::sys::service`]), set up before the service is built.
 
+#![deny(missing_docs)]
+
 mod manager;
 mod options;
 mod worker;
