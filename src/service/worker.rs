@@ -128,8 +128,9 @@ impl Worker {
         crate::sys::notify::Notifier::from_env().send("READY=1");
     }
 
-    /// A descriptor that is readable while a request is waiting, for a body that polls its
-    /// own descriptors. Do not read from it; [`Worker::pending`] says what the request is.
+    /// A descriptor that becomes readable when a request comes, for a body that polls its
+    /// own descriptors: check [`Worker::pending`] before polling it and when it is readable
+    /// (it says what the request is). Do not read from it.
     pub fn request_fd(&self) -> BorrowedFd<'_> {
         self.requests.fd()
     }

@@ -96,12 +96,19 @@ impl Requests {
         STOP.load(Ordering::SeqCst)
     }
 
-    /// The waiting request, a stop first; a reload is taken (it is answered once).
+    /// The waiting request, a stop first; a reload is taken (it is answered once), and the
+    /// pipe drained so that it is not readable for a request already answered. Call it when
+    /// nothing else waits on the pipe (the worker's body has returned).
     pub fn take(&self) -> Option<Request> {
         if self.stopping() {
             return Some(Request::Stop);
         }
         if RELOAD.swap(false, Ordering::SeqCst) {
+            let mut buf = [0u8; 64];
+            while matches!(super::read_available(self.read.as_raw_fd(), &mut buf), Ok(Some(n)) if n > 0)
+            {
+            }
+            // A request that came while draining has its flag set: still seen by `pending`.
             return Some(Request::Reload);
         }
         None
@@ -119,15 +126,12 @@ impl Requests {
     }
 
     /// Waits until a request is waiting or `timeout` has passed (`None`: without limit).
+    /// Several threads may wait at once: the pipe is only drained when it holds nothing but
+    /// the bytes of requests already taken, so a byte one waiter drains never hides a request
+    /// from another (its flag is set before its byte is written).
     pub fn wait(&self, timeout: Option<Duration>) -> Option<Request> {
         let deadline = timeout.map(|t| Instant::now() + t);
         loop {
-            // Drain first: the flags are set before the byte is written, so after draining a
-            // flag not seen below has a byte still to come.
-            let mut buf = [0u8; 64];
-            while matches!(super::read_available(self.read.as_raw_fd(), &mut buf), Ok(Some(n)) if n > 0)
-            {
-            }
             if let Some(r) = self.pending() {
                 return Some(r);
             }
@@ -146,9 +150,18 @@ impl Requests {
                 events: libc::POLLIN,
                 revents: 0,
             }];
-            if let Err(e) = super::poll(&mut fds, left) {
-                log::warn!("cannot wait for a request: {e}");
-                return None;
+            match super::poll(&mut fds, left) {
+                Ok(n) if n > 0 && self.pending().is_none() => {
+                    let mut buf = [0u8; 64];
+                    while matches!(super::read_available(self.read.as_raw_fd(), &mut buf), Ok(Some(n)) if n > 0)
+                    {
+                    }
+                }
+                Ok(_) => {}
+                Err(e) => {
+                    log::warn!("cannot wait for a request: {e}");
+                    return None;
+                }
             }
         }
     }
