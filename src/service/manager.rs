@@ -34,8 +34,6 @@ struct Shared {
     names: Vec<String>,
     /// Asked for by handles, not yet taken by the master.
     requests: Vec<Request>,
-    /// Set once `run` has begun: changes go to the master instead of the options.
-    running: bool,
     /// The signal that began the stop.
     stopped_by: Option<Signal>,
 }
@@ -200,15 +198,12 @@ impl ServiceManager {
         ServiceId(self.services.len() - 1)
     }
 
-    /// Changes the number of workers of `service`: before [`ServiceManager::run`], the
-    /// count it starts with; from a hook, use [`ManagerHandle::reconfigure`].
+    /// Changes the number of workers `service` starts with. Once [`ServiceManager::run`] has
+    /// begun, hooks scale with [`ManagerHandle::reconfigure`].
     ///
     /// # Panics
     /// As [`ManagerHandle::reconfigure`].
     pub fn reconfigure(&mut self, service: ServiceId, workers: u32) {
-        if self.shared.borrow().running {
-            return self.handle().reconfigure(service, workers);
-        }
         assert!(
             workers <= MAX_WORKERS,
             "at most {MAX_WORKERS} workers per service"
@@ -343,7 +338,6 @@ impl ServiceManager {
             programs,
             queues: Vec::new(),
         };
-        self.shared.borrow_mut().running = true;
         let shared = Rc::clone(&self.shared);
         let hooks = LibraryHooks {
             new_worker: self.new_worker,
