@@ -40,7 +40,7 @@ mod scenarios {
     use std::rc::Rc;
     use std::time::Duration;
 
-    use plumule::service::{Backoff, Error, Exit, ReadyMode, Reload};
+    use plumule::service::{Backoff, Error, Exit, LockSpec, ReadyMode, Reload};
     use plumule::{Service, ServiceManager, ServiceOptions, Worker};
 
     fn dir() -> PathBuf {
@@ -186,10 +186,21 @@ mod scenarios {
         }
     }
 
+    /// Returns an error from `run`, every time.
+    struct Failing;
+
+    impl Service for Failing {
+        fn run(&mut self, worker: &Worker) -> Result<(), Error> {
+            note(format!("run {}", me(worker)));
+            Err("no luck today".into())
+        }
+    }
+
     fn panicking() -> i32 {
         let mut manager = ServiceManager::new();
         manager.runtime_dir(dir().join("run"));
         manager.add("crashy", 1, |_: &Worker| Crashy);
+        manager.add("failing", 1, |_: &Worker| Failing);
         manager
             .on_dead_worker(|name, id, pid, exit| note(format!("dead {name} {id} {pid} {exit}")));
         manager.run()
@@ -261,6 +272,22 @@ mod scenarios {
         manager.run()
     }
 
+    /// Two workers, one exclusive lock: one runs, the other waits for the lock.
+    fn locked() -> i32 {
+        let mut manager = ServiceManager::new();
+        manager.runtime_dir(dir().join("run"));
+        let options = ServiceOptions {
+            workers: 2,
+            locks: vec![LockSpec {
+                name: "solo".into(),
+                shared: false,
+            }],
+            ..ServiceOptions::default()
+        };
+        manager.add_with("solo", options, |_: &Worker| Alpha);
+        manager.run()
+    }
+
     /// A thread runs before `run`.
     fn threaded() -> i32 {
         let (tx, rx) = std::sync::mpsc::channel::<()>();
@@ -283,6 +310,7 @@ mod scenarios {
             "hanging" => hanging(),
             "threaded" => threaded(),
             "notify" => notify(),
+            "locked" => locked(),
             "example-pool" => super::service_pool::run(&[
                 arg("--exit-after"),
                 arg("1s"),
@@ -677,6 +705,13 @@ fn a_panicking_body_is_restarted_with_backoff_and_sigterm_ends_cleanly() {
     }
     run.master
         .wait_stderr(&["crashy.0", "restarting in"], DEADLINE);
+    // An error from `run` is a crash too: logged, exit 1, restarted with backoff.
+    let dead = run.wait_events(&["dead", "failing", "0"], 2);
+    for d in &dead {
+        assert_eq!(d[4..], ["exit", "1"], "{d:?}");
+    }
+    run.master
+        .wait_stderr(&["failing.0", "no luck today"], DEADLINE);
     let status = run.master.stop_with(Signal::SIGTERM, DEADLINE);
     common::assert_exit_code(status, 0, &run.master.stderr_text());
     run.assert_nothing_left();
@@ -727,6 +762,48 @@ fn a_notify_service_is_running_once_it_says_ready() {
     run.sandbox.wait("both workers are running", DEADLINE, || {
         states() == ["running", "running"]
     });
+}
+
+fn locks_of_the_options_are_taken_before_the_service_runs() {
+    let run = Run::start("locked");
+    let first = run.wait_events(&["run", "solo"], 1);
+    let states = || -> Vec<(String, bool)> {
+        common::ask_status(&run.control_socket())
+            .map(|s| {
+                s.programs[0]
+                    .workers
+                    .iter()
+                    .map(|w| (w.state.clone(), w.locks.is_empty()))
+                    .collect()
+            })
+            .unwrap_or_default()
+    };
+    let mut seen = Vec::new();
+    run.sandbox.wait(
+        "one worker runs, the other waits for the lock",
+        DEADLINE,
+        || {
+            seen = states();
+            let mut sorted = seen.clone();
+            sorted.sort();
+            sorted
+                == [
+                    ("running".to_string(), false),
+                    ("starting".to_string(), true),
+                ]
+        },
+    );
+    assert_eq!(
+        run.matching(&["run", "solo"]).len(),
+        1,
+        "{:?}",
+        run.events()
+    );
+    // The holder goes: the other one gets the lock and runs.
+    let holder: i32 = first[0][3].parse().expect("pid");
+    send(holder, Signal::SIGKILL);
+    let runs = run.wait_events(&["run", "solo"], 2);
+    assert_ne!(runs[1][2], first[0][2], "the waiting worker ran: {runs:?}");
 }
 
 fn run_refuses_a_process_that_runs_threads() {
@@ -862,6 +939,10 @@ const TESTS: &[(&str, fn())] = &[
     (
         "a_notify_service_is_running_once_it_says_ready",
         a_notify_service_is_running_once_it_says_ready,
+    ),
+    (
+        "locks_of_the_options_are_taken_before_the_service_runs",
+        locks_of_the_options_are_taken_before_the_service_runs,
     ),
     (
         "run_refuses_a_process_that_runs_threads",
