@@ -132,8 +132,9 @@
 //!
 //! Typed jobs over queues (a service consuming a queue of a serde type, submitting from the
 //! master) wait for the queue subsystem. Only the kernel's name of the process (`comm`) is
-//! set to `NAME.ID`: `ps -f` still shows the program's command line, since rewriting `argv`
-//! in place cannot be done safely from Rust's standard library.
+//! set to `NAME.ID`: `ps -f` still shows the program's command line. Rewriting `argv` in
+//! place would also change what `std::env::args()` returns inside the worker (the standard
+//! library reads the original `argv` memory on each call), so it is not done.
 
 #![deny(unsafe_op_in_unsafe_fn)]
 
