@@ -116,7 +116,10 @@ impl Supervisor {
                         log::error!("cannot scale {program} to {workers}: {e}");
                     }
                 }
-                Request::Shutdown => self.begin_shutdown(Signal::SIGTERM),
+                Request::Shutdown => {
+                    log::info!("the program asks for a graceful stop");
+                    self.begin_shutdown(Signal::SIGTERM);
+                }
             }
         }
     }
