@@ -33,8 +33,8 @@ pub struct Cli {
     pub command: Command,
 }
 
-/// The commands. Those marked `hide` parse (so they can say "not supported yet") but are not
-/// built: `--help`, the man page and the completion scripts leave them out.
+/// The commands. Any marked `hide` would parse but be left out of `--help`, the man page and
+/// the completion scripts (none is, today).
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Run the master in the foreground (it never daemonizes itself)
@@ -143,42 +143,55 @@ pub enum Command {
         #[command(flatten)]
         wait: Wait<30>,
     },
-    /// Enqueue jobs (not built yet: job queues)
-    #[command(hide = true)]
+    /// Add jobs to a queue; returns once they are stored (--wait: once they have ended)
     Submit {
         /// The queue to add the jobs to
         queue: String,
-        /// The routing key of the jobs
-        #[arg(long)]
+        /// The routing key of the jobs: with `route = "key"`, jobs with the same key go to
+        /// the same worker
+        #[arg(long, value_name = "K")]
         key: Option<String>,
-        /// Wait for the jobs' results and print them
+        /// Wait until every job has ended and print one line per job, in order: `ok RESULT`
+        /// or `dead REASON`; exit 1 when any ended dead
         #[arg(long)]
         wait: bool,
-        /// The jobs, one per argument (none: one job per line of stdin)
-        payload: Vec<String>,
+        /// The jobs, one per argument (none: one job per line of stdin, the newline left
+        /// out, sent in batches as they are read)
+        #[arg(value_name = "PAYLOAD")]
+        payload: Vec<OsString>,
+        #[command(flatten)]
+        quiet: Quiet,
+        #[command(flatten)]
+        timeout: Wait<30>,
     },
-    /// Queue counters (not built yet: job queues)
-    #[command(hide = true)]
+    /// Jobs of each queue: pending, in flight, done, retried, dead-lettered
     Queue {
-        /// Only this queue
+        /// Show only this queue
         queue: Option<String>,
-        /// Machine-readable output
+        /// Print one JSON object (the control protocol's answer) instead of a table
         #[arg(long)]
         json: bool,
-        /// List the dead letters with their reasons
-        #[arg(long)]
+        /// List the dead letters of QUEUE: id, attempts, reason, payload
+        #[arg(long, requires = "queue")]
         dead: bool,
+        #[command(flatten)]
+        wait: Wait<5>,
     },
-    /// Put dead letters back in the queue (not built yet: job queues)
-    #[command(hide = true)]
+    /// Put dead letters back in their queue, all of them or by id
+    #[command(group(clap::ArgGroup::new("which").required(true).args(["all", "ids"])))]
     Requeue {
         /// The queue whose dead letters to requeue
         queue: String,
         /// Requeue every dead letter of the queue
-        #[arg(long, conflicts_with = "ids")]
+        #[arg(long)]
         all: bool,
-        /// The dead letters to requeue
-        ids: Vec<String>,
+        /// The ids of the dead letters to requeue (as `queue QUEUE --dead` lists them)
+        #[arg(value_name = "ID")]
+        ids: Vec<u64>,
+        #[command(flatten)]
+        quiet: Quiet,
+        #[command(flatten)]
+        wait: Wait<30>,
     },
     /// Recent worker output kept by the master
     Logs {
@@ -228,7 +241,7 @@ pub enum Command {
 #[derive(Debug, Clone, Copy, clap::Args)]
 pub struct Wait<const DEFAULT: u64> {
     /// Give up (exit 1) when the master has said nothing for this long (default: 30s;
-    /// `status`: 5s). A master at work on a long request says so every second
+    /// `status` and `queue`: 5s). A master at work on a long request says so every second
     #[arg(long, value_name = "DUR", value_parser = parse_duration)]
     pub timeout: Option<Duration>,
 }
@@ -526,7 +539,134 @@ pub fn run(cli: Cli) -> i32 {
                 Err(e) => fail(e.to_string()),
             }
         }
-        other => fail(format!("`{}` is not supported yet", command_name(&other))),
+        Command::Submit {
+            queue,
+            key,
+            wait,
+            payload,
+            quiet,
+            timeout,
+        } => submit(
+            cli.socket.as_deref(),
+            cli.config.as_deref(),
+            SubmitArgs {
+                queue,
+                key,
+                wait,
+                payload,
+            },
+            quiet,
+            timeout,
+        ),
+        Command::Queue {
+            queue,
+            json,
+            dead,
+            wait,
+        } => {
+            let req = Request::Queue { queue, dead };
+            client::run(
+                cli.socket.as_deref(),
+                cli.config.as_deref(),
+                wait.limit(),
+                req,
+                |answer| {
+                    let text = match (answer, json) {
+                        (Answer::Queues(report), false) => client::queue::format_queues(&report),
+                        (Answer::DeadLetters(dead), false) => client::queue::format_dead(&dead),
+                        (Answer::Queues(report), true) => json_line(&report),
+                        (Answer::DeadLetters(dead), true) => json_line(&dead),
+                        _ => {
+                            return fail(
+                                client::ClientError::Unexpected { what: "queue" }.to_string(),
+                            )
+                        }
+                    };
+                    print_all(text.as_bytes())
+                },
+            )
+        }
+        Command::Requeue {
+            queue,
+            all,
+            ids,
+            quiet,
+            wait,
+        } => client::run(
+            cli.socket.as_deref(),
+            cli.config.as_deref(),
+            wait.limit(),
+            Request::Requeue { queue, ids, all },
+            |answer| {
+                let Answer::Requeued(done) = answer else {
+                    return fail(client::ClientError::Unexpected { what: "requeue" }.to_string());
+                };
+                if quiet.quiet {
+                    return 0;
+                }
+                print_all(format!("{}: {} job(s) requeued\n", done.queue, done.requeued).as_bytes())
+            },
+        ),
+    }
+}
+
+/// One answer as one JSON line (`--json`).
+fn json_line(value: &impl serde::Serialize) -> String {
+    serde_json::to_string(value).map_or_else(|e| format!("{{\"error\":\"{e}\"}}"), |l| l + "\n")
+}
+
+/// What `submit` was asked for.
+struct SubmitArgs {
+    queue: String,
+    key: Option<String>,
+    wait: bool,
+    payload: Vec<OsString>,
+}
+
+/// `submit`: the payloads, or stdin cut into lines, in batches over one connection; then,
+/// with `--wait`, the results in submission order (exit 1 when any job ended dead).
+fn submit(
+    socket: Option<&Path>,
+    config: Option<&Path>,
+    args: SubmitArgs,
+    quiet: Quiet,
+    timeout: Wait<30>,
+) -> i32 {
+    use client::queue::{self, LineJobs, Piece, SubmitError};
+    use std::os::fd::AsRawFd;
+    let mut peer = match client::socket_path(socket, config)
+        .and_then(|socket| queue::MasterPeer::open(&socket, timeout.limit()))
+    {
+        Ok(peer) => peer,
+        Err(e) => return fail(e.to_string()),
+    };
+    let jobs: Box<dyn Iterator<Item = Result<Piece, SubmitError>>> = if args.payload.is_empty() {
+        let stdin = std::io::stdin();
+        let fd = stdin.as_raw_fd();
+        Box::new(LineJobs::new(stdin, Some(fd), crate::protocol::MAX_REQUEST))
+    } else {
+        Box::new(queue::arg_jobs(args.payload))
+    };
+    let name = args.queue.clone();
+    let (stored, results) = match queue::submit(&mut peer, &args.queue, args.key, args.wait, jobs) {
+        Ok(done) => done,
+        Err(e) => return fail(e.to_string()),
+    };
+    let Some(results) = results else {
+        if quiet.quiet {
+            return 0;
+        }
+        return print_all(format!("{name}: {stored} job(s) submitted\n").as_bytes());
+    };
+    let written = queue::write_results(&mut std::io::stdout().lock(), &results);
+    match written {
+        Ok(0) => 0,
+        Ok(dead) => fail(format!(
+            "{name}: {dead} of {} job(s) ended dead",
+            results.results.len()
+        )),
+        Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => 0,
+        Err(e) => fail(format!("cannot write to stdout: {e}")),
     }
 }
 
@@ -716,15 +856,6 @@ fn watch_status(
     }
 }
 
-fn command_name(c: &Command) -> &'static str {
-    match c {
-        Command::Submit { .. } => "submit",
-        Command::Queue { .. } => "queue",
-        Command::Requeue { .. } => "requeue",
-        _ => "this command",
-    }
-}
-
 /// Writes to stdout; a reader that went away (`plumule man | head`) is not an error.
 fn print_all(bytes: &[u8]) -> i32 {
     use std::io::Write;
@@ -832,10 +963,27 @@ pub fn describe(config: &config::Config) -> String {
     }
     let _ = writeln!(out, "queues      {}", config.queues.len());
     for q in &config.queues {
+        let protocol = match q.protocol {
+            config::QueueProtocol::Lines => "lines",
+            config::QueueProtocol::Frames => "frames",
+        };
+        let route = match q.route {
+            config::Route::LeastLoaded => "least-loaded",
+            config::Route::RoundRobin => "round-robin",
+            config::Route::Key => "key",
+        };
+        let consumer = config
+            .programs
+            .iter()
+            .find(|p| p.queue.as_deref() == Some(q.name.as_str()))
+            .map_or("no consumer here".to_string(), |p| {
+                format!("consumed by {}", p.name)
+            });
         let _ = writeln!(
             out,
-            "  {:<16} protocol={:?} prefetch={} max_attempts={} route={:?}",
-            q.name, q.protocol, q.prefetch, q.max_attempts, q.route
+            "  {:<16} durable={} protocol={protocol} prefetch={} max_attempts={} route={route} \
+             max_pending={} {consumer}",
+            q.name, q.durable, q.prefetch, q.max_attempts, q.max_pending
         );
     }
     out

@@ -6,6 +6,8 @@ use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+pub mod queue;
+
 use crate::config;
 use crate::protocol::{
     self, Answer, LogsResult, Message, Request, Response, StatusReport, WorkerStatus,

@@ -108,7 +108,17 @@ pub fn diff(old: &Config, new: &Config) -> Vec<Change> {
             changes.push(Change::Added(n.name.clone()));
             continue;
         };
-        let (process, settings) = changed_keys(o, n);
+        let (mut process, settings) = changed_keys(o, n);
+        // The bytes on a consumer's pipes follow its queue's protocol and max_frame (SPEC §9).
+        let wire = |c: &Config| {
+            n.queue
+                .as_ref()
+                .and_then(|q| c.queues.iter().find(|x| &x.name == q))
+                .map(|q| (q.protocol, q.max_frame))
+        };
+        if o.queue == n.queue && wire(old) != wire(new) && !process.contains(&"queue") {
+            process.push("queue");
+        }
         let workers = (o.workers != n.workers).then_some((o.workers, n.workers));
         let signal = n.reload == ReloadMode::Signal;
         if workers.is_some() || !process.is_empty() || !settings.is_empty() || signal {

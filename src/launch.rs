@@ -30,6 +30,8 @@ pub struct Context {
     pub nofile: Option<libc::rlimit>,
     /// plumule's own notify socket for workers, once it exists.
     pub notify_socket: Option<PathBuf>,
+    /// The wire of each queue, by name: what a consumer is told in its environment.
+    pub queues: Vec<(String, crate::config::QueueProtocol, u64)>,
 }
 
 /// A worker's set-up with its stdio and descriptors still to be filled in, its exec body,
@@ -270,6 +272,27 @@ pub fn environment(
         // The value is the worker's own pid, written by the child after fork.
         set(&mut env, "WATCHDOG_PID".as_ref(), "0".as_ref());
     }
+    if let Some((name, protocol, max_frame)) = program
+        .queue
+        .as_ref()
+        .and_then(|q| ctx.queues.iter().find(|(n, _, _)| n == q))
+    {
+        set(&mut env, "PLUMULE_QUEUE".as_ref(), name.as_ref());
+        let protocol = match protocol {
+            crate::config::QueueProtocol::Lines => "lines",
+            crate::config::QueueProtocol::Frames => "frames",
+        };
+        set(
+            &mut env,
+            crate::worker::PROTOCOL_ENV.as_ref(),
+            protocol.as_ref(),
+        );
+        set(
+            &mut env,
+            crate::worker::MAX_FRAME_ENV.as_ref(),
+            max_frame.to_string().as_ref(),
+        );
+    }
     set(&mut env, "PLUMULE_PROGRAM".as_ref(), program.name.as_ref());
     set(
         &mut env,
@@ -370,6 +393,7 @@ mod tests {
             lock_mode: 0o644,
             nofile: None,
             notify_socket: None,
+            queues: Vec::new(),
         }
     }
 

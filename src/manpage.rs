@@ -2,7 +2,7 @@
 //!
 //! The parts that follow the command line (title, NAME, SYNOPSIS, the global OPTIONS, and
 //! COMMANDS with every argument) are generated from the clap definitions, so they cannot
-//! drift from what parses; hidden commands (parsed, not built yet) are left out. The rest
+//! drift from what parses; hidden commands (none today) would be left out. The rest
 //! (CONFIGURATION, FILES, SIGNALS, EXIT STATUS, ENVIRONMENT, EXAMPLES) is written here and
 //! states what the code does: the README is the longer version of the same facts.
 
@@ -24,7 +24,6 @@ pub const SECTIONS: &[&str] = &[
     "EXIT STATUS",
     "ENVIRONMENT",
     "EXAMPLES",
-    "NOT YET BUILT",
     "SEE ALSO",
 ];
 
@@ -53,7 +52,6 @@ pub fn render(cmd: clap::Command, out: &mut dyn Write) -> io::Result<()> {
     exit_status(&mut roff);
     environment(&mut roff);
     examples(&mut roff);
-    not_yet_built(&mut roff);
     see_also(&mut roff);
     page.extend(body(&roff));
 
@@ -150,15 +148,17 @@ fn description(roff: &mut Roff) {
         roman(
             " is a multi-process daemon supervisor for Linux. A single-threaded master \
              (plumule run) forks the worker processes declared in a TOML file, restarts the \
-             ones that crash (with backoff), holds file locks for them, speaks systemd's \
-             notify protocol, and reloads its configuration on SIGHUP without touching what \
+             ones that crash (with backoff), shares jobs with them over pipes (queues with \
+             acknowledgements, retries and dead letters), holds file locks for them, speaks \
+             systemd's notify protocol, and reloads its configuration on SIGHUP without touching what \
              did not change. It runs in the foreground and never daemonizes itself: systemd \
              or a terminal owns it.",
         ),
     ]);
     paragraph(
         roff,
-        "status, reload, start, stop, restart, scale and logs are clients: they talk to a \
+        "status, reload, start, stop, restart, scale, signal, shutdown, logs, submit, queue \
+         and requeue are clients: they talk to a \
          running master over its control socket and return once the action is done. check, \
          lock, completions and man need no master.",
     );
@@ -313,11 +313,11 @@ fn key(roff: &mut Roff, name: &str, default: &str, text: &str) {
 fn configuration(roff: &mut Roff) {
     roff.control("SH", ["CONFIGURATION"]);
     roff.text([roman(
-        "The file is TOML: one [plumule] table for the master and one [program.NAME] table \
-         per program. Unknown keys, wrong types, unknown signals, bad names, an after naming \
-         an unknown program or forming a cycle, users or groups that do not exist: all are \
-         errors, every one reported at once as FILE:LINE:COL: KEY: message, with a \
-         suggestion when one is obvious. plumule check prints what a file resolves to.",
+        "The file is TOML: one [plumule] table for the master, one [program.NAME] table \
+         per program and one [queue.NAME] table per job queue. Unknown keys, wrong types, \
+         unknown signals, bad names, an after naming an unknown program or forming a cycle, \
+         users or groups that do not exist: all are errors, every one reported at once as \
+         FILE:LINE:COL: KEY: message, with a suggestion when one is obvious. plumule check prints what a file resolves to.",
     )]);
     paragraph(
         roff,
@@ -603,13 +603,102 @@ fn configuration(roff: &mut Roff) {
         roff,
         "queue",
         "",
-        "Not supported yet: a file that sets it is refused.",
+        "The queue this program's workers consume: jobs on their stdin, answers on their \
+         stdout (so setting stdout on it is an error; stderr stays a log). A queue has at most \
+         one consuming program.",
     );
 
     roff.control("SS", ["[queue.NAME]"]);
     roff.text([roman(
-        "Job queues are not built yet: a file that declares one is refused.",
+        "A job queue. Jobs are added with plumule submit; the master hands each one to a \
+         worker of the consuming program and removes it only once the worker has answered \
+         (at least once delivery). Names are [A-Za-z0-9_-]{1,64}. A queue no program \
+         consumes here keeps its jobs pending.",
     )]);
+    key(
+        roff,
+        "durable",
+        "true",
+        "Keep the queue on disk under state_dir/queues/NAME: submit returns once the jobs are \
+         synced, and they survive a crash of the master or of the machine. false: in memory.",
+    );
+    key(
+        roff,
+        "protocol",
+        "\"lines\"",
+        "How jobs and answers travel, \"lines\" or \"frames\" (below).",
+    );
+    key(
+        roff,
+        "prefetch",
+        "1",
+        "Jobs in flight per worker, at least 1.",
+    );
+    key(
+        roff,
+        "max_attempts",
+        "3",
+        "Deliveries of a job before it is dead-lettered. A fail answer, a worker's death, a \
+         protocol error and a job timeout each count.",
+    );
+    key(
+        roff,
+        "retry_backoff",
+        "{ initial = \"1s\", max = \"1m\", multiplier = 2.0, jitter = 0.1 }",
+        "The delay before a failed job is delivered again.",
+    );
+    key(
+        roff,
+        "route",
+        "\"least-loaded\"",
+        "Which worker gets a job: \"least-loaded\", \"round-robin\", or \"key\" (jobs with the \
+         same submit --key go to the same worker, through a consistent hash ring; a job \
+         without a key goes least-loaded).",
+    );
+    key(
+        roff,
+        "max_pending",
+        "1000000",
+        "Pending plus in-flight jobs at most; a submit batch that would cross it is refused \
+         whole, with a message saying how many jobs were stored before it.",
+    );
+    key(
+        roff,
+        "max_frame",
+        "\"16MiB\"",
+        "frames: a larger job or answer is a protocol error.",
+    );
+    key(
+        roff,
+        "job_timeout",
+        "",
+        "A job in flight longer than this (from when it became its worker's oldest unanswered \
+         job) gets the worker stopped; the job is redelivered, the attempt counted.",
+    );
+    paragraph(
+        roff,
+        "protocol = \"lines\": each job is one line on the worker's stdin (a payload holding \
+         a newline is refused at submit). The worker answers each job, in order, with one line \
+         on its stdout: \"ok\" or \"ok RESULT\", \"fail REASON\" (retried after retry_backoff \
+         until max_attempts), or \"drop REASON\" (dead-lettered at once). A shell loop is a \
+         worker:",
+    );
+    example(
+        roff,
+        "while read -r job; do\n  convert \"$job\" -resize 200x200 \"${job%.jpg}.thumb.jpg\" && echo ok || echo \"fail convert: $?\"\ndone",
+    );
+    paragraph(
+        roff,
+        "protocol = \"frames\": binary safe. A job is a 4-byte big-endian length L, then L \
+         bytes of payload. An answer is a 4-byte big-endian length N (at least 1), one status \
+         byte (0 ok, 1 fail, 2 drop), then N-1 bytes of result or reason.",
+    );
+    paragraph(
+        roff,
+        "An answer that does not parse, or more answers than jobs in flight, is a protocol \
+         error: the worker is killed and restarted and its unanswered jobs are redelivered. \
+         EOF on stdin asks a worker to finish what it holds and exit.",
+    );
 }
 
 fn files(roff: &mut Roff) {
@@ -735,7 +824,8 @@ fn exit_status(roff: &mut Roff) {
         roff,
         [bold("1")],
         "An error, with a message on stderr: an invalid config, an unknown program (\"no \
-         program named ...\"), no master running, a command not supported yet.",
+         program named ...\"), no master running, a submit batch refused, a job of \
+         submit --wait that ended dead.",
     );
     item(roff, [bold("2")], "A usage error.");
     item(
@@ -913,21 +1003,24 @@ fn examples(roff: &mut Roff) {
         roff,
         "plumule lock db-migrations --nonblock -- /usr/local/bin/backup",
     );
+    paragraph(
+        roff,
+        "Queue jobs, one per line of a file, then wait for two more and print their results:",
+    );
+    example(
+        roff,
+        "find /srv/photos -name '*.jpg' | plumule submit thumbnails\n\
+         plumule submit thumbnails --wait a.jpg b.jpg\n\
+         plumule queue\n\
+         plumule queue thumbnails --dead\n\
+         plumule requeue thumbnails --all",
+    );
     paragraph(roff, "Install the completions and read this page:");
     example(
         roff,
         "plumule completions bash > ~/.local/share/bash-completion/completions/plumule\n\
          plumule man | man -l -",
     );
-}
-
-fn not_yet_built(roff: &mut Roff) {
-    roff.control("SH", ["NOT YET BUILT"]);
-    roff.text([roman(
-        "Job queues are not built yet. The commands submit, queue and requeue \
-         parse but answer \"not supported yet\" (exit 1), and a config that sets a \
-         program's queue or a [queue.NAME] table is refused.",
-    )]);
 }
 
 fn see_also(roff: &mut Roff) {

@@ -28,11 +28,25 @@
 //! wedged: only silence counts (`plumule --timeout`). A request without the field gets no
 //! progress line, exactly as before, so older clients and scripts reading the first line as
 //! the answer keep working.
+//!
+//! Version. A request may carry `"v":N`, the version of the control protocol its sender
+//! speaks ([`PROTOCOL_VERSION`]); `plumule` clients always send it, and a request without it
+//! is version 1 (scripts written by hand need not bother). A master refuses a request of a
+//! version it does not speak with an error naming both versions, and sends nothing else for
+//! it, so a client of another version says so instead of misreading an answer:
+//!
+//! ```text
+//! → {"cmd":"status","v":2}
+//! ← {"ok":false,"error":"control protocol version 2 is not spoken by this master (it speaks version 1): use the plumule client of the master's version"}
+//! ```
 
 use serde::{Deserialize, Serialize};
 
 /// Longest request line the master reads; longer ones get an error and the connection closes.
 pub const MAX_REQUEST: usize = 64 * 1024;
+
+/// The version of the control protocol this build speaks, sent as `"v"` in every request.
+pub const PROTOCOL_VERSION: u64 = 1;
 
 /// How often, at most, the master repeats a progress line while a request waits.
 pub const PROGRESS_EVERY: std::time::Duration = std::time::Duration::from_secs(1);
@@ -157,11 +171,15 @@ impl Request {
         }
     }
 
-    /// The request as one line, newline included; with `progress`, asking for progress lines.
+    /// The request as one line, newline included, carrying its protocol version (`"v"`);
+    /// with `progress`, asking for progress lines.
     pub fn to_line(&self, progress: bool) -> Result<Vec<u8>, serde_json::Error> {
         let mut value = serde_json::to_value(self)?;
-        if let (true, Some(map)) = (progress, value.as_object_mut()) {
-            map.insert("progress".into(), serde_json::Value::Bool(true));
+        if let Some(map) = value.as_object_mut() {
+            if progress {
+                map.insert("progress".into(), serde_json::Value::Bool(true));
+            }
+            map.insert("v".into(), PROTOCOL_VERSION.into());
         }
         let mut line = serde_json::to_vec(&value)?;
         line.push(b'\n');
@@ -383,6 +401,29 @@ pub struct Requeued {
     pub requeued: u64,
 }
 
+/// Bytes as a JSON string: the UTF-8 text itself when they are valid UTF-8, else their base64
+/// (standard alphabet, padded) and `true`.
+pub fn encode_bytes(bytes: &[u8]) -> (String, bool) {
+    use base64::Engine;
+    match std::str::from_utf8(bytes) {
+        Ok(s) => (s.to_owned(), false),
+        Err(_) => (
+            base64::engine::general_purpose::STANDARD.encode(bytes),
+            true,
+        ),
+    }
+}
+
+/// The bytes a JSON string stands for: as [`encode_bytes`] made it.
+pub fn decode_bytes(text: &str, base64: bool) -> Result<Vec<u8>, base64::DecodeError> {
+    use base64::Engine;
+    if base64 {
+        base64::engine::general_purpose::STANDARD.decode(text)
+    } else {
+        Ok(text.as_bytes().to_vec())
+    }
+}
+
 macro_rules! answer_from {
     ($($t:ident => $v:ident),* $(,)?) => {
         $(impl From<$t> for Answer {
@@ -509,6 +550,12 @@ pub enum RequestError {
     NotUtf8,
     #[error("bad request: {0}")]
     Malformed(#[source] serde_json::Error),
+    /// `"v"` names a version of the control protocol this master does not speak.
+    #[error(
+        "control protocol version {client} is not spoken by this master (it speaks version \
+         {PROTOCOL_VERSION}): use the plumule client of the master's version"
+    )]
+    Version { client: u64 },
 }
 
 /// Parses one request line.
@@ -517,11 +564,25 @@ pub fn parse_request(line: &[u8]) -> Result<Request, RequestError> {
 }
 
 /// Parses one request line, and whether it asks for progress lines (`"progress":true`).
+/// A `"v"` other than [`PROTOCOL_VERSION`] is refused ([`RequestError::Version`]); none is 1.
 pub fn parse_request_line(line: &[u8]) -> Result<(Request, bool), RequestError> {
     use serde::de::Error as _;
     let text = std::str::from_utf8(line).map_err(|_| RequestError::NotUtf8)?;
     let mut value: serde_json::Value =
         serde_json::from_str(text.trim()).map_err(RequestError::Malformed)?;
+    // The version first: a request of another version may not parse as one of ours.
+    match value.as_object_mut().and_then(|m| m.remove("v")) {
+        None => {}
+        Some(v) => match v.as_u64() {
+            Some(PROTOCOL_VERSION) => {}
+            Some(client) => return Err(RequestError::Version { client }),
+            None => {
+                return Err(RequestError::Malformed(serde_json::Error::custom(
+                    "`v` must be the protocol version, a number",
+                )))
+            }
+        },
+    }
     let progress = match value.as_object_mut().and_then(|m| m.remove("progress")) {
         None => false,
         Some(serde_json::Value::Bool(b)) => b,
@@ -747,7 +808,7 @@ mod tests {
         let line = stop.to_line(true).unwrap();
         assert_eq!(
             String::from_utf8(line.clone()).unwrap(),
-            "{\"cmd\":\"stop\",\"progress\":true,\"target\":\"web\"}\n"
+            "{\"cmd\":\"stop\",\"progress\":true,\"target\":\"web\",\"v\":1}\n"
         );
         assert_eq!(parse_request_line(&line).unwrap(), (stop.clone(), true));
         let plain = stop.to_line(false).unwrap();
@@ -767,6 +828,45 @@ mod tests {
             Message::Response(Response::done())
         );
         assert!(parse_message(r#"{"progress":"x","ok":true}"#).is_err());
+    }
+
+    /// Every request line carries the version; none means 1; another one is refused with
+    /// a message naming both versions, before the request itself is read.
+    #[test]
+    fn requests_carry_the_protocol_version_and_other_versions_are_refused() {
+        let status = Request::Status { program: None };
+        let line = status.to_line(false).unwrap();
+        let value: serde_json::Value = serde_json::from_slice(&line).unwrap();
+        assert_eq!(value["v"], PROTOCOL_VERSION);
+        assert_eq!(parse_request_line(&line).unwrap(), (status.clone(), false));
+        assert_eq!(
+            parse_request(br#"{"cmd":"status"}"#).unwrap(),
+            status,
+            "no version is version 1"
+        );
+        assert_eq!(parse_request(br#"{"cmd":"status","v":1}"#).unwrap(), status);
+        for (line, client) in [
+            (&br#"{"cmd":"status","v":2}"#[..], 2),
+            (br#"{"v":0,"cmd":"status"}"#, 0),
+            // A newer client's request that this master could not even parse.
+            (br#"{"cmd":"teleport","to":"mars","v":7}"#, 7),
+        ] {
+            let err = parse_request(line).unwrap_err().to_string();
+            assert_eq!(
+                err,
+                format!(
+                    "control protocol version {client} is not spoken by this master (it \
+                     speaks version 1): use the plumule client of the master's version"
+                )
+            );
+        }
+        for bad in [
+            &br#"{"cmd":"status","v":"1"}"#[..],
+            br#"{"cmd":"status","v":-1}"#,
+        ] {
+            let err = parse_request(bad).unwrap_err().to_string();
+            assert!(err.starts_with("bad request: `v` must be"), "{err}");
+        }
     }
 
     #[test]

@@ -58,6 +58,8 @@ pub(crate) fn config(programs: Vec<Program>) -> Config {
         metrics: None,
         shutdown_timeout: Duration::from_secs(30),
         log_level: log::LevelFilter::Info,
+        node: "test".to_owned(),
+        cluster: None,
         programs,
         queues: vec![],
     }

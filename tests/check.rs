@@ -317,3 +317,47 @@ fn check_warns_about_user_and_group_when_not_root() {
     let out = check_args(&sb, &config, &["--strict"]);
     assert_exit_code(out.status, 0, &out.stderr);
 }
+
+/// Issue 14: what a config may ask for is bounded, and `check` says which limit, where.
+#[test]
+fn check_names_the_limit_a_config_crosses() {
+    let sb = Sandbox::new();
+    let big = "v".repeat(200 * 1024);
+    for (line8, limit) in [
+        (
+            "stop_timeout = \"99999999999999h\"",
+            "longer than the limit of 10years",
+        ),
+        ("workers = 20000", "must be between 0 and 10000"),
+        (
+            &format!("env = {{ BIG = \"{big}\" }}") as &str,
+            "above the limit of 131071 bytes",
+        ),
+    ] {
+        let config = config_with_line_8(&sb, line8);
+        let out = check(&sb, &config);
+        assert_exit_code(out.status, 1, &out.stderr);
+        let located = out
+            .stderr
+            .lines()
+            .find(|l| l.contains("bad.toml:8:") && l.contains(limit));
+        assert!(
+            located.is_some(),
+            "`{}` is refused at bad.toml:8 naming the limit ({limit}):\n{}",
+            &line8[..line8.len().min(40)],
+            &out.stderr[..out.stderr.len().min(2000)]
+        );
+    }
+    let programs: String = (0..11)
+        .map(|i| format!("[program.p{i:02}]\ncommand = [\"/bin/true\"]\nworkers = 10000\n"))
+        .collect();
+    let config = sb.write_file("many.toml", &format!("{}{programs}", sb.header()), 0o644);
+    let out = check(&sb, &config);
+    assert_exit_code(out.status, 1, &out.stderr);
+    assert!(
+        out.stderr
+            .contains("program.p10.workers: the programs ask for 110000 workers in all, above the limit of 100000 workers across all programs"),
+        "{}",
+        out.stderr
+    );
+}

@@ -20,6 +20,8 @@ use std::path::{Path, PathBuf};
 use plumule::protocol::{Answer, Request, Response, MAX_REQUEST};
 
 use common::*;
+use nix::sys::signal::Signal::{SIGCONT, SIGSTOP};
+use plumule::protocol::StatusReport;
 
 // ---------------------------------------------------------------------------------------------
 // Deterministic randomness and mutations
@@ -504,4 +506,173 @@ fn a_master_fed_mutated_requests_keeps_serving_and_its_worker() {
     assert!(master.running(), "{}", master.stderr_text());
     let status = master.stop_with(SIGTERM, DEADLINE);
     assert_exit_code(status, 0, &master.stderr_text());
+}
+
+// ---------------------------------------------------------------------------------------------
+// Nothing a worker or a reader does stalls the master (issue 14)
+
+/// A program whose worker exits at once, restarted every 20 ms: its start count is the
+/// master's pulse.
+fn crash_loop(sb: &Sandbox) -> String {
+    let script = sb.worker("crash.sh", "exit 1");
+    format!(
+        "[program.crash]\ncommand = {}\nbackoff = {{ initial = \"20ms\", max = \"20ms\" }}\n\n",
+        argv(&script)
+    )
+}
+
+/// The master keeps supervising: `crash` starts `more` more times, and the control socket
+/// answers `status`, within the deadline. Returns that answer.
+#[track_caller]
+fn still_supervising(sb: &Sandbox, more: usize, when: &str) -> StatusReport {
+    let before = sb.starts_of("crash").len();
+    sb.wait(
+        &format!("{when}: crash restarts {more} more times"),
+        DEADLINE,
+        || sb.starts_of("crash").len() >= before + more,
+    );
+    let mut report = None;
+    sb.wait(&format!("{when}: status answers"), DEADLINE, || {
+        report = try_status(sb);
+        report.is_some()
+    });
+    report.unwrap()
+}
+
+/// A pipe whose read end the test keeps (and reads only when it chooses).
+fn test_pipe() -> (fs::File, std::os::fd::OwnedFd) {
+    let (r, w) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).expect("pipe");
+    (fs::File::from(r), w)
+}
+
+/// Whether `pid` is blocked writing to a full pipe (the kernel's wait channel).
+fn blocked_on_pipe(pid: i32) -> bool {
+    fs::read_to_string(format!("/proc/{pid}/wchan")).is_ok_and(|w| w.contains("pipe_write"))
+}
+
+#[test]
+fn a_stalled_reader_of_the_masters_stderr_does_not_stall_supervision() {
+    let sb = Sandbox::new();
+    // 30 000 lines of ~150 bytes once forwarded: more than the pipe and the log's 1 MiB buffer.
+    let flood = sb.worker(
+        "flood.sh",
+        &format!(
+            "yes 'flooding the log with a line of some length, again and again and again' \
+             | head -n 30000\ntouch {}\nexec sleep 1000",
+            sh_str(&sb.path("flood-done"))
+        ),
+    );
+    let config = sb.config(&format!(
+        "{}[program.flood]\ncommand = {}\n",
+        crash_loop(&sb),
+        argv(&flood)
+    ));
+    let (mut reader, writer) = test_pipe();
+    let _master = sb.spawn_master_via(
+        PLUMULE,
+        &["run", "-c", &config.display().to_string()],
+        "plumule run (stderr to a pipe nobody reads)",
+        |cmd| {
+            cmd.stderr(std::process::Stdio::from(writer));
+        },
+    );
+    sb.wait("the flood has been written", DEADLINE, || {
+        sb.path("flood-done").exists()
+    });
+    let report = still_supervising(&sb, 5, "with nobody reading the master's stderr");
+    assert!(
+        worker(&report, "flood", 0).is_some_and(|w| w.state == "running"),
+        "{report:?}"
+    );
+
+    // The reader resumes: what was kept arrives, then the marker of the gap.
+    let seen = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let sink = seen.clone();
+    std::thread::spawn(move || {
+        let mut chunk = vec![0u8; 1 << 16];
+        while let Ok(n) = std::io::Read::read(&mut reader, &mut chunk) {
+            if n == 0 {
+                break;
+            }
+            sink.lock().unwrap().extend_from_slice(&chunk[..n]);
+        }
+    });
+    let text = || String::from_utf8_lossy(&seen.lock().unwrap()).into_owned();
+    sb.wait("the marker of the dropped lines arrives", DEADLINE, || {
+        text()
+            .lines()
+            .any(|l| l.contains(" lines dropped: stderr was not read fast enough"))
+    });
+    // Whole lines only: each one timestamp, at its start (a line cut short would run into
+    // the next one's).
+    let text = text();
+    let complete = &text[..text.rfind('\n').map_or(0, |i| i + 1)];
+    for l in complete.lines() {
+        let stamped = l.len() > 4 && l.as_bytes()[..4].iter().all(u8::is_ascii_digit);
+        assert!(
+            stamped && l.matches("Z ").count() == 1,
+            "a torn line: {l:?}"
+        );
+    }
+    still_supervising(&sb, 2, "once the reader is back");
+}
+
+#[test]
+fn a_flooding_stopped_or_silent_worker_and_a_stalled_follower_do_not_slow_the_master() {
+    let sb = Sandbox::new();
+    let flood = sb.worker(
+        "flood.sh",
+        "exec yes 'a worker that writes as fast as it can, without end, on its stdout'",
+    );
+    // Closes its stdout and stderr at once, and lives on.
+    let silent = sb.worker("silent.sh", "exec >&- 2>&-\nexec sleep 1000");
+    let config = sb.config(&format!(
+        "{}[program.flood]\ncommand = {}\n\n[program.silent]\ncommand = {}\n",
+        crash_loop(&sb),
+        argv(&flood),
+        argv(&silent)
+    ));
+    // The flood is forwarded to the master's stderr: /dev/null here, not a file that grows.
+    let _master = sb.spawn_master_via(
+        PLUMULE,
+        &["run", "-c", &config.display().to_string()],
+        "plumule run (stderr to /dev/null)",
+        |cmd| {
+            cmd.stderr(std::process::Stdio::null());
+        },
+    );
+    let flood_pid = wait_running(&sb, "flood", 1)[&0];
+    let silent_pid = wait_running(&sb, "silent", 1)[&0];
+    still_supervising(&sb, 3, "beside a flooding worker");
+
+    // A `logs -f` of the flood whose reader never reads.
+    let (_unread, writer) = test_pipe();
+    let follower = sb.spawn_plumule_with(
+        &["logs", "-f", "flood", "-c", &config.display().to_string()],
+        |cmd| {
+            cmd.stdout(std::process::Stdio::from(writer));
+        },
+    );
+    sb.wait("the follower is stuck on its full stdout", DEADLINE, || {
+        blocked_on_pipe(follower.pid())
+    });
+    still_supervising(&sb, 3, "with a stalled `logs -f`");
+
+    // The flooding worker stopped, then continued.
+    send(flood_pid, SIGSTOP);
+    still_supervising(&sb, 3, "with the flooding worker stopped");
+    send(flood_pid, SIGCONT);
+    let report = still_supervising(&sb, 3, "with the flooding worker continued");
+    for (program, pid) in [("flood", flood_pid), ("silent", silent_pid)] {
+        let w = worker(&report, program, 0).expect("listed");
+        assert_eq!(
+            (w.state.as_str(), w.pid),
+            ("running", Some(pid)),
+            "{program} is untouched: {report:?}"
+        );
+    }
+    assert!(
+        proc_stat(flood_pid).is_some_and(|p| p.state != 'T'),
+        "the flood runs again"
+    );
 }

@@ -26,7 +26,8 @@ pub struct Location {
 pub(super) struct KeyEntry {
     pub span: Range<usize>,
     pub path: Vec<String>,
-    /// The value when it is a string (for "unsupported when set to X").
+    /// The value when it is a string, or a boolean as `true`/`false` (for "unsupported when
+    /// set to X").
     pub string_value: Option<String>,
 }
 
@@ -297,6 +298,7 @@ fn flatten(entries: &[(Spanned<String>, Node)], prefix: &mut Vec<String>, out: &
             path: prefix.clone(),
             string_value: match node {
                 Node::Str(s) => Some(s.clone()),
+                Node::Bool(b) => Some(b.to_string()),
                 _ => None,
             },
         });
@@ -309,13 +311,15 @@ fn flatten_node(node: &Node, prefix: &mut Vec<String>, out: &mut Vec<KeyEntry>) 
     match node {
         Node::Table(entries) => flatten(entries, prefix, out),
         Node::Array(items) => items.iter().for_each(|n| flatten_node(n, prefix, out)),
-        Node::Str(_) | Node::Other => {}
+        Node::Str(_) | Node::Bool(_) | Node::Other => {}
     }
 }
 
-/// Any TOML value, keeping only what locating needs: keys with their spans, and strings.
+/// Any TOML value, keeping only what locating needs: keys with their spans, strings and
+/// booleans.
 enum Node {
     Str(String),
+    Bool(bool),
     Other,
     Array(Vec<Node>),
     Table(Vec<(Spanned<String>, Node)>),
@@ -329,8 +333,8 @@ impl<'de> Deserialize<'de> for Node {
             fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
                 f.write_str("any TOML value")
             }
-            fn visit_bool<E>(self, _: bool) -> Result<Node, E> {
-                Ok(Node::Other)
+            fn visit_bool<E>(self, b: bool) -> Result<Node, E> {
+                Ok(Node::Bool(b))
             }
             fn visit_i64<E>(self, _: i64) -> Result<Node, E> {
                 Ok(Node::Other)

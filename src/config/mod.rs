@@ -27,8 +27,21 @@
 //! - `user` and `group` are names, or numeric ids that exist in the user/group database;
 //! - `env` may not set the variables plumule sets itself (`PLUMULE_*`, `NOTIFY_SOCKET`,
 //!   `LISTEN_*`, `WATCHDOG_*`);
-//! - limits: `workers` ≤ [`MAX_WORKERS`], `prefetch` ≤ 10 000, `max_frame` < 4 GiB (a frame
-//!   length is 4 bytes), exit codes 0 to 255.
+//! - limits (README "Limits"): `workers` ≤ [`MAX_WORKERS`] per program and
+//!   ≤ [`MAX_TOTAL_WORKERS`] over all programs; 10 000 programs and 10 000 queues; each `env` string (`KEY=VALUE`) and each
+//!   command argument under the kernel's per-string limit ([`MAX_ARG_STRING`]), and a
+//!   program's own environment and argv together ≤ [`MAX_ARGS_TOTAL`]; every duration
+//!   ≤ [`MAX_DURATION`] (10 years); `prefetch` ≤ 10 000, `max_pending` ≤ 100 000 000,
+//!   `start_limit.burst` ≤ 10 000, `partitions` ≤ 65 536, `max_frame` < 4 GiB (a frame
+//!   length is 4 bytes), exit codes 0 to 255;
+//! - `node` is `[A-Za-z0-9._-]{1,253}` (default: the host name); `cluster.etcd` lists
+//!   `http://` or `https://` endpoints, `cluster.lease` is at least 1s (default 10s); a queue's
+//!   `backend` is a `redis://` URL, `claim_after` (default 30s) is positive, `partitions`
+//!   (default 64) is 1 to 65 536. `cluster`, `backend` and cluster locks are read and checked
+//!   but refused as not supported yet ([`UNSUPPORTED`]);
+//! - the per-user runtime folder in /tmp (no `$XDG_RUNTIME_DIR`) is created 0700 when missing
+//!   and refused when it is not a directory of ours that only we may write (see
+//!   [`check_private_dir`]).
 //!
 //! Relative paths (`runtime_dir`, `state_dir`, `lock_dir`, `cwd`, output files, a `unix:`
 //! address, and a command's program when it contains a slash) resolve against the folder of
@@ -70,10 +83,23 @@ pub struct Config {
     pub metrics: Option<ListenAddr>,
     pub shutdown_timeout: Duration,
     pub log_level: log::LevelFilter,
+    /// This master's name in a cluster: `node`, else the host name.
+    pub node: String,
+    /// `cluster = { etcd = [...], lease = "10s" }` (SPEC §10).
+    pub cluster: Option<Cluster>,
     /// Sorted by name.
     pub programs: Vec<Program>,
     /// Sorted by name.
     pub queues: Vec<Queue>,
+}
+
+/// The etcd cluster this master joins (SPEC §10).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Cluster {
+    /// etcd endpoints, `http://` or `https://` URLs; never empty.
+    pub etcd: Vec<String>,
+    /// The TTL of the master's lease.
+    pub lease: Duration,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -315,6 +341,13 @@ pub struct Queue {
     /// A job in flight longer than this (counted from when it became the oldest unanswered
     /// job of its worker) gets the worker stopped and is redelivered.
     pub job_timeout: Option<Duration>,
+    /// `redis://…`: the queue lives in Redis (SPEC §10); `None`: in this master.
+    pub backend: Option<String>,
+    /// With a backend: how long a job fetched by a master that stopped stays unacknowledged
+    /// before another master claims it.
+    pub claim_after: Duration,
+    /// With a backend and `route = "key"`: how many key partitions.
+    pub partitions: u32,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -340,6 +373,24 @@ impl Config {
 /// machine to death.
 pub const MAX_WORKERS: u32 = 10_000;
 
+/// The most workers all programs together may have: each is a process, with its pipes and
+/// slot, and 200 million of them are a typo, not a plan.
+pub const MAX_TOTAL_WORKERS: u64 = 100_000;
+
+/// The longest string one argument or environment entry may be, in bytes, without the NUL:
+/// the kernel refuses longer ones at exec (`MAX_ARG_STRLEN`, 32 pages of 4 KiB, NUL included).
+pub const MAX_ARG_STRING: usize = 128 * 1024 - 1;
+
+/// The most a program's own `env` and `command` may take together at exec, counted as the
+/// kernel does (each string, its NUL and its 8-byte pointer): half of the usual `ARG_MAX`
+/// (2 MiB, a quarter of the default 8 MiB stack limit), which leaves the other half for the
+/// inherited environment and plumule's own variables.
+pub const MAX_ARGS_TOTAL: usize = 1024 * 1024;
+
+/// The longest duration any key accepts: 10 years (humantime's, 365.25 days each). Beyond
+/// it a value is a typo, and `Instant` arithmetic would overflow.
+pub const MAX_DURATION: Duration = Duration::from_secs(10 * 31_557_600);
+
 /// The systemd protocol variables plumule sets for workers itself (and never passes on from
 /// its own environment).
 pub const SYSTEMD_ENV: &[&str] = &[
@@ -357,15 +408,32 @@ pub const SYSTEMD_ENV: &[&str] = &[
 pub struct Unsupported {
     /// A dotted key path; `*` matches any one key (a program or queue name).
     pub key: &'static str,
-    /// Refused only when set to this string; `None`: whatever the value.
+    /// Refused only when set to this string, or to this boolean (`"true"`, `"false"`);
+    /// `None`: whatever the value.
     pub value: Option<&'static str>,
 }
 
 /// Keys whose feature is not built yet. Shipping a feature removes its line.
-pub const UNSUPPORTED: &[Unsupported] = &[];
+pub const UNSUPPORTED: &[Unsupported] = &[
+    // SPEC §10: etcd membership and cluster locks.
+    Unsupported {
+        key: "plumule.cluster",
+        value: None,
+    },
+    Unsupported {
+        key: "program.*.locks.cluster",
+        value: Some("true"),
+    },
+    // SPEC §10: queues in Redis.
+    Unsupported {
+        key: "queue.*.backend",
+        value: None,
+    },
+];
 
 /// The entry of [`UNSUPPORTED`] that a key set in a file falls under, if any. `path` is the
-/// key's full path (`["program", "web", "after"]`), `value` its value when it is a string.
+/// key's full path (`["program", "web", "after"]`; an array's items have their array's path),
+/// `value` its value when it is a string or a boolean (`"true"`).
 pub fn unsupported(path: &[&str], value: Option<&str>) -> Option<&'static Unsupported> {
     find_unsupported(UNSUPPORTED, path, value)
 }
@@ -389,6 +457,7 @@ impl Unsupported {
     fn label(&self) -> String {
         let key = self.key.rsplit('.').find(|k| *k != "*").unwrap_or(self.key);
         match self.value {
+            Some(v @ ("true" | "false")) => format!("{key} = {v}"),
             Some(v) => format!("{key} = \"{v}\""),
             None => key.to_owned(),
         }
@@ -476,6 +545,10 @@ struct Pending {
 struct Host<'a> {
     var: &'a dyn Fn(&str) -> Option<OsString>,
     euid: u32,
+    /// The default `node`.
+    hostname: &'a str,
+    /// Checks (and creates) the per-user folder in /tmp: [`check_private_dir`].
+    private_dir: &'a dyn Fn(&Path, u32) -> Result<(), String>,
 }
 
 /// A signal by name, exactly as the config file reads `stop_signal`: "HUP", "SIGHUP", "hup"
@@ -599,10 +672,66 @@ pub fn parse(text: &str, path: &Path) -> Result<Config, ConfigError> {
 }
 
 fn this_host() -> Host<'static> {
+    static HOSTNAME: std::sync::OnceLock<String> = std::sync::OnceLock::new();
     Host {
         var: &|name: &str| std::env::var_os(name),
         euid: nix::unistd::geteuid().as_raw(),
+        hostname: HOSTNAME.get_or_init(hostname),
+        private_dir: &check_private_dir,
     }
+}
+
+/// The host name (the kernel's `uname -n`), "localhost" when it cannot be read.
+pub(crate) fn hostname() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .ok()
+        .map(|h| h.trim().to_owned())
+        .filter(|h| !h.is_empty())
+        .unwrap_or_else(|| "localhost".to_owned())
+}
+
+/// The per-user folder in /tmp that holds the default runtime (and maybe state) dir when
+/// there is no `$XDG_RUNTIME_DIR`: created 0700 when missing, else it must be a directory
+/// (not a symbolic link) owned by `euid` that neither its group nor others may write. /tmp is
+/// shared: a folder created beforehand by another user, or left writable, would let that user
+/// swap `run/` (and the control socket in it) later. OpenSSH and tmux check theirs the same
+/// way. Returns the message saying how to fix it.
+pub fn check_private_dir(dir: &Path, euid: u32) -> Result<(), String> {
+    use std::os::unix::fs::DirBuilderExt;
+    let how = "remove it (as its owner or root) so that plumule creates it again, or set \
+               `runtime_dir` in [plumule] (or $XDG_RUNTIME_DIR)";
+    match std::fs::DirBuilder::new().mode(0o700).create(dir) {
+        Ok(()) => {}
+        Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {}
+        Err(e) => return Err(format!("cannot create {}: {e}", dir.display())),
+    }
+    // lstat: a symbolic link planted there is refused, not followed.
+    let meta = std::fs::symlink_metadata(dir)
+        .map_err(|e| format!("cannot inspect {}: {e}", dir.display()))?;
+    if !meta.is_dir() {
+        return Err(format!(
+            "refusing the per-user folder {}: it is not a directory; {how}",
+            dir.display()
+        ));
+    }
+    if meta.uid() != euid {
+        return Err(format!(
+            "refusing the per-user folder {}: it belongs to uid {}, not to you (uid {euid}), \
+             who could replace what plumule keeps there; {how}",
+            dir.display(),
+            meta.uid()
+        ));
+    }
+    if meta.mode() & 0o022 != 0 {
+        return Err(format!(
+            "refusing the per-user folder {}: others may write to it (mode {:04o}) and replace \
+             what plumule keeps there; run `chmod go-w {}`, or {how}",
+            dir.display(),
+            meta.mode() & 0o7777,
+            dir.display()
+        ));
+    }
+    Ok(())
 }
 
 /// [`parse`] with the process's environment and the list of unsupported keys as parameters.

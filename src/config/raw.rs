@@ -37,6 +37,16 @@ pub(super) struct RawPlumule {
     pub metrics: Option<Spanned<String>>,
     pub shutdown_timeout: Option<Spanned<Scalar>>,
     pub log_level: Option<Spanned<String>>,
+    pub node: Option<Spanned<String>>,
+    /// Spanned at the table, for problems about the whole.
+    pub cluster: Option<Spanned<RawCluster>>,
+}
+
+/// `cluster = { etcd = [...], lease = "10s" }`.
+#[derive(Debug, Default)]
+pub(super) struct RawCluster {
+    pub etcd: Option<Vec<Spanned<String>>>,
+    pub lease: Option<Spanned<Scalar>>,
 }
 
 #[derive(Debug, Default)]
@@ -99,6 +109,9 @@ pub(super) struct RawQueue {
     pub max_pending: Option<Spanned<i64>>,
     pub max_frame: Option<Spanned<Scalar>>,
     pub job_timeout: Option<Spanned<Scalar>>,
+    pub backend: Option<Spanned<String>>,
+    pub claim_after: Option<Spanned<Scalar>>,
+    pub partitions: Option<Spanned<i64>>,
 }
 
 /// A scalar of any TOML type, for values that are strings but deserve a better message than
@@ -170,7 +183,10 @@ const PLUMULE_KEYS: &[&str] = &[
     "metrics",
     "shutdown_timeout",
     "log_level",
+    "node",
+    "cluster",
 ];
+const CLUSTER_KEYS: &[&str] = &["etcd", "lease"];
 const PROGRAM_KEYS: &[&str] = &[
     "command",
     "workers",
@@ -214,9 +230,12 @@ const QUEUE_KEYS: &[&str] = &[
     "max_pending",
     "max_frame",
     "job_timeout",
+    "backend",
+    "claim_after",
+    "partitions",
 ];
 const OUTPUT_FILE_KEYS: &[&str] = &["file", "max_size", "keep"];
-const LOCK_KEYS: &[&str] = &["name", "shared"];
+const LOCK_KEYS: &[&str] = &["name", "shared", "cluster"];
 const LISTEN_KEYS: &[&str] = &["address", "name", "mode"];
 
 /// What the reader found wrong, and the keys validation must not report again.
@@ -560,7 +579,21 @@ impl Reader {
             shutdown_timeout: self
                 .scalar(f.get("shutdown_timeout"), &child(key, "shutdown_timeout")),
             log_level: self.string(f.get("log_level"), &child(key, "log_level")),
+            node: self.string(f.get("node"), &child(key, "node")),
+            cluster: f
+                .get("cluster")
+                .and_then(|n| self.cluster(n, &child(key, "cluster"))),
         })
+    }
+
+    fn cluster(&mut self, node: Node, key: &Path) -> Option<Spanned<RawCluster>> {
+        let f = self.fields(node, key, CLUSTER_KEYS)?;
+        let etcd = child(key, "etcd");
+        let cluster = RawCluster {
+            etcd: self.array(f.get("etcd"), &etcd, |r, n| r.string(Some(n), &etcd)),
+            lease: self.scalar(f.get("lease"), &child(key, "lease")),
+        };
+        Some(Self::spanned(node, cluster))
     }
 
     fn program(&mut self, node: Node, key: &Path) -> Option<RawProgram> {
@@ -678,6 +711,9 @@ impl Reader {
             max_pending: self.int(f.get("max_pending"), &k("max_pending")),
             max_frame: self.scalar(f.get("max_frame"), &k("max_frame")),
             job_timeout: self.scalar(f.get("job_timeout"), &k("job_timeout")),
+            backend: self.string(f.get("backend"), &k("backend")),
+            claim_after: self.scalar(f.get("claim_after"), &k("claim_after")),
+            partitions: self.int(f.get("partitions"), &k("partitions")),
         })
     }
 
@@ -748,6 +784,9 @@ impl Reader {
             Node::Value(Value::String(s)) => RawLock::Name(s.value().clone()),
             Node::Table(_) | Node::Inline(_) => {
                 let f = self.fields(node, key, LOCK_KEYS)?;
+                // Only its type is checked here: `cluster = true` is refused as not supported
+                // yet (see `UNSUPPORTED`), and `false` is an ordinary lock.
+                self.boolean(f.get("cluster"), &child(key, "cluster"));
                 RawLock::Table(RawLockTable {
                     name: self.string(f.get("name"), &child(key, "name")),
                     shared: self.boolean(f.get("shared"), &child(key, "shared")),

@@ -23,9 +23,17 @@ fn host_parse(
             .find(|(k, _)| *k == name)
             .map(|(_, v)| OsString::from(v))
     };
-    let host = Host { var: &var, euid };
+    let host = Host {
+        var: &var,
+        euid,
+        hostname: HOSTNAME,
+        private_dir: &|_, _| Ok(()),
+    };
     parse_with(text, Path::new(FILE), &host, unsupported)
 }
+
+/// The host name of the tests' host: the default `node`.
+const HOSTNAME: &str = "testhost";
 
 /// Parses with today's list of unsupported keys.
 fn parse_now(text: &str) -> Result<Config, ConfigError> {
@@ -545,7 +553,7 @@ fn exit_codes_and_start_limit_ranges() {
         problems(&text),
         [
             line("3:26: program.web.success_exit_codes: exit codes are 0 to 255, found 300"),
-            line("4:25: program.web.start_limit.burst: must be at least 1, found 0"),
+            line("4:25: program.web.start_limit.burst: must be between 1 and 10000, found 0"),
             line("4:39: program.web.start_limit.interval: must be longer than 0"),
         ]
     );
@@ -589,7 +597,7 @@ fn queue_values_out_of_range() {
             line("4:12: queue.q.protocol: unknown protocol `line`, did you mean `lines`?"),
             line("5:9: queue.q.route: unknown route `hash`; expected one of `least-loaded`, `round-robin`, `key`"),
             line("6:13: queue.q.max_frame: must be at most 4294967295 bytes"),
-            line("7:15: queue.q.max_pending: must be at least 1, found 0"),
+            line("7:15: queue.q.max_pending: must be between 1 and 100000000, found 0"),
             line("8:25: queue.q.retry_backoff.max: `initial` (1s) is longer than `max` (10ms)"),
         ]
     );
@@ -638,6 +646,7 @@ lock_dir = "/run/plumule/locks"   # named lock files (default: runtime_dir/locks
 control_group = "root"            # optional: members may use the control socket (0660)
 shutdown_timeout = "30s"          # whole graceful stop, after which everything left is killed
 log_level = "info"
+node = "web-1"                    # optional: this master's name in a cluster (default: the host name)
 
 [program.web]
 command = ["/usr/bin/myapp", "--port", "8080"]   # argv, no shell; a plain string runs via /bin/sh -c
@@ -737,6 +746,8 @@ fn spec_example_parses_to_the_expected_values() {
         metrics: None,
         shutdown_timeout: Duration::from_secs(30),
         log_level: log::LevelFilter::Info,
+        node: "web-1".into(),
+        cluster: None,
         // Sorted by name.
         programs: vec![resize, web],
         queues: vec![],
@@ -825,6 +836,8 @@ fn defaults_are_spec_section_9() {
             metrics: None,
             shutdown_timeout: Duration::from_secs(30),
             log_level: log::LevelFilter::Info,
+            node: HOSTNAME.into(),
+            cluster: None,
             programs: vec![default_program("a", CommandSpec::Argv(vec!["a".into()]))],
             queues: vec![Queue {
                 name: "q".into(),
@@ -842,6 +855,9 @@ fn defaults_are_spec_section_9() {
                 max_pending: 1_000_000,
                 max_frame: 16 << 20,
                 job_timeout: None,
+                backend: None,
+                claim_after: Duration::from_secs(30),
+                partitions: 64,
             }],
         }
     );
@@ -956,7 +972,12 @@ command = ["c"]
 #[test]
 fn relative_config_path_is_made_absolute() {
     let var = |_: &str| None;
-    let host = Host { var: &var, euid: 0 };
+    let host = Host {
+        var: &var,
+        euid: 0,
+        hostname: HOSTNAME,
+        private_dir: &|_, _| Ok(()),
+    };
     let config = parse_with(
         "[plumule]\nstate_dir = \"s\"\n",
         Path::new("conf/plumule.toml"),
@@ -1580,7 +1601,12 @@ fn include_tree(main: &str, files: &[(&str, &str)]) -> (tempfile::TempDir, PathB
 fn load_all(path: &Path) -> Result<Config, ConfigError> {
     let text = std::fs::read_to_string(path).unwrap();
     let var = |_: &str| None;
-    let host = Host { var: &var, euid: 0 };
+    let host = Host {
+        var: &var,
+        euid: 0,
+        hostname: HOSTNAME,
+        private_dir: &|_, _| Ok(()),
+    };
     parse_with(&text, path, &host, &[])
 }
 
@@ -1723,4 +1749,355 @@ fn include_patterns_that_cannot_be_read_are_located_at_the_pattern() {
         problem("include = \"conf.d/*.toml\"\n"),
         line("1:11: include: invalid type: string \"conf.d/*.toml\", expected an array")
     );
+}
+
+// ---- Bounds on what a file may ask for (README "Limits"). ----
+
+/// Issue 14: 20 000 programs of 10 000 workers each were accepted.
+#[test]
+fn total_workers_across_programs_are_bounded() {
+    let mut text = String::new();
+    for name in ["a", "b", "c", "d", "e", "f", "g", "h", "i", "j", "k"] {
+        text.push_str(&format!(
+            "[program.{name}]\ncommand = \"x\"\nworkers = 10000\n"
+        ));
+    }
+    assert_eq!(
+        problems(&text),
+        [line(
+            "33:11: program.k.workers: the programs ask for 110000 workers in all, above the \
+             limit of 100000 workers across all programs"
+        )]
+    );
+    // Exactly the limit is fine.
+    let at_limit: String = (0..10)
+        .map(|i| format!("[program.p{i}]\ncommand = \"x\"\nworkers = 10000\n"))
+        .collect();
+    let config = ok(&at_limit);
+    let total: u64 = config.programs.iter().map(|p| u64::from(p.workers)).sum();
+    assert_eq!(total, MAX_TOTAL_WORKERS);
+}
+
+#[test]
+fn programs_and_queues_are_bounded_in_number() {
+    let programs: String = (0..=10_000)
+        .map(|i| format!("[program.p{i:05}]\ncommand = \"x\"\nworkers = 0\n"))
+        .collect();
+    assert_eq!(
+        problem(&programs),
+        line("30001:10: program.p10000: more than 10000 programs: the limit is 10000")
+    );
+    let queues: String = (0..=10_000).map(|i| format!("[queue.q{i:05}]\n")).collect();
+    assert_eq!(
+        problem(&queues),
+        line("10001:8: queue.q10000: more than 10000 queues: the limit is 10000")
+    );
+}
+
+/// Issue 14: a 50 MiB `env` value was accepted, and could only fail at exec.
+#[test]
+fn environment_strings_stay_under_the_kernel_limits() {
+    // NAME=VALUE with its NUL is exactly 128 KiB: the largest the kernel takes.
+    let fits = "v".repeat(MAX_ARG_STRING - "A=".len());
+    ok(&format!("{WEB}env = {{ A = \"{fits}\" }}\n"));
+    let over = format!("{fits}v");
+    assert_eq!(
+        problem(&format!("{WEB}env = {{ A = \"{over}\" }}\n")),
+        line(&format!(
+            "3:13: program.web.env.A: the variable (NAME=VALUE) is 131072 bytes long, above the \
+             limit of {MAX_ARG_STRING} bytes for one argument or environment string (the \
+             kernel's MAX_ARG_STRLEN, 128 KiB with its NUL); pass large data in a file"
+        ))
+    );
+    // 2 MiB: too long for one string, and for the share of ARG_MAX.
+    let big = "v".repeat(2 << 20);
+    let all = problems(&format!("{WEB}env = {{ A = \"{big}\" }}\n"));
+    assert_eq!(all.len(), 2, "{all:?}");
+    assert!(all[0].contains("half of the usual ARG_MAX"), "{all:?}");
+    assert!(all[1].contains("MAX_ARG_STRLEN"), "{all:?}");
+    // One argument of the command, and a shell command line, likewise.
+    let over = "v".repeat(MAX_ARG_STRING + 1);
+    ok(&format!(
+        "[program.web]\ncommand = [\"/bin/x\", \"{}\"]\n",
+        &over[1..]
+    ));
+    let p = problem(&format!(
+        "[program.web]\ncommand = [\"/bin/x\", \"{over}\"]\n"
+    ));
+    assert!(
+        p.starts_with(&line(
+            "2:22: program.web.command: the argument is 131072 bytes long"
+        )),
+        "{p}"
+    );
+    let p = problem(&format!("[program.web]\ncommand = \"{over}\"\n"));
+    assert!(
+        p.starts_with(&line(
+            "2:11: program.web.command: the command is 131072 bytes long"
+        )),
+        "{p}"
+    );
+}
+
+#[test]
+fn environment_and_argv_together_stay_under_a_share_of_arg_max() {
+    // Ten variables of 100 000 bytes: each fits, together they take more than 1 MiB.
+    let value = "v".repeat(100_000);
+    let vars: Vec<String> = (0..11).map(|i| format!("V{i} = \"{value}\"")).collect();
+    let text = format!("{WEB}env = {{ {} }}\n", vars.join(", "));
+    let p = problem(&text);
+    assert!(
+        p.starts_with(&line("3:1: program.web.env: `command` and `env` take 1100")),
+        "{p}"
+    );
+    assert!(
+        p.contains(&format!("above the limit of {MAX_ARGS_TOTAL} bytes")),
+        "{p}"
+    );
+    let vars: Vec<String> = (0..10).map(|i| format!("V{i} = \"{value}\"")).collect();
+    ok(&format!("{WEB}env = {{ {} }}\n", vars.join(", ")));
+}
+
+/// Issue 14: "99999999999999h" was a valid duration, shown by `status` as 212717826 years.
+#[test]
+fn durations_are_at_most_ten_years() {
+    assert_eq!(
+        problem(&format!("{WEB}stop_timeout = \"99999999999999h\"\n")),
+        line(
+            "3:16: program.web.stop_timeout: duration \"99999999999999h\" is longer than the \
+             limit of 10years"
+        )
+    );
+    let c = ok(&format!(
+        "{WEB}healthy_after = \"10years\"\n[queue.q]\njob_timeout = \"3650d\"\n"
+    ));
+    assert_eq!(c.programs[0].healthy_after, MAX_DURATION);
+    assert_eq!(
+        c.queues[0].job_timeout,
+        Some(Duration::from_secs(3650 * 86400))
+    );
+    // Every duration key goes through the same check, nested ones included.
+    for key in [
+        "backoff = { max = \"11years\" }",
+        "start_limit = { interval = \"11years\" }",
+        "watchdog = \"11years\"",
+        "ready_timeout = \"11years\"",
+    ] {
+        let p = problem(&format!("{WEB}{key}\n"));
+        assert!(p.contains("longer than the limit of 10years"), "{key}: {p}");
+    }
+    let p = problem("[plumule]\nshutdown_timeout = \"4000d\"\n");
+    assert!(p.contains("longer than the limit"), "{p}");
+}
+
+// ---- Keys of the cluster features (SPEC §2, §10). ----
+
+#[test]
+fn node_defaults_to_the_host_name_and_is_checked() {
+    assert_eq!(ok("").node, HOSTNAME);
+    assert_eq!(
+        ok("[plumule]\nnode = \"web-1.example\"\n").node,
+        "web-1.example"
+    );
+    assert_eq!(
+        problem("[plumule]\nnode = \"web 1\"\n"),
+        line(
+            "2:8: plumule.node: invalid node name \"web 1\": use 1 to 253 characters among \
+             A-Z a-z 0-9 . _ -"
+        )
+    );
+    assert!(problem("[plumule]\nnode = \"\"\n").contains("invalid node name"));
+}
+
+#[test]
+fn cluster_is_read_and_checked_but_not_supported_yet() {
+    let text = "[plumule]\ncluster = { etcd = [\"http://127.0.0.1:2379\"], lease = \"5s\" }\n";
+    assert_eq!(
+        ok(text).cluster,
+        Some(Cluster {
+            etcd: vec!["http://127.0.0.1:2379".into()],
+            lease: Duration::from_secs(5),
+        })
+    );
+    assert_eq!(
+        ok("[plumule]\ncluster = { etcd = [\"https://e:2379\"] }\n")
+            .cluster
+            .unwrap()
+            .lease,
+        Duration::from_secs(10)
+    );
+    assert_eq!(
+        problem(text),
+        line("2:1: plumule.cluster: `cluster` is not supported yet")
+    );
+    let bad = "[plumule]\ncluster = { etcd = [\"127.0.0.1:2379\"], lease = \"500ms\", ttl = 1 }\n";
+    assert_eq!(
+        parse_all(bad)
+            .unwrap_err()
+            .to_string()
+            .lines()
+            .collect::<Vec<_>>(),
+        [
+            line(
+                "2:21: plumule.cluster.etcd: invalid etcd endpoint \"127.0.0.1:2379\": expected \
+                 an http:// or https:// URL like \"http://127.0.0.1:2379\""
+            ),
+            line("2:48: plumule.cluster.lease: must be at least 1s"),
+            line("2:57: plumule.cluster.ttl: unknown key `ttl`; expected one of `etcd`, `lease`"),
+        ]
+    );
+    assert_eq!(
+        parse_all("[plumule]\ncluster = { lease = \"5s\" }\n")
+            .unwrap_err()
+            .to_string(),
+        line(
+            "2:11: plumule.cluster.etcd: missing key `etcd`: the endpoints, like \
+             [\"http://127.0.0.1:2379\"]"
+        )
+    );
+}
+
+#[test]
+fn queue_backend_keys_are_read_and_checked() {
+    let text = "[queue.q]\nbackend = \"redis://127.0.0.1:6379/0\"\nclaim_after = \"1m\"\n\
+                partitions = 8\n";
+    let q = &ok(text).queues[0];
+    assert_eq!(q.backend.as_deref(), Some("redis://127.0.0.1:6379/0"));
+    assert_eq!(q.claim_after, Duration::from_secs(60));
+    assert_eq!(q.partitions, 8);
+    assert_eq!(
+        problem(text),
+        line("2:1: queue.q.backend: `backend` is not supported yet")
+    );
+    // Without a backend, the other two are accepted (they mean nothing yet).
+    let q = &parse_now("[queue.q]\nclaim_after = \"1m\"\npartitions = 8\n")
+        .unwrap()
+        .queues[0];
+    assert_eq!((q.claim_after, q.partitions), (Duration::from_secs(60), 8));
+    assert_eq!(
+        parse_all("[queue.q]\nbackend = \"mysql://x\"\nclaim_after = \"0s\"\npartitions = 0\n")
+            .unwrap_err()
+            .to_string()
+            .lines()
+            .collect::<Vec<_>>(),
+        [
+            line("2:11: queue.q.backend: expected a Redis URL like \"redis://127.0.0.1:6379/0\""),
+            line("3:15: queue.q.claim_after: must be longer than 0"),
+            line("4:14: queue.q.partitions: must be between 1 and 65536, found 0"),
+        ]
+    );
+}
+
+#[test]
+fn cluster_locks_are_not_supported_yet() {
+    let text = format!("{WEB}locks = [{{ name = \"leader\", cluster = true }}]\n");
+    assert_eq!(
+        problem(&text),
+        line("3:29: program.web.locks.cluster: `cluster = true` is not supported yet")
+    );
+    // `cluster = false` is an ordinary lock; a string is a type error.
+    let c = parse_now(&format!(
+        "{WEB}locks = [{{ name = \"l\", cluster = false }}]\n"
+    ))
+    .unwrap();
+    assert_eq!(c.programs[0].locks[0].name, "l");
+    assert!(problem(&format!(
+        "{WEB}locks = [{{ name = \"l\", cluster = \"yes\" }}]\n"
+    ))
+    .contains("expected a boolean"));
+    assert!(unsupported(&["program", "w", "locks", "cluster"], Some("true")).is_some());
+    assert!(unsupported(&["program", "w", "locks", "cluster"], Some("false")).is_none());
+}
+
+// ---- The per-user folder in /tmp. ----
+
+#[test]
+fn the_private_tmp_folder_is_checked_only_when_a_default_uses_it() {
+    use std::cell::RefCell;
+    let checked: RefCell<Vec<PathBuf>> = RefCell::new(Vec::new());
+    let private_dir = |dir: &Path, euid: u32| {
+        assert_eq!(euid, 1000);
+        checked.borrow_mut().push(dir.to_path_buf());
+        Err("refusing it".to_owned())
+    };
+    let parse = |text: &str, vars: &[(&str, &str)]| {
+        let var = |name: &str| {
+            vars.iter()
+                .find(|(k, _)| *k == name)
+                .map(|(_, v)| OsString::from(v))
+        };
+        let host = Host {
+            var: &var,
+            euid: 1000,
+            hostname: HOSTNAME,
+            private_dir: &private_dir,
+        };
+        parse_with(text, Path::new(FILE), &host, UNSUPPORTED)
+    };
+    let err = parse("", &[("HOME", "/home/u")]).unwrap_err();
+    assert_eq!(
+        err.to_string(),
+        format!("{FILE}: plumule.runtime_dir: refusing it")
+    );
+    assert_eq!(*checked.borrow(), [PathBuf::from("/tmp/plumule-1000")]);
+    // Located at [plumule] when there is one.
+    let err = parse("[plumule]\nlog_level = \"info\"\n", &[("HOME", "/home/u")]).unwrap_err();
+    assert_eq!(
+        err.to_string(),
+        line("1:2: plumule.runtime_dir: refusing it")
+    );
+    // The state dir alone in /tmp (no HOME) is checked too.
+    assert!(parse("[plumule]\nruntime_dir = \"/r\"\n", &[]).is_err());
+    checked.borrow_mut().clear();
+    parse(
+        "",
+        &[("XDG_RUNTIME_DIR", "/run/user/1000"), ("HOME", "/home/u")],
+    )
+    .unwrap();
+    parse("[plumule]\nruntime_dir = \"/r\"\n", &[("HOME", "/home/u")]).unwrap();
+    assert!(checked.borrow().is_empty());
+}
+
+/// The real check, on folders made for it (the tests run as root in CI; the owner cases need
+/// root to give a folder away).
+#[test]
+fn check_private_dir_creates_a_private_folder_and_refuses_others() {
+    use std::os::unix::fs::PermissionsExt;
+    let base = tempfile::tempdir().unwrap();
+    let euid = nix::unistd::geteuid().as_raw();
+    let dir = base.path().join("plumule-x");
+    check_private_dir(&dir, euid).unwrap();
+    let meta = std::fs::symlink_metadata(&dir).unwrap();
+    assert!(meta.is_dir());
+    assert_eq!(meta.permissions().mode() & 0o777, 0o700);
+    // Again: it exists and is ours.
+    check_private_dir(&dir, euid).unwrap();
+
+    std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o1777)).unwrap();
+    let err = check_private_dir(&dir, euid).unwrap_err();
+    assert!(
+        err.contains("others may write to it (mode 1777)") && err.contains("chmod go-w"),
+        "{err}"
+    );
+    std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o770)).unwrap();
+    assert!(check_private_dir(&dir, euid).is_err());
+    std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o755)).unwrap();
+    check_private_dir(&dir, euid).unwrap();
+
+    // Owned by someone else.
+    let err = check_private_dir(&dir, euid + 1).unwrap_err();
+    assert!(
+        err.contains(&format!(
+            "belongs to uid {euid}, not to you (uid {})",
+            euid + 1
+        )) && err.contains("remove it"),
+        "{err}"
+    );
+
+    // A symbolic link to a good folder is refused, not followed.
+    let link = base.path().join("plumule-link");
+    std::os::unix::fs::symlink(&dir, &link).unwrap();
+    assert!(check_private_dir(&link, euid)
+        .unwrap_err()
+        .contains("not a directory"));
 }

@@ -18,14 +18,15 @@ use toml::Spanned;
 
 use super::locate::{display_key, display_path, Source};
 use super::raw::{
-    RawBackoff, RawCommand, RawFile, RawListen, RawLock, RawOutput, RawPlumule, RawProgram,
-    RawQueue, Scalar,
+    RawBackoff, RawCluster, RawCommand, RawFile, RawListen, RawLock, RawOutput, RawPlumule,
+    RawProgram, RawQueue, Scalar,
 };
 use super::values::{self, resolve, suggest, unknown_choice};
 use super::{
-    find_unsupported, Backoff, CommandSpec, Config, GroupSpec, Host, Limit, LimitResource,
+    find_unsupported, Backoff, Cluster, CommandSpec, Config, GroupSpec, Host, Limit, LimitResource,
     ListenAddr, ListenSpec, LockSpec, OutputSpec, Pending, Program, Queue, QueueProtocol,
-    ReadyMode, ReloadMode, RestartPolicy, Route, StartLimit, Unsupported, UserSpec, MAX_WORKERS,
+    ReadyMode, ReloadMode, RestartPolicy, Route, StartLimit, Unsupported, UserSpec, MAX_ARGS_TOTAL,
+    MAX_ARG_STRING, MAX_TOTAL_WORKERS, MAX_WORKERS,
 };
 
 /// SPEC §9 defaults.
@@ -53,6 +54,21 @@ const MAX_FRAME_LIMIT: u64 = u32::MAX as u64;
 /// In-flight jobs per worker: a bound on what the master buffers for one worker.
 const MAX_PREFETCH: i64 = 10_000;
 const MAX_KEEP: i64 = 1000;
+/// Jobs a queue may hold: what `max_pending` may ask for. Each pending job costs the master
+/// memory (its index entry at least), so the bound is on memory, not disk.
+const MAX_PENDING_LIMIT: i64 = 100_000_000;
+/// Starts remembered per worker for `start_limit`: the window keeps one instant per start.
+const MAX_BURST: i64 = 10_000;
+/// Programs, and queues, a configuration may define: each costs the master a pool (or a
+/// queue) and its metrics series.
+const MAX_NAMED: usize = 10_000;
+const DEFAULT_CLAIM_AFTER: Duration = Duration::from_secs(30);
+const DEFAULT_PARTITIONS: i64 = 64;
+/// Key partitions of a Redis queue: one stream each.
+const MAX_PARTITIONS: i64 = 65_536;
+const DEFAULT_LEASE: Duration = Duration::from_secs(10);
+/// The longest `node` name: a DNS name's.
+const MAX_NODE: usize = 253;
 
 /// Variables plumule sets for every worker (with [`super::SYSTEMD_ENV`]); `env` must not
 /// try to set them.
@@ -160,6 +176,14 @@ pub(super) fn validate(
     let plumule_key = Key::root("plumule");
 
     let (default_runtime, default_state) = default_dirs(host);
+    let tmp = private_tmp(host);
+    let tmp_used = (plumule.runtime_dir.is_none() && default_runtime.starts_with(&tmp))
+        || (plumule.state_dir.is_none() && default_state.starts_with(&tmp));
+    if tmp_used {
+        if let Err(message) = (host.private_dir)(&tmp, host.euid) {
+            v.at_key(&plumule_key.child("runtime_dir"), message);
+        }
+    }
     let runtime_dir = v
         .dir_path(
             &plumule_key.child("runtime_dir"),
@@ -192,9 +216,26 @@ pub(super) fn validate(
         LOG_LEVEL,
         log::LevelFilter::Info,
     );
+    let node = match &plumule.node {
+        Some(n) => {
+            v.node(&plumule_key.child("node"), n);
+            n.get_ref().clone()
+        }
+        None => host.hostname.to_owned(),
+    };
+    let cluster = plumule
+        .cluster
+        .as_ref()
+        .map(|c| v.cluster(&plumule_key.child("cluster"), c));
 
     let raw_queues: BTreeMap<Spanned<String>, (usize, &RawQueue)> =
         v.merge(files, &dirs, "queue", |f| f.raw.queue.as_ref());
+    v.too_many(
+        files,
+        &dirs,
+        "queue",
+        raw_queues.keys().map(|k| (k, raw_queues[k].0)),
+    );
     let mut queues: Vec<Queue> = Vec::new();
     for (name, (i, q)) in &raw_queues {
         v.enter(*i, files[*i].source, &dirs[*i]);
@@ -202,11 +243,18 @@ pub(super) fn validate(
     }
 
     let raw_programs: Programs = v.merge(files, &dirs, "program", |f| f.raw.program.as_ref());
+    v.too_many(
+        files,
+        &dirs,
+        "program",
+        raw_programs.keys().map(|k| (k, raw_programs[k].0)),
+    );
     let mut programs: Vec<Program> = Vec::new();
     for (name, (i, p)) in &raw_programs {
         v.enter(*i, files[*i].source, &dirs[*i]);
         programs.push(v.program(name, p));
     }
+    v.total_workers(files, &dirs, &raw_programs, &programs);
     v.references(files, &dirs, &raw_programs, &raw_queues);
     v.after_cycles(files, &dirs, &raw_programs);
 
@@ -222,6 +270,8 @@ pub(super) fn validate(
         metrics,
         shutdown_timeout,
         log_level,
+        node,
+        cluster,
         // BTreeMap iteration: both sorted by name.
         programs,
         queues,
@@ -246,7 +296,7 @@ fn default_dirs(host: &Host) -> (PathBuf, PathBuf) {
         let path = PathBuf::from(OsStr::from_bytes(first));
         path.is_absolute().then_some(path)
     };
-    let tmp = PathBuf::from(format!("/tmp/plumule-{}", host.euid));
+    let tmp = private_tmp(host);
     let runtime = systemd("RUNTIME_DIRECTORY").unwrap_or_else(|| {
         if host.euid == 0 {
             PathBuf::from("/run/plumule")
@@ -268,6 +318,11 @@ fn default_dirs(host: &Host) -> (PathBuf, PathBuf) {
         }
     });
     (runtime, state)
+}
+
+/// The per-user folder in /tmp for the default dirs of a user without `$XDG_RUNTIME_DIR`.
+fn private_tmp(host: &Host) -> PathBuf {
+    PathBuf::from(format!("/tmp/plumule-{}", host.euid))
 }
 
 struct Validator<'a> {
@@ -654,11 +709,150 @@ impl<'a> Validator<'a> {
                 &key.child("max_pending"),
                 raw.max_pending.as_ref(),
                 1,
-                i64::MAX,
+                MAX_PENDING_LIMIT,
                 1_000_000,
             ) as u64,
             max_frame,
             job_timeout: self.opt_duration(&key.child("job_timeout"), raw.job_timeout.as_ref()),
+            backend: raw.backend.as_ref().map(|b| {
+                let b_key = key.child("backend");
+                if !b.get_ref().starts_with("redis://") || b.get_ref().len() <= "redis://".len() {
+                    self.at(
+                        b,
+                        &b_key,
+                        "expected a Redis URL like \"redis://127.0.0.1:6379/0\"",
+                    );
+                }
+                b.get_ref().clone()
+            }),
+            claim_after: self
+                .positive_duration(&key.child("claim_after"), raw.claim_after.as_ref())
+                .unwrap_or(DEFAULT_CLAIM_AFTER),
+            partitions: self.int(
+                &key.child("partitions"),
+                raw.partitions.as_ref(),
+                1,
+                MAX_PARTITIONS,
+                DEFAULT_PARTITIONS,
+            ) as u32,
+        }
+    }
+
+    /// At most [`MAX_NAMED`] programs (or queues): reported once, at the first one past the
+    /// limit in name order.
+    fn too_many<'n>(
+        &mut self,
+        files: &[FileInput<'a>],
+        dirs: &[PathBuf],
+        what: &str,
+        mut names: impl Iterator<Item = (&'n Spanned<String>, usize)>,
+    ) {
+        if let Some((name, i)) = names.nth(MAX_NAMED) {
+            self.enter(i, files[i].source, &dirs[i]);
+            let key = Key(vec![what.to_owned(), name.get_ref().clone()]);
+            self.at(
+                name,
+                &key,
+                format!("more than {MAX_NAMED} {what}s: the limit is {MAX_NAMED}"),
+            );
+        }
+    }
+
+    /// `node`: a name other masters and `plumule members` show.
+    fn node(&mut self, key: &Key, value: &Spanned<String>) {
+        let n = value.get_ref();
+        let ok = (1..=MAX_NODE).contains(&n.len())
+            && n.bytes()
+                .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'));
+        if !ok {
+            self.at(
+                value,
+                key,
+                format!(
+                    "invalid node name {n:?}: use 1 to {MAX_NODE} characters among \
+                     A-Z a-z 0-9 . _ -"
+                ),
+            );
+        }
+    }
+
+    fn cluster(&mut self, key: &Key, raw: &Spanned<RawCluster>) -> Cluster {
+        let c = raw.get_ref();
+        let etcd: Vec<String> = match &c.etcd {
+            None => {
+                self.at(
+                    raw,
+                    &key.child("etcd"),
+                    "missing key `etcd`: the endpoints, like [\"http://127.0.0.1:2379\"]",
+                );
+                Vec::new()
+            }
+            Some(list) => {
+                if list.is_empty() {
+                    self.at(raw, &key.child("etcd"), "name at least one etcd endpoint");
+                }
+                for e in list {
+                    let url = e.get_ref();
+                    let rest = url
+                        .strip_prefix("http://")
+                        .or_else(|| url.strip_prefix("https://"));
+                    if rest.is_none_or(|r| r.is_empty() || r.contains(char::is_whitespace)) {
+                        self.at(
+                            e,
+                            &key.child("etcd"),
+                            format!(
+                                "invalid etcd endpoint {url:?}: expected an http:// or https:// \
+                                 URL like \"http://127.0.0.1:2379\""
+                            ),
+                        );
+                    }
+                }
+                list.iter().map(|e| e.get_ref().clone()).collect()
+            }
+        };
+        let lease_key = key.child("lease");
+        let lease = self
+            .positive_duration(&lease_key, c.lease.as_ref())
+            .unwrap_or(DEFAULT_LEASE);
+        if let Some(l) = &c.lease {
+            // etcd counts a lease's TTL in whole seconds.
+            if lease < Duration::from_secs(1) {
+                self.at(l, &lease_key, "must be at least 1s");
+            }
+        }
+        Cluster { etcd, lease }
+    }
+
+    /// The workers of all programs together stay within [`MAX_TOTAL_WORKERS`]; reported at
+    /// the `workers` of the program that crosses the limit.
+    fn total_workers(
+        &mut self,
+        files: &[FileInput<'a>],
+        dirs: &[PathBuf],
+        raw: &Programs,
+        programs: &[Program],
+    ) {
+        let all: u64 = programs.iter().map(|p| u64::from(p.workers)).sum();
+        let mut total: u64 = 0;
+        for ((name, &(i, p)), program) in raw.iter().zip(programs) {
+            let before = total;
+            total += u64::from(program.workers);
+            if before <= MAX_TOTAL_WORKERS && total > MAX_TOTAL_WORKERS {
+                self.enter(i, files[i].source, &dirs[i]);
+                let key = Key(vec![
+                    "program".to_owned(),
+                    name.get_ref().clone(),
+                    "workers".to_owned(),
+                ]);
+                let message = format!(
+                    "the programs ask for {all} workers in all, above the limit of \
+                     {MAX_TOTAL_WORKERS} workers across all programs"
+                );
+                match &p.workers {
+                    Some(w) => self.at(w, &key, message),
+                    None => self.at_key(&key, message),
+                }
+            }
         }
     }
 
@@ -698,7 +892,7 @@ impl<'a> Validator<'a> {
                     &k.child("burst"),
                     s.burst.as_ref(),
                     1,
-                    i64::from(u32::MAX),
+                    MAX_BURST,
                     i64::from(DEFAULT_START_LIMIT.burst),
                 ) as u32,
                 interval: self
@@ -743,8 +937,22 @@ impl<'a> Validator<'a> {
                 names
             }
         };
+        let command = self.command(&key.child("command"), raw.command.as_ref());
+        let env = self.env(&key.child("env"), raw.env.as_ref());
+        let size = exec_size(&command, &env);
+        if size > MAX_ARGS_TOTAL {
+            let message = format!(
+                "`command` and `env` take {size} bytes at exec, above the limit of \
+                 {MAX_ARGS_TOTAL} bytes (half of the usual ARG_MAX, leaving room for the \
+                 inherited environment); pass large data in a file"
+            );
+            match (&raw.env, &raw.command) {
+                (Some(_), _) | (None, None) => self.at_key(&key.child("env"), message),
+                (None, Some(c)) => self.at(c, &key.child("command"), message),
+            }
+        }
         Program {
-            command: self.command(&key.child("command"), raw.command.as_ref()),
+            command,
             restart: self.choice(
                 &key.child("restart"),
                 "restart policy",
@@ -782,7 +990,7 @@ impl<'a> Validator<'a> {
                 raw.reload_signal.as_ref(),
                 Signal::SIGHUP,
             ),
-            env: self.env(&key.child("env"), raw.env.as_ref()),
+            env,
             inherit_env: raw.inherit_env.unwrap_or(true),
             cwd,
             user,
@@ -894,6 +1102,8 @@ impl<'a> Validator<'a> {
                     self.at(raw, key, "the command is empty");
                 } else if line.contains('\0') {
                     self.at(raw, key, "the command contains a NUL character");
+                } else if line.len() > MAX_ARG_STRING {
+                    self.at(raw, key, too_long("the command", line.len()));
                 }
                 CommandSpec::Shell(line.clone())
             }
@@ -916,6 +1126,8 @@ impl<'a> Validator<'a> {
                 for arg in args {
                     if arg.get_ref().contains('\0') {
                         self.at(arg, key, "an argument contains a NUL character");
+                    } else if arg.get_ref().len() > MAX_ARG_STRING {
+                        self.at(arg, key, too_long("the argument", arg.get_ref().len()));
                     }
                 }
                 let mut argv: Vec<String> = args.iter().map(|a| a.get_ref().clone()).collect();
@@ -967,6 +1179,10 @@ impl<'a> Validator<'a> {
             }
             if value.get_ref().contains('\0') {
                 self.at(value, &k, "the value contains a NUL character");
+            }
+            let entry = n.len() + 1 + value.get_ref().len();
+            if entry > MAX_ARG_STRING {
+                self.at(value, &k, too_long("the variable (NAME=VALUE)", entry));
             }
             env.insert(n.clone(), value.get_ref().clone());
         }
@@ -1231,6 +1447,28 @@ impl<'a> Validator<'a> {
             self.at(entry, &key, format!("`after` makes a cycle: {cycle}"));
         }
     }
+}
+
+/// A string above the kernel's limit for one argument or environment entry.
+fn too_long(what: &str, len: usize) -> String {
+    format!(
+        "{what} is {len} bytes long, above the limit of {MAX_ARG_STRING} bytes for one \
+         argument or environment string (the kernel's MAX_ARG_STRLEN, 128 KiB with its NUL); \
+         pass large data in a file"
+    )
+}
+
+/// What `command` and `env` take at exec, counted as the kernel counts toward ARG_MAX: each
+/// string, its NUL and its pointer.
+fn exec_size(command: &CommandSpec, env: &BTreeMap<String, String>) -> usize {
+    let string = |len: usize| len + 1 + std::mem::size_of::<usize>();
+    let argv: usize = match command {
+        CommandSpec::Argv(args) => args.iter().map(|a| string(a.len())).sum(),
+        CommandSpec::Shell(line) => string("/bin/sh".len()) + string(2) + string(line.len()),
+        CommandSpec::Function(_) => 0,
+    };
+    let envp: usize = env.iter().map(|(k, v)| string(k.len() + 1 + v.len())).sum();
+    argv + envp
 }
 
 fn undefined(what: &str, name: &str, defined: &[&str]) -> String {

@@ -9,7 +9,7 @@ use std::time::Duration;
 use nix::sys::signal::Signal;
 
 use super::raw::Scalar;
-use super::ListenAddr;
+use super::{ListenAddr, MAX_DURATION};
 
 /// What is wrong with a value, in words. The validator places it at the value's location in
 /// the file (hence no key or path here) and reports it with the file's other problems.
@@ -62,15 +62,25 @@ pub(super) fn unknown_choice(what: &str, input: &str, candidates: &[&str]) -> St
     }
 }
 
-/// A duration: a string such as "250ms", "10s" or "1h 30m" (humantime syntax). A number is
-/// refused with the string to write instead: the unit must be explicit.
+/// A duration: a string such as "250ms", "10s" or "1h 30m" (humantime syntax), at most
+/// [`MAX_DURATION`]. A number is refused with the string to write instead: the unit must be
+/// explicit.
 pub(super) fn duration(value: &Scalar) -> Result<Duration, Invalid> {
     match value {
-        Scalar::Str(s) => humantime::parse_duration(s.trim()).map_err(|e| {
-            Invalid(format!(
-                "invalid duration \"{s}\" ({e}); write it like \"250ms\", \"10s\" or \"1h 30m\""
-            ))
-        }),
+        Scalar::Str(s) => {
+            let d = humantime::parse_duration(s.trim()).map_err(|e| {
+                Invalid(format!(
+                    "invalid duration \"{s}\" ({e}); write it like \"250ms\", \"10s\" or \"1h 30m\""
+                ))
+            })?;
+            if d > MAX_DURATION {
+                return Err(Invalid(format!(
+                    "duration \"{s}\" is longer than the limit of {}",
+                    humantime::format_duration(MAX_DURATION)
+                )));
+            }
+            Ok(d)
+        }
         Scalar::Int(n) => Err(Invalid(format!(
             "expected a duration string like \"5s\", found the number {n}; write \"{n}s\""
         ))),
@@ -326,6 +336,11 @@ mod tests {
         assert_eq!(duration(&s("250ms")), Ok(Duration::from_millis(250)));
         assert_eq!(duration(&s("1h 30m")), Ok(Duration::from_secs(5400)));
         assert!(duration(&s("5 parsecs")).is_err());
+        assert_eq!(duration(&s("10years")), Ok(MAX_DURATION));
+        assert_eq!(
+            duration(&s("99999999999999h")).unwrap_err().to_string(),
+            "duration \"99999999999999h\" is longer than the limit of 10years"
+        );
         assert_eq!(
             duration(&Scalar::Int(5)).unwrap_err().to_string(),
             "expected a duration string like \"5s\", found the number 5; write \"5s\""

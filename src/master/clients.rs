@@ -38,6 +38,8 @@ pub(super) struct Clients {
     /// What the reactor watches of the socket: connection id → (fd, also writable).
     watched: HashMap<u64, (RawFd, bool)>,
     listening: bool,
+    /// Batches each connection submitted with `wait`, until it asks for their results.
+    waits: HashMap<u64, Vec<(String, u64, u64)>>,
 }
 
 impl Clients {
@@ -58,6 +60,7 @@ impl Clients {
             followers: Vec::new(),
             watched: HashMap::new(),
             listening: false,
+            waits: HashMap::new(),
         })
     }
 
@@ -154,6 +157,12 @@ impl Clients {
                 }
                 Incoming::Closed => {
                     self.waiters.retain(|w| w.conn != id);
+                    // Results nobody will collect are not kept.
+                    for (queue, first, end) in self.waits.remove(&id).unwrap_or_default() {
+                        if let Some(q) = sup.queues.get_mut(&queue) {
+                            q.unwatch(first, end);
+                        }
+                    }
                     return served;
                 }
             }
@@ -204,11 +213,30 @@ impl Clients {
                 })
             }
             Request::Shutdown => Ok(sup.shutdown()),
-            Request::Submit { .. }
-            | Request::Results
-            | Request::Queue { .. }
-            | Request::Requeue { .. } => {
-                return Some(Response::error("queues are not served by this master yet"))
+            Request::Submit {
+                queue,
+                jobs,
+                key,
+                base64,
+                wait,
+            } => match self.submit(sup, conn, queue, jobs, key, base64, wait) {
+                Ok(kind) => Ok(kind),
+                Err(response) => return Some(response),
+            },
+            Request::Results => {
+                let batches = self.waits.remove(&conn).unwrap_or_default();
+                Ok(WaitKind::Results { batches })
+            }
+            Request::Queue { queue, dead } => return Some(queue_report(sup, queue, dead)),
+            Request::Requeue { queue, ids, all } => {
+                let ids = (!all).then_some(ids);
+                if ids.as_ref().is_some_and(|i| i.is_empty()) {
+                    return Some(Response::error("requeue: name dead letter ids, or --all"));
+                }
+                return Some(match sup.requeue(&queue, ids.as_deref()) {
+                    Ok(n) => Response::ok(crate::protocol::Requeued { queue, requeued: n }),
+                    Err(e) => Response::error(e),
+                });
             }
         };
         match result {
@@ -229,6 +257,50 @@ impl Clients {
         }
     }
 
+    /// Takes a `submit` batch: decoded, checked and enqueued now; the answer waits for the
+    /// batch to be on disk (a durable queue), which the waiter of kind `Stored` sees.
+    #[allow(clippy::too_many_arguments)]
+    fn submit(
+        &mut self,
+        sup: &mut Supervisor,
+        conn: u64,
+        queue: String,
+        jobs: Vec<String>,
+        key: Option<String>,
+        base64: bool,
+        wait: bool,
+    ) -> Result<WaitKind, Response> {
+        let mut payloads = Vec::with_capacity(jobs.len());
+        for (i, j) in jobs.into_iter().enumerate() {
+            if !base64 {
+                payloads.push(j.into_bytes());
+                continue;
+            }
+            match protocol::decode_bytes(&j, true) {
+                Ok(bytes) => payloads.push(bytes),
+                Err(e) => {
+                    return Err(Response::error(format!(
+                        "job {} of the batch is not valid base64: {e}",
+                        i + 1
+                    )))
+                }
+            }
+        }
+        if payloads.is_empty() {
+            return Err(Response::error("submit: no job in the batch"));
+        }
+        let (first, end) = sup
+            .submit(&queue, key.as_deref().map(str::as_bytes), payloads, wait)
+            .map_err(Response::error)?;
+        if wait {
+            self.waits
+                .entry(conn)
+                .or_default()
+                .push((queue.clone(), first, end));
+        }
+        Ok(WaitKind::Stored { queue, first, end })
+    }
+
     /// Answers every waiter whose condition now holds, then carries out the requests its
     /// client had pipelined behind the one answered (they were read already: poll will not
     /// report them again). Returns whether it carried out any: the caller plans again then.
@@ -242,6 +314,13 @@ impl Clients {
             match sup.outcome(&w.kind, now) {
                 None => self.waiters.push(w),
                 Some(response) => {
+                    if let WaitKind::Results { batches } = &w.kind {
+                        for (queue, first, end) in batches {
+                            if let Some(q) = sup.queues.get_mut(queue) {
+                                q.unwatch(*first, *end);
+                            }
+                        }
+                    }
                     let Some(c) = self.server.as_mut() else {
                         continue;
                     };
@@ -384,4 +463,50 @@ impl Subsystem for Clients {
             c.close();
         }
     }
+}
+
+/// The answer of `queue`: counts of one queue or all, or one queue's dead letters.
+fn queue_report(sup: &Supervisor, queue: Option<String>, dead: bool) -> Response {
+    let queues = &sup.queues;
+    if dead {
+        let Some(name) = queue else {
+            return Response::error("queue --dead: name the queue");
+        };
+        let Some(q) = queues.get(&name) else {
+            return Response::error(format!("no queue named {name}"));
+        };
+        let dead = q
+            .state
+            .dead()
+            .map(|d| {
+                let (payload, b64) = protocol::encode_bytes(&d.job.payload);
+                let (reason, _) = protocol::encode_bytes(&d.reason);
+                protocol::DeadLetter {
+                    id: d.job.id,
+                    attempts: d.job.attempts,
+                    reason: if std::str::from_utf8(&d.reason).is_ok() {
+                        reason
+                    } else {
+                        String::from_utf8_lossy(&d.reason).into_owned()
+                    },
+                    payload,
+                    key: d
+                        .job
+                        .key
+                        .as_ref()
+                        .map(|k| String::from_utf8_lossy(k).into_owned()),
+                    base64: b64,
+                }
+            })
+            .collect();
+        return Response::ok(protocol::DeadLetters { queue: name, dead });
+    }
+    let list: Vec<protocol::QueueCounts> = match &queue {
+        None => queues.queues.iter().map(super::queues::report).collect(),
+        Some(name) => match queues.get(name) {
+            Some(q) => vec![super::queues::report(q)],
+            None => return Response::error(format!("no queue named {name}")),
+        },
+    };
+    Response::ok(protocol::QueueReport { queues: list })
 }

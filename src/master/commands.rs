@@ -70,6 +70,8 @@ pub enum ReloadError {
     Config(#[source] ConfigError),
     #[error("reload refused, nothing changed: cannot listen: {0}")]
     Listen(#[source] BindError),
+    #[error("reload refused, nothing changed: {0}")]
+    Queue(String),
 }
 
 impl RefusedError {
@@ -102,6 +104,10 @@ pub(super) enum WaitKind {
     /// `shutdown`: the graceful stop has finished (every worker is gone); answered as the
     /// master exits, whose connection closes right after.
     Exit,
+    /// `submit` to a durable queue: the batch `first..end` is synced to disk (or failed).
+    Stored { queue: String, first: u64, end: u64 },
+    /// `results`: every job of these batches (queue, first id, end id) has ended.
+    Results { batches: Vec<(String, u64, u64)> },
 }
 
 /// Where a waiting request stands.
@@ -144,6 +150,39 @@ impl Supervisor {
     fn progress(&self, kind: &WaitKind, now: Instant) -> Progress {
         let pending = Progress::Pending(None);
         match kind {
+            WaitKind::Stored { queue, first, end } => {
+                let Some(q) = self.queues.get(queue) else {
+                    return Progress::Answer(Response::error(format!(
+                        "queue {queue} was removed by a reload"
+                    )));
+                };
+                match q.batch(*first, *end) {
+                    None => pending,
+                    Some(Ok(())) => Progress::Answer(Response::ok(crate::protocol::Submitted {
+                        queue: queue.clone(),
+                        first_id: *first,
+                        count: end - first,
+                    })),
+                    Some(Err(why)) => Progress::Answer(Response::error(format!(
+                        "queue {queue}: cannot store the jobs: {why}"
+                    ))),
+                }
+            }
+            WaitKind::Results { batches } => {
+                let mut results = Vec::new();
+                for (queue, first, end) in batches {
+                    let Some(q) = self.queues.get(queue) else {
+                        return Progress::Answer(Response::error(format!(
+                            "queue {queue} was removed by a reload"
+                        )));
+                    };
+                    if !q.watched_done(*first, *end) {
+                        return pending;
+                    }
+                    results.extend(q.results(*first, *end).cloned());
+                }
+                Progress::Answer(Response::ok(crate::protocol::JobResults { results }))
+            }
             WaitKind::Stopped { pool, ids } => {
                 let Some(pool) = self.pool_by_key(*pool) else {
                     return Progress::Answer(Response::done());
@@ -480,6 +519,12 @@ impl Supervisor {
                 return Err(refused);
             }
         };
+        if let Err(why) = self.queues.check_reload(&new) {
+            let refused = ReloadError::Queue(why);
+            log::error!("{refused}");
+            self.notes.push(Note::ReloadRefused(refused.to_string()));
+            return Err(refused);
+        }
         // New sockets are bound before anything changes, so a busy port refuses the reload.
         // An address the running config already lists and could not bind (busy when the
         // master started) is left to its program's next start, as then.
@@ -574,6 +619,8 @@ impl Supervisor {
                     .iter()
                     .any(|p| p.listen.iter().any(|l| &l.address == addr))
         });
+        lines.extend(self.queues.reconfigure(&new));
+        self.set_queue_wires(super::supervisor::queue_wires(&new));
         self.config = Arc::new(new);
         self.notes.push(Note::Reloaded(wait_for.clone()));
         if lines.is_empty() {
@@ -597,6 +644,7 @@ impl Supervisor {
                 .map(|p| p.lock_names.clone())
                 .unwrap_or_default()
         };
+        let in_flight = |pid: Pid| self.queues.in_flight_of(pid);
         let mut programs = Vec::new();
         for pool in &self.pools {
             if program.is_some_and(|n| n != pool.program.name) {
@@ -608,7 +656,7 @@ impl Supervisor {
             let desired = pool.desired();
             for slot in &pool.slots {
                 let waiting = blocked_by.filter(|_| slot.id < desired);
-                workers.extend(worker_status(slot, &locks_of, waiting, now));
+                workers.extend(worker_status(slot, &locks_of, &in_flight, waiting, now));
             }
             if let Some(dep) = blocked_by {
                 for id in pool.slots.len() as u32..desired {
@@ -643,6 +691,7 @@ impl Supervisor {
 fn worker_status(
     slot: &Slot,
     locks_of: &dyn Fn(Pid) -> Vec<String>,
+    in_flight: &dyn Fn(Pid) -> u32,
     waiting_for: Option<&str>,
     now: Instant,
 ) -> Vec<WorkerStatus> {
@@ -657,7 +706,7 @@ fn worker_status(
             restarts: slot.restarts,
             last_exit: None,
             locks: locks_of(r.pid),
-            in_flight: 0,
+            in_flight: in_flight(r.pid),
             status: None,
         });
     }
@@ -696,7 +745,7 @@ fn worker_status(
         restarts: slot.restarts,
         last_exit: slot.last_exit.map(protocol::LastExit::from),
         locks,
-        in_flight: 0,
+        in_flight: slot.pid().map_or(0, in_flight),
         status: slot.status.clone(),
     });
     shown

@@ -66,6 +66,60 @@ const REASONS: [&str; 7] = [
     "watchdog",
 ];
 
+/// A Prometheus histogram of seconds with fixed buckets, from half a millisecond to five
+/// minutes: job durations and fsync times both fall in that range.
+#[derive(Debug, Clone)]
+pub(crate) struct Histogram {
+    counts: [u64; BUCKETS.len()],
+    sum: f64,
+    count: u64,
+}
+
+const BUCKETS: [f64; 16] = [
+    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 60.0,
+    300.0,
+];
+
+impl Default for Histogram {
+    fn default() -> Self {
+        Histogram {
+            counts: [0; BUCKETS.len()],
+            sum: 0.0,
+            count: 0,
+        }
+    }
+}
+
+impl Histogram {
+    pub(crate) fn observe(&mut self, seconds: f64) {
+        // Non-cumulative here; made cumulative when rendered.
+        if let Some(i) = BUCKETS.iter().position(|b| seconds <= *b) {
+            self.counts[i] += 1;
+        }
+        self.sum += seconds;
+        self.count += 1;
+    }
+
+    /// The `_bucket`, `_sum` and `_count` lines of `name` with `labels` (`queue="q",` or
+    /// empty; a trailing comma when not empty).
+    fn render(&self, out: &mut String, name: &str, labels: &str) {
+        let mut cumulative = 0;
+        for (b, n) in BUCKETS.iter().zip(self.counts) {
+            cumulative += n;
+            let _ = writeln!(out, "{name}_bucket{{{labels}le=\"{b}\"}} {cumulative}");
+        }
+        let _ = writeln!(out, "{name}_bucket{{{labels}le=\"+Inf\"}} {}", self.count);
+        let bare = labels.trim_end_matches(',');
+        let braces = if bare.is_empty() {
+            String::new()
+        } else {
+            format!("{{{bare}}}")
+        };
+        let _ = writeln!(out, "{name}_sum{braces} {}", self.sum);
+        let _ = writeln!(out, "{name}_count{braces} {}", self.count);
+    }
+}
+
 /// What the supervisor counts for the metrics, monotonic for the master's life (a program
 /// removed by a reload keeps its counts; one added again continues them).
 #[derive(Debug, Default)]
@@ -74,6 +128,8 @@ pub(super) struct Counters {
     restarts: BTreeMap<String, u64>,
     /// Ended worker processes, by program and reason (one of [`REASONS`]).
     exits: BTreeMap<(String, &'static str), u64>,
+    /// Durable queues' fdatasync times.
+    pub(super) fsync_seconds: Histogram,
 }
 
 /// Why the endpoint could not be served at an address.
@@ -748,7 +804,77 @@ fn render(sup: &Supervisor, now: Instant, wall: SystemTime) -> String {
             label(program)
         );
     }
+    render_queues(&mut out, sup);
     out
+}
+
+/// The queue families: jobs by state, jobs by outcome, job durations, fsync times.
+fn render_queues(out: &mut String, sup: &Supervisor) {
+    let queues = &sup.queues.queues;
+    family(
+        out,
+        "plumule_queue_jobs",
+        "gauge",
+        "Jobs of each queue by state (pending, in_flight, dead).",
+    );
+    for q in queues {
+        let c = q.state.counts();
+        for (state, n) in [
+            ("pending", c.pending),
+            ("in_flight", c.in_flight),
+            ("dead", c.dead),
+        ] {
+            let _ = writeln!(
+                out,
+                "plumule_queue_jobs{{queue=\"{}\",state=\"{state}\"}} {n}",
+                label(&q.config.name)
+            );
+        }
+    }
+    family(
+        out,
+        "plumule_jobs_total",
+        "counter",
+        "Answers and redeliveries of each queue's jobs since the master started, by outcome \
+         (ok, fail, drop: a job dead-lettered, retried: a redelivery of any cause, timeout).",
+    );
+    for q in queues {
+        let k = &q.counters;
+        for (outcome, n) in [
+            ("ok", k.ok),
+            ("fail", k.fail),
+            ("drop", k.dropped),
+            ("retried", k.retried),
+            ("timeout", k.timeout),
+        ] {
+            let _ = writeln!(
+                out,
+                "plumule_jobs_total{{queue=\"{}\",outcome=\"{outcome}\"}} {n}",
+                label(&q.config.name)
+            );
+        }
+    }
+    family(
+        out,
+        "plumule_job_duration_seconds",
+        "histogram",
+        "Time from a job's delivery to its worker to the worker's answer, by queue.",
+    );
+    for q in queues {
+        let labels = format!("queue=\"{}\",", label(&q.config.name));
+        q.counters
+            .durations
+            .render(out, "plumule_job_duration_seconds", &labels);
+    }
+    family(
+        out,
+        "plumule_queue_fsync_seconds",
+        "histogram",
+        "Time each group commit of a durable queue took to sync its log to disk.",
+    );
+    sup.counters
+        .fsync_seconds
+        .render(out, "plumule_queue_fsync_seconds", "");
 }
 
 impl Subsystem for Metrics {

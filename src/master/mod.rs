@@ -40,6 +40,7 @@ mod commands;
 mod hooks;
 mod metrics;
 mod output;
+mod queues;
 mod supervisor;
 mod systemd;
 
@@ -72,6 +73,11 @@ pub enum MasterError {
     Metrics(crate::sys::listen::ListenError),
     #[error("cannot set up the master: {0}")]
     Setup(std::io::Error),
+    #[error("cannot open queue {queue}: {source}")]
+    Queue {
+        queue: String,
+        source: crate::queue::store::Error,
+    },
 }
 
 impl MasterError {
@@ -99,6 +105,8 @@ pub(super) enum Part {
     Notify = 4,
     /// The Prometheus endpoint: its listener and its connections.
     Metrics = 5,
+    /// Queue consumers' job and answer pipes (the supervisor's, see `queues`).
+    Queues = 6,
 }
 
 const LOCAL_BITS: u64 = 56;
@@ -116,6 +124,7 @@ impl Part {
             3 => Part::Control,
             4 => Part::Notify,
             5 => Part::Metrics,
+            6 => Part::Queues,
             _ => return None,
         };
         Some((part, local))
@@ -219,6 +228,7 @@ impl Master {
         );
         loop {
             let now = Instant::now();
+            self.sup.queues_pass(now);
             self.sup.settle(now);
             let mut wake_at = None;
             let (sup, parts) = self.parts();
@@ -249,6 +259,7 @@ impl Master {
                 match part {
                     Part::Signals => {}
                     Part::Workers => self.sup.ready(local, now),
+                    Part::Queues => self.sup.queue_ready(local, now),
                     _ => {
                         let (sup, parts) = self.parts();
                         if let Some(p) = parts.into_iter().find(|p| p.part() == part) {

@@ -124,6 +124,11 @@ pub(super) struct Supervisor {
     /// Moves whenever a slot or a pool changed: what other parts derive from the whole fleet
     /// (systemd's STATUS=) is computed again only then.
     pub(super) epoch: u64,
+    /// The job queues and the pipes of their consumers (see [`super::queues`]).
+    pub(super) queues: super::queues::Queues,
+    /// Queue consumers asked to finish (their stdin closed): when each one's stop signal is
+    /// due, if it has not exited by then (SPEC §9, "Stopping a queue worker").
+    drains: BTreeSet<(Instant, Pid)>,
     /// The embedding program's hooks (the library's); `None` for the binary.
     pub(super) hooks: Option<Box<dyn super::hooks::Hooks>>,
 }
@@ -170,6 +175,7 @@ impl Supervisor {
             },
             nofile,
             notify_socket: Some(notify_path(&config)),
+            queues: queue_wires(&config),
         };
         let mut listeners = HashMap::new();
         for (name, fd) in sys::listen::from_systemd() {
@@ -196,6 +202,8 @@ impl Supervisor {
             .add(signals.fd(), Part::Signals.token(0), false)
             .map_err(MasterError::Setup)?;
         let journal = orphans::Journal::new(&config.runtime_dir);
+        let queues = super::queues::Queues::open(&config)
+            .map_err(|(queue, e)| MasterError::Queue { queue, source: e })?;
         let forkserver = sys::forkserver::ForkServer::start()
             .map_err(|e| log::warn!("cannot start the fork server, forking from the master: {e}"))
             .ok();
@@ -222,6 +230,8 @@ impl Supervisor {
             without_pidfd: 0,
             counters: Default::default(),
             epoch: 0,
+            queues,
+            drains: BTreeSet::new(),
             hooks: None,
         })
     }
@@ -240,6 +250,12 @@ impl Supervisor {
     /// The earliest slot timer, or the shutdown deadline while workers remain.
     pub(super) fn next_deadline(&self) -> Option<Instant> {
         let mut wake_at = self.timers.first().map(|t| t.0);
+        for at in [self.drains.first().map(|d| d.0), self.queues.deadline()]
+            .into_iter()
+            .flatten()
+        {
+            wake_at = Some(wake_at.map_or(at, |w| w.min(at)));
+        }
         if let Some(at) = self.sweep_at {
             wake_at = Some(wake_at.map_or(at, |w| w.min(at)));
         }
@@ -261,6 +277,31 @@ impl Supervisor {
         if self.sweep_at.is_some_and(|at| at <= now) {
             self.sweep_at = None;
             self.reap_all();
+        }
+        // Queue consumers that did not finish within stop_timeout of their stdin closing.
+        while let Some(&(at, pid)) = self.drains.first() {
+            if at > now {
+                break;
+            }
+            self.drains.pop_first();
+            let Some(proc) = self.procs.get(&pid) else {
+                continue;
+            };
+            let held = self.queues.in_flight_of(pid);
+            event(
+                &mut self.log_ring,
+                Level::Info,
+                &proc.tag,
+                format_args!(
+                    "still running {} after its stdin closed ({held} job(s) unanswered); \
+                     sending {}",
+                    crate::format_duration(proc.stop_timeout),
+                    sys::process::signal_name(proc.stop_signal)
+                ),
+            );
+            if let Err(e) = sys::process::signal_group(pid, proc.stop_signal) {
+                log::warn!("cannot signal process group {pid}: {e}");
+            }
         }
         // Slots whose deadline has come are looked at again.
         while let Some(&(at, key)) = self.timers.first() {
@@ -315,6 +356,14 @@ impl Supervisor {
             self.timers
                 .insert((now + Duration::from_millis(10), WorkerKey { pool, id }));
         }
+    }
+
+    /// What consumers spawned from now on are told of their queue's wire.
+    pub(super) fn set_queue_wires(
+        &mut self,
+        wires: Vec<(String, crate::config::QueueProtocol, u64)>,
+    ) {
+        self.ctx.queues = wires;
     }
 
     /// The index of the pool `key` names, if it still exists. Pools are few (one per
@@ -420,9 +469,14 @@ impl Supervisor {
                     self.pools[pool].tag(id),
                     format_args!("successor is up; stopping the old process {}", old.pid),
                 );
-                if let Err(e) = sys::process::signal_group(old.pid, program.stop_signal) {
-                    log::warn!("cannot signal process group {}: {e}", old.pid);
-                }
+                let kill_at = if program.queue.is_some() {
+                    self.drain(old.pid, kill_at, now)
+                } else {
+                    if let Err(e) = sys::process::signal_group(old.pid, program.stop_signal) {
+                        log::warn!("cannot signal process group {}: {e}", old.pid);
+                    }
+                    kill_at
+                };
                 self.pool_event(pool, id, Event::Retire { kill_at }, now);
             }
             Action::ReadyTimeout { pool, id } => {
@@ -475,8 +529,37 @@ impl Supervisor {
         }
     }
 
-    /// Sends the stop signal to the slot's process group; `then` says what follows its end.
+    /// Stops the slot's process; `then` says what follows its end. A queue consumer stopped
+    /// for good or for a restart is drained first: its stdin closes and it has
+    /// `stop_timeout` to answer what it holds and exit, before its stop signal.
     pub(super) fn stop(&mut self, pool: usize, id: u32, then: AfterStop, now: Instant) {
+        let drain = self.pools[pool].program.queue.is_some()
+            && matches!(then, AfterStop::Rest | AfterStop::Restart);
+        self.stop_with(pool, id, then, drain, now);
+    }
+
+    /// Sends the stop signal to the slot's process group now, queue consumer or not.
+    pub(super) fn stop_now(&mut self, pool: usize, id: u32, then: AfterStop, now: Instant) {
+        self.stop_with(pool, id, then, false, now);
+    }
+
+    /// Closes a consumer's stdin and puts its stop signal off until `stop_timeout` from now
+    /// (or `kill_at`, if sooner, at a shutdown's deadline). Returns when SIGKILL is due.
+    fn drain(&mut self, pid: Pid, kill_at: Instant, now: Instant) -> Instant {
+        let Some(proc) = self.procs.get(&pid) else {
+            return kill_at;
+        };
+        let signal_at = kill_at.min(now + proc.stop_timeout);
+        let kill = (signal_at + proc.stop_timeout).min(match self.phase {
+            Phase::ShuttingDown { deadline } => deadline,
+            Phase::Running => signal_at + proc.stop_timeout,
+        });
+        self.close_consumer_input(pid);
+        self.drains.insert((signal_at, pid));
+        kill
+    }
+
+    fn stop_with(&mut self, pool: usize, id: u32, then: AfterStop, drain: bool, now: Instant) {
         let program = Arc::clone(&self.pools[pool].program);
         let mut kill_at = now + program.stop_timeout;
         if let Phase::ShuttingDown { deadline } = self.phase {
@@ -489,7 +572,15 @@ impl Supervisor {
             self.pools[pool].slots[id as usize].state().current(),
             SlotState::Stopping { .. }
         );
-        if !stopping {
+        if !stopping && drain {
+            event(
+                &mut self.log_ring,
+                Level::Debug,
+                self.pools[pool].tag(id),
+                format_args!("stopping: its stdin is closed, to finish its jobs"),
+            );
+            kill_at = self.drain(pid, kill_at, now);
+        } else if !stopping {
             event(
                 &mut self.log_ring,
                 Level::Debug,
@@ -534,7 +625,19 @@ impl Supervisor {
             Ok(p) => p,
             Err(reason) => return fail(self, reason.to_string()),
         };
-        let stdout = match self.output(&program.stdout, 1) {
+        let consumer = match &program.queue {
+            Some(_) => match self.consumer_pipes() {
+                Ok(p) => Some(p),
+                Err(e) => return fail(self, format!("cannot make its queue pipes: {e}")),
+            },
+            None => None,
+        };
+        let stdout_spec = match consumer {
+            // Its stdout carries answers; an output pipe is made but not used.
+            Some(_) => &crate::config::OutputSpec::Null,
+            None => &program.stdout,
+        };
+        let stdout = match self.output(stdout_spec, 1) {
             Ok(o) => o,
             Err(reason) => return fail(self, reason.to_string()),
         };
@@ -566,6 +669,10 @@ impl Supervisor {
         req.pass_fds = pass_fds;
         req.stdin = self.dev_null.as_raw_fd();
         req.stdout = stdout.0;
+        if let Some(c) = &consumer {
+            req.stdin = c.child_stdin.as_raw_fd();
+            req.stdout = c.child_stdout.as_raw_fd();
+        }
         req.stderr = stderr.0;
         let exec = matches!(prepared.body, sys::spawn::Body::Exec { .. });
         let forked = match self.forkserver.as_mut().filter(|_| exec) {
@@ -631,6 +738,10 @@ impl Supervisor {
             },
         );
         self.journal.started(&self.procs[&pid].group(pid));
+        if let (Some(pipes), Some(queue)) = (consumer, program.queue.as_deref()) {
+            let tag = Arc::clone(&self.procs[&pid].tag);
+            self.attach_consumer(pid, key, tag, queue, pipes);
+        }
         let generation = self.pools[pool].generation;
         self.pools[pool].slots[id as usize].generation = generation;
         self.pool_event(pool, id, Event::Spawned { pid }, now);
@@ -750,10 +861,11 @@ impl Supervisor {
         if proc.exit_fd.is_none() {
             self.without_pidfd -= 1;
         }
-        // Whatever the child reported before dying, and its last output.
+        // Whatever the child reported before dying, and its last output and answers.
         self.drain_status(&mut proc, pid, now);
         self.drain_output(&mut proc);
         self.forget_pipes(&mut proc);
+        self.detach_consumer(pid, exit, now);
         let jitter = self.jitter.sample();
         let Some(p) = self.pool_index(proc.key.pool) else {
             return;
@@ -1003,4 +1115,13 @@ fn command_name(program: &Program) -> &str {
 /// plumule's notify socket for workers: `runtime_dir/notify.sock`.
 pub(super) fn notify_path(config: &Config) -> PathBuf {
     config.runtime_dir.join("notify.sock")
+}
+
+/// The wire settings of each queue, for the consumers' environment.
+pub(super) fn queue_wires(config: &Config) -> Vec<(String, crate::config::QueueProtocol, u64)> {
+    config
+        .queues
+        .iter()
+        .map(|q| (q.name.clone(), q.protocol, q.max_frame))
+        .collect()
 }

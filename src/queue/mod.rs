@@ -5,8 +5,11 @@
 //!   round-robin);
 //! - [`wire`]: the bytes on a queue worker's stdin and stdout, for both protocols (`lines` and
 //!   `frames`), encoders and incremental decoders for both ends;
-//! - [`store`]: the on-disk log of a durable queue, its format and its recovery.
+//! - [`store`]: the on-disk log of a durable queue, its format and its recovery;
+//! - [`durable`]: group commit of a store, its syncs done by the syncer process.
 
+pub mod durable;
 pub mod ring;
+pub mod state;
 pub mod store;
 pub mod wire;

@@ -1214,6 +1214,25 @@ impl Store {
         self.index.len()
     }
 
+    /// How many bytes the live jobs' records take in a compacted segment (its header not
+    /// counted): what a compaction would keep. Walks the live jobs.
+    pub fn live_bytes(&self) -> u64 {
+        self.index
+            .values()
+            .map(|e| {
+                let submitted = Record::payload_offset(e.key.as_deref()) + e.payload.len;
+                let state = match &e.state {
+                    JobState::Dead { reason } => RECORD_HEADER_LEN + 9 + reason.len() as u64,
+                    JobState::Pending {
+                        last_reason: Some(reason),
+                    } => RECORD_HEADER_LEN + 12 + reason.len() as u64,
+                    JobState::Pending { last_reason: None } => 0,
+                };
+                submitted + state
+            })
+            .sum()
+    }
+
     /// The file appended to now: a syncer process opens or is given this file.
     pub fn current_segment_path(&self) -> &Path {
         &self.cur.path
@@ -1646,6 +1665,7 @@ mod tests {
         assert_eq!(store.segments(), 1);
         assert_eq!(fs::read_dir(dir.path()).unwrap().count(), 1);
         assert_eq!(store.disk_bytes(), stats.bytes_after);
+        assert_eq!(store.written().offset, HEADER_LEN + store.live_bytes());
 
         // Appends go on in the compacted segment, and a second compaction reads its payloads.
         store.append_answered(7, Outcome::Ok(b"")).unwrap();

@@ -259,7 +259,8 @@ impl ServiceManager {
     /// state and lock files. With a fixed directory, `plumule --socket DIR/control.sock
     /// status` (and `scale`, `logs`, `signal`, `shutdown`…) works against this manager, and a
     /// second manager on the same directory is refused. Default: a fresh directory
-    /// `plumule-NAME-PID` under `$XDG_RUNTIME_DIR` (else the temp dir), removed at the end.
+    /// `plumule-NAME-PID` (mode 0700, refused if another user owns it) under
+    /// `$XDG_RUNTIME_DIR`, else the temp dir; removed at the end.
     pub fn runtime_dir(&mut self, dir: impl Into<PathBuf>) -> &mut Self {
         self.runtime_dir = Some(dir.into());
         self
@@ -317,6 +318,14 @@ impl ServiceManager {
             Some(dir) => (dir.clone(), false),
             None => (private_runtime_dir(), true),
         };
+        if private {
+            // Under the shared temp dir another user could have made it first.
+            let euid = nix::unistd::geteuid().as_raw();
+            if let Err(why) = crate::config::check_private_dir(&runtime_dir, euid) {
+                log::error!("{why}");
+                return 1;
+            }
+        }
         let mut programs: Vec<_> = self
             .services
             .iter()
@@ -335,6 +344,8 @@ impl ServiceManager {
             metrics: None,
             shutdown_timeout: self.shutdown_timeout,
             log_level: self.log_level,
+            node: crate::config::hostname(),
+            cluster: None,
             programs,
             queues: Vec::new(),
         };

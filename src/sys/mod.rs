@@ -12,6 +12,7 @@ pub mod reactor;
 pub mod service;
 pub mod signals;
 pub mod spawn;
+pub mod syncer;
 
 use std::io;
 use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd, RawFd};
@@ -25,6 +26,13 @@ pub fn pipe(nonblock_read: bool) -> io::Result<(OwnedFd, OwnedFd)> {
         set_nonblocking(r.as_raw_fd())?;
     }
     Ok((r, w))
+}
+
+/// Asks the kernel for a pipe buffer of `bytes` (F_SETPIPE_SZ); it may give less (an
+/// unprivileged process is held to /proc/sys/fs/pipe-max-size). Returns the size it has.
+pub fn set_pipe_size(fd: RawFd, bytes: i32) -> io::Result<usize> {
+    use nix::fcntl::{fcntl, FcntlArg};
+    Ok(fcntl(fd, FcntlArg::F_SETPIPE_SZ(bytes.into()))? as usize)
 }
 
 pub fn set_nonblocking(fd: RawFd) -> io::Result<()> {

@@ -1,0 +1,1026 @@
+//! The queues part of the master: each `[queue.*]` with its bookkeeping
+//! ([`QueueState`]), its durable log ([`Store`], for `durable = true`), and the pipes of its
+//! consumers, the workers of the program with `queue = NAME`.
+//!
+//! A consumer's stdin carries jobs and its stdout answers (SPEC §4). Both ends held here are
+//! non-blocking: jobs are encoded into a per-consumer buffer (bounded: at most `prefetch`
+//! jobs, each at most `max_frame`), written as far as the pipe takes, and the rest when epoll
+//! says the pipe is writable again (the write end is registered only while bytes wait, so a
+//! worker that closed its stdin cannot make the loop spin). Answers are decoded as they come
+//! ([`AnswerDecoder`]) and applied to the oldest job in flight.
+//!
+//! The queues live in the supervisor, not in a part of their own: stopping a worker (the
+//! supervisor) and `submit` (a client) both change them. Their descriptors are registered
+//! under [`Part::Queues`]; the loop calls [`Supervisor::queue_ready`] for them and
+//! [`Supervisor::queues_pass`] once per pass.
+//!
+//! Durability, per pass (group commit): submissions and every change of a job are appended to
+//! the log as they happen; at the end of the pass what was appended is written and synced
+//! once, and only then are the pass's submissions acknowledged and their jobs delivered. A
+//! failed write or sync cuts the log back to what was synced: the submissions after that point
+//! fail (their clients are told, their jobs forgotten), and nothing synced before is touched.
+
+use std::collections::{BTreeSet, HashMap, VecDeque};
+use std::os::fd::{AsRawFd, OwnedFd};
+use std::sync::Arc;
+use std::time::Instant;
+
+use log::Level;
+use nix::unistd::Pid;
+
+use super::output::event;
+use super::supervisor::Supervisor;
+use super::Part;
+use crate::backoff::Jitter;
+use crate::config::{Queue, QueueProtocol};
+use crate::plan::WorkerKey;
+use crate::protocol::{JobOutcome, JobResult};
+use crate::queue::state::{ConsumerId, DeadJob, Job, JobEvent, QueueState, Settings};
+use crate::queue::store::{self, JobState, Pos, Store};
+use crate::queue::wire::{encode_job, AnswerDecoder};
+use crate::slot::{Exit, SlotState};
+use crate::sys;
+
+/// Which descriptor of a consumer a `Part::Queues` token names.
+const TOKEN_STDIN: u64 = 0;
+const TOKEN_STDOUT: u64 = 1;
+
+fn token(pid: Pid, which: u64) -> u64 {
+    Part::Queues.token(which << 32 | pid.as_raw() as u32 as u64)
+}
+
+fn of_token(local: u64) -> (Pid, u64) {
+    (
+        Pid::from_raw((local & 0xffff_ffff) as u32 as i32),
+        local >> 32,
+    )
+}
+
+/// How big a consumer's pipes are made (best effort; the kernel may cap it): fewer wake-ups
+/// per job when jobs are small and many.
+const PIPE_SIZE: i32 = 1 << 20;
+
+/// The most bytes read from one consumer's stdout per readiness, so that one fast worker
+/// cannot starve the others.
+const READ_BUDGET: usize = 1 << 20;
+
+/// How many refused batches a queue remembers for their waiting clients.
+const FAILED_KEPT: usize = 256;
+
+/// One queue.
+pub(super) struct QueueRt {
+    pub(super) config: Arc<Queue>,
+    pub(super) state: QueueState,
+    store: Option<Store>,
+    /// Submitted batches whose records are not yet synced: (end of their last record, first
+    /// id, end id).
+    unsynced: VecDeque<(Pos, u64, u64)>,
+    /// Every batch with ids below this is stored.
+    stored_below: u64,
+    /// Batches whose storage failed: (first id, end id, why), the newest last.
+    failed: VecDeque<(u64, u64, String)>,
+    /// Jobs submitted with `wait` that have not ended yet, and the outcomes of those that
+    /// have, until their client collects them.
+    watch_open: BTreeSet<u64>,
+    watch_done: HashMap<u64, JobResult>,
+    /// Counters for the metrics endpoint.
+    pub(super) counters: QueueCounters,
+}
+
+/// What the metrics endpoint reports of a queue's activity since the master started.
+#[derive(Debug, Default, Clone)]
+pub(super) struct QueueCounters {
+    pub(super) ok: u64,
+    pub(super) fail: u64,
+    pub(super) dropped: u64,
+    pub(super) retried: u64,
+    pub(super) timeout: u64,
+    /// Job durations (delivery to answer), seconds.
+    pub(super) durations: crate::master::metrics::Histogram,
+}
+
+/// A consumer's pipes and what travels on them.
+struct Conn {
+    queue: String,
+    key: WorkerKey,
+    tag: Arc<str>,
+    stdin: Option<OwnedFd>,
+    stdout: Option<OwnedFd>,
+    /// Encoded jobs not yet written; `out[..sent]` is written already.
+    out: Vec<u8>,
+    sent: usize,
+    /// Stream offsets of the jobs in flight, oldest first: where each starts and ends.
+    /// `base` is the offset of `out[0]`.
+    spans: VecDeque<(u64, u64)>,
+    base: u64,
+    /// The write end is registered for writability.
+    watching_stdin: bool,
+    /// Stop sending: close stdin once the job being written is through.
+    closing: bool,
+    decoder: AnswerDecoder,
+    /// A protocol error killed it: nothing more is read.
+    broken: bool,
+}
+
+impl Conn {
+    /// Bytes written to the worker so far.
+    fn written(&self) -> u64 {
+        self.base + self.sent as u64
+    }
+
+    /// Jobs in flight whose bytes reached the worker, at least in part.
+    fn delivered(&self) -> usize {
+        let written = self.written();
+        self.spans.iter().take_while(|(s, _)| *s < written).count()
+    }
+}
+
+#[derive(Default)]
+pub(super) struct Queues {
+    pub(super) queues: Vec<QueueRt>,
+    conns: HashMap<Pid, Conn>,
+    jitter: Option<Jitter>,
+}
+
+/// Why a batch was not taken.
+#[derive(Debug, thiserror::Error)]
+pub(super) enum SubmitError {
+    #[error("no queue named {0}")]
+    NoQueue(String),
+    #[error("queue {queue}: {source}")]
+    Full {
+        queue: String,
+        source: crate::queue::state::Full,
+    },
+    #[error("queue {queue}: job {index} of the batch: {source}")]
+    Encode {
+        queue: String,
+        index: usize,
+        source: crate::queue::wire::EncodeError,
+    },
+    #[error("queue {queue}: cannot store the jobs: {why}")]
+    Store { queue: String, why: String },
+}
+
+impl Queues {
+    /// Opens every queue of the config: a durable one replays its log from
+    /// `state_dir/queues/NAME/`. A queue whose data cannot be read stops the master, as an
+    /// unreadable config would: running without it would hide its jobs.
+    pub(super) fn open(config: &crate::config::Config) -> Result<Queues, (String, store::Error)> {
+        let mut queues = Queues {
+            queues: Vec::new(),
+            conns: HashMap::new(),
+            jitter: Some(Jitter::from_entropy()),
+        };
+        for q in &config.queues {
+            let rt = QueueRt::open(q, &config.state_dir).map_err(|e| (q.name.clone(), e))?;
+            queues.queues.push(rt);
+        }
+        Ok(queues)
+    }
+
+    pub(super) fn get(&self, name: &str) -> Option<&QueueRt> {
+        self.queues.iter().find(|q| q.config.name == name)
+    }
+
+    pub(super) fn get_mut(&mut self, name: &str) -> Option<&mut QueueRt> {
+        self.queues.iter_mut().find(|q| q.config.name == name)
+    }
+
+    /// Jobs in flight at the worker process `pid`.
+    pub(super) fn in_flight_of(&self, pid: Pid) -> u32 {
+        let Some(conn) = self.conns.get(&pid) else {
+            return 0;
+        };
+        self.get(&conn.queue).map_or(0, |q| {
+            q.state.in_flight_of(ConsumerId(pid.as_raw() as u64)) as u32
+        })
+    }
+
+    /// Earliest moment a queue needs the loop without an event: a retry, a job timeout.
+    pub(super) fn deadline(&self) -> Option<Instant> {
+        self.queues.iter().filter_map(|q| q.state.deadline()).min()
+    }
+
+    /// A new config: queues added are opened, settings of kept ones change in place.
+    /// Queues removed from the file go (the reload refuses to remove a durable queue that
+    /// still holds jobs, see `check_reload`).
+    pub(super) fn reconfigure(&mut self, config: &crate::config::Config) -> Vec<String> {
+        let mut changes = Vec::new();
+        let mut kept = Vec::new();
+        for q in &config.queues {
+            match self.queues.iter().position(|r| r.config.name == q.name) {
+                Some(i) => {
+                    let mut rt = self.queues.swap_remove(i);
+                    if *rt.config != *q {
+                        rt.state.set_settings(Settings::from(q));
+                        rt.config = Arc::new(q.clone());
+                        changes.push(format!("queue {}: settings changed", q.name));
+                    }
+                    kept.push(rt);
+                }
+                None => match QueueRt::open(q, &config.state_dir) {
+                    Ok(rt) => {
+                        changes.push(format!("queue {}: added", q.name));
+                        kept.push(rt);
+                    }
+                    Err(e) => log::error!("queue {}: cannot open: {e}", q.name),
+                },
+            }
+        }
+        for gone in self.queues.drain(..) {
+            changes.push(format!("queue {}: removed", gone.config.name));
+        }
+        self.queues = kept;
+        changes
+    }
+
+    /// A queue the new config removes, or whose durability changes, while it holds jobs: a
+    /// reload must not drop them.
+    pub(super) fn check_reload(&self, config: &crate::config::Config) -> Result<(), String> {
+        for q in &self.queues {
+            let held = q.state.held() + q.state.counts().dead;
+            if held == 0 {
+                continue;
+            }
+            match config.queues.iter().find(|n| n.name == q.config.name) {
+                None => {
+                    return Err(format!(
+                        "queue {} still holds {held} job(s) (pending, in flight or dead); \
+                         drain it or keep it in the file",
+                        q.config.name
+                    ))
+                }
+                Some(n) if n.durable != q.config.durable => {
+                    return Err(format!(
+                        "queue {}: `durable` cannot change while it holds {held} job(s)",
+                        q.config.name
+                    ))
+                }
+                Some(_) => {}
+            }
+        }
+        Ok(())
+    }
+}
+
+impl QueueRt {
+    fn open(q: &Queue, state_dir: &std::path::Path) -> Result<QueueRt, store::Error> {
+        let mut state = QueueState::new(Settings::from(q));
+        let mut store_opt = None;
+        if q.durable {
+            let dir = state_dir.join("queues").join(&q.name);
+            let (st, recovered) = Store::open(&dir, store::Options::default())?;
+            for w in &recovered.warnings {
+                log::warn!("queue {}: {w}", q.name);
+            }
+            let mut pending = Vec::new();
+            let mut dead = Vec::new();
+            for j in recovered.jobs {
+                match j.state {
+                    JobState::Pending { last_reason } => pending.push(Job {
+                        id: j.id,
+                        key: j.key,
+                        payload: j.payload,
+                        attempts: j.attempts,
+                        last_reason,
+                        watched: false,
+                    }),
+                    JobState::Dead { reason } => dead.push(DeadJob {
+                        job: Job {
+                            id: j.id,
+                            key: j.key,
+                            payload: j.payload,
+                            attempts: j.attempts,
+                            last_reason: Some(reason.clone()),
+                            watched: false,
+                        },
+                        reason,
+                    }),
+                }
+            }
+            if !pending.is_empty() || !dead.is_empty() {
+                log::info!(
+                    "queue {}: recovered {} pending and {} dead job(s) from {}",
+                    q.name,
+                    pending.len(),
+                    dead.len(),
+                    dir.display()
+                );
+            }
+            state.restore(pending, dead, recovered.next_id.max(1));
+            store_opt = Some(st);
+        }
+        let stored_below = state.next_id();
+        Ok(QueueRt {
+            config: Arc::new(q.clone()),
+            state,
+            store: store_opt,
+            unsynced: VecDeque::new(),
+            stored_below,
+            failed: VecDeque::new(),
+            watch_open: BTreeSet::new(),
+            watch_done: HashMap::new(),
+            counters: QueueCounters::default(),
+        })
+    }
+
+    /// Enqueues a batch; for a durable queue, appends its records (synced at the end of the
+    /// pass). Returns the batch's id range.
+    fn submit(
+        &mut self,
+        key: Option<&[u8]>,
+        jobs: Vec<Vec<u8>>,
+        watched: bool,
+    ) -> Result<(u64, u64), SubmitError> {
+        let name = self.config.name.clone();
+        let name = &name;
+        for (index, payload) in jobs.iter().enumerate() {
+            // The same checks the encoder makes when it delivers: refuse now, not later.
+            let mut probe = Vec::new();
+            let check = match self.config.protocol {
+                QueueProtocol::Lines => encode_job(
+                    QueueProtocol::Lines,
+                    payload,
+                    self.config.max_frame,
+                    &mut probe,
+                ),
+                QueueProtocol::Frames if payload.len() as u64 > self.config.max_frame => {
+                    encode_job(
+                        QueueProtocol::Frames,
+                        payload,
+                        self.config.max_frame,
+                        &mut probe,
+                    )
+                }
+                QueueProtocol::Frames => Ok(()),
+            };
+            check.map_err(|source| SubmitError::Encode {
+                queue: name.clone(),
+                index: index + 1,
+                source,
+            })?;
+        }
+        let count = jobs.len() as u64;
+        self.state
+            .admit(count)
+            .map_err(|source| SubmitError::Full {
+                queue: name.clone(),
+                source,
+            })?;
+        let first = self.state.next_id();
+        if let Some(st) = self.store.as_mut() {
+            let mut last = None;
+            for (i, payload) in jobs.iter().enumerate() {
+                match st.append_submitted(first + i as u64, 0, key, payload) {
+                    Ok(pos) => last = Some(pos),
+                    Err(e) => {
+                        let why = e.to_string();
+                        self.cut_back(&why);
+                        return Err(SubmitError::Store {
+                            queue: name.clone(),
+                            why,
+                        });
+                    }
+                }
+            }
+            if let Some(pos) = last {
+                if self.unsynced.is_empty() {
+                    self.state.set_deliverable_below(first);
+                }
+                self.unsynced.push_back((pos, first, first + count));
+            }
+        }
+        let got = self.state.submit(key, jobs, watched);
+        debug_assert_eq!(got, first);
+        if self.store.is_none() {
+            self.stored_below = first + count;
+        }
+        if watched {
+            self.watch_open.extend(first..first + count);
+        }
+        Ok((first, first + count))
+    }
+
+    /// Writes and syncs what this pass appended (one sync for all of it), then acknowledges
+    /// the batches it covers. Runs at the end of every pass that appended something.
+    fn commit(&mut self, fsync_seconds: &mut crate::master::metrics::Histogram) {
+        let Some(st) = self.store.as_mut() else {
+            return;
+        };
+        if st.written() == st.synced() && self.unsynced.is_empty() && !st.needs_truncate() {
+            // Also nothing buffered: `flush` would have nothing to write.
+            if st.flush().map(|p| p == st.synced()).unwrap_or(false) {
+                return;
+            }
+        }
+        let started = Instant::now();
+        match st.sync() {
+            Ok(synced) => {
+                fsync_seconds.observe(started.elapsed().as_secs_f64());
+                while let Some(&(pos, _, end)) = self.unsynced.front() {
+                    if pos > synced {
+                        break;
+                    }
+                    self.unsynced.pop_front();
+                    self.stored_below = end;
+                }
+                match self.unsynced.front() {
+                    Some(&(_, first, _)) => self.state.set_deliverable_below(first),
+                    None => self.state.set_deliverable_below(u64::MAX),
+                }
+            }
+            Err(e) => {
+                let why = e.to_string();
+                log::error!("queue {}: {why}", self.config.name);
+                self.cut_back(&why);
+            }
+        }
+    }
+
+    /// After a failed write or sync: the log goes back to what is synced, and every batch
+    /// after that point fails.
+    fn cut_back(&mut self, why: &str) {
+        if let Some(st) = self.store.as_mut() {
+            let synced = st.synced();
+            if let Err(e) = st.truncate_to(synced.offset) {
+                log::error!(
+                    "queue {}: cannot cut the log back to offset {}: {e}",
+                    self.config.name,
+                    synced.offset
+                );
+            }
+        }
+        for (_, first, end) in self.unsynced.drain(..) {
+            self.state.forget(first, end);
+            for id in first..end {
+                self.watch_open.remove(&id);
+            }
+            self.failed.push_back((first, end, why.to_string()));
+            if self.failed.len() > FAILED_KEPT {
+                self.failed.pop_front();
+            }
+        }
+        self.state.set_deliverable_below(u64::MAX);
+    }
+
+    /// Records each change of a job in the log, fills in the results clients wait for, and
+    /// counts.
+    fn apply_events(&mut self) {
+        let name = self.config.name.clone();
+        let events: Vec<JobEvent> = self.state.events().collect();
+        for ev in events {
+            let appended = match &ev {
+                JobEvent::Done {
+                    id,
+                    result,
+                    watched,
+                    took,
+                } => {
+                    self.counters.ok += 1;
+                    self.counters.durations.observe(took.as_secs_f64());
+                    if *watched && self.watch_open.remove(id) {
+                        self.watch_done
+                            .insert(*id, job_result(&name, *id, JobOutcome::Ok, result));
+                    }
+                    self.store
+                        .as_mut()
+                        .map(|s| s.append_answered(*id, store::Outcome::Ok(result)))
+                }
+                JobEvent::Dead {
+                    id,
+                    reason,
+                    watched,
+                    took,
+                    ..
+                } => {
+                    if let Some(t) = took {
+                        self.counters.durations.observe(t.as_secs_f64());
+                    }
+                    self.counters.dropped += 1;
+                    if *watched && self.watch_open.remove(id) {
+                        self.watch_done
+                            .insert(*id, job_result(&name, *id, JobOutcome::Dead, reason));
+                    }
+                    self.store
+                        .as_mut()
+                        .map(|s| s.append_answered(*id, store::Outcome::Dead(reason)))
+                }
+                JobEvent::Attempt {
+                    id,
+                    attempts,
+                    reason,
+                    took,
+                } => {
+                    if let Some(t) = took {
+                        self.counters.fail += 1;
+                        self.counters.durations.observe(t.as_secs_f64());
+                    }
+                    self.counters.retried += 1;
+                    self.store
+                        .as_mut()
+                        .map(|s| s.append_attempt(*id, *attempts, reason))
+                }
+                JobEvent::Requeued { id } => self.store.as_mut().map(|s| s.append_requeued(*id)),
+                JobEvent::TimedOut { .. } => {
+                    self.counters.timeout += 1;
+                    None
+                }
+            };
+            if let Some(Err(e)) = appended {
+                let why = e.to_string();
+                log::error!("queue {name}: cannot record a job's change: {why}");
+                self.cut_back(&why);
+            }
+        }
+    }
+
+    /// Where the batch `first..end` stands: stored (`Some(Ok)`), failed (`Some(Err)`), or
+    /// not yet known.
+    pub(super) fn batch(&self, first: u64, end: u64) -> Option<Result<(), String>> {
+        if let Some((_, _, why)) = self
+            .failed
+            .iter()
+            .find(|(f, e, _)| *f == first && *e == end)
+        {
+            return Some(Err(why.clone()));
+        }
+        (end <= self.stored_below).then_some(Ok(()))
+    }
+
+    /// Whether every watched job in `first..end` has ended.
+    pub(super) fn watched_done(&self, first: u64, end: u64) -> bool {
+        self.watch_open.range(first..end).next().is_none()
+    }
+
+    /// The outcomes of the watched jobs `first..end` that have ended, in id order.
+    pub(super) fn results(&self, first: u64, end: u64) -> impl Iterator<Item = &JobResult> {
+        (first..end).filter_map(|id| self.watch_done.get(&id))
+    }
+
+    /// The client that watched `first..end` is gone: keep nothing for it.
+    pub(super) fn unwatch(&mut self, first: u64, end: u64) {
+        for id in first..end {
+            self.watch_open.remove(&id);
+            self.watch_done.remove(&id);
+        }
+    }
+}
+
+fn job_result(queue: &str, id: u64, outcome: JobOutcome, text: &[u8]) -> JobResult {
+    let (text, base64) = crate::protocol::encode_bytes(text);
+    JobResult {
+        queue: queue.to_string(),
+        id,
+        outcome,
+        text,
+        base64,
+    }
+}
+
+/// How a consumer's end reads in a redelivered job's reason.
+fn death_reason(exit: Exit) -> String {
+    match exit {
+        Exit::Code(c) => format!("worker exited with code {c} before answering"),
+        Exit::Signal(s) => format!(
+            "worker killed by signal {} before answering",
+            crate::slot::signal_name(s)
+        ),
+    }
+}
+
+impl Supervisor {
+    /// Makes the pipes of a consumer of `queue` about to be spawned: (the worker's stdin,
+    /// its stdout) ends for the child, and the master's ends.
+    pub(super) fn consumer_pipes(&self) -> std::io::Result<ConsumerPipes> {
+        let (job_r, job_w) = sys::pipe(false)?;
+        let (ans_r, ans_w) = sys::pipe(true)?;
+        sys::set_nonblocking(job_w.as_raw_fd())?;
+        let _ = sys::set_pipe_size(job_w.as_raw_fd(), PIPE_SIZE);
+        let _ = sys::set_pipe_size(ans_r.as_raw_fd(), PIPE_SIZE);
+        Ok(ConsumerPipes {
+            child_stdin: job_r,
+            child_stdout: ans_w,
+            stdin: job_w,
+            stdout: ans_r,
+        })
+    }
+
+    /// A consumer was spawned: its pipes join the loop. It gets jobs once it runs.
+    pub(super) fn attach_consumer(
+        &mut self,
+        pid: Pid,
+        key: WorkerKey,
+        tag: Arc<str>,
+        queue: &str,
+        pipes: ConsumerPipes,
+    ) {
+        let Some(q) = self.queues.get_mut(queue) else {
+            return;
+        };
+        q.state
+            .add_consumer(ConsumerId(pid.as_raw() as u64), key.id);
+        let (protocol, max_frame) = (q.config.protocol, q.config.max_frame);
+        if let Err(e) = self
+            .reactor
+            .add(pipes.stdout.as_raw_fd(), token(pid, TOKEN_STDOUT), false)
+        {
+            log::error!("{tag}: cannot watch its answers: {e}");
+        }
+        drop(pipes.child_stdin);
+        drop(pipes.child_stdout);
+        self.queues.conns.insert(
+            pid,
+            Conn {
+                queue: queue.to_string(),
+                key,
+                tag,
+                stdin: Some(pipes.stdin),
+                stdout: Some(pipes.stdout),
+                out: Vec::new(),
+                sent: 0,
+                spans: VecDeque::new(),
+                base: 0,
+                watching_stdin: false,
+                closing: false,
+                decoder: AnswerDecoder::new(protocol, max_frame),
+                broken: false,
+            },
+        );
+    }
+
+    /// A consumer's pipe is ready.
+    pub(super) fn queue_ready(&mut self, local: u64, now: Instant) {
+        let (pid, which) = of_token(local);
+        match which {
+            TOKEN_STDIN => self.write_jobs(pid),
+            TOKEN_STDOUT => self.read_answers(pid, now, false),
+            _ => {}
+        }
+    }
+
+    /// The worker is being stopped: no new jobs; what it was never sent goes back to the
+    /// queue; its stdin closes once the job being written is through, which asks it to
+    /// finish (SPEC §9).
+    pub(super) fn close_consumer_input(&mut self, pid: Pid) {
+        let Some(conn) = self.queues.conns.get_mut(&pid) else {
+            return;
+        };
+        conn.closing = true;
+        let delivered = conn.delivered();
+        let Some(q) = self
+            .queues
+            .queues
+            .iter_mut()
+            .find(|q| q.config.name == conn.queue)
+        else {
+            return;
+        };
+        let c = ConsumerId(pid.as_raw() as u64);
+        q.state.set_accepting(c, false);
+        q.state.take_back(c, delivered);
+        // The bytes of the jobs taken back are dropped from the buffer.
+        conn.spans.truncate(delivered);
+        let end = conn.spans.back().map_or(conn.written(), |&(_, e)| e);
+        let keep = (end - conn.base) as usize;
+        conn.out.truncate(keep.max(conn.sent));
+        self.write_jobs(pid);
+    }
+
+    /// Writes what a consumer's buffer holds, as far as its pipe takes.
+    fn write_jobs(&mut self, pid: Pid) {
+        let Some(conn) = self.queues.conns.get_mut(&pid) else {
+            return;
+        };
+        let Some(fd) = conn.stdin.as_ref().map(|f| f.as_raw_fd()) else {
+            return;
+        };
+        let mut gone = false;
+        while conn.sent < conn.out.len() {
+            match nix::unistd::write(
+                conn.stdin.as_ref().expect("checked above"),
+                &conn.out[conn.sent..],
+            ) {
+                Ok(n) => conn.sent += n,
+                Err(nix::errno::Errno::EAGAIN) => break,
+                Err(nix::errno::Errno::EINTR) => continue,
+                Err(e) => {
+                    // EPIPE: the worker closed its stdin. What it holds is answered or comes
+                    // back when it exits; nothing more can be sent.
+                    log::debug!("{}: cannot write jobs: {e}", conn.tag);
+                    gone = true;
+                    break;
+                }
+            }
+        }
+        if conn.sent == conn.out.len() {
+            conn.base += conn.sent as u64;
+            conn.out.clear();
+            conn.sent = 0;
+        } else if conn.sent > (1 << 20) {
+            // Keep the buffer from growing at the front.
+            conn.out.drain(..conn.sent);
+            conn.base += conn.sent as u64;
+            conn.sent = 0;
+        }
+        let pending = !conn.out.is_empty() && !gone;
+        if pending != conn.watching_stdin {
+            let result = if pending {
+                self.reactor.add(fd, token(pid, TOKEN_STDIN), true)
+            } else {
+                self.reactor.remove(fd);
+                Ok(())
+            };
+            match result {
+                Ok(()) => conn.watching_stdin = pending,
+                Err(e) => log::error!("{}: cannot watch its stdin: {e}", conn.tag),
+            }
+        }
+        if gone || (conn.closing && conn.out.is_empty()) {
+            if conn.watching_stdin {
+                self.reactor.remove(fd);
+                conn.watching_stdin = false;
+            }
+            conn.stdin = None;
+        }
+    }
+
+    /// Reads a consumer's answers and applies them; a protocol error kills it. With
+    /// `to_end`, reads until end of file (the worker has exited).
+    fn read_answers(&mut self, pid: Pid, now: Instant, to_end: bool) {
+        let jitter = self.queues.jitter.get_or_insert_with(Jitter::from_entropy);
+        let Some(conn) = self.queues.conns.get_mut(&pid) else {
+            return;
+        };
+        if conn.broken {
+            return;
+        }
+        let Some(fd) = conn.stdout.as_ref().map(|f| f.as_raw_fd()) else {
+            return;
+        };
+        let Some(q) = self
+            .queues
+            .queues
+            .iter_mut()
+            .find(|q| q.config.name == conn.queue)
+        else {
+            return;
+        };
+        let c = ConsumerId(pid.as_raw() as u64);
+        let mut buf = vec![0u8; 64 * 1024];
+        let mut budget = READ_BUDGET;
+        let mut eof = false;
+        let mut error: Option<String> = None;
+        while to_end || budget > 0 {
+            let n = match sys::read_available(fd, &mut buf) {
+                Ok(Some(0)) => break,
+                Ok(Some(n)) => n,
+                Ok(None) => {
+                    eof = true;
+                    break;
+                }
+                Err(e) => {
+                    log::debug!("{}: cannot read its answers: {e}", conn.tag);
+                    eof = true;
+                    break;
+                }
+            };
+            budget = budget.saturating_sub(n);
+            let spans = &mut conn.spans;
+            let pushed = conn.decoder.push(&buf[..n], |answer| {
+                if error.is_some() {
+                    return;
+                }
+                match q.state.answer(c, answer, now, jitter.sample()) {
+                    Ok(()) => {
+                        spans.pop_front();
+                    }
+                    Err(e) => error = Some(e.to_string()),
+                }
+            });
+            if let Err(e) = pushed {
+                error.get_or_insert(e.to_string());
+            }
+            if error.is_some() {
+                break;
+            }
+        }
+        if eof && error.is_none() {
+            if let Err(e) = conn.decoder.finish() {
+                error = Some(e.to_string());
+            }
+        }
+        q.apply_events();
+        if let Some(why) = error {
+            conn.broken = true;
+            self.reactor.remove(fd);
+            conn.stdout = None;
+            q.state.set_accepting(c, false);
+            let tag = Arc::clone(&conn.tag);
+            event(
+                &mut self.log_ring,
+                Level::Error,
+                &tag,
+                format_args!("protocol error: {why}; killing it"),
+            );
+            if let Err(e) = sys::process::signal_group(pid, nix::sys::signal::Signal::SIGKILL) {
+                log::warn!("{tag}: cannot kill process group {pid}: {e}");
+            }
+        } else if eof {
+            self.reactor.remove(fd);
+            conn.stdout = None;
+        }
+    }
+
+    /// A consumer's worker process has exited: its last answers are read, and the jobs it
+    /// did not answer go back to the queue (an attempt counted for each it was sent).
+    pub(super) fn detach_consumer(&mut self, pid: Pid, exit: Exit, now: Instant) {
+        if !self.queues.conns.contains_key(&pid) {
+            return;
+        }
+        self.read_answers(pid, now, true);
+        let Some(conn) = self.queues.conns.remove(&pid) else {
+            return;
+        };
+        for fd in [conn.stdin.as_ref(), conn.stdout.as_ref()]
+            .into_iter()
+            .flatten()
+        {
+            self.reactor.remove(fd.as_raw_fd());
+        }
+        let delivered = conn.delivered();
+        if let Some(q) = self.queues.get_mut(&conn.queue) {
+            let c = ConsumerId(pid.as_raw() as u64);
+            let held = q.state.in_flight_of(c);
+            if held > 0 {
+                event(
+                    &mut self.log_ring,
+                    Level::Warn,
+                    &conn.tag,
+                    format_args!("{held} job(s) unanswered; back to queue {}", conn.queue),
+                );
+            }
+            q.state.remove_consumer(c, delivered, &death_reason(exit));
+            q.apply_events();
+        }
+    }
+
+    /// Once per pass: consumers follow their workers' states, retries come due, job timeouts
+    /// stop their workers, pending jobs go out, and what changed is made durable.
+    pub(super) fn queues_pass(&mut self, now: Instant) {
+        if self.queues.queues.is_empty() {
+            return;
+        }
+        // Who takes jobs: a consumer whose worker runs (ready) and is not being stopped.
+        let mut accepting: Vec<(String, ConsumerId, bool, u32)> = Vec::new();
+        for (&pid, conn) in &self.queues.conns {
+            let running = self.pool_index(conn.key.pool).is_some_and(|p| {
+                let pool = &self.pools[p];
+                let slot = pool.slots.get(conn.key.id as usize);
+                slot.is_some_and(|s| {
+                    matches!(s.state().current(), SlotState::Running { pid: p, .. } if *p == pid)
+                }) && !pool.removed
+            });
+            let ok = running && !conn.closing && !conn.broken && conn.stdin.is_some();
+            accepting.push((conn.queue.clone(), ConsumerId(pid.as_raw() as u64), ok, 0));
+        }
+        for (queue, c, ok, _) in accepting {
+            if let Some(q) = self.queues.get_mut(&queue) {
+                q.state.set_accepting(c, ok);
+            }
+        }
+        // Slots of each consuming program, for the key ring.
+        for q in &mut self.queues.queues {
+            let n = self
+                .pools
+                .iter()
+                .find(|p| !p.removed && p.program.queue.as_deref() == Some(&q.config.name))
+                .map_or(0, |p| p.desired());
+            q.state.set_slots(n);
+        }
+        let mut expired: Vec<Pid> = Vec::new();
+        for q in &mut self.queues.queues {
+            q.state.wake(now);
+            expired.extend(
+                q.state
+                    .expire(now)
+                    .into_iter()
+                    .map(|c| Pid::from_raw(c.0 as i32)),
+            );
+        }
+        for pid in expired {
+            self.job_timeout(pid, now);
+        }
+        // Deliveries.
+        let conns = &mut self.queues.conns;
+        let mut touched: Vec<Pid> = Vec::new();
+        for q in &mut self.queues.queues {
+            let (protocol, max) = (q.config.protocol, q.config.max_frame);
+            q.state.dispatch(now, |c, job| {
+                let pid = Pid::from_raw(c.0 as i32);
+                let Some(conn) = conns.get_mut(&pid) else {
+                    return;
+                };
+                let start = conn.base + conn.out.len() as u64;
+                if encode_job(protocol, &job.payload, max, &mut conn.out).is_err() {
+                    // Checked at submit; a reload may have lowered max_frame since. An empty
+                    // line or frame keeps the answers in step; the worker's answer decides.
+                    let _ = encode_job(protocol, b"", max, &mut conn.out);
+                }
+                let end = conn.base + conn.out.len() as u64;
+                conn.spans.push_back((start, end));
+                if touched.last() != Some(&pid) {
+                    touched.push(pid);
+                }
+            });
+            q.apply_events();
+        }
+        touched.sort_unstable();
+        touched.dedup();
+        for pid in touched {
+            self.write_jobs(pid);
+        }
+        let fsync = &mut self.counters.fsync_seconds;
+        for q in &mut self.queues.queues {
+            q.commit(fsync);
+        }
+    }
+
+    /// A job overstayed `job_timeout` at the worker `pid`: stop the worker (stop_signal,
+    /// then SIGKILL after stop_timeout); its jobs come back when it has exited.
+    fn job_timeout(&mut self, pid: Pid, now: Instant) {
+        let Some(conn) = self.queues.conns.get(&pid) else {
+            return;
+        };
+        let (key, tag) = (conn.key, Arc::clone(&conn.tag));
+        let limit = self
+            .queues
+            .get(&conn.queue)
+            .and_then(|q| q.config.job_timeout)
+            .unwrap_or_default();
+        event(
+            &mut self.log_ring,
+            Level::Error,
+            &tag,
+            format_args!(
+                "job timeout after {}; stopping it",
+                crate::format_duration(limit)
+            ),
+        );
+        if let Some(p) = self.pool_index(key.pool) {
+            self.stop_now(p, key.id, crate::slot::AfterStop::Restart, now);
+        }
+    }
+
+    /// Enqueues a batch on `queue` (a client's `submit`).
+    pub(super) fn submit(
+        &mut self,
+        queue: &str,
+        key: Option<&[u8]>,
+        jobs: Vec<Vec<u8>>,
+        watched: bool,
+    ) -> Result<(u64, u64), SubmitError> {
+        let q = self
+            .queues
+            .get_mut(queue)
+            .ok_or_else(|| SubmitError::NoQueue(queue.to_string()))?;
+        q.submit(key, jobs, watched)
+    }
+
+    /// Puts dead letters back; `None`: all of them.
+    pub(super) fn requeue(&mut self, queue: &str, ids: Option<&[u64]>) -> Result<u64, String> {
+        let q = self
+            .queues
+            .get_mut(queue)
+            .ok_or_else(|| format!("no queue named {queue}"))?;
+        let n = q
+            .state
+            .requeue(ids)
+            .map_err(|e| format!("queue {queue}: {e}"))?;
+        q.apply_events();
+        Ok(n)
+    }
+}
+
+/// The pipes of a consumer about to be spawned.
+pub(super) struct ConsumerPipes {
+    /// The read end of the job pipe: the child's stdin.
+    pub(super) child_stdin: OwnedFd,
+    /// The write end of the answer pipe: the child's stdout.
+    pub(super) child_stdout: OwnedFd,
+    stdin: OwnedFd,
+    stdout: OwnedFd,
+}
+
+/// How long `queue` counts, for reports.
+pub(super) fn report(q: &QueueRt) -> crate::protocol::QueueCounts {
+    let c = q.state.counts();
+    crate::protocol::QueueCounts {
+        name: q.config.name.clone(),
+        pending: c.pending,
+        in_flight: c.in_flight,
+        done: c.done,
+        retried: c.retried,
+        dead: c.dead,
+    }
+}
