@@ -128,13 +128,21 @@
 //! run their `terminate`; a panicking service aborts its worker (SIGABRT), which is
 //! restarted with backoff all the same.
 //!
-//! ## What is not there yet
+//! ## Typed jobs
 //!
-//! Typed jobs over queues (a service consuming a queue of a serde type, submitting from the
-//! master) wait for the queue subsystem. Only the kernel's name of the process (`comm`) is
-//! set to `NAME.ID`: `ps -f` still shows the program's command line. Rewriting `argv` in
-//! place would also change what `std::env::args()` returns inside the worker (the standard
-//! library reads the original `argv` memory on each call), so it is not done.
+//! [`ServiceManager::add_queue`] adds a job queue, with the binary's acknowledgements,
+//! retries, dead letters and durability (SPEC §4); a service consumes it when its
+//! [`ServiceOptions::queue`] names it, and takes the jobs with [`Worker::jobs`] (typed through
+//! serde_json, see [`worker`]). The program submits from the master's side with
+//! [`ManagerHandle::submit`](service::ManagerHandle::submit), or anyone with `plumule submit`
+//! over the control socket. `examples/producer_consumer.rs` shows both ends.
+//!
+//! ## Process titles
+//!
+//! Only the kernel's name of the process (`comm`) is set to `NAME.ID`: `ps -f` still shows
+//! the program's command line. Rewriting `argv` in place would also change what
+//! `std::env::args()` returns inside the worker (the standard library reads the original
+//! `argv` memory on each call), so it is not done.
 
 #![deny(unsafe_op_in_unsafe_fn)]
 

@@ -13,6 +13,9 @@
 mod common;
 
 #[allow(dead_code)]
+#[path = "../examples/producer_consumer.rs"]
+mod producer_consumer;
+#[allow(dead_code)]
 #[path = "../examples/reload_config.rs"]
 mod reload_config;
 #[allow(dead_code)]
@@ -40,7 +43,7 @@ mod scenarios {
     use std::rc::Rc;
     use std::time::Duration;
 
-    use plumule::service::{Backoff, Error, Exit, LockSpec, ReadyMode, Reload};
+    use plumule::service::{Backoff, Error, Exit, LockSpec, QueueOptions, ReadyMode, Reload};
     use plumule::{Service, ServiceManager, ServiceOptions, Worker};
 
     fn dir() -> PathBuf {
@@ -288,6 +291,68 @@ mod scenarios {
         manager.run()
     }
 
+    /// A typed job.
+    #[derive(serde::Serialize, serde::Deserialize)]
+    struct Square {
+        n: i64,
+    }
+
+    /// Consumes `squares`; dies in the middle of job 7 the first time it sees it.
+    struct Squarer;
+
+    impl Service for Squarer {
+        fn run(&mut self, worker: &Worker) -> Result<(), Error> {
+            for job in worker.jobs()?.typed::<Square>() {
+                let (Square { n }, job) = job?;
+                // A stray print: it must reach the log, not the answers.
+                println!("squaring {n}");
+                let crashed = dir().join("crashed");
+                if n == 7 && !crashed.exists() {
+                    std::fs::write(&crashed, "").expect("write the crash marker");
+                    note(format!("crash {} {n}", me(worker)));
+                    std::process::abort();
+                }
+                note(format!("done {} {n} {}", me(worker), n * n));
+                job.ok_json(&(n * n))?;
+            }
+            Ok(())
+        }
+        fn terminate(&mut self, worker: &Worker) {
+            note(format!("terminate {}", me(worker)));
+        }
+    }
+
+    fn jobs() -> i32 {
+        let mut manager = ServiceManager::new();
+        manager.runtime_dir(dir().join("run"));
+        manager.add_queue(
+            "squares",
+            QueueOptions {
+                retry_backoff: Backoff {
+                    initial: Duration::from_millis(10),
+                    max: Duration::from_millis(100),
+                    multiplier: 2.0,
+                    jitter: 0.0,
+                },
+                ..QueueOptions::default()
+            },
+        );
+        let options = ServiceOptions {
+            workers: 2,
+            queue: Some("squares".into()),
+            ..ServiceOptions::default()
+        };
+        manager.add_with("squarer", options, |_: &Worker| Squarer);
+        manager.on_new_worker(|name, id, pid| note(format!("new {name} {id} {pid}")));
+        let handle = manager.handle();
+        for n in 1..=10 {
+            handle
+                .submit("squares", &Square { n })
+                .expect("encode a job");
+        }
+        manager.run()
+    }
+
     /// A thread runs before `run`.
     fn threaded() -> i32 {
         let (tx, rx) = std::sync::mpsc::channel::<()>();
@@ -311,6 +376,15 @@ mod scenarios {
             "threaded" => threaded(),
             "notify" => notify(),
             "locked" => locked(),
+            "jobs" => jobs(),
+            "example-jobs" => super::producer_consumer::run(&[
+                arg("--jobs"),
+                arg("5"),
+                arg("--exit-after"),
+                arg("1s"),
+                arg("--runtime-dir"),
+                rt,
+            ]),
             "example-pool" => super::service_pool::run(&[
                 arg("--exit-after"),
                 arg("1s"),
@@ -806,6 +880,52 @@ fn locks_of_the_options_are_taken_before_the_service_runs() {
     assert_ne!(runs[1][2], first[0][2], "the waiting worker ran: {runs:?}");
 }
 
+fn typed_jobs_end_to_end_with_a_worker_killed_mid_job() {
+    let mut run = Run::start("jobs");
+    let crash = run.wait_events(&["crash", "squarer"], 1);
+    // Every job answered, job 7 by a process other than the one that died holding it.
+    let mut done = BTreeSet::new();
+    run.sandbox.wait("jobs 1 to 10 are done", DEADLINE, || {
+        done = run
+            .matching(&["done", "squarer"])
+            .iter()
+            .map(|e| e[4].parse::<i64>().expect("n"))
+            .collect();
+        done.len() == 10
+    });
+    assert_eq!(done, (1..=10).collect());
+    for d in run.matching(&["done", "squarer"]) {
+        let n: i64 = d[4].parse().unwrap();
+        assert_eq!(d[5], (n * n).to_string());
+        if n == 7 {
+            assert_ne!(d[3], crash[0][3], "redelivered to another process");
+        }
+    }
+    // The dead worker was restarted with its id; stray prints went to the log.
+    let crashed_id = &crash[0][2];
+    run.wait_events(&["new", "squarer", crashed_id], 2);
+    run.master
+        .wait_stderr(&["squarer.", "squaring 7"], DEADLINE);
+    // The control socket serves the library's queue too.
+    let out = run.cli(&["submit", "squares", "--wait", "{\"n\": 12}"]);
+    assert_eq!(out.trim(), "ok 144");
+    let status = run.master.stop_with(Signal::SIGTERM, DEADLINE);
+    common::assert_exit_code(status, 0, &run.master.stderr_text());
+    run.wait_events(&["terminate", "squarer", "0"], 1);
+    run.wait_events(&["terminate", "squarer", "1"], 1);
+    run.assert_nothing_left();
+}
+
+fn example_producer_consumer_runs_and_ends_by_itself() {
+    let mut run = Run::start("example-jobs");
+    let status = run.master.wait_exit(DEADLINE);
+    common::assert_exit_code(status, 0, &run.master.stderr_text());
+    let err = run.master.stderr_text();
+    for n in 1..=5 {
+        assert!(err.contains(&format!(": {n}² = {}", n * n)), "{err}");
+    }
+}
+
 fn run_refuses_a_process_that_runs_threads() {
     let mut run = Run::start("threaded");
     let status = run.master.wait_exit(DEADLINE);
@@ -943,6 +1063,14 @@ const TESTS: &[(&str, fn())] = &[
     (
         "locks_of_the_options_are_taken_before_the_service_runs",
         locks_of_the_options_are_taken_before_the_service_runs,
+    ),
+    (
+        "typed_jobs_end_to_end_with_a_worker_killed_mid_job",
+        typed_jobs_end_to_end_with_a_worker_killed_mid_job,
+    ),
+    (
+        "example_producer_consumer_runs_and_ends_by_itself",
+        example_producer_consumer_runs_and_ends_by_itself,
     ),
     (
         "run_refuses_a_process_that_runs_threads",

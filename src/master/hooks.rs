@@ -21,6 +21,8 @@ pub(crate) enum Request {
     Scale { program: String, workers: u32 },
     /// Stop everything gracefully, as SIGTERM does.
     Shutdown,
+    /// Enqueue these payloads on `queue` (what `plumule submit` does, without waiting).
+    Submit { queue: String, jobs: Vec<Vec<u8>> },
 }
 
 /// How a stop that begins goes on.
@@ -114,6 +116,12 @@ impl Supervisor {
                 Request::Scale { program, workers } => {
                     if let Err(e) = self.scale(&program, workers) {
                         log::error!("cannot scale {program} to {workers}: {e}");
+                    }
+                }
+                Request::Submit { queue, jobs } => {
+                    let n = jobs.len();
+                    if let Err(e) = self.submit(&queue, None, jobs, false) {
+                        log::error!("cannot submit {n} job(s) from the program: {e}");
                     }
                 }
                 Request::Shutdown => {

@@ -228,6 +228,8 @@ impl Master {
         );
         loop {
             let now = Instant::now();
+            // What the embedding program asked for (jobs it submits go out in this pass).
+            self.sup.hook_requests(now);
             self.sup.queues_pass(now);
             self.sup.settle(now);
             let mut wake_at = None;

@@ -12,7 +12,7 @@ use std::time::Duration;
 use nix::sys::signal::Signal;
 use nix::unistd::Pid;
 
-use super::options::ServiceOptions;
+use super::options::{QueueOptions, ServiceOptions};
 use super::worker::{Body, Worker};
 use super::Service;
 use crate::config::{Config, Function, MAX_WORKERS};
@@ -72,6 +72,33 @@ impl ManagerHandle {
         shared.requests.push(Request::Scale { program, workers });
     }
 
+    /// Submits one job to `queue`: `job` as JSON, which the consumer's
+    /// [`Worker::jobs`]`.typed()` reads back. Taken by the master at its next pass, as
+    /// `plumule submit` would be; a refusal (no such queue, the queue full, a job above
+    /// `max_frame`) is logged by the master. Before [`ServiceManager::run`], the jobs wait
+    /// for the master to start.
+    pub fn submit<T: serde::Serialize>(&self, queue: &str, job: &T) -> serde_json::Result<()> {
+        let payload = serde_json::to_vec(job)?;
+        self.submit_bytes(queue, payload);
+        Ok(())
+    }
+
+    /// Submits one job whose payload is `payload` as it is.
+    pub fn submit_bytes(&self, queue: &str, payload: impl Into<Vec<u8>>) {
+        let mut shared = self.shared.borrow_mut();
+        // Consecutive jobs for one queue go as one batch.
+        if let Some(Request::Submit { queue: q, jobs }) = shared.requests.last_mut() {
+            if q == queue {
+                jobs.push(payload.into());
+                return;
+            }
+        }
+        shared.requests.push(Request::Submit {
+            queue: queue.to_string(),
+            jobs: vec![payload.into()],
+        });
+    }
+
     /// Stops every worker gracefully and ends [`ServiceManager::run`] with 0, as SIGTERM
     /// does (the terminate hooks run too).
     pub fn shutdown(&self) {
@@ -85,12 +112,21 @@ struct Entry {
     function: Function,
 }
 
+/// Whether `name` is a valid program or queue name.
+fn check_name(what: &str, name: &str) {
+    assert!(
+        valid_name(name),
+        "invalid {what} name {name:?}: 1 to 64 of A-Z a-z 0-9 _ -"
+    );
+}
+
 /// A program that is the master of its own forked workers, Cotyledon-style: services are
 /// added with a worker count, then [`ServiceManager::run`] forks and supervises them with
 /// the binary's engine (see the [crate-level docs](crate) for an example and what forking
 /// means).
 pub struct ServiceManager {
     services: Vec<Entry>,
+    queues: Vec<(String, QueueOptions)>,
     new_worker: Vec<NewWorkerHook>,
     dead_worker: Vec<DeadWorkerHook>,
     reload: Vec<Hook>,
@@ -98,6 +134,7 @@ pub struct ServiceManager {
     shared: Rc<RefCell<Shared>>,
     runtime_dir: Option<PathBuf>,
     lock_dir: Option<PathBuf>,
+    state_dir: Option<PathBuf>,
     shutdown_timeout: Duration,
     log_level: log::LevelFilter,
 }
@@ -132,6 +169,7 @@ impl ServiceManager {
     pub fn new() -> ServiceManager {
         ServiceManager {
             services: Vec::new(),
+            queues: Vec::new(),
             new_worker: Vec::new(),
             dead_worker: Vec::new(),
             reload: Vec::new(),
@@ -139,6 +177,7 @@ impl ServiceManager {
             shared: Rc::default(),
             runtime_dir: None,
             lock_dir: None,
+            state_dir: None,
             shutdown_timeout: Duration::from_secs(30),
             log_level: log::LevelFilter::Info,
         }
@@ -170,10 +209,7 @@ impl ServiceManager {
         S: Service + 'static,
         F: Fn(&Worker) -> S + Send + Sync + 'static,
     {
-        assert!(
-            valid_name(name),
-            "invalid service name {name:?}: 1 to 64 of A-Z a-z 0-9 _ -"
-        );
+        check_name("service", name);
         assert!(
             self.services.iter().all(|s| s.name != name),
             "a service named {name} was already added"
@@ -184,6 +220,7 @@ impl ServiceManager {
         );
         let body = Body {
             name: name.to_string(),
+            consumer: options.queue.is_some(),
             stop_signal: options.stop_signal,
             reload_signal: options.reload_signal,
             make: Box::new(factory),
@@ -196,6 +233,23 @@ impl ServiceManager {
         });
         self.shared.borrow_mut().names.push(name.to_string());
         ServiceId(self.services.len() - 1)
+    }
+
+    /// Adds a job queue, which a service consumes by naming it in
+    /// [`ServiceOptions::queue`] and the program feeds with [`ManagerHandle::submit`] (or
+    /// `plumule submit` over the control socket). Jobs get the same acknowledgements, retries
+    /// and dead letters as the binary's (SPEC §4).
+    ///
+    /// # Panics
+    /// If `name` is not 1 to 64 of `A-Z a-z 0-9 _ -`, or a queue of that name was added.
+    pub fn add_queue(&mut self, name: &str, options: QueueOptions) -> &mut Self {
+        check_name("queue", name);
+        assert!(
+            self.queues.iter().all(|(n, _)| n != name),
+            "a queue named {name} was already added"
+        );
+        self.queues.push((name.to_string(), options));
+        self
     }
 
     /// Changes the number of workers `service` starts with. Once [`ServiceManager::run`] has
@@ -273,6 +327,14 @@ impl ServiceManager {
         self
     }
 
+    /// Where durable queues keep their jobs (default: `RUNTIME_DIR/state`, which goes with a
+    /// private runtime directory: set this, or a fixed runtime directory, for jobs that
+    /// outlive the program).
+    pub fn state_dir(&mut self, dir: impl Into<PathBuf>) -> &mut Self {
+        self.state_dir = Some(dir.into());
+        self
+    }
+
     /// The most a graceful stop may take, after which every worker left is killed (default
     /// 30s).
     pub fn shutdown_timeout(&mut self, timeout: Duration) -> &mut Self {
@@ -309,6 +371,17 @@ impl ServiceManager {
                 return 1;
             }
         }
+        for s in &self.services {
+            if let Some(q) = &s.options.queue {
+                if self.queues.iter().all(|(n, _)| n != q) {
+                    eprintln!(
+                        "plumule: service {} consumes queue {q}, which was not added",
+                        s.name
+                    );
+                    return 1;
+                }
+            }
+        }
         // What print! left in the buffer would be written again by every worker.
         use std::io::Write;
         let _ = std::io::stdout().flush();
@@ -334,7 +407,10 @@ impl ServiceManager {
         programs.sort_by(|a, b| a.name.cmp(&b.name));
         let config = Config {
             path: std::env::current_exe().unwrap_or_else(|_| runtime_dir.join("library")),
-            state_dir: runtime_dir.join("state"),
+            state_dir: self
+                .state_dir
+                .clone()
+                .unwrap_or_else(|| runtime_dir.join("state")),
             lock_dir: self
                 .lock_dir
                 .clone()
@@ -347,7 +423,11 @@ impl ServiceManager {
             node: crate::config::hostname(),
             cluster: None,
             programs,
-            queues: Vec::new(),
+            queues: {
+                let mut queues: Vec<_> = self.queues.iter().map(|(n, o)| o.queue(n)).collect();
+                queues.sort_by(|a, b| a.name.cmp(&b.name));
+                queues
+            },
         };
         let shared = Rc::clone(&self.shared);
         let hooks = LibraryHooks {

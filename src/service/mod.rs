@@ -21,12 +21,13 @@ mod options;
 mod worker;
 
 pub use crate::config::{
-    Backoff, Limit, LockSpec, OutputSpec, ReadyMode, RestartPolicy, StartLimit,
+    Backoff, Limit, LockSpec, OutputSpec, QueueProtocol, ReadyMode, RestartPolicy, Route,
+    StartLimit,
 };
 pub use crate::slot::Exit;
 pub use manager::{ManagerHandle, ServiceId, ServiceManager};
-pub use options::ServiceOptions;
-pub use worker::{Request, Worker};
+pub use options::{QueueOptions, ServiceOptions};
+pub use worker::{JobsError, Request, Worker};
 
 /// What a service's `run` may fail with: any error. The worker logs it and exits 1, and is
 /// restarted with backoff like any crashed worker.
@@ -55,7 +56,7 @@ pub enum Reload {
 /// |-------------------------------------|------------------------------------------------|
 /// | is asked to stop                    | `run` returns, `terminate` runs, exit 0        |
 /// | is asked to reload                  | `run` returns, `reload` runs; see [`Reload`]   |
-/// | returns from `run` unasked          | waits for the next request                     |
+/// | returns from `run` unasked          | waits for the next request (a queue consumer, whose jobs ended: `terminate`, exit 0) |
 /// | returns an error from `run`         | exit 1, restarted with backoff                 |
 /// | panics                              | exit 101 (SIGABRT under `panic = "abort"`), restarted with backoff |
 /// | exits itself (`std::process::exit`) | the master sees that code, restart policy applies |

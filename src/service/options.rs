@@ -7,8 +7,8 @@ use std::time::Duration;
 use nix::sys::signal::Signal;
 
 use crate::config::{
-    Backoff, CommandSpec, Function, Limit, LockSpec, OutputSpec, Program, ReadyMode, ReloadMode,
-    RestartPolicy, StartLimit,
+    Backoff, CommandSpec, Function, Limit, LockSpec, OutputSpec, Program, Queue, QueueProtocol,
+    ReadyMode, ReloadMode, RestartPolicy, Route, StartLimit,
 };
 
 /// The supervision settings of one service: the keys of a `[program.NAME]` table of the
@@ -72,6 +72,10 @@ pub struct ServiceOptions {
     pub oom_score_adj: Option<i32>,
     /// Resource limits set in each worker before the service is built.
     pub limits: Vec<Limit>,
+    /// The queue whose jobs the workers consume (added with
+    /// [`ServiceManager::add_queue`](crate::ServiceManager::add_queue)); they take them with
+    /// [`Worker::jobs`](crate::Worker::jobs). Default: none.
+    pub queue: Option<String>,
 }
 
 impl Default for ServiceOptions {
@@ -102,6 +106,7 @@ impl Default for ServiceOptions {
             nice: None,
             oom_score_adj: None,
             limits: Vec::new(),
+            queue: None,
         }
     }
 }
@@ -137,10 +142,80 @@ impl ServiceOptions {
             watchdog: None,
             listen: Vec::new(),
             after: Vec::new(),
-            queue: None,
+            queue: self.queue.clone(),
             nice: self.nice,
             oom_score_adj: self.oom_score_adj,
             limits: self.limits.clone(),
+        }
+    }
+}
+
+/// The settings of a job queue: the keys of a `[queue.NAME]` table of the config file
+/// (SPEC §4), with the same types and the same defaults.
+#[derive(Debug, Clone, PartialEq)]
+pub struct QueueOptions {
+    /// Whether jobs survive a restart of the master, kept under the state directory
+    /// (default true; see [`ServiceManager::state_dir`](crate::ServiceManager::state_dir)).
+    pub durable: bool,
+    /// How jobs and answers travel on the consumers' pipes (default `Lines`: a job's JSON is
+    /// one line; `Frames` for large payloads).
+    pub protocol: QueueProtocol,
+    /// How many jobs a worker holds at once (default 1).
+    pub prefetch: u32,
+    /// Attempts before a job that keeps failing is dead-lettered (default 3).
+    pub max_attempts: u32,
+    /// The delay before a failed job is tried again (default 1s, ×2, up to 1m, jitter 0.1).
+    pub retry_backoff: Backoff,
+    /// Which worker gets a job (default least-loaded).
+    pub route: Route,
+    /// The most jobs waiting; a submission beyond it is refused (default 1 000 000).
+    pub max_pending: u64,
+    /// The largest job or answer, in bytes (default 16 MiB).
+    pub max_frame: u64,
+    /// A worker holding a job longer than this is stopped and the job is delivered again
+    /// (default: none).
+    pub job_timeout: Option<Duration>,
+}
+
+impl Default for QueueOptions {
+    /// SPEC §9's defaults.
+    fn default() -> Self {
+        QueueOptions {
+            durable: true,
+            protocol: QueueProtocol::Lines,
+            prefetch: 1,
+            max_attempts: 3,
+            retry_backoff: Backoff {
+                initial: Duration::from_secs(1),
+                max: Duration::from_secs(60),
+                multiplier: 2.0,
+                jitter: 0.1,
+            },
+            route: Route::LeastLoaded,
+            max_pending: 1_000_000,
+            max_frame: 16 * 1024 * 1024,
+            job_timeout: None,
+        }
+    }
+}
+
+impl QueueOptions {
+    /// The queue the master runs.
+    pub(super) fn queue(&self, name: &str) -> Queue {
+        Queue {
+            name: name.to_string(),
+            durable: self.durable,
+            protocol: self.protocol,
+            prefetch: self.prefetch,
+            max_attempts: self.max_attempts,
+            retry_backoff: self.retry_backoff,
+            route: self.route,
+            max_pending: self.max_pending,
+            max_frame: self.max_frame,
+            job_timeout: self.job_timeout,
+            backend: None,
+            claim_after: Duration::from_secs(30),
+            partitions: 64,
         }
     }
 }

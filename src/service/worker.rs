@@ -2,7 +2,8 @@
 //! (build the service, run it, answer stop and reload requests, exit).
 
 use std::io::Write;
-use std::os::fd::BorrowedFd;
+use std::os::fd::{BorrowedFd, OwnedFd};
+use std::sync::Mutex;
 use std::time::Duration;
 
 use nix::sys::signal::Signal;
@@ -78,6 +79,23 @@ pub struct Worker {
     id: u32,
     workers: u32,
     requests: Requests,
+    /// A consumer's job and answer pipes, until [`Worker::jobs`] takes them.
+    channel: Mutex<Option<(OwnedFd, OwnedFd)>>,
+    consumer: bool,
+}
+
+/// Why [`Worker::jobs`] has no jobs to give.
+#[derive(Debug, thiserror::Error)]
+pub enum JobsError {
+    /// The service consumes no queue ([`ServiceOptions::queue`](crate::ServiceOptions::queue)).
+    #[error("this service consumes no queue")]
+    NoQueue,
+    /// [`Worker::jobs`] was called before in this worker.
+    #[error("the jobs were already taken")]
+    Taken,
+    /// What the master said about the queue's protocol could not be understood.
+    #[error(transparent)]
+    Setup(#[from] crate::worker::Error),
 }
 
 impl Worker {
@@ -128,6 +146,30 @@ impl Worker {
         crate::sys::notify::Notifier::from_env().send("READY=1");
     }
 
+    /// The jobs of the queue the service consumes, once per worker: iterate over them (typed
+    /// with [`Jobs::typed`](crate::worker::Jobs::typed), or answered by
+    /// [`Jobs::serve`](crate::worker::Jobs::serve)) and answer each, as a worker of the
+    /// binary does (see [`crate::worker`]). The jobs come on a pipe of the worker's own, not
+    /// on stdin; stdout goes to the master's log, so a `println!` cannot corrupt the answers.
+    ///
+    /// The jobs end when the master asks the worker to finish (it closes the pipe, at a stop
+    /// or a scale-down): `run` should then return, and the worker runs `terminate` and exits
+    /// 0. A stop or reload request reaches a consumer between jobs: a body blocked waiting
+    /// for the next job sees it when that job comes or the jobs end.
+    pub fn jobs(&self) -> Result<crate::worker::Jobs, JobsError> {
+        if !self.consumer {
+            return Err(JobsError::NoQueue);
+        }
+        let taken = self
+            .channel
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .take();
+        let (jobs, answers) = taken.ok_or(JobsError::Taken)?;
+        Ok(crate::worker::Builder::new()
+            .io(std::fs::File::from(jobs), std::fs::File::from(answers))?)
+    }
+
     /// A descriptor that becomes readable when a request comes, for a body that polls its
     /// own descriptors: check [`Worker::pending`] before polling it and when it is readable
     /// (it says what the request is). Do not read from it.
@@ -139,6 +181,8 @@ impl Worker {
 /// How the forked child of a service runs; `make` builds the service from its worker.
 pub(super) struct Body<S> {
     pub(super) name: String,
+    /// Whether its service consumes a queue.
+    pub(super) consumer: bool,
     pub(super) stop_signal: Signal,
     pub(super) reload_signal: Signal,
     pub(super) make: Box<dyn Fn(&Worker) -> S + Send + Sync>,
@@ -159,17 +203,35 @@ impl<S: Service> Body<S> {
                 return ERROR_EXIT;
             }
         };
+        let channel = if self.consumer {
+            match crate::sys::service::take_job_channel() {
+                Ok(c) => Some(c),
+                Err(e) => {
+                    log::error!("{tag}: cannot set up its job channel: {e}");
+                    return ERROR_EXIT;
+                }
+            }
+        } else {
+            None
+        };
         let worker = Worker {
             name: self.name.clone(),
             id,
             workers,
             requests,
+            channel: Mutex::new(channel),
+            consumer: self.consumer,
         };
         let mut service = (self.make)(&worker);
         let code = loop {
             if let Err(e) = service.run(&worker) {
                 log::error!("{tag}: {e}");
                 break ERROR_EXIT;
+            }
+            // A consumer's body returns when its jobs end: the master asks it to finish.
+            if self.consumer && worker.requests.pending().is_none() {
+                service.terminate(&worker);
+                break 0;
             }
             // Whether the body returned because of a request or not, the worker lives until
             // it is asked something.

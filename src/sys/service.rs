@@ -185,3 +185,21 @@ pub fn set_process_name(name: &str) {
 pub fn thread_count() -> io::Result<usize> {
     Ok(fs::read_dir("/proc/self/task")?.count())
 }
+
+/// Moves a queue consumer's job channel off its stdin and stdout, which the master made the
+/// job and answer pipes: returns them at new descriptors (close-on-exec), then points stdin
+/// at `/dev/null` and stdout at stderr (the master's log), so that what the service prints
+/// can never reach the answers.
+pub fn take_job_channel() -> io::Result<(OwnedFd, OwnedFd)> {
+    use nix::fcntl::{fcntl, FcntlArg};
+    let jobs = fcntl(0, FcntlArg::F_DUPFD_CLOEXEC(3))?;
+    // SAFETY: fcntl returned a new descriptor that nothing else owns.
+    let jobs = unsafe { super::owned(jobs) };
+    let answers = fcntl(1, FcntlArg::F_DUPFD_CLOEXEC(3))?;
+    // SAFETY: as above.
+    let answers = unsafe { super::owned(answers) };
+    let null = super::dev_null()?;
+    nix::unistd::dup2(null.as_raw_fd(), 0)?;
+    nix::unistd::dup2(2, 1)?;
+    Ok((jobs, answers))
+}
