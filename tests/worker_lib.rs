@@ -311,6 +311,25 @@ fn answers_given_out_of_order_are_written_in_job_order() {
 }
 
 #[test]
+fn held_counts_every_job_taken_from_the_input_and_not_answered() {
+    // The four jobs arrive in one read: the first job handed out leaves three decoded ones
+    // waiting in the reader, and all four are held.
+    let (mut jobs, output) = in_memory(Protocol::Lines, "0\n1\n2\n3\n");
+    assert_eq!((jobs.in_flight(), jobs.held()), (0, 0));
+    let first = jobs.next().unwrap().unwrap();
+    assert_eq!((jobs.in_flight(), jobs.held()), (1, 4));
+    first.ok("").unwrap();
+    assert_eq!((jobs.in_flight(), jobs.held()), (0, 3));
+    let rest: Vec<Job> = jobs.by_ref().map(Result::unwrap).collect();
+    assert_eq!((jobs.in_flight(), jobs.held()), (3, 3));
+    for job in rest {
+        job.ok("").unwrap();
+    }
+    assert_eq!((jobs.in_flight(), jobs.held()), (0, 0));
+    assert_eq!(output.text(), "ok\nok\nok\nok\n");
+}
+
+#[test]
 fn a_job_dropped_unanswered_answers_fail_not_answered() {
     let (mut jobs, output) = in_memory(Protocol::Lines, "forgotten\nanswered\n");
     drop(jobs.next().unwrap().unwrap());
@@ -559,11 +578,15 @@ fn the_pool_holds_no_more_than_threads_plus_backlog() {
             assert!(pool.in_flight() <= 5, "the pool read past its capacity");
             std::thread::yield_now();
         }
+        // All 50 came in one read: the 45 the pool has no room for wait decoded in the reader,
+        // taken from the input but not handed out.
+        assert_eq!(pool.held(), 50);
         assert_eq!(started.load(Ordering::SeqCst), 2);
         assert_eq!(output.text(), "");
         drop(open_gate);
         running.join().unwrap().unwrap();
     });
+    assert_eq!((pool.in_flight(), pool.held()), (0, 0));
     assert_eq!(
         output.text(),
         numbered_lines(50)
@@ -631,4 +654,129 @@ fn the_pool_reports_answers_it_could_not_write() {
     let jobs = Jobs::from_io(jobs_read, answers_write, Protocol::Lines);
     let error = Pool::new(2, 2).run(jobs, |_| Answer::ok("")).unwrap_err();
     assert!(matches!(&error, Error::Write(e) if e.kind() == std::io::ErrorKind::BrokenPipe));
+}
+
+// ---------------------------------------------------------------------------------------------
+// The examples, run as the master runs them: jobs on a pipe to stdin, answers from stdout
+
+/// The example binary `name`, built with the same profile as this test (cargo builds the
+/// examples for a whole `cargo test`, but not for `cargo test --test worker_lib`).
+fn example(name: &str) -> std::path::PathBuf {
+    // This test runs as target/PROFILE/deps/worker_lib-HASH; examples go to
+    // target/PROFILE/examples/.
+    let exe = std::env::current_exe().unwrap();
+    let profile_dir = exe.parent().and_then(|deps| deps.parent()).unwrap();
+    let mut build = Command::new(std::env::var("CARGO").unwrap_or_else(|_| env!("CARGO").into()));
+    build
+        .args(["build", "--quiet", "--example", name])
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .env("CARGO_TARGET_DIR", profile_dir.parent().unwrap());
+    if profile_dir.file_name() == Some(std::ffi::OsStr::new("release")) {
+        build.arg("--release");
+    }
+    let status = build.status().expect("run cargo build --example");
+    assert!(status.success(), "cargo build --example {name}: {status}");
+    profile_dir.join("examples").join(name)
+}
+
+/// Runs example `name` with `args`, its stdin the bytes `jobs` (then EOF, as when the master
+/// stops it), in `protocol`; returns its stdout, after checking it exited 0 within the deadline
+/// (it is killed otherwise).
+fn run_example(name: &str, args: &[&str], protocol: Protocol, jobs: &[u8]) -> Vec<u8> {
+    let mut child = Command::new(example(name))
+        .args(args)
+        .env(plumule::worker::PROTOCOL_ENV, protocol.to_string())
+        .env_remove(plumule::worker::MAX_FRAME_ENV)
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap_or_else(|e| panic!("start example {name}: {e}"));
+    let pid = nix::unistd::Pid::from_raw(child.id() as i32);
+    // Written from a thread: a worker answering while the test still writes must not fill its
+    // stdout pipe with nobody reading it.
+    let mut stdin = child.stdin.take().unwrap();
+    let jobs = jobs.to_vec();
+    let writer = std::thread::spawn(move || stdin.write_all(&jobs));
+    let (sender, exited) = crossbeam_channel::bounded(1);
+    std::thread::spawn(move || {
+        let _ = sender.send(child.wait_with_output());
+    });
+    let out = match exited.recv_timeout(DEADLINE) {
+        Ok(out) => out.expect("wait for the example"),
+        Err(_) => {
+            let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGKILL);
+            panic!("example {name} {args:?} did not exit within {DEADLINE:?} after EOF");
+        }
+    };
+    assert!(out.status.success(), "{name} {args:?}: {}", out.status);
+    writer.join().unwrap().expect("write the jobs");
+    out.stdout
+}
+
+/// The answers `(status, text)` as `protocol` writes them (status 0 ok, 1 fail, 2 drop).
+fn answers(protocol: Protocol, texts: &[(u8, &[u8])]) -> Vec<u8> {
+    texts
+        .iter()
+        .flat_map(|&(status, text)| match protocol {
+            Protocol::Frames => frame(&[&[status][..], text].concat()),
+            Protocol::Lines => {
+                let word: &[u8] = [&b"ok"[..], b"fail", b"drop"][status as usize];
+                let sep: &[u8] = if text.is_empty() { b"" } else { b" " };
+                [word, sep, text, b"\n"].concat()
+            }
+        })
+        .collect()
+}
+
+fn jobs_of(protocol: Protocol, payloads: &[&[u8]]) -> Vec<u8> {
+    match protocol {
+        Protocol::Lines => payloads.iter().flat_map(|p| [*p, b"\n"].concat()).collect(),
+        Protocol::Frames => frames(payloads.iter().copied()),
+    }
+}
+
+#[test]
+fn the_echo_example_answers_ok_payload_in_both_protocols() {
+    let payloads: &[&[u8]] = &[b"a", b"", b"two words", b"caf\xc3\xa9"];
+    for protocol in [Protocol::Lines, Protocol::Frames] {
+        let out = run_example("echo_worker", &[], protocol, &jobs_of(protocol, payloads));
+        let expected: Vec<(u8, &[u8])> = payloads.iter().map(|p| (0, *p)).collect();
+        assert_eq!(out, answers(protocol, &expected), "{protocol}");
+    }
+    // Frames are binary-safe both ways.
+    let binary: &[&[u8]] = &[b"a\nb", b"\0\xff"];
+    let out = run_example(
+        "echo_worker",
+        &[],
+        Protocol::Frames,
+        &jobs_of(Protocol::Frames, binary),
+    );
+    assert_eq!(
+        out,
+        answers(Protocol::Frames, &[(0, binary[0]), (0, binary[1])])
+    );
+}
+
+#[test]
+fn the_square_example_answers_squares_in_both_protocols_with_and_without_threads() {
+    let payloads: &[&[u8]] = &[b"3", b" 12 ", b"x", b"9223372036854775807", b"-4"];
+    let bad = b"bad payload: expected value at line 1 column 1";
+    let expected: &[(u8, &[u8])] = &[
+        (0, b"9"),
+        (0, b"144"),
+        (2, bad),
+        (2, b"overflow"),
+        (0, b"16"),
+    ];
+    for protocol in [Protocol::Lines, Protocol::Frames] {
+        for args in [&[][..], &["--threads", "3"]] {
+            let out = run_example(
+                "square_worker",
+                args,
+                protocol,
+                &jobs_of(protocol, payloads),
+            );
+            assert_eq!(out, answers(protocol, expected), "{protocol} {args:?}");
+        }
+    }
 }

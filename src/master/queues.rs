@@ -36,7 +36,9 @@ use crate::config::{Queue, QueueProtocol};
 use crate::plan::WorkerKey;
 use crate::protocol::{JobOutcome, JobResult};
 use crate::queue::state::{ConsumerId, DeadJob, Job, JobEvent, QueueState, Settings};
+use crate::queue::durable::{Durable, Failed, OnReply};
 use crate::queue::store::{self, JobState, Pos, Store};
+use crate::sys::syncer::Syncer;
 use crate::queue::wire::{encode_job, AnswerDecoder};
 use crate::slot::{Exit, SlotState};
 use crate::sys;
@@ -44,6 +46,8 @@ use crate::sys;
 /// Which descriptor of a consumer a `Part::Queues` token names.
 const TOKEN_STDIN: u64 = 0;
 const TOKEN_STDOUT: u64 = 1;
+/// The syncer's socket (with pid 0).
+const TOKEN_SYNCER: u64 = 2;
 
 fn token(pid: Pid, which: u64) -> u64 {
     Part::Queues.token(which << 32 | pid.as_raw() as u32 as u64)
@@ -71,7 +75,7 @@ const FAILED_KEPT: usize = 256;
 pub(super) struct QueueRt {
     pub(super) config: Arc<Queue>,
     pub(super) state: QueueState,
-    store: Option<Store>,
+    store: Option<Durable>,
     /// Submitted batches whose records are not yet synced: (end of their last record, first
     /// id, end id).
     unsynced: VecDeque<(Pos, u64, u64)>,
@@ -140,6 +144,11 @@ pub(super) struct Queues {
     pub(super) queues: Vec<QueueRt>,
     conns: HashMap<Pid, Conn>,
     jitter: Option<Jitter>,
+    /// Syncs durable queues' logs away from the loop (see [`crate::sys::syncer`]); `None`
+    /// without durable queues, or if it cannot run: then the loop syncs inline.
+    syncer: Option<Syncer>,
+    /// What the reactor watches of the syncer's socket: (fd, for writing too).
+    syncer_watch: Option<(i32, bool)>,
 }
 
 /// Why a batch was not taken.
@@ -171,12 +180,42 @@ impl Queues {
             queues: Vec::new(),
             conns: HashMap::new(),
             jitter: Some(Jitter::from_entropy()),
+            syncer: None,
+            syncer_watch: None,
         };
         for q in &config.queues {
             let rt = QueueRt::open(q, &config.state_dir).map_err(|e| (q.name.clone(), e))?;
             queues.queues.push(rt);
         }
+        queues.ensure_syncer();
         Ok(queues)
+    }
+
+    /// Starts the syncer when a durable queue exists and it does not run yet.
+    fn ensure_syncer(&mut self) {
+        if self.syncer.is_some() || !self.queues.iter().any(|q| q.store.is_some()) {
+            return;
+        }
+        match Syncer::start() {
+            Ok(s) => self.syncer = Some(s),
+            Err(e) => log::warn!("cannot start the syncer process, syncing in the loop: {e}"),
+        }
+    }
+
+    /// The syncer's pid, to tell it from the workers when it is reaped.
+    pub(super) fn syncer_pid(&self) -> Option<Pid> {
+        self.syncer.as_ref().map(Syncer::pid)
+    }
+
+    /// Every durable queue's log synced now, inline: the master is stopping.
+    pub(super) fn finish(&mut self) {
+        for q in &mut self.queues {
+            if let Some(st) = q.store.as_mut() {
+                if let Err(f) = st.sync_now() {
+                    log::error!("{}", f.error);
+                }
+            }
+        }
     }
 
     pub(super) fn get(&self, name: &str) -> Option<&QueueRt> {
@@ -232,6 +271,7 @@ impl Queues {
             changes.push(format!("queue {}: removed", gone.config.name));
         }
         self.queues = kept;
+        self.ensure_syncer();
         changes
     }
 
@@ -309,7 +349,7 @@ impl QueueRt {
                 );
             }
             state.restore(pending, dead, recovered.next_id.max(1));
-            store_opt = Some(st);
+            store_opt = Some(Durable::new(&q.name, st));
         }
         let stored_below = state.next_id();
         Ok(QueueRt {
@@ -374,9 +414,12 @@ impl QueueRt {
             for (i, payload) in jobs.iter().enumerate() {
                 match st.append_submitted(first + i as u64, 0, key, payload) {
                     Ok(pos) => last = Some(pos),
-                    Err(e) => {
-                        let why = e.to_string();
-                        self.cut_back(&why);
+                    Err(failed) => {
+                        // This batch's records before the failure are lost with it, or
+                        // will be written without an acknowledgement: at worst a job
+                        // refused here runs after a restart, never the reverse.
+                        let why = failed.error.detail.clone();
+                        self.failed_after(&failed);
                         return Err(SubmitError::Store {
                             queue: name.clone(),
                             why,
@@ -402,66 +445,81 @@ impl QueueRt {
         Ok((first, first + count))
     }
 
-    /// Writes and syncs what this pass appended (one sync for all of it), then acknowledges
-    /// the batches it covers. Runs at the end of every pass that appended something.
-    fn commit(&mut self, fsync_seconds: &mut crate::master::metrics::Histogram) {
+    /// Writes what this pass appended and asks for one sync of it (group commit); the
+    /// batches a sync covers are acknowledged when it is done.
+    fn commit(&mut self, syncer: Option<&mut Syncer>, now: Instant) {
         let Some(st) = self.store.as_mut() else {
             return;
         };
-        if st.written() == st.synced() && self.unsynced.is_empty() && !st.needs_truncate() {
-            // Also nothing buffered: `flush` would have nothing to write.
-            if st.flush().map(|p| p == st.synced()).unwrap_or(false) {
-                return;
-            }
+        if let Err(failed) = st.commit(syncer, now) {
+            self.failed_after(&failed);
         }
-        let started = Instant::now();
-        match st.sync() {
-            Ok(synced) => {
-                fsync_seconds.observe(started.elapsed().as_secs_f64());
-                while let Some(&(pos, _, end)) = self.unsynced.front() {
-                    if pos > synced {
-                        break;
-                    }
-                    self.unsynced.pop_front();
-                    self.stored_below = end;
-                }
-                match self.unsynced.front() {
-                    Some(&(_, first, _)) => self.state.set_deliverable_below(first),
-                    None => self.state.set_deliverable_below(u64::MAX),
-                }
-            }
-            Err(e) => {
-                let why = e.to_string();
-                log::error!("queue {}: {why}", self.config.name);
-                self.cut_back(&why);
-            }
+        let synced = self.store.as_ref().map(Durable::synced);
+        if let Some(synced) = synced {
+            self.acknowledge(synced);
         }
     }
 
-    /// After a failed write or sync: the log goes back to what is synced, and every batch
-    /// after that point fails.
-    fn cut_back(&mut self, why: &str) {
-        if let Some(st) = self.store.as_mut() {
-            let synced = st.synced();
-            if let Err(e) = st.truncate_to(synced.offset) {
-                log::error!(
-                    "queue {}: cannot cut the log back to offset {}: {e}",
-                    self.config.name,
-                    synced.offset
-                );
+    /// Batches whose records are all synced up to `synced` are stored: their clients are
+    /// answered, their jobs may go out.
+    fn acknowledge(&mut self, synced: Pos) {
+        while let Some(&(pos, _, end)) = self.unsynced.front() {
+            if pos > synced {
+                break;
             }
+            self.unsynced.pop_front();
+            self.stored_below = end;
         }
-        for (_, first, end) in self.unsynced.drain(..) {
+        match self.unsynced.front() {
+            Some(&(_, first, _)) => self.state.set_deliverable_below(first),
+            None => self.state.set_deliverable_below(u64::MAX),
+        }
+    }
+
+    /// The log lost what came after `failed.after`: every batch among it fails (its client
+    /// is told, its jobs forgotten; none was delivered).
+    fn failed_after(&mut self, failed: &Failed) {
+        log::error!("{}", failed.error);
+        let why = failed.error.detail.clone();
+        let lost: Vec<(Pos, u64, u64)> = self
+            .unsynced
+            .iter()
+            .copied()
+            .filter(|(pos, _, _)| *pos > failed.after)
+            .collect();
+        self.unsynced.retain(|(pos, _, _)| *pos <= failed.after);
+        for (_, first, end) in lost {
             self.state.forget(first, end);
             for id in first..end {
                 self.watch_open.remove(&id);
             }
-            self.failed.push_back((first, end, why.to_string()));
+            self.failed.push_back((first, end, why.clone()));
             if self.failed.len() > FAILED_KEPT {
                 self.failed.pop_front();
             }
         }
-        self.state.set_deliverable_below(u64::MAX);
+        match self.unsynced.front() {
+            Some(&(_, first, _)) => self.state.set_deliverable_below(first),
+            None => self.state.set_deliverable_below(u64::MAX),
+        }
+    }
+
+    /// A syncer reply: this queue's sync is done (or failed), or it is not this queue's.
+    fn on_sync_reply(&mut self, reply: &crate::sys::syncer::Reply, now: Instant) -> bool {
+        let Some(st) = self.store.as_mut() else {
+            return false;
+        };
+        match st.on_reply(reply, now) {
+            OnReply::NotMine => false,
+            OnReply::Synced(upto) => {
+                self.acknowledge(upto);
+                true
+            }
+            OnReply::Failed(failed) => {
+                self.failed_after(&failed);
+                true
+            }
+        }
     }
 
     /// Records each change of a job in the log, fills in the results clients wait for, and
@@ -527,10 +585,10 @@ impl QueueRt {
                     None
                 }
             };
-            if let Some(Err(e)) = appended {
-                let why = e.to_string();
-                log::error!("queue {name}: cannot record a job's change: {why}");
-                self.cut_back(&why);
+            if let Some(Err(failed)) = appended {
+                // The change stays in memory; on disk the job keeps its earlier state, so
+                // after a restart it runs again (at least once).
+                self.failed_after(&failed);
             }
         }
     }
@@ -649,14 +707,76 @@ impl Supervisor {
         );
     }
 
-    /// A consumer's pipe is ready.
+    /// A consumer's pipe, or the syncer's socket, is ready.
     pub(super) fn queue_ready(&mut self, local: u64, now: Instant) {
         let (pid, which) = of_token(local);
         match which {
             TOKEN_STDIN => self.write_jobs(pid),
             TOKEN_STDOUT => self.read_answers(pid, now, false),
+            TOKEN_SYNCER => self.syncer_ready(now),
             _ => {}
         }
+    }
+
+    fn syncer_ready(&mut self, now: Instant) {
+        let Some(syncer) = self.queues.syncer.as_mut() else {
+            return;
+        };
+        syncer.send_queued();
+        for reply in syncer.replies() {
+            for q in &mut self.queues.queues {
+                if q.on_sync_reply(&reply, now) {
+                    break;
+                }
+            }
+        }
+        self.watch_syncer();
+    }
+
+    /// Keeps the reactor in line with the syncer's socket: read while it lives, write while
+    /// requests wait, nothing once it is gone (until it is restarted).
+    fn watch_syncer(&mut self) {
+        let queues = &mut self.queues;
+        let want = queues
+            .syncer
+            .as_ref()
+            .filter(|s| !s.is_gone())
+            .map(|s| (s.fd(), s.wants_write()));
+        if want == queues.syncer_watch {
+            return;
+        }
+        if let Some((fd, _)) = queues.syncer_watch.take() {
+            self.reactor.remove(fd);
+        }
+        if let Some((fd, write)) = want {
+            let token = token(Pid::from_raw(0), TOKEN_SYNCER);
+            match self.reactor.add(fd, token, write) {
+                Ok(()) => queues.syncer_watch = Some((fd, write)),
+                Err(e) => log::error!("cannot watch the syncer: {e}"),
+            }
+        }
+    }
+
+    /// The syncer process was reaped: a new one takes over (the queues hand their files
+    /// again at their next commit); if none can start, the loop syncs inline.
+    pub(super) fn syncer_exited(&mut self, exit: Exit, now: Instant) {
+        log::warn!("the syncer process ended ({exit}); starting another");
+        if let Some((fd, _)) = self.queues.syncer_watch.take() {
+            self.reactor.remove(fd);
+        }
+        if let Some(s) = self.queues.syncer.as_mut() {
+            if let Err(e) = s.restart() {
+                log::error!("cannot restart the syncer, syncing in the loop: {e}");
+                if let Some(s) = self.queues.syncer.take() {
+                    s.reaped();
+                }
+            }
+        }
+        let syncer = &mut self.queues.syncer;
+        for q in &mut self.queues.queues {
+            q.commit(syncer.as_mut(), now);
+        }
+        self.watch_syncer();
     }
 
     /// The worker is being stopped: no new jobs; what it was never sent goes back to the
@@ -911,6 +1031,18 @@ impl Supervisor {
         for pid in expired {
             self.job_timeout(pid, now);
         }
+        // What the pass appended goes to disk (one sync asked for all of it); the batches a
+        // finished sync covers may go out now.
+        let syncer = &mut self.queues.syncer;
+        for q in &mut self.queues.queues {
+            q.commit(syncer.as_mut(), now);
+            if let Some(st) = q.store.as_mut() {
+                for t in st.take_sync_times() {
+                    self.counters.fsync_seconds.observe(t.as_secs_f64());
+                }
+            }
+        }
+        self.watch_syncer();
         // Deliveries.
         let conns = &mut self.queues.conns;
         let mut touched: Vec<Pid> = Vec::new();
@@ -939,10 +1071,6 @@ impl Supervisor {
         touched.dedup();
         for pid in touched {
             self.write_jobs(pid);
-        }
-        let fsync = &mut self.counters.fsync_seconds;
-        for q in &mut self.queues.queues {
-            q.commit(fsync);
         }
     }
 

@@ -847,7 +847,9 @@ impl Supervisor {
     pub(super) fn on_exit(&mut self, pid: Pid, exit: Exit) {
         let now = Instant::now();
         let Some(mut proc) = self.procs.remove(&pid) else {
-            if self.forkserver.as_ref().is_some_and(|f| f.pid() == pid) {
+            if self.queues.syncer_pid() == Some(pid) {
+                self.syncer_exited(exit, now);
+            } else if self.forkserver.as_ref().is_some_and(|f| f.pid() == pid) {
                 log::warn!("the fork server ended ({exit}); the master forks workers itself now");
                 if let Some(server) = self.forkserver.take() {
                     server.reaped();
@@ -1002,6 +1004,7 @@ impl Supervisor {
     /// The master is going away: sockets and records go with it.
     pub(super) fn finish(&mut self) {
         self.forkserver = None;
+        self.queues.finish();
         for addr in self.listeners.keys() {
             if let ListenAddr::Unix(path) = addr {
                 let _ = std::fs::remove_file(path);

@@ -568,6 +568,23 @@ impl JobDecoder {
     pub fn finish(&mut self) -> Result<(), ProtocolError> {
         self.inner.finish()
     }
+
+    /// stdin ended, taking a last `lines` job left without its `\n` as a job (as
+    /// `BufRead::lines` does) rather than a protocol error: `emit` gets it. The master always
+    /// ends its jobs, but a worker fed by hand (`printf 'a\nb' | worker`) should not fail on
+    /// its last line. A frame cut short is still an error.
+    pub fn finish_taking_last_line(
+        &mut self,
+        mut emit: impl FnMut(&[u8]),
+    ) -> Result<(), ProtocolError> {
+        let inner = &mut self.inner;
+        if inner.protocol == QueueProtocol::Lines && inner.failed.is_none() && !inner.buf.is_empty()
+        {
+            // At most `max` bytes: `push_lines` refuses a longer unfinished line as it arrives.
+            emit(&std::mem::take(&mut inner.buf));
+        }
+        inner.finish()
+    }
 }
 
 /// Why [`JobReader`] could not give the next job.
@@ -591,6 +608,11 @@ pub struct JobReader<R> {
     eof: bool,
     /// The iterator has returned an error and ends.
     done: bool,
+    /// A protocol error, returned once the jobs decoded before it are handed out.
+    failed: Option<ProtocolError>,
+    /// A last `lines` job without its `\n` is a job, not an error (see
+    /// [`JobDecoder::finish_taking_last_line`]).
+    last_line: bool,
 }
 
 impl<R: Read> JobReader<R> {
@@ -602,15 +624,34 @@ impl<R: Read> JobReader<R> {
             chunk: vec![0; 16 * 1024].into_boxed_slice(),
             eof: false,
             done: false,
+            failed: None,
+            last_line: false,
         }
     }
 
+    /// Takes a last `lines` job left without its `\n` at the end of the stream as a job
+    /// instead of a protocol error (see [`JobDecoder::finish_taking_last_line`]).
+    pub fn taking_last_line(mut self) -> Self {
+        self.last_line = true;
+        self
+    }
+
+    /// Jobs already read from the stream and decoded, not handed out yet: at most one read's
+    /// worth (16 KiB).
+    pub fn buffered_jobs(&self) -> usize {
+        self.ready.len()
+    }
+
     /// The next job's payload, `None` at the end of the stream. A stream cut inside a job is a
-    /// protocol error.
+    /// protocol error. A protocol error comes after every job before it in the stream, and
+    /// ends the stream: later calls return `None`.
     pub fn next_job(&mut self) -> Result<Option<Vec<u8>>, ReadError> {
         loop {
             if let Some(job) = self.ready.pop_front() {
                 return Ok(Some(job));
+            }
+            if let Some(e) = self.failed.take() {
+                return Err(e.into());
             }
             if self.eof {
                 return Ok(None);
@@ -620,14 +661,23 @@ impl<R: Read> JobReader<R> {
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
                 Err(e) => return Err(e.into()),
             };
-            if n == 0 {
-                self.eof = true;
-                self.decoder.finish()?;
-                continue;
-            }
             let ready = &mut self.ready;
-            self.decoder
-                .push(&self.chunk[..n], |job| ready.push_back(job.to_vec()))?;
+            let decoded = if n == 0 {
+                if self.last_line {
+                    self.decoder
+                        .finish_taking_last_line(|job| ready.push_back(job.to_vec()))
+                } else {
+                    self.decoder.finish()
+                }
+            } else {
+                self.decoder
+                    .push(&self.chunk[..n], |job| ready.push_back(job.to_vec()))
+            };
+            // The jobs decoded before an error are handed out first.
+            if n == 0 || decoded.is_err() {
+                self.eof = true;
+                self.failed = decoded.err();
+            }
         }
     }
 }
@@ -1071,6 +1121,43 @@ mod tests {
         d.push(b"a\r\n\r\n", |j| got.push(j.to_vec())).unwrap();
         assert_eq!(got, [&b"a\r"[..], b"\r"]);
         assert_eq!(d.finish(), Ok(()));
+    }
+
+    #[test]
+    fn a_last_line_without_newline_is_a_job_only_when_asked() {
+        let read = |taking: bool, protocol, data: &[u8]| {
+            let reader = JobReader::new(data, protocol, 8);
+            let reader = if taking {
+                reader.taking_last_line()
+            } else {
+                reader
+            };
+            reader
+                .map(|job| job.map_err(|e| e.to_string()))
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(
+            read(true, Lines, b"a\n\nlast"),
+            [Ok(b"a".to_vec()), Ok(vec![]), Ok(b"last".to_vec())]
+        );
+        assert_eq!(read(true, Lines, b"a\n"), [Ok(b"a".to_vec())]);
+        let strict = read(false, Lines, b"a\nlast");
+        assert_eq!(strict[0], Ok(b"a".to_vec()));
+        assert!(strict[1]
+            .as_ref()
+            .unwrap_err()
+            .contains("4 bytes without a newline"));
+        assert_eq!(strict.len(), 2);
+        // A line over the limit is still refused, and a cut frame is still an error.
+        assert!(read(true, Lines, b"123456789")[0].is_err());
+        let cut = read(true, Frames, b"\0\0\0\x02a");
+        assert_eq!(cut.len(), 1);
+        assert!(cut[0].as_ref().unwrap_err().contains("5 of its 6 bytes"));
+        // Decoded jobs wait in the reader until handed out.
+        let mut reader = JobReader::new(&b"a\nb\nc\n"[..], Lines, 8);
+        assert_eq!(reader.buffered_jobs(), 0);
+        assert_eq!(reader.next_job().unwrap(), Some(b"a".to_vec()));
+        assert_eq!(reader.buffered_jobs(), 2);
     }
 
     #[test]

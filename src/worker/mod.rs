@@ -70,6 +70,22 @@
 //!   no buffer holds an answer back while the worker waits for its next job.
 //! - stdout carries the answers: a worker must log to stderr (`eprintln!`), never `println!`.
 //!
+//! # What a worker holds
+//!
+//! [`Jobs::in_flight`] (and [`Pool::in_flight`]) counts the jobs handed out whose answers are
+//! not written yet: unanswered, or answered and waiting for an earlier answer. [`Jobs::held`]
+//! (and [`Pool::held`]) adds the jobs already read from stdin and decoded but not handed out
+//! yet: everything this process has taken and not answered. The master's count of the worker's
+//! jobs in flight is `held` plus what is still in the two pipes, so `held` never exceeds the
+//! queue's `prefetch`; a [`Pool`] keeps `in_flight` within its
+//! [`capacity`](Pool::capacity) and stops reading past it.
+//!
+//! # Sharing the wire with the master
+//!
+//! The bytes are read and written by [`queue::wire`](crate::queue::wire), the same code the
+//! master uses for its end of the pipes: this library adds only what makes any answer
+//! sendable (above) and its own error type.
+//!
 //! # Testing a worker
 //!
 //! [`Jobs::from_io`] runs the same code over any reader and writer, such as in-memory buffers or
@@ -80,7 +96,7 @@ mod pool;
 mod sink;
 
 use std::fmt;
-use std::io::{self, BufReader, Read, Write};
+use std::io::{self, Read, Write};
 use std::marker::PhantomData;
 use std::str::FromStr;
 use std::sync::Arc;
@@ -88,6 +104,7 @@ use std::sync::Arc;
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 
+use crate::queue::wire::{JobReader, ProtocolError};
 pub use pool::Pool;
 use sink::Sink;
 
@@ -211,6 +228,9 @@ pub enum Error {
         /// The limit.
         max: usize,
     },
+    /// The input breaks the protocol in some other way.
+    #[error("the job stream breaks the protocol: {0}")]
+    Protocol(#[source] ProtocolError),
     /// Writing an answer failed; no later answer can be written either.
     #[error("cannot write an answer: {0}")]
     Write(#[source] io::Error),
@@ -304,7 +324,7 @@ where
 pub struct Jobs {
     protocol: Protocol,
     max_frame: usize,
-    input: BufReader<Box<dyn Read + Send>>,
+    input: JobReader<Box<dyn Read + Send>>,
     sink: Arc<Sink>,
     done: bool,
 }
@@ -315,6 +335,7 @@ impl fmt::Debug for Jobs {
             .field("protocol", &self.protocol)
             .field("max_frame", &self.max_frame)
             .field("in_flight", &self.in_flight())
+            .field("held", &self.held())
             .field("done", &self.done)
             .finish_non_exhaustive()
     }
@@ -330,7 +351,7 @@ impl Jobs {
         Jobs {
             protocol,
             max_frame,
-            input: BufReader::new(input),
+            input: codec::job_reader(protocol, max_frame, input),
             sink: Arc::new(Sink::new(protocol, max_frame, output)),
             done: false,
         }
@@ -391,8 +412,20 @@ impl Jobs {
 
     /// Jobs read whose answers are not written yet: unanswered ones, and answered ones waiting
     /// for an earlier job's answer.
+    ///
+    /// This is the number of [`Job`]s alive (or answered out of order) in this process; see
+    /// [`held`](Jobs::held) for everything taken from the input.
     pub fn in_flight(&self) -> usize {
         self.sink.in_flight()
+    }
+
+    /// Jobs taken from the input and not answered on the output yet: the
+    /// [`in_flight`](Jobs::in_flight) ones, plus those read and decoded (in one read of up to
+    /// 16 KiB) that the iterator has not handed out yet. The master's count of this worker's
+    /// jobs in flight is this, plus the jobs still in the stdin pipe and the answers still in
+    /// the stdout pipe; so with `prefetch = P` it never exceeds P.
+    pub fn held(&self) -> usize {
+        self.sink.held()
     }
 
     /// The jobs with their payloads parsed as JSON into `T`: see [`Typed`].
@@ -435,7 +468,8 @@ impl Iterator for Jobs {
         if self.done {
             return None;
         }
-        let read = codec::read_job(self.protocol, self.max_frame, &mut self.input);
+        let read = codec::read_job(&mut self.input);
+        self.sink.set_buffered(self.input.buffered_jobs());
         match read {
             Ok(Some(payload)) => Some(Ok(Job {
                 seq: self.sink.next_seq(),

@@ -35,7 +35,7 @@ use super::{Answer, Error, Fail, Job, Jobs, Sink};
 pub struct Pool {
     threads: usize,
     backlog: usize,
-    /// The output of the jobs being run, for [`Pool::in_flight`].
+    /// The output of the jobs being run, for [`Pool::in_flight`] and [`Pool::held`].
     running: Mutex<Option<Arc<Sink>>>,
 }
 
@@ -75,6 +75,14 @@ impl Pool {
     pub fn in_flight(&self) -> usize {
         let running = self.running.lock().unwrap_or_else(|p| p.into_inner());
         running.as_ref().map_or(0, |sink| sink.in_flight())
+    }
+
+    /// Jobs taken from the input and not answered yet: [`in_flight`](Pool::in_flight), plus
+    /// those the reading thread has decoded from its last read and not handed to the pool yet
+    /// (see [`Jobs::held`]). It stays at the last run's figure (0 after a clean end).
+    pub fn held(&self) -> usize {
+        let running = self.running.lock().unwrap_or_else(|p| p.into_inner());
+        running.as_ref().map_or(0, |sink| sink.held())
     }
 
     /// Runs `handler` on the pool's threads for every job until end of input, and writes each

@@ -10,6 +10,7 @@
 use std::collections::BTreeMap;
 use std::fmt;
 use std::io::{self, Write};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Condvar, Mutex, MutexGuard};
 
 use super::{codec, Answer, Error, Protocol};
@@ -20,6 +21,8 @@ pub(super) struct Sink {
     state: Mutex<State>,
     /// Notified whenever answers are written or the output breaks.
     written: Condvar,
+    /// Jobs read from the input and decoded, not handed out yet (kept by the reading side).
+    buffered: AtomicUsize,
 }
 
 struct State {
@@ -45,6 +48,7 @@ impl fmt::Debug for Sink {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Sink")
             .field("in_flight", &self.in_flight())
+            .field("held", &self.held())
             .finish_non_exhaustive()
     }
 }
@@ -62,6 +66,7 @@ impl Sink {
                 broken: None,
             }),
             written: Condvar::new(),
+            buffered: AtomicUsize::new(0),
         }
     }
 
@@ -84,6 +89,17 @@ impl Sink {
     pub(super) fn in_flight(&self) -> usize {
         let state = self.lock();
         (state.read - state.next) as usize
+    }
+
+    /// Records how many jobs the reader has decoded and not handed out.
+    pub(super) fn set_buffered(&self, jobs: usize) {
+        self.buffered.store(jobs, Ordering::Relaxed);
+    }
+
+    /// Jobs taken from the input whose answers are not written yet: [`Sink::in_flight`] plus
+    /// those decoded and not handed out.
+    pub(super) fn held(&self) -> usize {
+        self.in_flight() + self.buffered.load(Ordering::Relaxed)
     }
 
     /// The write error that broke the output, if any.
