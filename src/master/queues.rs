@@ -35,13 +35,13 @@ use crate::backoff::Jitter;
 use crate::config::{Queue, QueueProtocol};
 use crate::plan::WorkerKey;
 use crate::protocol::{JobOutcome, JobResult};
-use crate::queue::state::{ConsumerId, DeadJob, Job, JobEvent, QueueState, Settings};
 use crate::queue::durable::{Durable, Failed, OnReply};
+use crate::queue::state::{ConsumerId, DeadJob, Job, JobEvent, QueueState, Settings};
 use crate::queue::store::{self, JobState, Pos, Store};
-use crate::sys::syncer::Syncer;
 use crate::queue::wire::{encode_job, AnswerDecoder};
 use crate::slot::{Exit, SlotState};
 use crate::sys;
+use crate::sys::syncer::Syncer;
 
 /// Which descriptor of a consumer a `Part::Queues` token names.
 const TOKEN_STDIN: u64 = 0;

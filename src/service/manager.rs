@@ -523,3 +523,97 @@ impl Hooks for LibraryHooks {
         std::mem::take(&mut self.shared.borrow_mut().requests)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::service::Error;
+
+    struct Idle;
+
+    impl Service for Idle {
+        fn run(&mut self, _: &Worker) -> Result<(), Error> {
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn names_follow_the_config_files_rule() {
+        for (name, ok) in [
+            ("web", true),
+            ("a_b-C9", true),
+            (&"x".repeat(64), true),
+            (&"x".repeat(65), false),
+            ("", false),
+            ("web.1", false),
+            ("a b", false),
+        ] {
+            assert_eq!(valid_name(name), ok, "{name:?}");
+        }
+    }
+
+    #[test]
+    #[should_panic(expected = "invalid service name")]
+    fn a_service_name_with_a_dot_is_refused() {
+        ServiceManager::new().add("web.1", 1, |_: &Worker| Idle);
+    }
+
+    #[test]
+    #[should_panic(expected = "already added")]
+    fn a_service_name_is_taken_once() {
+        let mut m = ServiceManager::new();
+        m.add("web", 1, |_: &Worker| Idle);
+        m.add("web", 2, |_: &Worker| Idle);
+    }
+
+    #[test]
+    fn reconfigure_before_run_sets_the_starting_count() {
+        let mut m = ServiceManager::new();
+        let a = m.add("a", 1, |_: &Worker| Idle);
+        let b = m.add("b", 1, |_: &Worker| Idle);
+        m.reconfigure(b, 5);
+        assert_eq!(
+            m.services
+                .iter()
+                .map(|s| s.options.workers)
+                .collect::<Vec<_>>(),
+            [1, 5]
+        );
+        // From a handle, it is a request for the running master.
+        m.handle().reconfigure(a, 3);
+        assert_eq!(
+            m.shared.borrow().requests,
+            [Request::Scale {
+                program: "a".into(),
+                workers: 3
+            }]
+        );
+    }
+
+    #[test]
+    fn submitted_jobs_for_one_queue_go_as_one_batch() {
+        let m = ServiceManager::new();
+        let h = m.handle();
+        h.submit("q", &1).unwrap();
+        h.submit("q", &2).unwrap();
+        h.submit_bytes("r", "x");
+        h.submit("q", &3).unwrap();
+        assert_eq!(
+            m.shared.borrow().requests,
+            [
+                Request::Submit {
+                    queue: "q".into(),
+                    jobs: vec![b"1".to_vec(), b"2".to_vec()]
+                },
+                Request::Submit {
+                    queue: "r".into(),
+                    jobs: vec![b"x".to_vec()]
+                },
+                Request::Submit {
+                    queue: "q".into(),
+                    jobs: vec![b"3".to_vec()]
+                },
+            ]
+        );
+    }
+}

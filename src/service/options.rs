@@ -219,3 +219,66 @@ impl QueueOptions {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::path::Path;
+    use std::sync::Arc;
+
+    use super::*;
+
+    /// What the config file makes of `text`.
+    fn parsed(text: &str) -> crate::config::Config {
+        let header = "[plumule]\nruntime_dir = \"/run/plumule-test\"\n";
+        crate::config::parse(
+            &format!("{header}{text}"),
+            Path::new("/etc/plumule/test.toml"),
+        )
+        .unwrap_or_else(|e| panic!("{e}"))
+    }
+
+    #[test]
+    fn service_defaults_are_the_config_files() {
+        let function = Function(Arc::new(|_, _| 0));
+        let from_file = parsed("[program.web]\ncommand = \"true\"\n").programs[0].clone();
+        let ours = ServiceOptions::default().program("web", function.clone());
+        // Everything but what a library service does differently: a function instead of a
+        // command, and reload by signal (SIGHUP reaches each worker's `reload`).
+        let expected = Program {
+            command: CommandSpec::Function(function),
+            reload: ReloadMode::Signal,
+            ..from_file
+        };
+        assert_eq!(ours, expected);
+    }
+
+    #[test]
+    fn queue_defaults_are_the_config_files() {
+        let from_file = parsed("[queue.jobs]\n").queues[0].clone();
+        assert_eq!(QueueOptions::default().queue("jobs"), from_file);
+    }
+
+    #[test]
+    fn options_reach_the_program() {
+        let function = Function(Arc::new(|_, _| 0));
+        let options = ServiceOptions {
+            workers: 3,
+            stop_signal: Signal::SIGINT,
+            stop_timeout: Duration::from_millis(250),
+            ready: ReadyMode::Notify,
+            queue: Some("jobs".into()),
+            ..ServiceOptions::default()
+        };
+        let p = options.program("web", function);
+        assert_eq!(
+            (p.workers, p.stop_signal, p.stop_timeout, p.ready, p.queue),
+            (
+                3,
+                Signal::SIGINT,
+                Duration::from_millis(250),
+                ReadyMode::Notify,
+                Some("jobs".to_string())
+            )
+        );
+    }
+}
