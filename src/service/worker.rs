@@ -45,8 +45,8 @@ impl From<crate::sys::service::Request> for Request {
 ///
 /// - checks [`Worker::stopping`] (or [`Worker::pending`]) between units of work;
 /// - blocks in [`Worker::wait`] / [`Worker::wait_for_stop`] instead of sleeping;
-/// - adds [`Worker::request_fd`] to its own `poll`/`epoll` set: it is readable while a request
-///   is waiting.
+/// - adds [`Worker::request_fd`] to its own `poll`/`epoll` set: it becomes readable when a
+///   request comes.
 ///
 /// A body that never looks is still stopped: the master sends SIGKILL after the service's
 /// `stop_timeout`, as for any worker. A body that returns without being asked (its work
@@ -156,6 +156,10 @@ impl Worker {
     /// or a scale-down): `run` should then return, and the worker runs `terminate` and exits
     /// 0. A stop or reload request reaches a consumer between jobs: a body blocked waiting
     /// for the next job sees it when that job comes or the jobs end.
+    ///
+    /// The jobs are handed out once per worker: a service whose [`Service::reload`] returns
+    /// [`Reload::Resume`] keeps them in itself for the next `run` (dropping them closes the
+    /// pipes, and the master counts the worker's jobs as lost and delivers them again).
     pub fn jobs(&self) -> Result<crate::worker::Jobs, JobsError> {
         if !self.consumer {
             return Err(JobsError::NoQueue);
