@@ -158,8 +158,8 @@ impl Worker {
     /// for the next job sees it when that job comes or the jobs end.
     ///
     /// The jobs are handed out once per worker: a service whose [`Service::reload`] returns
-    /// [`Reload::Resume`] keeps them in itself for the next `run` (dropping them closes the
-    /// pipes, and the master counts the worker's jobs as lost and delivers them again).
+    /// [`Reload::Resume`] keeps them in itself for the next `run`: dropping them closes the
+    /// pipes, and the worker gets no job after that.
     pub fn jobs(&self) -> Result<crate::worker::Jobs, JobsError> {
         if !self.consumer {
             return Err(JobsError::NoQueue);
