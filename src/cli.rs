@@ -1002,6 +1002,7 @@ pub fn describe(config: &config::Config) -> String {
         let command = match &p.command {
             config::CommandSpec::Argv(argv) => format!("{argv:?}"),
             config::CommandSpec::Shell(line) => format!("/bin/sh -c {line:?}"),
+            config::CommandSpec::Function(_) => "(a Rust function)".to_string(),
         };
         let restart = match p.restart {
             config::RestartPolicy::Always => "always",

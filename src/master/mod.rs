@@ -43,6 +43,7 @@ use crate::sys::reactor::Ready;
 
 mod clients;
 mod commands;
+mod hooks;
 mod metrics;
 mod output;
 mod queues;
@@ -52,6 +53,7 @@ mod systemd;
 pub use supervisor::BindError;
 
 use clients::Clients;
+pub(crate) use hooks::{Hooks, Request, StopKind};
 use metrics::Metrics;
 use supervisor::Supervisor;
 use systemd::Systemd;
@@ -203,6 +205,17 @@ impl Master {
         })
     }
 
+    /// A master for a program that embeds it (the library): `config` is built in memory,
+    /// and `hooks` are told of spawns, exits, reloads and stops.
+    pub(crate) fn with_hooks(
+        config: Config,
+        hooks: Box<dyn hooks::Hooks>,
+    ) -> Result<Master, MasterError> {
+        let mut master = Master::new(config)?;
+        master.sup.hooks = Some(hooks);
+        Ok(master)
+    }
+
     /// The supervisor and every subsystem, these in the order their `after_pass` runs:
     /// metrics applies a reloaded address before the reload is answered; requests change
     /// what is wanted before systemd is told the state.
@@ -225,6 +238,8 @@ impl Master {
         let mut log_fd = None;
         loop {
             let now = Instant::now();
+            // What the embedding program asked for (jobs it submits go out in this pass).
+            self.sup.hook_requests(now);
             self.sup.queues_pass(now);
             self.sup.settle(now);
             let mut wake_at = None;

@@ -9,6 +9,7 @@ pub mod notify;
 pub mod pidfile;
 pub mod process;
 pub mod reactor;
+pub mod service;
 pub mod signals;
 pub mod spawn;
 pub mod syncer;
