@@ -668,8 +668,23 @@ fn submit(
         Box::new(queue::arg_jobs(args.payload))
     };
     let name = args.queue.clone();
-    let (stored, results) = match queue::submit(&mut peer, &args.queue, args.key, args.wait, jobs) {
+    // Results are printed as the master streams them, in submission order.
+    let mut dead = 0;
+    let mut print = |chunk: &crate::protocol::JobResults| -> std::io::Result<()> {
+        dead += queue::write_results(&mut std::io::stdout().lock(), chunk)?;
+        Ok(())
+    };
+    let submitted = queue::submit(
+        &mut peer,
+        &args.queue,
+        args.key,
+        args.wait,
+        jobs,
+        &mut print,
+    );
+    let (stored, results) = match submitted {
         Ok(done) => done,
+        Err(SubmitError::Output(e)) if e.kind() == std::io::ErrorKind::BrokenPipe => return 0,
         Err(e) => return fail(e.to_string()),
     };
     let Some(results) = results else {
@@ -678,15 +693,12 @@ fn submit(
         }
         return print_all(format!("{name}: {stored} job(s) submitted\n").as_bytes());
     };
-    let written = queue::write_results(&mut std::io::stdout().lock(), &results);
-    match written {
-        Ok(0) => 0,
-        Ok(dead) => fail(format!(
+    match dead {
+        0 => 0,
+        dead => fail(format!(
             "{name}: {dead} of {} job(s) ended dead",
             results.results.len()
         )),
-        Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => 0,
-        Err(e) => fail(format!("cannot write to stdout: {e}")),
     }
 }
 

@@ -272,6 +272,12 @@ impl ControlServer {
         self.flush(id);
     }
 
+    /// Bytes queued for a connection and not yet taken by its client (0 for one that is
+    /// gone): a stream sends more only while this is small.
+    pub fn backlog(&self, id: u64) -> usize {
+        self.conns.get(&id).map_or(0, |c| c.output.len())
+    }
+
     /// Queues a line for a connection that stays busy (a `logs --follow` stream). Returns
     /// false when the connection is gone or its reader fell too far behind (it is closed).
     pub fn stream(&mut self, id: u64, response: Response) -> bool {

@@ -326,6 +326,11 @@ pub struct Submitted {
     pub queue: String,
     pub first_id: u64,
     pub count: u64,
+    /// With `wait`: outcomes of this connection's earlier jobs that have ended since the last
+    /// answer, in submission order (the rest come with [`Request::Results`]), so that a long
+    /// stream of submissions does not leave every result waiting in the master.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub results: Vec<JobResult>,
 }
 
 /// The answer of `results`: one entry per job submitted with `wait` on this connection, in

@@ -65,6 +65,9 @@ pub enum SubmitError {
     Client(#[from] ClientError),
     #[error("cannot read stdin at line {line}: {source}")]
     Read { line: u64, source: io::Error },
+    /// The results could not be written out.
+    #[error("cannot write the results: {0}")]
+    Output(io::Error),
     /// One job that cannot fit in a request line; nothing from it on was sent.
     #[error(
         "{origin} is too large for one submit request: {size} bytes{encoded}, and a request \
@@ -311,6 +314,8 @@ pub struct Submitter<'a, P: Peer> {
     batch: Batch,
     sent: VecDeque<Sent>,
     stored: u64,
+    /// Results that came with `submit` answers, not yet handed out.
+    early: Vec<JobResults>,
 }
 
 impl<'a, P: Peer> Submitter<'a, P> {
@@ -343,7 +348,13 @@ impl<'a, P: Peer> Submitter<'a, P> {
             batch: Batch::default(),
             sent: VecDeque::new(),
             stored: 0,
+            early: Vec::new(),
         })
+    }
+
+    /// Results that came with the answers read so far, oldest first.
+    pub fn take_early(&mut self) -> Vec<JobResults> {
+        std::mem::take(&mut self.early)
     }
 
     /// How many jobs the master has said it stored so far.
@@ -434,10 +445,12 @@ impl<'a, P: Peer> Submitter<'a, P> {
     }
 
     /// Sends what is left and reads every answer: the jobs stored.
-    pub fn finish(mut self) -> Result<u64, SubmitError> {
+    /// Sends what is left and reads every answer; returns how many jobs were stored and the
+    /// results that came with the answers and were not handed out yet.
+    pub fn finish(mut self) -> Result<(u64, Vec<JobResults>), SubmitError> {
         self.flush()?;
         self.drain()?;
-        Ok(self.stored)
+        Ok((self.stored, self.early))
     }
 
     /// Reads the answer to the oldest batch awaited. A refusal stops everything: the
@@ -451,6 +464,9 @@ impl<'a, P: Peer> Submitter<'a, P> {
         match response {
             Response::Ok(Answer::Submitted(s)) => {
                 self.stored += s.count;
+                if !s.results.is_empty() {
+                    self.early.push(JobResults { results: s.results });
+                }
                 Ok(())
             }
             Response::Ok(_) => Err(ClientError::Unexpected { what: "submit" }.into()),
@@ -485,16 +501,33 @@ impl<'a, P: Peer> Submitter<'a, P> {
 }
 
 /// `submit`: every job of `jobs` to `queue` in batches over `peer`; returns how many were
-/// stored and, with `wait`, the results (asked on the same connection once all are stored).
+/// stored and, with `wait`, the outcomes (asked on the same connection once all are stored;
+/// each chunk goes to `on_results` as it comes, and is returned with its texts emptied).
 pub fn submit<P: Peer>(
     peer: &mut P,
     queue: &str,
     key: Option<String>,
     wait: bool,
     jobs: impl Iterator<Item = Result<Piece, SubmitError>>,
+    on_results: &mut dyn FnMut(&JobResults) -> io::Result<()>,
 ) -> Result<(u64, Option<JobResults>), SubmitError> {
     let mut submitter = Submitter::new(peer, queue, key, wait)?;
+    let mut all = JobResults {
+        results: Vec::new(),
+    };
+    let mut hand_out = |chunks: Vec<JobResults>, all: &mut JobResults| -> Result<(), SubmitError> {
+        for chunk in chunks {
+            on_results(&chunk).map_err(SubmitError::Output)?;
+            // Only the count is kept: the results went out already.
+            all.results.extend(chunk.results.into_iter().map(|mut r| {
+                r.text.clear();
+                r
+            }));
+        }
+        Ok(())
+    };
     for piece in jobs {
+        hand_out(submitter.take_early(), &mut all)?;
         match piece {
             Ok(Piece::Job(origin, job)) => submitter.push(origin, job)?,
             Ok(Piece::Pause) => submitter.flush()?,
@@ -509,16 +542,29 @@ pub fn submit<P: Peer>(
             }
         }
     }
-    let stored = submitter.finish()?;
+    let (stored, early) = submitter.finish()?;
     if !wait {
         return Ok((stored, None));
     }
-    peer.send(&Request::Results)?;
-    match peer.read_response()?.ok_or(ClientError::NoAnswer)? {
-        Response::Ok(Answer::Results(results)) => Ok((stored, Some(results))),
-        Response::Ok(_) => Err(ClientError::Unexpected { what: "results" }.into()),
-        Response::Error(e) => Err(ClientError::Refused(e).into()),
+    hand_out(early, &mut all)?;
+    if (all.results.len() as u64) < stored {
+        peer.send(&Request::Results)?;
     }
+    // The master streams the rest in submission order, in as many lines as it likes; the
+    // line that brings the count to the number stored is the last.
+    while (all.results.len() as u64) < stored {
+        match peer.read_response()?.ok_or(ClientError::NoAnswer)? {
+            Response::Ok(Answer::Results(chunk)) => {
+                if chunk.results.is_empty() {
+                    return Err(ClientError::Unexpected { what: "results" }.into());
+                }
+                hand_out(vec![chunk], &mut all)?;
+            }
+            Response::Ok(_) => return Err(ClientError::Unexpected { what: "results" }.into()),
+            Response::Error(e) => return Err(ClientError::Refused(e).into()),
+        }
+    }
+    Ok((stored, Some(all)))
 }
 
 /// The bytes a result, reason or payload stands for (base64 decoded when marked so; text

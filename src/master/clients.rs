@@ -20,6 +20,14 @@ use super::commands::RefusedError;
 /// The control part's token for the listener; connections use their ids (from 1).
 const LISTENER: u64 = 0;
 
+/// Results that ride along with one `submit` answer at most.
+const RESULTS_PER_ANSWER: usize = 10_000;
+
+/// Results sent on one line of a `results` stream.
+const RESULTS_PER_LINE: usize = 1000;
+/// A `results` stream sends more only while less than this waits for its client.
+const STREAM_BACKLOG: usize = 1 << 20;
+
 /// A request that is answered once its condition holds.
 struct Waiter {
     conn: u64,
@@ -156,9 +164,15 @@ impl Clients {
                     return served;
                 }
                 Incoming::Closed => {
-                    self.waiters.retain(|w| w.conn != id);
                     // Results nobody will collect are not kept.
-                    for (queue, first, end) in self.waits.remove(&id).unwrap_or_default() {
+                    let mut unwanted = self.waits.remove(&id).unwrap_or_default();
+                    for w in self.waiters.iter_mut().filter(|w| w.conn == id) {
+                        if let WaitKind::Results { batches } = &mut w.kind {
+                            unwanted.append(batches);
+                        }
+                    }
+                    self.waiters.retain(|w| w.conn != id);
+                    for (queue, first, end) in unwanted {
                         if let Some(q) = sup.queues.get_mut(&queue) {
                             q.unwatch(first, end);
                         }
@@ -310,15 +324,24 @@ impl Clients {
         }
         let mut served = false;
         let waiters = std::mem::take(&mut self.waiters);
-        for w in waiters {
+        for mut w in waiters {
+            if let WaitKind::Results { batches } = &mut w.kind {
+                if !batches.is_empty() {
+                    if self.stream_results(sup, w.conn, batches, now) {
+                        served |= self.serve_next(sup, w.conn, now);
+                    } else {
+                        self.waiters.push(w);
+                    }
+                    continue;
+                }
+            }
             match sup.outcome(&w.kind, now) {
                 None => self.waiters.push(w),
-                Some(response) => {
-                    if let WaitKind::Results { batches } = &w.kind {
-                        for (queue, first, end) in batches {
-                            if let Some(q) = sup.queues.get_mut(queue) {
-                                q.unwatch(*first, *end);
-                            }
+                Some(mut response) => {
+                    if let Response::Ok(protocol::Answer::Submitted(s)) = &mut response {
+                        // The results ready so far ride along, so they do not pile up.
+                        if let Some(batches) = self.waits.get_mut(&w.conn) {
+                            take_ready(sup, batches, RESULTS_PER_ANSWER, &mut s.results);
                         }
                     }
                     let Some(c) = self.server.as_mut() else {
@@ -331,6 +354,50 @@ impl Clients {
             }
         }
         served
+    }
+
+    /// Sends the results of `batches` (queue, next id, end) that have come, in submission
+    /// order, as one line, at most [`RESULTS_PER_LINE`] per line and only while the client
+    /// keeps up with what it was sent; what it sent is no longer kept. Returns true when the
+    /// last result went out: that line was the request's answer.
+    fn stream_results(
+        &mut self,
+        sup: &mut Supervisor,
+        conn: u64,
+        batches: &mut Vec<(String, u64, u64)>,
+        now: Instant,
+    ) -> bool {
+        let Some(control) = self.server.as_mut() else {
+            return false;
+        };
+        let mut results = Vec::new();
+        while control.backlog(conn) < STREAM_BACKLOG {
+            let before = results.len();
+            take_ready(sup, batches, RESULTS_PER_LINE, &mut results);
+            if batches.is_empty() {
+                control.respond(conn, Response::ok(protocol::JobResults { results }), now);
+                return true;
+            }
+            if results.len() == before && results.len() < RESULTS_PER_LINE {
+                break;
+            }
+            let line = std::mem::take(&mut results);
+            if !line.is_empty()
+                && !control.stream(conn, Response::ok(protocol::JobResults { results: line }))
+            {
+                return true;
+            }
+        }
+        false
+    }
+
+    /// Carries out what the client pipelined behind a request just answered.
+    fn serve_next(&mut self, sup: &mut Supervisor, conn: u64, now: Instant) -> bool {
+        let Some(c) = self.server.as_mut() else {
+            return false;
+        };
+        let next = c.next_request(conn, now);
+        self.serve_requests(sup, conn, next, now)
     }
 
     /// Sends the progress lines that are due to the requests still waiting; returns when the
@@ -509,4 +576,26 @@ fn queue_report(sup: &Supervisor, queue: Option<String>, dead: bool) -> Response
         },
     };
     Response::ok(protocol::QueueReport { queues: list })
+}
+
+/// Takes the results that have come for `batches` (queue, next id, end), in submission order,
+/// up to `max` in `out`; batches fully taken are dropped.
+fn take_ready(
+    sup: &mut Supervisor,
+    batches: &mut Vec<(String, u64, u64)>,
+    max: usize,
+    out: &mut Vec<protocol::JobResult>,
+) {
+    let mut done = 0;
+    for (queue, next, end) in batches.iter_mut() {
+        match sup.queues.get_mut(queue) {
+            Some(q) => q.take_results(next, *end, max, out),
+            None => *next = *end,
+        }
+        if *next < *end {
+            break;
+        }
+        done += 1;
+    }
+    batches.drain(..done);
 }

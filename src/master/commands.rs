@@ -162,27 +162,21 @@ impl Supervisor {
                         queue: queue.clone(),
                         first_id: *first,
                         count: end - first,
+                        results: Vec::new(),
                     })),
                     Some(Err(why)) => Progress::Answer(Response::error(format!(
                         "queue {queue}: cannot store the jobs: {why}"
                     ))),
                 }
             }
-            WaitKind::Results { batches } => {
-                let mut results = Vec::new();
-                for (queue, first, end) in batches {
-                    let Some(q) = self.queues.get(queue) else {
-                        return Progress::Answer(Response::error(format!(
-                            "queue {queue} was removed by a reload"
-                        )));
-                    };
-                    if !q.watched_done(*first, *end) {
-                        return pending;
-                    }
-                    results.extend(q.results(*first, *end).cloned());
-                }
-                Progress::Answer(Response::ok(crate::protocol::JobResults { results }))
+            // Streamed by the clients part as results come; answered here only when it
+            // had nothing to wait for.
+            WaitKind::Results { batches } if batches.is_empty() => {
+                Progress::Answer(Response::ok(crate::protocol::JobResults {
+                    results: Vec::new(),
+                }))
             }
+            WaitKind::Results { .. } => pending,
             WaitKind::Stopped { pool, ids } => {
                 let Some(pool) = self.pool_by_key(*pool) else {
                     return Progress::Answer(Response::done());

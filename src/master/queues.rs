@@ -68,6 +68,11 @@ const PIPE_SIZE: i32 = 1 << 20;
 /// cannot starve the others.
 const READ_BUDGET: usize = 1 << 20;
 
+/// Past this many jobs waiting for a worker (while workers take them), `submit` batches are
+/// acknowledged only as the backlog drains: flow control, not a refusal (`max_pending` is
+/// the refusal).
+pub(super) const FLOW_PENDING: u64 = 16_384;
+
 /// How many refused batches a queue remembers for their waiting clients.
 const FAILED_KEPT: usize = 256;
 
@@ -594,7 +599,10 @@ impl QueueRt {
     }
 
     /// Where the batch `first..end` stands: stored (`Some(Ok)`), failed (`Some(Err)`), or
-    /// not yet known.
+    /// not yet known. A stored batch is acknowledged only once the jobs waiting for a worker
+    /// are fewer than [`FLOW_PENDING`] while workers take them: a producer faster than its
+    /// consumers is slowed to their pace instead of filling the master's memory (a queue
+    /// with no consumer running takes jobs up to `max_pending`).
     pub(super) fn batch(&self, first: u64, end: u64) -> Option<Result<(), String>> {
         if let Some((_, _, why)) = self
             .failed
@@ -603,17 +611,35 @@ impl QueueRt {
         {
             return Some(Err(why.clone()));
         }
-        (end <= self.stored_below).then_some(Ok(()))
+        if end > self.stored_below {
+            return None;
+        }
+        let backlog = self.state.counts().pending;
+        if backlog > FLOW_PENDING && self.state.has_consumers() {
+            return None;
+        }
+        Some(Ok(()))
     }
 
-    /// Whether every watched job in `first..end` has ended.
-    pub(super) fn watched_done(&self, first: u64, end: u64) -> bool {
-        self.watch_open.range(first..end).next().is_none()
-    }
-
-    /// The outcomes of the watched jobs `first..end` that have ended, in id order.
-    pub(super) fn results(&self, first: u64, end: u64) -> impl Iterator<Item = &JobResult> {
-        (first..end).filter_map(|id| self.watch_done.get(&id))
+    /// Takes the outcomes of the watched jobs from `*next` on, in id order, up to `end` or
+    /// the first one still running, at most `max`; moves `*next` past what it took. Ids that
+    /// are neither running nor ended (their batch failed to be stored) are passed over.
+    pub(super) fn take_results(
+        &mut self,
+        next: &mut u64,
+        end: u64,
+        max: usize,
+        out: &mut Vec<JobResult>,
+    ) {
+        while *next < end && out.len() < max {
+            if self.watch_open.contains(next) {
+                return;
+            }
+            if let Some(r) = self.watch_done.remove(next) {
+                out.push(r);
+            }
+            *next += 1;
+        }
     }
 
     /// The client that watched `first..end` is gone: keep nothing for it.

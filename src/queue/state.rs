@@ -323,6 +323,11 @@ impl QueueState {
         }
     }
 
+    /// Whether some consumer takes jobs now.
+    pub fn has_consumers(&self) -> bool {
+        self.consumers.values().any(|c| c.accepting)
+    }
+
     pub fn is_accepting(&self, c: ConsumerId) -> bool {
         self.consumers.get(&c).is_some_and(|c| c.accepting)
     }

@@ -34,12 +34,24 @@ impl Peer for Fake {
                         queue: queue.clone(),
                         first_id,
                         count: jobs.len() as u64,
+                        results: Vec::new(),
                     })
                 }
             }
-            Request::Results => Response::ok(JobResults {
-                results: self.results.clone(),
-            }),
+            Request::Results => {
+                // Streamed in two lines, as the master may: the first `results` of the
+                // pattern, then the rest of the jobs submitted (the pattern repeated).
+                let total = self.next_id as usize;
+                let all: Vec<JobResult> =
+                    self.results.iter().cycle().take(total).cloned().collect();
+                let (a, b) = all.split_at(self.results.len().min(total));
+                self.answers.push_back(Response::ok(JobResults {
+                    results: a.to_vec(),
+                }));
+                Response::ok(JobResults {
+                    results: b.to_vec(),
+                })
+            }
             _ => Response::error("unexpected"),
         };
         self.answers.push_back(answer);
@@ -171,7 +183,8 @@ fn numbered(n: usize) -> impl Iterator<Item = Result<Piece, SubmitError>> {
 #[test]
 fn batches_hold_at_most_1000_jobs_and_keep_the_order() {
     let mut fake = Fake::default();
-    let (stored, results) = submit(&mut fake, "q", None, false, numbered(2500)).unwrap();
+    let (stored, results) =
+        submit(&mut fake, "q", None, false, numbered(2500), &mut |_| Ok(())).unwrap();
     assert_eq!((stored, results), (2500, None));
     let batches = fake.batches();
     let sizes: Vec<usize> = batches.iter().map(|(_, j)| j.len()).collect();
@@ -201,7 +214,10 @@ fn batches_hold_about_32_kib_and_one_large_job_goes_alone() {
         .iter()
         .enumerate()
         .map(|(i, j)| Ok(Piece::Job(Origin::Line(i as u64 + 1), j.clone())));
-    submit(&mut fake, "q", Some("k".into()), false, pieces).unwrap();
+    submit(&mut fake, "q", Some("k".into()), false, pieces, &mut |_| {
+        Ok(())
+    })
+    .unwrap();
     let sizes: Vec<usize> = fake.batches().iter().map(|(_, j)| j.len()).collect();
     assert_eq!(sizes, [3, 1, 1, 1]);
     for line in &fake.lines {
@@ -220,7 +236,7 @@ fn jobs_that_are_not_utf8_go_in_base64() {
     let mut fake = Fake::default();
     let input = b"plain\n\xff\xfe raw\nafter\nnewline\\n and \"quotes\" \xc3\xa9\n";
     let pieces = LineJobs::new(&input[..], None, MAX_REQUEST);
-    submit(&mut fake, "q", None, false, pieces).unwrap();
+    submit(&mut fake, "q", None, false, pieces, &mut |_| Ok(())).unwrap();
     let batches = fake.batches();
     assert_eq!(batches.len(), 1);
     assert!(batches[0].0, "base64");
@@ -234,6 +250,7 @@ fn jobs_that_are_not_utf8_go_in_base64() {
         None,
         false,
         LineJobs::new(&text[..], None, 100),
+        &mut |_| Ok(()),
     )
     .unwrap();
     assert_eq!(
@@ -251,7 +268,10 @@ fn a_job_too_large_for_a_request_names_its_line_after_the_rest_is_stored() {
         vec![b'x'; MAX_REQUEST - 10],
     )));
     pieces.extend(numbered(3));
-    let err = submit(&mut fake, "q", None, false, pieces.into_iter()).unwrap_err();
+    let err = submit(&mut fake, "q", None, false, pieces.into_iter(), &mut |_| {
+        Ok(())
+    })
+    .unwrap_err();
     let text = err.to_string();
     assert!(
         text.starts_with(&format!(
@@ -272,6 +292,7 @@ fn a_job_too_large_for_a_request_names_its_line_after_the_rest_is_stored() {
         None,
         false,
         [Ok(Piece::Job(Origin::Arg(1), controls))].into_iter(),
+        &mut |_| Ok(()),
     )
     .unwrap_err()
     .to_string();
@@ -285,6 +306,7 @@ fn a_job_too_large_for_a_request_names_its_line_after_the_rest_is_stored() {
         Some("k".repeat(MAX_REQUEST)),
         false,
         numbered(1),
+        &mut |_| Ok(()),
     );
     assert!(matches!(err, Err(SubmitError::KeyTooLong)));
 }
@@ -297,7 +319,7 @@ fn a_refused_batch_stops_and_says_what_was_stored() {
         refuse: vec![2],
         ..Fake::default()
     };
-    let err = submit(&mut fake, "q", None, false, numbered(5000)).unwrap_err();
+    let err = submit(&mut fake, "q", None, false, numbered(5000), &mut |_| Ok(())).unwrap_err();
     assert_eq!(
         err.to_string(),
         "q: the batch of 1000 job(s) from line 2001 of stdin to line 3000 of stdin was \
@@ -315,7 +337,7 @@ fn a_refused_batch_stops_and_says_what_was_stored() {
         refuse: vec![0],
         ..Fake::default()
     };
-    let err = submit(&mut fake, "q", None, false, numbered(10)).unwrap_err();
+    let err = submit(&mut fake, "q", None, false, numbered(10), &mut |_| Ok(())).unwrap_err();
     assert_eq!(
         err.to_string(),
         "q: the batch of 10 job(s) from line 1 of stdin to line 10 of stdin was refused: \
@@ -330,7 +352,10 @@ fn a_pause_sends_the_batch_so_far() {
     pieces.push(Ok(Piece::Pause));
     pieces.push(Ok(Piece::Pause));
     pieces.push(Ok(Piece::Job(Origin::Line(4), b"4".to_vec())));
-    submit(&mut fake, "q", None, false, pieces.into_iter()).unwrap();
+    submit(&mut fake, "q", None, false, pieces.into_iter(), &mut |_| {
+        Ok(())
+    })
+    .unwrap();
     let sizes: Vec<usize> = fake.batches().iter().map(|(_, j)| j.len()).collect();
     assert_eq!(sizes, [3, 1]);
 }
@@ -353,7 +378,14 @@ fn wait_marks_every_batch_then_asks_for_the_results() {
         ],
         ..Fake::default()
     };
-    let (stored, results) = submit(&mut fake, "q", None, true, numbered(1500)).unwrap();
+    let mut out = Vec::new();
+    let mut dead = 0;
+    let (stored, results) = submit(&mut fake, "q", None, true, numbered(1500), &mut |chunk| {
+        dead += write_results(&mut out, chunk)?;
+        Ok(())
+    })
+    .unwrap();
+    assert_eq!(results.unwrap().results.len(), 1500);
     assert_eq!(stored, 1500);
     assert!(fake
         .requests
@@ -361,10 +393,9 @@ fn wait_marks_every_batch_then_asks_for_the_results() {
         .take(2)
         .all(|r| matches!(r, Request::Submit { wait: true, .. })));
     assert_eq!(fake.requests.last(), Some(&Request::Results));
-    let mut out = Vec::new();
-    let dead = write_results(&mut out, &results.unwrap()).unwrap();
-    assert_eq!(dead, 1);
-    assert_eq!(out, b"ok done\nok\ndead boom: exit 3\nok \xff\n");
+    assert_eq!(dead, 375, "one in four of the pattern is dead");
+    assert!(out.starts_with(b"ok done\nok\ndead boom: exit 3\nok \xff\nok done\n"));
+    assert_eq!(out.iter().filter(|&&b| b == b'\n').count(), 1500);
 }
 
 #[test]
