@@ -35,13 +35,13 @@ use crate::backoff::Jitter;
 use crate::config::{Queue, QueueProtocol};
 use crate::plan::WorkerKey;
 use crate::protocol::{JobOutcome, JobResult};
-use crate::queue::state::{ConsumerId, DeadJob, Job, JobEvent, QueueState, Settings};
 use crate::queue::durable::{Durable, Failed, OnReply};
+use crate::queue::state::{ConsumerId, DeadJob, Job, JobEvent, QueueState, Settings};
 use crate::queue::store::{self, JobState, Pos, Store};
-use crate::sys::syncer::Syncer;
 use crate::queue::wire::{encode_job, AnswerDecoder};
 use crate::slot::{Exit, SlotState};
 use crate::sys;
+use crate::sys::syncer::Syncer;
 
 /// Which descriptor of a consumer a `Part::Queues` token names.
 const TOKEN_STDIN: u64 = 0;
@@ -310,7 +310,12 @@ impl QueueRt {
         let mut store_opt = None;
         if q.durable {
             let dir = state_dir.join("queues").join(&q.name);
-            let (st, recovered) = Store::open(&dir, store::Options::default())?;
+            // Hidden, for tests (a full disk on a small tmpfs): the segment size in bytes.
+            let opts = match std::env::var("PLUMULE_QUEUE_SEGMENT_SIZE").map(|v| v.parse()) {
+                Ok(Ok(segment_size)) => store::Options { segment_size },
+                _ => store::Options::default(),
+            };
+            let (st, recovered) = Store::open(&dir, opts)?;
             for w in &recovered.warnings {
                 log::warn!("queue {}: {w}", q.name);
             }
