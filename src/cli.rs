@@ -217,6 +217,18 @@ pub enum Command {
     },
     /// Print the man page plumule(1) on stdout, in roff (try `plumule man | man -l -`)
     Man,
+    /// From inside a worker: tell plumule it is ready, or its status (like systemd-notify)
+    Notify {
+        /// Send READY=1: a `ready = "notify"` worker is running from now on
+        #[arg(long)]
+        ready: bool,
+        /// Send STATUS=TEXT: a line `plumule status` shows beside the worker
+        #[arg(long, value_name = "TEXT")]
+        status: Option<String>,
+        /// More VAR=VALUE lines to send as they are (WATCHDOG=1, STOPPING=1, …)
+        #[arg(value_name = "VAR=VALUE")]
+        assignments: Vec<String>,
+    },
     /// Run CMD holding the named file lock (like flock(1)); 75 when the lock is not taken
     Lock {
         /// The lock's name: the file lock_dir/NAME.lock, the same one workers' `locks` take
@@ -332,6 +344,14 @@ pub fn run(cli: Cli) -> i32 {
                 Err(e) => fail(format!("cannot render the man page: {e}")),
             }
         }
+        Command::Notify {
+            ready,
+            status,
+            assignments,
+        } => match notify(ready, status, assignments) {
+            Ok(()) => 0,
+            Err(e) => fail(e),
+        },
         Command::Lock {
             name,
             shared,
@@ -889,13 +909,52 @@ fn run_master(cli_path: Option<PathBuf>) -> i32 {
             return e.exit_code();
         }
     };
-    match master.run() {
+    let code = match master.run() {
         Ok(()) => 0,
         Err(e) => {
             log::error!("{e}");
             e.exit_code()
         }
+    };
+    // Lines a slow reader of stderr has not taken yet get a last chance.
+    crate::logging::finish(std::time::Duration::from_secs(1));
+    code
+}
+
+/// `plumule notify`: one datagram of `VAR=VALUE` lines to `$NOTIFY_SOCKET`, the socket plumule
+/// (or systemd) gave the worker. Sent from a child of the worker, it still counts for the
+/// worker: plumule attributes a message to the sender's process group too.
+fn notify(ready: bool, status: Option<String>, assignments: Vec<String>) -> Result<(), String> {
+    use std::os::linux::net::SocketAddrExt;
+    use std::os::unix::net::{SocketAddr, UnixDatagram};
+    let mut lines: Vec<String> = Vec::new();
+    if ready {
+        lines.push("READY=1".into());
     }
+    if let Some(s) = status {
+        lines.push(format!("STATUS={}", s.replace('\n', " ")));
+    }
+    for a in assignments {
+        if !a.contains('=') || a.contains('\n') {
+            return Err(format!("`{a}` is not a VAR=VALUE line"));
+        }
+        lines.push(a);
+    }
+    if lines.is_empty() {
+        return Err("nothing to send: give --ready, --status or VAR=VALUE".into());
+    }
+    let path = std::env::var_os("NOTIFY_SOCKET")
+        .ok_or("NOTIFY_SOCKET is not set: run it from a worker plumule or systemd started")?;
+    let text = path.to_string_lossy().into_owned();
+    let addr = match text.strip_prefix('@') {
+        Some(name) => SocketAddr::from_abstract_name(name.as_bytes()),
+        None => SocketAddr::from_pathname(&text),
+    }
+    .map_err(|e| format!("NOTIFY_SOCKET={text}: {e}"))?;
+    let sock = UnixDatagram::unbound().map_err(|e| e.to_string())?;
+    sock.send_to_addr(lines.join("\n").as_bytes(), &addr)
+        .map_err(|e| format!("cannot send to NOTIFY_SOCKET={text}: {e}"))?;
+    Ok(())
 }
 
 /// `plumule check`: errors exit 1; warnings are printed and exit 1 only with `--strict`.
@@ -943,6 +1002,7 @@ pub fn describe(config: &config::Config) -> String {
         let command = match &p.command {
             config::CommandSpec::Argv(argv) => format!("{argv:?}"),
             config::CommandSpec::Shell(line) => format!("/bin/sh -c {line:?}"),
+            config::CommandSpec::Function(_) => "(a Rust function)".to_string(),
         };
         let restart = match p.restart {
             config::RestartPolicy::Always => "always",

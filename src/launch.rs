@@ -69,13 +69,18 @@ pub fn prepare(
     let argv: Vec<String> = match &program.command {
         CommandSpec::Argv(argv) => argv.clone(),
         CommandSpec::Shell(line) => vec!["/bin/sh".into(), "-c".into(), line.clone()],
+        // A library service: no executable to find (see the body below).
+        CommandSpec::Function(_) => vec![String::new()],
     };
     let path_var = env
         .iter()
         .find(|(k, _)| k == "PATH")
         .map(|(_, v)| v.clone())
         .unwrap_or_else(|| DEFAULT_PATH.into());
-    let exe = resolve(&argv[0], &path_var, program.cwd.as_deref())?;
+    let exe = match &program.command {
+        CommandSpec::Function(_) => PathBuf::new(),
+        _ => resolve(&argv[0], &path_var, program.cwd.as_deref())?,
+    };
 
     let mut locks: Vec<(String, bool)> = program
         .locks
@@ -132,6 +137,26 @@ pub fn prepare(
             })
             .collect(),
         pid_vars,
+    };
+    // A library service runs its function in the forked child, without exec.
+    let body = match &program.command {
+        CommandSpec::Function(f) => {
+            let f = std::sync::Arc::clone(&f.0);
+            Body::Call(Box::new(move || {
+                // The environment an exec'd worker gets (plumule's NOTIFY_SOCKET, never the
+                // master's; PLUMULE_*), set in the child, which has only this thread.
+                let pid = std::process::id().to_string();
+                for (k, _) in std::env::vars_os() {
+                    std::env::remove_var(k);
+                }
+                for (k, v) in &env {
+                    let pid_var = k == "WATCHDOG_PID" || k == "LISTEN_PID";
+                    std::env::set_var(k, if pid_var { pid.as_ref() } else { v.as_os_str() });
+                }
+                f(id, workers)
+            }))
+        }
+        _ => body,
     };
     Ok(Prepared {
         setup,

@@ -6,7 +6,7 @@
 //!
 //! # Never blocking the loop
 //! The master is one thread: a write to stderr that blocks (a reader of the pipe that stopped
-//! reading) would stall supervision. So every line goes through [`Sink`]:
+//! reading) would stall supervision. So every line goes through a `Sink`:
 //! - stderr is a pipe or a FIFO: the master writes through a descriptor of its own, a fresh
 //!   open of `/proc/self/fd/2` (a new open file description of the same pipe), made
 //!   non-blocking. Setting O_NONBLOCK on fd 2 itself would change the open file description

@@ -98,8 +98,8 @@ fn master(sb: &Sandbox) -> (Daemon, PathBuf) {
     (daemon, config)
 }
 
-/// Whatever the master answers instead of storing jobs (today: "queues are not served by this
-/// master yet"), each command says it on stderr and exits 1; nothing hangs.
+/// Whatever the master refuses (a queue it does not have, ids that are not dead letters),
+/// each command says it on stderr and exits 1; nothing hangs.
 #[test]
 fn a_master_that_refuses_gets_exit_1_and_its_message() {
     let sb = Sandbox::new();
@@ -121,25 +121,26 @@ fn a_master_that_refuses_gets_exit_1_and_its_message() {
         assert!(stderr.starts_with("plumule: "), "{args:?}: {stderr}");
         stderr
     };
-    let err = refused(&["submit", "mail", "hello"], None);
+    let err = refused(&["submit", "nosuch", "hello"], None);
     assert!(
-        err.contains("mail: the batch of 1 job(s) at payload 1 was refused: ")
+        err.contains("nosuch: the batch of 1 job(s) at payload 1 was refused: ")
+            && err.contains("no queue named nosuch")
             && err.contains("; 0 job(s) were stored before it"),
         "{err}"
     );
     let input = sb.write_file("jobs.txt", "a\nb\nc\n", 0o644);
-    let err = refused(&["submit", "mail", "--wait"], Some(&input));
+    let err = refused(&["submit", "nosuch", "--wait"], Some(&input));
     assert!(
         err.contains(
-            "mail: the batch of 3 job(s) from line 1 of stdin to line 3 of stdin was refused"
+            "nosuch: the batch of 3 job(s) from line 1 of stdin to line 3 of stdin was refused"
         ),
         "{err}"
     );
     for args in [
-        &["queue"][..],
-        &["queue", "mail", "--dead"],
-        &["queue", "--json"],
-        &["requeue", "mail", "--all"],
+        &["queue", "nosuch"][..],
+        &["queue", "nosuch", "--dead"],
+        &["queue", "nosuch", "--json"],
+        &["requeue", "nosuch", "--all"],
         &["requeue", "mail", "1", "2"],
     ] {
         let err = refused(args, None);

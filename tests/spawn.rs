@@ -135,7 +135,7 @@ fn a_call_body_runs_after_set_up_is_reported_and_its_return_is_the_exit_code() {
         }
         42
     };
-    let child = spawn(&setup(&go_r, &out_w), &mut Body::Call(&mut body)).expect("spawn");
+    let child = spawn(&setup(&go_r, &out_w), &mut Body::Call(Box::new(&mut body))).expect("spawn");
     drop((go_r, out_w));
     let reports = reports_until_eof(&child.status);
     assert_eq!(reports, [], "set-up done is end of file with no failure");
@@ -155,7 +155,7 @@ fn a_set_up_failure_is_reported_and_the_call_body_never_runs() {
         nix::unistd::write(std::io::stdout(), b"body ran\n").expect("write");
         0
     };
-    let (reports, output, code) = run(&mut Body::Call(&mut body), |s| {
+    let (reports, output, code) = run(&mut Body::Call(Box::new(&mut body)), |s| {
         s.cwd = Some(CString::new("/nonexistent/plumule-test-dir").unwrap());
     });
     assert_eq!(
@@ -176,7 +176,7 @@ fn a_panicking_call_body_ends_the_child_instead_of_unwinding_into_the_callers_co
         nix::unistd::write(std::io::stdout(), b"before\n").expect("write");
         panic!("the body gives up");
     };
-    let (reports, output, code) = run(&mut Body::Call(&mut body), |_| {});
+    let (reports, output, code) = run(&mut Body::Call(Box::new(&mut body)), |_| {});
     assert_eq!(reports, []);
     // Had the panic unwound out of spawn in the child, the child would have gone on running
     // this test (and the harness would have printed its verdict on the same stdout).
@@ -286,7 +286,7 @@ fn the_fork_server_starts_children_of_its_caller_that_inherit_none_of_its_descri
     // A function body cannot cross to another process: refused, nothing started.
     let mut f = || 0;
     assert!(server
-        .spawn(&setup(&null, &null), &Body::Call(&mut f))
+        .spawn(&setup(&null, &null), &Body::Call(Box::new(&mut f)))
         .is_err());
 
     // Dropping the handle ends and reaps the server.

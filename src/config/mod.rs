@@ -212,7 +212,30 @@ pub enum CommandSpec {
     Argv(Vec<String>),
     /// A plain string: run through `/bin/sh -c`.
     Shell(String),
+    /// No command: a Rust function run in the forked worker, without exec (the library's
+    /// services, see [`crate::ServiceManager`]). Never read from a file.
+    Function(Function),
 }
+
+/// The body of a worker that runs Rust code in the forked child: called with the worker's id
+/// and the program's worker count, it returns the worker's exit code.
+#[derive(Clone)]
+pub struct Function(pub std::sync::Arc<dyn Fn(u32, u32) -> i32 + Send + Sync>);
+
+impl fmt::Debug for Function {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("Function(..)")
+    }
+}
+
+/// The same function, not an equal one: two closures cannot be compared.
+impl PartialEq for Function {
+    fn eq(&self, other: &Self) -> bool {
+        std::sync::Arc::ptr_eq(&self.0, &other.0)
+    }
+}
+
+impl Eq for Function {}
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum RestartPolicy {
@@ -659,7 +682,7 @@ fn this_host() -> Host<'static> {
 }
 
 /// The host name (the kernel's `uname -n`), "localhost" when it cannot be read.
-fn hostname() -> String {
+pub(crate) fn hostname() -> String {
     std::fs::read_to_string("/proc/sys/kernel/hostname")
         .ok()
         .map(|h| h.trim().to_owned())

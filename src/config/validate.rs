@@ -1465,6 +1465,7 @@ fn exec_size(command: &CommandSpec, env: &BTreeMap<String, String>) -> usize {
     let argv: usize = match command {
         CommandSpec::Argv(args) => args.iter().map(|a| string(a.len())).sum(),
         CommandSpec::Shell(line) => string("/bin/sh".len()) + string(2) + string(line.len()),
+        CommandSpec::Function(_) => 0,
     };
     let envp: usize = env.iter().map(|(k, v)| string(k.len() + 1 + v.len())).sum();
     argv + envp

@@ -104,6 +104,7 @@ pub(super) fn warnings(config: &Config, files: &[(PathBuf, String)], probe: &Pro
         let program = match &p.command {
             CommandSpec::Argv(argv) => argv.first().map_or("", String::as_str),
             CommandSpec::Shell(_) => "/bin/sh",
+            CommandSpec::Function(_) => continue,
         };
         // The PATH the master gives the worker (launch::environment).
         let path_var: OsString = match p.env.get("PATH") {

@@ -502,6 +502,10 @@ impl Supervisor {
         &mut self,
         now: Instant,
     ) -> Result<(Vec<String>, Vec<PoolId>), ReloadError> {
+        // A library master has no file: its hooks and its workers reload instead.
+        if self.hook_reload() {
+            return Ok((vec!["reload signal sent to the workers".into()], Vec::new()));
+        }
         let usec = crate::sys::notify::monotonic_usec();
         self.notes.push(Note::Reloading {
             monotonic_usec: usec,

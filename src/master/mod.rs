@@ -20,6 +20,12 @@
 //!                       └────────────────┘  └────────────────┘ └─────────────────┘
 //! ```
 //!
+//! The job queues (`queues`) are state of the supervisor's, since both a stop (the
+//! supervisor) and a `submit` (a client) change them; their descriptors (consumers' job and
+//! answer pipes, the syncer's socket) have a tag of their own, `Part::Queues`, and the loop
+//! gives them one pass of their own (`queues_pass`: retries due, job timeouts, group commit,
+//! deliveries) before the supervisor settles.
+//!
 //! Every descriptor is registered once with the [`Reactor`](crate::sys::reactor::Reactor)
 //! under a token whose high byte is its `Part`; a wait costs what is ready, not what is
 //! registered. The `Supervisor` holds the state all parts share; each other part owns its own
@@ -37,6 +43,7 @@ use crate::sys::reactor::Ready;
 
 mod clients;
 mod commands;
+mod hooks;
 mod metrics;
 mod output;
 mod queues;
@@ -46,6 +53,7 @@ mod systemd;
 pub use supervisor::BindError;
 
 use clients::Clients;
+pub(crate) use hooks::{Hooks, Request, StopKind};
 use metrics::Metrics;
 use supervisor::Supervisor;
 use systemd::Systemd;
@@ -105,6 +113,8 @@ pub(super) enum Part {
     Metrics = 5,
     /// Queue consumers' job and answer pipes (the supervisor's, see `queues`).
     Queues = 6,
+    /// The master's own log, while lines wait for a slow reader of its stderr.
+    Log = 7,
 }
 
 const LOCAL_BITS: u64 = 56;
@@ -123,6 +133,7 @@ impl Part {
             4 => Part::Notify,
             5 => Part::Metrics,
             6 => Part::Queues,
+            7 => Part::Log,
             _ => return None,
         };
         Some((part, local))
@@ -194,6 +205,17 @@ impl Master {
         })
     }
 
+    /// A master for a program that embeds it (the library): `config` is built in memory,
+    /// and `hooks` are told of spawns, exits, reloads and stops.
+    pub(crate) fn with_hooks(
+        config: Config,
+        hooks: Box<dyn hooks::Hooks>,
+    ) -> Result<Master, MasterError> {
+        let mut master = Master::new(config)?;
+        master.sup.hooks = Some(hooks);
+        Ok(master)
+    }
+
     /// The supervisor and every subsystem, these in the order their `after_pass` runs:
     /// metrics applies a reloaded address before the reload is answered; requests change
     /// what is wanted before systemd is told the state.
@@ -213,8 +235,11 @@ impl Master {
             self.sup.pools.len(),
             self.sup.config.runtime_dir.display()
         );
+        let mut log_fd = None;
         loop {
             let now = Instant::now();
+            // What the embedding program asked for (jobs it submits go out in this pass).
+            self.sup.hook_requests(now);
             self.sup.queues_pass(now);
             self.sup.settle(now);
             let mut wake_at = None;
@@ -227,6 +252,7 @@ impl Master {
                 break;
             }
             self.sup.save_groups();
+            log_fd = watch_log(&self.sup.reactor, log_fd);
             let timeout = wake_at.map(|t| t.saturating_duration_since(Instant::now()));
             let ready = self.sup.reactor.wait(timeout).map_err(MasterError::Setup)?;
             // Signals (and so reaping) first, whatever was reported: a signal whose handler
@@ -247,6 +273,7 @@ impl Master {
                     Part::Signals => {}
                     Part::Workers => self.sup.ready(local, now),
                     Part::Queues => self.sup.queue_ready(local, now),
+                    Part::Log => crate::logging::flush(),
                     _ => {
                         let (sup, parts) = self.parts();
                         if let Some(p) = parts.into_iter().find(|p| p.part() == part) {
@@ -263,6 +290,30 @@ impl Master {
         self.sup.finish();
         log::info!("stopped");
         Ok(())
+    }
+}
+
+/// Watches the master's log descriptor for writability while lines wait for it (a reader of
+/// stderr that stopped reading); returns what is watched now.
+fn watch_log(
+    reactor: &crate::sys::reactor::Reactor,
+    watched: Option<std::os::fd::RawFd>,
+) -> Option<std::os::fd::RawFd> {
+    let want = crate::logging::pending_fd();
+    if want == watched {
+        return watched;
+    }
+    if let Some(fd) = watched {
+        reactor.remove(fd);
+    }
+    let fd = want?;
+    match reactor.add(fd, Part::Log.token(0), true) {
+        Ok(()) => Some(fd),
+        Err(e) => {
+            // Lines still go out with the next one logged.
+            log::debug!("cannot watch the log descriptor: {e}");
+            None
+        }
     }
 }
 

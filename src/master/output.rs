@@ -165,7 +165,10 @@ pub(super) fn now_running(ring: &mut LogRing, tag: impl fmt::Display, waited: &S
 }
 
 /// Reads what a worker wrote and forwards it line by line. Returns true at end of file.
-/// Reads are bounded per call so that one chatty worker cannot starve the others.
+/// One read per call (64 KiB) unless `to_end`: the descriptor stays ready and the loop comes
+/// back to it after the others, so a worker that floods its output cannot hold up restarts,
+/// requests or other workers' lines (about 14 000 short lines per read were enough to
+/// slow a crash-looping neighbour's restarts fivefold).
 pub(super) fn pump(
     pipe: &mut OutPipe,
     tag: &str,
@@ -175,7 +178,6 @@ pub(super) fn pump(
     to_end: bool,
 ) -> bool {
     let mut buf = [0u8; 64 * 1024];
-    let mut rounds = 0;
     let eof = loop {
         match sys::read_available(pipe.fd.as_raw_fd(), &mut buf) {
             Ok(Some(0)) if !to_end => break false,
@@ -184,8 +186,7 @@ pub(super) fn pump(
                 let sink = &pipe.sink;
                 pipe.splitter
                     .push(&buf[..n], |line| emit(sink, tag, stream, line, files, ring));
-                rounds += 1;
-                if rounds >= 16 && !to_end {
+                if !to_end {
                     break false;
                 }
             }

@@ -129,6 +129,8 @@ pub(super) struct Supervisor {
     /// Queue consumers asked to finish (their stdin closed): when each one's stop signal is
     /// due, if it has not exited by then (SPEC §9, "Stopping a queue worker").
     drains: BTreeSet<(Instant, Pid)>,
+    /// The embedding program's hooks (the library's); `None` for the binary.
+    pub(super) hooks: Option<Box<dyn super::hooks::Hooks>>,
 }
 
 /// How long SIGCHLD's sweep for adopted orphans waits, so that a burst of exits costs one.
@@ -230,6 +232,7 @@ impl Supervisor {
             epoch: 0,
             queues,
             drains: BTreeSet::new(),
+            hooks: None,
         })
     }
 
@@ -314,6 +317,8 @@ impl Supervisor {
         // only guards against a planning bug turning into a busy loop.
         let mut settled = false;
         for _ in 0..16 {
+            // What hooks asked for, in the last round's actions too.
+            self.hook_requests(now);
             if self.pools.iter().any(|p| p.dirty != Dirty::Clean) {
                 self.epoch += 1;
             }
@@ -740,6 +745,7 @@ impl Supervisor {
         let generation = self.pools[pool].generation;
         self.pools[pool].slots[id as usize].generation = generation;
         self.pool_event(pool, id, Event::Spawned { pid }, now);
+        self.hook_spawned(pool, id, pid);
     }
 
     pub(super) fn handle_signals(&mut self) {
@@ -747,6 +753,7 @@ impl Supervisor {
             match sig {
                 Signal::SIGCHLD => self.on_sigchld(),
                 Signal::SIGTERM | Signal::SIGINT => self.begin_shutdown(sig),
+                Signal::SIGHUP if self.hook_reload() => log::info!("SIGHUP: reloading workers"),
                 Signal::SIGHUP => {
                     log::info!("SIGHUP: reloading {}", self.config.path.display());
                     let _ = self.reload(Instant::now());
@@ -762,6 +769,7 @@ impl Supervisor {
             log::info!("{sig} again: the graceful stop is already under way");
             return;
         }
+        self.hook_stopping(sig);
         let deadline = Instant::now() + self.config.shutdown_timeout;
         log::info!(
             "{sig}: stopping {} worker(s) (everything left is killed after {})",
@@ -864,6 +872,7 @@ impl Supervisor {
         let Some(p) = self.pool_index(proc.key.pool) else {
             return;
         };
+        self.hook_exited(p, proc.key.id, pid, exit);
         let slot = &self.pools[p].slots[proc.key.id as usize];
         let program = &self.pools[p].program;
         let reason = super::metrics::exit_reason(slot.state(), pid, exit, program);
@@ -1102,6 +1111,7 @@ fn command_name(program: &Program) -> &str {
     match &program.command {
         crate::config::CommandSpec::Argv(argv) => argv.first().map_or("?", String::as_str),
         crate::config::CommandSpec::Shell(_) => "/bin/sh",
+        crate::config::CommandSpec::Function(_) => "a function",
     }
 }
 

@@ -669,6 +669,6 @@ mod tests {
         assert!(decode(&huge, &fds).is_none());
         // A function body is not sent at all.
         let mut f = || 0;
-        assert!(encode(&setup, &Body::Call(&mut f)).is_none());
+        assert!(encode(&setup, &Body::Call(Box::new(&mut f))).is_none());
     }
 }

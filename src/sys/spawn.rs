@@ -102,7 +102,9 @@ pub enum Body<'a> {
     ///   is not flushed: flush what must be written before returning;
     /// - a panic does not unwind back into the parent's code: it ends the child with exit
     ///   code 101 (or SIGABRT when built with `panic = "abort"`).
-    Call(&'a mut dyn FnMut() -> i32),
+    ///
+    /// Boxed, so that a prepared spawn can own its function (the library's services).
+    Call(Box<dyn FnMut() -> i32 + 'a>),
 }
 
 impl std::fmt::Debug for Body<'_> {
