@@ -180,6 +180,17 @@ fn a_full_disk_fails_submit_clearly_keeps_what_was_stored_and_recovers_when_spac
     assert_eq!(pending(&sb, &config), (stored.len() as u64, 0));
     master.wait_stderr(&["queue q", "No space left on device"], DEADLINE);
 
+    // What it holds is on disk: a master SIGKILLed and started again on the still full disk
+    // replays every stored job, and reports no damage.
+    master.stop_with(SIGKILL, DEADLINE);
+    let mut master = sb.start_with_env(&config, &[("PLUMULE_QUEUE_SEGMENT_SIZE", &segment_size)]);
+    sb.wait("the restarted master answers", DEADLINE, || {
+        sb.ask_status().is_some()
+    });
+    assert_eq!(pending(&sb, &config), (stored.len() as u64, 0));
+    let warnings = master.stderr_lines_with(&["WARN"]);
+    assert!(warnings.is_empty(), "{warnings:?}");
+
     // Still full: a worker started now runs every stored job.
     sb.cli_ok(&config, &["scale", "w", "1"]);
     wait_ran(&sb, &results_path, &stored);
