@@ -1,6 +1,7 @@
 //! Chaos for durable queues (issue 9, SPEC §4): jobs streamed in by several `plumule submit`
 //! runs, consumed by `while read` shell workers that a killer thread SIGKILLs at random every
-//! few tens of milliseconds, while the master itself is SIGKILLed and restarted twice (same
+//! few tens of milliseconds (now and then the master's syncer process instead), while the
+//! master itself is SIGKILLed and restarted twice (same
 //! config, same state_dir). Afterwards every job whose `submit` returned success was answered
 //! at least once (its line is in the results file, written by the worker before it answers
 //! `ok`) or is a dead letter with a reason; none is lost, and none appears that nobody
@@ -166,28 +167,41 @@ fn submit_all(
     out
 }
 
-/// SIGKILLs a random running worker every 5 to 40 ms until `stop`; returns how many it
-/// killed. A pid is only killed while its parent is the current master (`master`), so a
+/// SIGKILLs a random running worker every 5 to 40 ms until `stop`, and one time in ten the
+/// master's syncer process (`plumule-syncer`) instead; returns how many workers and syncers
+/// it killed. A pid is only killed while its parent is the current master (`master`), so a
 /// recycled pid is never hit.
-fn killer(socket: &Path, master: &AtomicI32, stop: &AtomicBool, seed: u64) -> usize {
+fn killer(socket: &Path, master: &AtomicI32, stop: &AtomicBool, seed: u64) -> (usize, usize) {
     let mut rng = Rng(seed);
-    let mut kills = 0;
+    let (mut workers, mut syncers) = (0, 0);
     while !stop.load(Ordering::SeqCst) {
         // The pace of the chaos, not a synchronisation: nothing waits on these kills.
         std::thread::sleep(Duration::from_millis(5 + rng.below(35)));
+        let parent = master.load(Ordering::SeqCst);
+        let child_of_master =
+            |pid: i32| proc_stat(pid).is_some_and(|p| p.ppid == parent && p.state != 'Z');
+        let sigkill = |pid: i32| nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), SIGKILL);
+        if rng.below(10) == 0 {
+            let syncer = live_children(parent)
+                .into_iter()
+                .find(|p| p.comm == "plumule-syncer");
+            if let Some(p) = syncer {
+                if child_of_master(p.pid) && sigkill(p.pid).is_ok() {
+                    syncers += 1;
+                }
+            }
+            continue;
+        }
         let pids = worker_pids(socket);
         if pids.is_empty() {
             continue;
         }
         let pid = pids[rng.below(pids.len() as u64) as usize];
-        let parent = master.load(Ordering::SeqCst);
-        if proc_stat(pid).is_some_and(|p| p.ppid == parent && p.state != 'Z')
-            && nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), SIGKILL).is_ok()
-        {
-            kills += 1;
+        if child_of_master(pid) && sigkill(pid).is_ok() {
+            workers += 1;
         }
     }
-    kills
+    (workers, syncers)
 }
 
 /// Sets its flag when dropped, so that a panic in the test's main thread stops the threads
@@ -260,7 +274,7 @@ fn durable_jobs_survive_killed_workers_and_two_killed_masters() {
     let stop = AtomicBool::new(false);
     let runs_started = AtomicUsize::new(0);
     let restarts = Mutex::new(Vec::new());
-    let (submitted, kills) = std::thread::scope(|s| {
+    let (submitted, (kills, syncer_kills)) = std::thread::scope(|s| {
         let killer = s.spawn(|| killer(&socket, &master_pid, &stop, seed));
         let submitter = s.spawn(|| submit_all(&sb, &config, per_run, &runs_started, &stop, budget));
         let _stop_on_panic = StopOnDrop(&stop);
@@ -365,7 +379,7 @@ fn durable_jobs_survive_killed_workers_and_two_killed_masters() {
     let from_failed_runs = ran.keys().filter(|p| maybe.contains(p.as_str())).count();
     println!(
         "chaos: {total} jobs stored by {RUNS} submit runs ({} failed run(s) redone, {} of \
-         their {} jobs ran anyway); {kills} workers SIGKILLed, the master twice; {} distinct \
+         their {} jobs ran anyway); {kills} workers and {syncer_kills} syncers SIGKILLed, the master twice; {} distinct \
          jobs answered, {duplicates} duplicate answers; {stored_dead} of the stored jobs dead \
          ({} of them never answered; {} dead letters in all) with max_attempts \
          {MAX_ATTEMPTS}; {:.1} s",
