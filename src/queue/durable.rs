@@ -19,13 +19,16 @@
 //! gone. Submissions among them fail with the error's text; answers, attempts and requeues
 //! among them must be appended again (the caller still holds them). Records appended after the
 //! call are not concerned, even if their `Pos` compares greater (the offsets are reused). An
-//! append that fails without a cut (a full disk when the store makes a new segment, a record
-//! too large) loses only itself: its `after` is the end of the previous record.
+//! append that fails on a record too large loses only itself: its `after` is the end of the
+//! previous record.
 //!
 //! A full disk shows when a new segment is needed, since a segment reserves its space with
 //! fallocate when it is made: that append fails ("queue Q: cannot store the jobs: No space left
-//! on device (reserve space for …/queues/Q/000004.log.tmp)"), nothing stored before is lost (the
-//! store syncs a segment before leaving it), and appends work again once there is room.
+//! on device (reserve space for …/queues/Q/000004.log.tmp)") and the log is cut back to the last
+//! synced offset, as after a failed write. The store makes the new segment before it syncs
+//! the current one, so the records of the batch being appended are still unsynced then and go
+//! with the cut: a refused batch is never found stored in part after a restart. Nothing
+//! synced before is lost, and appends work again once there is room.
 //!
 //! # What still runs in the loop
 //!
@@ -212,6 +215,16 @@ impl Durable {
                 self.last_appended = pos;
                 Ok(pos)
             }
+            // A full disk (or any I/O error) when the store moves to a new segment: cut
+            // back to the last sync, so that the records appended before it in this batch
+            // are not stored behind a refusal.
+            Err(e @ store::Error::Io { .. }) => {
+                let failed = self.fail(&e);
+                if failed.after == self.store.synced() {
+                    return Err(failed);
+                }
+                Err(self.cut(failed.error.detail))
+            }
             Err(e) => Err(self.fail(&e)),
         }
     }
@@ -347,6 +360,16 @@ impl Durable {
             Ok(pos) => {
                 self.record_time(started.elapsed());
                 Ok(pos)
+            }
+            // A full disk (or any I/O error) when the store moves to a new segment: cut
+            // back to the last sync, so that the records appended before it in this batch
+            // are not stored behind a refusal.
+            Err(e @ store::Error::Io { .. }) => {
+                let failed = self.fail(&e);
+                if failed.after == self.store.synced() {
+                    return Err(failed);
+                }
+                Err(self.cut(failed.error.detail))
             }
             Err(e) => Err(self.fail(&e)),
         }
@@ -788,6 +811,37 @@ mod tests {
         assert_eq!(wait_synced(&mut q, &mut s), last);
         drop(q);
         assert_eq!(reopen_ids(dir.path()), (1..60).collect::<Vec<_>>());
+    }
+
+    /// Issue 9, full disk: a batch refused because the next segment cannot be made must not
+    /// be found stored in part after a restart. (The segment cannot be made here because a
+    /// folder holds its temporary name: open fails as it would on a full disk, as any user.)
+    #[test]
+    fn a_failed_move_to_a_new_segment_cuts_back_the_unsynced_records_of_the_batch() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut q = open(dir.path(), 1024);
+        q.append_submitted(1, 0, None, b"stored before").unwrap();
+        q.sync_now().unwrap();
+        std::fs::create_dir(dir.path().join("000002.log.tmp")).unwrap();
+        let mut first_of_batch = None;
+        let failed = (2..100)
+            .map(|id| q.append_submitted(id, 0, None, &[b'p'; 100]))
+            .inspect(|r| {
+                if let Ok(pos) = r {
+                    first_of_batch.get_or_insert(*pos);
+                }
+            })
+            .find_map(Result::err)
+            .expect("segment 2 is needed within 100 records of 1 KiB segments");
+        assert!(first_of_batch.is_some(), "part of the batch went in first");
+        assert_eq!(failed.after, q.synced(), "cut back to the last sync");
+        assert!(failed.error.detail.contains("000002.log.tmp"), "{failed:?}");
+        // Appends work again once the segment can be made.
+        std::fs::remove_dir(dir.path().join("000002.log.tmp")).unwrap();
+        q.append_submitted(200, 0, None, b"after").unwrap();
+        q.sync_now().unwrap();
+        drop(q);
+        assert_eq!(reopen_ids(dir.path()), [1, 200]);
     }
 
     #[test]

@@ -79,7 +79,11 @@
 //!   write), fsynced, renamed to `SEQ.log`, and the folder fsynced. A `.log` file therefore
 //!   always has a whole header; `.tmp` files left by a crash are removed at the next open.
 //! - [`Store::sync`] is fdatasync of the current segment. Before moving to a new segment the
-//!   store syncs the current one, so only the current segment ever holds unsynced bytes.
+//!   store syncs the current one, so only the current segment ever holds unsynced bytes. The
+//!   new segment is made before that sync, so that a full disk fails the move with nothing
+//!   synced: the caller may then cut back every record since the last sync. (A crash between
+//!   the two leaves an older segment with a torn tail before an empty one: reported, skipped,
+//!   and never appended to again.)
 //! - [`Store::compact`] syncs, writes every live job (its `submitted` record, then an `answered
 //!   dead` or an `attempt` record carrying its state) into a new segment numbered after all
 //!   the others, as above (write, fsync, rename, folder fsync), makes it the current segment,
@@ -935,9 +939,13 @@ impl Store {
         Ok(pos)
     }
 
-    /// Syncs the current segment and moves to a new, empty one.
+    /// Moves to a new, empty segment, syncing the current one first.
+    ///
+    /// The new segment is made (and its space reserved) before the current one is synced:
+    /// when the disk is full, the append that needed it fails with nothing more synced, so
+    /// the caller can still cut the log back to what was synced before (the earlier records
+    /// of a refused batch with it) instead of finding them stored after a restart.
     fn rotate(&mut self) -> Result<()> {
-        self.sync()?;
         let seq = self.cur.seq + 1;
         let (file, path, end) = create_segment(
             &self.dir,
@@ -946,6 +954,12 @@ impl Store {
             self.opts.segment_size,
             |_, _| Ok(HEADER_LEN),
         )?;
+        if let Err(e) = self.sync() {
+            // Unused: remove it (if that fails too, the next rotation replaces it; an empty
+            // segment left by a crash replays as nothing).
+            let _ = fs::remove_file(&path);
+            return Err(e);
+        }
         let old = std::mem::replace(
             &mut self.cur,
             Segment {

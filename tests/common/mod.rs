@@ -282,6 +282,12 @@ impl Watch {
 
 impl Sandbox {
     pub fn new() -> Sandbox {
+        Sandbox::with_budget(TEST_BUDGET)
+    }
+
+    /// A sandbox whose waits may take `budget` in all instead of [`TEST_BUDGET`]: for the few
+    /// long tests (a chaos run) that are bounded by their own size.
+    pub fn with_budget(budget: Duration) -> Sandbox {
         become_subreaper();
         let dir = tempfile::Builder::new()
             .prefix("plumule-test.")
@@ -291,7 +297,7 @@ impl Sandbox {
             dir,
             spawned: AtomicUsize::new(0),
             watches: Mutex::new(Vec::new()),
-            budget_end: Instant::now() + TEST_BUDGET,
+            budget_end: Instant::now() + budget,
             shared_binary: OnceLock::new(),
         }
     }
