@@ -392,3 +392,45 @@ fn a_torn_tail_is_reported_with_its_offset_and_every_intact_job_runs() {
     );
     stop_cleanly(&mut master);
 }
+
+// ---------------------------------------------------------------------------------------------
+// Dead letters across a restart
+
+/// `queue q --dead --json`: (payload, attempts, reason) of each dead letter.
+fn dead_letters(sb: &Sandbox, config: &Path) -> Vec<(String, u32, String)> {
+    let out = sb.cli_ok(config, &["queue", "q", "--dead", "--json"]);
+    let dead: plumule::protocol::DeadLetters =
+        serde_json::from_str(&out.stdout).expect("queue --dead --json");
+    dead.dead
+        .into_iter()
+        .map(|d| (d.payload, d.attempts, d.reason))
+        .collect()
+}
+
+/// A job that failed `max_attempts` times is a dead letter with that many attempts, and a
+/// restart replays it as it was: same attempts, same reason.
+#[test]
+fn a_dead_letter_keeps_its_attempts_across_a_restart() {
+    let sb = Sandbox::new();
+    let worker = sb.script(
+        "fail.sh",
+        "while read -r job; do echo \"fail no $job\"; done",
+    );
+    let config = sb.config(&format!(
+        "[program.w]\ncommand = {}\nqueue = \"q\"\n\n[queue.q]\nmax_attempts = 2\n\
+         retry_backoff = {{ initial = \"10ms\", max = \"10ms\" }}\n",
+        argv(&worker)
+    ));
+    let mut master = sb.start(&config);
+    wait_running(&sb, "w", 1);
+    let out = sb.cli(&config, &["submit", "q", "--wait", "x"]);
+    assert_exit_code(out.status, 1, &out.stderr);
+    let before = dead_letters(&sb, &config);
+    assert_eq!(before, [("x".to_string(), 2, "no x".to_string())]);
+
+    stop_cleanly(&mut master);
+    let mut master = sb.start(&config);
+    wait_running(&sb, "w", 1);
+    assert_eq!(dead_letters(&sb, &config), before, "after a restart");
+    stop_cleanly(&mut master);
+}
