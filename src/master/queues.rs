@@ -557,10 +557,10 @@ impl QueueRt {
                 }
                 JobEvent::Dead {
                     id,
+                    attempts,
                     reason,
                     watched,
                     took,
-                    ..
                 } => {
                     if let Some(t) = took {
                         self.counters.durations.observe(t.as_secs_f64());
@@ -570,9 +570,14 @@ impl QueueRt {
                         self.watch_done
                             .insert(*id, job_result(&name, *id, JobOutcome::Dead, reason));
                     }
-                    self.store
-                        .as_mut()
-                        .map(|s| s.append_answered(*id, store::Outcome::Dead(reason)))
+                    // The attempt that killed it is recorded first, so that the dead letter
+                    // keeps its count across a restart.
+                    self.store.as_mut().map(|s| {
+                        if *attempts > 0 {
+                            s.append_attempt(*id, *attempts, reason)?;
+                        }
+                        s.append_answered(*id, store::Outcome::Dead(reason))
+                    })
                 }
                 JobEvent::Attempt {
                     id,
