@@ -425,9 +425,8 @@ impl QueueRt {
                 match st.append_submitted(first + i as u64, 0, key, payload) {
                     Ok(pos) => last = Some(pos),
                     Err(failed) => {
-                        // This batch's records before the failure are lost with it, or
-                        // will be written without an acknowledgement: at worst a job
-                        // refused here runs after a restart, never the reverse.
+                        // The log was cut back to its last sync: this batch's earlier
+                        // records went with it, as did every unsynced batch (they fail).
                         let why = failed.error.detail.clone();
                         self.failed_after(&failed);
                         return Err(SubmitError::Store {
