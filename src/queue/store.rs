@@ -110,7 +110,7 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::fs::{self, File, OpenOptions};
-use std::io::{self, Read, Seek, SeekFrom};
+use std::io::{self, Read};
 use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 
@@ -645,21 +645,37 @@ fn scan_segment(path: &Path, mut each: impl FnMut(Record<'_>, u64)) -> Result<Sc
     // space or a torn or corrupt tail.
     let mut torn = None;
     if off < file_len {
-        reader
-            .seek(SeekFrom::Start(off))
-            .map_err(io_err("seek", path))?;
         let mut chunk = vec![0u8; 64 << 10];
         let mut at = off;
         let mut last_nonzero = None;
-        loop {
-            let n = reader.read(&mut chunk).map_err(io_err("read", path))?;
-            if n == 0 {
+        // Only the parts of the file that hold data need reading: where the file system can
+        // tell (SEEK_DATA), the reserved space of a fresh segment is skipped, not read.
+        // Positional reads: the SEEK_DATA and SEEK_HOLE probes move the file's offset.
+        let file = reader.get_ref();
+        'regions: loop {
+            match data_at(file, at) {
+                Some(next) if next >= file_len => break,
+                Some(next) if next > at => at = next,
+                _ => {}
+            }
+            let end = data_from(file, at, file_len);
+            let end = if end > at { end } else { file_len };
+            while at < end {
+                let want = chunk.len().min((end - at) as usize);
+                let n = file
+                    .read_at(&mut chunk[..want], at)
+                    .map_err(io_err("read", path))?;
+                if n == 0 {
+                    break 'regions;
+                }
+                if let Some(i) = chunk[..n].iter().rposition(|&b| b != 0) {
+                    last_nonzero = Some(at + i as u64);
+                }
+                at += n as u64;
+            }
+            if at >= file_len {
                 break;
             }
-            if let Some(i) = chunk[..n].iter().rposition(|&b| b != 0) {
-                last_nonzero = Some(at + i as u64);
-            }
-            at += n as u64;
         }
         if let Some(last) = last_nonzero {
             torn = Some((off, last + 1 - off));
@@ -671,6 +687,31 @@ fn scan_segment(path: &Path, mut each: impl FnMut(Record<'_>, u64)) -> Result<Sc
         file_len,
         torn,
     })
+}
+
+/// The first offset at or after `at` that holds data (SEEK_DATA), `None` when the file
+/// system cannot say; the end of the file when only a hole follows.
+fn data_at(file: &File, at: u64) -> Option<u64> {
+    use std::os::fd::AsRawFd;
+    let at = i64::try_from(at).ok()?;
+    match nix::unistd::lseek(file.as_raw_fd(), at, nix::unistd::Whence::SeekData) {
+        Ok(pos) => u64::try_from(pos).ok(),
+        Err(nix::errno::Errno::ENXIO) => Some(u64::MAX),
+        Err(_) => None,
+    }
+}
+
+/// Where the data that `at` is in ends (SEEK_HOLE), capped at `len`; `len` when the file
+/// system cannot say.
+fn data_from(file: &File, at: u64, len: u64) -> u64 {
+    use std::os::fd::AsRawFd;
+    let Ok(pos) = i64::try_from(at) else {
+        return len;
+    };
+    match nix::unistd::lseek(file.as_raw_fd(), pos, nix::unistd::Whence::SeekHole) {
+        Ok(end) => u64::try_from(end).map_or(len, |e| e.min(len)),
+        Err(_) => len,
+    }
 }
 
 /// Makes segment `seq` in `dir` with `content` after its header, reserving `reserve_len`
