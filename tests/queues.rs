@@ -41,6 +41,15 @@ with open(os.path.join(d, "starts"), "a") as f:
             os.environ["PLUMULE_WORKERS"], os.getpid(),
             os.environ.get("PLUMULE_QUEUE_PROTOCOL", "-")))
 inp, out = sys.stdin.buffer, sys.stdout.buffer
+if "NOTIFY_SOCKET" in os.environ:
+    # ready = "notify": a frames worker waits for the file `go` before it says READY=1.
+    while frames and not os.path.exists(os.path.join(d, "go")):
+        time.sleep(0.01)
+    import socket
+    addr = os.environ["NOTIFY_SOCKET"]
+    if addr.startswith("@"):
+        addr = "\0" + addr[1:]
+    socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM).sendto(b"READY=1", addr)
 
 def log(name, text):
     with open(os.path.join(d, name), "a") as f:
@@ -133,6 +142,9 @@ elif mode == "deaf":
         time.sleep(1000)
 "#;
 
+/// With `ready = "notify"`, a worker speaking `frames` says READY=1 only once the file `go`
+/// exists.
+///
 /// Fast restarts: the tests wait for restarts, they do not study backoff.
 const FAST: &str = r#"backoff = { initial = "10ms", max = "10ms", jitter = 0.0 }"#;
 
@@ -282,8 +294,8 @@ impl Control {
         loop {
             let mut answer = String::new();
             self.reader.read_line(&mut answer).expect("an answer");
-            let v: serde_json::Value = serde_json::from_str(&answer)
-                .unwrap_or_else(|e| panic!("answer {answer:?}: {e}"));
+            let v: serde_json::Value =
+                serde_json::from_str(&answer).unwrap_or_else(|e| panic!("answer {answer:?}: {e}"));
             if v.get("ok") == Some(&serde_json::Value::Bool(true)) && v.get("result").is_some() {
                 return v["result"].clone();
             }
@@ -330,7 +342,13 @@ fn frames_carry_binary_payloads_and_results_byte_for_byte() {
     let _master = sb.start(&config);
     wait_running(&sb, "bin", 2);
     // One job per line of stdin: NUL, invalid UTF-8, a carriage return, spaces.
-    let jobs: Vec<&[u8]> = vec![b"\xff\x00\x01", b"caf\xc3\xa9 \t\r", b"", b"drop \x80", b"z"];
+    let jobs: Vec<&[u8]> = vec![
+        b"\xff\x00\x01",
+        b"caf\xc3\xa9 \t\r",
+        b"",
+        b"drop \x80",
+        b"z",
+    ];
     let mut input = Vec::new();
     for j in &jobs {
         input.extend_from_slice(j);
@@ -385,14 +403,20 @@ fn fail_retries_with_backoff_then_dead_letters_and_requeue_runs_it_again() {
         let want = 0.3 * 2f64.powi(k as i32 - 1) * 0.9;
         let gap = times[k] - times[k - 1];
         println!("retry {k}: {gap:.3}s after the previous attempt (at least {want:.3}s)");
-        assert!(gap >= want, "retry {k} came {gap:.3}s after, want ≥ {want:.3}s");
+        assert!(
+            gap >= want,
+            "retry {k} came {gap:.3}s after, want ≥ {want:.3}s"
+        );
         assert!(gap < want * 10.0, "retry {k} came {gap:.3}s after");
     }
 
     let dead = dead_letters(&sb, &config, "flaky");
     assert_eq!(dead.dead.len(), 1, "{dead:?}");
     let d = &dead.dead[0];
-    assert_eq!((d.attempts, d.reason.as_str(), d.payload.as_str()), (3, "boom", "j1"));
+    assert_eq!(
+        (d.attempts, d.reason.as_str(), d.payload.as_str()),
+        (3, "boom", "j1")
+    );
     let text = sb.cli_ok(&config, &["queue", "flaky", "--dead"]).stdout;
     assert!(text.contains("boom") && text.contains("j1"), "{text}");
     let c = counts(&sb, &config, "flaky");
@@ -429,7 +453,10 @@ fn a_garbage_answer_kills_the_worker_and_its_job_is_redelivered() {
 #[test]
 fn an_extra_answer_is_a_protocol_error() {
     let sb = Sandbox::new();
-    let config = sb.config(&format!("{}[queue.q]\n", program(&sb, "p", "q", "extra", "")));
+    let config = sb.config(&format!(
+        "{}[queue.q]\n",
+        program(&sb, "p", "q", "extra", "")
+    ));
     let master = sb.start(&config);
     let before = wait_running(&sb, "p", 1)[&0];
     let out = sb.cli(&config, &["submit", "q", "--wait", "x"]);
@@ -455,7 +482,14 @@ fn a_worker_killed_mid_job_has_the_job_redelivered() {
     ));
     let _master = sb.start(&config);
     wait_running(&sb, "p", 2);
-    let mut waiter = sb.spawn_plumule(&["submit", "q", "--wait", "job", "-c", &config.display().to_string()]);
+    let mut waiter = sb.spawn_plumule(&[
+        "submit",
+        "q",
+        "--wait",
+        "job",
+        "-c",
+        &config.display().to_string(),
+    ]);
     let pid: i32 = sb.wait_line("blocked", DEADLINE).parse().unwrap();
     let busy = socket_status(&sb)
         .workers()
@@ -472,8 +506,15 @@ fn a_worker_killed_mid_job_has_the_job_redelivered() {
         .strip_prefix("ok by-")
         .and_then(|r| r.split_once('-'))
         .unwrap_or_else(|| panic!("{result:?}"));
-    assert_ne!(by.parse::<i32>().unwrap(), pid, "answered by another process");
-    println!("killed p.{} (pid {pid}); the job was answered by p.{id} (pid {by})", busy.0);
+    assert_ne!(
+        by.parse::<i32>().unwrap(),
+        pid,
+        "answered by another process"
+    );
+    println!(
+        "killed p.{} (pid {pid}); the job was answered by p.{id} (pid {by})",
+        busy.0
+    );
     let c = counts(&sb, &config, "q");
     assert_eq!((c.done, c.retried, c.dead, c.pending), (1, 1, 0, 0));
 }
@@ -522,7 +563,10 @@ fn key_routing_sticks_moves_few_keys_on_scale_up_and_avoids_a_stopped_worker() {
     let keys: Vec<String> = (0..200).map(|i| format!("key-{i}")).collect();
     let first = route_keys(&sb, "k", &keys);
     let again = route_keys(&sb, "k", &keys);
-    assert_eq!(first, again, "same key, same worker while workers are stable");
+    assert_eq!(
+        first, again,
+        "same key, same worker while workers are stable"
+    );
     let mut per: BTreeMap<&str, usize> = BTreeMap::new();
     for w in first.values() {
         *per.entry(w).or_default() += 1;
@@ -534,7 +578,11 @@ fn key_routing_sticks_moves_few_keys_on_scale_up_and_avoids_a_stopped_worker() {
     wait_running(&sb, "p", 5);
     let scaled = route_keys(&sb, "k", &keys);
     let moved: Vec<&String> = keys.iter().filter(|k| first[*k] != scaled[*k]).collect();
-    println!("scaling 4 -> 5 moved {} of {} keys", moved.len(), keys.len());
+    println!(
+        "scaling 4 -> 5 moved {} of {} keys",
+        moved.len(),
+        keys.len()
+    );
     assert!(moved.len() < keys.len() / 2, "{} keys moved", moved.len());
     assert!(!moved.is_empty(), "the new worker gets keys");
     for k in &moved {
@@ -606,7 +654,9 @@ fn stopping_a_queue_worker_closes_its_stdin_and_loses_no_job() {
     assert_exit_code(status, 0, &waiter.stderr_text());
     assert_eq!(waiter.stdout_text(), "ok held-1\nok held-2\nok held-3\n");
     assert_eq!(lines_of(&sb, "eof"), ["eof"]);
-    sb.wait("p.0 stopped", DEADLINE, || worker_of(&sb, "p", 0).state == "stopped");
+    sb.wait("p.0 stopped", DEADLINE, || {
+        worker_of(&sb, "p", 0).state == "stopped"
+    });
     let w = worker_of(&sb, "p", 0);
     assert_eq!(
         serde_json::to_string(&w.last_exit).unwrap(),
@@ -614,7 +664,10 @@ fn stopping_a_queue_worker_closes_its_stdin_and_loses_no_job() {
         "it exited by itself"
     );
     let c = counts(&sb, &config, "q");
-    assert_eq!((c.done, c.pending, c.in_flight, c.dead, c.retried), (3, 0, 0, 0, 0));
+    assert_eq!(
+        (c.done, c.pending, c.in_flight, c.dead, c.retried),
+        (3, 0, 0, 0, 0)
+    );
 }
 
 #[test]
@@ -641,7 +694,9 @@ fn a_queue_worker_that_ignores_eof_gets_its_stop_signal_after_stop_timeout() {
         .unwrap();
     println!("TERM came {:.3}s after EOF", term - eof);
     assert!(term - eof >= 0.6, "TERM {:.3}s after EOF", term - eof);
-    sb.wait("p.0 stopped", DEADLINE, || worker_of(&sb, "p", 0).state == "stopped");
+    sb.wait("p.0 stopped", DEADLINE, || {
+        worker_of(&sb, "p", 0).state == "stopped"
+    });
     // Nothing lost: the two it held and the one never sent are pending again.
     let c = wait_counts(&sb, &config, "q", "3 pending", |c| c.pending == 3);
     assert_eq!((c.in_flight, c.dead, c.done), (0, 0, 0));
@@ -692,7 +747,9 @@ fn a_lines_payload_with_a_newline_is_refused_before_anything_is_stored() {
 
     let out = sb.cli_ok(&config, &["check"]);
     assert!(
-        out.stdout.lines().any(|l| l.contains('q') && l.to_lowercase().contains("lines")),
+        out.stdout
+            .lines()
+            .any(|l| l.contains('q') && l.to_lowercase().contains("lines")),
         "{}",
         out.stdout
     );
@@ -737,4 +794,37 @@ fn reload_refuses_to_remove_a_durable_queue_with_jobs_and_a_protocol_change_roll
     assert_exit_code(out.status, 0, &out.stderr);
     assert_eq!(out.stdout, "ok R:cba\n");
     drop(master);
+}
+
+#[test]
+fn during_a_protocol_roll_workers_not_yet_rolled_get_jobs_in_their_own_protocol() {
+    let sb = Sandbox::new();
+    let body = |protocol: &str| {
+        format!(
+            "{}[queue.q]\nprotocol = \"{protocol}\"\n",
+            program(&sb, "p", "q", "echo", "workers = 2\nready = \"notify\"")
+        )
+    };
+    let config = sb.config(&body("lines"));
+    let _master = sb.start(&config);
+    wait_running(&sb, "p", 2);
+    sb.config(&body("frames"));
+    // `reload` answers once the roll is over: it runs meanwhile.
+    let mut reload = sb.spawn_plumule(&["reload", "-c", &config.display().to_string()]);
+    // The first successor speaks frames and is held before READY=1: one old worker, still
+    // speaking lines, takes the jobs meanwhile.
+    let starts = wait_lines(&sb, "starts", 3);
+    assert!(starts[2].ends_with(" frames"), "{starts:?}");
+    let out = sb.cli(&config, &["submit", "q", "--wait", "abc", "de"]);
+    assert_exit_code(out.status, 0, &out.stderr);
+    assert_eq!(out.stdout, "ok R:cba\nok R:ed\n");
+    fs::write(sb.path("go"), "").unwrap();
+    let status = reload.wait_exit(DEADLINE);
+    assert_exit_code(status, 0, &reload.stderr_text());
+    let starts = wait_lines(&sb, "starts", 4);
+    assert!(starts[3].ends_with(" frames"), "{starts:?}");
+    wait_running(&sb, "p", 2);
+    let out = sb.cli(&config, &["submit", "q", "--wait", "xyz"]);
+    assert_exit_code(out.status, 0, &out.stderr);
+    assert_eq!(out.stdout, "ok R:zyx\n");
 }

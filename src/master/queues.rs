@@ -35,13 +35,13 @@ use crate::backoff::Jitter;
 use crate::config::{Queue, QueueProtocol};
 use crate::plan::WorkerKey;
 use crate::protocol::{JobOutcome, JobResult};
-use crate::queue::state::{ConsumerId, DeadJob, Job, JobEvent, QueueState, Settings};
 use crate::queue::durable::{Durable, Failed, OnReply};
+use crate::queue::state::{ConsumerId, DeadJob, Job, JobEvent, QueueState, Settings};
 use crate::queue::store::{self, JobState, Pos, Store};
-use crate::sys::syncer::Syncer;
 use crate::queue::wire::{encode_job, AnswerDecoder};
 use crate::slot::{Exit, SlotState};
 use crate::sys;
+use crate::sys::syncer::Syncer;
 
 /// Which descriptor of a consumer a `Part::Queues` token names.
 const TOKEN_STDIN: u64 = 0;
@@ -108,6 +108,11 @@ struct Conn {
     queue: String,
     key: WorkerKey,
     tag: Arc<str>,
+    /// The wire this worker was started with: a reload that changes the queue's protocol
+    /// or `max_frame` rolls the consumers one at a time, and those not yet rolled keep
+    /// speaking the old one until they are.
+    protocol: QueueProtocol,
+    max_frame: u64,
     stdin: Option<OwnedFd>,
     stdout: Option<OwnedFd>,
     /// Encoded jobs not yet written; `out[..sent]` is written already.
@@ -693,6 +698,8 @@ impl Supervisor {
                 queue: queue.to_string(),
                 key,
                 tag,
+                protocol,
+                max_frame,
                 stdin: Some(pipes.stdin),
                 stdout: Some(pipes.stdout),
                 out: Vec::new(),
@@ -1047,12 +1054,12 @@ impl Supervisor {
         let conns = &mut self.queues.conns;
         let mut touched: Vec<Pid> = Vec::new();
         for q in &mut self.queues.queues {
-            let (protocol, max) = (q.config.protocol, q.config.max_frame);
             q.state.dispatch(now, |c, job| {
                 let pid = Pid::from_raw(c.0 as i32);
                 let Some(conn) = conns.get_mut(&pid) else {
                     return;
                 };
+                let (protocol, max) = (conn.protocol, conn.max_frame);
                 let start = conn.base + conn.out.len() as u64;
                 if encode_job(protocol, &job.payload, max, &mut conn.out).is_err() {
                     // Checked at submit; a reload may have lowered max_frame since. An empty
