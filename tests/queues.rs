@@ -42,8 +42,8 @@ with open(os.path.join(d, "starts"), "a") as f:
             os.environ.get("PLUMULE_QUEUE_PROTOCOL", "-")))
 inp, out = sys.stdin.buffer, sys.stdout.buffer
 if "NOTIFY_SOCKET" in os.environ:
-    # ready = "notify": a frames worker waits for the file `go` before it says READY=1.
-    while frames and not os.path.exists(os.path.join(d, "go")):
+    # A frames worker waits for the file `go` before it says READY=1 while `hold` exists.
+    while frames and os.path.exists(os.path.join(d, "hold")) and not os.path.exists(os.path.join(d, "go")):
         time.sleep(0.01)
     import socket
     addr = os.environ["NOTIFY_SOCKET"]
@@ -142,8 +142,8 @@ elif mode == "deaf":
         time.sleep(1000)
 "#;
 
-/// With `ready = "notify"`, a worker speaking `frames` says READY=1 only once the file `go`
-/// exists.
+/// With `ready = "notify"`, while the file `hold` exists, a worker speaking `frames` says
+/// READY=1 only once the file `go` exists.
 ///
 /// Fast restarts: the tests wait for restarts, they do not study backoff.
 const FAST: &str = r#"backoff = { initial = "10ms", max = "10ms", jitter = 0.0 }"#;
@@ -806,6 +806,7 @@ fn during_a_protocol_roll_workers_not_yet_rolled_get_jobs_in_their_own_protocol(
         )
     };
     let config = sb.config(&body("lines"));
+    fs::write(sb.path("hold"), "").unwrap();
     let _master = sb.start(&config);
     wait_running(&sb, "p", 2);
     sb.config(&body("frames"));
@@ -827,4 +828,54 @@ fn during_a_protocol_roll_workers_not_yet_rolled_get_jobs_in_their_own_protocol(
     let out = sb.cli(&config, &["submit", "q", "--wait", "xyz"]);
     assert_exit_code(out.status, 0, &out.stderr);
     assert_eq!(out.stdout, "ok R:zyx\n");
+}
+
+#[test]
+fn a_queue_made_durable_by_a_reload_keeps_its_jobs_across_a_sigkill() {
+    let sb = Sandbox::new();
+    let body = |durable: bool| {
+        format!(
+            "{}[queue.q]\ndurable = {durable}\n",
+            program(&sb, "p", "q", "log", "workers = 0")
+        )
+    };
+    let config = sb.config(&body(false));
+    let mut master = sb.start(&config);
+    sb.wait("the master answers", DEADLINE, || try_status(&sb).is_some());
+    sb.config(&body(true));
+    sb.cli_ok(&config, &["reload"]);
+    sb.cli_ok(&config, &["submit", "q", "a", "b"]);
+    master.stop_with(SIGKILL, DEADLINE);
+
+    let _master = sb.start(&config);
+    sb.wait("the master answers", DEADLINE, || try_status(&sb).is_some());
+    assert_eq!(
+        counts(&sb, &config, "q").pending,
+        2,
+        "submitted after the reload"
+    );
+}
+
+#[test]
+fn a_queue_made_volatile_by_a_reload_stops_writing_its_log() {
+    let sb = Sandbox::new();
+    let body = |durable: bool| {
+        format!(
+            "{}[queue.q]\ndurable = {durable}\n",
+            program(&sb, "p", "q", "log", "workers = 0")
+        )
+    };
+    let config = sb.config(&body(true));
+    let mut master = sb.start(&config);
+    sb.wait("the master answers", DEADLINE, || try_status(&sb).is_some());
+    sb.config(&body(false));
+    sb.cli_ok(&config, &["reload"]);
+    sb.cli_ok(&config, &["submit", "q", "a", "b"]);
+    master.stop_with(SIGKILL, DEADLINE);
+
+    // Back to durable: what was submitted while it was in memory is gone with the master.
+    sb.config(&body(true));
+    let _master = sb.start(&config);
+    sb.wait("the master answers", DEADLINE, || try_status(&sb).is_some());
+    assert_eq!(counts(&sb, &config, "q").pending, 0);
 }
