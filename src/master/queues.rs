@@ -256,6 +256,23 @@ impl Queues {
             match self.queues.iter().position(|r| r.config.name == q.name) {
                 Some(i) => {
                     let mut rt = self.queues.swap_remove(i);
+                    if rt.config.durable != q.durable {
+                        // `check_reload` let it through: the queue holds no job.
+                        match rt.set_durable(q, &config.state_dir) {
+                            Ok(()) => changes.push(format!(
+                                "queue {}: {}",
+                                q.name,
+                                if q.durable {
+                                    "durable now"
+                                } else {
+                                    "in memory now"
+                                }
+                            )),
+                            Err(e) => {
+                                log::error!("queue {}: cannot open its log: {e}", q.name);
+                            }
+                        }
+                    }
                     if *rt.config != *q {
                         rt.state.set_settings(Settings::from(q));
                         rt.config = Arc::new(q.clone());
@@ -314,47 +331,9 @@ impl QueueRt {
         let mut state = QueueState::new(Settings::from(q));
         let mut store_opt = None;
         if q.durable {
-            let dir = state_dir.join("queues").join(&q.name);
-            let (st, recovered) = Store::open(&dir, store::Options::default())?;
-            for w in &recovered.warnings {
-                log::warn!("queue {}: {w}", q.name);
-            }
-            let mut pending = Vec::new();
-            let mut dead = Vec::new();
-            for j in recovered.jobs {
-                match j.state {
-                    JobState::Pending { last_reason } => pending.push(Job {
-                        id: j.id,
-                        key: j.key,
-                        payload: j.payload,
-                        attempts: j.attempts,
-                        last_reason,
-                        watched: false,
-                    }),
-                    JobState::Dead { reason } => dead.push(DeadJob {
-                        job: Job {
-                            id: j.id,
-                            key: j.key,
-                            payload: j.payload,
-                            attempts: j.attempts,
-                            last_reason: Some(reason.clone()),
-                            watched: false,
-                        },
-                        reason,
-                    }),
-                }
-            }
-            if !pending.is_empty() || !dead.is_empty() {
-                log::info!(
-                    "queue {}: recovered {} pending and {} dead job(s) from {}",
-                    q.name,
-                    pending.len(),
-                    dead.len(),
-                    dir.display()
-                );
-            }
-            state.restore(pending, dead, recovered.next_id.max(1));
-            store_opt = Some(Durable::new(&q.name, st));
+            let (durable, pending, dead, next_id) = open_log(q, state_dir)?;
+            state.restore(pending, dead, next_id);
+            store_opt = Some(durable);
         }
         let stored_below = state.next_id();
         Ok(QueueRt {
@@ -368,6 +347,25 @@ impl QueueRt {
             watch_done: HashMap::new(),
             counters: QueueCounters::default(),
         })
+    }
+
+    /// A reload changed `durable` while the queue holds no job: its log is opened (taking
+    /// back whatever it kept from an earlier durable life, as a restart would), or synced
+    /// and let go. The consumers stay.
+    fn set_durable(&mut self, q: &Queue, state_dir: &std::path::Path) -> Result<(), store::Error> {
+        if q.durable {
+            let (durable, pending, dead, next_id) = open_log(q, state_dir)?;
+            self.state.restore(pending, dead, next_id);
+            self.store = Some(durable);
+        } else if let Some(mut st) = self.store.take() {
+            if let Err(f) = st.sync_now() {
+                log::error!("{}", f.error);
+            }
+        }
+        self.unsynced.clear();
+        self.stored_below = self.state.next_id();
+        self.state.set_deliverable_below(u64::MAX);
+        Ok(())
     }
 
     /// Enqueues a batch; for a durable queue, appends its records (synced at the end of the
@@ -628,6 +626,59 @@ impl QueueRt {
             self.watch_done.remove(&id);
         }
     }
+}
+
+/// Opens the durable log of `q` under `state_dir/queues/NAME/`: the log, and what it held
+/// (pending jobs, dead letters, the next id).
+fn open_log(
+    q: &Queue,
+    state_dir: &std::path::Path,
+) -> Result<(Durable, Vec<Job>, Vec<DeadJob>, u64), store::Error> {
+    let dir = state_dir.join("queues").join(&q.name);
+    let (st, recovered) = Store::open(&dir, store::Options::default())?;
+    for w in &recovered.warnings {
+        log::warn!("queue {}: {w}", q.name);
+    }
+    let mut pending = Vec::new();
+    let mut dead = Vec::new();
+    for j in recovered.jobs {
+        match j.state {
+            JobState::Pending { last_reason } => pending.push(Job {
+                id: j.id,
+                key: j.key,
+                payload: j.payload,
+                attempts: j.attempts,
+                last_reason,
+                watched: false,
+            }),
+            JobState::Dead { reason } => dead.push(DeadJob {
+                job: Job {
+                    id: j.id,
+                    key: j.key,
+                    payload: j.payload,
+                    attempts: j.attempts,
+                    last_reason: Some(reason.clone()),
+                    watched: false,
+                },
+                reason,
+            }),
+        }
+    }
+    if !pending.is_empty() || !dead.is_empty() {
+        log::info!(
+            "queue {}: recovered {} pending and {} dead job(s) from {}",
+            q.name,
+            pending.len(),
+            dead.len(),
+            dir.display()
+        );
+    }
+    Ok((
+        Durable::new(&q.name, st),
+        pending,
+        dead,
+        recovered.next_id.max(1),
+    ))
 }
 
 fn job_result(queue: &str, id: u64, outcome: JobOutcome, text: &[u8]) -> JobResult {
