@@ -879,3 +879,41 @@ fn a_queue_made_volatile_by_a_reload_stops_writing_its_log() {
     sb.wait("the master answers", DEADLINE, || try_status(&sb).is_some());
     assert_eq!(counts(&sb, &config, "q").pending, 0);
 }
+
+#[test]
+fn a_job_timeout_at_a_retiring_process_stops_that_process_not_its_successor() {
+    let sb = Sandbox::new();
+    let body = |gen: u32| {
+        format!(
+            "{}[queue.q]\njob_timeout = \"1s\"\n",
+            program(
+                &sb,
+                "p",
+                "q",
+                "block",
+                &format!("stop_timeout = \"5s\"\nenv = {{ GEN = \"{gen}\" }}")
+            )
+        )
+    };
+    let config = sb.config(&body(1));
+    let _master = sb.start(&config);
+    wait_running(&sb, "p", 1);
+    let c = config.display().to_string();
+    let mut waiter = sb.spawn_plumule(&["submit", "q", "--wait", "job", "-c", &c]);
+    let old: i32 = sb.wait_line("blocked", DEADLINE).parse().unwrap();
+    // A rolling restart: the successor comes up, the old process (stuck on its job) retires
+    // with stop_timeout (5 s) to finish; its job times out first.
+    sb.config(&body(2));
+    let mut reload = sb.spawn_plumule(&["reload", "-c", &c]);
+    let status = waiter.wait_exit(DEADLINE);
+    assert_exit_code(status, 0, &waiter.stderr_text());
+    let starts = lines_of(&sb, "starts");
+    assert_eq!(starts.len(), 2, "one successor, never stopped: {starts:?}");
+    let successor = starts[1].split(' ').nth(3).unwrap();
+    assert_eq!(waiter.stdout_text(), format!("ok by-0-{successor}\n"));
+    assert!(!pid_alive(old), "the stuck process was stopped");
+    let status = reload.wait_exit(DEADLINE);
+    assert_exit_code(status, 0, &reload.stderr_text());
+    let c = counts(&sb, &config, "q");
+    assert_eq!((c.done, c.retried, c.dead), (1, 1, 0));
+}

@@ -1133,7 +1133,9 @@ impl Supervisor {
     }
 
     /// A job overstayed `job_timeout` at the worker `pid`: stop the worker (stop_signal,
-    /// then SIGKILL after stop_timeout); its jobs come back when it has exited.
+    /// then SIGKILL after stop_timeout); its jobs come back when it has exited. A process
+    /// that is no longer its slot's current one (the old process of a rolling restart) is
+    /// only signalled: its slot already has it retiring, with its SIGKILL due.
     fn job_timeout(&mut self, pid: Pid, now: Instant) {
         let Some(conn) = self.queues.conns.get(&pid) else {
             return;
@@ -1153,8 +1155,19 @@ impl Supervisor {
                 crate::format_duration(limit)
             ),
         );
-        if let Some(p) = self.pool_index(key.pool) {
+        let Some(p) = self.pool_index(key.pool) else {
+            return;
+        };
+        let current = self.pools[p]
+            .slots
+            .get(key.id as usize)
+            .and_then(|s| s.pid());
+        if current == Some(pid) {
             self.stop_now(p, key.id, crate::slot::AfterStop::Restart, now);
+        } else if let Some(signal) = self.procs.get(&pid).map(|proc| proc.stop_signal) {
+            if let Err(e) = sys::process::signal_group(pid, signal) {
+                log::warn!("{tag}: cannot signal process group {pid}: {e}");
+            }
         }
     }
 
