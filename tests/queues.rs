@@ -917,3 +917,113 @@ fn a_job_timeout_at_a_retiring_process_stops_that_process_not_its_successor() {
     let c = counts(&sb, &config, "q");
     assert_eq!((c.done, c.retried, c.dead), (1, 1, 0));
 }
+
+/// `GET /metrics` from the Unix socket `path`: the samples, `name{labels}` → value, and the
+/// whole body.
+fn scrape(path: &Path) -> (BTreeMap<String, f64>, String) {
+    use std::io::Read;
+    let mut s = UnixStream::connect(path).expect("connect to the metrics socket");
+    s.set_read_timeout(Some(DEADLINE)).unwrap();
+    s.write_all(b"GET /metrics HTTP/1.1\r\nHost: plumule\r\n\r\n")
+        .unwrap();
+    let mut answer = String::new();
+    s.read_to_string(&mut answer).expect("the answer");
+    let (head, body) = answer.split_once("\r\n\r\n").expect("an HTTP answer");
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+    let samples = body
+        .lines()
+        .filter(|l| !l.starts_with('#') && !l.is_empty())
+        .map(|l| {
+            let (series, value) = l.rsplit_once(' ').expect("a sample line");
+            (series.to_string(), value.parse().expect("a value"))
+        })
+        .collect();
+    (samples, body.to_string())
+}
+
+#[test]
+fn queue_metrics_count_jobs_and_outcomes_and_pass_promtool() {
+    let sb = Sandbox::new();
+    let socket = sb.path("metrics.sock");
+    let text = format!(
+        "{}\nmetrics = \"unix:{}\"\n\n{}[queue.flaky]\nmax_attempts = 2\n\
+         retry_backoff = {{ initial = \"10ms\", jitter = 0.0 }}\n\n{}[queue.idle]\n",
+        sb.header().trim_end(),
+        socket.display(),
+        program(&sb, "flaky", "flaky", "fail", ""),
+        program(&sb, "idle", "idle", "log", "workers = 0"),
+    );
+    let config = sb.write_file("plumule.toml", &text, 0o644);
+    let _master = sb.start(&config);
+    wait_running(&sb, "flaky", 1);
+    sb.cli_ok(&config, &["submit", "idle", "x", "y"]);
+    let out = sb.cli(&config, &["submit", "flaky", "--wait", "j"]);
+    assert_exit_code(out.status, 1, &out.stderr);
+    fs::write(sb.path("heal"), "").unwrap();
+    let out = sb.cli(&config, &["submit", "flaky", "--wait", "k"]);
+    assert_exit_code(out.status, 0, &out.stderr);
+
+    let (samples, body) = scrape(&socket);
+    let get = |series: &str| {
+        *samples
+            .get(series)
+            .unwrap_or_else(|| panic!("no {series} in:\n{body}"))
+    };
+    assert_eq!(
+        get(r#"plumule_queue_jobs{queue="idle",state="pending"}"#),
+        2.0
+    );
+    assert_eq!(
+        get(r#"plumule_queue_jobs{queue="flaky",state="dead"}"#),
+        1.0
+    );
+    assert_eq!(
+        get(r#"plumule_queue_jobs{queue="flaky",state="pending"}"#),
+        0.0
+    );
+    assert_eq!(
+        get(r#"plumule_queue_jobs{queue="flaky",state="in_flight"}"#),
+        0.0
+    );
+    assert_eq!(
+        get(r#"plumule_jobs_total{queue="flaky",outcome="ok"}"#),
+        1.0
+    );
+    assert_eq!(
+        get(r#"plumule_jobs_total{queue="flaky",outcome="retried"}"#),
+        1.0
+    );
+    assert_eq!(
+        get(r#"plumule_jobs_total{queue="flaky",outcome="drop"}"#),
+        1.0
+    );
+    // Two `fail` answers: one retried, the last one dead-lettered.
+    assert_eq!(
+        get(r#"plumule_jobs_total{queue="flaky",outcome="fail"}"#),
+        2.0
+    );
+    assert_eq!(
+        get(r#"plumule_job_duration_seconds_count{queue="flaky"}"#),
+        3.0
+    );
+    if let Some(promtool) = needed_program("promtool", "prometheus") {
+        let mut child = std::process::Command::new(promtool)
+            .args(["check", "metrics"])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("run promtool");
+        child
+            .stdin
+            .take()
+            .unwrap()
+            .write_all(body.as_bytes())
+            .unwrap();
+        let out = child.wait_with_output().unwrap();
+        assert!(
+            out.status.success() && out.stdout.is_empty() && out.stderr.is_empty(),
+            "promtool: {out:?}"
+        );
+    }
+}

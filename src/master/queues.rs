@@ -553,10 +553,14 @@ impl QueueRt {
                     reason,
                     watched,
                     took,
+                    failed,
                     ..
                 } => {
                     if let Some(t) = took {
                         self.counters.durations.observe(t.as_secs_f64());
+                    }
+                    if *failed {
+                        self.counters.fail += 1;
                     }
                     self.counters.dropped += 1;
                     if *watched && self.watch_open.remove(id) {

@@ -78,6 +78,8 @@ pub enum JobEvent {
         reason: Vec<u8>,
         watched: bool,
         took: Option<Duration>,
+        /// The worker answered `fail` to the last attempt (not `drop`, nor a redelivery).
+        failed: bool,
     },
     /// An attempt failed and the job goes back for another (after `retry_backoff` for a
     /// `fail`, at once for a redelivery).
@@ -529,11 +531,11 @@ impl QueueState {
                     took: took.unwrap_or_default(),
                 });
             }
-            Outcome::Drop => self.kill(job, answer.text, took),
+            Outcome::Drop => self.kill(job, answer.text, took, false),
             Outcome::Fail => {
                 job.attempts = job.attempts.saturating_add(1);
                 if job.attempts >= self.settings.max_attempts {
-                    self.kill(job, answer.text, took);
+                    self.kill(job, answer.text, took, true);
                 } else {
                     let delay =
                         crate::backoff::delay(&self.settings.retry_backoff, job.attempts, jitter);
@@ -553,13 +555,14 @@ impl QueueState {
         Ok(())
     }
 
-    fn kill(&mut self, mut job: Job, reason: Vec<u8>, took: Option<Duration>) {
+    fn kill(&mut self, mut job: Job, reason: Vec<u8>, took: Option<Duration>, failed: bool) {
         self.events.push(JobEvent::Dead {
             id: job.id,
             attempts: job.attempts,
             reason: reason.clone(),
             watched: job.watched,
             took,
+            failed,
         });
         job.last_reason = Some(reason.clone());
         self.dead.insert(job.id, DeadJob { job, reason });
@@ -610,7 +613,7 @@ impl QueueState {
             job.attempts = job.attempts.saturating_add(1);
             let took = None;
             if job.attempts >= self.settings.max_attempts {
-                self.kill(job, why, took);
+                self.kill(job, why, took, false);
             } else {
                 self.events.push(JobEvent::Attempt {
                     id: job.id,
@@ -892,7 +895,19 @@ mod tests {
             assert_eq!(q.wake(now), 1);
         }
         dispatch(&mut q, now);
+        q.events().for_each(drop);
         q.answer(c, fail("boom"), now, 0.0).unwrap();
+        assert!(
+            matches!(
+                q.events().collect::<Vec<_>>()[..],
+                [JobEvent::Dead {
+                    attempts: 3,
+                    failed: true,
+                    ..
+                }]
+            ),
+            "the last fail is told apart from a drop"
+        );
         assert_eq!(q.counts().dead, 1);
         assert_eq!(q.counts().retried, 2);
         assert_eq!(q.held(), 0);
@@ -925,6 +940,7 @@ mod tests {
                 id: 1,
                 attempts: 0,
                 watched: true,
+                failed: false,
                 ..
             }]
         ));
