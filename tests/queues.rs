@@ -1027,3 +1027,32 @@ fn queue_metrics_count_jobs_and_outcomes_and_pass_promtool() {
         );
     }
 }
+
+#[test]
+fn a_job_timeout_while_a_worker_drains_sends_its_stop_signal_then() {
+    let sb = Sandbox::new();
+    let config = sb.config(&format!(
+        "{}[queue.q]\njob_timeout = \"1s\"\n",
+        program(&sb, "p", "q", "block", "stop_timeout = \"8s\"")
+    ));
+    let _master = sb.start(&config);
+    wait_running(&sb, "p", 1);
+    sb.cli_ok(&config, &["submit", "q", "job"]);
+    let pid: i32 = sb.wait_line("blocked", DEADLINE).parse().unwrap();
+    let asked = std::time::Instant::now();
+    sb.cli_ok(&config, &["stop", "p"]);
+    sb.wait("the stuck worker is gone", DEADLINE, || !pid_alive(pid));
+    let took = asked.elapsed();
+    println!("stopped {took:?} after `stop` (job_timeout 1s, stop_timeout 8s)");
+    assert!(
+        took < std::time::Duration::from_secs(6),
+        "its job timed out, yet it waited for stop_timeout: {took:?}"
+    );
+    let w = worker_of(&sb, "p", 0);
+    assert_eq!(w.state, "stopped");
+    let exit = serde_json::to_string(&w.last_exit).unwrap();
+    assert!(exit.contains("TERM"), "{exit}");
+    // Nothing lost: the job is pending again, its attempt counted.
+    let c = wait_counts(&sb, &config, "q", "1 pending", |c| c.pending == 1);
+    assert_eq!((c.retried, c.dead, c.in_flight), (1, 0, 0));
+}

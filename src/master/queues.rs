@@ -1138,8 +1138,8 @@ impl Supervisor {
 
     /// A job overstayed `job_timeout` at the worker `pid`: stop the worker (stop_signal,
     /// then SIGKILL after stop_timeout); its jobs come back when it has exited. A process
-    /// that is no longer its slot's current one (the old process of a rolling restart) is
-    /// only signalled: its slot already has it retiring, with its SIGKILL due.
+    /// already on its way out (the old process of a rolling restart, or one draining after
+    /// a stop) only gets its stop signal now: its slot has its SIGKILL due already.
     fn job_timeout(&mut self, pid: Pid, now: Instant) {
         let Some(conn) = self.queues.conns.get(&pid) else {
             return;
@@ -1162,11 +1162,12 @@ impl Supervisor {
         let Some(p) = self.pool_index(key.pool) else {
             return;
         };
-        let current = self.pools[p]
-            .slots
-            .get(key.id as usize)
-            .and_then(|s| s.pid());
-        if current == Some(pid) {
+        // Its slot restarts it, unless the process is on its way out already: retiring in a
+        // rolling restart (the slot's pid is its successor's) or draining after a stop.
+        let restart = self.pools[p].slots.get(key.id as usize).is_some_and(|s| {
+            s.pid() == Some(pid) && !matches!(s.state().current(), SlotState::Stopping { .. })
+        });
+        if restart {
             self.stop_now(p, key.id, crate::slot::AfterStop::Restart, now);
         } else if let Some(signal) = self.procs.get(&pid).map(|proc| proc.stop_signal) {
             if let Err(e) = sys::process::signal_group(pid, signal) {
