@@ -422,6 +422,15 @@ fn fail_retries_with_backoff_then_dead_letters_and_requeue_runs_it_again() {
     let c = counts(&sb, &config, "flaky");
     assert_eq!((c.dead, c.retried, c.pending, c.done), (1, 2, 0, 0));
 
+    let out = sb.cli(&config, &["requeue", "flaky", "999", &d.id.to_string()]);
+    assert_exit_code(out.status, 1, &out.stderr);
+    assert!(
+        out.stderr.contains("no dead letter with id 999"),
+        "{}",
+        out.stderr
+    );
+    assert_eq!(counts(&sb, &config, "flaky").dead, 1, "nothing requeued");
+
     fs::write(sb.path("heal"), "").unwrap();
     let out = sb.cli_ok(&config, &["requeue", "flaky", &d.id.to_string()]);
     assert_eq!(out.stdout, "flaky: 1 job(s) requeued\n");
@@ -1055,4 +1064,53 @@ fn a_job_timeout_while_a_worker_drains_sends_its_stop_signal_then() {
     // Nothing lost: the job is pending again, its attempt counted.
     let c = wait_counts(&sb, &config, "q", "1 pending", |c| c.pending == 1);
     assert_eq!((c.retried, c.dead, c.in_flight), (1, 0, 0));
+}
+
+#[test]
+fn a_stream_past_max_pending_keeps_what_was_stored_and_says_how_many() {
+    let sb = Sandbox::new();
+    let config = sb.config(&format!(
+        "{}[queue.q]\nmax_pending = 1000\n",
+        program(&sb, "p", "q", "log", "workers = 0")
+    ));
+    let _master = sb.start(&config);
+    sb.wait("the master answers", DEADLINE, || try_status(&sb).is_some());
+    let input: String = (0..50_000).map(|i| format!("job-{i}\n")).collect();
+    let out = cli_raw(&sb, &config, &["submit", "q"], Some(input.as_bytes()));
+    assert_exit_code(out.status, 1, &out.stderr);
+    let pending = counts(&sb, &config, "q").pending;
+    println!("{}", out.stderr.trim_end());
+    assert!(pending <= 1000, "{pending}");
+    assert!(
+        out.stderr
+            .contains(&format!("{pending} job(s) were stored before it")),
+        "pending {pending}; stderr: {}",
+        out.stderr
+    );
+}
+
+#[test]
+fn a_graceful_stop_lets_consumers_answer_and_records_it() {
+    let sb = Sandbox::new();
+    let with = |mode: &str| {
+        sb.config(&format!(
+            "{}[queue.q]\nprefetch = 3\n",
+            program(&sb, "p", "q", mode, "")
+        ))
+    };
+    let config = with("hold");
+    let mut master = sb.start(&config);
+    wait_running(&sb, "p", 1);
+    sb.cli_ok(&config, &["submit", "q", "1", "2", "3", "4"]);
+    wait_lines(&sb, "got", 3);
+    stop_cleanly(&mut master);
+    assert_eq!(lines_of(&sb, "eof"), ["eof"], "the worker saw EOF");
+
+    // Three were answered while the master stopped; the fourth was never sent.
+    let config = with("log");
+    let _master = sb.start(&config);
+    wait_running(&sb, "p", 1);
+    let out = sb.cli(&config, &["submit", "q", "--wait", "5"]);
+    assert_exit_code(out.status, 0, &out.stderr);
+    assert_eq!(lines_of(&sb, "runs"), ["4", "5"]);
 }
