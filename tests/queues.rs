@@ -1114,3 +1114,52 @@ fn a_graceful_stop_lets_consumers_answer_and_records_it() {
     assert_exit_code(out.status, 0, &out.stderr);
     assert_eq!(lines_of(&sb, "runs"), ["4", "5"]);
 }
+
+#[test]
+fn dead_letters_and_requeues_are_durable() {
+    let sb = Sandbox::new();
+    let config = sb.config(&format!(
+        "{}[queue.q]\n",
+        program(&sb, "p", "q", "echo", "")
+    ));
+    let mut master = sb.start(&config);
+    wait_running(&sb, "p", 1);
+    let out = cli_raw(
+        &sb,
+        &config,
+        &["submit", "q", "--wait", "drop-1", "drop-2", "ok"],
+        None,
+    );
+    assert_exit_code(out.status, 1, &out.stderr);
+    master.stop_with(SIGKILL, DEADLINE);
+
+    let mut master = sb.start(&config);
+    wait_running(&sb, "p", 1);
+    let dead = dead_letters(&sb, &config, "q");
+    let summary: Vec<(u32, &str, bool)> = dead
+        .dead
+        .iter()
+        .map(|d| (d.attempts, d.payload.as_str(), d.base64))
+        .collect();
+    assert_eq!(summary, [(0, "drop-1", false), (0, "drop-2", false)]);
+    assert!(dead.dead[0].reason.starts_with("refused "), "{dead:?}");
+    let table = sb.cli_ok(&config, &["queue", "q", "--dead"]).stdout;
+    assert!(
+        table.contains("refused ") && table.contains("drop-2"),
+        "{table}"
+    );
+    let c = counts(&sb, &config, "q");
+    assert_eq!((c.pending, c.dead), (0, 2));
+
+    // Requeued: the worker drops it again; the other one stays requeued-then-dead once more.
+    let id = dead.dead[0].id.to_string();
+    sb.cli_ok(&config, &["requeue", "q", &id]);
+    wait_counts(&sb, &config, "q", "dead again", |c| {
+        c.dead == 2 && c.pending == 0
+    });
+    master.stop_with(SIGKILL, DEADLINE);
+    let _master = sb.start(&config);
+    wait_running(&sb, "p", 1);
+    let c = counts(&sb, &config, "q");
+    assert_eq!((c.pending, c.dead), (0, 2));
+}
