@@ -111,7 +111,7 @@ impl From<&Queue> for Settings {
         Settings {
             prefetch: q.prefetch,
             max_attempts: q.max_attempts,
-            retry_backoff: q.retry_backoff.clone(),
+            retry_backoff: q.retry_backoff,
             route: q.route,
             max_pending: q.max_pending,
             job_timeout: q.job_timeout,
@@ -416,10 +416,7 @@ impl QueueState {
         }
         let mut loads: Vec<WorkerLoad> = Vec::new();
         let mut ids: Vec<u64> = Vec::new();
-        loop {
-            let Some(job) = self.pending.front() else {
-                break;
-            };
+        while let Some(job) = self.pending.front() {
             if job.id >= self.deliverable_below {
                 break;
             }
@@ -520,7 +517,7 @@ impl QueueState {
             Some(now)
         };
         self.in_flight -= 1;
-        let took = Some(now.saturating_duration_since(since));
+        let took = now.saturating_duration_since(since);
         match answer.outcome {
             Outcome::Ok => {
                 self.done += 1;
@@ -528,14 +525,14 @@ impl QueueState {
                     id: job.id,
                     result: answer.text,
                     watched: job.watched,
-                    took: took.unwrap_or_default(),
+                    took,
                 });
             }
-            Outcome::Drop => self.kill(job, answer.text, took, false),
+            Outcome::Drop => self.kill(job, answer.text, Some(took), false),
             Outcome::Fail => {
                 job.attempts = job.attempts.saturating_add(1);
                 if job.attempts >= self.settings.max_attempts {
-                    self.kill(job, answer.text, took, true);
+                    self.kill(job, answer.text, Some(took), true);
                 } else {
                     let delay =
                         crate::backoff::delay(&self.settings.retry_backoff, job.attempts, jitter);
@@ -543,7 +540,7 @@ impl QueueState {
                         id: job.id,
                         attempts: job.attempts,
                         reason: answer.text.clone(),
-                        took,
+                        took: Some(took),
                     });
                     job.last_reason = Some(answer.text);
                     self.retried += 1;
