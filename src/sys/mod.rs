@@ -31,7 +31,7 @@ pub fn pipe(nonblock_read: bool) -> io::Result<(OwnedFd, OwnedFd)> {
 /// unprivileged process is held to /proc/sys/fs/pipe-max-size). Returns the size it has.
 pub fn set_pipe_size(fd: RawFd, bytes: i32) -> io::Result<usize> {
     use nix::fcntl::{fcntl, FcntlArg};
-    Ok(fcntl(fd, FcntlArg::F_SETPIPE_SZ(bytes.into()))? as usize)
+    Ok(fcntl(fd, FcntlArg::F_SETPIPE_SZ(bytes))? as usize)
 }
 
 pub fn set_nonblocking(fd: RawFd) -> io::Result<()> {
