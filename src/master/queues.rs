@@ -108,11 +108,11 @@ struct Conn {
     queue: String,
     key: WorkerKey,
     tag: Arc<str>,
-    /// The wire this worker was started with: a reload that changes the queue's protocol
-    /// or `max_frame` rolls the consumers one at a time, and those not yet rolled keep
-    /// speaking the old one until they are.
+    /// The protocol this worker was started with: a reload that changes the queue's
+    /// protocol rolls the consumers one at a time, and those not yet rolled keep speaking
+    /// the old one until they are. (Jobs are held to the queue's current `max_frame`, the
+    /// one `submit` checked them against.)
     protocol: QueueProtocol,
-    max_frame: u64,
     stdin: Option<OwnedFd>,
     stdout: Option<OwnedFd>,
     /// Encoded jobs not yet written; `out[..sent]` is written already.
@@ -754,7 +754,6 @@ impl Supervisor {
                 key,
                 tag,
                 protocol,
-                max_frame,
                 stdin: Some(pipes.stdin),
                 stdout: Some(pipes.stdout),
                 out: Vec::new(),
@@ -1109,12 +1108,13 @@ impl Supervisor {
         let conns = &mut self.queues.conns;
         let mut touched: Vec<Pid> = Vec::new();
         for q in &mut self.queues.queues {
+            let max = q.config.max_frame;
             q.state.dispatch(now, |c, job| {
                 let pid = Pid::from_raw(c.0 as i32);
                 let Some(conn) = conns.get_mut(&pid) else {
                     return;
                 };
-                let (protocol, max) = (conn.protocol, conn.max_frame);
+                let protocol = conn.protocol;
                 let start = conn.base + conn.out.len() as u64;
                 if encode_job(protocol, &job.payload, max, &mut conn.out).is_err() {
                     // Checked at submit; a reload may have lowered max_frame since. An empty
