@@ -1163,3 +1163,45 @@ fn dead_letters_and_requeues_are_durable() {
     let c = counts(&sb, &config, "q");
     assert_eq!((c.pending, c.dead), (0, 2));
 }
+
+#[test]
+fn jobs_in_flight_when_the_master_is_sigkilled_run_again_after_a_restart() {
+    let sb = Sandbox::new();
+    let with = |mode: &str| {
+        sb.config(&format!(
+            "{}[queue.q]\nprefetch = 3\n",
+            program(&sb, "p", "q", mode, "")
+        ))
+    };
+    let config = with("hold");
+    let mut master = sb.start(&config);
+    wait_running(&sb, "p", 1);
+    sb.cli_ok(&config, &["submit", "q", "1", "2", "3", "4"]);
+    wait_lines(&sb, "got", 3);
+    master.stop_with(SIGKILL, DEADLINE);
+
+    let config = with("log");
+    let _master = sb.start(&config);
+    assert_eq!(wait_lines(&sb, "runs", 4), ["1", "2", "3", "4"]);
+    let c = wait_counts(&sb, &config, "q", "done 4", |c| c.done == 4);
+    assert_eq!((c.pending, c.in_flight, c.dead), (0, 0, 0));
+}
+
+#[test]
+fn a_frames_answer_over_max_frame_is_a_protocol_error() {
+    let sb = Sandbox::new();
+    let config = sb.config(&format!(
+        "{}[queue.q]\nprotocol = \"frames\"\n",
+        program(&sb, "p", "q", "garbage", "")
+    ));
+    let master = sb.start(&config);
+    wait_running(&sb, "p", 1);
+    // `hello\n` read as a frame header: a length of 1 751 477 356 bytes.
+    let out = sb.cli(&config, &["submit", "q", "--wait", "x"]);
+    assert_exit_code(out.status, 0, &out.stderr);
+    assert_eq!(out.stdout, "ok fine\n");
+    let line = master.wait_stderr(&["protocol error"], DEADLINE);
+    assert!(line.contains("over max_frame"), "{line}");
+    let c = counts(&sb, &config, "q");
+    assert_eq!((c.done, c.retried, c.dead), (1, 1, 0));
+}
