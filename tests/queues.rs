@@ -1205,3 +1205,27 @@ fn a_frames_answer_over_max_frame_is_a_protocol_error() {
     let c = counts(&sb, &config, "q");
     assert_eq!((c.done, c.retried, c.dead), (1, 1, 0));
 }
+
+#[test]
+fn consumers_of_a_queue_removed_by_a_reload_see_eof_at_once() {
+    let sb = Sandbox::new();
+    let consumer = format!(
+        "{}[queue.q]\n\n",
+        program(&sb, "p", "q", "hold", "stop_timeout = \"8s\"")
+    );
+    let config = sb.config(&format!(
+        "{consumer}[program.other]\ncommand = [\"/bin/sleep\", \"1000\"]\n"
+    ));
+    let _master = sb.start(&config);
+    let pid = wait_running(&sb, "p", 1)[&0];
+    sb.config("[program.other]\ncommand = [\"/bin/sleep\", \"1000\"]\n");
+    let asked = std::time::Instant::now();
+    sb.cli_ok(&config, &["reload"]);
+    sb.wait("the consumer is gone", DEADLINE, || !pid_alive(pid));
+    let took = asked.elapsed();
+    assert_eq!(lines_of(&sb, "eof"), ["eof"], "it saw EOF on stdin");
+    assert!(
+        took < std::time::Duration::from_secs(6),
+        "it waited for stop_timeout: {took:?}"
+    );
+}

@@ -855,6 +855,8 @@ impl Supervisor {
             .iter_mut()
             .find(|q| q.config.name == conn.queue)
         else {
+            // Its queue went with a reload (it held no job): just the EOF.
+            self.write_jobs(pid);
             return;
         };
         let c = ConsumerId(pid.as_raw() as u64);
@@ -945,6 +947,10 @@ impl Supervisor {
             .iter_mut()
             .find(|q| q.config.name == conn.queue)
         else {
+            // Its queue went with a reload: nothing it says can apply, and a pipe left
+            // readable must not keep waking the loop.
+            self.reactor.remove(fd);
+            conn.stdout = None;
             return;
         };
         let c = ConsumerId(pid.as_raw() as u64);
