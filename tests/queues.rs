@@ -1234,3 +1234,28 @@ fn consumers_of_a_queue_removed_by_a_reload_see_eof_at_once() {
         "it waited for stop_timeout: {took:?}"
     );
 }
+
+#[test]
+fn a_job_dead_lettered_by_a_protocol_error_says_so() {
+    let sb = Sandbox::new();
+    let config = sb.config(&format!(
+        "{}[queue.q]\nmax_attempts = 1\n",
+        program(&sb, "p", "q", "garbage", "")
+    ));
+    let _master = sb.start(&config);
+    wait_running(&sb, "p", 1);
+    let out = sb.cli(&config, &["submit", "q", "--wait", "x"]);
+    assert_exit_code(out.status, 1, &out.stderr);
+    assert!(
+        out.stdout
+            .starts_with("dead protocol error: unexpected answer line \"hello\""),
+        "{}",
+        out.stdout
+    );
+    let dead = dead_letters(&sb, &config, "q");
+    assert_eq!(dead.dead.len(), 1);
+    assert!(
+        dead.dead[0].reason.starts_with("protocol error: "),
+        "{dead:?}"
+    );
+}

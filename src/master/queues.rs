@@ -127,8 +127,9 @@ struct Conn {
     /// Stop sending: close stdin once the job being written is through.
     closing: bool,
     decoder: AnswerDecoder,
-    /// A protocol error killed it: nothing more is read.
-    broken: bool,
+    /// A protocol error killed it (what was wrong): nothing more is read, and the jobs it
+    /// held are redelivered with that reason.
+    broken: Option<String>,
 }
 
 impl Conn {
@@ -763,7 +764,7 @@ impl Supervisor {
                 watching_stdin: false,
                 closing: false,
                 decoder: AnswerDecoder::new(protocol, max_frame),
-                broken: false,
+                broken: None,
             },
         );
     }
@@ -935,7 +936,7 @@ impl Supervisor {
         let Some(conn) = self.queues.conns.get_mut(&pid) else {
             return;
         };
-        if conn.broken {
+        if conn.broken.is_some() {
             return;
         }
         let Some(fd) = conn.stdout.as_ref().map(|f| f.as_raw_fd()) else {
@@ -999,7 +1000,7 @@ impl Supervisor {
         }
         q.apply_events();
         if let Some(why) = error {
-            conn.broken = true;
+            conn.broken = Some(format!("protocol error: {why}"));
             self.reactor.remove(fd);
             conn.stdout = None;
             q.state.set_accepting(c, false);
@@ -1047,7 +1048,8 @@ impl Supervisor {
                     format_args!("{held} job(s) unanswered; back to queue {}", conn.queue),
                 );
             }
-            q.state.remove_consumer(c, delivered, &death_reason(exit));
+            let reason = conn.broken.unwrap_or_else(|| death_reason(exit));
+            q.state.remove_consumer(c, delivered, &reason);
             q.apply_events();
         }
     }
@@ -1068,7 +1070,7 @@ impl Supervisor {
                     matches!(s.state().current(), SlotState::Running { pid: p, .. } if *p == pid)
                 }) && !pool.removed
             });
-            let ok = running && !conn.closing && !conn.broken && conn.stdin.is_some();
+            let ok = running && !conn.closing && conn.broken.is_none() && conn.stdin.is_some();
             accepting.push((conn.queue.clone(), ConsumerId(pid.as_raw() as u64), ok, 0));
         }
         for (queue, c, ok, _) in accepting {
