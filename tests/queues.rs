@@ -760,13 +760,19 @@ fn a_lines_payload_with_a_newline_is_refused_before_anything_is_stored() {
     assert_eq!(counts(&sb, &config, "q").pending, 0);
 
     let out = sb.cli_ok(&config, &["check"]);
-    assert!(
-        out.stdout
-            .lines()
-            .any(|l| l.contains('q') && l.to_lowercase().contains("lines")),
-        "{}",
-        out.stdout
-    );
+    let line = out
+        .stdout
+        .lines()
+        .find(|l| l.trim_start().starts_with("q "))
+        .unwrap_or_else(|| panic!("no queue q in:\n{}", out.stdout));
+    for want in [
+        "durable=true",
+        "protocol=lines",
+        "max_attempts=3",
+        "consumed by p",
+    ] {
+        assert!(line.contains(want), "{want} in {line:?}");
+    }
 }
 
 #[test]
