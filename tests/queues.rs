@@ -1265,3 +1265,37 @@ fn a_job_dead_lettered_by_a_protocol_error_says_so() {
         "{dead:?}"
     );
 }
+
+#[test]
+fn round_robin_takes_turns_among_the_workers() {
+    let sb = Sandbox::new();
+    let config = sb.config(&format!(
+        "{}[queue.q]\nroute = \"round-robin\"\nprefetch = 10\n",
+        program(&sb, "p", "q", "whoami", "workers = 3")
+    ));
+    let _master = sb.start(&config);
+    wait_running(&sb, "p", 3);
+    let jobs: Vec<String> = (0..30).map(|i| format!("j{i}")).collect();
+    let mut args = vec!["submit", "q", "--wait"];
+    args.extend(jobs.iter().map(String::as_str));
+    let out = sb.cli_ok(&config, &args);
+    let ids: Vec<&str> = out
+        .stdout
+        .lines()
+        .map(|l| l.strip_prefix("ok ").unwrap())
+        .collect();
+    let mut per: BTreeMap<&str, usize> = BTreeMap::new();
+    for id in &ids {
+        *per.entry(id).or_default() += 1;
+    }
+    assert_eq!(
+        per.values().copied().collect::<Vec<_>>(),
+        [10, 10, 10],
+        "{per:?}"
+    );
+    // In turns: each run of three consecutive jobs went to three different workers.
+    for turn in ids.chunks(3) {
+        let distinct: std::collections::BTreeSet<&&str> = turn.iter().collect();
+        assert_eq!(distinct.len(), 3, "{ids:?}");
+    }
+}
