@@ -1299,3 +1299,37 @@ fn round_robin_takes_turns_among_the_workers() {
         assert_eq!(distinct.len(), 3, "{ids:?}");
     }
 }
+
+#[test]
+fn scaling_down_drains_the_workers_it_stops() {
+    let sb = Sandbox::new();
+    let config = sb.config(&format!(
+        "{}[queue.q]\nprefetch = 2\n",
+        program(&sb, "p", "q", "hold", "workers = 2")
+    ));
+    let _master = sb.start(&config);
+    wait_running(&sb, "p", 2);
+    let c = config.display().to_string();
+    let mut waiter = sb.spawn_plumule(&["submit", "q", "--wait", "1", "2", "3", "4", "-c", &c]);
+    sb.wait("both workers hold two jobs", DEADLINE, || {
+        let s = socket_status(&sb);
+        [0, 1]
+            .iter()
+            .all(|&id| worker(&s, "p", id).is_some_and(|w| w.in_flight == 2))
+    });
+    sb.cli_ok(&config, &["scale", "p", "1"]);
+    wait_lines(&sb, "eof", 1);
+    wait_counts(&sb, &config, "q", "two done", |c| c.done == 2);
+    wait_running(&sb, "p", 1);
+    assert_eq!(worker_of(&sb, "p", 0).in_flight, 2, "p.0 keeps its jobs");
+    sb.cli_ok(&config, &["stop", "p"]);
+    let status = waiter.wait_exit(DEADLINE);
+    assert_exit_code(status, 0, &waiter.stderr_text());
+    assert_eq!(
+        waiter.stdout_text(),
+        "ok held-1\nok held-2\nok held-3\nok held-4\n",
+        "in submission order"
+    );
+    let c = counts(&sb, &config, "q");
+    assert_eq!((c.done, c.retried, c.pending, c.dead), (4, 0, 0, 0));
+}
