@@ -454,16 +454,19 @@ impl QueueState {
         let prefetch = self.settings.prefetch as usize;
         match self.settings.route {
             Route::RoundRobin => {
-                ids.clear();
-                ids.extend(self.consumers.keys().map(|c| c.0));
-                // The cursor works on u32 ids; consumers are indexed in id order.
-                let index: Vec<u32> = (0..ids.len() as u32).collect();
-                let consumers: Vec<ConsumerId> = self.consumers.keys().copied().collect();
-                let i = self.round_robin.next(&index, |i| {
-                    let c = &self.consumers[&consumers[i as usize]];
-                    c.accepting && c.in_flight.len() < prefetch
+                // Turns go by worker slot, which a worker keeps across restarts: a position
+                // among the consumers would shift when a restarted worker's new process sorts
+                // elsewhere, and serve one worker twice in a row.
+                let open = |c: &Consumer| c.accepting && c.in_flight.len() < prefetch;
+                let slots: Vec<u32> = self.consumers.values().map(|c| c.slot).collect();
+                let consumers = &self.consumers;
+                let slot = self.round_robin.next(&slots, |s| {
+                    consumers.values().any(|c| c.slot == s && open(c))
                 })?;
-                Some(consumers[i as usize])
+                consumers
+                    .iter()
+                    .find(|(_, c)| c.slot == slot && open(c))
+                    .map(|(&id, _)| id)
             }
             Route::LeastLoaded | Route::Key => {
                 loads.clear();
@@ -843,6 +846,23 @@ mod tests {
         q.submit(None, jobs(6), false);
         let who: Vec<u64> = dispatch(&mut q, now).into_iter().map(|p| p.0).collect();
         assert_eq!(who, [100, 101, 102, 100, 101, 102]);
+    }
+
+    #[test]
+    fn round_robin_keeps_its_turns_when_a_worker_restarts() {
+        let now = Instant::now();
+        let mut q = with_consumers(Route::RoundRobin, 10, 3);
+        q.submit(None, jobs(2), false);
+        let who: Vec<u64> = dispatch(&mut q, now).into_iter().map(|p| p.0).collect();
+        assert_eq!(who, [100, 101]);
+        // Worker 2 restarts: its new process (pid 5) sorts first. Its turn comes next all the
+        // same, and worker 1 is not served twice in a row.
+        q.remove_consumer(ConsumerId(102), 0, "restarted");
+        q.add_consumer(ConsumerId(5), 2);
+        q.set_accepting(ConsumerId(5), true);
+        q.submit(None, jobs(3), false);
+        let who: Vec<u64> = dispatch(&mut q, now).into_iter().map(|p| p.0).collect();
+        assert_eq!(who, [5, 100, 101]);
     }
 
     #[test]
