@@ -1333,3 +1333,21 @@ fn scaling_down_drains_the_workers_it_stops() {
     let c = counts(&sb, &config, "q");
     assert_eq!((c.done, c.retried, c.pending, c.dead), (4, 0, 0, 0));
 }
+
+#[test]
+fn a_payload_over_max_frame_is_refused_at_submit() {
+    let sb = Sandbox::new();
+    let config = sb.config(&format!(
+        "{}[queue.q]\nprotocol = \"frames\"\nmax_frame = \"1KiB\"\n",
+        program(&sb, "p", "q", "log", "workers = 0")
+    ));
+    let _master = sb.start(&config);
+    sb.wait("the master answers", DEADLINE, || try_status(&sb).is_some());
+    let big = "x".repeat(2000);
+    let out = sb.cli(&config, &["submit", "q", "small", &big]);
+    assert_exit_code(out.status, 1, &out.stderr);
+    assert!(out.stderr.contains("max_frame"), "{}", out.stderr);
+    assert_eq!(counts(&sb, &config, "q").pending, 0, "refused whole");
+    sb.cli_ok(&config, &["submit", "q", &"y".repeat(1024)]);
+    assert_eq!(counts(&sb, &config, "q").pending, 1);
+}
