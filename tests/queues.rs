@@ -658,6 +658,15 @@ fn stopping_a_queue_worker_closes_its_stdin_and_loses_no_job() {
     sb.wait("status shows 3 jobs in flight", DEADLINE, || {
         worker_of(&sb, "p", 0).in_flight == 3
     });
+    // The text table too, in its JOBS column.
+    let table = sb.cli_ok(&config, &["status"]).stdout;
+    let header = table.lines().next().unwrap();
+    let at = header.find("JOBS").expect("a JOBS column");
+    let row = table
+        .lines()
+        .find(|l| l.starts_with("p "))
+        .expect("p's row");
+    assert_eq!(row[at..].split_whitespace().next(), Some("3"), "{table}");
     sb.cli_ok(&config, &["stop", "p"]);
     let status = waiter.wait_exit(DEADLINE);
     assert_exit_code(status, 0, &waiter.stderr_text());
