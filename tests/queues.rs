@@ -641,6 +641,20 @@ fn past_max_pending_a_batch_is_refused_whole() {
     // Two more still fit.
     sb.cli_ok(&config, &["submit", "q", "c1", "c2"]);
     assert_eq!(counts(&sb, &config, "q").pending, 10);
+    for args in [
+        &["submit", "nope", "x"][..],
+        &["queue", "nope"],
+        &["queue", "nope", "--dead"],
+        &["requeue", "nope", "--all"],
+    ] {
+        let out = sb.cli(&config, args);
+        assert_exit_code(out.status, 1, &out.stderr);
+        assert!(
+            out.stderr.contains("no queue named nope"),
+            "{args:?}: {}",
+            out.stderr
+        );
+    }
 }
 
 #[test]
