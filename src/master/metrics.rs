@@ -836,7 +836,8 @@ fn render_queues(out: &mut String, sup: &Supervisor) {
         "plumule_jobs_total",
         "counter",
         "Answers and redeliveries of each queue's jobs since the master started, by outcome \
-         (ok, fail, drop: a job dead-lettered, retried: a redelivery of any cause, timeout).",
+         (ok, fail and drop: answers, retried: a redelivery of any cause, timeout: jobs in \
+         flight past job_timeout).",
     );
     for q in queues {
         let k = &q.counters;

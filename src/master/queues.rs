@@ -113,6 +113,11 @@ struct Conn {
     queue: String,
     key: WorkerKey,
     tag: Arc<str>,
+    /// The protocol this worker was started with: a reload that changes the queue's
+    /// protocol rolls the consumers one at a time, and those not yet rolled keep speaking
+    /// the old one until they are. (Jobs are held to the queue's current `max_frame`, the
+    /// one `submit` checked them against.)
+    protocol: QueueProtocol,
     stdin: Option<OwnedFd>,
     stdout: Option<OwnedFd>,
     /// Encoded jobs not yet written; `out[..sent]` is written already.
@@ -127,8 +132,9 @@ struct Conn {
     /// Stop sending: close stdin once the job being written is through.
     closing: bool,
     decoder: AnswerDecoder,
-    /// A protocol error killed it: nothing more is read.
-    broken: bool,
+    /// A protocol error killed it (what was wrong): nothing more is read, and the jobs it
+    /// held are redelivered with that reason.
+    broken: Option<String>,
 }
 
 impl Conn {
@@ -256,6 +262,23 @@ impl Queues {
             match self.queues.iter().position(|r| r.config.name == q.name) {
                 Some(i) => {
                     let mut rt = self.queues.swap_remove(i);
+                    if rt.config.durable != q.durable {
+                        // `check_reload` let it through: the queue holds no job.
+                        match rt.set_durable(q, &config.state_dir) {
+                            Ok(()) => changes.push(format!(
+                                "queue {}: {}",
+                                q.name,
+                                if q.durable {
+                                    "durable now"
+                                } else {
+                                    "in memory now"
+                                }
+                            )),
+                            Err(e) => {
+                                log::error!("queue {}: cannot open its log: {e}", q.name);
+                            }
+                        }
+                    }
                     if *rt.config != *q {
                         rt.state.set_settings(Settings::from(q));
                         rt.config = Arc::new(q.clone());
@@ -314,52 +337,9 @@ impl QueueRt {
         let mut state = QueueState::new(Settings::from(q));
         let mut store_opt = None;
         if q.durable {
-            let dir = state_dir.join("queues").join(&q.name);
-            // Hidden, for tests (a full disk on a small tmpfs): the segment size in bytes.
-            let opts = match std::env::var("PLUMULE_QUEUE_SEGMENT_SIZE").map(|v| v.parse()) {
-                Ok(Ok(segment_size)) => store::Options { segment_size },
-                _ => store::Options::default(),
-            };
-            let (st, recovered) = Store::open(&dir, opts)?;
-            for w in &recovered.warnings {
-                log::warn!("queue {}: {w}", q.name);
-            }
-            let mut pending = Vec::new();
-            let mut dead = Vec::new();
-            for j in recovered.jobs {
-                match j.state {
-                    JobState::Pending { last_reason } => pending.push(Job {
-                        id: j.id,
-                        key: j.key,
-                        payload: j.payload,
-                        attempts: j.attempts,
-                        last_reason,
-                        watched: false,
-                    }),
-                    JobState::Dead { reason } => dead.push(DeadJob {
-                        job: Job {
-                            id: j.id,
-                            key: j.key,
-                            payload: j.payload,
-                            attempts: j.attempts,
-                            last_reason: Some(reason.clone()),
-                            watched: false,
-                        },
-                        reason,
-                    }),
-                }
-            }
-            if !pending.is_empty() || !dead.is_empty() {
-                log::info!(
-                    "queue {}: recovered {} pending and {} dead job(s) from {}",
-                    q.name,
-                    pending.len(),
-                    dead.len(),
-                    dir.display()
-                );
-            }
-            state.restore(pending, dead, recovered.next_id.max(1));
-            store_opt = Some(Durable::new(&q.name, st));
+            let (durable, pending, dead, next_id) = open_log(q, state_dir)?;
+            state.restore(pending, dead, next_id);
+            store_opt = Some(durable);
         }
         let stored_below = state.next_id();
         Ok(QueueRt {
@@ -373,6 +353,25 @@ impl QueueRt {
             watch_done: HashMap::new(),
             counters: QueueCounters::default(),
         })
+    }
+
+    /// A reload changed `durable` while the queue holds no job: its log is opened (taking
+    /// back whatever it kept from an earlier durable life, as a restart would), or synced
+    /// and let go. The consumers stay.
+    fn set_durable(&mut self, q: &Queue, state_dir: &std::path::Path) -> Result<(), store::Error> {
+        if q.durable {
+            let (durable, pending, dead, next_id) = open_log(q, state_dir)?;
+            self.state.restore(pending, dead, next_id);
+            self.store = Some(durable);
+        } else if let Some(mut st) = self.store.take() {
+            if let Err(f) = st.sync_now() {
+                log::error!("{}", f.error);
+            }
+        }
+        self.unsynced.clear();
+        self.stored_below = self.state.next_id();
+        self.state.set_deliverable_below(u64::MAX);
+        Ok(())
     }
 
     /// Enqueues a batch; for a durable queue, appends its records (synced at the end of the
@@ -560,11 +559,18 @@ impl QueueRt {
                     reason,
                     watched,
                     took,
+                    failed,
                 } => {
                     if let Some(t) = took {
                         self.counters.durations.observe(t.as_secs_f64());
                     }
-                    self.counters.dropped += 1;
+                    // Answered `fail` on its last attempt, answered `drop`, or out of
+                    // attempts by redeliveries (then counted as those, under `retried`).
+                    if *failed {
+                        self.counters.fail += 1;
+                    } else if took.is_some() {
+                        self.counters.dropped += 1;
+                    }
                     if *watched && self.watch_open.remove(id) {
                         self.watch_done
                             .insert(*id, job_result(&name, *id, JobOutcome::Dead, reason));
@@ -660,6 +666,64 @@ impl QueueRt {
     }
 }
 
+/// Opens the durable log of `q` under `state_dir/queues/NAME/`: the log, and what it held
+/// (pending jobs, dead letters, the next id).
+fn open_log(
+    q: &Queue,
+    state_dir: &std::path::Path,
+) -> Result<(Durable, Vec<Job>, Vec<DeadJob>, u64), store::Error> {
+    let dir = state_dir.join("queues").join(&q.name);
+    // Hidden, for tests (a full disk on a small tmpfs): the segment size in bytes.
+    let opts = match std::env::var("PLUMULE_QUEUE_SEGMENT_SIZE").map(|v| v.parse()) {
+        Ok(Ok(segment_size)) => store::Options { segment_size },
+        _ => store::Options::default(),
+    };
+    let (st, recovered) = Store::open(&dir, opts)?;
+    for w in &recovered.warnings {
+        log::warn!("queue {}: {w}", q.name);
+    }
+    let mut pending = Vec::new();
+    let mut dead = Vec::new();
+    for j in recovered.jobs {
+        match j.state {
+            JobState::Pending { last_reason } => pending.push(Job {
+                id: j.id,
+                key: j.key,
+                payload: j.payload,
+                attempts: j.attempts,
+                last_reason,
+                watched: false,
+            }),
+            JobState::Dead { reason } => dead.push(DeadJob {
+                job: Job {
+                    id: j.id,
+                    key: j.key,
+                    payload: j.payload,
+                    attempts: j.attempts,
+                    last_reason: Some(reason.clone()),
+                    watched: false,
+                },
+                reason,
+            }),
+        }
+    }
+    if !pending.is_empty() || !dead.is_empty() {
+        log::info!(
+            "queue {}: recovered {} pending and {} dead job(s) from {}",
+            q.name,
+            pending.len(),
+            dead.len(),
+            dir.display()
+        );
+    }
+    Ok((
+        Durable::new(&q.name, st),
+        pending,
+        dead,
+        recovered.next_id.max(1),
+    ))
+}
+
 fn job_result(queue: &str, id: u64, outcome: JobOutcome, text: &[u8]) -> JobResult {
     let (text, base64) = crate::protocol::encode_bytes(text);
     JobResult {
@@ -728,6 +792,7 @@ impl Supervisor {
                 queue: queue.to_string(),
                 key,
                 tag,
+                protocol,
                 stdin: Some(pipes.stdin),
                 stdout: Some(pipes.stdout),
                 out: Vec::new(),
@@ -737,7 +802,7 @@ impl Supervisor {
                 watching_stdin: false,
                 closing: false,
                 decoder: AnswerDecoder::new(protocol, max_frame),
-                broken: false,
+                broken: None,
             },
         );
     }
@@ -829,6 +894,8 @@ impl Supervisor {
             .iter_mut()
             .find(|q| q.config.name == conn.queue)
         else {
+            // Its queue went with a reload (it held no job): just the EOF.
+            self.write_jobs(pid);
             return;
         };
         let c = ConsumerId(pid.as_raw() as u64);
@@ -907,7 +974,7 @@ impl Supervisor {
         let Some(conn) = self.queues.conns.get_mut(&pid) else {
             return;
         };
-        if conn.broken {
+        if conn.broken.is_some() {
             return;
         }
         let Some(fd) = conn.stdout.as_ref().map(|f| f.as_raw_fd()) else {
@@ -919,6 +986,10 @@ impl Supervisor {
             .iter_mut()
             .find(|q| q.config.name == conn.queue)
         else {
+            // Its queue went with a reload: nothing it says can apply, and a pipe left
+            // readable must not keep waking the loop.
+            self.reactor.remove(fd);
+            conn.stdout = None;
             return;
         };
         let c = ConsumerId(pid.as_raw() as u64);
@@ -967,7 +1038,7 @@ impl Supervisor {
         }
         q.apply_events();
         if let Some(why) = error {
-            conn.broken = true;
+            conn.broken = Some(format!("protocol error: {why}"));
             self.reactor.remove(fd);
             conn.stdout = None;
             q.state.set_accepting(c, false);
@@ -1015,7 +1086,8 @@ impl Supervisor {
                     format_args!("{held} job(s) unanswered; back to queue {}", conn.queue),
                 );
             }
-            q.state.remove_consumer(c, delivered, &death_reason(exit));
+            let reason = conn.broken.unwrap_or_else(|| death_reason(exit));
+            q.state.remove_consumer(c, delivered, &reason);
             q.apply_events();
         }
     }
@@ -1036,7 +1108,7 @@ impl Supervisor {
                     matches!(s.state().current(), SlotState::Running { pid: p, .. } if *p == pid)
                 }) && !pool.removed
             });
-            let ok = running && !conn.closing && !conn.broken && conn.stdin.is_some();
+            let ok = running && !conn.closing && conn.broken.is_none() && conn.stdin.is_some();
             accepting.push((conn.queue.clone(), ConsumerId(pid.as_raw() as u64), ok, 0));
         }
         for (queue, c, ok, _) in accepting {
@@ -1082,12 +1154,13 @@ impl Supervisor {
         let conns = &mut self.queues.conns;
         let mut touched: Vec<Pid> = Vec::new();
         for q in &mut self.queues.queues {
-            let (protocol, max) = (q.config.protocol, q.config.max_frame);
+            let max = q.config.max_frame;
             q.state.dispatch(now, |c, job| {
                 let pid = Pid::from_raw(c.0 as i32);
                 let Some(conn) = conns.get_mut(&pid) else {
                     return;
                 };
+                let protocol = conn.protocol;
                 let start = conn.base + conn.out.len() as u64;
                 if encode_job(protocol, &job.payload, max, &mut conn.out).is_err() {
                     // Checked at submit; a reload may have lowered max_frame since. An empty
@@ -1110,7 +1183,9 @@ impl Supervisor {
     }
 
     /// A job overstayed `job_timeout` at the worker `pid`: stop the worker (stop_signal,
-    /// then SIGKILL after stop_timeout); its jobs come back when it has exited.
+    /// then SIGKILL after stop_timeout); its jobs come back when it has exited. A process
+    /// already on its way out (the old process of a rolling restart, or one draining after
+    /// a stop) only gets its stop signal now: its slot has its SIGKILL due already.
     fn job_timeout(&mut self, pid: Pid, now: Instant) {
         let Some(conn) = self.queues.conns.get(&pid) else {
             return;
@@ -1130,8 +1205,20 @@ impl Supervisor {
                 crate::format_duration(limit)
             ),
         );
-        if let Some(p) = self.pool_index(key.pool) {
+        let Some(p) = self.pool_index(key.pool) else {
+            return;
+        };
+        // Its slot restarts it, unless the process is on its way out already: retiring in a
+        // rolling restart (the slot's pid is its successor's) or draining after a stop.
+        let restart = self.pools[p].slots.get(key.id as usize).is_some_and(|s| {
+            s.pid() == Some(pid) && !matches!(s.state().current(), SlotState::Stopping { .. })
+        });
+        if restart {
             self.stop_now(p, key.id, crate::slot::AfterStop::Restart, now);
+        } else if let Some(signal) = self.procs.get(&pid).map(|proc| proc.stop_signal) {
+            if let Err(e) = sys::process::signal_group(pid, signal) {
+                log::warn!("{tag}: cannot signal process group {pid}: {e}");
+            }
         }
     }
 

@@ -42,7 +42,7 @@ pub(super) struct Proc {
     /// kernel has no pidfds, and SIGCHLD's sweep finds the exit.
     exit_fd: Option<OwnedFd>,
     start_time: u64,
-    stop_signal: Signal,
+    pub(super) stop_signal: Signal,
     stop_timeout: Duration,
 }
 

@@ -78,6 +78,8 @@ pub enum JobEvent {
         reason: Vec<u8>,
         watched: bool,
         took: Option<Duration>,
+        /// The worker answered `fail` to the last attempt (not `drop`, nor a redelivery).
+        failed: bool,
     },
     /// An attempt failed and the job goes back for another (after `retry_backoff` for a
     /// `fail`, at once for a redelivery).
@@ -457,16 +459,19 @@ impl QueueState {
         let prefetch = self.settings.prefetch as usize;
         match self.settings.route {
             Route::RoundRobin => {
-                ids.clear();
-                ids.extend(self.consumers.keys().map(|c| c.0));
-                // The cursor works on u32 ids; consumers are indexed in id order.
-                let index: Vec<u32> = (0..ids.len() as u32).collect();
-                let consumers: Vec<ConsumerId> = self.consumers.keys().copied().collect();
-                let i = self.round_robin.next(&index, |i| {
-                    let c = &self.consumers[&consumers[i as usize]];
-                    c.accepting && c.in_flight.len() < prefetch
+                // Turns go by worker slot, which a worker keeps across restarts: a position
+                // among the consumers would shift when a restarted worker's new process sorts
+                // elsewhere, and serve one worker twice in a row.
+                let open = |c: &Consumer| c.accepting && c.in_flight.len() < prefetch;
+                let slots: Vec<u32> = self.consumers.values().map(|c| c.slot).collect();
+                let consumers = &self.consumers;
+                let slot = self.round_robin.next(&slots, |s| {
+                    consumers.values().any(|c| c.slot == s && open(c))
                 })?;
-                Some(consumers[i as usize])
+                consumers
+                    .iter()
+                    .find(|(_, c)| c.slot == slot && open(c))
+                    .map(|(&id, _)| id)
             }
             Route::LeastLoaded | Route::Key => {
                 loads.clear();
@@ -531,11 +536,11 @@ impl QueueState {
                     took,
                 });
             }
-            Outcome::Drop => self.kill(job, answer.text, Some(took)),
+            Outcome::Drop => self.kill(job, answer.text, Some(took), false),
             Outcome::Fail => {
                 job.attempts = job.attempts.saturating_add(1);
                 if job.attempts >= self.settings.max_attempts {
-                    self.kill(job, answer.text, Some(took));
+                    self.kill(job, answer.text, Some(took), true);
                 } else {
                     let delay =
                         crate::backoff::delay(&self.settings.retry_backoff, job.attempts, jitter);
@@ -555,13 +560,14 @@ impl QueueState {
         Ok(())
     }
 
-    fn kill(&mut self, mut job: Job, reason: Vec<u8>, took: Option<Duration>) {
+    fn kill(&mut self, mut job: Job, reason: Vec<u8>, took: Option<Duration>, failed: bool) {
         self.events.push(JobEvent::Dead {
             id: job.id,
             attempts: job.attempts,
             reason: reason.clone(),
             watched: job.watched,
             took,
+            failed,
         });
         job.last_reason = Some(reason.clone());
         self.dead.insert(job.id, DeadJob { job, reason });
@@ -612,7 +618,7 @@ impl QueueState {
             job.attempts = job.attempts.saturating_add(1);
             let took = None;
             if job.attempts >= self.settings.max_attempts {
-                self.kill(job, why, took);
+                self.kill(job, why, took, false);
             } else {
                 self.events.push(JobEvent::Attempt {
                     id: job.id,
@@ -848,6 +854,23 @@ mod tests {
     }
 
     #[test]
+    fn round_robin_keeps_its_turns_when_a_worker_restarts() {
+        let now = Instant::now();
+        let mut q = with_consumers(Route::RoundRobin, 10, 3);
+        q.submit(None, jobs(2), false);
+        let who: Vec<u64> = dispatch(&mut q, now).into_iter().map(|p| p.0).collect();
+        assert_eq!(who, [100, 101]);
+        // Worker 2 restarts: its new process (pid 5) sorts first. Its turn comes next all the
+        // same, and worker 1 is not served twice in a row.
+        q.remove_consumer(ConsumerId(102), 0, "restarted");
+        q.add_consumer(ConsumerId(5), 2);
+        q.set_accepting(ConsumerId(5), true);
+        q.submit(None, jobs(3), false);
+        let who: Vec<u64> = dispatch(&mut q, now).into_iter().map(|p| p.0).collect();
+        assert_eq!(who, [5, 100, 101]);
+    }
+
+    #[test]
     fn answers_come_in_order_and_an_extra_one_is_an_error() {
         let now = Instant::now();
         let mut q = with_consumers(Route::LeastLoaded, 2, 1);
@@ -894,7 +917,19 @@ mod tests {
             assert_eq!(q.wake(now), 1);
         }
         dispatch(&mut q, now);
+        q.events().for_each(drop);
         q.answer(c, fail("boom"), now, 0.0).unwrap();
+        assert!(
+            matches!(
+                q.events().collect::<Vec<_>>()[..],
+                [JobEvent::Dead {
+                    attempts: 3,
+                    failed: true,
+                    ..
+                }]
+            ),
+            "the last fail is told apart from a drop"
+        );
         assert_eq!(q.counts().dead, 1);
         assert_eq!(q.counts().retried, 2);
         assert_eq!(q.held(), 0);
@@ -927,6 +962,7 @@ mod tests {
                 id: 1,
                 attempts: 0,
                 watched: true,
+                failed: false,
                 ..
             }]
         ));
