@@ -1940,7 +1940,9 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let (mut store, _) = Store::open(dir.path(), small()).unwrap();
         store.append_submitted(1, 0, None, b"one").unwrap();
-        store.append_submitted(u64::MAX, 4, None, b"forged").unwrap();
+        store
+            .append_submitted(u64::MAX, 4, None, b"forged")
+            .unwrap();
         store.sync().unwrap();
         drop(store);
         let (_, rec) = Store::open(dir.path(), small()).unwrap();
@@ -1949,11 +1951,7 @@ mod tests {
         assert_eq!(rec.warnings.len(), 1, "{:?}", rec.warnings);
 
         let dir = tempfile::tempdir().unwrap();
-        fs::write(
-            dir.path().join(segment_name(1)),
-            segment_header(u64::MAX),
-        )
-        .unwrap();
+        fs::write(dir.path().join(segment_name(1)), segment_header(u64::MAX)).unwrap();
         assert!(matches!(
             Store::open(dir.path(), small()),
             Err(Error::BadHeader { .. })

@@ -514,8 +514,8 @@ pub fn decode(payload: &[u8], fds: &[RawFd]) -> Option<(Setup, Body<'static>)> {
         .collect::<Option<Vec<_>>>()?;
     // Indices of entries of `envp`, in increasing order, as `launch` makes them: the child
     // pairs each with the entry it names by walking both in order.
-    let indices_ok = pid_vars.windows(2).all(|w| w[0] < w[1])
-        && pid_vars.last().is_none_or(|&i| i < envp.len());
+    let indices_ok =
+        pid_vars.windows(2).all(|w| w[0] < w[1]) && pid_vars.last().is_none_or(|&i| i < envp.len());
     if !r.0.is_empty() || !indices_ok {
         return None;
     }
