@@ -26,7 +26,7 @@ fn inputs(dir: &Path, prefix: &str) -> Vec<PathBuf> {
     files
 }
 
-fn replay(name: &str, check: fn(&[u8]), files: &[PathBuf]) {
+fn replay(name: &str, check: targets::Check, files: &[PathBuf]) {
     for path in files {
         let data = fs::read(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
         let run = std::panic::catch_unwind(|| check(&data));

@@ -19,8 +19,11 @@ use plumule::sys::spawn::Body;
 use plumule::sys::syncer::{Reply, Tag};
 use plumule::worker::{self, Builder, Protocol, DEFAULT_MAX_FRAME};
 
+/// A target's check of one input.
+pub type Check = fn(&[u8]);
+
 /// Every target, by name, for the replay of seeds and regressions.
-pub const ALL: &[(&str, fn(&[u8]))] = &[
+pub const ALL: &[(&str, Check)] = &[
     ("answer_line", answer_line),
     ("config", config),
     ("control_message", control_message),
