@@ -1,5 +1,5 @@
-//! Configuration files: parsing never panics, and an error renders one located line per
-//! problem.
+//! A configuration file → `config::parse`.
+//! What must hold: `tests/invariants/targets.rs`, `config`.
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
@@ -7,6 +7,4 @@ use libfuzzer_sys::fuzz_target;
 #[path = "../../tests/invariants/mod.rs"]
 mod invariants;
 
-fuzz_target!(|data: &[u8]| {
-    let _ = invariants::check_config(&String::from_utf8_lossy(data));
-});
+fuzz_target!(|data: &[u8]| invariants::targets::config(data));

@@ -1,5 +1,5 @@
-//! Control request lines, as the master reads them from `control.sock`: parsing never panics,
-//! an error is one reply line, and a parsed request round-trips through JSON.
+//! A control request line, as the master reads it → `protocol::parse_request`.
+//! What must hold: `tests/invariants/targets.rs`, `control_request`.
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
@@ -7,6 +7,4 @@ use libfuzzer_sys::fuzz_target;
 #[path = "../../tests/invariants/mod.rs"]
 mod invariants;
 
-fuzz_target!(|data: &[u8]| {
-    invariants::check_request(data);
-});
+fuzz_target!(|data: &[u8]| invariants::targets::control_request(data));

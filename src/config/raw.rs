@@ -326,7 +326,10 @@ impl<'a> Node<'a> {
             Node::Table(t) => t
                 .span()
                 .or_else(|| self.entries()?.into_iter().find_map(|e| e.span)),
-            Node::Inline(t) => t.span(),
+            // `{ multiplier.x = 0 }`: a dotted key makes an inline table of its own, unwritten.
+            Node::Inline(t) => t
+                .span()
+                .or_else(|| self.entries()?.into_iter().find_map(|e| e.span)),
             Node::Tables(a) => a
                 .span()
                 .or_else(|| a.iter().next().and_then(TomlTable::span)),

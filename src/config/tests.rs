@@ -2101,3 +2101,15 @@ fn check_private_dir_creates_a_private_folder_and_refuses_others() {
         .unwrap_err()
         .contains("not a directory"));
 }
+
+/// Found by `fuzz/fuzz_targets/config.rs`: a dotted key inside an inline table makes a table
+/// of its own that toml gives no span, and the problem had no location at all. Like a dotted
+/// table elsewhere, it is located at its first key (`x`).
+#[test]
+fn fuzz_regression_dotted_key_in_an_inline_table_is_located() {
+    let text = format!("{WEB}backoff = {{ initial = \"1s\", multiplier.x = 0 }}\n");
+    assert_eq!(
+        problem(&text),
+        line("3:40: program.web.backoff.multiplier: invalid type: table, expected a number")
+    );
+}

@@ -607,6 +607,10 @@ fn scan_segment(path: &Path, mut each: impl FnMut(Record<'_>, u64)) -> Result<Sc
         return Err(bad("the header checksum does not match"));
     }
     let header_next_id = u64::from_le_bytes(header[12..20].try_into().expect("8 bytes"));
+    if header_next_id == u64::MAX {
+        // As for records: the job given this id would have no id after it.
+        return Err(bad("the header's next job id is out of range"));
+    }
 
     let mut reader = io::BufReader::with_capacity(64 << 10, file);
     let mut off = HEADER_LEN;
@@ -638,6 +642,15 @@ fn scan_segment(path: &Path, mut each: impl FnMut(Record<'_>, u64)) -> Result<Sc
         let Some(rec) = Record::decode(ty, &body) else {
             break;
         };
+        // No job has the last id (the one after it could not be given): a record naming it is
+        // corrupt, its CRC matched by chance or by design.
+        let (Record::Submitted { id, .. }
+        | Record::Answered { id, .. }
+        | Record::Attempt { id, .. }
+        | Record::Requeued { id }) = rec;
+        if id == u64::MAX {
+            break;
+        }
         each(rec, off);
         off += RECORD_HEADER_LEN + len;
     }
@@ -1972,5 +1985,31 @@ mod tests {
         expect.push(500);
         assert_eq!(ids, expect);
         assert_eq!(rec.warnings, Vec::<String>::new());
+    }
+
+    /// Found by `fuzz/fuzz_targets/queue_recovery.rs`: a record for job `u64::MAX` (its CRC
+    /// intact) was recovered with `next_id` stuck at `u64::MAX`, so the next job submitted got
+    /// the same id. A record with the last id, or a header whose next id is it, is corrupt.
+    #[test]
+    fn fuzz_regression_the_last_id_is_never_recovered() {
+        let dir = tempfile::tempdir().unwrap();
+        let (mut store, _) = Store::open(dir.path(), small()).unwrap();
+        store.append_submitted(1, 0, None, b"one").unwrap();
+        store
+            .append_submitted(u64::MAX, 4, None, b"forged")
+            .unwrap();
+        store.sync().unwrap();
+        drop(store);
+        let (_, rec) = Store::open(dir.path(), small()).unwrap();
+        assert_eq!(rec.jobs.iter().map(|j| j.id).collect::<Vec<_>>(), vec![1]);
+        assert_eq!(rec.next_id, 2);
+        assert_eq!(rec.warnings.len(), 1, "{:?}", rec.warnings);
+
+        let dir = tempfile::tempdir().unwrap();
+        fs::write(dir.path().join(segment_name(1)), segment_header(u64::MAX)).unwrap();
+        assert!(matches!(
+            Store::open(dir.path(), small()),
+            Err(Error::BadHeader { .. })
+        ));
     }
 }

@@ -512,7 +512,11 @@ pub fn decode(payload: &[u8], fds: &[RawFd]) -> Option<(Setup, Body<'static>)> {
     let pid_vars = (0..n)
         .map(|_| r.u32().map(|i| i as usize))
         .collect::<Option<Vec<_>>>()?;
-    if !r.0.is_empty() {
+    // Indices of entries of `envp`, in increasing order, as `launch` makes them: the child
+    // pairs each with the entry it names by walking both in order.
+    let indices_ok =
+        pid_vars.windows(2).all(|w| w[0] < w[1]) && pid_vars.last().is_none_or(|&i| i < envp.len());
+    if !r.0.is_empty() || !indices_ok {
         return None;
     }
     let setup = Setup {
@@ -670,5 +674,42 @@ mod tests {
         // A function body is not sent at all.
         let mut f = || 0;
         assert!(encode(&setup, &Body::Call(Box::new(&mut f))).is_none());
+    }
+
+    /// Found by `fuzz/fuzz_targets/forkserver_request.rs`: a `pid_vars` index past the end of
+    /// `envp` decoded, and so did indices out of order, which the child pairs with the wrong
+    /// entries (it walks `pid_vars` and `envp` side by side).
+    #[test]
+    fn fuzz_regression_pid_vars_must_name_entries_in_order() {
+        let setup = Setup {
+            cwd: None,
+            umask: None,
+            credentials: None,
+            stdin: 0,
+            stdout: 1,
+            stderr: 2,
+            pass_fds: vec![],
+            locks: vec![],
+            lock_mode: 0o644,
+            nofile: None,
+            limits: vec![],
+            nice: None,
+            oom_score_adj: None,
+        };
+        let fds = [3, 4, 5, 6];
+        let request = |pid_vars: Vec<usize>| {
+            let body = Body::Exec {
+                path: c("/usr/bin/env"),
+                argv: vec![c("env")],
+                envp: vec![c("PATH=/usr/bin"), c("LISTEN_PID="), c("WATCHDOG_PID=")],
+                pid_vars,
+            };
+            encode(&setup, &body).unwrap()
+        };
+        assert!(decode(&request(vec![1, 2]), &fds).is_some());
+        assert!(decode(&request(vec![]), &fds).is_some());
+        for bad in [vec![3], vec![2490369], vec![2, 1], vec![1, 1]] {
+            assert!(decode(&request(bad.clone()), &fds).is_none(), "{bad:?}");
+        }
     }
 }

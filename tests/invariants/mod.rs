@@ -9,6 +9,8 @@
 
 use std::path::Path;
 
+pub mod targets;
+
 use plumule::config::{self, ConfigError};
 use plumule::output::{format_tagged, LineSplitter};
 use plumule::protocol::{parse_request, Request, Response, Target};
