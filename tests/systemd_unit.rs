@@ -34,8 +34,11 @@ fn the_unit_is_not_more_exposed_than_measured() {
     let dir = sb.path("unit");
     fs::create_dir(&dir).expect("unit dir");
     let path = dir.join("plumule.service");
-    fs::write(&path, shipped_unit().replace("/usr/local/bin/plumule", PLUMULE))
-        .expect("write the unit");
+    fs::write(
+        &path,
+        shipped_unit().replace("/usr/local/bin/plumule", PLUMULE),
+    )
+    .expect("write the unit");
     let out = Command::new(&analyze)
         .args(["security", "--offline=true", "--no-pager"])
         .arg(&path)
