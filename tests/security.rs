@@ -561,6 +561,27 @@ fn check_never_shows_a_redis_or_etcd_password() {
         !stderr.contains("s3cret"),
         "a password is logged:\n{stderr}"
     );
+
+    // And from a reload: neither its answer nor the master's log shows it.
+    let valid = sb.config("[program.w]\ncommand = [\"sleep\", \"1000\"]\n");
+    let mut master = sb.start(&valid);
+    wait_running(&sb, "w", 1);
+    sb.config(
+        "[program.w]\ncommand = [\"sleep\", \"1000\"]\n\n\
+         [queue.q]\nbackend = \"redis://:redis-s3cret@127.0.0.1:6379/0\"\n",
+    );
+    let out = sb.plumule(&["reload", "-c", &valid.display().to_string()], DEADLINE);
+    assert_exit_code(out.status, 1, &out.stderr);
+    let answer = format!("{}{}", out.stdout, out.stderr);
+    assert!(
+        answer.contains("`backend` is not supported yet") && !answer.contains("s3cret"),
+        "the refused reload, without the password:\n{answer}"
+    );
+    master.wait_stderr(&["`backend` is not supported yet"], DEADLINE);
+    let log = master.stderr_text();
+    assert!(!log.contains("s3cret"), "a password is logged:\n{log}");
+    let status = master.stop_with(SIGTERM, DEADLINE);
+    assert_exit_code(status, 0, &master.stderr_text());
 }
 
 /// Under a root master, a runtime_dir or state_dir of another user would let that user swap
