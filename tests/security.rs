@@ -390,7 +390,10 @@ fn mode_of(path: &Path) -> u32 {
 #[test]
 fn missing_runtime_lock_and_state_dirs_are_created_0755_0755_0700_whatever_the_umask() {
     let sb = Sandbox::new();
-    for (umask, base) in [("022", "default"), ("077", "strict"), ("000", "open")] {
+    for (n, (umask, base)) in [("022", "default"), ("077", "strict"), ("000", "open")]
+        .into_iter()
+        .enumerate()
+    {
         let base = sb.path(base);
         let config = dirs_config(&sb, &base);
         let script = format!("umask {umask} && exec \"$0\" run -c \"$1\"");
@@ -400,12 +403,8 @@ fn missing_runtime_lock_and_state_dirs_are_created_0755_0755_0700_whatever_the_u
             "plumule run under a umask",
             |_| {},
         );
-        let pidfile = base.join("run/plumule/plumule.pid");
-        sb.wait(
-            &format!("the master under umask {umask} wrote its pidfile"),
-            DEADLINE,
-            || fs::read_to_string(&pidfile).is_ok_and(|t| t.ends_with('\n')),
-        );
+        // Its worker started: the folders are made, and SIGTERM is handled.
+        sb.wait_starts("w", n + 1, DEADLINE);
         for (dir, want) in [
             ("run/plumule", 0o755),
             ("lock/plumule", 0o755),
@@ -620,12 +619,8 @@ fn runtime_and_state_dirs_of_another_user_are_refused_and_a_shared_lock_dir_is_n
                 target.display()
             );
         } else {
-            let pidfile = base.join("run/plumule/plumule.pid");
-            sb.wait(
-                "the master with nobody's lock_dir wrote its pidfile",
-                DEADLINE,
-                || fs::read_to_string(&pidfile).is_ok_and(|t| t.ends_with('\n')),
-            );
+            // Its worker started: the folders passed, and SIGTERM is handled.
+            sb.wait_starts("w", 1, DEADLINE);
             let status = master.stop_with(SIGTERM, DEADLINE);
             assert_exit_code(status, 0, &master.stderr_text());
         }
