@@ -10,15 +10,18 @@
 //!   worker and a directly exec'd worker byte for byte, nothing they say is run, and no
 //!   process's command line ever holds them.
 //! - `runtime_dir`, `lock_dir` and `state_dir` are created 0755, 0755 and 0700, whatever the
-//!   umask, and existing ones are refused when other users can write to them. (The per-user
-//!   folder in /tmp is tested in tests/runtime_dir.rs.)
+//!   umask, and existing ones are refused when other users can write to them; a runtime_dir
+//!   or state_dir owned by another user than root or the master's own is refused too. (The
+//!   per-user folder in /tmp is tested in tests/runtime_dir.rs.)
 //! - The master's own `NOTIFY_SOCKET`, `LISTEN_*`, `WATCHDOG_*` and `JOURNAL_STREAM` never reach
 //!   a worker, not even one that gets plumule's own `LISTEN_*` and `WATCHDOG_*`: read from
 //!   /proc/PID/environ, the environment the worker was exec'd with. (tests/process.rs checks
 //!   the same for `/usr/bin/env` workers with and without `inherit_env`.)
 //! - The control socket's peer check, as root with a second uid, is tested in tests/control.rs
-//!   (`as_nobody`); config files writable by others in tests/check.rs; masked Redis and etcd
-//!   credentials in `check`'s output below, and in src/config/tests.rs.
+//!   (`as_root_a_client_under_another_uid_is_refused_and_the_socket_is_0600`); config files
+//!   writable by others in tests/check.rs (`a_config_writable_by_others_is_refused`). Redis
+//!   and etcd credentials, masked in `check`, `run` and `reload` output, are tested below and
+//!   in src/config/tests.rs.
 
 mod common;
 
