@@ -68,6 +68,7 @@ use std::time::Duration;
 use nix::sys::signal::Signal;
 
 pub use locate::Location;
+pub use values::mask_credentials;
 pub use warnings::{Probe, Warnings};
 
 /// A validated configuration.
@@ -811,7 +812,8 @@ fn parse_files(
                 file: (p.file > 0).then(|| files[p.file].path.clone()),
                 location: p.span.map(|s| sources[p.file].location(s.start)),
                 key: p.key,
-                message: p.message,
+                // A refused Redis or etcd URL may hold a password (SPEC §7).
+                message: values::mask_credentials(&p.message),
             };
             (p.file, problem)
         })

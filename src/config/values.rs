@@ -323,6 +323,65 @@ pub(super) fn resolve(dir: &Path, path: impl AsRef<Path>) -> PathBuf {
         .collect()
 }
 
+/// `text` with the credentials of every URL in it masked: the password of `user:password@`
+/// (`redis://:secret@host/0` → `redis://:***@host/0`), a lone `token@` whole, and the value
+/// of a `password=` query parameter. Config errors pass through it, so a refused Redis or etcd
+/// URL never shows its secret in `check`, a reload's answer or the log (SPEC §7).
+pub fn mask_credentials(text: &str) -> String {
+    /// Where a URL ends inside a message: at a space or a quote around it.
+    fn url_end(rest: &str) -> usize {
+        rest.find(|c: char| c.is_whitespace() || matches!(c, '"' | '\'' | '`' | ',' | ']' | '>'))
+            .unwrap_or(rest.len())
+    }
+    let mut out = String::with_capacity(text.len());
+    let mut rest = text;
+    while let Some(at) = rest.find("://") {
+        let (head, tail) = rest.split_at(at + "://".len());
+        out.push_str(head);
+        let url = &tail[..url_end(tail)];
+        // The user information ends at the last `@`: a password written with a `/`, `?`,
+        // `#` or `@` in it unescaped is masked whole all the same.
+        let host_start = match url.rfind('@') {
+            Some(user_end) => {
+                let userinfo = &url[..user_end];
+                match userinfo.find(':') {
+                    Some(colon) => {
+                        out.push_str(&userinfo[..=colon]);
+                        out.push_str("***");
+                    }
+                    None => out.push_str("***"),
+                }
+                user_end
+            }
+            None => 0,
+        };
+        let host_end = url[host_start..]
+            .find(['/', '?', '#'])
+            .map_or(url.len(), |i| host_start + i);
+        out.push_str(&url[host_start..host_end]);
+        out.push_str(&mask_password_parameter(&url[host_end..]));
+        rest = &tail[url.len()..];
+    }
+    out.push_str(rest);
+    out
+}
+
+/// A URL's path and query with the value of `password=` masked.
+fn mask_password_parameter(path: &str) -> String {
+    let Some(q) = path.find('?') else {
+        return path.to_string();
+    };
+    let (before, query) = path.split_at(q + 1);
+    let masked: Vec<String> = query
+        .split('&')
+        .map(|pair| match pair.split_once('=') {
+            Some((name, _)) if name.eq_ignore_ascii_case("password") => format!("{name}=***"),
+            _ => pair.to_string(),
+        })
+        .collect();
+    format!("{before}{}", masked.join("&"))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

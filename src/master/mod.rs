@@ -161,14 +161,18 @@ pub struct Master {
     metrics: Metrics,
 }
 
-/// Creates a missing directory with `mode`; refuses one that others may write to.
-fn prepare_dir(what: &'static str, path: &Path, mode: u32) -> Result<(), MasterError> {
-    use std::os::unix::fs::{DirBuilderExt, MetadataExt};
+/// Creates a missing directory with exactly `mode` (whatever the umask); refuses one that
+/// others may write to. With `own`, also one owned by another user than root or the master's
+/// own: its owner could swap the pidfile, the sockets or the records of a previous master's
+/// process groups (which a new master signals) under a root master.
+fn prepare_dir(what: &'static str, path: &Path, mode: u32, own: bool) -> Result<(), MasterError> {
+    use std::os::unix::fs::{DirBuilderExt, MetadataExt, PermissionsExt};
     let err = |reason: String| MasterError::Dir {
         what,
         path: path.to_path_buf(),
         reason,
     };
+    let missing = std::fs::symlink_metadata(path).is_err();
     if let Err(e) = std::fs::DirBuilder::new()
         .recursive(true)
         .mode(mode)
@@ -180,10 +184,23 @@ fn prepare_dir(what: &'static str, path: &Path, mode: u32) -> Result<(), MasterE
     if !meta.is_dir() {
         return Err(err("not a directory".into()));
     }
+    if missing && meta.mode() & 0o7777 != mode {
+        // The umask narrowed it: a 0700 runtime_dir would shut out a `control_group`.
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))
+            .map_err(|e| err(format!("cannot set its mode to {mode:04o}: {e}")))?;
+    }
     if meta.mode() & 0o002 != 0 {
         return Err(err(format!(
             "it is writable by other users (mode {:04o}); run chmod o-w on it",
             meta.mode() & 0o7777
+        )));
+    }
+    let me = nix::unistd::geteuid().as_raw();
+    if own && meta.uid() != 0 && meta.uid() != me {
+        return Err(err(format!(
+            "it belongs to uid {}, who could replace what the master keeps there; \
+             use a folder of uid {me} or root (chown)",
+            meta.uid()
         )));
     }
     Ok(())
