@@ -618,7 +618,13 @@ fn what_is_left_of_a_dead_workers_group_is_killed_before_its_replacement_starts(
             r#"prev=$(cat {dir}/leftover 2>/dev/null)
 if [ -n "$prev" ] && read -r stat 2>/dev/null < /proc/$prev/stat; then
     set -- ${{stat##*)}}
-    [ "$1" = Z ] || echo "$$ started while $prev was alive" >> {dir}/overlap
+    # Killed means SIGKILL is pending or done: on a busy machine a killed process may not
+    # have run yet to die, but it never runs its own code again.
+    killed=0
+    while read -r key mask; do
+        case $key in SigPnd:|ShdPnd:) [ $(( 0x$mask & 0x100 )) -ne 0 ] && killed=1 ;; esac
+    done < /proc/$prev/status 2>/dev/null
+    [ "$1" = Z ] || [ $killed = 1 ] || echo "$$ started while $prev was alive" >> {dir}/overlap
 fi
 sleep 1000 &
 echo $! > {dir}/leftover.new
