@@ -739,6 +739,9 @@ impl Supervisor {
             },
         );
         self.journal.started(&self.procs[&pid].group(pid));
+        // On disk before the worker can run its own code: a master SIGKILLed right after
+        // this spawn still leaves the group on record for the next one to stop.
+        self.save_groups();
         if let (Some(pipes), Some(queue)) = (consumer, program.queue.as_deref()) {
             let tag = Arc::clone(&self.procs[&pid].tag);
             self.attach_consumer(pid, key, tag, queue, pipes);
