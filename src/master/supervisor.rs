@@ -153,12 +153,14 @@ impl Supervisor {
     /// Takes the runtime dir (pidfile), stops leftovers of a previous master, and registers
     /// the signals — all before the first worker is forked.
     pub(super) fn new(config: Config) -> Result<Supervisor, MasterError> {
+        // Signals first: a SIGTERM that comes while the master sets up (its pidfile already
+        // written) is a graceful stop once the loop runs, not the default action's death.
+        let signals = Signals::register(&HANDLED).map_err(MasterError::Setup)?;
         super::prepare_dir("runtime_dir", &config.runtime_dir, 0o755, true)?;
         let pidfile = Pidfile::acquire(&config.runtime_dir).map_err(MasterError::Busy)?;
         super::prepare_dir("state_dir", &config.state_dir, 0o700, true)?;
         // Another user's lock_dir is fine: masters of several users may share one.
         super::prepare_dir("lock_dir", &config.lock_dir, 0o755, false)?;
-        let signals = Signals::register(&HANDLED).map_err(MasterError::Setup)?;
         if let Err(e) = sys::process::become_subreaper() {
             log::warn!("cannot become the subreaper of the workers' children, ignoring: {e}");
         }
