@@ -390,7 +390,10 @@ pub struct DeadLetters {
 pub struct DeadLetter {
     pub id: u64,
     pub attempts: u32,
+    /// Why it died; base64 when `reason_base64`, else UTF-8.
     pub reason: String,
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub reason_base64: bool,
     /// The job's payload; base64 when `base64`, else UTF-8.
     pub payload: String,
     #[serde(default, skip_serializing_if = "Option::is_none")]

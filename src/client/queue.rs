@@ -682,7 +682,7 @@ pub fn format_dead(dead: &DeadLetters) -> String {
         rows.push([
             d.id.to_string(),
             d.attempts.to_string(),
-            escape(d.reason.as_bytes()),
+            escape(&bytes_of(&d.reason, d.reason_base64)),
             escape(&bytes_of(&d.payload, d.base64)),
         ]);
     }

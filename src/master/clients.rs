@@ -547,15 +547,12 @@ fn queue_report(sup: &Supervisor, queue: Option<String>, dead: bool) -> Response
             .dead()
             .map(|d| {
                 let (payload, b64) = protocol::encode_bytes(&d.job.payload);
-                let (reason, _) = protocol::encode_bytes(&d.reason);
+                let (reason, reason_base64) = protocol::encode_bytes(&d.reason);
                 protocol::DeadLetter {
                     id: d.job.id,
                     attempts: d.job.attempts,
-                    reason: if std::str::from_utf8(&d.reason).is_ok() {
-                        reason
-                    } else {
-                        String::from_utf8_lossy(&d.reason).into_owned()
-                    },
+                    reason,
+                    reason_base64,
                     payload,
                     key: d
                         .job

@@ -433,6 +433,7 @@ fn queue_tables() {
                 id: 7,
                 attempts: 3,
                 reason: "fail: no such file\n\x1b[31m".into(),
+                reason_base64: false,
                 payload: "a.png\tb".into(),
                 key: None,
                 base64: false,
@@ -440,7 +441,8 @@ fn queue_tables() {
             DeadLetter {
                 id: 12,
                 attempts: 1,
-                reason: "drop: bad".into(),
+                reason: "ZHJvcDogYmFk/w==".into(),
+                reason_base64: true,
                 payload: "/wA=".into(),
                 key: Some("k".into()),
                 base64: true,
@@ -451,7 +453,7 @@ fn queue_tables() {
         format_dead(&dead),
         "ID  ATTEMPTS  REASON                          PAYLOAD\n\
          7   3         fail: no such file\\n\\u{1b}[31m  a.png\\tb\n\
-         12  1         drop: bad                       \\xff\\u{0}\n\
+         12  1         drop: bad\\xff                   \\xff\\u{0}\n\
          q: 2 dead letter(s)\n"
     );
 }
