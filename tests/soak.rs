@@ -430,3 +430,141 @@ fn hundreds_of_control_connections_get_an_answer_or_a_clear_refusal() {
     assert!(socket_status(&sb).programs.iter().any(|p| p.name == "w"));
     println!("soak: master fds after the connections closed: {fds_after}");
 }
+
+// ---------------------------------------------------------------------------------------------
+// 4. A low open-file limit
+
+/// The master's open-file limit (soft and hard) in this test.
+const NOFILE: u32 = 64;
+
+/// Connects to the control socket and asks for `status`: Ok with the connection (which the
+/// master keeps open) if it answered, Err with the refusal if it refused the connection.
+fn held_connection(sb: &Sandbox) -> Result<UnixStream, String> {
+    let c = UnixStream::connect(sb.control_socket()).expect("connect to the control socket");
+    c.set_read_timeout(Some(DEADLINE)).expect("read timeout");
+    c.set_write_timeout(Some(DEADLINE)).expect("write timeout");
+    let mut line = serde_json::to_vec(&Request::Status { program: None }).expect("encode");
+    line.push(b'\n');
+    // A refused connection may be closed before the request is written.
+    let _ = (&c).write_all(&line);
+    let mut answer = String::new();
+    BufReader::new(&c)
+        .read_line(&mut answer)
+        .unwrap_or_else(|e| panic!("no answer and no refusal within {DEADLINE:?}: {e}"));
+    match serde_json::from_str::<Response>(&answer) {
+        Ok(Response::Ok(plumule::protocol::Answer::Status(_))) => Ok(c),
+        Ok(Response::Error(why)) => Err(why),
+        other => panic!("unexpected answer {answer:?}: {other:?}"),
+    }
+}
+
+/// The master started with `RLIMIT_NOFILE` at 64: a program scaled past what the descriptors
+/// allow has its extra workers `failed` with "Too many open files" (in `status` and the log),
+/// the workers that run keep running, control clients past the limit are refused clearly
+/// (the master neither hangs them nor spins), and once descriptors are freed the failed
+/// workers start again with `plumule start`.
+#[test]
+fn running_out_of_descriptors_is_reported_and_recovered_from() {
+    let sb = Sandbox::with_budget(budget());
+    let steady = sleeper(&sb);
+    let config = sb.config(&format!(
+        "[program.a]\ncommand = {}\n\n\
+         [program.hog]\ncommand = [\"/bin/sleep\", \"1000\"]\nworkers = 8\n\n\
+         [program.b]\ncommand = [\"/bin/sleep\", \"1000\"]\n",
+        argv(&steady)
+    ));
+    let script = format!("ulimit -n {NOFILE} && exec \"$0\" run -c \"$1\"");
+    let master = sb.spawn_master_via(
+        "/bin/sh",
+        &["-c", &script, PLUMULE, &config.display().to_string()],
+        "plumule run (ulimit -n 64)",
+        |_| {},
+    );
+    let pid = master.pid();
+    let a = wait_running(&sb, "a", 1)[&0];
+    wait_running(&sb, "hog", 8);
+    wait_running(&sb, "b", 1);
+    let fds_idle = settled_fds(&sb, pid);
+
+    // Past the limit: the extra workers fail, saying why.
+    sb.cli_ok(&config, &["scale", "b", "10", "--no-wait"]);
+    let mut failed = Vec::new();
+    sb.wait(
+        "every worker of b is running or failed, one failed for lack of descriptors",
+        DEADLINE,
+        || {
+            let s = socket_status(&sb);
+            let b: Vec<_> = s.workers().filter(|(p, _)| p.name == "b").collect();
+            failed = b
+                .iter()
+                .filter(|(_, w)| w.state == "failed")
+                .map(|(_, w)| (w.id, w.detail.clone().unwrap_or_default()))
+                .collect();
+            b.len() == 10
+                && b.iter()
+                    .all(|(_, w)| w.state == "running" || w.state == "failed")
+                && failed
+                    .iter()
+                    .any(|(_, why)| why.contains("Too many open files"))
+        },
+    );
+    master.wait_stderr(&["b.", "Too many open files"], DEADLINE);
+    let fds_full = fd_count(pid);
+    let running_b = running(&socket_status(&sb), "b").len();
+
+    // What runs is still supervised: the steady worker is the same process, and a worker
+    // that exits is restarted.
+    assert_eq!(wait_running(&sb, "a", 1)[&0], a);
+    let hog = running(&socket_status(&sb), "hog");
+    send(hog[&0], Signal::SIGKILL);
+    sb.wait("hog.0 runs again as a new process", DEADLINE, || {
+        running(&socket_status(&sb), "hog")
+            .get(&0)
+            .is_some_and(|&p| p != hog[&0])
+    });
+
+    // Control clients until the descriptors run out: the one past the limit is told so, at
+    // once, not left waiting; the master does not spin on the connection it cannot take.
+    let mut held = Vec::new();
+    let mut refused = None;
+    while refused.is_none() && held.len() < plumule::control::MAX_CONNECTIONS {
+        match held_connection(&sb) {
+            Ok(c) => held.push(c),
+            Err(why) => refused = Some(why),
+        }
+    }
+    let refused = refused.unwrap_or_else(|| {
+        panic!(
+            "{} idle connections held and none refused (the master holds {} descriptors)",
+            held.len(),
+            fd_count(pid)
+        )
+    });
+    assert!(
+        refused.contains("Too many open files"),
+        "an unclear refusal: {refused}"
+    );
+    let accept_warnings = master.stderr_lines_with(&["control socket"]).len();
+    assert!(
+        accept_warnings <= 2 * held.len(),
+        "{accept_warnings} log lines about the control socket for {} connections",
+        held.len()
+    );
+    let connections_held = held.len();
+    drop(held);
+    wait_fds_back(pid, fds_full, "after the idle connections closed");
+
+    // Recovery: descriptors freed, the failed workers start.
+    sb.cli_ok(&config, &["scale", "hog", "1"]);
+    sb.cli_ok(&config, &["start", "b"]);
+    wait_running(&sb, "b", 10);
+    assert_eq!(wait_running(&sb, "a", 1)[&0], a);
+    println!(
+        "soak: RLIMIT_NOFILE {NOFILE}: master fds {fds_idle} idle, {fds_full} at the limit with \
+         b at {running_b} of 10 ({} failed: {:?}); {connections_held} control connections \
+         held, the last refused: {}; after recovery b runs 10",
+        failed.len(),
+        failed.first().map(|(_, why)| why),
+        refused.trim()
+    );
+}
