@@ -427,10 +427,11 @@ impl ControlServer {
     }
 }
 
-/// The descriptor [`ControlServer`] keeps in reserve (close-on-exec, as std opens files).
-fn spare_descriptor() -> Option<std::fs::File> {
+/// A descriptor to keep in reserve for when the master runs out (close-on-exec, as std
+/// opens files): [`ControlServer`] keeps one, and so does the metrics endpoint.
+pub(crate) fn spare_descriptor() -> Option<std::fs::File> {
     std::fs::File::open("/dev/null")
-        .map_err(|e| log::debug!("control socket: no spare descriptor: {e}"))
+        .map_err(|e| log::debug!("no spare descriptor: {e}"))
         .ok()
 }
 

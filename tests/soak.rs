@@ -437,6 +437,14 @@ fn hundreds_of_control_connections_get_an_answer_or_a_clear_refusal() {
 /// The master's open-file limit (soft and hard) in this test.
 const NOFILE: u32 = 64;
 
+/// The pid of the master's fork server (its child `plumule-spawner`), if it has one.
+fn fork_server(master: i32) -> Option<i32> {
+    live_children(master)
+        .into_iter()
+        .find(|p| p.comm == "plumule-spawner")
+        .map(|p| p.pid)
+}
+
 /// Connects to the control socket and asks for `status`: Ok with the connection (which the
 /// master keeps open) if it answered, Err with the refusal if it refused the connection.
 fn held_connection(sb: &Sandbox) -> Result<UnixStream, String> {
@@ -467,10 +475,12 @@ fn held_connection(sb: &Sandbox) -> Result<UnixStream, String> {
 fn running_out_of_descriptors_is_reported_and_recovered_from() {
     let sb = Sandbox::with_budget(budget());
     let steady = sleeper(&sb);
+    let metrics = sb.path("metrics.sock");
     let config = sb.config(&format!(
-        "[program.a]\ncommand = {}\n\n\
+        "metrics = \"unix:{}\"\n\n[program.a]\ncommand = {}\n\n\
          [program.hog]\ncommand = [\"/bin/sleep\", \"1000\"]\nworkers = 8\n\n\
          [program.b]\ncommand = [\"/bin/sleep\", \"1000\"]\n",
+        metrics.display(),
         argv(&steady)
     ));
     let script = format!("ulimit -n {NOFILE} && exec \"$0\" run -c \"$1\"");
@@ -485,6 +495,7 @@ fn running_out_of_descriptors_is_reported_and_recovered_from() {
     wait_running(&sb, "hog", 8);
     wait_running(&sb, "b", 1);
     let fds_idle = settled_fds(&sb, pid);
+    let spawner = fork_server(pid);
 
     // Past the limit: the extra workers fail, saying why.
     sb.cli_ok(&config, &["scale", "b", "10", "--no-wait"]);
@@ -544,12 +555,32 @@ fn running_out_of_descriptors_is_reported_and_recovered_from() {
         refused.contains("Too many open files"),
         "an unclear refusal: {refused}"
     );
-    let accept_warnings = master.stderr_lines_with(&["control socket"]).len();
+    // The metrics endpoint, at the limit too: a scraper is told, not left waiting.
+    let mut scrape = UnixStream::connect(&metrics).expect("connect to the metrics socket");
+    scrape
+        .set_read_timeout(Some(DEADLINE))
+        .expect("read timeout");
+    let _ = scrape.write_all(b"GET /metrics HTTP/1.0\r\n\r\n");
+    let mut scraped = String::new();
+    let _ = BufReader::new(&scrape).read_line(&mut scraped);
     assert!(
-        accept_warnings <= 2 * held.len(),
-        "{accept_warnings} log lines about the control socket for {} connections",
-        held.len()
+        scraped.starts_with("HTTP/1.1 503") || scraped.starts_with("HTTP/1.0 503"),
+        "a scrape past the descriptor limit got {scraped:?}"
     );
+    for (what, lines) in [
+        (
+            "control socket",
+            master.stderr_lines_with(&["control socket"]).len(),
+        ),
+        ("metrics", master.stderr_lines_with(&["metrics:"]).len()),
+    ] {
+        // One line when it happens, not one per retry of a busy loop.
+        assert!(
+            lines <= 3,
+            "{lines} log lines about the {what} for {} connections",
+            held.len()
+        );
+    }
     let connections_held = held.len();
     drop(held);
     wait_fds_back(pid, fds_full, "after the idle connections closed");
@@ -559,6 +590,8 @@ fn running_out_of_descriptors_is_reported_and_recovered_from() {
     sb.cli_ok(&config, &["start", "b"]);
     wait_running(&sb, "b", 10);
     assert_eq!(wait_running(&sb, "a", 1)[&0], a);
+    // Running out was the master's trouble, not its fork server's: that one still forks.
+    assert_eq!(fork_server(pid), spawner, "the master's fork server");
     println!(
         "soak: RLIMIT_NOFILE {NOFILE}: master fds {fds_idle} idle, {fds_full} at the limit with \
          b at {running_b} of 10 ({} failed: {:?}); {connections_held} control connections \
