@@ -20,6 +20,9 @@ use crate::protocol::{parse_request_line, Progress, Request, Response, MAX_REQUE
 pub const MAX_CONNECTIONS: usize = 128;
 pub const MAX_PENDING_OUTPUT: usize = 16 * 1024 * 1024;
 pub const IDLE_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long the listener is left alone after an accept failed for a reason that a retry at
+/// once would meet again (out of descriptors with no spare left, out of memory).
+pub const ACCEPT_PAUSE: Duration = Duration::from_millis(250);
 
 /// Who may command the master: root, the master's own user, and members of `control_group`.
 #[derive(Debug, Clone)]
@@ -79,6 +82,16 @@ pub struct ControlServer {
     access: Access,
     pub conns: HashMap<u64, Conn>,
     next_id: u64,
+    /// A descriptor (of /dev/null) held to be given up when the master runs out (EMFILE):
+    /// closing it lets the master take the waiting connection, tell its client why it is
+    /// refused, and close it. Without it the connection would stay in the backlog and the
+    /// listener readable, which a level-triggered loop meets again at once: a busy loop.
+    spare: Option<std::fs::File>,
+    /// Accepting failed in a way a retry at once would meet again: the listener is left
+    /// alone until then.
+    paused_until: Option<Instant>,
+    /// Out of descriptors: said once in the log, until a connection is taken again.
+    starved: bool,
 }
 
 impl ControlServer {
@@ -103,7 +116,26 @@ impl ControlServer {
             access,
             conns: HashMap::new(),
             next_id: 0,
+            spare: spare_descriptor(),
+            paused_until: None,
+            starved: false,
         })
+    }
+
+    /// Whether the listener is to be watched now: false while accepting is paused.
+    pub fn accepting(&mut self, now: Instant) -> bool {
+        match self.paused_until {
+            Some(until) if now < until => false,
+            _ => {
+                self.paused_until = None;
+                true
+            }
+        }
+    }
+
+    /// When a paused listener is to be watched again.
+    pub fn resume_at(&self) -> Option<Instant> {
+        self.paused_until
     }
 
     pub fn fd(&self) -> RawFd {
@@ -116,11 +148,32 @@ impl ControlServer {
             let stream = match self.listener.accept() {
                 Ok((s, _)) => s,
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) if e.kind() == io::ErrorKind::ConnectionAborted => continue,
+                Err(e) if matches!(e.raw_os_error(), Some(libc::EMFILE | libc::ENFILE)) => {
+                    if !self.starved {
+                        log::error!(
+                            "control socket: cannot take a connection: {e}; clients are refused \
+                             until descriptors are freed"
+                        );
+                        self.starved = true;
+                    }
+                    match self.refuse_starved(&e) {
+                        Ok(()) => continue,
+                        Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
+                        Err(_) => {
+                            self.paused_until = Some(now + ACCEPT_PAUSE);
+                            return;
+                        }
+                    }
+                }
                 Err(e) => {
                     log::warn!("control socket: accept failed: {e}");
+                    self.paused_until = Some(now + ACCEPT_PAUSE);
                     return;
                 }
             };
+            self.starved = false;
             let refusal = match crate::sys::peer_credentials(&stream) {
                 Ok((uid, gid)) if self.access.allows(uid, gid) => None,
                 Ok((uid, _)) => Some(format!(
@@ -153,6 +206,25 @@ impl ControlServer {
             };
             self.conns.insert(self.next_id, conn);
         }
+    }
+
+    /// Out of descriptors: gives up the spare one to take the waiting connection, tells its
+    /// client why, closes it, and takes the spare again. Err when there is no spare, or the
+    /// accept failed anyway (WouldBlock: nothing was waiting any more).
+    fn refuse_starved(&mut self, why: &io::Error) -> io::Result<()> {
+        if self.spare.take().is_none() {
+            self.spare = spare_descriptor();
+            return Err(io::Error::from_raw_os_error(libc::EMFILE));
+        }
+        let accepted = self.listener.accept();
+        if let Ok((stream, _)) = &accepted {
+            let message = format!("the master is out of file descriptors ({why}); try again");
+            let _ = stream.set_nonblocking(true);
+            let _ = (&*stream).write_all(&Response::error(message).to_line());
+        }
+        let result = accepted.map(drop);
+        self.spare = spare_descriptor();
+        result
     }
 
     /// (fd, wanted events as poll bits, connection id) for the reactor.
@@ -353,6 +425,14 @@ impl ControlServer {
     pub fn close(self) {
         let _ = std::fs::remove_file(&self.path);
     }
+}
+
+/// A descriptor to keep in reserve for when the master runs out (close-on-exec, as std
+/// opens files): [`ControlServer`] keeps one, and so does the metrics endpoint.
+pub(crate) fn spare_descriptor() -> Option<std::fs::File> {
+    std::fs::File::open("/dev/null")
+        .map_err(|e| log::debug!("no spare descriptor: {e}"))
+        .ok()
 }
 
 #[cfg(test)]

@@ -476,6 +476,12 @@ impl Slot {
 
             (S::Stopped | S::Backoff { .. }, E::Spawned { pid }) => {
                 self.starts.push_back(now);
+                // Only the last `burst` starts can reach the limit; without a limit none is
+                // kept (a crash loop would otherwise grow this by one entry per restart).
+                let keep = program.start_limit.map_or(0, |l| l.burst as usize);
+                while self.starts.len() > keep {
+                    self.starts.pop_front();
+                }
                 self.status = None;
                 Go(S::Starting {
                     pid,
@@ -1033,6 +1039,38 @@ pub(crate) mod tests {
         run_once(&mut slot, &p, later, ms(1), Exit::Code(1));
         run_once(&mut slot, &p, later + ms(5), ms(1), Exit::Code(1));
         assert_eq!(slot.state().name(), "backoff");
+    }
+
+    #[test]
+    fn start_times_kept_are_bounded_by_the_start_limit() {
+        let mut p = program();
+        p.backoff = Backoff {
+            initial: ms(1),
+            max: ms(1),
+            multiplier: 1.0,
+            jitter: 0.0,
+        };
+        let mut slot = Slot::new(0);
+        let mut t = Instant::now();
+        for _ in 0..1000 {
+            t = run_once(&mut slot, &p, t, ms(1), Exit::Code(1)) + ms(1);
+        }
+        assert_eq!(slot.restarts, 1000);
+        assert_eq!(slot.starts.len(), 0, "no start limit: no start time kept");
+
+        p.start_limit = Some(StartLimit {
+            burst: 5,
+            interval: Duration::from_millis(1),
+        });
+        for _ in 0..1000 {
+            t = run_once(&mut slot, &p, t, ms(1), Exit::Code(1)) + ms(1);
+        }
+        assert_eq!(slot.state().name(), "backoff");
+        assert!(
+            slot.starts.len() <= 5,
+            "{} start times kept",
+            slot.starts.len()
+        );
     }
 
     #[test]

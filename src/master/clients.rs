@@ -75,9 +75,12 @@ impl Clients {
     /// Brings the reactor in line with the socket: the listener while new clients are taken,
     /// each connection for reading, and for writing while it has output queued. Costs the
     /// number of connections, which is bounded and small, not the fleet.
-    fn watch(&mut self, sup: &Supervisor) {
+    fn watch(&mut self, sup: &Supervisor, now: Instant) {
+        // Left alone a while after an accept failed in a way a retry at once would meet
+        // again (out of descriptors): the loop would spin on a readable listener.
+        let accepting = self.server.as_mut().is_some_and(|c| c.accepting(now));
         let Some(c) = &self.server else { return };
-        let listen = sup.phase == Phase::Running;
+        let listen = sup.phase == Phase::Running && accepting;
         if listen != self.listening {
             let fd = c.fd();
             if listen {
@@ -514,14 +517,16 @@ impl Subsystem for Clients {
         }
         let progress_due = self.send_progress(now);
         self.feed_followers(sup);
-        self.watch(sup);
+        self.watch(sup, now);
         let recheck = self
             .waiters
             .iter()
             .filter_map(|w| sup.recheck_at(&w.kind, now))
             .min();
         let expiry = self.server.as_mut().and_then(|c| c.expire(now));
-        super::earliest(super::earliest(progress_due, expiry), recheck)
+        let resume = self.server.as_ref().and_then(|c| c.resume_at());
+        let due = super::earliest(super::earliest(progress_due, expiry), recheck);
+        super::earliest(due, resume)
     }
 
     fn finish(&mut self, sup: &mut Supervisor) {

@@ -317,6 +317,15 @@ pub(super) struct Metrics {
     listener: Option<Listener>,
     conns: HashMap<u64, Conn>,
     next_id: u64,
+    /// Given up when the master runs out of descriptors, to take the waiting connection
+    /// and refuse it: left in the backlog, it would keep the listener ready and the loop
+    /// busy (see `crate::control::spare_descriptor`).
+    spare: Option<std::fs::File>,
+    /// The listener is unwatched until then, after an accept failure a retry at once would
+    /// meet again.
+    paused_until: Option<Instant>,
+    /// Out of descriptors: said once in the log, until a connection is taken again.
+    starved: bool,
 }
 
 impl Metrics {
@@ -328,6 +337,9 @@ impl Metrics {
             listener: None,
             conns: HashMap::new(),
             next_id: 0,
+            spare: crate::control::spare_descriptor(),
+            paused_until: None,
+            starved: false,
         };
         if let Some(addr) = &wanted {
             let listener = Listener::bind(addr).map_err(MasterError::Metrics)?;
@@ -345,6 +357,7 @@ impl Metrics {
     /// then the new one is bound. When that fails, the old one is bound again if it can be.
     fn rebind(&mut self, sup: &Supervisor) {
         let old = std::mem::replace(&mut self.wanted, sup.config.metrics.clone());
+        self.paused_until = None;
         if let Some(listener) = self.listener.take() {
             sup.reactor.remove(listener.fd());
             listener.close();
@@ -393,13 +406,49 @@ impl Metrics {
                 Ok(s) => s,
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) if e.kind() == io::ErrorKind::ConnectionAborted => continue,
+                Err(e) if matches!(e.raw_os_error(), Some(libc::EMFILE | libc::ENFILE)) => {
+                    if !self.starved {
+                        log::error!(
+                            "metrics: cannot take a connection: {e}; scrapers are refused \
+                             until descriptors are freed"
+                        );
+                        self.starved = true;
+                    }
+                    // accept() takes a descriptor before it looks for a connection: it
+                    // fails so also when none waits any more, and then WouldBlock follows.
+                    if let Some(spare) = self.spare.take() {
+                        drop(spare);
+                        let refused = listener.accept().map(|mut refused| {
+                            let _ = refused.set_nonblocking();
+                            let body = format!("out of file descriptors: {e}\n");
+                            let _ = refused.write(&response(503, "Service Unavailable", "", &body));
+                        });
+                        self.spare = crate::control::spare_descriptor();
+                        match refused {
+                            Ok(()) if self.spare.is_some() => continue,
+                            Err(e)
+                                if e.kind() == io::ErrorKind::WouldBlock
+                                    && self.spare.is_some() =>
+                            {
+                                return
+                            }
+                            _ => {}
+                        }
+                    }
+                    // No spare: the listener is left alone a while, not retried at once.
+                    sup.reactor.remove(listener.fd());
+                    self.paused_until = Some(now + crate::control::ACCEPT_PAUSE);
+                    return;
+                }
                 Err(e) => {
-                    // EMFILE and the like: the connection waits in the backlog; the next
-                    // event retries.
                     log::warn!("metrics: accept failed: {e}");
+                    sup.reactor.remove(listener.fd());
+                    self.paused_until = Some(now + crate::control::ACCEPT_PAUSE);
                     return;
                 }
             };
+            self.starved = false;
             if stream.set_nonblocking().is_err() {
                 continue;
             }
@@ -895,8 +944,23 @@ impl Subsystem for Metrics {
         if sup.config.metrics != self.wanted {
             self.rebind(sup);
         }
+        if let (Some(until), Some(listener)) = (self.paused_until, &self.listener) {
+            if now >= until {
+                self.paused_until = None;
+                if self.spare.is_none() {
+                    self.spare = crate::control::spare_descriptor();
+                }
+                if let Err(e) = sup
+                    .reactor
+                    .add(listener.fd(), Part::Metrics.token(LISTENER), false)
+                {
+                    log::error!("metrics: cannot watch the listener again: {e}");
+                }
+            }
+        }
         self.conns.retain(|_, c| c.deadline > now);
-        self.conns.values().map(|c| c.deadline).min()
+        let expiry = self.conns.values().map(|c| c.deadline).min();
+        super::earliest(expiry, self.paused_until)
     }
 
     fn finish(&mut self, sup: &mut Supervisor) {

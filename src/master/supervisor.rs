@@ -680,11 +680,18 @@ impl Supervisor {
         let exec = matches!(prepared.body, sys::spawn::Body::Exec { .. });
         let forked = match self.forkserver.as_mut().filter(|_| exec) {
             // A function body (the library's) runs in a fork of the master itself.
-            Some(server) => server.spawn(req, &prepared.body).or_else(|e| {
-                // Ours, so this should not happen; if it does, the master can still fork.
-                log::warn!("the fork server failed ({e}); the master forks workers itself now");
-                self.forkserver = None;
-                sys::spawn::spawn(req, &mut prepared.body)
+            Some(server) => server.spawn(req, &prepared.body).or_else(|e| match e {
+                // The master could not make the worker's status pipe (out of descriptors):
+                // this start fails, the fork server is fine. Given up for it, every later
+                // worker would be forked from the master, with all its descriptors, which
+                // near the limit fails in the child.
+                e @ sys::spawn::SpawnError::StatusPipe { .. } => Err(e),
+                e => {
+                    // Ours, so this should not happen; if it does, the master can still fork.
+                    log::warn!("the fork server failed ({e}); the master forks workers itself now");
+                    self.forkserver = None;
+                    sys::spawn::spawn(req, &mut prepared.body)
+                }
             }),
             None => sys::spawn::spawn(req, &mut prepared.body),
         };

@@ -690,6 +690,16 @@ impl Sandbox {
             .unwrap_or_else(|| panic!("no worker {program}.{id} in status --json: {report:?}"))
     }
 
+    /// The live processes carrying this sandbox's marker: its masters, their workers and
+    /// whatever those started.
+    pub fn marked_processes(&self) -> Vec<ProcStat> {
+        let marker = self.marker();
+        processes()
+            .into_iter()
+            .filter(|p| p.state != 'Z' && carries_marker(p.pid, &marker))
+            .collect()
+    }
+
     /// SIGKILLs every process carrying this sandbox's marker until none is left (bounded).
     fn kill_marked(&self) {
         let marker = self.marker();
