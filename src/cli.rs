@@ -695,10 +695,7 @@ fn submit(
     };
     match dead {
         0 => 0,
-        dead => fail(format!(
-            "{name}: {dead} of {} job(s) ended dead",
-            results.results.len()
-        )),
+        dead => fail(format!("{name}: {dead} of {} job(s) ended dead", results)),
     }
 }
 

@@ -501,8 +501,8 @@ impl<'a, P: Peer> Submitter<'a, P> {
 }
 
 /// `submit`: every job of `jobs` to `queue` in batches over `peer`; returns how many were
-/// stored and, with `wait`, the outcomes (asked on the same connection once all are stored;
-/// each chunk goes to `on_results` as it comes, and is returned with its texts emptied).
+/// stored and, with `wait`, how many outcomes came (each chunk goes to `on_results` as it comes,
+/// with the submit answers and then after a results request on the same connection).
 pub fn submit<P: Peer>(
     peer: &mut P,
     queue: &str,
@@ -510,19 +510,14 @@ pub fn submit<P: Peer>(
     wait: bool,
     jobs: impl Iterator<Item = Result<Piece, SubmitError>>,
     on_results: &mut dyn FnMut(&JobResults) -> io::Result<()>,
-) -> Result<(u64, Option<JobResults>), SubmitError> {
+) -> Result<(u64, Option<u64>), SubmitError> {
     let mut submitter = Submitter::new(peer, queue, key, wait)?;
-    let mut all = JobResults {
-        results: Vec::new(),
-    };
-    let mut hand_out = |chunks: Vec<JobResults>, all: &mut JobResults| -> Result<(), SubmitError> {
+    // Only the count is kept: each result goes out as it comes.
+    let mut all: u64 = 0;
+    let mut hand_out = |chunks: Vec<JobResults>, all: &mut u64| -> Result<(), SubmitError> {
         for chunk in chunks {
             on_results(&chunk).map_err(SubmitError::Output)?;
-            // Only the count is kept: the results went out already.
-            all.results.extend(chunk.results.into_iter().map(|mut r| {
-                r.text.clear();
-                r
-            }));
+            *all += chunk.results.len() as u64;
         }
         Ok(())
     };
@@ -547,12 +542,12 @@ pub fn submit<P: Peer>(
         return Ok((stored, None));
     }
     hand_out(early, &mut all)?;
-    if (all.results.len() as u64) < stored {
+    if all < stored {
         peer.send(&Request::Results)?;
     }
     // The master streams the rest in submission order, in as many lines as it likes; the
     // line that brings the count to the number stored is the last.
-    while (all.results.len() as u64) < stored {
+    while all < stored {
         match peer.read_response()?.ok_or(ClientError::NoAnswer)? {
             Response::Ok(Answer::Results(chunk)) => {
                 if chunk.results.is_empty() {

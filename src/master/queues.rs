@@ -20,7 +20,7 @@
 //! failed write or sync cuts the log back to what was synced: the submissions after that point
 //! fail (their clients are told, their jobs forgotten), and nothing synced before is touched.
 
-use std::collections::{BTreeSet, HashMap, VecDeque};
+use std::collections::{HashMap, VecDeque};
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::sync::Arc;
 use std::time::Instant;
@@ -38,7 +38,7 @@ use crate::protocol::{JobOutcome, JobResult};
 use crate::queue::durable::{Durable, Failed, OnReply};
 use crate::queue::state::{ConsumerId, DeadJob, Job, JobEvent, QueueState, Settings};
 use crate::queue::store::{self, JobState, Pos, Store};
-use crate::queue::wire::{encode_job, AnswerDecoder};
+use crate::queue::wire::{check_job, encode_job, AnswerDecoder};
 use crate::slot::{Exit, SlotState};
 use crate::sys;
 use crate::sys::syncer::Syncer;
@@ -90,8 +90,9 @@ pub(super) struct QueueRt {
     failed: VecDeque<(u64, u64, String)>,
     /// Jobs submitted with `wait` that have not ended yet, and the outcomes of those that
     /// have, until their client collects them.
-    watch_open: BTreeSet<u64>,
-    watch_done: HashMap<u64, JobResult>,
+    /// Each job submitted with `wait`: `None` while it runs, its outcome once it has ended,
+    /// until its client takes it.
+    watched: HashMap<u64, Option<JobResult>>,
     /// Counters for the metrics endpoint.
     pub(super) counters: QueueCounters,
 }
@@ -349,8 +350,7 @@ impl QueueRt {
             unsynced: VecDeque::new(),
             stored_below,
             failed: VecDeque::new(),
-            watch_open: BTreeSet::new(),
-            watch_done: HashMap::new(),
+            watched: HashMap::new(),
             counters: QueueCounters::default(),
         })
     }
@@ -386,24 +386,7 @@ impl QueueRt {
         let name = &name;
         for (index, payload) in jobs.iter().enumerate() {
             // The same checks the encoder makes when it delivers: refuse now, not later.
-            let mut probe = Vec::new();
-            let check = match self.config.protocol {
-                QueueProtocol::Lines => encode_job(
-                    QueueProtocol::Lines,
-                    payload,
-                    self.config.max_frame,
-                    &mut probe,
-                ),
-                QueueProtocol::Frames if payload.len() as u64 > self.config.max_frame => {
-                    encode_job(
-                        QueueProtocol::Frames,
-                        payload,
-                        self.config.max_frame,
-                        &mut probe,
-                    )
-                }
-                QueueProtocol::Frames => Ok(()),
-            };
+            let check = check_job(self.config.protocol, payload, self.config.max_frame);
             check.map_err(|source| SubmitError::Encode {
                 queue: name.clone(),
                 index: index + 1,
@@ -448,7 +431,8 @@ impl QueueRt {
             self.stored_below = first + count;
         }
         if watched {
-            self.watch_open.extend(first..first + count);
+            self.watched
+                .extend((first..first + count).map(|id| (id, None)));
         }
         Ok((first, first + count))
     }
@@ -499,7 +483,7 @@ impl QueueRt {
         for (_, first, end) in lost {
             self.state.forget(first, end);
             for id in first..end {
-                self.watch_open.remove(&id);
+                self.watched.remove(&id);
             }
             self.failed.push_back((first, end, why.clone()));
             if self.failed.len() > FAILED_KEPT {
@@ -545,9 +529,10 @@ impl QueueRt {
                 } => {
                     self.counters.ok += 1;
                     self.counters.durations.observe(took.as_secs_f64());
-                    if *watched && self.watch_open.remove(id) {
-                        self.watch_done
-                            .insert(*id, job_result(&name, *id, JobOutcome::Ok, result));
+                    if *watched {
+                        if let Some(slot @ None) = self.watched.get_mut(id) {
+                            *slot = Some(job_result(&name, *id, JobOutcome::Ok, result));
+                        }
                     }
                     self.store
                         .as_mut()
@@ -571,9 +556,10 @@ impl QueueRt {
                     } else if took.is_some() {
                         self.counters.dropped += 1;
                     }
-                    if *watched && self.watch_open.remove(id) {
-                        self.watch_done
-                            .insert(*id, job_result(&name, *id, JobOutcome::Dead, reason));
+                    if *watched {
+                        if let Some(slot @ None) = self.watched.get_mut(id) {
+                            *slot = Some(job_result(&name, *id, JobOutcome::Dead, reason));
+                        }
                     }
                     // The attempt that killed it is recorded first, so that the dead letter
                     // keeps its count across a restart.
@@ -647,11 +633,14 @@ impl QueueRt {
         out: &mut Vec<JobResult>,
     ) {
         while *next < end && out.len() < max {
-            if self.watch_open.contains(next) {
-                return;
-            }
-            if let Some(r) = self.watch_done.remove(next) {
-                out.push(r);
+            match self.watched.get(next) {
+                Some(None) => return,
+                Some(Some(_)) => {
+                    if let Some(Some(r)) = self.watched.remove(next) {
+                        out.push(r);
+                    }
+                }
+                None => {}
             }
             *next += 1;
         }
@@ -660,8 +649,7 @@ impl QueueRt {
     /// The client that watched `first..end` is gone: keep nothing for it.
     pub(super) fn unwatch(&mut self, first: u64, end: u64) {
         for id in first..end {
-            self.watch_open.remove(&id);
-            self.watch_done.remove(&id);
+            self.watched.remove(&id);
         }
     }
 }

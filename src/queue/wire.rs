@@ -180,14 +180,9 @@ fn frame_limit(max: u64) -> u64 {
     max.min(u64::from(u32::MAX))
 }
 
-/// Appends job `payload` to `out` as `protocol` writes it, or says why it cannot be sent. `max`
-/// is the queue's `max_frame`; nothing is appended on error.
-pub fn encode_job(
-    protocol: QueueProtocol,
-    payload: &[u8],
-    max: u64,
-    out: &mut Vec<u8>,
-) -> Result<(), EncodeError> {
+/// Whether `payload` can be sent as a job under `protocol` and `max` (the queue's
+/// `max_frame`): what [`encode_job`] checks, without writing anything.
+pub fn check_job(protocol: QueueProtocol, payload: &[u8], max: u64) -> Result<(), EncodeError> {
     match protocol {
         QueueProtocol::Lines => {
             if let Some(at) = payload.iter().position(|&b| b == b'\n') {
@@ -196,13 +191,31 @@ pub fn encode_job(
             if payload.len() as u64 > max {
                 return Err(too_long("job", payload.len(), max));
             }
-            out.extend_from_slice(payload);
-            out.push(b'\n');
         }
         QueueProtocol::Frames => {
             if payload.len() as u64 > frame_limit(max) {
                 return Err(too_long("job", payload.len(), max));
             }
+        }
+    }
+    Ok(())
+}
+
+/// Appends job `payload` to `out` as `protocol` writes it, or says why it cannot be sent. `max`
+/// is the queue's `max_frame`; nothing is appended on error.
+pub fn encode_job(
+    protocol: QueueProtocol,
+    payload: &[u8],
+    max: u64,
+    out: &mut Vec<u8>,
+) -> Result<(), EncodeError> {
+    check_job(protocol, payload, max)?;
+    match protocol {
+        QueueProtocol::Lines => {
+            out.extend_from_slice(payload);
+            out.push(b'\n');
+        }
+        QueueProtocol::Frames => {
             out.extend_from_slice(&(payload.len() as u32).to_be_bytes());
             out.extend_from_slice(payload);
         }

@@ -385,7 +385,7 @@ fn wait_marks_every_batch_then_asks_for_the_results() {
         Ok(())
     })
     .unwrap();
-    assert_eq!(results.unwrap().results.len(), 1500);
+    assert_eq!(results, Some(1500));
     assert_eq!(stored, 1500);
     assert!(fake
         .requests
