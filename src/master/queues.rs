@@ -161,6 +161,8 @@ pub(super) struct Queues {
     syncer: Option<Syncer>,
     /// What the reactor watches of the syncer's socket: (fd, for writing too).
     syncer_watch: Option<(i32, bool)>,
+    /// The buffer answers are read into.
+    read_buf: Vec<u8>,
 }
 
 /// Why a batch was not taken.
@@ -194,6 +196,7 @@ impl Queues {
             jitter: Some(Jitter::from_entropy()),
             syncer: None,
             syncer_watch: None,
+            read_buf: Vec::new(),
         };
         for q in &config.queues {
             let rt = QueueRt::open(q, &config.state_dir).map_err(|e| (q.name.clone(), e))?;
@@ -981,7 +984,9 @@ impl Supervisor {
             return;
         };
         let c = ConsumerId(pid.as_raw() as u64);
-        let mut buf = vec![0u8; 64 * 1024];
+        // One buffer for every read, kept between passes (not zeroed and allocated per read).
+        let mut buf = std::mem::take(&mut self.queues.read_buf);
+        buf.resize(64 * 1024, 0);
         let mut budget = READ_BUDGET;
         let mut eof = false;
         let mut error: Option<String> = None;
@@ -1019,6 +1024,7 @@ impl Supervisor {
                 break;
             }
         }
+        self.queues.read_buf = buf;
         if eof && error.is_none() {
             if let Err(e) = conn.decoder.finish() {
                 error = Some(e.to_string());
@@ -1087,7 +1093,7 @@ impl Supervisor {
             return;
         }
         // Who takes jobs: a consumer whose worker runs (ready) and is not being stopped.
-        let mut accepting: Vec<(String, ConsumerId, bool, u32)> = Vec::new();
+        let mut accepting: Vec<(usize, ConsumerId, bool)> = Vec::new();
         for (&pid, conn) in &self.queues.conns {
             let running = self.pool_index(conn.key.pool).is_some_and(|p| {
                 let pool = &self.pools[p];
@@ -1097,12 +1103,17 @@ impl Supervisor {
                 }) && !pool.removed
             });
             let ok = running && !conn.closing && conn.broken.is_none() && conn.stdin.is_some();
-            accepting.push((conn.queue.clone(), ConsumerId(pid.as_raw() as u64), ok, 0));
-        }
-        for (queue, c, ok, _) in accepting {
-            if let Some(q) = self.queues.get_mut(&queue) {
-                q.state.set_accepting(c, ok);
+            if let Some(i) = self
+                .queues
+                .queues
+                .iter()
+                .position(|q| q.config.name == conn.queue)
+            {
+                accepting.push((i, ConsumerId(pid.as_raw() as u64), ok));
             }
+        }
+        for (i, c, ok) in accepting {
+            self.queues.queues[i].state.set_accepting(c, ok);
         }
         // Slots of each consuming program, for the key ring.
         for q in &mut self.queues.queues {
