@@ -422,6 +422,15 @@ pub fn encode_bytes(bytes: &[u8]) -> (String, bool) {
     }
 }
 
+/// [`encode_bytes`] for bytes the caller gives up: valid UTF-8 becomes the string without a
+/// copy.
+pub fn encode_owned(bytes: Vec<u8>) -> (String, bool) {
+    match String::from_utf8(bytes) {
+        Ok(s) => (s, false),
+        Err(e) => encode_bytes(e.as_bytes()),
+    }
+}
+
 /// The bytes a JSON string stands for: as [`encode_bytes`] made it.
 pub fn decode_bytes(text: &str, base64: bool) -> Result<Vec<u8>, base64::DecodeError> {
     use base64::Engine;

@@ -521,8 +521,8 @@ impl QueueRt {
     fn apply_events(&mut self) {
         let name = self.config.name.clone();
         let events: Vec<JobEvent> = self.state.events().collect();
-        for ev in events {
-            let appended = match &ev {
+        for mut ev in events {
+            let appended = match &mut ev {
                 JobEvent::Done {
                     id,
                     result,
@@ -531,13 +531,17 @@ impl QueueRt {
                 } => {
                     self.counters.ok += 1;
                     self.counters.durations.observe(took.as_secs_f64());
+                    let appended = self
+                        .store
+                        .as_mut()
+                        .map(|s| s.append_answered(*id, store::Outcome::Ok(result)));
                     if *watched {
+                        // The result moves into the answer for the client, not copied.
+                        let result = std::mem::take(result);
                         self.watched
                             .end(*id, || job_result(&name, *id, JobOutcome::Ok, result));
                     }
-                    self.store
-                        .as_mut()
-                        .map(|s| s.append_answered(*id, store::Outcome::Ok(result)))
+                    appended
                 }
                 JobEvent::Dead {
                     id,
@@ -558,6 +562,7 @@ impl QueueRt {
                         self.counters.dropped += 1;
                     }
                     if *watched {
+                        let reason = reason.clone();
                         self.watched
                             .end(*id, || job_result(&name, *id, JobOutcome::Dead, reason));
                     }
@@ -790,8 +795,8 @@ impl Watched {
     }
 }
 
-fn job_result(queue: &str, id: u64, outcome: JobOutcome, text: &[u8]) -> JobResult {
-    let (text, base64) = crate::protocol::encode_bytes(text);
+fn job_result(queue: &str, id: u64, outcome: JobOutcome, text: Vec<u8>) -> JobResult {
+    let (text, base64) = crate::protocol::encode_owned(text);
     JobResult {
         queue: queue.to_string(),
         id,
