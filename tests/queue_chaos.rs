@@ -176,7 +176,7 @@ fn killer(socket: &Path, master: &AtomicI32, stop: &AtomicBool, seed: u64) -> (u
     let (mut workers, mut syncers) = (0, 0);
     while !stop.load(Ordering::SeqCst) {
         // The pace of the chaos, not a synchronisation: nothing waits on these kills.
-        std::thread::sleep(Duration::from_millis(5 + rng.below(35)));
+        std::thread::sleep(Duration::from_millis(5 + rng.below(35))); // the killer's own pace
         let parent = master.load(Ordering::SeqCst);
         let child_of_master =
             |pid: i32| proc_stat(pid).is_some_and(|p| p.ppid == parent && p.state != 'Z');

@@ -164,53 +164,12 @@ impl Drop for ForkServer {
 /// # Safety
 /// Only in a child just forked from a single-threaded process.
 unsafe fn become_server(master: libc::pid_t, sock: RawFd) -> ! {
-    // SAFETY (whole block): plain system calls on our own descriptors and signal state.
+    // SAFETY: the caller's promise, passed on; what follows only serves requests over the
+    // socket, in plain Rust, and exits without returning into the caller's frames.
     unsafe {
-        libc::prctl(
-            libc::PR_SET_PDEATHSIG,
-            libc::SIGKILL as libc::c_ulong,
-            0,
-            0,
-            0,
-        );
-        if libc::getppid() != master {
-            libc::_exit(0);
-        }
-        libc::prctl(libc::PR_SET_NAME, c"plumule-spawner".as_ptr(), 0, 0, 0);
-        // A terminal's ^C or a signal to the master's process group is the master's business:
-        // the server goes when the master closes its socket, or dies.
-        for sig in [
-            libc::SIGINT,
-            libc::SIGTERM,
-            libc::SIGHUP,
-            libc::SIGQUIT,
-            libc::SIGUSR1,
-            libc::SIGUSR2,
-            libc::SIGPIPE,
-        ] {
-            libc::signal(sig, libc::SIG_IGN);
-        }
-        libc::signal(libc::SIGCHLD, libc::SIG_DFL);
-        let mut empty: libc::sigset_t = std::mem::zeroed();
-        libc::sigemptyset(&mut empty);
-        libc::pthread_sigmask(libc::SIG_SETMASK, &empty, std::ptr::null_mut());
-        // Keep only the socket, at 3: no descriptor of the master's stays open here.
-        if libc::dup2(sock, 3) < 0 {
-            libc::_exit(1);
-        }
-        if libc::syscall(
-            libc::SYS_close_range,
-            4 as libc::c_uint,
-            libc::c_uint::MAX,
-            0,
-        ) < 0
-        {
-            for fd in 4..65536 {
-                libc::close(fd);
-            }
-        }
+        let fd = super::become_helper(master, c"plumule-spawner", sock);
         let code =
-            std::panic::catch_unwind(|| serve(OwnedFd::from_raw_fd(3), master)).map_or(1, |()| 0);
+            std::panic::catch_unwind(|| serve(OwnedFd::from_raw_fd(fd), master)).map_or(1, |()| 0);
         libc::_exit(code)
     }
 }

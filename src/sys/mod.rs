@@ -103,3 +103,64 @@ pub unsafe fn owned(fd: RawFd) -> OwnedFd {
     // SAFETY: the caller guarantees `fd` is open and has no other owner.
     unsafe { OwnedFd::from_raw_fd(fd) }
 }
+
+/// What a helper process of the master (the fork server, the syncer) does first in the child
+/// just forked: die with the master (and go at once if it is already gone), take `name` as
+/// its process name, leave the signals meant for the master's process group to the master,
+/// unblock the rest, and keep no descriptor but `sock`, moved to 3. Returns 3.
+///
+/// # Safety
+/// Only in a child just forked from a single-threaded process, before anything else.
+pub(crate) unsafe fn become_helper(
+    master: libc::pid_t,
+    name: &std::ffi::CStr,
+    sock: RawFd,
+) -> RawFd {
+    // SAFETY (whole block): plain system calls on our own descriptors and signal state.
+    unsafe {
+        libc::prctl(
+            libc::PR_SET_PDEATHSIG,
+            libc::SIGKILL as libc::c_ulong,
+            0,
+            0,
+            0,
+        );
+        if libc::getppid() != master {
+            libc::_exit(0);
+        }
+        libc::prctl(libc::PR_SET_NAME, name.as_ptr(), 0, 0, 0);
+        // A terminal's ^C or a signal to the master's process group is the master's business:
+        // a helper goes when the master closes its socket, or dies.
+        for sig in [
+            libc::SIGINT,
+            libc::SIGTERM,
+            libc::SIGHUP,
+            libc::SIGQUIT,
+            libc::SIGUSR1,
+            libc::SIGUSR2,
+            libc::SIGPIPE,
+        ] {
+            libc::signal(sig, libc::SIG_IGN);
+        }
+        libc::signal(libc::SIGCHLD, libc::SIG_DFL);
+        let mut empty: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&mut empty);
+        libc::pthread_sigmask(libc::SIG_SETMASK, &empty, std::ptr::null_mut());
+        // Keep only the socket, at 3: no descriptor of the master's stays open here.
+        if libc::dup2(sock, 3) < 0 {
+            libc::_exit(1);
+        }
+        if libc::syscall(
+            libc::SYS_close_range,
+            4 as libc::c_uint,
+            libc::c_uint::MAX,
+            0,
+        ) < 0
+        {
+            for fd in 4..65536 {
+                libc::close(fd);
+            }
+        }
+        3
+    }
+}
