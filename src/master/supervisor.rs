@@ -685,7 +685,10 @@ impl Supervisor {
                 // this start fails, the fork server is fine. Given up for it, every later
                 // worker would be forked from the master, with all its descriptors, which
                 // near the limit fails in the child.
-                e @ sys::spawn::SpawnError::StatusPipe { .. } => Err(e),
+                // Nor is a fork the server tried and the kernel refused (EAGAIN, ENOMEM): it
+                // is retried after the backoff, by the same server.
+                e @ (sys::spawn::SpawnError::StatusPipe { .. }
+                | sys::spawn::SpawnError::ServerFork { .. }) => Err(e),
                 e => {
                     // Ours, so this should not happen; if it does, the master can still fork.
                     log::warn!("the fork server failed ({e}); the master forks workers itself now");

@@ -122,7 +122,10 @@ impl ForkServer {
         self.sock.read_exact(&mut answer).map_err(failed)?;
         let pid = i32::from_le_bytes(answer);
         if pid <= 0 {
-            return Err(failed(io::Error::from_raw_os_error(-pid)));
+            return Err(SpawnError::ServerFork {
+                what: body.describe(),
+                source: io::Error::from_raw_os_error(-pid),
+            });
         }
         Ok(Child {
             pid: Pid::from_raw(pid),

@@ -137,6 +137,10 @@ pub enum SpawnError {
     StatusPipe { what: String, source: io::Error },
     #[error("cannot fork to start {what}: {source}")]
     Fork { what: String, source: io::Error },
+    /// The fork server is fine but its fork failed (EAGAIN, ENOMEM): transient, like a
+    /// failed fork in the master.
+    #[error("cannot fork to start {what}: {source}")]
+    ServerFork { what: String, source: io::Error },
 }
 
 impl Body<'_> {
