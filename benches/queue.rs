@@ -41,6 +41,9 @@
 //! Every wait has a deadline; on failure the master is SIGKILLed and the row says what went
 //! wrong.
 
+mod common;
+
+use common::machine;
 use std::fmt::Write as _;
 use std::fs;
 use std::io::{self, BufRead, BufReader, BufWriter, Read, Write};
@@ -871,17 +874,4 @@ fn source() -> String {
         }
         _ => String::new(),
     }
-}
-
-/// "N CPUs (model), Linux RELEASE": what the figures depend on.
-fn machine() -> String {
-    let cpus = std::thread::available_parallelism().map_or(0, |n| n.get());
-    let cpuinfo = fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
-    let model = cpuinfo
-        .lines()
-        .find(|l| l.starts_with("model name"))
-        .and_then(|l| l.split(':').nth(1))
-        .map_or("unknown CPU", str::trim);
-    let release = fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
-    format!("{cpus} CPUs ({model}), Linux {}", release.trim())
 }
