@@ -94,11 +94,13 @@ pub enum Request {
     /// connection closes when it exits.
     Shutdown,
     /// Enqueues `jobs` on `queue`, all with `key` (`--key`). Answered with [`Submitted`] once
-    /// the jobs are stored (for a durable queue: synced to disk). The batch is refused whole
+    /// the jobs are stored (for a durable queue: synced to disk) and, while workers take the
+    /// queue's jobs, the backlog is under the flow-control bound. The batch is refused whole
     /// when it would cross `max_pending`, or when a `lines` payload holds a newline. With
     /// `base64`, each job is the base64 (standard alphabet, padded) of its bytes; otherwise
     /// the job is the string's UTF-8 bytes. With `wait`, the master keeps the outcome of
-    /// these jobs for this connection, and a later [`Request::Results`] returns them.
+    /// these jobs for this connection until it has sent it: with a later answer to `submit`
+    /// ([`Submitted::results`]), or in the stream a [`Request::Results`] starts.
     Submit {
         queue: String,
         jobs: Vec<String>,
@@ -109,9 +111,9 @@ pub enum Request {
         #[serde(default, skip_serializing_if = "std::ops::Not::not")]
         wait: bool,
     },
-    /// The outcomes of every job this connection submitted with `wait`, answered once all
-    /// of them have ended (answered `ok`, or dead-lettered), in submission order, as
-    /// [`JobResults`]. Progress lines meanwhile, when asked for.
+    /// The outcomes of this connection's `wait` jobs not sent yet, streamed in submission
+    /// order as [`JobResults`] lines as the jobs end (answered `ok`, or dead-lettered); the
+    /// line with the last of them is the answer. Progress lines meanwhile, when asked for.
     Results,
     /// Counts of one queue or of all ([`QueueReport`]); with `dead`, the dead letters of
     /// `queue` (required then) as [`DeadLetters`].
