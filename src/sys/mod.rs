@@ -4,6 +4,7 @@
 pub mod alarm;
 pub mod forkserver;
 pub mod fs;
+pub mod link;
 pub mod listen;
 pub mod notify;
 pub mod pidfile;
