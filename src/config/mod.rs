@@ -36,8 +36,8 @@
 //!   length is 4 bytes), exit codes 0 to 255;
 //! - `node` is `[A-Za-z0-9._-]{1,253}` (default: the host name); `cluster.etcd` lists
 //!   `http://` or `https://` endpoints, `cluster.lease` is at least 1s (default 10s); a queue's
-//!   `backend` is a `redis://` URL, `claim_after` (default 30s) is positive, `partitions`
-//!   (default 64) is 1 to 65 536. `cluster`, `backend` and cluster locks are read and checked
+//!   `backend` is a `redis://` or `unix://` URL, `claim_after` (default 30s) is positive, `partitions`
+//!   (default 64) is 1 to 65 536. `cluster` and cluster locks are read and checked
 //!   but refused as not supported yet ([`UNSUPPORTED`]);
 //! - the per-user runtime folder in /tmp (no `$XDG_RUNTIME_DIR`) is created 0700 when missing
 //!   and refused when it is not a directory of ours that only we may write (see
@@ -424,11 +424,6 @@ pub const UNSUPPORTED: &[Unsupported] = &[
     Unsupported {
         key: "program.*.locks.cluster",
         value: Some("true"),
-    },
-    // SPEC §10: queues in Redis.
-    Unsupported {
-        key: "queue.*.backend",
-        value: None,
     },
 ];
 

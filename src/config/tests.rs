@@ -1965,11 +1965,9 @@ fn queue_backend_keys_are_read_and_checked() {
     assert_eq!(q.backend.as_deref(), Some("redis://127.0.0.1:6379/0"));
     assert_eq!(q.claim_after, Duration::from_secs(60));
     assert_eq!(q.partitions, 8);
-    assert_eq!(
-        problem(text),
-        line("2:1: queue.q.backend: `backend` is not supported yet")
-    );
-    // Without a backend, the other two are accepted (they mean nothing yet).
+    let q = &ok("[queue.q]\nbackend = \"unix:///run/redis.sock\"\n").queues[0];
+    assert_eq!(q.backend.as_deref(), Some("unix:///run/redis.sock"));
+    // Without a backend, the other two are accepted (they mean nothing then).
     let q = &parse_now("[queue.q]\nclaim_after = \"1m\"\npartitions = 8\n")
         .unwrap()
         .queues[0];

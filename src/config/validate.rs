@@ -716,7 +716,11 @@ impl<'a> Validator<'a> {
             job_timeout: self.opt_duration(&key.child("job_timeout"), raw.job_timeout.as_ref()),
             backend: raw.backend.as_ref().map(|b| {
                 let b_key = key.child("backend");
-                if !b.get_ref().starts_with("redis://") || b.get_ref().len() <= "redis://".len() {
+                let url = b.get_ref();
+                let scheme = ["redis://", "unix://", "redis+unix://"]
+                    .into_iter()
+                    .find(|s| url.starts_with(s));
+                if scheme.is_none_or(|s| url.len() <= s.len()) {
                     self.at(
                         b,
                         &b_key,

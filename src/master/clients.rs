@@ -244,16 +244,28 @@ impl Clients {
                 let batches = self.waits.remove(&conn).unwrap_or_default();
                 Ok(WaitKind::Results { batches })
             }
-            Request::Queue { queue, dead } => return Some(queue_report(sup, queue, dead)),
+            Request::Queue { queue, dead } => {
+                match sup.remote_query(queue.as_deref(), dead, None) {
+                    Some(Ok(kind)) => Ok(kind),
+                    Some(Err(response)) => return Some(response),
+                    None => return Some(queue_report(sup, queue, dead)),
+                }
+            }
             Request::Requeue { queue, ids, all } => {
                 let ids = (!all).then_some(ids);
                 if ids.as_ref().is_some_and(|i| i.is_empty()) {
                     return Some(Response::error("requeue: name dead letter ids, or --all"));
                 }
-                return Some(match sup.requeue(&queue, ids.as_deref()) {
-                    Ok(n) => Response::ok(crate::protocol::Requeued { queue, requeued: n }),
-                    Err(e) => Response::error(e),
-                });
+                match sup.remote_query(Some(&queue), false, Some(ids.clone())) {
+                    Some(Ok(kind)) => Ok(kind),
+                    Some(Err(response)) => return Some(response),
+                    None => {
+                        return Some(match sup.requeue(&queue, ids.as_deref()) {
+                            Ok(n) => Response::ok(crate::protocol::Requeued { queue, requeued: n }),
+                            Err(e) => Response::error(e),
+                        })
+                    }
+                }
             }
         };
         match result {

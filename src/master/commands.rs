@@ -108,6 +108,8 @@ pub(super) enum WaitKind {
     Stored { queue: String, first: u64, end: u64 },
     /// `results`: every job of these batches (queue, first id, end id) has ended.
     Results { batches: Vec<(String, u64, u64)> },
+    /// `queue` or `requeue` on a queue in Redis: its helper has replied.
+    Remote(super::queues::Ask),
 }
 
 /// Where a waiting request stands.
@@ -160,7 +162,7 @@ impl Supervisor {
                     None => pending,
                     Some(Ok(())) => Progress::Answer(Response::ok(crate::protocol::Submitted {
                         queue: queue.clone(),
-                        first_id: *first,
+                        first_id: q.first_id(*first),
                         count: end - first,
                         results: Vec::new(),
                     })),
@@ -177,6 +179,10 @@ impl Supervisor {
                 }))
             }
             WaitKind::Results { .. } => pending,
+            WaitKind::Remote(ask) => match self.remote_outcome(ask) {
+                Some(response) => Progress::Answer(response),
+                None => pending,
+            },
             WaitKind::Stopped { pool, ids } => {
                 let Some(pool) = self.pool_by_key(*pool) else {
                     return Progress::Answer(Response::done());

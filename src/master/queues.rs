@@ -43,6 +43,9 @@ use crate::slot::{Exit, SlotState};
 use crate::sys;
 use crate::sys::syncer::Syncer;
 
+mod remote;
+pub(super) use remote::Ask;
+
 /// Which descriptor of a consumer a `Part::Queues` token names.
 const TOKEN_STDIN: u64 = 0;
 const TOKEN_STDOUT: u64 = 1;
@@ -95,6 +98,8 @@ pub(super) struct QueueRt {
     watched: Watched,
     /// Counters for the metrics endpoint.
     pub(super) counters: QueueCounters,
+    /// `backend = "redis://…"`: the queue lives in Redis, fed through a helper process.
+    remote: Option<remote::Remote>,
 }
 
 /// What the metrics endpoint reports of a queue's activity since the master started.
@@ -199,7 +204,8 @@ impl Queues {
             read_buf: Vec::new(),
         };
         for q in &config.queues {
-            let rt = QueueRt::open(q, &config.state_dir).map_err(|e| (q.name.clone(), e))?;
+            let rt = QueueRt::open(q, &config.state_dir, &config.node)
+                .map_err(|e| (q.name.clone(), e))?;
             queues.queues.push(rt);
         }
         queues.ensure_syncer();
@@ -253,7 +259,15 @@ impl Queues {
 
     /// Earliest moment a queue needs the loop without an event: a retry, a job timeout.
     pub(super) fn deadline(&self) -> Option<Instant> {
-        self.queues.iter().filter_map(|q| q.state.deadline()).min()
+        let remote = self
+            .queues
+            .iter()
+            .filter_map(|q| q.remote.as_ref().and_then(|r| r.deadline()));
+        self.queues
+            .iter()
+            .filter_map(|q| q.state.deadline())
+            .chain(remote)
+            .min()
     }
 
     /// A new config: queues added are opened, settings of kept ones change in place.
@@ -266,7 +280,10 @@ impl Queues {
             match self.queues.iter().position(|r| r.config.name == q.name) {
                 Some(i) => {
                     let mut rt = self.queues.swap_remove(i);
-                    if rt.config.durable != q.durable {
+                    if let Some(r) = rt.remote.as_mut() {
+                        r.reconfigure(q);
+                    }
+                    if rt.config.durable != q.durable && q.backend.is_none() {
                         // `check_reload` let it through: the queue holds no job.
                         match rt.set_durable(q, &config.state_dir) {
                             Ok(()) => changes.push(format!(
@@ -290,7 +307,7 @@ impl Queues {
                     }
                     kept.push(rt);
                 }
-                None => match QueueRt::open(q, &config.state_dir) {
+                None => match QueueRt::open(q, &config.state_dir, &config.node) {
                     Ok(rt) => {
                         changes.push(format!("queue {}: added", q.name));
                         kept.push(rt);
@@ -323,7 +340,7 @@ impl Queues {
                         q.config.name
                     ))
                 }
-                Some(n) if n.durable != q.config.durable => {
+                Some(n) if n.durable != q.config.durable && n.backend.is_none() => {
                     return Err(format!(
                         "queue {}: `durable` cannot change while it holds {held} job(s)",
                         q.config.name
@@ -337,10 +354,11 @@ impl Queues {
 }
 
 impl QueueRt {
-    fn open(q: &Queue, state_dir: &std::path::Path) -> Result<QueueRt, store::Error> {
+    fn open(q: &Queue, state_dir: &std::path::Path, node: &str) -> Result<QueueRt, store::Error> {
         let mut state = QueueState::new(Settings::from(q));
         let mut store_opt = None;
-        if q.durable {
+        // A queue in Redis is as durable as Redis is: no log of its own.
+        if q.durable && q.backend.is_none() {
             let (durable, pending, dead, next_id) = open_log(q, state_dir)?;
             state.restore(pending, dead, next_id);
             store_opt = Some(durable);
@@ -355,6 +373,7 @@ impl QueueRt {
             failed: VecDeque::new(),
             watched: Watched::default(),
             counters: QueueCounters::default(),
+            remote: remote::Remote::for_queue(q, node),
         })
     }
 
@@ -395,6 +414,9 @@ impl QueueRt {
                 index: index + 1,
                 source,
             })?;
+        }
+        if self.remote.is_some() {
+            return self.remote_submit(key, jobs, watched);
         }
         let count = jobs.len() as u64;
         self.state
@@ -519,6 +541,9 @@ impl QueueRt {
     /// Records each change of a job in the log, fills in the results clients wait for, and
     /// counts.
     fn apply_events(&mut self) {
+        if self.remote.is_some() {
+            return self.remote_events();
+        }
         let name = self.config.name.clone();
         let events: Vec<JobEvent> = self.state.events().collect();
         for mut ev in events {
@@ -610,6 +635,9 @@ impl QueueRt {
     /// consumers is slowed to their pace instead of filling the master's memory (a queue
     /// with no consumer running takes jobs up to `max_pending`).
     pub(super) fn batch(&self, first: u64, end: u64) -> Option<Result<(), String>> {
+        if self.remote.is_some() {
+            return self.remote_batch(first);
+        }
         if let Some((_, _, why)) = self
             .failed
             .iter()
@@ -885,6 +913,7 @@ impl Supervisor {
             TOKEN_STDIN => self.write_jobs(pid),
             TOKEN_STDOUT => self.read_answers(pid, now, false),
             TOKEN_SYNCER => self.syncer_ready(now),
+            remote::TOKEN_REMOTE => self.remote_ready(pid, now),
             _ => {}
         }
     }
@@ -1259,6 +1288,7 @@ impl Supervisor {
         for pid in touched {
             self.write_jobs(pid);
         }
+        self.remotes_pass(now);
     }
 
     /// A job overstayed `job_timeout` at the worker `pid`: stop the worker (stop_signal,

@@ -865,6 +865,7 @@ impl Supervisor {
         let Some(mut proc) = self.procs.remove(&pid) else {
             if self.queues.syncer_pid() == Some(pid) {
                 self.syncer_exited(exit, now);
+            } else if self.remote_exited(pid, exit, now) {
             } else if self.forkserver.as_ref().is_some_and(|f| f.pid() == pid) {
                 log::warn!("the fork server ended ({exit}); the master forks workers itself now");
                 if let Some(server) = self.forkserver.take() {

@@ -9,6 +9,7 @@
 //! - [`durable`]: group commit of a store, its syncs done by the syncer process.
 
 pub mod durable;
+pub mod redis;
 pub mod ring;
 pub mod state;
 pub mod store;

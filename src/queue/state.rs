@@ -729,6 +729,25 @@ impl QueueState {
         Ok(chosen.len() as u64)
     }
 
+    /// Lets a dead letter go: it is kept elsewhere (a queue in Redis keeps its dead letters
+    /// there).
+    pub fn forget_dead(&mut self, id: u64) {
+        self.dead.remove(&id);
+    }
+
+    /// How many more jobs the accepting consumers could take now, beyond the jobs already
+    /// waiting for them (a queue fed from elsewhere asks for that many).
+    pub fn room(&self) -> u64 {
+        let prefetch = self.settings.prefetch as usize;
+        let free: usize = self
+            .consumers
+            .values()
+            .filter(|c| c.accepting)
+            .map(|c| prefetch.saturating_sub(c.in_flight.len()))
+            .sum();
+        free.saturating_sub(self.pending.len() + self.parked_len) as u64
+    }
+
     /// The dead letters, oldest first.
     pub fn dead(&self) -> impl Iterator<Item = &DeadJob> {
         self.dead.values()

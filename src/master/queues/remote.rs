@@ -1,0 +1,711 @@
+//! The master's side of a queue kept in Redis (`backend = "redis://…"`, SPEC §10): the same
+//! [`QueueState`](crate::queue::state::QueueState) as a local queue, in memory, fed from the
+//! stream by the queue's helper process ([`crate::queue::redis`]).
+//!
+//! What this part keeps, and why:
+//! - `held`: every entry fetched and not yet recorded as answered (job id → stream entry id),
+//!   named to the helper every `claim_after / 4` so that no other master takes them while
+//!   this one lives, and used to ignore an entry fetched twice (after a helper restart, the
+//!   helper reads this consumer's pending entries again);
+//! - `unconfirmed`: the answer batches sent and not yet recorded, in order: a new helper gets
+//!   them again, so a helper crash or a Redis outage loses no answer;
+//! - the `submit` batches waiting for their ids (`tickets`: a batch has local ticket numbers
+//!   at once, for the clients that wait on it, and its cluster-wide ids once Redis gave them);
+//! - the helper itself: spawned, watched, and after it ends restarted with backoff.
+//!
+//! The helper is polled through `Part::Queues` (token [`TOKEN_REMOTE`] with its pid); the
+//! only timers are the next hold (while something is held) and a restart due.
+
+use std::collections::{HashMap, VecDeque};
+use std::os::fd::RawFd;
+use std::time::{Duration, Instant};
+
+use log::Level;
+use nix::unistd::Pid;
+
+use super::{job_result, token, QueueRt, SubmitError};
+use crate::config::Queue;
+use crate::master::commands::WaitKind;
+use crate::master::output::event;
+use crate::master::supervisor::Supervisor;
+use crate::protocol::{self, JobOutcome, QueueCounts, Response};
+use crate::queue::redis::helper::{self, Setup};
+use crate::queue::redis::{redact, Bytes, FromHelper, Op, Query, Reply, ToHelper};
+use crate::queue::state::{Job, JobEvent};
+use crate::slot::Exit;
+use crate::sys::link::{Link, LinkError};
+
+/// A `Part::Queues` token naming a Redis helper's socket (with the helper's pid).
+pub(super) const TOKEN_REMOTE: u64 = 3;
+
+/// Restarts of a helper that keeps dying wait this long at first, doubling up to the max.
+const RESTART_FIRST: Duration = Duration::from_millis(100);
+const RESTART_MAX: Duration = Duration::from_secs(10);
+/// A helper that ran this long starts its next backoff from the beginning.
+const HEALTHY: Duration = Duration::from_secs(10);
+/// Query replies kept for their waiters (the newest).
+const REPLIES_KEPT: u64 = 256;
+
+/// Where a `submit` batch stands.
+#[derive(Debug, Clone)]
+enum Batch {
+    Waiting { end: u64, watched: bool },
+    Stored { first_id: u64 },
+    Failed(String),
+}
+
+pub(super) struct Remote {
+    setup: Setup,
+    /// The URL as shown (no password).
+    shown: String,
+    link: Option<Link<ToHelper, FromHelper>>,
+    /// The helper's pid until it is reaped.
+    pid: Option<Pid>,
+    /// What the reactor watches: (fd, for writing too).
+    watch: Option<(RawFd, bool)>,
+    restart_at: Option<Instant>,
+    failures: u32,
+    started: Instant,
+    held: HashMap<u64, String>,
+    granted: u64,
+    next_ticket: u64,
+    batches: HashMap<u64, Batch>,
+    /// Watched jobs by id: their ticket.
+    watch_ids: HashMap<u64, u64>,
+    unconfirmed: VecDeque<(u64, Vec<Op>)>,
+    next_seq: u64,
+    /// Answers of this pass, sent at its end as one batch.
+    ops: Vec<Op>,
+    hold_at: Option<Instant>,
+    next_token: u64,
+    replies: HashMap<u64, Reply>,
+    asked: Vec<u64>,
+}
+
+impl Remote {
+    /// The Redis side of `q`, if it has a backend.
+    pub(super) fn for_queue(q: &Queue, node: &str) -> Option<Remote> {
+        let url = q.backend.clone()?;
+        Some(Remote {
+            shown: redact(&url),
+            setup: Setup {
+                queue: q.name.clone(),
+                url,
+                node: node.to_string(),
+                claim_after: q.claim_after,
+                max_attempts: q.max_attempts,
+                results_from: None,
+            },
+            link: None,
+            pid: None,
+            watch: None,
+            restart_at: Some(Instant::now()),
+            failures: 0,
+            started: Instant::now(),
+            held: HashMap::new(),
+            granted: 0,
+            next_ticket: 1,
+            batches: HashMap::new(),
+            watch_ids: HashMap::new(),
+            unconfirmed: VecDeque::new(),
+            next_seq: 1,
+            ops: Vec::new(),
+            hold_at: None,
+            next_token: 1,
+            replies: HashMap::new(),
+            asked: Vec::new(),
+        })
+    }
+
+    /// New settings from a reload (the URL and node stay until the master restarts).
+    pub(super) fn reconfigure(&mut self, q: &Queue) {
+        self.setup.claim_after = q.claim_after;
+        self.setup.max_attempts = q.max_attempts;
+    }
+
+    fn send(&mut self, msg: &ToHelper) -> bool {
+        let Some(link) = self.link.as_mut() else {
+            return false;
+        };
+        match link.send(msg) {
+            Ok(()) => true,
+            Err(e) => {
+                self.lost(&e.to_string());
+                false
+            }
+        }
+    }
+
+    /// The link is gone (the helper died, or said something that makes no sense): what
+    /// waited on it fails; the helper is killed if it still runs, and restarted once reaped.
+    fn lost(&mut self, why: &str) {
+        let Some(link) = self.link.take() else {
+            return;
+        };
+        log::warn!(
+            "queue {}: the Redis helper's link ended: {why}",
+            self.setup.queue
+        );
+        let _ = nix::sys::signal::kill(link.pid(), nix::sys::signal::Signal::SIGKILL);
+        for b in self.batches.values_mut() {
+            if matches!(b, Batch::Waiting { .. }) {
+                *b = Batch::Failed(
+                    "the Redis helper ended before it answered: the batch may or may not have \
+                     been added"
+                        .into(),
+                );
+            }
+        }
+        for t in self.asked.drain(..) {
+            self.replies.insert(
+                t,
+                Reply::Error("the Redis helper ended before it answered".into()),
+            );
+        }
+        self.granted = 0;
+    }
+
+    /// When this queue's Redis side needs the loop: a hold due, a restart due.
+    pub(super) fn deadline(&self) -> Option<Instant> {
+        [self.hold_at, self.restart_at.filter(|_| self.pid.is_none())]
+            .into_iter()
+            .flatten()
+            .min()
+    }
+
+    fn hold_every(&self) -> Duration {
+        (self.setup.claim_after / 4).max(Duration::from_millis(10))
+    }
+
+    fn take_reply(&self, token: u64) -> Option<&Reply> {
+        self.replies.get(&token)
+    }
+}
+
+impl QueueRt {
+    /// `submit` on a Redis queue: the batch goes to the helper; its tickets wait for the
+    /// ids Redis gives.
+    pub(super) fn remote_submit(
+        &mut self,
+        key: Option<&[u8]>,
+        jobs: Vec<Vec<u8>>,
+        watched: bool,
+    ) -> Result<(u64, u64), SubmitError> {
+        let name = self.config.name.clone();
+        let max_pending = self.config.max_pending;
+        let r = self.remote.as_mut().expect("a Redis queue");
+        if r.link.is_none() {
+            return Err(SubmitError::Store {
+                queue: name,
+                why: format!("{}: the Redis helper is not running (restarting)", r.shown),
+            });
+        }
+        let count = jobs.len() as u64;
+        let first = r.next_ticket;
+        let msg = ToHelper::Submit {
+            ticket: first,
+            key: key.map(|k| Bytes(k.to_vec())),
+            watched,
+            max_pending,
+            jobs: jobs.into_iter().map(Bytes).collect(),
+        };
+        if !r.send(&msg) {
+            return Err(SubmitError::Store {
+                queue: name,
+                why: format!("{}: the Redis helper is not running", r.shown),
+            });
+        }
+        r.next_ticket += count;
+        r.batches.insert(
+            first,
+            Batch::Waiting {
+                end: first + count,
+                watched,
+            },
+        );
+        if watched {
+            self.watched.open(first, first + count);
+        }
+        Ok((first, first + count))
+    }
+
+    /// Where a Redis batch stands (see [`QueueRt::batch`]).
+    pub(super) fn remote_batch(&self, first: u64) -> Option<Result<(), String>> {
+        let r = self.remote.as_ref()?;
+        match r.batches.get(&first) {
+            None => Some(Err("the batch was forgotten".into())),
+            Some(Batch::Waiting { .. }) => None,
+            Some(Batch::Stored { .. }) => Some(Ok(())),
+            Some(Batch::Failed(why)) => Some(Err(why.clone())),
+        }
+    }
+
+    /// The id the client is told for the batch whose first ticket is `first` (its first
+    /// job's id in Redis); a local queue's ids are its own. The batch is forgotten then.
+    pub(crate) fn first_id(&self, first: u64) -> u64 {
+        match self.remote.as_ref().and_then(|r| r.batches.get(&first)) {
+            Some(Batch::Stored { first_id }) => *first_id,
+            _ => first,
+        }
+    }
+
+    /// The changes of a Redis queue's jobs become answers for the helper (and counts).
+    pub(super) fn remote_events(&mut self) {
+        let events: Vec<JobEvent> = self.state.events().collect();
+        let r = self.remote.as_mut().expect("a Redis queue");
+        for ev in events {
+            match ev {
+                JobEvent::Done {
+                    id,
+                    result,
+                    watched,
+                    took,
+                } => {
+                    self.counters.ok += 1;
+                    self.counters.durations.observe(took.as_secs_f64());
+                    if let Some(entry) = r.held.get(&id) {
+                        r.ops.push(Op::Ok {
+                            entry: entry.clone(),
+                            id,
+                            watched,
+                            result: Bytes(result),
+                        });
+                    }
+                }
+                JobEvent::Dead {
+                    id,
+                    attempts,
+                    reason,
+                    watched,
+                    took,
+                    failed,
+                } => {
+                    if let Some(t) = took {
+                        self.counters.durations.observe(t.as_secs_f64());
+                    }
+                    if failed {
+                        self.counters.fail += 1;
+                    } else if took.is_some() {
+                        self.counters.dropped += 1;
+                    }
+                    // The dead letters of a Redis queue live in Redis.
+                    self.state.forget_dead(id);
+                    if let Some(entry) = r.held.get(&id) {
+                        r.ops.push(Op::Dead {
+                            entry: entry.clone(),
+                            id,
+                            attempts,
+                            reason: Bytes(reason),
+                            watched,
+                        });
+                    }
+                }
+                JobEvent::Attempt {
+                    id, attempts, took, ..
+                } => {
+                    if let Some(t) = took {
+                        self.counters.fail += 1;
+                        self.counters.durations.observe(t.as_secs_f64());
+                    }
+                    self.counters.retried += 1;
+                    r.ops.push(Op::Attempt { id, attempts });
+                }
+                JobEvent::Requeued { .. } => {}
+                JobEvent::TimedOut { .. } => self.counters.timeout += 1,
+            }
+        }
+    }
+
+    /// What the helper said.
+    fn on_helper(&mut self, msg: FromHelper) {
+        let name = self.config.name.clone();
+        let r = self.remote.as_mut().expect("a Redis queue");
+        match msg {
+            FromHelper::Jobs(list) => {
+                r.granted = r.granted.saturating_sub(list.len() as u64);
+                let mut jobs = Vec::with_capacity(list.len());
+                for f in list {
+                    if r.held.contains_key(&f.id) {
+                        continue;
+                    }
+                    r.held.insert(f.id, f.entry);
+                    jobs.push(Job {
+                        id: f.id,
+                        key: f.key.map(|k| k.0),
+                        payload: f.payload.0,
+                        attempts: f.attempts,
+                        last_reason: f.reason.map(String::into_bytes),
+                        watched: f.watched,
+                    });
+                }
+                self.state.restore(jobs, Vec::new(), 0);
+            }
+            FromHelper::Submitted { ticket, first_id } => {
+                if let Some(Batch::Waiting { end, watched }) = r.batches.get(&ticket).cloned() {
+                    if watched {
+                        for i in 0..end - ticket {
+                            r.watch_ids.insert(first_id + i, ticket + i);
+                        }
+                    }
+                    r.batches.insert(ticket, Batch::Stored { first_id });
+                }
+            }
+            FromHelper::SubmitFailed { ticket, why } => {
+                if let Some(Batch::Waiting { end, watched }) = r.batches.get(&ticket).cloned() {
+                    if watched {
+                        for t in ticket..end {
+                            self.watched.forget(t);
+                        }
+                    }
+                    r.batches.insert(ticket, Batch::Failed(why));
+                }
+            }
+            FromHelper::Recorded { seq } => {
+                while r.unconfirmed.front().is_some_and(|(s, _)| *s <= seq) {
+                    let (_, ops) = r.unconfirmed.pop_front().expect("checked");
+                    for id in ops.iter().filter_map(Op::ends) {
+                        r.held.remove(&id);
+                    }
+                }
+            }
+            FromHelper::Results { cursor, outcomes } => {
+                r.setup.results_from = Some(cursor);
+                for o in outcomes {
+                    let Some(ticket) = r.watch_ids.remove(&o.id) else {
+                        continue;
+                    };
+                    let outcome = if o.ok {
+                        JobOutcome::Ok
+                    } else {
+                        JobOutcome::Dead
+                    };
+                    let id = o.id;
+                    self.watched
+                        .end(ticket, || job_result(&name, id, outcome, o.text.0));
+                }
+            }
+            FromHelper::Reply { token, reply } => {
+                r.asked.retain(|&t| t != token);
+                r.replies.insert(token, reply);
+                let oldest = r.next_token.saturating_sub(REPLIES_KEPT);
+                r.replies.retain(|&t, _| t >= oldest);
+            }
+            FromHelper::Log { warn, text } => {
+                if warn {
+                    log::warn!("{text}");
+                } else {
+                    log::info!("{text}");
+                }
+            }
+        }
+    }
+
+    /// Once per pass: credit for the workers' free room, this pass's answers, a hold when
+    /// due; the helper (re)started when due.
+    fn remote_pass(&mut self, now: Instant) {
+        let room = self.state.room();
+        let r = self.remote.as_mut().expect("a Redis queue");
+        if r.link.is_none() {
+            if r.pid.is_none() && r.restart_at.is_some_and(|at| at <= now) {
+                r.spawn(now);
+            }
+            if r.link.is_none() {
+                // The answers wait for the next helper, in order.
+                if !r.ops.is_empty() {
+                    let seq = r.next_seq;
+                    r.next_seq += 1;
+                    let ops = std::mem::take(&mut r.ops);
+                    r.unconfirmed.push_back((seq, ops));
+                }
+                return;
+            }
+        }
+        if !r.ops.is_empty() {
+            let seq = r.next_seq;
+            r.next_seq += 1;
+            let ops = std::mem::take(&mut r.ops);
+            let msg = ToHelper::Answers {
+                seq,
+                ops: ops.clone(),
+            };
+            r.unconfirmed.push_back((seq, ops));
+            r.send(&msg);
+        }
+        let want = room.saturating_sub(r.granted);
+        if want > 0 && r.send(&ToHelper::Credit(want)) {
+            r.granted += want;
+        }
+        if r.held.is_empty() {
+            r.hold_at = None;
+        } else {
+            let every = r.hold_every();
+            match r.hold_at {
+                None => r.hold_at = Some(now + every),
+                Some(at) if at <= now => {
+                    let entries = r.held.values().cloned().collect();
+                    r.send(&ToHelper::Hold { entries });
+                    r.hold_at = Some(now + every);
+                }
+                Some(_) => {}
+            }
+        }
+    }
+}
+
+impl Remote {
+    fn spawn(&mut self, now: Instant) {
+        let setup = self.setup.clone();
+        match Link::spawn(c"plumule-redis", move |peer| helper::run(setup, peer)) {
+            Ok(link) => {
+                self.pid = Some(link.pid());
+                self.link = Some(link);
+                self.restart_at = None;
+                self.started = now;
+                self.granted = 0;
+                // Answers the last helper did not record go first, in order.
+                let again: Vec<(u64, Vec<Op>)> = self.unconfirmed.iter().cloned().collect();
+                for (seq, ops) in again {
+                    if !self.send(&ToHelper::Answers { seq, ops }) {
+                        break;
+                    }
+                }
+                log::debug!("queue {}: Redis helper started", self.setup.queue);
+            }
+            Err(e) => {
+                log::error!(
+                    "queue {}: cannot start the Redis helper: {e}",
+                    self.setup.queue
+                );
+                self.schedule_restart(now);
+            }
+        }
+    }
+
+    fn schedule_restart(&mut self, now: Instant) {
+        if now.saturating_duration_since(self.started) >= HEALTHY {
+            self.failures = 0;
+        }
+        let delay = RESTART_FIRST
+            .saturating_mul(1 << self.failures.min(16))
+            .min(RESTART_MAX);
+        self.failures += 1;
+        self.restart_at = Some(now + delay);
+    }
+}
+
+/// What a `queue` or `requeue` request waits for from the Redis helpers.
+#[derive(Debug)]
+pub(crate) struct Ask {
+    what: AskKind,
+    /// The queries sent: (queue, token).
+    tokens: Vec<(String, u64)>,
+}
+
+#[derive(Debug)]
+enum AskKind {
+    /// `queue [Q]`: every queue's counts in config order; those of Redis queues come from
+    /// their helpers.
+    Counts(Vec<QueueCounts>),
+    Dead(String),
+    Requeue(String),
+}
+
+impl Supervisor {
+    /// A Redis helper's socket is ready.
+    pub(super) fn remote_ready(&mut self, pid: Pid, _now: Instant) {
+        let Some(q) = self
+            .queues
+            .queues
+            .iter_mut()
+            .find(|q| q.remote.as_ref().is_some_and(|r| r.pid == Some(pid)))
+        else {
+            return;
+        };
+        let r = q.remote.as_mut().expect("found by it");
+        let Some(link) = r.link.as_mut() else {
+            return;
+        };
+        let mut msgs = Vec::new();
+        let mut ended: Option<LinkError> = None;
+        if let Err(e) = link.flush() {
+            ended = Some(e);
+        }
+        match link.receive() {
+            Ok(m) => msgs = m,
+            Err(e) => ended = Some(e),
+        }
+        for m in msgs {
+            q.on_helper(m);
+        }
+        if let Some(e) = ended {
+            if let Some(r) = q.remote.as_mut() {
+                r.lost(&e.to_string());
+            }
+        }
+        q.apply_events();
+        self.watch_remotes();
+    }
+
+    /// The Redis queues' part of a pass.
+    pub(super) fn remotes_pass(&mut self, now: Instant) {
+        for q in &mut self.queues.queues {
+            if q.remote.is_some() {
+                q.remote_pass(now);
+            }
+        }
+        self.watch_remotes();
+    }
+
+    /// Keeps the reactor in line with each helper's socket.
+    fn watch_remotes(&mut self) {
+        for q in &mut self.queues.queues {
+            let Some(r) = q.remote.as_mut() else {
+                continue;
+            };
+            let want = r.link.as_ref().map(|l| (l.fd(), l.wants_write()));
+            if want == r.watch {
+                continue;
+            }
+            if let Some((fd, _)) = r.watch.take() {
+                self.reactor.remove(fd);
+            }
+            if let (Some((fd, write)), Some(pid)) = (want, r.pid) {
+                match self.reactor.add(fd, token(pid, TOKEN_REMOTE), write) {
+                    Ok(()) => r.watch = Some((fd, write)),
+                    Err(e) => log::error!("cannot watch the Redis helper: {e}"),
+                }
+            }
+        }
+    }
+
+    /// A reaped process that may be a Redis helper: restarted after a backoff.
+    pub(in crate::master) fn remote_exited(&mut self, pid: Pid, exit: Exit, now: Instant) -> bool {
+        let Some(q) = self
+            .queues
+            .queues
+            .iter_mut()
+            .find(|q| q.remote.as_ref().is_some_and(|r| r.pid == Some(pid)))
+        else {
+            return false;
+        };
+        let name = q.config.name.clone();
+        let r = q.remote.as_mut().expect("found by it");
+        if let Some((fd, _)) = r.watch.take() {
+            self.reactor.remove(fd);
+        }
+        r.lost(&format!("it ended ({exit})"));
+        r.pid = None;
+        r.schedule_restart(now);
+        let tag: std::sync::Arc<str> = std::sync::Arc::from(format!("queue {name}"));
+        event(
+            &mut self.log_ring,
+            Level::Warn,
+            &tag,
+            format_args!("the Redis helper ended ({exit}); restarting it"),
+        );
+        true
+    }
+
+    /// `queue` (counts or dead letters) or `requeue` touching a Redis queue: the question
+    /// goes to its helper and the request waits ([`WaitKind::Remote`]). `None`: no Redis
+    /// queue is involved, the local answer applies.
+    pub(in crate::master) fn remote_query(
+        &mut self,
+        queue: Option<&str>,
+        dead: bool,
+        requeue: Option<Option<Vec<u64>>>,
+    ) -> Option<Result<WaitKind, Response>> {
+        let remote = |q: &QueueRt| q.remote.is_some();
+        let involved = match queue {
+            Some(name) => self.queues.get(name).is_some_and(remote),
+            None => requeue.is_none() && !dead && self.queues.queues.iter().any(remote),
+        };
+        if !involved {
+            return None;
+        }
+        let mut tokens = Vec::new();
+        let what = match (queue, requeue) {
+            (Some(name), Some(ids)) => {
+                tokens.push((name.to_string(), Query::Requeue(ids)));
+                AskKind::Requeue(name.to_string())
+            }
+            (Some(name), None) if dead => {
+                tokens.push((name.to_string(), Query::Dead));
+                AskKind::Dead(name.to_string())
+            }
+            _ => {
+                let mut counts = Vec::new();
+                for q in &self.queues.queues {
+                    if queue.is_some_and(|n| n != q.config.name) {
+                        continue;
+                    }
+                    if q.remote.is_some() {
+                        tokens.push((q.config.name.clone(), Query::Counts));
+                    }
+                    counts.push(super::report(q));
+                }
+                AskKind::Counts(counts)
+            }
+        };
+        let mut sent = Vec::new();
+        for (name, query) in tokens {
+            let Some(r) = self.queues.get_mut(&name).and_then(|q| q.remote.as_mut()) else {
+                continue;
+            };
+            let token = r.next_token;
+            r.next_token += 1;
+            if !r.send(&ToHelper::Query { token, query }) {
+                return Some(Err(Response::error(format!(
+                    "queue {name}: {}: the Redis helper is not running (restarting)",
+                    r.shown
+                ))));
+            }
+            r.asked.push(token);
+            sent.push((name, token));
+        }
+        self.watch_remotes();
+        Some(Ok(WaitKind::Remote(Ask { what, tokens: sent })))
+    }
+
+    /// The answer of a request waiting on Redis helpers, once every one has replied.
+    pub(in crate::master) fn remote_outcome(&self, ask: &Ask) -> Option<Response> {
+        let mut replies = Vec::new();
+        for (name, token) in &ask.tokens {
+            let reply = match self.queues.get(name).and_then(|q| q.remote.as_ref()) {
+                Some(r) => r.take_reply(*token)?.clone(),
+                None => Reply::Error(format!("queue {name} was removed by a reload")),
+            };
+            if let Reply::Error(e) = &reply {
+                return Some(Response::error(format!("queue {name}: {e}")));
+            }
+            replies.push((name, reply));
+        }
+        Some(match &ask.what {
+            AskKind::Counts(local) => {
+                let mut list = local.clone();
+                for (name, reply) in replies {
+                    if let (Reply::Counts(c), Some(slot)) =
+                        (reply, list.iter_mut().find(|c| &c.name == name))
+                    {
+                        *slot = c;
+                    }
+                }
+                Response::ok(protocol::QueueReport { queues: list })
+            }
+            AskKind::Dead(queue) => match replies.pop() {
+                Some((_, Reply::Dead(dead))) => Response::ok(protocol::DeadLetters {
+                    queue: queue.clone(),
+                    dead,
+                }),
+                _ => Response::error("unexpected reply from the Redis helper"),
+            },
+            AskKind::Requeue(queue) => match replies.pop() {
+                Some((_, Reply::Requeued(n))) => Response::ok(protocol::Requeued {
+                    queue: queue.clone(),
+                    requeued: n,
+                }),
+                _ => Response::error("unexpected reply from the Redis helper"),
+            },
+        })
+    }
+}

@@ -1,0 +1,400 @@
+//! Queues kept in Redis (SPEC §10, `backend = "redis://…"`): what the master and its Redis
+//! helper process say to each other, the keys and fields a queue uses in Redis, and the Lua
+//! scripts that change them atomically. The helper's body, the only code here that does I/O,
+//! is in [`helper`]; the master's side is `master::remote`.
+//!
+//! # Keys of queue Q
+//!
+//! | key | type | what |
+//! |---|---|---|
+//! | `plumule:Q` | stream, group `plumule` | the jobs not yet answered: fields `id` (the job id), `p` (payload), `k` (key, optional), `w` (`1`: a client waits for the outcome) |
+//! | `plumule:Q:seq` | string | the last job id given (INCRBY in the submit script: ids are cluster-wide) |
+//! | `plumule:Q:attempts` | hash | job id → attempts so far, for jobs that failed at least once |
+//! | `plumule:Q:stats` | hash | `done`, `retried`: counters since the queue was made |
+//! | `plumule:Q:dead` | stream | dead letters: `id`, `p`, `k`, `a` (attempts), `r` (reason) |
+//! | `plumule:Q:results` | stream, capped | outcomes of watched jobs: `id`, `o` (`ok` or `dead`), `t` (result or reason) |
+//!
+//! An answered job is XACKed and XDELed at once, so `plumule:Q` holds only jobs pending or
+//! held by a master: it never needs trimming (and is never trimmed: nothing pending could
+//! go). `plumule:Q:results` is capped at about [`RESULTS_KEPT`] entries (XADD MAXLEN ~);
+//! only watched jobs write there.
+//!
+//! # The master and its helper
+//!
+//! One helper process per Redis queue, forked by the master ([`crate::sys::link`]: 4-byte
+//! little-endian length, then the JSON of a [`ToHelper`] or [`FromHelper`]). The master
+//! grants credit (how many more jobs its workers can take), the helper reads that many from
+//! the group as consumer `node` and sends them ([`FromHelper::Jobs`]); the master answers
+//! them in numbered batches ([`ToHelper::Answers`]) and keeps each batch until the helper
+//! says it is recorded ([`FromHelper::Recorded`]), so that a helper that dies or a Redis that
+//! is down loses no answer: a new helper gets them again, in order. Every
+//! `claim_after / 4` the master names the entries it holds ([`ToHelper::Hold`]) and the
+//! helper resets their idle time (XCLAIM … JUSTID), so that other masters, whose XAUTOCLAIM
+//! takes entries idle longer than `claim_after`, only take the jobs of a master that stopped.
+
+pub mod helper;
+
+use serde::{Deserialize, Serialize};
+
+/// The consumer group every master reads a queue's stream with.
+pub const GROUP: &str = "plumule";
+
+/// About how many outcomes of watched jobs `plumule:Q:results` keeps.
+pub const RESULTS_KEPT: u64 = 100_000;
+
+/// Bytes carried in a JSON frame: UTF-8 as a string, anything else as base64.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct Bytes(pub Vec<u8>);
+
+impl Serialize for Bytes {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        match std::str::from_utf8(&self.0) {
+            Ok(text) => s.serialize_newtype_variant("Bytes", 0, "t", text),
+            Err(_) => {
+                use base64::Engine;
+                let b = base64::engine::general_purpose::STANDARD.encode(&self.0);
+                s.serialize_newtype_variant("Bytes", 1, "b", &b)
+            }
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for Bytes {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        #[derive(Deserialize)]
+        enum Form {
+            #[serde(rename = "t")]
+            Text(String),
+            #[serde(rename = "b")]
+            Base64(String),
+        }
+        match Form::deserialize(d)? {
+            Form::Text(t) => Ok(Bytes(t.into_bytes())),
+            Form::Base64(b) => {
+                use base64::Engine;
+                base64::engine::general_purpose::STANDARD
+                    .decode(b)
+                    .map(Bytes)
+                    .map_err(serde::de::Error::custom)
+            }
+        }
+    }
+}
+
+/// The keys of one queue.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Keys {
+    pub stream: String,
+    pub seq: String,
+    pub attempts: String,
+    pub stats: String,
+    pub dead: String,
+    pub results: String,
+}
+
+impl Keys {
+    pub fn new(queue: &str) -> Keys {
+        let stream = format!("plumule:{queue}");
+        Keys {
+            seq: format!("{stream}:seq"),
+            attempts: format!("{stream}:attempts"),
+            stats: format!("{stream}:stats"),
+            dead: format!("{stream}:dead"),
+            results: format!("{stream}:results"),
+            stream,
+        }
+    }
+}
+
+/// What the master tells its Redis helper.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub enum ToHelper {
+    /// The master's workers can take this many more jobs (added to what was granted).
+    Credit(u64),
+    /// Add a batch; answered by [`FromHelper::Submitted`] with the same `ticket`.
+    Submit {
+        ticket: u64,
+        key: Option<Bytes>,
+        watched: bool,
+        max_pending: u64,
+        jobs: Vec<Bytes>,
+    },
+    /// Record these answers, in order; `seq` numbers the batch (answered by
+    /// [`FromHelper::Recorded`]).
+    Answers { seq: u64, ops: Vec<Op> },
+    /// The master holds these entries: reset their idle time.
+    Hold { entries: Vec<String> },
+    /// A `queue`, `queue --dead` or `requeue` request; answered by [`FromHelper::Reply`].
+    Query { token: u64, query: Query },
+}
+
+/// One answer to record.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub enum Op {
+    /// Answered `ok`: XACK, XDEL, counted done; the result goes to the results stream when a
+    /// client waits for it.
+    Ok {
+        entry: String,
+        id: u64,
+        watched: bool,
+        result: Bytes,
+    },
+    /// An attempt failed (a `fail`, or a redelivery): the count is kept for other masters.
+    Attempt { id: u64, attempts: u32 },
+    /// Dead-lettered: moved to the dead stream with its reason.
+    Dead {
+        entry: String,
+        id: u64,
+        attempts: u32,
+        reason: Bytes,
+        watched: bool,
+    },
+}
+
+impl Op {
+    /// The job an `Ok` or `Dead` ends (its entry leaves the stream).
+    pub fn ends(&self) -> Option<u64> {
+        match self {
+            Op::Ok { id, .. } | Op::Dead { id, .. } => Some(*id),
+            Op::Attempt { .. } => None,
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub enum Query {
+    Counts,
+    Dead,
+    /// `None`: every dead letter.
+    Requeue(Option<Vec<u64>>),
+}
+
+/// A job read from the stream.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Fetched {
+    pub entry: String,
+    pub id: u64,
+    pub key: Option<Bytes>,
+    pub payload: Bytes,
+    pub attempts: u32,
+    pub watched: bool,
+    /// Why the last attempt failed, when it was taken over from a master that stopped.
+    pub reason: Option<String>,
+}
+
+/// The answer to a [`Query`].
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub enum Reply {
+    Counts(crate::protocol::QueueCounts),
+    Dead(Vec<crate::protocol::DeadLetter>),
+    Requeued(u64),
+    Error(String),
+}
+
+/// An outcome read from the results stream.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Outcome {
+    pub id: u64,
+    pub ok: bool,
+    pub text: Bytes,
+}
+
+/// What the helper tells the master.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub enum FromHelper {
+    Jobs(Vec<Fetched>),
+    Submitted {
+        ticket: u64,
+        first_id: u64,
+    },
+    SubmitFailed {
+        ticket: u64,
+        why: String,
+    },
+    /// Every answer batch up to `seq` is recorded.
+    Recorded {
+        seq: u64,
+    },
+    /// Outcomes of watched jobs; `cursor` is where the next read starts.
+    Results {
+        cursor: String,
+        outcomes: Vec<Outcome>,
+    },
+    Reply {
+        token: u64,
+        reply: Reply,
+    },
+    /// A line for the master's log (the helper has no stderr of its own).
+    Log {
+        warn: bool,
+        text: String,
+    },
+}
+
+/// The URL with its password (and user) replaced by `***`: what logs and messages show.
+pub fn redact(url: &str) -> String {
+    let Some((scheme, rest)) = url.split_once("://") else {
+        return url.to_string();
+    };
+    let (authority, path) = match rest.find('/') {
+        Some(i) => rest.split_at(i),
+        None => (rest, ""),
+    };
+    match authority.rfind('@') {
+        Some(at) => format!("{scheme}://***@{}{path}", &authority[at + 1..]),
+        None => url.to_string(),
+    }
+}
+
+/// Submits a batch: refused whole (`{-1, held}`) past `max_pending` entries in the stream,
+/// else every job XADDed with consecutive ids from `seq`; returns `{first id, held}`.
+/// KEYS: stream, seq. ARGV: max_pending, watched (0/1), key ('' or 'k' .. key), payloads.
+pub const SUBMIT: &str = r#"
+local n = #ARGV - 3
+local held = redis.call('XLEN', KEYS[1])
+if held + n > tonumber(ARGV[1]) then return {-1, held} end
+local last = redis.call('INCRBY', KEYS[2], n)
+local first = last - n + 1
+local key = nil
+if #ARGV[3] > 0 then key = string.sub(ARGV[3], 2) end
+for i = 1, n do
+  local f = {'id', string.format('%d', first + i - 1), 'p', ARGV[3 + i]}
+  if key then f[#f + 1] = 'k'; f[#f + 1] = key end
+  if ARGV[2] == '1' then f[#f + 1] = 'w'; f[#f + 1] = '1' end
+  redis.call('XADD', KEYS[1], '*', unpack(f))
+end
+return {first, held}
+"#;
+
+/// Records answers in order. KEYS: stream, attempts, stats, dead, results. ARGV: group,
+/// results cap, then ops: `o ENTRY ID W RESULT`, `a ID ATTEMPTS`, `d ENTRY ID ATTEMPTS REASON
+/// W`. An `ok` or `dead` whose entry another master answered already (a duplicate) changes
+/// nothing and writes no second outcome.
+pub const ANSWERS: &str = r#"
+local group, cap = ARGV[1], ARGV[2]
+local done, retried = 0, 0
+local i = 3
+while i <= #ARGV do
+  local op = ARGV[i]
+  if op == 'o' then
+    local e, id, w, t = ARGV[i + 1], ARGV[i + 2], ARGV[i + 3], ARGV[i + 4]
+    i = i + 5
+    if redis.call('XACK', KEYS[1], group, e) == 1 then
+      done = done + 1
+      if w == '1' then
+        redis.call('XADD', KEYS[5], 'MAXLEN', '~', cap, '*', 'id', id, 'o', 'ok', 't', t)
+      end
+    end
+    redis.call('XDEL', KEYS[1], e)
+    redis.call('HDEL', KEYS[2], id)
+  elseif op == 'a' then
+    redis.call('HSET', KEYS[2], ARGV[i + 1], ARGV[i + 2])
+    retried = retried + 1
+    i = i + 3
+  else
+    local e, id, a, r, w = ARGV[i + 1], ARGV[i + 2], ARGV[i + 3], ARGV[i + 4], ARGV[i + 5]
+    i = i + 6
+    local got = redis.call('XRANGE', KEYS[1], e, e)
+    if #got > 0 and redis.call('XACK', KEYS[1], group, e) == 1 then
+      local f = got[1][2]
+      local d = {'id', id, 'a', a, 'r', r}
+      for j = 1, #f, 2 do
+        if f[j] == 'p' or f[j] == 'k' then d[#d + 1] = f[j]; d[#d + 1] = f[j + 1] end
+      end
+      redis.call('XADD', KEYS[4], '*', unpack(d))
+      if w == '1' then
+        redis.call('XADD', KEYS[5], 'MAXLEN', '~', cap, '*', 'id', id, 'o', 'dead', 't', r)
+      end
+    end
+    redis.call('XDEL', KEYS[1], e)
+    redis.call('HDEL', KEYS[2], id)
+  end
+end
+if done > 0 then redis.call('HINCRBY', KEYS[3], 'done', done) end
+if retried > 0 then redis.call('HINCRBY', KEYS[3], 'retried', retried) end
+return done
+"#;
+
+/// Dead-letters an entry that is not a job of plumule's (fields missing): it gets a job id
+/// from `seq`, its fields as its payload. KEYS: stream, seq, dead. ARGV: group, entry,
+/// payload, reason.
+pub const GARBAGE: &str = r#"
+if redis.call('XACK', KEYS[1], ARGV[1], ARGV[2]) == 1 then
+  local id = redis.call('INCR', KEYS[2])
+  redis.call('XADD', KEYS[3], '*', 'id', string.format('%d', id), 'a', '0', 'r', ARGV[4],
+    'p', ARGV[3])
+end
+redis.call('XDEL', KEYS[1], ARGV[2])
+return 1
+"#;
+
+/// Puts dead letters back in the stream, attempts at 0. KEYS: stream, dead, attempts.
+/// ARGV: all (0/1), then job ids. Returns `{n}`, or `{-1, id}` when an id named is not a
+/// dead letter (then nothing moves).
+pub const REQUEUE: &str = r#"
+local all = ARGV[1] == '1'
+local want = {}
+for i = 2, #ARGV do want[ARGV[i]] = true end
+local found = {}
+for _, en in ipairs(redis.call('XRANGE', KEYS[2], '-', '+')) do
+  local f, id = en[2], nil
+  for j = 1, #f, 2 do if f[j] == 'id' then id = f[j + 1] end end
+  if id and (all or want[id]) then
+    found[#found + 1] = {en[1], f, id}
+  end
+end
+if not all then
+  local seen = {}
+  for _, x in ipairs(found) do seen[x[3]] = true end
+  for i = 2, #ARGV do
+    if not seen[ARGV[i]] then return {-1, ARGV[i]} end
+  end
+end
+for _, x in ipairs(found) do
+  local f = x[2]
+  local n = {'id', x[3]}
+  for j = 1, #f, 2 do
+    if f[j] == 'p' or f[j] == 'k' then n[#n + 1] = f[j]; n[#n + 1] = f[j + 1] end
+  end
+  redis.call('XADD', KEYS[1], '*', unpack(n))
+  redis.call('XDEL', KEYS[2], x[1])
+  redis.call('HDEL', KEYS[3], x[3])
+end
+return {#found}
+"#;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_password_never_shows() {
+        assert_eq!(
+            redact("redis://:s3cret@10.0.0.1:6379/0"),
+            "redis://***@10.0.0.1:6379/0"
+        );
+        assert_eq!(redact("redis://user:pw@h/2"), "redis://***@h/2");
+        assert_eq!(redact("redis://h:1/0"), "redis://h:1/0");
+        assert_eq!(redact("unix:///run/redis.sock"), "unix:///run/redis.sock");
+    }
+
+    #[test]
+    fn bytes_travel_as_text_or_base64() {
+        for b in [b"plain".to_vec(), vec![0xff, 0, 1], Vec::new()] {
+            let json = serde_json::to_string(&Bytes(b.clone())).unwrap();
+            assert_eq!(serde_json::from_str::<Bytes>(&json).unwrap(), Bytes(b));
+        }
+        assert_eq!(
+            serde_json::to_string(&Bytes(b"x".to_vec())).unwrap(),
+            r#"{"t":"x"}"#
+        );
+    }
+
+    #[test]
+    fn keys_follow_the_queue_name() {
+        let k = Keys::new("thumbs");
+        assert_eq!(k.stream, "plumule:thumbs");
+        assert_eq!(k.dead, "plumule:thumbs:dead");
+        assert_eq!(k.results, "plumule:thumbs:results");
+    }
+}

@@ -1,0 +1,514 @@
+//! Queues shared by several masters through one Redis (SPEC §10, first bullet), end to end:
+//! each test starts its own `redis-server` (appendonly on) on a free loopback port in a temp
+//! dir, and two or three masters, each in its own sandbox with its own `node` name.
+//!
+//! The worker (`rw.sh`) appends `NODE PAYLOAD` to a log shared by all masters for each job it
+//! does, then answers `ok PAYLOAD`; a payload starting `fail` is answered `fail nope`, one
+//! starting `drop` `drop bad`. "Every job answered at least once" is read from that log;
+//! duplicates (allowed: delivery is at least once) are counted and printed.
+
+mod common;
+
+use std::collections::BTreeMap;
+use std::fs;
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::TcpStream;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::*;
+use plumule::protocol::{DeadLetters, QueueCounts, QueueReport};
+
+/// A `redis-server` of the test's own: killed on drop.
+struct Redis {
+    bin: PathBuf,
+    dir: tempfile::TempDir,
+    port: u16,
+    password: Option<String>,
+    child: Option<Child>,
+}
+
+impl Redis {
+    /// `None` (the test skips, loudly) where redis-server is not installed and `CI` is unset.
+    fn start() -> Option<Redis> {
+        Redis::start_with(None)
+    }
+
+    fn start_with(password: Option<&str>) -> Option<Redis> {
+        let bin = needed_program("redis-server", "redis-server")?;
+        let dir = tempfile::Builder::new()
+            .prefix("plumule-redis.")
+            .tempdir()
+            .expect("temp dir");
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .expect("bind port 0")
+            .local_addr()
+            .unwrap()
+            .port();
+        let mut r = Redis {
+            bin,
+            dir,
+            port,
+            password: password.map(str::to_string),
+            child: None,
+        };
+        r.spawn();
+        Some(r)
+    }
+
+    fn spawn(&mut self) {
+        let mut cmd = Command::new(&self.bin);
+        cmd.args(["--port", &self.port.to_string(), "--bind", "127.0.0.1"])
+            .arg("--dir")
+            .arg(self.dir.path())
+            .args(["--save", "", "--appendonly", "yes", "--daemonize", "no"]);
+        if let Some(p) = &self.password {
+            cmd.args(["--requirepass", p]);
+        }
+        let child = cmd
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("spawn redis-server");
+        self.child = Some(child);
+        wait_for("redis-server answers PING", DEADLINE, || {
+            self.try_command(&["PING"]).is_ok()
+        });
+    }
+
+    /// SIGKILLs it (what it had written to its append-only file stays).
+    fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// Starts it again on the same port and dir.
+    fn restart(&mut self) {
+        self.kill();
+        self.spawn();
+    }
+
+    fn url(&self) -> String {
+        match &self.password {
+            Some(p) => format!("redis://:{p}@127.0.0.1:{}/0", self.port),
+            None => format!("redis://127.0.0.1:{}/0", self.port),
+        }
+    }
+
+    /// One command over RESP; the reply's first line.
+    fn try_command(&self, args: &[&str]) -> std::io::Result<String> {
+        let mut s = TcpStream::connect(("127.0.0.1", self.port))?;
+        s.set_read_timeout(Some(Duration::from_secs(5)))?;
+        let mut out = Vec::new();
+        let mut frame = |args: &[&str]| {
+            out.extend_from_slice(format!("*{}\r\n", args.len()).as_bytes());
+            for a in args {
+                out.extend_from_slice(format!("${}\r\n{a}\r\n", a.len()).as_bytes());
+            }
+        };
+        if let Some(p) = &self.password {
+            frame(&["AUTH", p]);
+        }
+        frame(args);
+        s.write_all(&out)?;
+        let mut r = BufReader::new(s);
+        let mut line = String::new();
+        if self.password.is_some() {
+            r.read_line(&mut line)?;
+            line.clear();
+        }
+        r.read_line(&mut line)?;
+        if line.is_empty() {
+            return Err(std::io::ErrorKind::UnexpectedEof.into());
+        }
+        Ok(line.trim_end().to_string())
+    }
+
+    fn command(&self, args: &[&str]) -> String {
+        self.try_command(args)
+            .unwrap_or_else(|e| panic!("redis {args:?}: {e}"))
+    }
+}
+
+impl Drop for Redis {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// The worker every master runs: logs `NODE PAYLOAD` to `log`, answers.
+fn worker_script(dir: &Path) -> PathBuf {
+    let path = dir.join("rw.sh");
+    let log = dir.join("done");
+    fs::write(
+        &path,
+        format!(
+            "#!/bin/sh\n\
+             while read -r job; do\n\
+             \x20 case \"$job\" in\n\
+             \x20   fail*) echo \"$NODE $job\" >> {log}; echo \"fail nope\";;\n\
+             \x20   drop*) echo \"$NODE $job\" >> {log}; echo \"drop bad\";;\n\
+             \x20   *) [ -n \"$DELAY\" ] && sleep \"$DELAY\"; echo \"$NODE $job\" >> {log}; \
+             echo \"ok $job\";;\n\
+             \x20 esac\n\
+             done\n",
+            log = sh_str(&log)
+        ),
+    )
+    .unwrap();
+    use std::os::unix::fs::PermissionsExt;
+    fs::set_permissions(&path, fs::Permissions::from_mode(0o755)).unwrap();
+    path
+}
+
+/// One master of the cluster: its sandbox, config and process.
+struct Master {
+    sb: Sandbox,
+    config: PathBuf,
+    daemon: Option<Daemon>,
+}
+
+impl Master {
+    /// A master named `node` whose program `w` (`workers` workers of `worker`) consumes
+    /// queue `q` in `redis`; `queue_extra` adds keys to `[queue.q]`.
+    fn start(
+        node: &str,
+        redis: &Redis,
+        worker: &Path,
+        workers: u32,
+        delay: &str,
+        queue_extra: &str,
+    ) -> Master {
+        let sb = Sandbox::with_budget(Duration::from_secs(40));
+        let header =
+            sb.header()
+                .replacen("[plumule]\n", &format!("[plumule]\nnode = \"{node}\"\n"), 1);
+        let text = format!(
+            "{header}[program.w]\ncommand = [{}]\nworkers = {workers}\nqueue = \"q\"\n\
+             env = {{ NODE = \"{node}\", DELAY = \"{delay}\" }}\n\n\
+             [queue.q]\nbackend = \"{}\"\nclaim_after = \"1s\"\nmax_attempts = 3\n\
+             retry_backoff = {{ initial = \"50ms\", max = \"200ms\" }}\n{queue_extra}",
+            toml_str(worker),
+            redis.url()
+        );
+        // A config holding a password is for its owner's eyes only.
+        let config = sb.write_file("plumule.toml", &text, 0o600);
+        let daemon = sb.start(&config);
+        let m = Master {
+            sb,
+            config,
+            daemon: Some(daemon),
+        };
+        m.sb.wait("the master answers `queue`", DEADLINE, || {
+            m.sb.cli(&m.config, &["queue", "--json"]).status.success()
+        });
+        m
+    }
+
+    fn cli(&self, args: &[&str]) -> Outcome {
+        self.sb.cli(&self.config, args)
+    }
+
+    fn cli_ok(&self, args: &[&str]) -> Outcome {
+        self.sb.cli_ok(&self.config, args)
+    }
+
+    fn counts(&self) -> QueueCounts {
+        let out = self.sb.cli_ok(&self.config, &["queue", "--json"]);
+        let report: QueueReport = serde_json::from_str(&out.stdout)
+            .unwrap_or_else(|e| panic!("queue --json: {e}: {}", out.stdout));
+        report.queues.into_iter().next().expect("queue q")
+    }
+
+    fn kill(&mut self) {
+        if let Some(d) = self.daemon.as_mut() {
+            d.signal(nix::sys::signal::Signal::SIGKILL);
+            d.wait_exit(DEADLINE);
+        }
+        self.daemon = None;
+    }
+
+    fn pid(&self) -> i32 {
+        self.daemon.as_ref().expect("running").pid()
+    }
+}
+
+/// Submits `jobs` on `m`, without waiting for outcomes.
+fn submit(m: &Master, jobs: &[String]) {
+    let mut args = vec!["submit", "q"];
+    args.extend(jobs.iter().map(String::as_str));
+    let out = m.cli(&args);
+    assert!(out.status.success(), "submit: {}", out.stderr);
+}
+
+fn numbered(range: std::ops::Range<u32>) -> Vec<String> {
+    range.map(|i| i.to_string()).collect()
+}
+
+/// How often each payload was done, and by which nodes, from the shared log.
+fn done_log(dir: &Path) -> BTreeMap<String, Vec<String>> {
+    let mut done: BTreeMap<String, Vec<String>> = BTreeMap::new();
+    for line in fs::read_to_string(dir.join("done"))
+        .unwrap_or_default()
+        .lines()
+    {
+        if let Some((node, job)) = line.split_once(' ') {
+            done.entry(job.to_string()).or_default().push(node.into());
+        }
+    }
+    done
+}
+
+/// Waits until every job of `jobs` was done at least once and the queue is empty on `m`
+/// (every answer recorded); returns the duplicates (jobs done more than once), printed.
+fn all_done(m: &Master, dir: &Path, jobs: &[String], deadline: Duration) -> usize {
+    m.sb.wait("every job done at least once", deadline, || {
+        let done = done_log(dir);
+        jobs.iter().all(|j| done.contains_key(j))
+    });
+    m.sb.wait("nothing left pending or in flight", deadline, || {
+        let c = m.counts();
+        c.pending == 0 && c.in_flight == 0
+    });
+    let done = done_log(dir);
+    let dups: usize = done.values().map(|v| v.len() - 1).sum();
+    eprintln!(
+        "{} jobs done, {} duplicate run(s) (at least once)",
+        jobs.len(),
+        dups
+    );
+    dups
+}
+
+#[test]
+fn jobs_submitted_on_one_master_are_done_by_the_workers_of_all_three() {
+    let Some(redis) = Redis::start() else { return };
+    let shared = tempfile::tempdir().unwrap();
+    let w = worker_script(shared.path());
+    let masters: Vec<Master> = ["a", "b", "c"]
+        .iter()
+        .map(|n| Master::start(n, &redis, &w, 2, "0.02", ""))
+        .collect();
+    let jobs = numbered(1..151);
+    let mut args = vec!["submit", "q", "--wait"];
+    args.extend(jobs.iter().map(String::as_str));
+    let out = masters[0].cli(&args);
+    assert!(out.status.success(), "submit --wait: {}", out.stderr);
+    // One line per job, in submission order, each its own result.
+    let expected: Vec<String> = jobs.iter().map(|j| format!("ok {j}")).collect();
+    assert_eq!(out.stdout.lines().collect::<Vec<_>>(), expected);
+    let done = done_log(shared.path());
+    for node in ["a", "b", "c"] {
+        let n = done.values().flatten().filter(|d| *d == node).count();
+        assert!(n > 0, "master {node} did no job: {done:?}");
+    }
+    // Every master counts the whole stream.
+    let counts: Vec<QueueCounts> = masters.iter().map(Master::counts).collect();
+    for c in &counts {
+        assert_eq!((c.pending, c.in_flight, c.dead), (0, 0, 0), "{counts:?}");
+        assert!(c.done >= 150, "{counts:?}");
+        assert_eq!(c, &counts[0], "the masters disagree: {counts:?}");
+    }
+    // Ids are cluster-wide: a second batch on another master goes on from the first.
+    masters[1].cli_ok(&["submit", "q", "x"]);
+    assert_eq!(redis.command(&["INCRBY", "plumule:q:seq", "0"]), ":151");
+}
+
+#[test]
+fn a_master_sigkilled_mid_stream_loses_no_job() {
+    let Some(redis) = Redis::start() else { return };
+    let shared = tempfile::tempdir().unwrap();
+    let w = worker_script(shared.path());
+    let mut a = Master::start("a", &redis, &w, 2, "0.02", "prefetch = 4\n");
+    let b = Master::start("b", &redis, &w, 2, "0.02", "prefetch = 4\n");
+    let jobs = numbered(1..201);
+    submit(&b, &jobs);
+    a.sb.wait("master a did some jobs", DEADLINE, || {
+        done_log(shared.path())
+            .values()
+            .flatten()
+            .filter(|n| *n == "a")
+            .count()
+            >= 10
+    });
+    a.kill();
+    // What a held is taken over by b after claim_after (1s).
+    all_done(&b, shared.path(), &jobs, Duration::from_secs(30));
+    let c = b.counts();
+    assert!(c.done >= 200, "{c:?}");
+    assert_eq!(c.dead, 0, "{c:?}");
+    // a held jobs when it died (2 workers, prefetch 4, 20 ms a job): b took them over.
+    let log = fs::read_to_string(b.sb.path("plumule-1.stderr")).unwrap_or_default();
+    assert!(log.contains("took over"), "{log}");
+    assert!(c.retried > 0, "a take-over counts an attempt: {c:?}");
+}
+
+#[test]
+fn redis_killed_and_restarted_mid_stream_loses_no_job() {
+    let Some(mut redis) = Redis::start() else {
+        return;
+    };
+    let shared = tempfile::tempdir().unwrap();
+    let w = worker_script(shared.path());
+    let a = Master::start("a", &redis, &w, 2, "0.02", "");
+    let b = Master::start("b", &redis, &w, 2, "0.02", "");
+    let jobs = numbered(1..201);
+    submit(&a, &jobs);
+    a.sb.wait("some jobs done", DEADLINE, || {
+        done_log(shared.path()).len() >= 20
+    });
+    redis.kill();
+    // Unreachable: submit fails at once, saying where; supervision goes on.
+    let started = Instant::now();
+    let out = a.cli(&["submit", "q", "late"]);
+    assert_exit_code(out.status, 1, &out.stderr);
+    assert!(
+        out.stderr
+            .contains(&format!("redis://127.0.0.1:{}/0 unreachable", redis.port)),
+        "{}",
+        out.stderr
+    );
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "submit took {:?} to fail",
+        started.elapsed()
+    );
+    let (code, _) = a.sb.status(&a.config);
+    assert_eq!(code, 0);
+    redis.restart();
+    all_done(&a, shared.path(), &jobs, Duration::from_secs(30));
+    let counts = (a.counts(), b.counts());
+    assert_eq!(counts.0, counts.1);
+}
+
+#[test]
+fn retries_dead_letters_and_requeue_across_masters() {
+    let Some(redis) = Redis::start() else { return };
+    let shared = tempfile::tempdir().unwrap();
+    let w = worker_script(shared.path());
+    let a = Master::start("a", &redis, &w, 1, "", "");
+    let b = Master::start("b", &redis, &w, 1, "", "");
+    let out = a.cli(&["submit", "q", "--wait", "fail-1", "fine", "drop-1"]);
+    assert_exit_code(out.status, 1, &out.stderr);
+    assert_eq!(
+        out.stdout.lines().collect::<Vec<_>>(),
+        ["dead nope", "ok fine", "dead bad"]
+    );
+    // fail-1 ran max_attempts (3) times, on whichever master fetched it.
+    let runs = done_log(shared.path());
+    assert_eq!(runs["fail-1"].len(), 3, "{runs:?}");
+    assert_eq!(runs["drop-1"].len(), 1, "{runs:?}");
+    // The dead letters are the cluster's: listed and requeued on the other master.
+    let out = b.cli(&["queue", "q", "--dead", "--json"]);
+    assert!(out.status.success(), "{}", out.stderr);
+    let dead: DeadLetters = serde_json::from_str(&out.stdout).unwrap();
+    let mut seen: Vec<(String, u32, String)> = dead
+        .dead
+        .iter()
+        .map(|d| (d.payload.clone(), d.attempts, d.reason.clone()))
+        .collect();
+    seen.sort();
+    assert_eq!(
+        seen,
+        [
+            ("drop-1".to_string(), 0, "bad".to_string()),
+            ("fail-1".to_string(), 3, "nope".to_string())
+        ]
+    );
+    let (ca, cb) = (a.counts(), b.counts());
+    assert_eq!(ca, cb);
+    assert_eq!((ca.dead, ca.retried), (2, 2), "{ca:?}");
+    let id = dead.dead.iter().find(|d| d.payload == "drop-1").unwrap().id;
+    let out = b.cli(&["requeue", "q", "999999"]);
+    assert_exit_code(out.status, 1, &out.stderr);
+    assert!(
+        out.stderr.contains("no dead letter with id 999999"),
+        "{}",
+        out.stderr
+    );
+    b.cli_ok(&["requeue", "q", &id.to_string()]);
+    a.sb.wait("the requeued job ran again", DEADLINE, || {
+        done_log(shared.path())
+            .get("drop-1")
+            .is_some_and(|v| v.len() == 2)
+    });
+    a.sb.wait(
+        "it is dead again, on both masters' counts",
+        DEADLINE,
+        || {
+            let c = a.counts();
+            c.dead == 2 && c.pending == 0 && c.in_flight == 0 && c == b.counts()
+        },
+    );
+}
+
+#[test]
+fn garbage_in_the_stream_is_dead_lettered_not_a_crash() {
+    let Some(redis) = Redis::start() else { return };
+    let shared = tempfile::tempdir().unwrap();
+    let w = worker_script(shared.path());
+    let a = Master::start("a", &redis, &w, 1, "", "");
+    let reply = redis.command(&["XADD", "plumule:q", "*", "foo", "bar"]);
+    assert!(reply.starts_with('$'), "XADD: {reply}");
+    a.sb.wait("the garbage is a dead letter", DEADLINE, || {
+        a.counts().dead == 1
+    });
+    let out = a.cli_ok(&["queue", "q", "--dead", "--json"]);
+    let dead: DeadLetters = serde_json::from_str(&out.stdout).unwrap();
+    assert_eq!(dead.dead.len(), 1);
+    assert_eq!(dead.dead[0].payload, "foo=bar");
+    assert!(
+        dead.dead[0]
+            .reason
+            .contains("not a plumule job: no `id` field"),
+        "{:?}",
+        dead.dead[0]
+    );
+    // The master and its queue go on.
+    let out = a.cli(&["submit", "q", "--wait", "after"]);
+    assert!(out.status.success(), "{}", out.stderr);
+    assert_eq!(out.stdout.trim(), "ok after");
+}
+
+/// The Redis helper's pid: the child of `master` named plumule-redis.
+fn helper_pid(master: i32) -> Option<i32> {
+    live_children(master)
+        .into_iter()
+        .find(|p| p.comm == "plumule-redis")
+        .map(|p| p.pid)
+}
+
+#[test]
+fn a_killed_redis_helper_is_restarted_and_loses_nothing() {
+    let Some(redis) = Redis::start_with(Some("s3cret-pw")) else {
+        return;
+    };
+    let shared = tempfile::tempdir().unwrap();
+    let w = worker_script(shared.path());
+    let a = Master::start("a", &redis, &w, 2, "0.01", "");
+    let first = helper_pid(a.pid()).expect("a Redis helper runs");
+    // The password is in no argv.
+    let cmdline = fs::read(format!("/proc/{first}/cmdline")).unwrap();
+    assert!(!String::from_utf8_lossy(&cmdline).contains("s3cret"));
+    let jobs = numbered(1..201);
+    submit(&a, &jobs);
+    a.sb.wait("some jobs done", DEADLINE, || {
+        done_log(shared.path()).len() >= 20
+    });
+    send(first, nix::sys::signal::Signal::SIGKILL);
+    a.sb.wait("another helper runs", DEADLINE, || {
+        helper_pid(a.pid()).is_some_and(|p| p != first)
+    });
+    all_done(&a, shared.path(), &jobs, Duration::from_secs(30));
+    let c = a.counts();
+    assert!(c.done >= 200, "{c:?}");
+    // Nothing the master logged shows the password.
+    let mut log = String::new();
+    fs::File::open(a.sb.path("plumule-1.stderr"))
+        .and_then(|mut f| f.read_to_string(&mut log))
+        .ok();
+    assert!(!log.contains("s3cret"), "{log}");
+}
