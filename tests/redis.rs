@@ -4,7 +4,7 @@
 //!
 //! The worker (`rw.sh`) appends `NODE PAYLOAD` to a log shared by all masters for each job it
 //! does, then answers `ok PAYLOAD`; a payload starting `fail` is answered `fail nope`, one
-//! starting `drop` `drop bad`. "Every job answered at least once" is read from that log;
+//! starting `drop` `drop bad`, one starting `slow` after 3 s. "Every job answered at least once" is read from that log;
 //! duplicates (allowed: delivery is at least once) are counted and printed.
 
 mod common;
@@ -151,6 +151,7 @@ fn worker_script(dir: &Path) -> PathBuf {
              \x20 case \"$job\" in\n\
              \x20   fail*) echo \"$NODE $job\" >> {log}; echo \"fail nope\";;\n\
              \x20   drop*) echo \"$NODE $job\" >> {log}; echo \"drop bad\";;\n\
+             \x20   slow*) sleep 3; echo \"$NODE $job\" >> {log}; echo \"ok $job\";;\n\
              \x20   *) [ -n \"$DELAY\" ] && sleep \"$DELAY\"; echo \"$NODE $job\" >> {log}; \
              echo \"ok $job\";;\n\
              \x20 esac\n\
@@ -511,4 +512,45 @@ fn a_killed_redis_helper_is_restarted_and_loses_nothing() {
         .and_then(|mut f| f.read_to_string(&mut log))
         .ok();
     assert!(!log.contains("s3cret"), "{log}");
+}
+
+#[test]
+fn a_live_master_keeps_a_job_longer_than_claim_after() {
+    let Some(redis) = Redis::start() else { return };
+    let shared = tempfile::tempdir().unwrap();
+    let w = worker_script(shared.path());
+    let a = Master::start("a", &redis, &w, 1, "", "");
+    // b has a worker too, idle: it would claim whatever sits idle past claim_after (1s).
+    let b = Master::start("b", &redis, &w, 1, "", "");
+    // The job runs 3 s on a, three times claim_after: a keeps it claimed while it lives.
+    let out = a.cli(&["submit", "q", "--wait", "slow-1"]);
+    assert!(out.status.success(), "{}", out.stderr);
+    assert_eq!(out.stdout.trim(), "ok slow-1");
+    let runs = done_log(shared.path());
+    assert_eq!(runs["slow-1"].len(), 1, "{runs:?}");
+    let c = b.counts();
+    assert_eq!((c.done, c.retried, c.in_flight), (1, 0, 0), "{c:?}");
+}
+
+#[test]
+fn a_graceful_stop_records_every_answer_and_a_restart_takes_back_its_own() {
+    let Some(redis) = Redis::start() else { return };
+    let shared = tempfile::tempdir().unwrap();
+    let w = worker_script(shared.path());
+    let mut a = Master::start("a", &redis, &w, 2, "0.01", "prefetch = 8\n");
+    let jobs = numbered(1..201);
+    submit(&a, &jobs);
+    a.sb.wait("some jobs done", DEADLINE, || {
+        done_log(shared.path()).len() >= 20
+    });
+    let daemon = a.daemon.as_mut().expect("running");
+    daemon.signal(nix::sys::signal::Signal::SIGTERM);
+    daemon.wait_exit(DEADLINE);
+    a.daemon = None;
+    // The same node again: it first reads what it held (no claim_after to wait for).
+    let a2 = Master::start("a", &redis, &w, 2, "0.01", "prefetch = 8\n");
+    let dups = all_done(&a2, shared.path(), &jobs, Duration::from_secs(30));
+    assert_eq!(dups, 0, "a graceful stop recorded every answer");
+    let c = a2.counts();
+    assert_eq!((c.done, c.retried), (200, 0), "{c:?}");
 }

@@ -231,6 +231,9 @@ impl Queues {
     /// Every durable queue's log synced now, inline: the master is stopping.
     pub(super) fn finish(&mut self) {
         for q in &mut self.queues {
+            q.remote_finish();
+        }
+        for q in &mut self.queues {
             if let Some(st) = q.store.as_mut() {
                 if let Err(f) = st.sync_now() {
                     log::error!("{}", f.error);

@@ -211,6 +211,12 @@ impl<S: Serialize, R: DeserializeOwned> Link<S, R> {
     }
 }
 
+impl<S, R> std::os::fd::AsFd for Link<S, R> {
+    fn as_fd(&self) -> std::os::fd::BorrowedFd<'_> {
+        self.sock.as_fd()
+    }
+}
+
 /// The length of the frame at the start of `buf`, if it is all there.
 fn frame_at(buf: &[u8]) -> Result<Option<usize>, LinkError> {
     let Some(head) = buf.get(..4) else {

@@ -452,6 +452,68 @@ impl QueueRt {
     }
 }
 
+/// How long a stopping master waits for its last answers to be recorded in Redis.
+const FINISH_WAIT: Duration = Duration::from_secs(3);
+
+impl QueueRt {
+    /// The master is stopping: the answers not yet recorded are sent, and the helper gets a
+    /// little while to record them (it dies with the master), so that a graceful stop does
+    /// not leave done jobs to be done again.
+    pub(super) fn remote_finish(&mut self) {
+        let Some(r) = self.remote.as_mut() else {
+            return;
+        };
+        if !r.ops.is_empty() {
+            let seq = r.next_seq;
+            r.next_seq += 1;
+            let ops = std::mem::take(&mut r.ops);
+            r.unconfirmed.push_back((seq, ops.clone()));
+            r.send(&ToHelper::Answers { seq, ops });
+        }
+        let give_up = Instant::now() + FINISH_WAIT;
+        while !r.unconfirmed.is_empty() {
+            let Some(link) = r.link.as_mut() else {
+                break;
+            };
+            let left = give_up.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                log::warn!(
+                    "queue {}: {} answer batch(es) not recorded in Redis; their jobs will run \
+                     again",
+                    self.config.name,
+                    r.unconfirmed.len()
+                );
+                break;
+            }
+            let mut flags = nix::poll::PollFlags::POLLIN;
+            if link.wants_write() {
+                flags |= nix::poll::PollFlags::POLLOUT;
+            }
+            let ms = u16::try_from(left.as_millis()).unwrap_or(u16::MAX);
+            let mut fds = [nix::poll::PollFd::new(
+                std::os::fd::AsFd::as_fd(&*link),
+                flags,
+            )];
+            if nix::poll::poll(&mut fds, nix::poll::PollTimeout::from(ms)).is_err() {
+                break;
+            }
+            let got = link.flush().and_then(|()| link.receive());
+            match got {
+                Ok(msgs) => {
+                    for m in msgs {
+                        if let FromHelper::Recorded { seq } = m {
+                            while r.unconfirmed.front().is_some_and(|(s, _)| *s <= seq) {
+                                r.unconfirmed.pop_front();
+                            }
+                        }
+                    }
+                }
+                Err(_) => break,
+            }
+        }
+    }
+}
+
 impl Remote {
     fn spawn(&mut self, now: Instant) {
         let setup = self.setup.clone();
