@@ -313,6 +313,10 @@ fn jobs_submitted_on_one_master_are_done_by_the_workers_of_all_three() {
         assert!(c.done >= 150, "{counts:?}");
         assert_eq!(c, &counts[0], "the masters disagree: {counts:?}");
     }
+    // Answered entries are trimmed away (whole stream nodes of 100 entries at most remain).
+    let len = redis.command(&["XLEN", "plumule:q"]);
+    let len: u64 = len.trim_start_matches(':').parse().unwrap();
+    assert!(len <= 100, "the stream still holds {len} entries");
     // Ids are cluster-wide: a second batch on another master goes on from the first.
     masters[1].cli_ok(&["submit", "q", "x"]);
     assert_eq!(redis.command(&["INCRBY", "plumule:q:seq", "0"]), ":151");
@@ -553,4 +557,22 @@ fn a_graceful_stop_records_every_answer_and_a_restart_takes_back_its_own() {
     assert_eq!(dups, 0, "a graceful stop recorded every answer");
     let c = a2.counts();
     assert_eq!((c.done, c.retried), (200, 0), "{c:?}");
+}
+
+#[test]
+fn a_config_with_a_redis_password_readable_by_others_is_refused() {
+    let sb = Sandbox::new();
+    let text = format!(
+        "{}[queue.q]\nbackend = \"redis://:hunter2@127.0.0.1:1/0\"\n",
+        sb.header()
+    );
+    let config = sb.write_file("plumule.toml", &text, 0o644);
+    let out = sb.cli(&config, &["check"]);
+    assert_exit_code(out.status, 1, &out.stderr);
+    assert!(out.stderr.contains("readable by others"), "{}", out.stderr);
+    assert!(!out.stderr.contains("hunter2"), "{}", out.stderr);
+    fs::set_permissions(&config, std::os::unix::fs::PermissionsExt::from_mode(0o600)).unwrap();
+    let out = sb.cli(&config, &["check"]);
+    assert!(out.status.success(), "{}", out.stderr);
+    assert!(!out.stdout.contains("hunter2"), "{}", out.stdout);
 }

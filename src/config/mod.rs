@@ -581,23 +581,50 @@ fn choose_config_path(cli: Option<&Path>, env: Option<OsString>, local: bool) ->
 /// Like sshd, refuses a file that someone other than its owner could have written: one that is
 /// writable by its group or by others, or owned by a user other than root and the current
 /// effective user. The checks apply to the file opened (symbolic links followed).
+///
+/// A file that holds a password (a queue's `backend` URL with one) must not be readable by
+/// others either (SPEC §7).
 pub fn load(path: &Path) -> Result<Config, ConfigError> {
-    let (path, text) = read_trusted(path)?;
-    parse(&text, &path)
+    let (path, text, mode) = read_trusted(path)?;
+    let config = parse(&text, &path)?;
+    check_secrets(&config, &path, mode)?;
+    Ok(config)
+}
+
+/// Refuses a main file readable by others when a queue's `backend` URL in the config carries
+/// a password.
+fn check_secrets(config: &Config, path: &Path, mode: u32) -> Result<(), ConfigError> {
+    let secret = config
+        .queues
+        .iter()
+        .filter_map(|q| q.backend.as_deref())
+        .find(|url| crate::queue::redis::has_password(url));
+    if secret.is_some() && mode & 0o004 != 0 {
+        return Err(ConfigError::whole_file(
+            path,
+            format!(
+                "refusing a configuration file readable by others (mode {:04o}) that holds a \
+                 password (a queue's `backend` URL): run `chmod o-r` on it",
+                mode & 0o7777
+            ),
+        ));
+    }
+    Ok(())
 }
 
 /// [`load`], and the warnings of `plumule check` about what cannot run as written on this
 /// host (see [`Probe`]).
 pub fn load_for_check(path: &Path, probe: &Probe) -> Result<(Config, Warnings), ConfigError> {
-    let (path, text) = read_trusted(path)?;
+    let (path, text, mode) = read_trusted(path)?;
     let (config, files) = parse_files(&text, &path, &this_host(), UNSUPPORTED)?;
+    check_secrets(&config, &path, mode)?;
     let warnings = warnings::warnings(&config, &files, probe);
     Ok((config, warnings))
 }
 
 /// The absolute path and the content of the file at `path`, once it passed the checks of
 /// [`load`].
-fn read_trusted(path: &Path) -> Result<(PathBuf, String), ConfigError> {
+fn read_trusted(path: &Path) -> Result<(PathBuf, String, u32), ConfigError> {
     let path = absolute(path);
     let fail = |message: String| ConfigError::whole_file(&path, message);
     let read = || -> io::Result<(std::fs::Metadata, String)> {
@@ -616,7 +643,7 @@ fn read_trusted(path: &Path) -> Result<(PathBuf, String), ConfigError> {
         return Err(fail("not a regular file".to_owned()));
     }
     check_ownership(&metadata, nix::unistd::geteuid().as_raw()).map_err(|e| fail(e.to_string()))?;
-    Ok((path, text))
+    Ok((path, text, metadata.mode()))
 }
 
 /// Why a configuration file is refused before it is read as TOML.
@@ -892,7 +919,7 @@ fn included(
             }
             seen.push(canonical);
             match read_trusted(&path) {
-                Ok(file) => out.push(file),
+                Ok((path, text, _)) => out.push((path, text)),
                 Err(e) => {
                     let why = e
                         .problems

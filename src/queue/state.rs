@@ -735,6 +735,12 @@ impl QueueState {
         self.dead.remove(&id);
     }
 
+    /// How many jobs the accepting consumers can hold at once (`prefetch` each).
+    pub fn capacity(&self) -> u64 {
+        let accepting = self.consumers.values().filter(|c| c.accepting).count() as u64;
+        accepting * u64::from(self.settings.prefetch)
+    }
+
     /// How many more jobs the accepting consumers could take now, beyond the jobs already
     /// waiting for them (a queue fed from elsewhere asks for that many).
     pub fn room(&self) -> u64 {

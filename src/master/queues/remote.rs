@@ -16,7 +16,7 @@
 //! The helper is polled through `Part::Queues` (token [`TOKEN_REMOTE`] with its pid); the
 //! only timers are the next hold (while something is held) and a restart due.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::os::fd::RawFd;
 use std::time::{Duration, Instant};
 
@@ -67,6 +67,8 @@ pub(super) struct Remote {
     failures: u32,
     started: Instant,
     held: HashMap<u64, String>,
+    /// Held jobs with an attempts count in Redis (to forget once they are done).
+    retried: HashSet<u64>,
     granted: u64,
     next_ticket: u64,
     batches: HashMap<u64, Batch>,
@@ -103,6 +105,7 @@ impl Remote {
             failures: 0,
             started: Instant::now(),
             held: HashMap::new(),
+            retried: HashSet::new(),
             granted: 0,
             next_ticket: 1,
             batches: HashMap::new(),
@@ -268,6 +271,7 @@ impl QueueRt {
                             entry: entry.clone(),
                             id,
                             watched,
+                            retried: r.retried.remove(&id),
                             result: Bytes(result),
                         });
                     }
@@ -290,6 +294,7 @@ impl QueueRt {
                     }
                     // The dead letters of a Redis queue live in Redis.
                     self.state.forget_dead(id);
+                    r.retried.remove(&id);
                     if let Some(entry) = r.held.get(&id) {
                         r.ops.push(Op::Dead {
                             entry: entry.clone(),
@@ -308,6 +313,7 @@ impl QueueRt {
                         self.counters.durations.observe(t.as_secs_f64());
                     }
                     self.counters.retried += 1;
+                    r.retried.insert(id);
                     r.ops.push(Op::Attempt { id, attempts });
                 }
                 JobEvent::Requeued { .. } => {}
@@ -329,6 +335,9 @@ impl QueueRt {
                         continue;
                     }
                     r.held.insert(f.id, f.entry);
+                    if f.attempts > 0 {
+                        r.retried.insert(f.id);
+                    }
                     jobs.push(Job {
                         id: f.id,
                         key: f.key.map(|k| k.0),
@@ -404,6 +413,9 @@ impl QueueRt {
     /// due; the helper (re)started when due.
     fn remote_pass(&mut self, now: Instant) {
         let room = self.state.room();
+        // Credit goes in chunks of a quarter of what the workers hold at once: one read of
+        // many entries costs Redis about what a read of one does.
+        let chunk = (self.state.capacity() / 4).max(1);
         let r = self.remote.as_mut().expect("a Redis queue");
         if r.link.is_none() {
             if r.pid.is_none() && r.restart_at.is_some_and(|at| at <= now) {
@@ -432,7 +444,7 @@ impl QueueRt {
             r.send(&msg);
         }
         let want = room.saturating_sub(r.granted);
-        if want > 0 && r.send(&ToHelper::Credit(want)) {
+        if want >= chunk && r.send(&ToHelper::Credit(want)) {
             r.granted += want;
         }
         if r.held.is_empty() {

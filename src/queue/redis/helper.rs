@@ -48,6 +48,8 @@ const READ_TIMEOUT: Duration = Duration::from_secs(10);
 const BLOCK_MS: u64 = 1000;
 /// The most entries one read asks for.
 const BATCH: u64 = 1000;
+/// The most answers recorded by one script call.
+const ANSWERS_PER_CALL: usize = 5000;
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
 const RETRY_FIRST: Duration = Duration::from_millis(100);
 const RETRY_MAX: Duration = Duration::from_secs(5);
@@ -260,6 +262,7 @@ fn main_loop(shared: &Shared, rx: crossbeam_channel::Receiver<ToHelper>) {
             m.handle(next);
             msg = rx.try_recv().ok();
         }
+        m.flush_answers();
     }
 }
 
@@ -369,10 +372,8 @@ impl Main<'_> {
                     Err(why) => FromHelper::SubmitFailed { ticket, why },
                 });
             }
-            ToHelper::Answers { seq, ops } => {
-                self.answers.push_back((seq, ops));
-                self.flush_answers();
-            }
+            // Recorded once everything that has come is handled (one script for many).
+            ToHelper::Answers { seq, ops } => self.answers.push_back((seq, ops)),
             ToHelper::Hold { entries } => self.hold(&entries),
             ToHelper::Query { token, query } => {
                 let reply = self.query(query);
@@ -393,7 +394,7 @@ impl Main<'_> {
         };
         let keys = &self.shared.keys;
         let mut inv = self.submit.prepare_invoke();
-        inv.key(&keys.stream).key(&keys.seq);
+        inv.key(&keys.stream).key(&keys.seq).key(&keys.stats);
         inv.arg(max_pending).arg(if watched { "1" } else { "0" });
         match &key {
             Some(k) => {
@@ -426,12 +427,23 @@ impl Main<'_> {
         }
     }
 
-    /// Records the answers that wait, oldest first, and tells the master each batch done.
+    /// Records the answers that wait, oldest first, several batches per script call, and
+    /// tells the master up to which batch they are recorded.
     fn flush_answers(&mut self) {
-        while let Some((seq, ops)) = self.answers.front() {
+        while !self.answers.is_empty() {
             let Some(con) = self.con.as_mut() else {
                 return;
             };
+            // The batches that fit one call (at least one).
+            let mut take = 0;
+            let mut size = 0;
+            for (_, ops) in &self.answers {
+                if take > 0 && size + ops.len() > ANSWERS_PER_CALL {
+                    break;
+                }
+                take += 1;
+                size += ops.len();
+            }
             let keys = &self.shared.keys;
             let mut inv = self.answer.prepare_invoke();
             inv.key(&keys.stream)
@@ -440,18 +452,20 @@ impl Main<'_> {
                 .key(&keys.dead)
                 .key(&keys.results);
             inv.arg(GROUP).arg(RESULTS_KEPT);
-            for op in ops {
+            for op in self.answers.iter().take(take).flat_map(|(_, ops)| ops) {
                 match op {
                     Op::Ok {
                         entry,
                         id,
                         watched,
+                        retried,
                         result,
                     } => {
                         inv.arg("o")
                             .arg(entry)
                             .arg(id)
                             .arg(if *watched { "1" } else { "0" })
+                            .arg(if *retried { "1" } else { "0" })
                             .arg(&result.0);
                     }
                     Op::Attempt { id, attempts } => {
@@ -473,11 +487,11 @@ impl Main<'_> {
                     }
                 }
             }
-            let seq = *seq;
+            let seq = self.answers[take - 1].0;
             let done: ::redis::RedisResult<Value> = inv.invoke(con);
             match done {
                 Ok(_) => {
-                    self.answers.pop_front();
+                    self.answers.drain(..take);
                     self.shared.send(FromHelper::Recorded { seq });
                 }
                 Err(e) => {
@@ -493,7 +507,7 @@ impl Main<'_> {
                                 self.shared.url()
                             ),
                         );
-                        self.answers.pop_front();
+                        self.answers.drain(..take);
                         self.shared.send(FromHelper::Recorded { seq });
                     }
                     return;
@@ -539,7 +553,10 @@ impl Main<'_> {
             Query::Dead => dead_letters(con, keys).map(Reply::Dead),
             Query::Requeue(ids) => {
                 let mut inv = self.requeue.prepare_invoke();
-                inv.key(&keys.stream).key(&keys.dead).key(&keys.attempts);
+                inv.key(&keys.stream)
+                    .key(&keys.dead)
+                    .key(&keys.attempts)
+                    .key(&keys.stats);
                 inv.arg(if ids.is_none() { "1" } else { "0" });
                 for id in ids.iter().flatten() {
                     inv.arg(id);
@@ -591,9 +608,8 @@ fn check_appendonly(sh: &Shared, con: &mut Connection) {
 }
 
 fn counts(con: &mut Connection, keys: &Keys, queue: &str) -> ::redis::RedisResult<QueueCounts> {
-    let (len, pel, stats, dead): (u64, Value, (Option<u64>, Option<u64>), u64) = ::redis::pipe()
-        .cmd("XLEN")
-        .arg(&keys.stream)
+    type Stats = (Option<u64>, Option<u64>, Option<i64>);
+    let (pel, stats, dead): (Value, Stats, u64) = ::redis::pipe()
         .cmd("XPENDING")
         .arg(&keys.stream)
         .arg(GROUP)
@@ -601,9 +617,11 @@ fn counts(con: &mut Connection, keys: &Keys, queue: &str) -> ::redis::RedisResul
         .arg(&keys.stats)
         .arg("done")
         .arg("retried")
+        .arg("held")
         .cmd("XLEN")
         .arg(&keys.dead)
         .query(con)?;
+    let len = stats.2.unwrap_or(0).max(0) as u64;
     let in_flight = array(&pel)
         .and_then(|a| a.first())
         .and_then(int)
@@ -981,18 +999,14 @@ fn results(sh: &Shared) {
             cursor = last.clone();
             let outcomes = list
                 .into_iter()
-                .filter_map(|(_, fields)| {
-                    let get = |name: &[u8]| {
-                        fields
-                            .iter()
-                            .find(|(f, _)| f == name)
-                            .map(|(_, v)| v.clone())
-                    };
-                    let id = String::from_utf8(get(b"id")?).ok()?.parse().ok()?;
+                .flat_map(|(_, fields)| fields)
+                .filter_map(|(id, value)| {
+                    let id = std::str::from_utf8(&id).ok()?.parse().ok()?;
+                    let (&flag, text) = value.split_first()?;
                     Some(Outcome {
                         id,
-                        ok: get(b"o").as_deref() == Some(b"ok"),
-                        text: Bytes(get(b"t").unwrap_or_default()),
+                        ok: flag == b'1',
+                        text: Bytes(text.to_vec()),
                     })
                 })
                 .collect();

@@ -10,14 +10,14 @@
 //! | `plumule:Q` | stream, group `plumule` | the jobs not yet answered: fields `id` (the job id), `p` (payload), `k` (key, optional), `w` (`1`: a client waits for the outcome) |
 //! | `plumule:Q:seq` | string | the last job id given (INCRBY in the submit script: ids are cluster-wide) |
 //! | `plumule:Q:attempts` | hash | job id → attempts so far, for jobs that failed at least once |
-//! | `plumule:Q:stats` | hash | `done`, `retried`: counters since the queue was made |
+//! | `plumule:Q:stats` | hash | `held` (jobs pending or fetched: what `max_pending` bounds), `done`, `retried` |
 //! | `plumule:Q:dead` | stream | dead letters: `id`, `p`, `k`, `a` (attempts), `r` (reason) |
-//! | `plumule:Q:results` | stream, capped | outcomes of watched jobs: `id`, `o` (`ok` or `dead`), `t` (result or reason) |
+//! | `plumule:Q:results` | stream, capped | outcomes of watched jobs, many per entry: field = job id, value = `1` then the result (`ok`) or `0` then the reason (dead) |
 //!
-//! An answered job is XACKed and XDELed at once, so `plumule:Q` holds only jobs pending or
-//! held by a master: it never needs trimming (and is never trimmed: nothing pending could
-//! go). `plumule:Q:results` is capped at about [`RESULTS_KEPT`] entries (XADD MAXLEN ~);
-//! only watched jobs write there.
+//! Answered jobs are acknowledged, and the stream trimmed below its oldest entry still pending
+//! or not yet delivered (XTRIM MINID ~): trimming never drops an entry still pending.
+//! `plumule:Q:results` is capped at about [`RESULTS_KEPT`] entries (XADD MAXLEN ~), each the
+//! outcomes of one batch of answers; only watched jobs write there.
 //!
 //! # The master and its helper
 //!
@@ -39,8 +39,8 @@ use serde::{Deserialize, Serialize};
 /// The consumer group every master reads a queue's stream with.
 pub const GROUP: &str = "plumule";
 
-/// About how many outcomes of watched jobs `plumule:Q:results` keeps.
-pub const RESULTS_KEPT: u64 = 100_000;
+/// About how many entries (batches of outcomes of watched jobs) `plumule:Q:results` keeps.
+pub const RESULTS_KEPT: u64 = 10_000;
 
 /// Bytes carried in a JSON frame: UTF-8 as a string, anything else as base64.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
@@ -137,6 +137,8 @@ pub enum Op {
         entry: String,
         id: u64,
         watched: bool,
+        /// It failed before: its attempts count is forgotten.
+        retried: bool,
         result: Bytes,
     },
     /// An attempt failed (a `fail`, or a redelivery): the count is kept for other masters.
@@ -231,6 +233,17 @@ pub enum FromHelper {
     },
 }
 
+/// Whether the URL carries a password (`redis://user:PASSWORD@host…` or `redis://:PASSWORD@…`).
+pub fn has_password(url: &str) -> bool {
+    let Some((_, rest)) = url.split_once("://") else {
+        return false;
+    };
+    let authority = rest.split('/').next().unwrap_or_default();
+    authority
+        .rsplit_once('@')
+        .is_some_and(|(user, _)| user.split_once(':').is_some_and(|(_, pw)| !pw.is_empty()))
+}
+
 /// The URL with its password (and user) replaced by `***`: what logs and messages show.
 pub fn redact(url: &str) -> String {
     let Some((scheme, rest)) = url.split_once("://") else {
@@ -246,12 +259,14 @@ pub fn redact(url: &str) -> String {
     }
 }
 
-/// Submits a batch: refused whole (`{-1, held}`) past `max_pending` entries in the stream,
-/// else every job XADDed with consecutive ids from `seq`; returns `{first id, held}`.
-/// KEYS: stream, seq. ARGV: max_pending, watched (0/1), key ('' or 'k' .. key), payloads.
+/// Submits a batch: refused whole (`{-1, held}`) when the jobs held (pending or fetched,
+/// across the cluster: `held` in the stats hash) would pass `max_pending`, else every job
+/// XADDed with consecutive ids from `seq`; returns `{first id, held}`.
+/// KEYS: stream, seq, stats. ARGV: max_pending, watched (0/1), key ('' or 'k' .. key),
+/// payloads.
 pub const SUBMIT: &str = r#"
 local n = #ARGV - 3
-local held = redis.call('XLEN', KEYS[1])
+local held = tonumber(redis.call('HGET', KEYS[3], 'held') or '0')
 if held + n > tonumber(ARGV[1]) then return {-1, held} end
 local last = redis.call('INCRBY', KEYS[2], n)
 local first = last - n + 1
@@ -263,39 +278,55 @@ for i = 1, n do
   if ARGV[2] == '1' then f[#f + 1] = 'w'; f[#f + 1] = '1' end
   redis.call('XADD', KEYS[1], '*', unpack(f))
 end
+redis.call('HINCRBY', KEYS[3], 'held', n)
 return {first, held}
 "#;
 
 /// Records answers in order. KEYS: stream, attempts, stats, dead, results. ARGV: group,
-/// results cap, then ops: `o ENTRY ID W RESULT`, `a ID ATTEMPTS`, `d ENTRY ID ATTEMPTS REASON
-/// W`. An `ok` or `dead` whose entry another master answered already (a duplicate) changes
-/// nothing and writes no second outcome.
+/// results cap, then ops: `o ENTRY ID W A RESULT` (A: `1` when the job has an attempts
+/// count to forget), `a ID ATTEMPTS`, `d ENTRY ID ATTEMPTS REASON W`.
+///
+/// The `ok`s are acknowledged together (XACK of many ids), their outcomes (for watched jobs)
+/// go to the results stream as one entry of `ID` → `1RESULT` fields, and the stream is then
+/// trimmed below its oldest entry still pending or not yet delivered (XTRIM MINID ~): an
+/// answered entry is not deleted one by one, which costs Redis more than the rest of an
+/// answer. A `dead` moves its entry to the dead letters (read, acknowledged, deleted).
+/// An `ok` or `dead` whose entry another master answered already changes nothing.
 pub const ANSWERS: &str = r#"
 local group, cap = ARGV[1], ARGV[2]
-local done, retried = 0, 0
+local acks, forget, results = {}, {}, {}
+local done, retried, gone = 0, 0, 0
+local function flush_acks()
+  local i = 1
+  while i <= #acks do
+    local n = redis.call('XACK', KEYS[1], group, unpack(acks, i, math.min(i + 999, #acks)))
+    done = done + n
+    i = i + 1000
+  end
+  acks = {}
+end
 local i = 3
 while i <= #ARGV do
   local op = ARGV[i]
   if op == 'o' then
-    local e, id, w, t = ARGV[i + 1], ARGV[i + 2], ARGV[i + 3], ARGV[i + 4]
-    i = i + 5
-    if redis.call('XACK', KEYS[1], group, e) == 1 then
-      done = done + 1
-      if w == '1' then
-        redis.call('XADD', KEYS[5], 'MAXLEN', '~', cap, '*', 'id', id, 'o', 'ok', 't', t)
-      end
+    acks[#acks + 1] = ARGV[i + 1]
+    if ARGV[i + 3] == '1' then
+      results[#results + 1] = ARGV[i + 2]
+      results[#results + 1] = '1' .. ARGV[i + 5]
     end
-    redis.call('XDEL', KEYS[1], e)
-    redis.call('HDEL', KEYS[2], id)
+    if ARGV[i + 4] == '1' then forget[#forget + 1] = ARGV[i + 2] end
+    i = i + 6
   elseif op == 'a' then
     redis.call('HSET', KEYS[2], ARGV[i + 1], ARGV[i + 2])
     retried = retried + 1
     i = i + 3
   else
+    flush_acks()
     local e, id, a, r, w = ARGV[i + 1], ARGV[i + 2], ARGV[i + 3], ARGV[i + 4], ARGV[i + 5]
     i = i + 6
     local got = redis.call('XRANGE', KEYS[1], e, e)
     if #got > 0 and redis.call('XACK', KEYS[1], group, e) == 1 then
+      gone = gone + 1
       local f = got[1][2]
       local d = {'id', id, 'a', a, 'r', r}
       for j = 1, #f, 2 do
@@ -303,15 +334,48 @@ while i <= #ARGV do
       end
       redis.call('XADD', KEYS[4], '*', unpack(d))
       if w == '1' then
-        redis.call('XADD', KEYS[5], 'MAXLEN', '~', cap, '*', 'id', id, 'o', 'dead', 't', r)
+        results[#results + 1] = id
+        results[#results + 1] = '0' .. r
       end
     end
     redis.call('XDEL', KEYS[1], e)
     redis.call('HDEL', KEYS[2], id)
   end
 end
+flush_acks()
+local j = 1
+while j <= #forget do
+  redis.call('HDEL', KEYS[2], unpack(forget, j, math.min(j + 999, #forget)))
+  j = j + 1000
+end
+j = 1
+while j <= #results do
+  redis.call('XADD', KEYS[5], 'MAXLEN', '~', cap, '*',
+    unpack(results, j, math.min(j + 1999, #results)))
+  j = j + 2000
+end
 if done > 0 then redis.call('HINCRBY', KEYS[3], 'done', done) end
+if done + gone > 0 then redis.call('HINCRBY', KEYS[3], 'held', -(done + gone)) end
 if retried > 0 then redis.call('HINCRBY', KEYS[3], 'retried', retried) end
+if done > 0 then
+  -- Below the oldest entry still pending, or else below the next one to deliver.
+  local p = redis.call('XPENDING', KEYS[1], group)
+  local minid = nil
+  if p[1] > 0 then
+    minid = p[2]
+  else
+    local groups = redis.call('XINFO', 'GROUPS', KEYS[1])
+    for _, g in ipairs(groups) do
+      local name, last = nil, nil
+      for k = 1, #g, 2 do
+        if g[k] == 'name' then name = g[k + 1] end
+        if g[k] == 'last-delivered-id' then last = g[k + 1] end
+      end
+      if name == group then minid = last end
+    end
+  end
+  if minid then redis.call('XTRIM', KEYS[1], 'MINID', '~', minid) end
+end
 return done
 "#;
 
@@ -328,7 +392,7 @@ redis.call('XDEL', KEYS[1], ARGV[2])
 return 1
 "#;
 
-/// Puts dead letters back in the stream, attempts at 0. KEYS: stream, dead, attempts.
+/// Puts dead letters back in the stream, attempts at 0. KEYS: stream, dead, attempts, stats.
 /// ARGV: all (0/1), then job ids. Returns `{n}`, or `{-1, id}` when an id named is not a
 /// dead letter (then nothing moves).
 pub const REQUEUE: &str = r#"
@@ -360,6 +424,7 @@ for _, x in ipairs(found) do
   redis.call('XDEL', KEYS[2], x[1])
   redis.call('HDEL', KEYS[3], x[3])
 end
+if #found > 0 then redis.call('HINCRBY', KEYS[4], 'held', #found) end
 return {#found}
 "#;
 
@@ -376,6 +441,10 @@ mod tests {
         assert_eq!(redact("redis://user:pw@h/2"), "redis://***@h/2");
         assert_eq!(redact("redis://h:1/0"), "redis://h:1/0");
         assert_eq!(redact("unix:///run/redis.sock"), "unix:///run/redis.sock");
+        assert!(has_password("redis://:pw@h:1/0"));
+        assert!(has_password("redis://u:pw@h/0"));
+        assert!(!has_password("redis://u@h/0"));
+        assert!(!has_password("redis://h:1/0"));
     }
 
     #[test]
