@@ -168,7 +168,7 @@ impl Redis {
         // "XADD bench:xadd * p j0000001: 123456.79 requests per second, p50=…"
         text.split(':')
             .filter_map(|part| part.split_whitespace().next()?.parse::<f64>().ok())
-            .last()
+            .next_back()
             .ok_or_else(|| format!("cannot read redis-benchmark's output: {}", text.trim()))
     }
 }

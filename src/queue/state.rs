@@ -741,9 +741,9 @@ impl QueueState {
         accepting * u64::from(self.settings.prefetch)
     }
 
-    /// How many more jobs the accepting consumers could take now, beyond the jobs already
-    /// waiting for them (a queue fed from elsewhere asks for that many).
-    pub fn room(&self) -> u64 {
+    /// How many more jobs the accepting consumers could take now, plus `extra`, beyond the
+    /// jobs already waiting for them (a queue fed from elsewhere asks for that many).
+    pub fn room(&self, extra: u64) -> u64 {
         let prefetch = self.settings.prefetch as usize;
         let free: usize = self
             .consumers
@@ -751,7 +751,7 @@ impl QueueState {
             .filter(|c| c.accepting)
             .map(|c| prefetch.saturating_sub(c.in_flight.len()))
             .sum();
-        free.saturating_sub(self.pending.len() + self.parked_len) as u64
+        (free as u64 + extra).saturating_sub((self.pending.len() + self.parked_len) as u64)
     }
 
     /// The dead letters, oldest first.
@@ -836,6 +836,23 @@ mod tests {
 
     fn jobs(n: usize) -> Vec<Vec<u8>> {
         (0..n).map(|i| format!("job{i}").into_bytes()).collect()
+    }
+
+    #[test]
+    fn room_is_the_free_prefetch_of_accepting_consumers_less_what_waits() {
+        let mut q = QueueState::new(settings(Route::LeastLoaded, 4));
+        q.add_consumer(ConsumerId(1), 0);
+        q.add_consumer(ConsumerId(2), 1);
+        assert_eq!((q.capacity(), q.room(0)), (0, 0), "nobody accepts yet");
+        q.set_accepting(ConsumerId(1), true);
+        q.set_accepting(ConsumerId(2), true);
+        assert_eq!((q.capacity(), q.room(0), q.room(8)), (8, 8, 16));
+        q.submit(None, jobs(3), false);
+        assert_eq!(q.room(0), 5, "three wait for a worker");
+        dispatch(&mut q, Instant::now());
+        assert_eq!(q.room(0), 5, "three are in flight");
+        q.submit(None, jobs(10), false);
+        assert_eq!((q.room(0), q.room(8)), (0, 3));
     }
 
     /// Delivers and returns (consumer, job id) pairs.

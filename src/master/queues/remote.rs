@@ -412,10 +412,12 @@ impl QueueRt {
     /// Once per pass: credit for the workers' free room, this pass's answers, a hold when
     /// due; the helper (re)started when due.
     fn remote_pass(&mut self, now: Instant) {
-        let room = self.state.room();
-        // Credit goes in chunks of a quarter of what the workers hold at once: one read of
-        // many entries costs Redis about what a read of one does.
-        let chunk = (self.state.capacity() / 4).max(1);
+        // Credit: the workers' free room, plus as many again waiting here, so that the
+        // workers need not wait a round trip to Redis for their next jobs; in chunks of a
+        // quarter of that (one read of many entries costs Redis about what a read of one does).
+        let capacity = self.state.capacity();
+        let room = self.state.room(capacity);
+        let chunk = (capacity / 2).max(1);
         let r = self.remote.as_mut().expect("a Redis queue");
         if r.link.is_none() {
             if r.pid.is_none() && r.restart_at.is_some_and(|at| at <= now) {
