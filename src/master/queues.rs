@@ -286,6 +286,12 @@ impl Queues {
                     if let Some(r) = rt.remote.as_mut() {
                         r.reconfigure(q);
                     }
+                    if rt.config.backend != q.backend {
+                        changes.push(format!(
+                            "queue {}: `backend` changes when the master restarts",
+                            q.name
+                        ));
+                    }
                     if rt.config.durable != q.durable && q.backend.is_none() {
                         // `check_reload` let it through: the queue holds no job.
                         match rt.set_durable(q, &config.state_dir) {

@@ -120,10 +120,18 @@ impl Remote {
         })
     }
 
-    /// New settings from a reload (the URL and node stay until the master restarts).
+    /// New settings from a reload (the URL and node stay until the master restarts): a
+    /// helper started with other `claim_after` or `max_attempts` is replaced (it loses
+    /// nothing: what it did not record is handed to the next one).
     pub(super) fn reconfigure(&mut self, q: &Queue) {
+        if (self.setup.claim_after, self.setup.max_attempts) == (q.claim_after, q.max_attempts) {
+            return;
+        }
         self.setup.claim_after = q.claim_after;
         self.setup.max_attempts = q.max_attempts;
+        if self.link.is_some() {
+            self.lost("its settings changed (reload)");
+        }
     }
 
     fn send(&mut self, msg: &ToHelper) -> bool {

@@ -690,7 +690,16 @@ fn fetcher(sh: &Shared) {
                 Ok(list) if list.is_empty() => break,
                 Ok(list) => {
                     from = list.last().map(|(id, _)| id.clone()).unwrap_or_default();
-                    if deliver(sh, &mut con, &garbage, list, None).is_err() {
+                    // Ours again: their idle time starts over, so that no claim (ours
+                    // included) takes them for a master that stopped.
+                    let mut reset = ::redis::cmd("XCLAIM");
+                    reset.arg(&sh.keys.stream).arg(GROUP).arg(&sh.setup.node).arg(0);
+                    for (id, _) in &list {
+                        reset.arg(id);
+                    }
+                    reset.arg("JUSTID");
+                    let reset: ::redis::RedisResult<Value> = reset.query(&mut con);
+                    if reset.is_err() || deliver(sh, &mut con, &garbage, list, None).is_err() {
                         continue 'connect;
                     }
                 }
