@@ -62,7 +62,10 @@ impl Redis {
         cmd.args(["--port", &self.port.to_string(), "--bind", "127.0.0.1"])
             .arg("--dir")
             .arg(self.dir.path())
-            .args(["--save", "", "--appendonly", "yes", "--daemonize", "no"]);
+            .args(["--save", "", "--appendonly", "yes", "--daemonize", "no"])
+            .arg("--unixsocket")
+            .arg(self.socket())
+            .args(["--unixsocketperm", "700"]);
         if let Some(p) = &self.password {
             cmd.args(["--requirepass", p]);
         }
@@ -89,6 +92,10 @@ impl Redis {
     fn restart(&mut self) {
         self.kill();
         self.spawn();
+    }
+
+    fn socket(&self) -> PathBuf {
+        self.dir.path().join("redis.sock")
     }
 
     fn url(&self) -> String {
@@ -183,6 +190,17 @@ impl Master {
         delay: &str,
         queue_extra: &str,
     ) -> Master {
+        Master::start_at(node, &redis.url(), worker, workers, delay, queue_extra)
+    }
+
+    fn start_at(
+        node: &str,
+        url: &str,
+        worker: &Path,
+        workers: u32,
+        delay: &str,
+        queue_extra: &str,
+    ) -> Master {
         let sb = Sandbox::with_budget(Duration::from_secs(40));
         let header =
             sb.header()
@@ -193,7 +211,7 @@ impl Master {
              [queue.q]\nbackend = \"{}\"\nclaim_after = \"1s\"\nmax_attempts = 3\n\
              retry_backoff = {{ initial = \"50ms\", max = \"200ms\" }}\n{queue_extra}",
             toml_str(worker),
-            redis.url()
+            url
         );
         // A config holding a password is for its owner's eyes only.
         let config = sb.write_file("plumule.toml", &text, 0o600);
@@ -575,4 +593,16 @@ fn a_config_with_a_redis_password_readable_by_others_is_refused() {
     let out = sb.cli(&config, &["check"]);
     assert!(out.status.success(), "{}", out.stderr);
     assert!(!out.stdout.contains("hunter2"), "{}", out.stdout);
+}
+
+#[test]
+fn a_queue_over_a_unix_socket() {
+    let Some(redis) = Redis::start() else { return };
+    let shared = tempfile::tempdir().unwrap();
+    let w = worker_script(shared.path());
+    let url = format!("unix://{}", redis.socket().display());
+    let a = Master::start_at("a", &url, &w, 1, "", "");
+    let out = a.cli(&["submit", "q", "--wait", "over-unix"]);
+    assert!(out.status.success(), "{}", out.stderr);
+    assert_eq!(out.stdout.trim(), "ok over-unix");
 }

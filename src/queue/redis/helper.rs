@@ -693,7 +693,11 @@ fn fetcher(sh: &Shared) {
                     // Ours again: their idle time starts over, so that no claim (ours
                     // included) takes them for a master that stopped.
                     let mut reset = ::redis::cmd("XCLAIM");
-                    reset.arg(&sh.keys.stream).arg(GROUP).arg(&sh.setup.node).arg(0);
+                    reset
+                        .arg(&sh.keys.stream)
+                        .arg(GROUP)
+                        .arg(&sh.setup.node)
+                        .arg(0);
                     for (id, _) in &list {
                         reset.arg(id);
                     }
