@@ -120,7 +120,8 @@ fn main() -> ExitCode {
 }
 
 struct Redis {
-    dir: tempfile::TempDir,
+    /// Where its append-only file goes (removed with it).
+    _dir: tempfile::TempDir,
     port: u16,
     _child: Reaped,
 }
@@ -142,7 +143,7 @@ impl Redis {
             .spawn()
             .map_err(|e| format!("redis-server is not installed here ({e})"))?;
         let r = Redis {
-            dir,
+            _dir: dir,
             port,
             _child: Reaped(child),
         };
@@ -296,7 +297,6 @@ fn run_row(
     n: usize,
 ) -> Result<f64> {
     let queue = format!("r{row}");
-    let _ = &redis.dir;
     let list: Vec<Master> = (0..masters)
         .map(|i| Master::start(redis, echo, &queue, &format!("bench-{i}"), prefetch))
         .collect::<Result<_>>()?;

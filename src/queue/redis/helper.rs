@@ -107,7 +107,7 @@ impl Shared {
 
     /// Connects (and makes the group), retrying with backoff until it works or the master
     /// goes; for the threads that have nothing else to do meanwhile.
-    fn connect_patiently(&self, who: &str) -> Option<Connection> {
+    fn connect_patiently(&self) -> Option<Connection> {
         let mut delay = RETRY_FIRST;
         loop {
             if self.quitting() {
@@ -120,7 +120,6 @@ impl Shared {
                 Ok(c) => return Some(c),
                 Err(_) => {
                     // The main thread logs the outage; the others just wait.
-                    let _ = who;
                     std::thread::sleep(delay);
                     delay = (delay * 2).min(RETRY_MAX);
                 }
@@ -680,7 +679,7 @@ fn fetcher(sh: &Shared) {
     let mut next_claim = Instant::now();
     let mut claim_cursor = "0-0".to_string();
     'connect: loop {
-        let Some(mut con) = sh.connect_patiently("fetcher") else {
+        let Some(mut con) = sh.connect_patiently() else {
             return;
         };
         // First what this consumer held when it (or the master before it) stopped.
@@ -980,7 +979,7 @@ fn results(sh: &Shared) {
         }
     };
     'connect: loop {
-        let Some(mut con) = sh.connect_patiently("results") else {
+        let Some(mut con) = sh.connect_patiently() else {
             return;
         };
         loop {
