@@ -606,3 +606,24 @@ fn a_queue_over_a_unix_socket() {
     assert!(out.status.success(), "{}", out.stderr);
     assert_eq!(out.stdout.trim(), "ok over-unix");
 }
+
+#[test]
+fn max_pending_holds_across_masters() {
+    let Some(redis) = Redis::start() else { return };
+    let shared = tempfile::tempdir().unwrap();
+    let w = worker_script(shared.path());
+    // Producers only (no worker runs): the jobs stay pending.
+    let a = Master::start("a", &redis, &w, 0, "", "max_pending = 5\n");
+    let b = Master::start("b", &redis, &w, 0, "", "max_pending = 5\n");
+    a.cli_ok(&["submit", "q", "1", "2", "3"]);
+    let out = b.cli(&["submit", "q", "4", "5", "6"]);
+    assert_exit_code(out.status, 1, &out.stderr);
+    assert!(
+        out.stderr.contains("queue is full: 3 job(s)") && out.stderr.contains("refused whole"),
+        "{}",
+        out.stderr
+    );
+    b.cli_ok(&["submit", "q", "4", "5"]);
+    let c = a.counts();
+    assert_eq!((c.pending, c.in_flight), (5, 0), "{c:?}");
+}
