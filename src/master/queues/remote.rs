@@ -59,6 +59,8 @@ pub(super) struct Remote {
     /// The URL as shown (no password).
     shown: String,
     link: Option<Link<ToHelper, FromHelper>>,
+    /// A link lost, kept open until the reactor no longer watches its socket.
+    closing: Option<Link<ToHelper, FromHelper>>,
     /// The helper's pid until it is reaped.
     pid: Option<Pid>,
     /// What the reactor watches: (fd, for writing too).
@@ -99,6 +101,7 @@ impl Remote {
                 results_from: None,
             },
             link: None,
+            closing: None,
             pid: None,
             watch: None,
             restart_at: Some(Instant::now()),
@@ -130,7 +133,7 @@ impl Remote {
         self.setup.claim_after = q.claim_after;
         self.setup.max_attempts = q.max_attempts;
         if self.link.is_some() {
-            self.lost("its settings changed (reload)");
+            self.lost("its settings changed (reload)", true);
         }
     }
 
@@ -141,15 +144,17 @@ impl Remote {
         match link.send(msg) {
             Ok(()) => true,
             Err(e) => {
-                self.lost(&e.to_string());
+                self.lost(&e.to_string(), true);
                 false
             }
         }
     }
 
     /// The link is gone (the helper died, or said something that makes no sense): what
-    /// waited on it fails; the helper is killed if it still runs, and restarted once reaped.
-    fn lost(&mut self, why: &str) {
+    /// waited on it fails; with `kill`, the helper (not reaped yet) is killed if it still
+    /// runs; it is restarted once reaped. The socket stays open until the reactor has let
+    /// it go (`watch_remotes`): closed before, its number could be another's by then.
+    fn lost(&mut self, why: &str, kill: bool) {
         let Some(link) = self.link.take() else {
             return;
         };
@@ -157,7 +162,10 @@ impl Remote {
             "queue {}: the Redis helper's link ended: {why}",
             self.setup.queue
         );
-        let _ = nix::sys::signal::kill(link.pid(), nix::sys::signal::Signal::SIGKILL);
+        if kill {
+            let _ = nix::sys::signal::kill(link.pid(), nix::sys::signal::Signal::SIGKILL);
+        }
+        self.closing = Some(link);
         for b in self.batches.values_mut() {
             if matches!(b, Batch::Waiting { .. }) {
                 *b = Batch::Failed(
@@ -623,7 +631,7 @@ impl Supervisor {
         }
         if let Some(e) = ended {
             if let Some(r) = q.remote.as_mut() {
-                r.lost(&e.to_string());
+                r.lost(&e.to_string(), true);
             }
         }
         q.apply_events();
@@ -648,11 +656,13 @@ impl Supervisor {
             };
             let want = r.link.as_ref().map(|l| (l.fd(), l.wants_write()));
             if want == r.watch {
+                r.closing = None;
                 continue;
             }
             if let Some((fd, _)) = r.watch.take() {
                 self.reactor.remove(fd);
             }
+            r.closing = None;
             if let (Some((fd, write)), Some(pid)) = (want, r.pid) {
                 match self.reactor.add(fd, token(pid, TOKEN_REMOTE), write) {
                     Ok(()) => r.watch = Some((fd, write)),
@@ -677,7 +687,9 @@ impl Supervisor {
         if let Some((fd, _)) = r.watch.take() {
             self.reactor.remove(fd);
         }
-        r.lost(&format!("it ended ({exit})"));
+        // Reaped: its pid may be another process's now, so no kill.
+        r.lost(&format!("it ended ({exit})"), false);
+        r.closing = None;
         r.pid = None;
         r.schedule_restart(now);
         let tag: std::sync::Arc<str> = std::sync::Arc::from(format!("queue {name}"));

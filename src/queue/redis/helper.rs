@@ -678,7 +678,9 @@ fn fetcher(sh: &Shared) {
     let half = sh.setup.claim_after / 2;
     let mut next_claim = Instant::now();
     let mut claim_cursor = "0-0".to_string();
+    let mut pause = Pause::default();
     'connect: loop {
+        pause.wait();
         let Some(mut con) = sh.connect_patiently() else {
             return;
         };
@@ -745,8 +747,9 @@ fn fetcher(sh: &Shared) {
             }
             let count = credit.min(BATCH);
             match read_group(sh, &mut con, ">", count, Some(BLOCK_MS)) {
-                Ok(list) if list.is_empty() => {}
+                Ok(list) if list.is_empty() => pause.reset(),
                 Ok(list) => {
+                    pause.reset();
                     if deliver(sh, &mut con, &garbage, list, None).is_err() {
                         continue 'connect;
                     }
@@ -757,9 +760,43 @@ fn fetcher(sh: &Shared) {
                         let _ = make_group(&mut con, &sh.keys);
                         continue;
                     }
+                    if !lost(&e) {
+                        pause.refused(sh, &format!("cannot read {}: {e}", sh.keys.stream));
+                    }
                     continue 'connect;
                 }
             }
+        }
+    }
+}
+
+/// The wait of a reading thread before its next connection after an error: none at first,
+/// then 100 ms doubling to 5 s, back to none after a read that worked; so that a command Redis
+/// keeps refusing (a key of another type, say) is retried slowly and logged once.
+#[derive(Default)]
+struct Pause {
+    delay: Duration,
+    logged: bool,
+}
+
+impl Pause {
+    fn wait(&mut self) {
+        if !self.delay.is_zero() {
+            std::thread::sleep(self.delay);
+        }
+        self.delay = (self.delay * 2).clamp(RETRY_FIRST, RETRY_MAX);
+    }
+
+    fn reset(&mut self) {
+        self.delay = Duration::ZERO;
+        self.logged = false;
+    }
+
+    /// Redis refused a read (the connection is fine): said once until a read works.
+    fn refused(&mut self, sh: &Shared, what: &str) {
+        if !self.logged {
+            self.logged = true;
+            sh.log(true, format!("queue {}: {what}; retrying", sh.setup.queue));
         }
     }
 }
@@ -978,7 +1015,9 @@ fn results(sh: &Shared) {
             None => return,
         }
     };
+    let mut pause = Pause::default();
     'connect: loop {
+        pause.wait();
         let Some(mut con) = sh.connect_patiently() else {
             return;
         };
@@ -996,8 +1035,16 @@ fn results(sh: &Shared) {
                 .arg(&cursor)
                 .query(&mut con);
             let v = match got {
-                Ok(v) => v,
-                Err(_) => continue 'connect,
+                Ok(v) => {
+                    pause.reset();
+                    v
+                }
+                Err(e) => {
+                    if !lost(&e) {
+                        pause.refused(sh, &format!("cannot read {}: {e}", sh.keys.results));
+                    }
+                    continue 'connect;
+                }
             };
             let list = array(&v)
                 .and_then(|s| s.first())
