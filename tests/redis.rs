@@ -399,6 +399,9 @@ fn redis_killed_and_restarted_mid_stream_loses_no_job() {
         "submit took {:?} to fail",
         started.elapsed()
     );
+    let out = a.cli(&["queue", "--json"]);
+    assert_exit_code(out.status, 1, &out.stderr);
+    assert!(out.stderr.contains("unreachable"), "{}", out.stderr);
     let (code, _) = a.sb.status(&a.config);
     assert_eq!(code, 0);
     redis.restart();
