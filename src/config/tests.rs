@@ -1965,6 +1965,10 @@ fn queue_backend_keys_are_read_and_checked() {
     assert_eq!(q.backend.as_deref(), Some("redis://127.0.0.1:6379/0"));
     assert_eq!(q.claim_after, Duration::from_secs(60));
     assert_eq!(q.partitions, 8);
+    assert_eq!(
+        problem("[queue.q]\nbackend = \"redis://:pw@127.0.0.1:6379/zero\"\n"),
+        line("2:11: queue.q.backend: not a usable Redis URL: Invalid database number - InvalidClientConfig")
+    );
     let q = &ok("[queue.q]\nbackend = \"unix:///run/redis.sock\"\n").queues[0];
     assert_eq!(q.backend.as_deref(), Some("unix:///run/redis.sock"));
     // Without a backend, the other two are accepted (they mean nothing then).

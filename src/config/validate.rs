@@ -726,6 +726,9 @@ impl<'a> Validator<'a> {
                         &b_key,
                         "expected a Redis URL like \"redis://127.0.0.1:6379/0\"",
                     );
+                } else if let Err(e) = ::redis::Client::open(url.as_str()) {
+                    // The client's reasons name no part of the URL (no password shown).
+                    self.at(b, &b_key, &format!("not a usable Redis URL: {e}"));
                 }
                 b.get_ref().clone()
             }),
