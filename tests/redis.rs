@@ -520,7 +520,11 @@ fn a_killed_redis_helper_is_restarted_and_loses_nothing() {
     let cmdline = fs::read(format!("/proc/{first}/cmdline")).unwrap();
     assert!(!String::from_utf8_lossy(&cmdline).contains("s3cret"));
     let jobs = numbered(1..201);
-    submit(&a, &jobs);
+    // A client waits for every outcome meanwhile: they come, in order, across the restart.
+    let cfg = a.config.display().to_string();
+    let mut args = vec!["submit", "q", "--wait", "-c", &cfg];
+    args.extend(jobs.iter().map(String::as_str));
+    let mut waiting = a.sb.spawn_plumule(&args);
     a.sb.wait("some jobs done", DEADLINE, || {
         done_log(shared.path()).len() >= 20
     });
@@ -531,6 +535,10 @@ fn a_killed_redis_helper_is_restarted_and_loses_nothing() {
     all_done(&a, shared.path(), &jobs, Duration::from_secs(30));
     let c = a.counts();
     assert!(c.done >= 200, "{c:?}");
+    let status = waiting.wait_exit(DEADLINE);
+    assert_exit_code(status, 0, &waiting.stderr_text());
+    let expected: Vec<String> = jobs.iter().map(|j| format!("ok {j}")).collect();
+    assert_eq!(waiting.stdout_text().lines().collect::<Vec<_>>(), expected);
     // Nothing the master logged shows the password.
     let mut log = String::new();
     fs::File::open(a.sb.path("plumule-1.stderr"))

@@ -16,7 +16,7 @@
 //! The helper is polled through `Part::Queues` (token [`TOKEN_REMOTE`] with its pid); the
 //! only timers are the next hold (while something is held) and a restart due.
 
-use std::collections::{HashMap, HashSet, VecDeque};
+use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 use std::os::fd::RawFd;
 use std::time::{Duration, Instant};
 
@@ -45,6 +45,8 @@ const RESTART_MAX: Duration = Duration::from_secs(10);
 const HEALTHY: Duration = Duration::from_secs(10);
 /// Query replies kept for their waiters (the newest).
 const REPLIES_KEPT: u64 = 256;
+/// Ended `submit` batches remembered for their waiters (answered in the pass they end).
+const BATCHES_KEPT: usize = 4096;
 
 /// Where a `submit` batch stands.
 #[derive(Debug, Clone)]
@@ -73,7 +75,10 @@ pub(super) struct Remote {
     retried: HashSet<u64>,
     granted: u64,
     next_ticket: u64,
-    batches: HashMap<u64, Batch>,
+    /// By first ticket; the oldest ended ones beyond [`BATCHES_KEPT`] are forgotten.
+    batches: BTreeMap<u64, Batch>,
+    /// The helper follows the results stream (something submitted here is watched).
+    watching: bool,
     /// Watched jobs by id: their ticket.
     watch_ids: HashMap<u64, u64>,
     unconfirmed: VecDeque<(u64, Vec<Op>)>,
@@ -111,7 +116,8 @@ impl Remote {
             retried: HashSet::new(),
             granted: 0,
             next_ticket: 1,
-            batches: HashMap::new(),
+            batches: BTreeMap::new(),
+            watching: false,
             watch_ids: HashMap::new(),
             unconfirmed: VecDeque::new(),
             next_seq: 1,
@@ -221,6 +227,16 @@ impl QueueRt {
         }
         let count = jobs.len() as u64;
         let first = r.next_ticket;
+        if watched && !r.watching {
+            // Before the submit: the helper starts reading outcomes from the newest one now.
+            if !r.send(&ToHelper::Watch(true)) {
+                return Err(SubmitError::Store {
+                    queue: name,
+                    why: format!("{}: the Redis helper is not running", r.shown),
+                });
+            }
+            r.watching = true;
+        }
         let msg = ToHelper::Submit {
             ticket: first,
             key: key.map(|k| Bytes(k.to_vec())),
@@ -242,6 +258,13 @@ impl QueueRt {
                 watched,
             },
         );
+        while r.batches.len() > BATCHES_KEPT
+            && r.batches
+                .first_key_value()
+                .is_some_and(|(_, b)| !matches!(b, Batch::Waiting { .. }))
+        {
+            r.batches.pop_first();
+        }
         if watched {
             self.watched.open(first, first + count);
         }
@@ -461,6 +484,17 @@ impl QueueRt {
             r.unconfirmed.push_back((seq, ops));
             r.send(&msg);
         }
+        if r.watching
+            && r.watch_ids.is_empty()
+            && !r
+                .batches
+                .values()
+                .any(|b| matches!(b, Batch::Waiting { watched: true, .. }))
+            && r.send(&ToHelper::Watch(false))
+        {
+            r.watching = false;
+            r.setup.results_from = None;
+        }
         let want = room.saturating_sub(r.granted);
         if want >= chunk && r.send(&ToHelper::Credit(want)) {
             r.granted += want;
@@ -546,7 +580,14 @@ impl QueueRt {
 
 impl Remote {
     fn spawn(&mut self, now: Instant) {
-        let setup = self.setup.clone();
+        let mut setup = self.setup.clone();
+        if !self.watching {
+            setup.results_from = None;
+        } else if setup.results_from.is_none() {
+            // The last helper died before it said where the outcomes began: from the start
+            // of what is kept (at worst outcomes nobody here waits for are read again).
+            setup.results_from = Some("0-0".into());
+        }
         match Link::spawn(c"plumule-redis", move |peer| helper::run(setup, peer)) {
             Ok(link) => {
                 self.pid = Some(link.pid());

@@ -37,9 +37,21 @@ pub struct Setup {
     pub node: String,
     pub claim_after: Duration,
     pub max_attempts: u32,
-    /// Where the master's reading of the results stream stopped (a restarted helper goes on
-    /// from there).
+    /// `Some` when the master waits for outcomes: where its reading of the results stream
+    /// stopped (a restarted helper goes on from there).
     pub results_from: Option<String>,
+}
+
+/// Whether and from where the results thread reads `plumule:Q:results`: only while the
+/// master waits for outcomes (no outcome is read for nothing on the masters that submitted
+/// nothing with `--wait`).
+struct Follow {
+    wanted: bool,
+    /// The next read starts after this entry; `None` while the main thread has not looked
+    /// up where the stream ends.
+    cursor: Option<String>,
+    /// Counts the changes of `wanted`: a read begun before one is thrown away.
+    epoch: u64,
 }
 
 /// The longest a read waits for Redis (a blocking read asks for less).
@@ -61,9 +73,9 @@ struct Shared {
     out: Mutex<Peer<FromHelper, ToHelper>>,
     credit: Mutex<u64>,
     credit_cv: Condvar,
-    /// The results cursor once known (the main thread learns it at its first connect).
-    cursor: Mutex<Option<String>>,
-    cursor_cv: Condvar,
+    /// What the results thread follows.
+    follow: Mutex<Follow>,
+    follow_cv: Condvar,
     quit: AtomicBool,
 }
 
@@ -82,7 +94,7 @@ impl Shared {
     fn stop(&self) {
         self.quit.store(true, Ordering::SeqCst);
         self.credit_cv.notify_all();
-        self.cursor_cv.notify_all();
+        self.follow_cv.notify_all();
     }
 
     fn quitting(&self) -> bool {
@@ -176,8 +188,12 @@ pub fn run(setup: Setup, peer: Peer<FromHelper, ToHelper>) -> i32 {
         out: Mutex::new(peer),
         credit: Mutex::new(0),
         credit_cv: Condvar::new(),
-        cursor: Mutex::new(setup.results_from.clone()),
-        cursor_cv: Condvar::new(),
+        follow: Mutex::new(Follow {
+            wanted: setup.results_from.is_some(),
+            cursor: setup.results_from.clone(),
+            epoch: 0,
+        }),
+        follow_cv: Condvar::new(),
         quit: AtomicBool::new(false),
         setup,
     });
@@ -288,8 +304,8 @@ impl Main<'_> {
                     self.checked_appendonly = true;
                     check_appendonly(sh, &mut con);
                 }
-                self.start_results(&mut con);
                 self.con = Some(con);
+                self.start_results();
             }
             Err(e) => {
                 self.last_error = e;
@@ -311,12 +327,30 @@ impl Main<'_> {
         }
     }
 
-    /// The results reader starts at the newest outcome there is now, unless the master knows
-    /// where it stopped: every outcome written after this helper's first submit is read.
-    fn start_results(&mut self, con: &mut Connection) {
+    /// Follows the results stream (`on`) or stops; see [`Follow`].
+    fn watch(&mut self, on: bool) {
         let sh = self.shared;
-        let mut cursor = sh.cursor.lock().unwrap_or_else(|e| e.into_inner());
-        if cursor.is_some() {
+        let mut f = sh.follow.lock().unwrap_or_else(|e| e.into_inner());
+        if f.wanted == on {
+            return;
+        }
+        f.wanted = on;
+        f.cursor = None;
+        f.epoch += 1;
+        drop(f);
+        self.start_results();
+    }
+
+    /// When the results are wanted and no cursor is set: the reader starts at the newest
+    /// outcome there is now, before anything submitted after this could have one.
+    fn start_results(&mut self) {
+        let sh = self.shared;
+        let Some(con) = self.con.as_mut() else {
+            // At the next connect, before any submit.
+            return;
+        };
+        let mut f = sh.follow.lock().unwrap_or_else(|e| e.into_inner());
+        if !f.wanted || f.cursor.is_some() {
             return;
         }
         let top: ::redis::RedisResult<Value> = ::redis::cmd("XREVRANGE")
@@ -333,9 +367,9 @@ impl Main<'_> {
                 .unwrap_or_else(|| "0-0".into()),
             Err(_) => return,
         };
-        *cursor = Some(id.clone());
-        sh.cursor_cv.notify_all();
-        drop(cursor);
+        f.cursor = Some(id.clone());
+        sh.follow_cv.notify_all();
+        drop(f);
         sh.send(FromHelper::Results {
             cursor: id,
             outcomes: Vec::new(),
@@ -374,6 +408,7 @@ impl Main<'_> {
             // Recorded once everything that has come is handled (one script for many).
             ToHelper::Answers { seq, ops } => self.answers.push_back((seq, ops)),
             ToHelper::Hold { entries } => self.hold(&entries),
+            ToHelper::Watch(on) => self.watch(on),
             ToHelper::Query { token, query } => {
                 let reply = self.query(query);
                 self.shared.send(FromHelper::Reply { token, reply });
@@ -1005,16 +1040,6 @@ fn describe_fields(fields: &[(Vec<u8>, Vec<u8>)]) -> Vec<u8> {
 
 /// The results thread: outcomes of watched jobs, from the cursor on.
 fn results(sh: &Shared) {
-    let mut cursor = {
-        let mut c = sh.cursor.lock().unwrap_or_else(|e| e.into_inner());
-        while c.is_none() && !sh.quitting() {
-            c = sh.cursor_cv.wait(c).unwrap_or_else(|e| e.into_inner());
-        }
-        match c.clone() {
-            Some(c) => c,
-            None => return,
-        }
-    };
     let mut pause = Pause::default();
     'connect: loop {
         pause.wait();
@@ -1022,9 +1047,17 @@ fn results(sh: &Shared) {
             return;
         };
         loop {
-            if sh.quitting() {
-                return;
-            }
+            // Wait until outcomes are wanted and where to start is known.
+            let (epoch, cursor) = {
+                let mut f = sh.follow.lock().unwrap_or_else(|e| e.into_inner());
+                while !(f.wanted && f.cursor.is_some()) && !sh.quitting() {
+                    f = sh.follow_cv.wait(f).unwrap_or_else(|e| e.into_inner());
+                }
+                if sh.quitting() {
+                    return;
+                }
+                (f.epoch, f.cursor.clone().unwrap_or_default())
+            };
             let got: ::redis::RedisResult<Value> = ::redis::cmd("XREAD")
                 .arg("COUNT")
                 .arg(BATCH)
@@ -1055,7 +1088,15 @@ fn results(sh: &Shared) {
             let Some((last, _)) = list.last() else {
                 continue;
             };
-            cursor = last.clone();
+            let cursor = last.clone();
+            {
+                let mut f = sh.follow.lock().unwrap_or_else(|e| e.into_inner());
+                if f.epoch != epoch {
+                    // Stopped (or started again) meanwhile: this read is nobody's.
+                    continue;
+                }
+                f.cursor = Some(cursor.clone());
+            }
             let outcomes = list
                 .into_iter()
                 .flat_map(|(_, fields)| fields)

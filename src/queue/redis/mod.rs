@@ -124,6 +124,8 @@ pub enum ToHelper {
     Answers { seq: u64, ops: Vec<Op> },
     /// The master holds these entries: reset their idle time.
     Hold { entries: Vec<String> },
+    /// Follow the results stream (some job submitted here is watched), or stop.
+    Watch(bool),
     /// A `queue`, `queue --dead` or `requeue` request; answered by [`FromHelper::Reply`].
     Query { token: u64, query: Query },
 }
