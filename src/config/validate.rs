@@ -728,7 +728,7 @@ impl<'a> Validator<'a> {
                     );
                 } else if let Err(e) = ::redis::Client::open(url.as_str()) {
                     // The client's reasons name no part of the URL (no password shown).
-                    self.at(b, &b_key, &format!("not a usable Redis URL: {e}"));
+                    self.at(b, &b_key, format!("not a usable Redis URL: {e}"));
                 }
                 b.get_ref().clone()
             }),

@@ -1050,7 +1050,8 @@ fn results(sh: &Shared) {
             // Wait until outcomes are wanted and where to start is known.
             let (epoch, cursor) = {
                 let mut f = sh.follow.lock().unwrap_or_else(|e| e.into_inner());
-                while !(f.wanted && f.cursor.is_some()) && !sh.quitting() {
+                let ready = |f: &Follow| f.wanted && f.cursor.is_some();
+                while !ready(&f) && !sh.quitting() {
                     f = sh.follow_cv.wait(f).unwrap_or_else(|e| e.into_inner());
                 }
                 if sh.quitting() {
