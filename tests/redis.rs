@@ -638,3 +638,29 @@ fn max_pending_holds_across_masters() {
     let c = a.counts();
     assert_eq!((c.pending, c.in_flight), (5, 0), "{c:?}");
 }
+
+#[test]
+fn a_reload_of_claim_after_replaces_the_helper_and_the_queue_goes_on() {
+    let Some(redis) = Redis::start() else { return };
+    let shared = tempfile::tempdir().unwrap();
+    let w = worker_script(shared.path());
+    let a = Master::start("a", &redis, &w, 1, "", "");
+    let first = helper_pid(a.pid()).expect("a Redis helper runs");
+    let text = fs::read_to_string(&a.config).unwrap();
+    fs::write(
+        &a.config,
+        text.replace("claim_after = \"1s\"", "claim_after = \"2s\""),
+    )
+    .unwrap();
+    let out = a.cli_ok(&["reload"]);
+    assert!(
+        out.stdout.contains("queue q: settings changed"),
+        "{}",
+        out.stdout
+    );
+    a.sb.wait("a new helper runs", DEADLINE, || {
+        helper_pid(a.pid()).is_some_and(|p| p != first)
+    });
+    let out = a.cli_ok(&["submit", "q", "--wait", "after-reload"]);
+    assert_eq!(out.stdout.trim(), "ok after-reload");
+}
