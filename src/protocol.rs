@@ -133,6 +133,9 @@ pub enum Request {
         #[serde(default, skip_serializing_if = "std::ops::Not::not")]
         all: bool,
     },
+    /// The live members of the cluster ([`MembersReport`]), as this master's cluster helper
+    /// last read them from etcd (every third of the lease).
+    Members,
 }
 
 fn default_log_lines() -> usize {
@@ -170,6 +173,7 @@ impl Request {
                 dead: true,
             } => format!("the dead letters of queue {q}"),
             Request::Requeue { queue, .. } => format!("dead letters of {queue} to be requeued"),
+            Request::Members => "the members of the cluster".into(),
         }
     }
 
@@ -283,8 +287,16 @@ pub enum Answer {
     Submitted(Submitted),
     /// `results`.
     Results(JobResults),
+    /// `members`.
+    Members(MembersReport),
     /// `start`, `stop`, `restart`: `{}`.
     Done(Done),
+}
+
+/// The answer of `members`: the live masters of the cluster, by node name.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MembersReport {
+    pub members: Vec<crate::cluster::Member>,
 }
 
 /// The answer of `start`, `stop` and `restart`: nothing but "it is done", `{}`.
@@ -454,6 +466,7 @@ macro_rules! answer_from {
 }
 
 answer_from!(
+    MembersReport => Members,
     QueueReport => Queues,
     DeadLetters => DeadLetters,
     Requeued => Requeued,

@@ -598,7 +598,7 @@ pub fn write_results(out: &mut dyn Write, results: &JobResults) -> io::Result<us
 }
 
 /// A table for people: columns as wide as their widest cell, the last one unpadded.
-fn table<const N: usize>(rows: &[[String; N]]) -> String {
+pub(crate) fn table<const N: usize>(rows: &[[String; N]]) -> String {
     let mut widths = [0usize; N];
     for row in rows {
         for (i, cell) in row.iter().enumerate() {

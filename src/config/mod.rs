@@ -37,8 +37,9 @@
 //! - `node` is `[A-Za-z0-9._-]{1,253}` (default: the host name); `cluster.etcd` lists
 //!   `http://` or `https://` endpoints, `cluster.lease` is at least 1s (default 10s); a queue's
 //!   `backend` is a `redis://` URL, `claim_after` (default 30s) is positive, `partitions`
-//!   (default 64) is 1 to 65 536. `cluster`, `backend` and cluster locks are read and checked
-//!   but refused as not supported yet ([`UNSUPPORTED`]);
+//!   (default 64) is 1 to 65 536. `backend` is read and checked but refused as not supported
+//!   yet ([`UNSUPPORTED`]); a program with a cluster lock needs `cluster` and a
+//!   `stop_timeout` shorter than the lease, and a cluster lock is never `shared`;
 //! - the per-user runtime folder in /tmp (no `$XDG_RUNTIME_DIR`) is created 0700 when missing
 //!   and refused when it is not a directory of ours that only we may write (see
 //!   [`check_private_dir`]).
@@ -302,6 +303,8 @@ pub struct LockSpec {
     /// May contain `{worker}`; valid after expansion.
     pub name: String,
     pub shared: bool,
+    /// Held through etcd across the cluster (SPEC §10) rather than as a file.
+    pub cluster: bool,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -416,15 +419,6 @@ pub struct Unsupported {
 
 /// Keys whose feature is not built yet. Shipping a feature removes its line.
 pub const UNSUPPORTED: &[Unsupported] = &[
-    // SPEC §10: etcd membership and cluster locks.
-    Unsupported {
-        key: "plumule.cluster",
-        value: None,
-    },
-    Unsupported {
-        key: "program.*.locks.cluster",
-        value: Some("true"),
-    },
     // SPEC §10: queues in Redis.
     Unsupported {
         key: "queue.*.backend",

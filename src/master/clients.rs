@@ -245,6 +245,7 @@ impl Clients {
                 Ok(WaitKind::Results { batches })
             }
             Request::Queue { queue, dead } => return Some(queue_report(sup, queue, dead)),
+            Request::Members => return Some(sup.cluster.members_report()),
             Request::Requeue { queue, ids, all } => {
                 let ids = (!all).then_some(ids);
                 if ids.as_ref().is_some_and(|i| i.is_empty()) {
