@@ -226,7 +226,12 @@ fn a_gated_child_reports_its_wait_and_execs_with_the_revisions_it_is_given() {
     let mut body = Body::Exec {
         path: c("/bin/sh"),
         argv: vec![c("sh"), c("-c"), c("echo \"$LISTEN_PID $$ $R_A $R_B\"")],
-        envp: vec![c("LISTEN_PID=0"), c("R_A="), c("PATH=/usr/bin:/bin"), c("R_B=")],
+        envp: vec![
+            c("LISTEN_PID=0"),
+            c("R_A="),
+            c("PATH=/usr/bin:/bin"),
+            c("R_B="),
+        ],
         pid_vars: vec![0],
     };
     let null = sys::dev_null().expect("open /dev/null");

@@ -320,11 +320,17 @@ impl Helper {
                 }
                 Ok(Event::Granted { pid, lease, keys }) => self.on_granted(pid, lease, keys),
                 Ok(Event::Killed { pid }) => {
-                    self.held.remove(&pid);
+                    let reason = "its master's cluster lease may have expired".to_string();
                     self.send(FromHelper::Killed {
                         pid,
-                        reason: "the cluster lease may have expired".into(),
+                        reason: reason.clone(),
                     });
+                    // Past the deadline the lease counts as lost, even if etcd answers again
+                    // later (a restarted etcd restores leases): it is revoked once etcd
+                    // answers, so the keys of the killed holders go with it.
+                    if self.lease.is_some() {
+                        self.lose(reason);
+                    }
                 }
                 Err(RecvTimeoutError::Timeout) => {}
             }
@@ -446,11 +452,14 @@ impl Helper {
     /// Joins, or renews, or notices the lease lost; reads the members.
     fn tick(&mut self) {
         let now = boottime();
+        let master_quiet = now.saturating_sub(self.last_alive);
+        let frozen = master_quiet > self.settings.lease / 2;
         match self.lease {
+            // A frozen master does not join: it could not supervise what it would hold.
+            None if frozen => {}
             None => self.join(),
             Some((id, sent)) => {
-                let master_quiet = now.saturating_sub(self.last_alive);
-                if master_quiet > self.settings.lease / 2 {
+                if frozen {
                     let why = format!(
                         "the master has not run for {}: not renewing the lease",
                         crate::format_duration(master_quiet)
@@ -506,8 +515,8 @@ impl Helper {
     fn lose(&mut self, reason: String) {
         let killed = self.enforcer.kill_all();
         self.enforcer.set_deadline(None);
+        // Their keys stay in `held` until the master's Release (they also go with the lease).
         for pid in killed {
-            self.held.remove(&pid);
             self.send(FromHelper::Killed {
                 pid,
                 reason: reason.clone(),

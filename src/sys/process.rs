@@ -274,4 +274,3 @@ mod tests {
         assert_eq!(start_time(Pid::from_raw(i32::MAX)), None);
     }
 }
-

@@ -1,0 +1,405 @@
+//! Cluster membership and cluster locks through a real etcd (SPEC §10): masters on one etcd,
+//! each in a sandbox of its own, as if on hosts of their own.
+
+mod common;
+#[path = "common/etcd.rs"]
+mod etcd;
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use common::*;
+use etcd::Etcd;
+use plumule::protocol::MembersReport;
+
+/// The lease of the test clusters: short, so that handovers are quick.
+const LEASE: &str = "2s";
+
+/// A master in a sandbox of its own, joined to `etcd` as `node`.
+struct Host {
+    sandbox: Sandbox,
+    config: PathBuf,
+    master: Option<Daemon>,
+}
+
+impl Host {
+    fn new(etcd: &Etcd, node: &str, programs: &str, budget: Duration) -> Host {
+        let sandbox = Sandbox::with_budget(budget);
+        let text = format!(
+            "{}node = \"{node}\"\ncluster = {{ etcd = [\"{}\"], lease = \"{LEASE}\" }}\n\n{programs}",
+            sandbox
+                .header()
+                .trim_end()
+                .to_string()
+                + "\n",
+            etcd.url()
+        );
+        let config = sandbox.write_file("plumule.toml", &text, 0o644);
+        let mut h = Host {
+            sandbox,
+            config,
+            master: None,
+        };
+        h.start();
+        h
+    }
+
+    fn start(&mut self) {
+        self.master = Some(self.sandbox.start(&self.config));
+    }
+
+    fn master_pid(&self) -> i32 {
+        self.master.as_ref().expect("a running master").pid()
+    }
+
+    /// The master's etcd helper process.
+    fn helper_pid(&self) -> Option<i32> {
+        live_children(self.master_pid())
+            .into_iter()
+            .find(|p| p.comm == "plumule-etcd")
+            .map(|p| p.pid)
+    }
+
+    fn members(&self) -> Option<MembersReport> {
+        let out = self.sandbox.cli(&self.config, &["members", "--json"]);
+        if !out.status.success() {
+            return None;
+        }
+        serde_json::from_str(out.stdout.trim()).ok()
+    }
+
+    fn member_nodes(&self) -> Vec<String> {
+        self.members()
+            .map(|m| m.members.into_iter().map(|m| m.node).collect())
+            .unwrap_or_default()
+    }
+}
+
+fn hosts(etcd: &Etcd, n: usize, programs: &str, budget: Duration) -> Vec<Host> {
+    (1..=n)
+        .map(|i| Host::new(etcd, &format!("m{i}"), programs, budget))
+        .collect()
+}
+
+#[test]
+fn members_lists_the_live_masters_and_forgets_a_dead_one_after_its_lease() {
+    let Some(etcd) = Etcd::start() else { return };
+    let mut hosts = hosts(
+        &etcd,
+        3,
+        "[program.idle]\ncommand = \"sleep 1000\"\n",
+        Duration::from_secs(60),
+    );
+    hosts[0]
+        .sandbox
+        .wait("members lists m1, m2 and m3", DEADLINE, || {
+            hosts[0].member_nodes() == ["m1", "m2", "m3"]
+        });
+    let report = hosts[0].members().unwrap();
+    let m2 = &report.members[1];
+    assert_eq!(m2.pid as i32, hosts[1].master_pid());
+    assert_eq!(m2.programs, ["idle"]);
+    assert!(!m2.host.is_empty() && m2.since > 1_700_000_000, "{m2:?}");
+    // The table.
+    let table = hosts[1]
+        .sandbox
+        .cli_ok(&hosts[1].config, &["members"])
+        .stdout;
+    assert!(
+        table.starts_with("NODE") && table.contains("m3") && table.contains("idle"),
+        "{table}"
+    );
+
+    // A host that dies whole (master and helper at once) leaves when its lease expires.
+    let helper = hosts[2].helper_pid().expect("m3's etcd helper");
+    send(helper, SIGSTOP);
+    hosts[2].master.as_ref().unwrap().signal(SIGKILL);
+    send(helper, SIGKILL);
+    hosts[0].sandbox.wait(
+        "members forgets m3 once its lease expires",
+        DEADLINE,
+        || hosts[0].member_nodes() == ["m1", "m2"],
+    );
+    // A master that is SIGKILLed alone: its helper revokes the lease as it goes.
+    hosts[1].master.as_mut().unwrap().signal(SIGKILL);
+    hosts[0].sandbox.wait("members forgets m2", DEADLINE, || {
+        hosts[0].member_nodes() == ["m1"]
+    });
+    // Without etcd: an error, exit 1.
+    drop(etcd);
+    hosts[0]
+        .sandbox
+        .wait("members fails without etcd", DEADLINE, || {
+            let out = hosts[0].sandbox.cli(&hosts[0].config, &["members"]);
+            out.status.code() == Some(1) && out.stderr.contains("not in the cluster now")
+        });
+}
+
+use nix::sys::signal::Signal::{SIGCONT, SIGSTOP};
+
+/// The worker of the lock test: says when it enters (with its fencing token), then ticks
+/// every 20 ms into the shared `stamps` file until it is stopped.
+fn leader_program(stamps: &Path) -> String {
+    let stamps = stamps.display();
+    format!(
+        "[program.leader]\n\
+         command = [\"/bin/sh\", \"-c\", \"echo \\\"enter $$ $PLUMULE_LOCK_REVISION_LEADER\\\" >> {stamps}; \
+         trap 'echo \\\"leave $$\\\" >> {stamps}; exit 0' TERM; \
+         while :; do echo \\\"tick $$\\\" >> {stamps}; sleep 0.02; done\"]\n\
+         stop_timeout = \"1s\"\n\
+         locks = [{{ name = \"leader\", cluster = true }}]\n"
+    )
+}
+
+/// The stamps in order: (what, pid, revision for an enter).
+fn stamps(path: &Path) -> Vec<(String, i32, i64)> {
+    let text = std::fs::read_to_string(path).unwrap_or_default();
+    let complete = &text[..text.rfind('\n').map_or(0, |i| i + 1)];
+    complete
+        .lines()
+        .filter_map(|l| {
+            let f: Vec<&str> = l.split_whitespace().collect();
+            Some((
+                f.first()?.to_string(),
+                f.get(1)?.parse().ok()?,
+                f.get(2).and_then(|r| r.parse().ok()).unwrap_or(0),
+            ))
+        })
+        .collect()
+}
+
+/// No overlap, ever: once a worker has written its first stamp, no earlier worker writes
+/// again; and each holder's fencing token is greater than the previous one's.
+fn assert_no_overlap(path: &Path) -> Vec<(i32, i64)> {
+    let all = stamps(path);
+    let mut holders: Vec<(i32, i64)> = Vec::new();
+    for (i, (what, pid, rev)) in all.iter().enumerate() {
+        match holders.iter().position(|(p, _)| p == pid) {
+            Some(at) if at + 1 == holders.len() => {}
+            Some(_) => panic!(
+                "overlap: {pid} wrote `{what}` (stamp {i}) after {} had entered; stamps:\n{}",
+                holders.last().unwrap().0,
+                std::fs::read_to_string(path).unwrap_or_default()
+            ),
+            None => {
+                assert_eq!(what, "enter", "{pid}'s first stamp");
+                if let Some((_, before)) = holders.last() {
+                    assert!(rev > before, "fencing token {rev} after {before}");
+                }
+                holders.push((*pid, *rev));
+            }
+        }
+    }
+    holders
+}
+
+/// The current holder, once a worker has entered after `after` holders.
+fn wait_holder(h: &Host, stamps_path: &Path, after: usize) -> i32 {
+    let mut holder = 0;
+    h.sandbox.wait(
+        &format!("holder number {}", after + 1),
+        Duration::from_secs(20),
+        || {
+            let holders = assert_no_overlap(stamps_path);
+            if holders.len() > after {
+                holder = holders.last().unwrap().0;
+                true
+            } else {
+                false
+            }
+        },
+    );
+    holder
+}
+
+/// Prints every master's stderr if the test fails while it lives.
+struct DumpOnPanic<'a>(&'a [Host]);
+
+impl Drop for DumpOnPanic<'_> {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            for h in self.0 {
+                if let Some(m) = &h.master {
+                    eprintln!("--- master {} ---\n{}", m.pid(), m.stderr_text());
+                }
+            }
+        }
+    }
+}
+
+/// Which host's master runs worker `pid`.
+fn host_of(hosts: &[Host], pid: i32) -> usize {
+    let parent = proc_stat(pid).map_or(0, |p| p.ppid);
+    hosts
+        .iter()
+        .position(|h| h.master.as_ref().is_some_and(|m| m.pid() == parent))
+        .unwrap_or_else(|| panic!("worker {pid} (parent {parent}) belongs to no master"))
+}
+
+#[test]
+fn a_cluster_lock_is_held_by_one_worker_at_a_time_through_kills_freezes_and_etcd_restarts() {
+    let Some(mut etcd) = Etcd::start() else {
+        return;
+    };
+    let shared = tempfile::tempdir().unwrap();
+    let stamps_path = shared.path().join("stamps");
+    let program = leader_program(&stamps_path);
+    let mut hosts = hosts(&etcd, 3, &program, Duration::from_secs(240));
+    let mut handovers = 0;
+    let mut holder = wait_holder(&hosts[0], &stamps_path, 0);
+
+    // The others wait, and say so.
+    for h in &hosts {
+        if h.master.as_ref().unwrap().pid() == proc_stat(holder).unwrap().ppid {
+            continue;
+        }
+        h.sandbox.wait("a waiting worker shows why", DEADLINE, || {
+            let w = h.sandbox.worker_status(&h.config, "leader", 0);
+            w.state == "starting" && w.detail.as_deref() == Some("waiting for lock leader")
+        });
+    }
+
+    for round in 0..2 {
+        // 1. The holder's master is SIGKILLed (its helper kills the worker and revokes).
+        let at = host_of(&hosts, holder);
+        hosts[at].master.as_mut().unwrap().signal(SIGKILL);
+        hosts[at].master.as_mut().unwrap().wait_exit(DEADLINE);
+        handovers += 1;
+        holder = wait_holder(&hosts[(at + 1) % 3], &stamps_path, handovers);
+        hosts[at].start();
+
+        // 2. The holder's master freezes past the lease: its helper stops renewing and kills
+        // the worker before the lease can expire; another master takes over.
+        let at = host_of(&hosts, holder);
+        let frozen = hosts[at].master_pid();
+        send(frozen, SIGSTOP);
+        handovers += 1;
+        holder = wait_holder(&hosts[(at + 1) % 3], &stamps_path, handovers);
+        send(frozen, SIGCONT);
+        // Back, it waits again.
+        let h = &hosts[at];
+        h.sandbox.wait(
+            "the thawed master's worker waits for the lock",
+            Duration::from_secs(20),
+            || {
+                let w = h.sandbox.worker_status(&h.config, "leader", 0);
+                w.state == "starting" && w.detail.as_deref() == Some("waiting for lock leader")
+            },
+        );
+
+        // 3. etcd goes away: every holder is killed by its lease's deadline; nobody holds
+        // until etcd is back, and then exactly one does.
+        let last = holder;
+        etcd.kill();
+        hosts[0].sandbox.wait(
+            "the holder is killed without etcd",
+            Duration::from_secs(20),
+            || !pid_alive(last),
+        );
+        etcd.restart();
+        handovers += 1;
+        let dump = DumpOnPanic(&hosts);
+        holder = wait_holder(&hosts[0], &stamps_path, handovers);
+        std::mem::forget(dump);
+        eprintln!("round {round}: {handovers} handovers, no overlap");
+    }
+    let holders = assert_no_overlap(&stamps_path);
+    assert!(holders.len() > handovers, "{holders:?}");
+}
+
+#[test]
+fn lock_cluster_excludes_against_workers_and_passes_the_exit_status_through() {
+    let Some(etcd) = Etcd::start() else { return };
+    let shared = tempfile::tempdir().unwrap();
+    let stamps_path = shared.path().join("stamps");
+    let h = Host::new(
+        &etcd,
+        "m1",
+        &leader_program(&stamps_path),
+        Duration::from_secs(60),
+    );
+    let worker = wait_holder(&h, &stamps_path, 0);
+    let lock = |args: &[&str]| {
+        let mut all = vec!["lock", "--cluster", "leader"];
+        all.extend_from_slice(args);
+        h.sandbox.cli(&h.config, &all)
+    };
+    // Held by the worker: --nonblock and --timeout give up with 75.
+    let out = lock(&["--nonblock", "--", "true"]);
+    assert_eq!(out.status.code(), Some(75), "{}", out.stderr);
+    assert!(out.stderr.contains("held elsewhere"), "{}", out.stderr);
+    let out = lock(&["--timeout", "300ms", "--", "true"]);
+    assert_eq!(out.status.code(), Some(75), "{}", out.stderr);
+
+    // Free: CMD runs with the fencing token, its status is plumule's.
+    h.sandbox.cli_ok(&h.config, &["stop", "leader"]);
+    assert!(!pid_alive(worker));
+    let out = lock(&[
+        "--",
+        "sh",
+        "-c",
+        "echo $PLUMULE_LOCK_REVISION_LEADER; exit 3",
+    ]);
+    assert_eq!(out.status.code(), Some(3), "{}", out.stderr);
+    let token: i64 = out
+        .stdout
+        .trim()
+        .parse()
+        .unwrap_or_else(|_| panic!("{out:?}"));
+    assert!(token > 0);
+    assert_eq!(lock(&["--", "/nonexistent/cmd"]).status.code(), Some(127));
+
+    // A script holds it: the worker waits, then runs once the script is done.
+    let flag = shared.path().join("release");
+    let mut script = h.sandbox.spawn_plumule(&[
+        "lock",
+        "--cluster",
+        "leader",
+        "-c",
+        &h.config.display().to_string(),
+        "--",
+        "sh",
+        "-c",
+        &format!(
+            "echo held > {0}.held; while [ ! -e {0} ]; do sleep 0.02; done",
+            flag.display()
+        ),
+    ]);
+    h.sandbox.wait("the script holds the lock", DEADLINE, || {
+        shared.path().join("release.held").exists()
+    });
+    // `start` answers once the worker runs: after the script.
+    let mut start =
+        h.sandbox
+            .spawn_plumule(&["start", "leader", "-c", &h.config.display().to_string()]);
+    h.sandbox
+        .wait("the worker waits for the script", DEADLINE, || {
+            let w = h.sandbox.worker_status(&h.config, "leader", 0);
+            w.state == "starting" && w.detail.as_deref() == Some("waiting for lock leader")
+        });
+    let before = assert_no_overlap(&stamps_path).len();
+    std::fs::write(&flag, "").unwrap();
+    assert!(script.wait_exit(DEADLINE).success());
+    wait_holder(&h, &stamps_path, before);
+    assert!(start.wait_exit(DEADLINE).success());
+}
+
+#[test]
+fn a_cluster_lock_needs_a_stop_timeout_shorter_than_the_lease() {
+    let sandbox = Sandbox::new();
+    let config = sandbox.write_file(
+        "plumule.toml",
+        "[plumule]\ncluster = { etcd = [\"http://127.0.0.1:2379\"], lease = \"5s\" }\n\n\
+         [program.leader]\ncommand = \"true\"\nstop_timeout = \"5s\"\n\
+         locks = [{ name = \"leader\", cluster = true }]\n",
+        0o644,
+    );
+    let out = sandbox.cli(&config, &["check"]);
+    assert_eq!(out.status.code(), Some(1), "{out:?}");
+    assert!(
+        out.stderr
+            .contains("program.leader.stop_timeout: must be shorter than the cluster lease (5s)"),
+        "{}",
+        out.stderr
+    );
+}
