@@ -403,3 +403,41 @@ fn a_cluster_lock_needs_a_stop_timeout_shorter_than_the_lease() {
         out.stderr
     );
 }
+
+#[test]
+fn an_etcd_password_is_never_logged_and_an_unusable_endpoint_says_why() {
+    let sandbox = Sandbox::new();
+    let config = sandbox.config(
+        "[program.leader]\ncommand = [\"sleep\", \"1000\"]\nstop_timeout = \"1s\"\n\
+         locks = [{ name = \"leader\", cluster = true }]\n",
+    );
+    let text = std::fs::read_to_string(&config).unwrap().replacen(
+        "[plumule]\n",
+        "[plumule]\ncluster = { etcd = [\"http://root:etcd-s3cret@127.0.0.1:9\"], lease = \"2s\" }\n",
+        1,
+    );
+    std::fs::write(&config, text).unwrap();
+    let master = sandbox.start(&config);
+    sandbox.wait(
+        "the master says why it is out of the cluster",
+        DEADLINE,
+        || master.stderr_text().contains("out of the cluster"),
+    );
+    let log = master.stderr_text();
+    assert!(!log.contains("s3cret"), "a password is logged:\n{log}");
+    assert!(log.contains("http://***@127.0.0.1:9"), "{log}");
+    assert!(log.contains("authentication is not supported"), "{log}");
+    // Its worker waits, and members says why.
+    let w = sandbox.worker_status(&config, "leader", 0);
+    assert_eq!(
+        (w.state.as_str(), w.detail.as_deref()),
+        ("starting", Some("waiting for lock leader"))
+    );
+    let out = sandbox.cli(&config, &["members"]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        out.stderr.contains("not in the cluster now") && !out.stderr.contains("s3cret"),
+        "{}",
+        out.stderr
+    );
+}

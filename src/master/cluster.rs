@@ -314,6 +314,14 @@ impl Supervisor {
     ) {
         let c = &mut self.cluster;
         let pid = pid.as_raw() as u32;
+        if c.settings.is_none() {
+            // A reload added cluster locks, and `cluster` with them: that takes a restart.
+            log::error!(
+                "worker {pid} waits for cluster lock(s) {} but this master is not in a \
+                 cluster: [plumule] cluster takes effect when the master restarts",
+                locks.join(", ")
+            );
+        }
         c.send(&ToHelper::Acquire {
             pid,
             start_time,

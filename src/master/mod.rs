@@ -26,6 +26,11 @@
 //! gives them one pass of their own (`queues_pass`: retries due, job timeouts, group commit,
 //! deliveries) before the supervisor settles.
 //!
+//! The cluster (`cluster`: the etcd helper's link and the workers waiting for cluster locks) is
+//! state of the supervisor's too, since spawns and reaps change it; its link has the tag
+//! `Part::Cluster`, and `cluster_pass` (after the supervisor settles) starts the helper when
+//! due and tells it the master is alive, the one timer the master keeps while in a cluster.
+//!
 //! Every descriptor is registered once with the [`Reactor`](crate::sys::reactor::Reactor)
 //! under a token whose high byte is its `Part`; a wait costs what is ready, not what is
 //! registered. The `Supervisor` holds the state all parts share; each other part owns its own
