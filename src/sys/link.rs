@@ -4,7 +4,7 @@
 //!
 //! Why a process: the master is single-threaded and must never block on a network peer, and
 //! client libraries for Redis or etcd block. The helper is forked from the master (while the
-//! master has no thread), set up like the other helpers ([`super::become_helper`]: it dies with
+//! master has no thread), set up like the other helpers (`super::become_helper`: it dies with
 //! the master, keeps no descriptor of the master's but its socket), and ends when the master
 //! closes its end. What the helper knows (a Redis password, say) it inherits in memory, never
 //! through its argv or environment.
