@@ -441,3 +441,34 @@ fn an_etcd_password_is_never_logged_and_an_unusable_endpoint_says_why() {
         out.stderr
     );
 }
+
+#[test]
+fn a_dead_helper_takes_its_holders_with_it_and_another_one_takes_over() {
+    let Some(etcd) = Etcd::start() else { return };
+    let shared = tempfile::tempdir().unwrap();
+    let stamps_path = shared.path().join("stamps");
+    let h = Host::new(
+        &etcd,
+        "m1",
+        &leader_program(&stamps_path),
+        Duration::from_secs(60),
+    );
+    let first = wait_holder(&h, &stamps_path, 0);
+    let helper = h.helper_pid().expect("the etcd helper");
+    send(helper, SIGKILL);
+    // Nothing enforces the holder's lease now: the master kills it at once.
+    h.sandbox
+        .wait("the holder is killed with its helper", DEADLINE, || {
+            !pid_alive(first)
+        });
+    h.sandbox.wait("another helper runs", DEADLINE, || {
+        h.helper_pid().is_some_and(|p| p != helper)
+    });
+    // The old lease still holds the old key until it expires; then the worker holds again.
+    let second = wait_holder(&h, &stamps_path, 1);
+    assert_ne!(first, second);
+    h.sandbox
+        .wait("the new helper lists the member again", DEADLINE, || {
+            h.member_nodes() == ["m1"]
+        });
+}
