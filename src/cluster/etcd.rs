@@ -328,11 +328,12 @@ impl Client {
             source,
         };
         let mut reader = open(&ep, path, &body, self.timeout).map_err(io_err)?;
+        let chunked = read_head(&mut reader, &ep, path, self.timeout)?;
+        // From here a read that times out only means "look at give_up again".
         reader
             .get_ref()
             .set_read_timeout(Some(poll))
             .map_err(io_err)?;
-        let chunked = read_head(&mut reader, &ep, path)?;
         let mut stream = Stream {
             reader,
             chunked,
@@ -394,6 +395,21 @@ impl Client {
     }
 }
 
+/// A read or write that timed out says so (the socket reports EAGAIN).
+fn timed_out(e: io::Error, timeout: Duration) -> io::Error {
+    if matches!(
+        e.kind(),
+        io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+    ) {
+        io::Error::new(
+            io::ErrorKind::TimedOut,
+            format!("no answer within {}", crate::format_duration(timeout)),
+        )
+    } else {
+        e
+    }
+}
+
 fn connect(ep: &Endpoint, timeout: Duration) -> io::Result<TcpStream> {
     let addrs: Vec<SocketAddr> = ep.authority.to_socket_addrs()?.collect();
     let mut last = io::Error::new(io::ErrorKind::NotFound, "the host name has no address");
@@ -434,7 +450,12 @@ fn open(
 
 /// Reads the status line and headers; an HTTP error status is read whole and returned as
 /// [`EtcdError::Status`]. Returns whether the body is chunked.
-fn read_head(r: &mut BufReader<TcpStream>, ep: &Endpoint, path: &str) -> Result<bool, EtcdError> {
+fn read_head(
+    r: &mut BufReader<TcpStream>,
+    ep: &Endpoint,
+    path: &str,
+    timeout: Duration,
+) -> Result<bool, EtcdError> {
     let garbled = |reason: String| EtcdError::Garbled {
         endpoint: ep.shown.clone(),
         path: path.into(),
@@ -443,7 +464,7 @@ fn read_head(r: &mut BufReader<TcpStream>, ep: &Endpoint, path: &str) -> Result<
     let io_err = |source| EtcdError::Io {
         endpoint: ep.shown.clone(),
         path: path.into(),
-        source,
+        source: timed_out(source, timeout),
     };
     let mut line = String::new();
     r.read_line(&mut line).map_err(io_err)?;
@@ -538,11 +559,11 @@ fn post(ep: &Endpoint, path: &str, body: &Value, timeout: Duration) -> Result<Va
     let io_err = |source| EtcdError::Io {
         endpoint: ep.shown.clone(),
         path: path.into(),
-        source,
+        source: timed_out(source, timeout),
     };
     let started = Instant::now();
     let mut r = open(ep, path, body, timeout).map_err(io_err)?;
-    let chunked = read_head(&mut r, ep, path)?;
+    let chunked = read_head(&mut r, ep, path, timeout)?;
     // No Content-Length nor chunks: the body runs to the end of the connection.
     let body = read_body(&mut r, chunked, None).map_err(io_err);
     let body = match body {
@@ -718,6 +739,80 @@ mod tests {
         assert_eq!(s.next_line().unwrap().unwrap(), b"{\"a\":1}");
         assert_eq!(s.next_line().unwrap().unwrap(), b"{\"b\":2}");
         assert_eq!(s.next_line().unwrap(), None);
+    }
+
+    /// A fake endpoint that reads one request and answers `reply` to each connection.
+    fn fake(replies: Vec<&'static [u8]>) -> String {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let url = format!("http://{}", l.local_addr().unwrap());
+        std::thread::spawn(move || {
+            for reply in replies {
+                let Ok((mut s, _)) = l.accept() else { return };
+                let mut buf = [0u8; 4096];
+                let _ = s.read(&mut buf);
+                let _ = s.write_all(reply);
+            }
+        });
+        url
+    }
+
+    #[test]
+    fn garbage_errors_and_cut_answers_say_where_and_what() {
+        let t = Duration::from_secs(2);
+        let url = fake(vec![b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nnotjs"]);
+        let e = Client::new(&[url.clone()], t)
+            .unwrap()
+            .grant(t)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains(&format!("{url}/v3/lease/grant")) && e.contains("not JSON"),
+            "{e}"
+        );
+
+        let url = fake(vec![b"SSH-2.0-OpenSSH\r\n"]);
+        let e = Client::new(&[url.clone()], t)
+            .unwrap()
+            .grant(t)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("not an HTTP answer"), "{e}");
+
+        let url = fake(vec![b""]);
+        let e = Client::new(&[url.clone()], t)
+            .unwrap()
+            .grant(t)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains(&url), "{e}");
+
+        let url = fake(vec![b"HTTP/1.1 400 Bad Request\r\nContent-Length: 41\r\n\r\n{\"error\":\"x\",\"message\":\"lease not found\"}"]);
+        let e = Client::new(&[url], t)
+            .unwrap()
+            .grant(t)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("HTTP 400: lease not found"), "{e}");
+    }
+
+    #[test]
+    fn a_call_moves_on_to_the_next_endpoint_and_stays_there() {
+        let t = Duration::from_secs(2);
+        let dead = format!(
+            "http://127.0.0.1:{}",
+            std::net::TcpListener::bind("127.0.0.1:0")
+                .unwrap()
+                .local_addr()
+                .unwrap()
+                .port()
+        );
+        let ok: &[u8] = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n\
+                          14\r\n{\"ID\":\"7\",\"TTL\":\"2\"}\r\n0\r\n\r\n";
+        let live = fake(vec![ok, ok]);
+        let mut c = Client::new(&[dead, live], t).unwrap();
+        assert_eq!(c.grant(t).unwrap(), (7, Duration::from_secs(2)));
+        assert_eq!(c.current, 1);
+        assert_eq!(c.grant(t).unwrap().0, 7);
     }
 
     #[test]

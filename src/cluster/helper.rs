@@ -539,11 +539,14 @@ impl Helper {
         let (id, _ttl) = match self.client.grant(self.settings.lease) {
             Ok(l) => l,
             Err(e) => {
+                // Said once per outage: the master logs it and `members` shows it.
                 let why = format!("cannot join the cluster: {e}");
-                self.note_outage(why.clone());
-                if self.members.is_some() || self.outage.as_deref() != Some(why.as_str()) {
-                    self.members = None;
+                if self.outage.is_none() {
+                    self.send(FromHelper::Lost {
+                        reason: why.clone(),
+                    });
                 }
+                self.outage = Some(why);
                 return;
             }
         };
