@@ -760,7 +760,7 @@ mod tests {
     fn garbage_errors_and_cut_answers_say_where_and_what() {
         let t = Duration::from_secs(2);
         let url = fake(vec![b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nnotjs"]);
-        let e = Client::new(&[url.clone()], t)
+        let e = Client::new(std::slice::from_ref(&url), t)
             .unwrap()
             .grant(t)
             .unwrap_err()
@@ -771,7 +771,7 @@ mod tests {
         );
 
         let url = fake(vec![b"SSH-2.0-OpenSSH\r\n"]);
-        let e = Client::new(&[url.clone()], t)
+        let e = Client::new(std::slice::from_ref(&url), t)
             .unwrap()
             .grant(t)
             .unwrap_err()
@@ -779,7 +779,7 @@ mod tests {
         assert!(e.contains("not an HTTP answer"), "{e}");
 
         let url = fake(vec![b""]);
-        let e = Client::new(&[url.clone()], t)
+        let e = Client::new(std::slice::from_ref(&url), t)
             .unwrap()
             .grant(t)
             .unwrap_err()
