@@ -110,6 +110,21 @@ fn members_lists_the_live_masters_and_forgets_a_dead_one_after_its_lease() {
         "{table}"
     );
 
+    // A reload that adds a program: the record says so.
+    let text = std::fs::read_to_string(&hosts[0].config).unwrap()
+        + "\n[program.more]\ncommand = \"sleep 1000\"\n";
+    std::fs::write(&hosts[0].config, text).unwrap();
+    hosts[0].sandbox.cli_ok(&hosts[0].config, &["reload"]);
+    hosts[1]
+        .sandbox
+        .wait("m1's record lists its new program", DEADLINE, || {
+            hosts[1].members().is_some_and(|r| {
+                r.members
+                    .iter()
+                    .any(|m| m.node == "m1" && m.programs == ["idle", "more"])
+            })
+        });
+
     // A host that dies whole (master and helper at once) leaves when its lease expires.
     let helper = hosts[2].helper_pid().expect("m3's etcd helper");
     send(helper, SIGSTOP);

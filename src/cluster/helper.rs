@@ -51,6 +51,8 @@ pub enum ToHelper {
     },
     /// The worker is gone (reaped), or no longer wants its locks: its keys go.
     Release { pid: u32 },
+    /// The programs changed (a reload): the member record says so from the next renewal.
+    Programs(Vec<String>),
 }
 
 /// From the helper to the master.
@@ -358,6 +360,10 @@ impl Helper {
     fn on_master(&mut self, msg: ToHelper) {
         match msg {
             ToHelper::Alive => self.last_alive = boottime(),
+            ToHelper::Programs(programs) => {
+                self.settings.member.programs = programs;
+                self.record_put = false;
+            }
             ToHelper::Acquire {
                 pid,
                 start_time,
@@ -569,7 +575,13 @@ impl Helper {
             let value = serde_json::to_vec(&self.settings.member).unwrap_or_default();
             match self.client.create(&key, &value, lease) {
                 Ok((true, _)) => self.record_put = true,
-                Ok((false, kv)) if kv.lease == lease => self.record_put = true,
+                // Ours already: written again, with what changed.
+                Ok((false, kv)) if kv.lease == lease => {
+                    match self.client.put(&key, &value, lease) {
+                        Ok(()) => self.record_put = true,
+                        Err(e) => self.log(true, format!("cannot update the member record: {e}")),
+                    }
+                }
                 Ok((false, kv)) => {
                     let other: Option<Member> = serde_json::from_slice(&kv.value).ok();
                     self.log(

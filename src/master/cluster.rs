@@ -68,6 +68,9 @@ pub(super) struct Cluster {
     members: Option<Vec<Member>>,
     /// Why we are out of the cluster, for `members`.
     out_because: String,
+    /// The config the member record's programs were last compared with: a reload replaces
+    /// it (kept, so that its address cannot be reused by the next one).
+    config: Option<std::sync::Arc<Config>>,
 }
 
 impl Cluster {
@@ -97,6 +100,7 @@ impl Cluster {
             holders: BTreeSet::new(),
             members: None,
             out_because: "joining".into(),
+            config: None,
         }
     }
 
@@ -171,6 +175,26 @@ impl Supervisor {
                     c.failures += 1;
                     c.start_at =
                         Some(now + crate::backoff::delay(&HELPER_BACKOFF, c.failures, 0.0));
+                }
+            }
+        }
+        // A reload may have changed the programs the member record lists.
+        if !c
+            .config
+            .as_ref()
+            .is_some_and(|k| std::sync::Arc::ptr_eq(k, &self.config))
+        {
+            c.config = Some(std::sync::Arc::clone(&self.config));
+            let programs: Vec<String> = self
+                .config
+                .programs
+                .iter()
+                .map(|p| p.name.clone())
+                .collect();
+            if let Some(s) = c.settings.as_mut() {
+                if s.member.programs != programs {
+                    s.member.programs = programs.clone();
+                    c.send(&ToHelper::Programs(programs));
                 }
             }
         }
