@@ -508,10 +508,10 @@ impl Helper {
     }
 
     fn recovered(&mut self) {
-        if self.outage.take().is_some() {
+        if let Some(why) = self.outage.take() {
             self.log(
                 false,
-                format!("etcd answers again ({})", self.client.describe()),
+                format!("renewing again ({}); it was: {why}", self.client.describe()),
             );
         }
     }
