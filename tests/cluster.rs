@@ -502,3 +502,26 @@ fn a_dead_helper_takes_its_holders_with_it_and_another_one_takes_over() {
             h.member_nodes() == ["m1"]
         });
 }
+
+#[test]
+fn check_warns_about_an_endpoint_this_build_cannot_use() {
+    let sandbox = Sandbox::new();
+    let config = sandbox.write_file(
+        "plumule.toml",
+        "[plumule]\ncluster = { etcd = [\"https://root:etcd-s3cret@10.0.0.5:2379\", \
+         \"http://10.0.0.6:2379\"] }\n",
+        0o644,
+    );
+    let out = sandbox.cli(&config, &["check"]);
+    assert_eq!(out.status.code(), Some(0), "{out:?}");
+    assert!(
+        out.stderr.contains("plumule.cluster.etcd: invalid etcd endpoint https://***@10.0.0.5:2379: https is not supported")
+            && !out.stderr.contains("s3cret"),
+        "{}",
+        out.stderr
+    );
+    assert_eq!(
+        sandbox.cli(&config, &["check", "--strict"]).status.code(),
+        Some(1)
+    );
+}

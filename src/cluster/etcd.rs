@@ -69,6 +69,12 @@ pub fn redact(url: &str) -> String {
     }
 }
 
+/// Whether this client can use `url` (an http:// URL without a user); else why not, the URL
+/// redacted. `plumule check` warns with it.
+pub fn check_endpoint(url: &str) -> Result<(), String> {
+    parse_endpoint(url).map(|_| ()).map_err(|e| e.to_string())
+}
+
 #[derive(Debug, Clone)]
 struct Endpoint {
     /// `host:port`, for the Host header and resolution.
