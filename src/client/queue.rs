@@ -7,6 +7,7 @@
 //! read [`MAX_REQUEST`] bytes at most: the input is never read whole into memory, and a job
 //! too large for one request line is an error naming its line, not a hang.
 
+use std::borrow::Cow;
 use std::collections::VecDeque;
 use std::fmt;
 use std::io::{self, BufRead, BufReader, Read, Write};
@@ -299,7 +300,7 @@ impl Sent {
 fn encoded_len(job: &[u8]) -> (Option<usize>, usize) {
     let text = std::str::from_utf8(job)
         .ok()
-        .map(|s| serde_json::to_string(s).map_or(usize::MAX, |j| j.len()) + 1);
+        .map(|s| crate::protocol::json_str_len(s) + 1);
     (text, job.len().div_ceil(3) * 4 + 3)
 }
 
@@ -564,19 +565,24 @@ pub fn submit<P: Peer>(
 
 /// The bytes a result, reason or payload stands for (base64 decoded when marked so; text
 /// that does not decode is shown as it came).
-fn bytes_of(text: &str, base64: bool) -> Vec<u8> {
+fn bytes_of(text: &str, base64: bool) -> Cow<'_, [u8]> {
     if base64 {
         if let Ok(bytes) = base64::engine::general_purpose::STANDARD.decode(text) {
-            return bytes;
+            return Cow::Owned(bytes);
         }
     }
-    text.as_bytes().to_vec()
+    Cow::Borrowed(text.as_bytes())
 }
 
 /// `submit --wait`: one line per job in submission order, `ok RESULT` (`ok` when the result
 /// is empty) or `dead REASON`, results as raw bytes. Returns how many ended dead.
+///
+/// The lines of a chunk go out in one write, then a flush: stdout is line-buffered, and a
+/// write per line would cost a system call per job.
 pub fn write_results(out: &mut dyn Write, results: &JobResults) -> io::Result<usize> {
     let mut dead = 0;
+    let size: usize = results.results.iter().map(|r| r.text.len() + 6).sum();
+    let mut lines = Vec::with_capacity(size);
     for r in &results.results {
         let word: &[u8] = match r.outcome {
             JobOutcome::Ok => b"ok",
@@ -586,13 +592,14 @@ pub fn write_results(out: &mut dyn Write, results: &JobResults) -> io::Result<us
             }
         };
         let text = bytes_of(&r.text, r.base64);
-        out.write_all(word)?;
+        lines.extend_from_slice(word);
         if !text.is_empty() {
-            out.write_all(b" ")?;
-            out.write_all(&text)?;
+            lines.push(b' ');
+            lines.extend_from_slice(&text);
         }
-        out.write_all(b"\n")?;
+        lines.push(b'\n');
     }
+    out.write_all(&lines)?;
     out.flush()?;
     Ok(dead)
 }
