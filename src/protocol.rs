@@ -931,6 +931,45 @@ impl<'a> Scan<'a> {
         s.rest.is_empty().then_some(Response::Ok(answer))
     }
 
+    /// A `submit` line exactly as [`submit_line`] writes it, strings without escapes.
+    fn submit(line: &'a str) -> Option<(Request, bool)> {
+        let mut s = Scan {
+            rest: line.trim_end_matches(['\n', '\r']),
+        };
+        s.lit(r#"{"cmd":"submit","queue":"#)?;
+        let queue = s.string()?.to_string();
+        s.lit(r#","jobs":["#)?;
+        let mut jobs = Vec::new();
+        if s.lit("]").is_none() {
+            loop {
+                jobs.push(s.string()?.to_string());
+                if s.lit(",").is_none() {
+                    break;
+                }
+            }
+            s.lit("]")?;
+        }
+        let key = match s.lit(r#","key":"#) {
+            Some(()) => Some(s.string()?.to_string()),
+            None => None,
+        };
+        let base64 = s.lit(r#","base64":true"#).is_some();
+        let wait = s.lit(r#","wait":true"#).is_some();
+        let progress = s.lit(r#","progress":true"#).is_some();
+        s.lit(r#","v":1}"#)?;
+        if !s.rest.is_empty() {
+            return None;
+        }
+        let req = Request::Submit {
+            queue,
+            jobs,
+            key,
+            base64,
+            wait,
+        };
+        Some((req, progress))
+    }
+
     fn lit(&mut self, text: &str) -> Option<()> {
         self.rest = self.rest.strip_prefix(text)?;
         Some(())
@@ -1034,6 +1073,9 @@ enum SubmitCmd {
 /// `"v"`) is left to the generic path (`None`), which takes it or says what is wrong, as
 /// before.
 fn parse_submit(text: &str) -> Option<(Request, bool)> {
+    if let Some(submit) = Scan::submit(text) {
+        return Some(submit);
+    }
     let r: SubmitRequest = serde_json::from_str(text).ok()?;
     let SubmitCmd::Submit = r.cmd;
     if r.v.is_some_and(|v| v != PROTOCOL_VERSION) {
@@ -1783,7 +1825,21 @@ mod tests {
                 wait: false,
             },
         ];
-        for req in requests {
+        let plain = Request::Submit {
+            queue: "q".into(),
+            jobs: vec!["j1".into(), "".into(), "ünï ✓".into()],
+            key: Some("k".into()),
+            base64: false,
+            wait: true,
+        };
+        let empty = Request::Submit {
+            queue: "q".into(),
+            jobs: vec![],
+            key: None,
+            base64: false,
+            wait: false,
+        };
+        for req in requests.into_iter().chain([plain, empty]) {
             for progress in [false, true] {
                 let line = req.to_line(progress).unwrap();
                 // The same object as the generic writer makes.
@@ -1795,6 +1851,11 @@ mod tests {
                 }
                 map.insert("v".into(), PROTOCOL_VERSION.into());
                 assert_eq!(direct, generic);
+                let text = std::str::from_utf8(&line).unwrap();
+                let plain = text.find('\\').is_none();
+                if plain {
+                    assert_eq!(Scan::submit(text), Some((req.clone(), progress)));
+                }
                 assert_eq!(parse_submit(std::str::from_utf8(&line).unwrap()), {
                     Some((req.clone(), progress))
                 });
@@ -1813,6 +1874,25 @@ mod tests {
             parse_request_line(extra),
             Err(RequestError::Malformed(_))
         ));
+        // The scan takes only what `submit_line` writes; the rest goes to serde, as before.
+        for line in [
+            r#"{"cmd":"submit","queue":"q","jobs":["a"],"v":1} "#,
+            r#"{"cmd":"submit","queue":"q","jobs":["a"],"wait":true,"base64":true,"v":1}"#,
+            r#"{"cmd":"submit","queue":"q","jobs":["a","b"],"v":1,"wait":true}"#,
+            r#"{"cmd":"submit","queue":"q","jobs":[],"v":1}"#,
+        ] {
+            let generic = parse_request_line(line.as_bytes()).unwrap();
+            let scanned = Scan::submit(line);
+            assert!(
+                scanned.is_none() || scanned == Some(generic.clone()),
+                "{line}"
+            );
+            let mut value: serde_json::Value = serde_json::from_str(line).unwrap();
+            let map = value.as_object_mut().unwrap();
+            let progress = map.remove("progress").is_some();
+            map.remove("v");
+            assert_eq!(generic, (serde_json::from_value(value).unwrap(), progress));
+        }
         let key_null = br#"{"cmd":"submit","queue":"q","jobs":["a"],"key":null}"#;
         assert_eq!(
             parse_request_line(key_null).unwrap().0,

@@ -188,7 +188,12 @@ impl<R: Read> Iterator for LineJobs<R> {
                     stored: 0,
                 }));
             }
-            job.extend_from_slice(&buf[..take]);
+            if job.is_empty() {
+                // Most lines are whole in the buffer: one allocation of the right size.
+                job = buf[..take].to_vec();
+            } else {
+                job.extend_from_slice(&buf[..take]);
+            }
             self.reader.consume(take + usize::from(newline.is_some()));
             if newline.is_some() {
                 self.line += 1;

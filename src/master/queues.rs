@@ -21,6 +21,7 @@
 //! fail (their clients are told, their jobs forgotten), and nothing synced before is touched.
 
 use std::collections::{HashMap, VecDeque};
+use std::hash::{BuildHasherDefault, Hasher};
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::sync::Arc;
 use std::time::Instant;
@@ -154,7 +155,7 @@ impl Conn {
 #[derive(Default)]
 pub(super) struct Queues {
     pub(super) queues: Vec<QueueRt>,
-    conns: HashMap<Pid, Conn>,
+    conns: HashMap<Pid, Conn, BuildHasherDefault<PidHasher>>,
     jitter: Option<Jitter>,
     /// Syncs durable queues' logs away from the loop (see [`crate::sys::syncer`]); `None`
     /// without durable queues, or if it cannot run: then the loop syncs inline.
@@ -163,6 +164,28 @@ pub(super) struct Queues {
     syncer_watch: Option<(i32, bool)>,
     /// The buffer answers are read into.
     read_buf: Vec<u8>,
+}
+
+/// Hashes a pid by multiplying it: the consumers are looked up once per job delivered and
+/// per answer read, and SipHash (which resists keys chosen by an attacker, not a concern for
+/// the master's own children) cost more than the rest of the lookup.
+#[derive(Default)]
+struct PidHasher(u64);
+
+impl Hasher for PidHasher {
+    fn finish(&self) -> u64 {
+        self.0.wrapping_mul(0x9e37_79b9_7f4a_7c15)
+    }
+
+    fn write(&mut self, bytes: &[u8]) {
+        for &b in bytes {
+            self.0 = self.0.rotate_left(8) ^ u64::from(b);
+        }
+    }
+
+    fn write_i32(&mut self, n: i32) {
+        self.0 = self.0.rotate_left(32) ^ u64::from(n as u32);
+    }
 }
 
 /// Why a batch was not taken.
@@ -192,7 +215,7 @@ impl Queues {
     pub(super) fn open(config: &crate::config::Config) -> Result<Queues, (String, store::Error)> {
         let mut queues = Queues {
             queues: Vec::new(),
-            conns: HashMap::new(),
+            conns: HashMap::default(),
             jitter: Some(Jitter::from_entropy()),
             syncer: None,
             syncer_watch: None,
