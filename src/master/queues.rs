@@ -1126,6 +1126,11 @@ impl Supervisor {
             if error.is_some() {
                 break;
             }
+            if n < buf.len() && !to_end {
+                // The pipe is drained: the read that would say so costs a system call, and
+                // the (level-triggered) reactor reports what comes next.
+                break;
+            }
         }
         self.queues.read_buf = buf;
         if eof && error.is_none() {

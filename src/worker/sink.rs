@@ -37,6 +37,9 @@ struct State {
     broken: Option<(io::ErrorKind, String)>,
     /// The bytes being written, kept between answers (empty between calls).
     out: Vec<u8>,
+    /// Threads blocked in [`Sink::wait_for_room`]: only then is `written` notified, since a
+    /// notification is a system call even when nobody waits.
+    waiting: usize,
 }
 
 impl State {
@@ -67,6 +70,7 @@ impl Sink {
                 held: BTreeMap::new(),
                 broken: None,
                 out: Vec::new(),
+                waiting: 0,
             }),
             written: Condvar::new(),
             buffered: AtomicUsize::new(0),
@@ -120,7 +124,9 @@ impl Sink {
             if ((state.read - state.next) as usize) < limit {
                 return Ok(());
             }
+            state.waiting += 1;
             state = self.written.wait(state).unwrap_or_else(|p| p.into_inner());
+            state.waiting -= 1;
         }
     }
 
@@ -196,7 +202,9 @@ impl Sink {
             // Kept for the next answer; a big one's room is given back.
             state.out = out;
         }
-        self.written.notify_all();
+        if state.waiting > 0 {
+            self.written.notify_all();
+        }
         match state.broken_error() {
             Some(e) => Err(e),
             None => Ok(()),
