@@ -266,18 +266,30 @@ fn json_escape(b: u8) -> Option<&'static [u8]> {
     }
 }
 
+/// The bytes [`json_escape`] escapes, and the closing quote: what a scan of a string stops at.
+const ESCAPED: [bool; 256] = {
+    let mut table = [false; 256];
+    let mut b = 0;
+    while b < 0x20 {
+        table[b] = true;
+        b += 1;
+    }
+    table[b'"' as usize] = true;
+    table[b'\\' as usize] = true;
+    table
+};
+
 /// Appends `s` as a JSON string, quotes included, byte for byte as serde_json writes it.
 pub(crate) fn push_json_str(out: &mut Vec<u8>, s: &str) {
     let bytes = s.as_bytes();
     out.reserve(bytes.len() + 2);
     out.push(b'"');
     let mut start = 0;
-    for (i, &b) in bytes.iter().enumerate() {
-        if let Some(escaped) = json_escape(b) {
-            out.extend_from_slice(&bytes[start..i]);
-            out.extend_from_slice(escaped);
-            start = i + 1;
-        }
+    while let Some(i) = bytes[start..].iter().position(|&b| ESCAPED[usize::from(b)]) {
+        let at = start + i;
+        out.extend_from_slice(&bytes[start..at]);
+        out.extend_from_slice(json_escape(bytes[at]).unwrap_or(&bytes[at..=at]));
+        start = at + 1;
     }
     out.extend_from_slice(&bytes[start..]);
     out.push(b'"');
@@ -293,15 +305,25 @@ pub(crate) fn json_str_len(s: &str) -> usize {
 
 /// Appends `n` in decimal.
 fn push_u64(out: &mut Vec<u8>, mut n: u64) {
+    const PAIRS: &[u8; 200] = b"0001020304050607080910111213141516171819\
+        2021222324252627282930313233343536373839404142434445464748495051525354555657585960\
+        6162636465666768697071727374757677787980818283848586878889909192939495969798\
+        99";
     let mut digits = [0u8; 20];
     let mut at = digits.len();
-    loop {
+    while n >= 100 {
+        let pair = (n % 100) as usize * 2;
+        n /= 100;
+        at -= 2;
+        digits[at..at + 2].copy_from_slice(&PAIRS[pair..pair + 2]);
+    }
+    if n >= 10 {
+        let pair = n as usize * 2;
+        at -= 2;
+        digits[at..at + 2].copy_from_slice(&PAIRS[pair..pair + 2]);
+    } else {
         at -= 1;
-        digits[at] = b'0' + (n % 10) as u8;
-        n /= 10;
-        if n == 0 {
-            break;
-        }
+        digits[at] = b'0' + n as u8;
     }
     out.extend_from_slice(&digits[at..]);
 }
@@ -970,7 +992,9 @@ impl<'a> Scan<'a> {
         Some((req, progress))
     }
 
-    fn lit(&mut self, text: &str) -> Option<()> {
+    // Inlined, each literal's comparison is made with its length known.
+    #[inline(always)]
+    fn lit(&mut self, text: &'static str) -> Option<()> {
         self.rest = self.rest.strip_prefix(text)?;
         Some(())
     }
@@ -978,9 +1002,7 @@ impl<'a> Scan<'a> {
     /// A string without escapes or control characters, quotes dropped.
     fn string(&mut self) -> Option<&'a str> {
         let body = self.rest.strip_prefix('"')?;
-        let end = body
-            .bytes()
-            .position(|b| b == b'"' || json_escape(b).is_some())?;
+        let end = body.bytes().position(|b| ESCAPED[usize::from(b)])?;
         if body.as_bytes()[end] != b'"' {
             return None;
         }
@@ -995,7 +1017,10 @@ impl<'a> Scan<'a> {
         if digits == 0 || (digits > 1 && text.starts_with('0')) {
             return None;
         }
-        let n = text.parse().ok()?;
+        let mut n: u64 = 0;
+        for d in text.bytes() {
+            n = n.checked_mul(10)?.checked_add(u64::from(d - b'0'))?;
+        }
         self.rest = &self.rest[digits..];
         matches!(self.rest.as_bytes().first(), Some(b',' | b'}')).then_some(n)
     }
@@ -1904,6 +1929,21 @@ mod tests {
                 wait: false,
             }
         );
+    }
+
+    #[test]
+    fn numbers_are_written_in_decimal() {
+        let mut n = 1u64;
+        let mut samples = vec![0, u64::MAX, 9, 10, 99, 100, 101, 999, 1000, 1_000_001];
+        while let Some(m) = n.checked_mul(7) {
+            samples.extend([m, m - 1, m + 1]);
+            n = m;
+        }
+        for n in samples {
+            let mut out = Vec::new();
+            push_u64(&mut out, n);
+            assert_eq!(out, n.to_string().into_bytes());
+        }
     }
 
     #[test]

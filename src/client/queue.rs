@@ -276,7 +276,8 @@ impl Peer for MasterPeer {
 /// The jobs of the batch being filled, and what they cost encoded either way.
 #[derive(Default)]
 struct Batch {
-    jobs: Vec<Vec<u8>>,
+    /// Each job as text when it is UTF-8 (checked once, when pushed), else its bytes.
+    jobs: Vec<Result<String, Vec<u8>>>,
     first: Option<Origin>,
     last: Option<Origin>,
     /// Encoded as JSON strings (quotes and a comma each); `None` once a job is not UTF-8.
@@ -302,11 +303,19 @@ impl Sent {
 }
 
 /// What one job costs in a request line: as a JSON string (None: not UTF-8), as base64.
-fn encoded_len(job: &[u8]) -> (Option<usize>, usize) {
-    let text = std::str::from_utf8(job)
+fn encoded_len(job: &Result<String, Vec<u8>>) -> (Option<usize>, usize) {
+    let text = job
+        .as_ref()
         .ok()
         .map(|s| crate::protocol::json_str_len(s) + 1);
-    (text, job.len().div_ceil(3) * 4 + 3)
+    (text, job_len(job).div_ceil(3) * 4 + 3)
+}
+
+fn job_len(job: &Result<String, Vec<u8>>) -> usize {
+    match job {
+        Ok(s) => s.len(),
+        Err(b) => b.len(),
+    }
 }
 
 /// Sends jobs to a queue in batches, pipelined, and counts what the master stored.
@@ -370,6 +379,7 @@ impl<'a, P: Peer> Submitter<'a, P> {
 
     /// Adds one job; sends the batch before it when the job would overflow it.
     pub fn push(&mut self, origin: Origin, job: Vec<u8>) -> Result<(), SubmitError> {
+        let job = String::from_utf8(job).map_err(std::string::FromUtf8Error::into_bytes);
         let (text, base64) = encoded_len(&job);
         let alone = text.unwrap_or(base64);
         if self.overhead + alone > MAX_REQUEST {
@@ -377,8 +387,8 @@ impl<'a, P: Peer> Submitter<'a, P> {
             self.drain()?;
             return Err(SubmitError::TooLarge {
                 origin,
-                size: job.len().to_string(),
-                encoded: if self.overhead + job.len() <= MAX_REQUEST {
+                size: job_len(&job).to_string(),
+                encoded: if self.overhead + job_len(&job) <= MAX_REQUEST {
                     format!(", {} once encoded", alone.saturating_sub(1))
                 } else {
                     String::new()
@@ -424,10 +434,12 @@ impl<'a, P: Peer> Submitter<'a, P> {
         let jobs = batch
             .jobs
             .into_iter()
-            .map(|j| match base64 {
-                true => base64::engine::general_purpose::STANDARD.encode(j),
-                // UTF-8: checked when the job was pushed.
-                false => String::from_utf8(j).unwrap_or_default(),
+            .map(|j| match (base64, j) {
+                (true, Ok(text)) => base64::engine::general_purpose::STANDARD.encode(text),
+                (true, Err(bytes)) => base64::engine::general_purpose::STANDARD.encode(bytes),
+                (false, Ok(text)) => text,
+                // Not reached: a batch goes as text only when every job in it is UTF-8.
+                (false, Err(_)) => String::new(),
             })
             .collect();
         let req = Request::Submit {
