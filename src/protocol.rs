@@ -961,7 +961,8 @@ impl<'a> Scan<'a> {
         s.lit(r#"{"cmd":"submit","queue":"#)?;
         let queue = s.string()?.to_string();
         s.lit(r#","jobs":["#)?;
-        let mut jobs = Vec::new();
+        // At most one job per comma, and one more: the vector is sized once.
+        let mut jobs = Vec::with_capacity(s.rest.bytes().filter(|&b| b == b',').count() + 1);
         if s.lit("]").is_none() {
             loop {
                 jobs.push(s.string()?.to_string());

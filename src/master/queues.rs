@@ -542,7 +542,6 @@ impl QueueRt {
     /// Records each change of a job in the log, fills in the results clients wait for, and
     /// counts.
     fn apply_events(&mut self) {
-        let name = self.config.name.clone();
         let events: Vec<JobEvent> = self.state.events().collect();
         for mut ev in events {
             let appended = match &mut ev {
@@ -561,8 +560,7 @@ impl QueueRt {
                     if *watched {
                         // The result moves into the answer for the client, not copied.
                         let result = std::mem::take(result);
-                        self.watched
-                            .end(*id, || job_result(&name, *id, JobOutcome::Ok, result));
+                        self.watched.end(*id, || ended(JobOutcome::Ok, result));
                     }
                     appended
                 }
@@ -586,8 +584,7 @@ impl QueueRt {
                     }
                     if *watched {
                         let reason = reason.clone();
-                        self.watched
-                            .end(*id, || job_result(&name, *id, JobOutcome::Dead, reason));
+                        self.watched.end(*id, || ended(JobOutcome::Dead, reason));
                     }
                     // The attempt that killed it is recorded first, so that the dead letter
                     // keeps its count across a restart.
@@ -660,10 +657,17 @@ impl QueueRt {
         max: usize,
         out: &mut Vec<JobResult>,
     ) {
+        out.reserve((end.saturating_sub(*next)).min(max.saturating_sub(out.len()) as u64) as usize);
         while *next < end && out.len() < max {
             match self.watched.take(*next) {
                 Taken::Running => return,
-                Taken::Ended(r) => out.push(*r),
+                Taken::Ended(e) => out.push(JobResult {
+                    queue: self.config.name.clone(),
+                    id: *next,
+                    outcome: e.outcome,
+                    text: e.text,
+                    base64: e.base64,
+                }),
                 Taken::Nothing => {}
             }
             *next += 1;
@@ -752,14 +756,23 @@ enum Slot {
     /// Nobody waits for it (or waits no more).
     Nothing,
     Running,
-    Ended(Box<JobResult>),
+    Ended(Ended),
+}
+
+/// How a watched job ended: its [`JobResult`] but for the queue and the id, which are known
+/// from where it is kept (no copy of the queue's name, no box, per job).
+#[derive(Debug)]
+struct Ended {
+    outcome: JobOutcome,
+    text: String,
+    base64: bool,
 }
 
 /// What [`Watched::take`] found.
 enum Taken {
     Nothing,
     Running,
-    Ended(Box<JobResult>),
+    Ended(Ended),
 }
 
 impl Watched {
@@ -783,9 +796,9 @@ impl Watched {
     }
 
     /// Job `id` ended: its outcome is kept if someone waits for it.
-    fn end(&mut self, id: u64, result: impl FnOnce() -> JobResult) {
+    fn end(&mut self, id: u64, result: impl FnOnce() -> Ended) {
         if let Some(slot @ Slot::Running) = self.slot(id) {
-            *slot = Slot::Ended(Box::new(result()));
+            *slot = Slot::Ended(result());
         }
     }
 
@@ -818,11 +831,9 @@ impl Watched {
     }
 }
 
-fn job_result(queue: &str, id: u64, outcome: JobOutcome, text: Vec<u8>) -> JobResult {
+fn ended(outcome: JobOutcome, text: Vec<u8>) -> Ended {
     let (text, base64) = crate::protocol::encode_owned(text);
-    JobResult {
-        queue: queue.to_string(),
-        id,
+    Ended {
         outcome,
         text,
         base64,
