@@ -725,8 +725,9 @@ answer_from!(
     JobResults => Results,
 );
 
-/// A response as it travels; [`Response`] is what both ends work with.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+/// A response as it is read; [`Response`] is what both ends work with (written through
+/// [`EnvelopeRef`]).
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct Envelope {
     ok: bool,
@@ -762,23 +763,6 @@ impl Serialize for Response {
             },
         };
         envelope.serialize(serializer)
-    }
-}
-
-impl From<Response> for Envelope {
-    fn from(r: Response) -> Self {
-        match r {
-            Response::Ok(answer) => Envelope {
-                ok: true,
-                result: Some(answer),
-                error: None,
-            },
-            Response::Error(message) => Envelope {
-                ok: false,
-                result: None,
-                error: Some(message),
-            },
-        }
     }
 }
 
