@@ -177,6 +177,14 @@ pub enum Command {
         #[command(flatten)]
         wait: Wait<5>,
     },
+    /// The masters of the cluster: node, host, pid, since, programs
+    Members {
+        /// Print one JSON object (the control protocol's answer) instead of a table
+        #[arg(long)]
+        json: bool,
+        #[command(flatten)]
+        wait: Wait<5>,
+    },
     /// Put dead letters back in their queue, all of them or by id
     #[command(group(clap::ArgGroup::new("which").required(true).args(["all", "ids"])))]
     Requeue {
@@ -242,6 +250,10 @@ pub enum Command {
         /// Give up at once when the lock is held
         #[arg(long)]
         nonblock: bool,
+        /// The cluster-wide lock of that name, through etcd (the config's `cluster`), the one
+        /// workers' `{ name = NAME, cluster = true }` take
+        #[arg(long, conflicts_with = "shared")]
+        cluster: bool,
         /// The command to run while the lock is held, and its arguments (after `--`); its
         /// exit status is plumule's
         #[arg(last = true, required = true, value_name = "CMD")]
@@ -354,10 +366,32 @@ pub fn run(cli: Cli) -> i32 {
         },
         Command::Lock {
             name,
+            cluster: true,
+            timeout,
+            nonblock,
+            cmd,
+            ..
+        } => {
+            let wait = match (timeout, nonblock) {
+                (_, true) => crate::locks::Wait::NonBlock,
+                (Some(d), false) => crate::locks::Wait::Timeout(d),
+                (None, false) => crate::locks::Wait::Block,
+            };
+            match cluster_settings(cli.config) {
+                Ok(c) => crate::cluster::script::run(&c, &name, wait, &cmd),
+                Err(e) => {
+                    eprintln!("plumule lock: {e}");
+                    crate::locks::EXIT_FAILURE
+                }
+            }
+        }
+        Command::Lock {
+            name,
             shared,
             timeout,
             nonblock,
             cmd,
+            cluster: false,
         } => {
             let lock_dir = lock_dir(cli.config);
             let mode = if shared {
@@ -606,6 +640,24 @@ pub fn run(cli: Cli) -> i32 {
                 },
             )
         }
+        Command::Members { json, wait } => client::run(
+            cli.socket.as_deref(),
+            cli.config.as_deref(),
+            wait.limit(),
+            Request::Members,
+            |answer| {
+                let text = match (answer, json) {
+                    (Answer::Members(report), false) => format_members(&report),
+                    (Answer::Members(report), true) => json_line(&report),
+                    _ => {
+                        return fail(
+                            client::ClientError::Unexpected { what: "members" }.to_string(),
+                        )
+                    }
+                };
+                print_all(text.as_bytes())
+            },
+        ),
         Command::Requeue {
             queue,
             all,
@@ -1055,6 +1107,40 @@ pub fn describe(config: &config::Config) -> String {
         );
     }
     out
+}
+
+/// The cluster `plumule lock --cluster` joins: the config file's `cluster`.
+fn cluster_settings(cli_path: Option<PathBuf>) -> Result<config::Cluster, String> {
+    let path = config::find_config_path(cli_path.as_deref());
+    let c = config::load(&path).map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+    c.cluster.ok_or_else(|| {
+        format!(
+            "{} has no cluster (set [plumule] cluster = {{ etcd = [...] }})",
+            path.display()
+        )
+    })
+}
+
+/// `plumule members` as a table: one line per master.
+fn format_members(report: &crate::protocol::MembersReport) -> String {
+    let mut rows = vec![[
+        "NODE".to_string(),
+        "HOST".into(),
+        "PID".into(),
+        "SINCE".into(),
+        "PROGRAMS".into(),
+    ]];
+    for m in &report.members {
+        rows.push([
+            m.node.clone(),
+            m.host.clone(),
+            m.pid.to_string(),
+            humantime::format_rfc3339_seconds(std::time::UNIX_EPOCH + Duration::from_secs(m.since))
+                .to_string(),
+            m.programs.join(","),
+        ]);
+    }
+    client::queue::table(&rows)
 }
 
 /// Where `plumule lock` finds lock files: the config's `lock_dir` when a config file is

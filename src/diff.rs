@@ -135,8 +135,8 @@ pub fn diff(old: &Config, new: &Config) -> Vec<Change> {
 }
 
 /// What changed among the `[plumule]` keys, one line each (SPEC §9): `log_level` and
-/// `shutdown_timeout` apply at once; the directories and `control_group` are the master's
-/// own set-up and take effect when it restarts. (`metrics` belongs to its own part.)
+/// `shutdown_timeout` apply at once; the directories, `control_group`, `node` and `cluster` are
+/// the master's own set-up and take effect when it restarts. (`metrics` belongs to its own part.)
 pub fn settings_changes(old: &Config, new: &Config) -> Vec<String> {
     let mut lines = Vec::new();
     if old.log_level != new.log_level {
@@ -158,6 +158,8 @@ pub fn settings_changes(old: &Config, new: &Config) -> Vec<String> {
         ("state_dir", old.state_dir != new.state_dir),
         ("lock_dir", old.lock_dir != new.lock_dir),
         ("control_group", old.control_group != new.control_group),
+        ("node", old.node != new.node),
+        ("cluster", old.cluster != new.cluster),
     ];
     for (key, changed) in restart_only {
         if changed {
@@ -177,6 +179,9 @@ pub fn applicable(old: &Config, mut new: Config) -> Config {
     new.state_dir = old.state_dir.clone();
     new.lock_dir = old.lock_dir.clone();
     new.control_group = old.control_group.clone();
+    // The cluster helper was forked with these: a new lease and member record need a restart.
+    new.node = old.node.clone();
+    new.cluster = old.cluster.clone();
     new
 }
 
@@ -343,6 +348,27 @@ mod tests {
             2,
             "still pending at the next reload"
         );
+    }
+
+    #[test]
+    fn node_and_cluster_take_effect_at_the_next_master() {
+        let old = config(vec![program("web", 1)]);
+        let mut new = old.clone();
+        new.node = "web-9".into();
+        new.cluster = Some(crate::config::Cluster {
+            etcd: vec!["http://127.0.0.1:2379".into()],
+            lease: Duration::from_secs(10),
+        });
+        assert_eq!(
+            settings_changes(&old, &new),
+            [
+                "node changed: takes effect when the master restarts",
+                "cluster changed: takes effect when the master restarts",
+            ]
+        );
+        let applied = applicable(&old, new.clone());
+        assert_eq!((&applied.node, &applied.cluster), (&old.node, &old.cluster));
+        assert_eq!(settings_changes(&applied, &new).len(), 2);
     }
 
     #[test]

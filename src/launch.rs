@@ -41,6 +41,10 @@ pub struct Prepared {
     pub setup: Setup,
     pub body: Body<'static>,
     pub lock_names: Vec<String>,
+    /// The cluster locks, in the order they are taken (by name), after the file locks in
+    /// `lock_names`. When there are any, `setup.gate` waits for them (its descriptor still
+    /// to be filled in).
+    pub cluster_locks: Vec<String>,
 }
 
 /// Why a worker cannot be started at all; the text is what `status` shows.
@@ -85,8 +89,16 @@ pub fn prepare(
     let mut locks: Vec<(String, bool)> = program
         .locks
         .iter()
+        .filter(|l| !l.cluster)
         .map(|l| (locks::expand(&l.name, id), l.shared))
         .collect();
+    let mut cluster_locks: Vec<String> = program
+        .locks
+        .iter()
+        .filter(|l| l.cluster)
+        .map(|l| locks::expand(&l.name, id))
+        .collect();
+    cluster_locks.sort();
     locks::acquisition_order(&mut locks);
     let lock_requests = locks
         .iter()
@@ -100,12 +112,6 @@ pub fn prepare(
         })
         .collect();
 
-    let pid_vars = env
-        .iter()
-        .enumerate()
-        .filter(|(_, (k, _))| k == "WATCHDOG_PID" || k == "LISTEN_PID")
-        .map(|(i, _)| i)
-        .collect();
     let setup = Setup {
         cwd: program
             .cwd
@@ -123,19 +129,47 @@ pub fn prepare(
         limits: program.limits.iter().map(resource_limit).collect(),
         nice: program.nice,
         oom_score_adj: program.oom_score_adj,
+        gate: None,
     };
+    // A lock's revision is plumule's to give: the program's own value of it is dropped.
+    let rev_vars: Vec<String> = cluster_locks
+        .iter()
+        .map(|n| crate::cluster::revision_var(n))
+        .collect();
+    let kept: Vec<&(OsString, OsString)> = env
+        .iter()
+        .filter(|(k, _)| !rev_vars.iter().any(|r| k == r.as_str()))
+        .collect();
+    let pid_vars = kept
+        .iter()
+        .enumerate()
+        .filter(|(_, (k, _))| k == "WATCHDOG_PID" || k == "LISTEN_PID")
+        .map(|(i, _)| i)
+        .collect();
+    let mut envp: Vec<CString> = kept
+        .iter()
+        .map(|(k, v)| {
+            let mut kv = k.as_bytes().to_vec();
+            kv.push(b'=');
+            kv.extend_from_slice(v.as_bytes());
+            cstring(kv)
+        })
+        .collect();
+    // Each cluster lock's revision, completed in the child once the lock is its.
+    let mut setup = setup;
+    if !cluster_locks.is_empty() {
+        let first = envp.len();
+        envp.extend(rev_vars.iter().map(|v| cstring(format!("{v}="))));
+        setup.gate = Some(crate::sys::spawn::Gate {
+            fd: -1,
+            lock: locks.len() as u16,
+            env: (first..envp.len()).collect(),
+        });
+    }
     let body = Body::Exec {
         path: cstring(exe.into_os_string().as_bytes()),
         argv: argv.into_iter().map(cstring).collect(),
-        envp: env
-            .iter()
-            .map(|(k, v)| {
-                let mut kv = k.as_bytes().to_vec();
-                kv.push(b'=');
-                kv.extend_from_slice(v.as_bytes());
-                cstring(kv)
-            })
-            .collect(),
+        envp,
         pid_vars,
     };
     // A library service runs its function in the forked child, without exec.
@@ -158,10 +192,13 @@ pub fn prepare(
         }
         _ => body,
     };
+    let mut lock_names: Vec<String> = locks.into_iter().map(|(n, _)| n).collect();
+    lock_names.extend(cluster_locks.iter().cloned());
     Ok(Prepared {
         setup,
         body,
-        lock_names: locks.into_iter().map(|(n, _)| n).collect(),
+        lock_names,
+        cluster_locks,
     })
 }
 
@@ -452,10 +489,12 @@ mod tests {
             crate::config::LockSpec {
                 name: "z-{worker}".into(),
                 shared: false,
+                cluster: false,
             },
             crate::config::LockSpec {
                 name: "a".into(),
                 shared: true,
+                cluster: false,
             },
         ];
         let prep = prepare(&p, 4, 1, &ctx()).unwrap();

@@ -18,6 +18,8 @@
 //!   stdout, typed payloads, a thread pool that answers in order);
 //! - [`service`]: the library for programs that are their own master ([`ServiceManager`],
 //!   [`Service`], [`Worker`]), below;
+//! - [`cluster`]: membership, cluster locks and key partitions through etcd (its helper
+//!   process, its client, and the pure parts: lock recipe, lease arithmetic, rendezvous);
 //! - [`cli`], [`manpage`]: the `plumule` command line and its man page.
 //!
 //! # A program that is its own master
@@ -149,6 +151,7 @@
 pub mod backoff;
 pub mod cli;
 pub mod client;
+pub mod cluster;
 pub mod config;
 pub mod control;
 pub mod diff;

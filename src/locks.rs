@@ -666,7 +666,7 @@ fn inheritable_copy(guard: &LockGuard) -> io::Result<File> {
 }
 
 /// The shell's codes for a command that could not be started.
-fn spawn_failure_code(err: &io::Error) -> i32 {
+pub(crate) fn spawn_failure_code(err: &io::Error) -> i32 {
     match err.raw_os_error() {
         Some(libc::ENOENT) => EXIT_NOT_FOUND,
         Some(
@@ -685,7 +685,7 @@ fn spawn_failure_code(err: &io::Error) -> i32 {
 }
 
 /// A shell's `$?` for a finished command.
-fn exit_code(status: ExitStatus) -> i32 {
+pub(crate) fn exit_code(status: ExitStatus) -> i32 {
     match (status.code(), status.signal()) {
         (Some(code), _) => code,
         (None, Some(signal)) => 128 + signal,

@@ -157,8 +157,8 @@ fn description(roff: &mut Roff) {
     ]);
     paragraph(
         roff,
-        "status, reload, start, stop, restart, scale, signal, shutdown, logs, submit, queue \
-         and requeue are clients: they talk to a \
+        "status, reload, start, stop, restart, scale, signal, shutdown, logs, submit, queue, \
+         requeue and members are clients: they talk to a \
          running master over its control socket and return once the action is done. check, \
          lock, completions and man need no master.",
     );
@@ -391,6 +391,20 @@ fn configuration(roff: &mut Roff) {
         "",
         "tcp:HOST:PORT or unix:PATH: serve Prometheus metrics at GET /metrics there (see README).",
     );
+    key(
+        roff,
+        "node",
+        "the host name",
+        "This master's name in a cluster ([A-Za-z0-9._-], at most 253 characters).",
+    );
+    key(
+        roff,
+        "cluster",
+        "none",
+        "{ etcd = [\"http://HOST:2379\", ...], lease = \"10s\" }: join the cluster of the masters \
+         on these etcd endpoints with a lease kept alive by a helper process, and a member \
+         record (plumule members). Cluster locks are held through it.",
+    );
     paragraph(
         roff,
         "A reload applies log_level, shutdown_timeout and metrics at once; runtime_dir, state_dir, \
@@ -559,7 +573,11 @@ fn configuration(roff: &mut Roff) {
         "Named file locks each worker takes before it execs and holds for its whole life: \
          \"NAME\" (exclusive) or { name = \"NAME\", shared = true }. {worker} in a name \
          expands to the worker id. Several locks are taken in name order. While it waits the \
-         worker is starting, detail \"waiting for lock NAME\".",
+         worker is starting, detail \"waiting for lock NAME\". { name = \"NAME\", cluster = \
+         true } is held through etcd across the cluster instead (needs [plumule] cluster and a \
+         stop_timeout shorter than the lease): exactly one worker of the cluster runs with it, \
+         with its etcd revision in PLUMULE_LOCK_REVISION_NAME, and it is SIGKILLed before its \
+         master's lease can expire when the lease cannot be renewed.",
     );
     key(
         roff,

@@ -133,6 +133,9 @@ pub enum Request {
         #[serde(default, skip_serializing_if = "std::ops::Not::not")]
         all: bool,
     },
+    /// The live members of the cluster ([`MembersReport`]), as this master's cluster helper
+    /// last read them from etcd (every third of the lease).
+    Members,
 }
 
 fn default_log_lines() -> usize {
@@ -170,12 +173,30 @@ impl Request {
                 dead: true,
             } => format!("the dead letters of queue {q}"),
             Request::Requeue { queue, .. } => format!("dead letters of {queue} to be requeued"),
+            Request::Members => "the members of the cluster".into(),
         }
     }
 
     /// The request as one line, newline included, carrying its protocol version (`"v"`);
     /// with `progress`, asking for progress lines.
     pub fn to_line(&self, progress: bool) -> Result<Vec<u8>, serde_json::Error> {
+        if let Request::Submit {
+            queue,
+            jobs,
+            key,
+            base64,
+            wait,
+        } = self
+        {
+            return Ok(submit_line(
+                queue,
+                jobs,
+                key.as_deref(),
+                *base64,
+                *wait,
+                progress,
+            ));
+        }
         let mut value = serde_json::to_value(self)?;
         if let Some(map) = value.as_object_mut() {
             if progress {
@@ -187,6 +208,194 @@ impl Request {
         line.push(b'\n');
         Ok(line)
     }
+}
+
+/// A `submit` request line, written directly: the same object [`Request::to_line`] makes of
+/// any request (fields in another order, which JSON does not care about), without building a
+/// JSON tree of the batch first. `submit` sends one per batch of up to a thousand jobs.
+fn submit_line(
+    queue: &str,
+    jobs: &[String],
+    key: Option<&str>,
+    base64: bool,
+    wait: bool,
+    progress: bool,
+) -> Vec<u8> {
+    let size: usize = jobs.iter().map(|j| j.len() + 3).sum();
+    let mut out = Vec::with_capacity(size + queue.len() + 96);
+    out.extend_from_slice(br#"{"cmd":"submit","queue":"#);
+    push_json_str(&mut out, queue);
+    out.extend_from_slice(br#","jobs":["#);
+    for (i, job) in jobs.iter().enumerate() {
+        if i > 0 {
+            out.push(b',');
+        }
+        push_json_str(&mut out, job);
+    }
+    out.push(b']');
+    if let Some(key) = key {
+        out.extend_from_slice(br#","key":"#);
+        push_json_str(&mut out, key);
+    }
+    if base64 {
+        out.extend_from_slice(br#","base64":true"#);
+    }
+    if wait {
+        out.extend_from_slice(br#","wait":true"#);
+    }
+    if progress {
+        out.extend_from_slice(br#","progress":true"#);
+    }
+    out.extend_from_slice(br#","v":"#);
+    push_u64(&mut out, PROTOCOL_VERSION);
+    out.extend_from_slice(b"}\n");
+    out
+}
+
+/// What a byte of a JSON string is written as, when it is not written as itself: serde_json's
+/// escapes (`\"`, `\\`, the five short ones, `\u00XX` for the other control characters).
+fn json_escape(b: u8) -> Option<&'static [u8]> {
+    const CONTROL: [&[u8]; 32] = [
+        b"\\u0000", b"\\u0001", b"\\u0002", b"\\u0003", b"\\u0004", b"\\u0005", b"\\u0006",
+        b"\\u0007", b"\\b", b"\\t", b"\\n", b"\\u000b", b"\\f", b"\\r", b"\\u000e", b"\\u000f",
+        b"\\u0010", b"\\u0011", b"\\u0012", b"\\u0013", b"\\u0014", b"\\u0015", b"\\u0016",
+        b"\\u0017", b"\\u0018", b"\\u0019", b"\\u001a", b"\\u001b", b"\\u001c", b"\\u001d",
+        b"\\u001e", b"\\u001f",
+    ];
+    match b {
+        b'"' => Some(b"\\\""),
+        b'\\' => Some(b"\\\\"),
+        0..=0x1f => Some(CONTROL[usize::from(b)]),
+        _ => None,
+    }
+}
+
+/// The bytes [`json_escape`] escapes, and the closing quote: what a scan of a string stops at.
+const ESCAPED: [bool; 256] = {
+    let mut table = [false; 256];
+    let mut b = 0;
+    while b < 0x20 {
+        table[b] = true;
+        b += 1;
+    }
+    table[b'"' as usize] = true;
+    table[b'\\' as usize] = true;
+    table
+};
+
+/// Appends `s` as a JSON string, quotes included, byte for byte as serde_json writes it.
+pub(crate) fn push_json_str(out: &mut Vec<u8>, s: &str) {
+    let bytes = s.as_bytes();
+    out.reserve(bytes.len() + 2);
+    out.push(b'"');
+    let mut start = 0;
+    while let Some(i) = bytes[start..].iter().position(|&b| ESCAPED[usize::from(b)]) {
+        let at = start + i;
+        out.extend_from_slice(&bytes[start..at]);
+        out.extend_from_slice(json_escape(bytes[at]).unwrap_or(&bytes[at..=at]));
+        start = at + 1;
+    }
+    out.extend_from_slice(&bytes[start..]);
+    out.push(b'"');
+}
+
+/// How many bytes [`push_json_str`] appends for `s`.
+pub(crate) fn json_str_len(s: &str) -> usize {
+    s.bytes()
+        .map(|b| json_escape(b).map_or(1, <[u8]>::len))
+        .sum::<usize>()
+        + 2
+}
+
+/// Appends `n` in decimal.
+fn push_u64(out: &mut Vec<u8>, mut n: u64) {
+    const PAIRS: &[u8; 200] = b"0001020304050607080910111213141516171819\
+        2021222324252627282930313233343536373839404142434445464748495051525354555657585960\
+        6162636465666768697071727374757677787980818283848586878889909192939495969798\
+        99";
+    let mut digits = [0u8; 20];
+    let mut at = digits.len();
+    while n >= 100 {
+        let pair = (n % 100) as usize * 2;
+        n /= 100;
+        at -= 2;
+        digits[at..at + 2].copy_from_slice(&PAIRS[pair..pair + 2]);
+    }
+    if n >= 10 {
+        let pair = n as usize * 2;
+        at -= 2;
+        digits[at..at + 2].copy_from_slice(&PAIRS[pair..pair + 2]);
+    } else {
+        at -= 1;
+        digits[at] = b'0' + n as u8;
+    }
+    out.extend_from_slice(&digits[at..]);
+}
+
+/// Appends one job's outcome as the derived `Serialize` of [`JobResult`] writes it.
+fn push_job_result(out: &mut Vec<u8>, r: &JobResult) {
+    out.extend_from_slice(br#"{"queue":"#);
+    push_json_str(out, &r.queue);
+    out.extend_from_slice(br#","id":"#);
+    push_u64(out, r.id);
+    out.extend_from_slice(match r.outcome {
+        JobOutcome::Ok => br#","outcome":"ok","text":"#,
+        JobOutcome::Dead => br#","outcome":"dead","text":"#,
+    });
+    push_json_str(out, &r.text);
+    if r.base64 {
+        out.extend_from_slice(br#","base64":true"#);
+    }
+    out.push(b'}');
+}
+
+fn push_job_results(out: &mut Vec<u8>, results: &[JobResult]) {
+    out.extend_from_slice(br#""results":["#);
+    for (i, r) in results.iter().enumerate() {
+        if i > 0 {
+            out.push(b',');
+        }
+        push_job_result(out, r);
+    }
+    out.push(b']');
+}
+
+/// The line of a `submit` or `results` answer, written directly, byte for byte what the
+/// derived serialization writes (a unit test holds them together): these carry one entry per
+/// job submitted with `wait`, and the generic path spent more on them than the master on the
+/// jobs themselves. `None` for every other response.
+fn job_answer_line(response: &Response) -> Option<Vec<u8>> {
+    let Response::Ok(answer) = response else {
+        return None;
+    };
+    let results = match answer {
+        Answer::Submitted(s) => &s.results,
+        Answer::Results(r) => &r.results,
+        _ => return None,
+    };
+    let size: usize = results
+        .iter()
+        .map(|r| r.queue.len() + r.text.len() + 64)
+        .sum();
+    let mut out = Vec::with_capacity(size + 96);
+    out.extend_from_slice(br#"{"ok":true,"result":{"#);
+    match answer {
+        Answer::Submitted(s) => {
+            out.extend_from_slice(br#""queue":"#);
+            push_json_str(&mut out, &s.queue);
+            out.extend_from_slice(br#","first_id":"#);
+            push_u64(&mut out, s.first_id);
+            out.extend_from_slice(br#","count":"#);
+            push_u64(&mut out, s.count);
+            if !s.results.is_empty() {
+                out.push(b',');
+                push_job_results(&mut out, &s.results);
+            }
+        }
+        _ => push_job_results(&mut out, results),
+    }
+    out.extend_from_slice(b"}}\n");
+    Some(out)
 }
 
 /// A line the master sends before the answer of a request that waits, when the request asked
@@ -218,7 +427,66 @@ pub fn parse_message(line: &str) -> Result<Message, serde_json::Error> {
     if let Ok(p) = serde_json::from_str::<Progress>(line) {
         return Ok(Message::Progress(p.progress));
     }
+    if let Some(r) = parse_job_answer(line) {
+        return Ok(Message::Response(r));
+    }
     serde_json::from_str(line).map(Message::Response)
+}
+
+/// The answer of `submit` or `results`, as exactly that shape, or `None`.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct JobEnvelope {
+    ok: bool,
+    result: JobAnswer,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct JobAnswer {
+    #[serde(default)]
+    queue: Option<String>,
+    #[serde(default)]
+    first_id: Option<u64>,
+    #[serde(default)]
+    count: Option<u64>,
+    #[serde(default)]
+    results: Option<Vec<JobResult>>,
+}
+
+/// The answers `submit --wait` reads by the thousand, parsed straight into their type: the
+/// untagged [`Answer`] buffers a whole line and tries every earlier variant on it first. A line
+/// of exactly the shape of [`Submitted`] or of [`JobResults`] (no other field) is what the
+/// generic parse makes of it too, since no earlier variant takes those fields; anything else
+/// is left to the generic parse (`None`).
+fn parse_job_answer(line: &str) -> Option<Response> {
+    if let Some(r) = Scan::job_answer(line) {
+        return Some(r);
+    }
+    let JobEnvelope { ok: true, result } = serde_json::from_str(line).ok()? else {
+        return None;
+    };
+    let answer = match result {
+        JobAnswer {
+            queue: Some(queue),
+            first_id: Some(first_id),
+            count: Some(count),
+            results,
+        } => Answer::Submitted(Submitted {
+            queue,
+            first_id,
+            count,
+            results: results.unwrap_or_default(),
+        }),
+        JobAnswer {
+            queue: None,
+            first_id: None,
+            count: None,
+            results: Some(results),
+        } => Answer::Results(JobResults { results }),
+        _ => return None,
+    };
+    Some(Response::Ok(answer))
 }
 
 /// One line of worker output, as `logs` sends it.
@@ -249,8 +517,8 @@ impl From<&crate::output::LogLine> for LogEntry {
 ///
 /// On the wire it is `{"ok":true,"result":{…}}` or `{"ok":false,"error":"…"}` (the
 /// envelope); in Rust, only the combinations that mean something exist.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(into = "Envelope", from = "Envelope")]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(from = "Envelope")]
 pub enum Response {
     Ok(Answer),
     Error(String),
@@ -283,8 +551,16 @@ pub enum Answer {
     Submitted(Submitted),
     /// `results`.
     Results(JobResults),
+    /// `members`.
+    Members(MembersReport),
     /// `start`, `stop`, `restart`: `{}`.
     Done(Done),
+}
+
+/// The answer of `members`: the live masters of the cluster, by node name.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MembersReport {
+    pub members: Vec<crate::cluster::Member>,
 }
 
 /// The answer of `start`, `stop` and `restart`: nothing but "it is done", `{}`.
@@ -454,6 +730,7 @@ macro_rules! answer_from {
 }
 
 answer_from!(
+    MembersReport => Members,
     QueueReport => Queues,
     DeadLetters => DeadLetters,
     Requeued => Requeued,
@@ -461,8 +738,9 @@ answer_from!(
     JobResults => Results,
 );
 
-/// A response as it travels; [`Response`] is what both ends work with.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+/// A response as it is read; [`Response`] is what both ends work with (written through
+/// [`EnvelopeRef`]).
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct Envelope {
     ok: bool,
@@ -472,20 +750,32 @@ struct Envelope {
     error: Option<String>,
 }
 
-impl From<Response> for Envelope {
-    fn from(r: Response) -> Self {
-        match r {
-            Response::Ok(answer) => Envelope {
+/// The envelope of a response being written: borrowed, so that writing a response does not
+/// copy it first (an answer may carry thousands of job results).
+#[derive(Serialize)]
+struct EnvelopeRef<'a> {
+    ok: bool,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    result: Option<&'a Answer>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    error: Option<&'a str>,
+}
+
+impl Serialize for Response {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        let envelope = match self {
+            Response::Ok(answer) => EnvelopeRef {
                 ok: true,
                 result: Some(answer),
                 error: None,
             },
-            Response::Error(message) => Envelope {
+            Response::Error(message) => EnvelopeRef {
                 ok: false,
                 result: None,
                 error: Some(message),
             },
-        }
+        };
+        envelope.serialize(serializer)
     }
 }
 
@@ -520,6 +810,9 @@ impl Response {
 
     /// The response as one line, newline included.
     pub fn to_line(&self) -> Vec<u8> {
+        if let Some(line) = job_answer_line(self) {
+            return line;
+        }
         let mut line = serde_json::to_vec(self).unwrap_or_else(|_| br#"{"ok":false}"#.to_vec());
         line.push(b'\n');
         line
@@ -587,6 +880,9 @@ pub fn parse_request(line: &[u8]) -> Result<Request, RequestError> {
 pub fn parse_request_line(line: &[u8]) -> Result<(Request, bool), RequestError> {
     use serde::de::Error as _;
     let text = std::str::from_utf8(line).map_err(|_| RequestError::NotUtf8)?;
+    if let Some(submit) = parse_submit(text) {
+        return Ok(submit);
+    }
     let mut value: serde_json::Value =
         serde_json::from_str(text.trim()).map_err(RequestError::Malformed)?;
     // The version first: a request of another version may not parse as one of ours.
@@ -613,6 +909,209 @@ pub fn parse_request_line(line: &[u8]) -> Result<(Request, bool), RequestError> 
     };
     let req = serde_json::from_value(value).map_err(RequestError::Malformed)?;
     Ok((req, progress))
+}
+
+/// Reads back exactly the bytes [`job_answer_line`] writes, for strings without an escape:
+/// any other byte (an escape, a space, another field order) ends the scan with `None`, and
+/// the line goes to the serde parse, which reads it the same way. This is what `submit
+/// --wait` spends most of its time on otherwise.
+struct Scan<'a> {
+    rest: &'a str,
+}
+
+impl<'a> Scan<'a> {
+    fn job_answer(line: &'a str) -> Option<Response> {
+        let mut s = Scan {
+            rest: line.trim_end_matches(['\n', '\r']),
+        };
+        s.lit(r#"{"ok":true,"result":{"#)?;
+        let answer = if s.lit(r#""queue":"#).is_some() {
+            let queue = s.string()?.to_string();
+            s.lit(r#","first_id":"#)?;
+            let first_id = s.number()?;
+            s.lit(r#","count":"#)?;
+            let count = s.number()?;
+            let results = match s.lit(",") {
+                Some(()) => s.results()?,
+                None => Vec::new(),
+            };
+            Answer::Submitted(Submitted {
+                queue,
+                first_id,
+                count,
+                results,
+            })
+        } else {
+            Answer::Results(JobResults {
+                results: s.results()?,
+            })
+        };
+        s.lit("}}")?;
+        s.rest.is_empty().then_some(Response::Ok(answer))
+    }
+
+    /// A `submit` line exactly as [`submit_line`] writes it, strings without escapes.
+    fn submit(line: &'a str) -> Option<(Request, bool)> {
+        let mut s = Scan {
+            rest: line.trim_end_matches(['\n', '\r']),
+        };
+        s.lit(r#"{"cmd":"submit","queue":"#)?;
+        let queue = s.string()?.to_string();
+        s.lit(r#","jobs":["#)?;
+        // At most one job per comma, and one more: the vector is sized once.
+        let mut jobs = Vec::with_capacity(s.rest.bytes().filter(|&b| b == b',').count() + 1);
+        if s.lit("]").is_none() {
+            loop {
+                jobs.push(s.string()?.to_string());
+                if s.lit(",").is_none() {
+                    break;
+                }
+            }
+            s.lit("]")?;
+        }
+        let key = match s.lit(r#","key":"#) {
+            Some(()) => Some(s.string()?.to_string()),
+            None => None,
+        };
+        let base64 = s.lit(r#","base64":true"#).is_some();
+        let wait = s.lit(r#","wait":true"#).is_some();
+        let progress = s.lit(r#","progress":true"#).is_some();
+        s.lit(r#","v":1}"#)?;
+        if !s.rest.is_empty() {
+            return None;
+        }
+        let req = Request::Submit {
+            queue,
+            jobs,
+            key,
+            base64,
+            wait,
+        };
+        Some((req, progress))
+    }
+
+    // Inlined, each literal's comparison is made with its length known.
+    #[inline(always)]
+    fn lit(&mut self, text: &'static str) -> Option<()> {
+        self.rest = self.rest.strip_prefix(text)?;
+        Some(())
+    }
+
+    /// A string without escapes or control characters, quotes dropped.
+    fn string(&mut self) -> Option<&'a str> {
+        let body = self.rest.strip_prefix('"')?;
+        let end = body.bytes().position(|b| ESCAPED[usize::from(b)])?;
+        if body.as_bytes()[end] != b'"' {
+            return None;
+        }
+        self.rest = &body[end + 1..];
+        Some(&body[..end])
+    }
+
+    /// A decimal u64 as JSON writes it: no sign, no leading zero, no fraction.
+    fn number(&mut self) -> Option<u64> {
+        let digits = self.rest.bytes().take_while(u8::is_ascii_digit).count();
+        let text = &self.rest[..digits];
+        if digits == 0 || (digits > 1 && text.starts_with('0')) {
+            return None;
+        }
+        let mut n: u64 = 0;
+        for d in text.bytes() {
+            n = n.checked_mul(10)?.checked_add(u64::from(d - b'0'))?;
+        }
+        self.rest = &self.rest[digits..];
+        matches!(self.rest.as_bytes().first(), Some(b',' | b'}')).then_some(n)
+    }
+
+    fn results(&mut self) -> Option<Vec<JobResult>> {
+        self.lit(r#""results":["#)?;
+        let mut results = Vec::new();
+        if self.lit("]").is_some() {
+            return Some(results);
+        }
+        let mut queue: Option<&str> = None;
+        loop {
+            self.lit(r#"{"queue":"#)?;
+            let q = self.string()?;
+            // One queue per answer in practice: its name is copied once per result, not parsed.
+            let q = match queue {
+                Some(prev) if prev == q => prev,
+                _ => *queue.insert(q),
+            };
+            self.lit(r#","id":"#)?;
+            let id = self.number()?;
+            let outcome = if self.lit(r#","outcome":"ok","text":"#).is_some() {
+                JobOutcome::Ok
+            } else {
+                self.lit(r#","outcome":"dead","text":"#)?;
+                JobOutcome::Dead
+            };
+            let text = self.string()?.to_string();
+            let base64 = self.lit(r#","base64":true"#).is_some();
+            self.lit("}")?;
+            results.push(JobResult {
+                queue: q.to_string(),
+                id,
+                outcome,
+                text,
+                base64,
+            });
+            if self.lit(",").is_none() {
+                break;
+            }
+        }
+        self.lit("]")?;
+        Some(results)
+    }
+}
+
+/// A `submit` request, as exactly that shape, or `None`.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct SubmitRequest {
+    cmd: SubmitCmd,
+    queue: String,
+    jobs: Vec<String>,
+    #[serde(default)]
+    key: Option<String>,
+    #[serde(default)]
+    base64: bool,
+    #[serde(default)]
+    wait: bool,
+    #[serde(default)]
+    progress: bool,
+    #[serde(default)]
+    v: Option<u64>,
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "snake_case")]
+enum SubmitCmd {
+    Submit,
+}
+
+/// A `submit` line parsed straight into its request: the generic path builds a JSON tree of
+/// the batch and then a buffered copy of it before the request. A line that is not a
+/// well-formed `submit` of this version (any other command, a wrong or missing field, another
+/// `"v"`) is left to the generic path (`None`), which takes it or says what is wrong, as
+/// before.
+fn parse_submit(text: &str) -> Option<(Request, bool)> {
+    if let Some(submit) = Scan::submit(text) {
+        return Some(submit);
+    }
+    let r: SubmitRequest = serde_json::from_str(text).ok()?;
+    let SubmitCmd::Submit = r.cmd;
+    if r.v.is_some_and(|v| v != PROTOCOL_VERSION) {
+        return None;
+    }
+    let req = Request::Submit {
+        queue: r.queue,
+        jobs: r.jobs,
+        key: r.key,
+        base64: r.base64,
+        wait: r.wait,
+    };
+    Some((req, r.progress))
 }
 
 /// A signal as `plumule signal` takes it: a name exactly as the config file's `stop_signal`
@@ -1210,5 +1709,248 @@ mod tests {
         assert!(r.any_failed());
         let ids: Vec<(&str, u32)> = r.workers().map(|(p, w)| (p.name.as_str(), w.id)).collect();
         assert_eq!(ids, [("web", 0), ("web", 1), ("idle", 0)]);
+    }
+
+    fn job_result(id: u64, outcome: JobOutcome, text: &str, base64: bool) -> JobResult {
+        JobResult {
+            queue: "q".into(),
+            id,
+            outcome,
+            text: text.into(),
+            base64,
+        }
+    }
+
+    /// Answers of `submit` and `results` with every kind of text the master may send.
+    fn job_answers() -> Vec<Response> {
+        let texts = [
+            "",
+            "ok",
+            "j123",
+            "with \"quotes\" and \\ backslash",
+            "tab\there, nl\nthere, cr\r, bell\u{7}, nul\u{0}, unit\u{1f}, del\u{7f}",
+            "ünïcødé ✓ and / slash",
+        ];
+        let mut results: Vec<JobResult> = texts
+            .iter()
+            .enumerate()
+            .map(|(i, t)| job_result(i as u64 * 1000, JobOutcome::Ok, t, false))
+            .collect();
+        results.push(job_result(7, JobOutcome::Dead, "out of attempts", false));
+        results.push(job_result(u64::MAX, JobOutcome::Ok, "AAEC/w==", true));
+        let mut other_queue = job_result(9, JobOutcome::Ok, "x", false);
+        other_queue.queue = "other \"queue\"".into();
+        let mut out = vec![
+            Response::ok(JobResults { results: vec![] }),
+            Response::ok(Submitted {
+                queue: "q".into(),
+                first_id: 0,
+                count: 1,
+                results: vec![],
+            }),
+            Response::ok(JobResults {
+                results: vec![other_queue.clone(), results[2].clone()],
+            }),
+        ];
+        for r in &results {
+            out.push(Response::ok(JobResults {
+                results: vec![r.clone()],
+            }));
+        }
+        out.push(Response::ok(JobResults {
+            results: results.clone(),
+        }));
+        out.push(Response::ok(Submitted {
+            queue: "q".into(),
+            first_id: 1_000_001,
+            count: 1000,
+            results,
+        }));
+        out
+    }
+
+    #[test]
+    fn job_answers_are_written_byte_for_byte_as_the_derived_serialization() {
+        for r in job_answers() {
+            let mut derived = serde_json::to_vec(&r).unwrap();
+            derived.push(b'\n');
+            let line = r.to_line();
+            assert_eq!(
+                String::from_utf8_lossy(&line),
+                String::from_utf8_lossy(&derived)
+            );
+            assert!(job_answer_line(&r).is_some());
+        }
+        // Every other answer takes the derived path.
+        assert!(job_answer_line(&Response::done()).is_none());
+        assert!(job_answer_line(&Response::error("no")).is_none());
+    }
+
+    #[test]
+    fn job_answers_read_back_as_the_generic_parse_reads_them() {
+        for r in job_answers() {
+            let line = String::from_utf8(r.to_line()).unwrap();
+            let generic: Response = serde_json::from_str(&line).unwrap();
+            assert_eq!(generic, r);
+            assert_eq!(parse_message(&line).unwrap(), Message::Response(r.clone()));
+            assert_eq!(parse_job_answer(&line), Some(r.clone()));
+        }
+        // The scan takes the plain lines itself, and leaves those with escapes to serde.
+        let plain = Response::ok(JobResults {
+            results: vec![job_result(3, JobOutcome::Ok, "j3", false)],
+        });
+        let line = String::from_utf8(plain.to_line()).unwrap();
+        assert_eq!(Scan::job_answer(&line), Some(plain));
+        let escaped = Response::ok(JobResults {
+            results: vec![job_result(3, JobOutcome::Ok, "a\"b", false)],
+        });
+        let line = String::from_utf8(escaped.to_line()).unwrap();
+        assert_eq!(Scan::job_answer(&line), None);
+        assert_eq!(parse_message(&line).unwrap(), Message::Response(escaped));
+    }
+
+    #[test]
+    fn lines_near_a_job_answer_are_read_by_the_generic_parse() {
+        for line in [
+            r#"{"ok":true,"result":{"results":[{"queue":"q","id":01,"outcome":"ok","text":"x"}]}}"#,
+            r#"{"ok":true,"result":{"results":[{"queue":"q","id":-1,"outcome":"ok","text":"x"}]}}"#,
+            r#"{"ok":true,"result":{"results":[{"queue":"q","id":1,"outcome":"maybe","text":"x"}]}}"#,
+            r#"{"ok":true,"result":{"queue":"q","first_id":1}}"#,
+            r#"{"ok":true,"result":{"queue":"q","dead":[]}}"#,
+            r#"{"ok":false,"error":"queue q: full"}"#,
+            r#"{"ok":true,"result":{}}"#,
+            r#"{"ok":true, "result":{"results":[]}}"#,
+        ] {
+            let generic = serde_json::from_str::<Response>(line).map(Message::Response);
+            match (parse_message(line), generic) {
+                (Ok(fast), Ok(slow)) => assert_eq!(fast, slow, "{line}"),
+                (Err(_), Err(_)) => {}
+                (fast, slow) => panic!("{line}: {fast:?} but {slow:?}"),
+            }
+        }
+    }
+
+    #[test]
+    fn submit_lines_parse_as_the_generic_path_parses_them() {
+        let requests = [
+            Request::Submit {
+                queue: "q".into(),
+                jobs: vec!["a".into(), "".into(), "with \"quotes\"\t\u{1}".into()],
+                key: None,
+                base64: false,
+                wait: true,
+            },
+            Request::Submit {
+                queue: "q q".into(),
+                jobs: vec!["AAE=".into()],
+                key: Some("k\\".into()),
+                base64: true,
+                wait: false,
+            },
+        ];
+        let plain = Request::Submit {
+            queue: "q".into(),
+            jobs: vec!["j1".into(), "".into(), "ünï ✓".into()],
+            key: Some("k".into()),
+            base64: false,
+            wait: true,
+        };
+        let empty = Request::Submit {
+            queue: "q".into(),
+            jobs: vec![],
+            key: None,
+            base64: false,
+            wait: false,
+        };
+        for req in requests.into_iter().chain([plain, empty]) {
+            for progress in [false, true] {
+                let line = req.to_line(progress).unwrap();
+                // The same object as the generic writer makes.
+                let direct: serde_json::Value = serde_json::from_slice(&line).unwrap();
+                let mut generic = serde_json::to_value(&req).unwrap();
+                let map = generic.as_object_mut().unwrap();
+                if progress {
+                    map.insert("progress".into(), true.into());
+                }
+                map.insert("v".into(), PROTOCOL_VERSION.into());
+                assert_eq!(direct, generic);
+                let text = std::str::from_utf8(&line).unwrap();
+                let plain = text.find('\\').is_none();
+                if plain {
+                    assert_eq!(Scan::submit(text), Some((req.clone(), progress)));
+                }
+                assert_eq!(parse_submit(std::str::from_utf8(&line).unwrap()), {
+                    Some((req.clone(), progress))
+                });
+                assert_eq!(parse_request_line(&line).unwrap(), (req.clone(), progress));
+            }
+        }
+        // Not quite a submit of this version: the generic path decides, as before.
+        let v2 = br#"{"cmd":"submit","queue":"q","jobs":["a"],"v":2}"#;
+        assert!(parse_submit(std::str::from_utf8(v2).unwrap()).is_none());
+        assert!(matches!(
+            parse_request_line(v2),
+            Err(RequestError::Version { client: 2 })
+        ));
+        let extra = br#"{"cmd":"submit","queue":"q","jobs":["a"],"what":1}"#;
+        assert!(matches!(
+            parse_request_line(extra),
+            Err(RequestError::Malformed(_))
+        ));
+        // The scan takes only what `submit_line` writes; the rest goes to serde, as before.
+        for line in [
+            r#"{"cmd":"submit","queue":"q","jobs":["a"],"v":1} "#,
+            r#"{"cmd":"submit","queue":"q","jobs":["a"],"wait":true,"base64":true,"v":1}"#,
+            r#"{"cmd":"submit","queue":"q","jobs":["a","b"],"v":1,"wait":true}"#,
+            r#"{"cmd":"submit","queue":"q","jobs":[],"v":1}"#,
+        ] {
+            let generic = parse_request_line(line.as_bytes()).unwrap();
+            let scanned = Scan::submit(line);
+            assert!(
+                scanned.is_none() || scanned == Some(generic.clone()),
+                "{line}"
+            );
+            let mut value: serde_json::Value = serde_json::from_str(line).unwrap();
+            let map = value.as_object_mut().unwrap();
+            let progress = map.remove("progress").is_some();
+            map.remove("v");
+            assert_eq!(generic, (serde_json::from_value(value).unwrap(), progress));
+        }
+        let key_null = br#"{"cmd":"submit","queue":"q","jobs":["a"],"key":null}"#;
+        assert_eq!(
+            parse_request_line(key_null).unwrap().0,
+            Request::Submit {
+                queue: "q".into(),
+                jobs: vec!["a".into()],
+                key: None,
+                base64: false,
+                wait: false,
+            }
+        );
+    }
+
+    #[test]
+    fn numbers_are_written_in_decimal() {
+        let mut n = 1u64;
+        let mut samples = vec![0, u64::MAX, 9, 10, 99, 100, 101, 999, 1000, 1_000_001];
+        while let Some(m) = n.checked_mul(7) {
+            samples.extend([m, m - 1, m + 1]);
+            n = m;
+        }
+        for n in samples {
+            let mut out = Vec::new();
+            push_u64(&mut out, n);
+            assert_eq!(out, n.to_string().into_bytes());
+        }
+    }
+
+    #[test]
+    fn json_string_lengths_are_what_serde_json_writes() {
+        for s in ["", "abc", "a\"b\\c", "\u{0}\u{1f}\n\t", "ünï ✓"] {
+            assert_eq!(json_str_len(s), serde_json::to_string(s).unwrap().len());
+            let mut out = Vec::new();
+            push_json_str(&mut out, s);
+            assert_eq!(out, serde_json::to_vec(s).unwrap());
+        }
     }
 }

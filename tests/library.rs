@@ -284,6 +284,7 @@ mod scenarios {
             locks: vec![LockSpec {
                 name: "solo".into(),
                 shared: false,
+                cluster: false,
             }],
             ..ServiceOptions::default()
         };

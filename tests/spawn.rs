@@ -38,6 +38,7 @@ fn setup(stdin: &OwnedFd, stdout: &OwnedFd) -> Setup {
         limits: Vec::new(),
         nice: None,
         oom_score_adj: None,
+        gate: None,
     }
 }
 
@@ -216,6 +217,77 @@ fn an_exec_body_gets_its_own_pid_in_the_environment_and_a_missing_program_is_rep
     );
     assert_eq!(output, "");
     assert_eq!(code, 127);
+}
+
+#[test]
+fn a_gated_child_reports_its_wait_and_execs_with_the_revisions_it_is_given() {
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let c = |s: &str| CString::new(s).unwrap();
+    let mut body = Body::Exec {
+        path: c("/bin/sh"),
+        argv: vec![c("sh"), c("-c"), c("echo \"$LISTEN_PID $$ $R_A $R_B\"")],
+        envp: vec![
+            c("LISTEN_PID=0"),
+            c("R_A="),
+            c("PATH=/usr/bin:/bin"),
+            c("R_B="),
+        ],
+        pid_vars: vec![0],
+    };
+    let null = sys::dev_null().expect("open /dev/null");
+    let (out_r, out_w) = sys::pipe(true).expect("pipe");
+    let (gate_r, gate_w) = sys::pipe(false).expect("pipe");
+    let mut s = setup(&null, &out_w);
+    s.gate = Some(sys::spawn::Gate {
+        fd: gate_r.as_raw_fd(),
+        lock: 2,
+        env: vec![3, 1],
+    });
+    let child = spawn(&s, &mut body).expect("spawn");
+    drop(out_w);
+    drop(gate_r);
+    // It waits: the report comes, and the pipe stays open (no exec yet).
+    wait_readable(&child.status, Instant::now() + DEADLINE, "the wait report");
+    let (reports, eof) = sys::spawn::read_reports(child.status.as_raw_fd()).unwrap();
+    assert_eq!(reports, [Report::WaitingForLock(2)]);
+    assert!(!eof, "the child must wait on its gate, not exec");
+    let mut revs = Vec::new();
+    revs.extend_from_slice(&7u64.to_le_bytes());
+    revs.extend_from_slice(&u64::MAX.to_le_bytes());
+    let mut gate = std::fs::File::from(gate_w);
+    std::io::Write::write_all(&mut gate, &revs).unwrap();
+    drop(gate);
+    let rest = reports_until_eof(&child.status);
+    assert_eq!(rest, [], "exec confirmed");
+    let output = read_until_eof(&out_r);
+    let fields: Vec<&str> = output.split_whitespace().collect();
+    assert_eq!(fields[0], fields[1], "{output:?}");
+    // env [3, 1]: the first revision goes to R_B (entry 3), the second to R_A (entry 1).
+    assert_eq!(fields[2..], ["18446744073709551615", "7"], "{output:?}");
+    assert_eq!(exit_code(child.pid), 0);
+
+    // The gate closed with nothing written: the child gives up.
+    let (gate_r, gate_w) = sys::pipe(false).expect("pipe");
+    let mut body = sh("echo never");
+    let (reports, output, code) = run(&mut body, |s| {
+        s.gate = Some(sys::spawn::Gate {
+            fd: gate_r.as_raw_fd(),
+            lock: 0,
+            env: vec![],
+        });
+        drop(gate_w);
+    });
+    assert_eq!(
+        reports,
+        [
+            Report::WaitingForLock(0),
+            Report::Failed {
+                stage: Stage::Lock(0),
+                errno: libc::ECANCELED
+            }
+        ]
+    );
+    assert_eq!((output.as_str(), code), ("", 127));
 }
 
 /// `/bin/sh -c SCRIPT` as an exec body.

@@ -7,6 +7,7 @@
 //! read [`MAX_REQUEST`] bytes at most: the input is never read whole into memory, and a job
 //! too large for one request line is an error naming its line, not a hang.
 
+use std::borrow::Cow;
 use std::collections::VecDeque;
 use std::fmt;
 use std::io::{self, BufRead, BufReader, Read, Write};
@@ -187,7 +188,12 @@ impl<R: Read> Iterator for LineJobs<R> {
                     stored: 0,
                 }));
             }
-            job.extend_from_slice(&buf[..take]);
+            if job.is_empty() {
+                // Most lines are whole in the buffer: one allocation of the right size.
+                job = buf[..take].to_vec();
+            } else {
+                job.extend_from_slice(&buf[..take]);
+            }
             self.reader.consume(take + usize::from(newline.is_some()));
             if newline.is_some() {
                 self.line += 1;
@@ -270,7 +276,8 @@ impl Peer for MasterPeer {
 /// The jobs of the batch being filled, and what they cost encoded either way.
 #[derive(Default)]
 struct Batch {
-    jobs: Vec<Vec<u8>>,
+    /// Each job as text when it is UTF-8 (checked once, when pushed), else its bytes.
+    jobs: Vec<Result<String, Vec<u8>>>,
     first: Option<Origin>,
     last: Option<Origin>,
     /// Encoded as JSON strings (quotes and a comma each); `None` once a job is not UTF-8.
@@ -296,11 +303,19 @@ impl Sent {
 }
 
 /// What one job costs in a request line: as a JSON string (None: not UTF-8), as base64.
-fn encoded_len(job: &[u8]) -> (Option<usize>, usize) {
-    let text = std::str::from_utf8(job)
+fn encoded_len(job: &Result<String, Vec<u8>>) -> (Option<usize>, usize) {
+    let text = job
+        .as_ref()
         .ok()
-        .map(|s| serde_json::to_string(s).map_or(usize::MAX, |j| j.len()) + 1);
-    (text, job.len().div_ceil(3) * 4 + 3)
+        .map(|s| crate::protocol::json_str_len(s) + 1);
+    (text, job_len(job).div_ceil(3) * 4 + 3)
+}
+
+fn job_len(job: &Result<String, Vec<u8>>) -> usize {
+    match job {
+        Ok(s) => s.len(),
+        Err(b) => b.len(),
+    }
 }
 
 /// Sends jobs to a queue in batches, pipelined, and counts what the master stored.
@@ -364,6 +379,7 @@ impl<'a, P: Peer> Submitter<'a, P> {
 
     /// Adds one job; sends the batch before it when the job would overflow it.
     pub fn push(&mut self, origin: Origin, job: Vec<u8>) -> Result<(), SubmitError> {
+        let job = String::from_utf8(job).map_err(std::string::FromUtf8Error::into_bytes);
         let (text, base64) = encoded_len(&job);
         let alone = text.unwrap_or(base64);
         if self.overhead + alone > MAX_REQUEST {
@@ -371,8 +387,8 @@ impl<'a, P: Peer> Submitter<'a, P> {
             self.drain()?;
             return Err(SubmitError::TooLarge {
                 origin,
-                size: job.len().to_string(),
-                encoded: if self.overhead + job.len() <= MAX_REQUEST {
+                size: job_len(&job).to_string(),
+                encoded: if self.overhead + job_len(&job) <= MAX_REQUEST {
                     format!(", {} once encoded", alone.saturating_sub(1))
                 } else {
                     String::new()
@@ -418,10 +434,12 @@ impl<'a, P: Peer> Submitter<'a, P> {
         let jobs = batch
             .jobs
             .into_iter()
-            .map(|j| match base64 {
-                true => base64::engine::general_purpose::STANDARD.encode(j),
-                // UTF-8: checked when the job was pushed.
-                false => String::from_utf8(j).unwrap_or_default(),
+            .map(|j| match (base64, j) {
+                (true, Ok(text)) => base64::engine::general_purpose::STANDARD.encode(text),
+                (true, Err(bytes)) => base64::engine::general_purpose::STANDARD.encode(bytes),
+                (false, Ok(text)) => text,
+                // Not reached: a batch goes as text only when every job in it is UTF-8.
+                (false, Err(_)) => String::new(),
             })
             .collect();
         let req = Request::Submit {
@@ -564,19 +582,24 @@ pub fn submit<P: Peer>(
 
 /// The bytes a result, reason or payload stands for (base64 decoded when marked so; text
 /// that does not decode is shown as it came).
-fn bytes_of(text: &str, base64: bool) -> Vec<u8> {
+fn bytes_of(text: &str, base64: bool) -> Cow<'_, [u8]> {
     if base64 {
         if let Ok(bytes) = base64::engine::general_purpose::STANDARD.decode(text) {
-            return bytes;
+            return Cow::Owned(bytes);
         }
     }
-    text.as_bytes().to_vec()
+    Cow::Borrowed(text.as_bytes())
 }
 
 /// `submit --wait`: one line per job in submission order, `ok RESULT` (`ok` when the result
 /// is empty) or `dead REASON`, results as raw bytes. Returns how many ended dead.
+///
+/// The lines of a chunk go out in one write, then a flush: stdout is line-buffered, and a
+/// write per line would cost a system call per job.
 pub fn write_results(out: &mut dyn Write, results: &JobResults) -> io::Result<usize> {
     let mut dead = 0;
+    let size: usize = results.results.iter().map(|r| r.text.len() + 6).sum();
+    let mut lines = Vec::with_capacity(size);
     for r in &results.results {
         let word: &[u8] = match r.outcome {
             JobOutcome::Ok => b"ok",
@@ -586,19 +609,20 @@ pub fn write_results(out: &mut dyn Write, results: &JobResults) -> io::Result<us
             }
         };
         let text = bytes_of(&r.text, r.base64);
-        out.write_all(word)?;
+        lines.extend_from_slice(word);
         if !text.is_empty() {
-            out.write_all(b" ")?;
-            out.write_all(&text)?;
+            lines.push(b' ');
+            lines.extend_from_slice(&text);
         }
-        out.write_all(b"\n")?;
+        lines.push(b'\n');
     }
+    out.write_all(&lines)?;
     out.flush()?;
     Ok(dead)
 }
 
 /// A table for people: columns as wide as their widest cell, the last one unpadded.
-fn table<const N: usize>(rows: &[[String; N]]) -> String {
+pub(crate) fn table<const N: usize>(rows: &[[String; N]]) -> String {
     let mut widths = [0usize; N];
     for row in rows {
         for (i, cell) in row.iter().enumerate() {

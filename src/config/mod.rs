@@ -36,9 +36,9 @@
 //!   length is 4 bytes), exit codes 0 to 255;
 //! - `node` is `[A-Za-z0-9._-]{1,253}` (default: the host name); `cluster.etcd` lists
 //!   `http://` or `https://` endpoints, `cluster.lease` is at least 1s (default 10s); a queue's
-//!   `backend` is a `redis://` or `unix://` URL, `claim_after` (default 30s) is positive, `partitions`
-//!   (default 64) is 1 to 65 536. `cluster` and cluster locks are read and checked
-//!   but refused as not supported yet ([`UNSUPPORTED`]);
+//!   `backend` is a `redis://` or `unix://` URL, `claim_after` (default 30s) is positive,
+//!   `partitions` (default 64) is 1 to 65 536; a program with a cluster lock needs `cluster`
+//!   and a `stop_timeout` shorter than the lease, and a cluster lock is never `shared`;
 //! - the per-user runtime folder in /tmp (no `$XDG_RUNTIME_DIR`) is created 0700 when missing
 //!   and refused when it is not a directory of ours that only we may write (see
 //!   [`check_private_dir`]).
@@ -302,6 +302,8 @@ pub struct LockSpec {
     /// May contain `{worker}`; valid after expansion.
     pub name: String,
     pub shared: bool,
+    /// Held through etcd across the cluster (SPEC §10) rather than as a file.
+    pub cluster: bool,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -415,17 +417,7 @@ pub struct Unsupported {
 }
 
 /// Keys whose feature is not built yet. Shipping a feature removes its line.
-pub const UNSUPPORTED: &[Unsupported] = &[
-    // SPEC §10: etcd membership and cluster locks.
-    Unsupported {
-        key: "plumule.cluster",
-        value: None,
-    },
-    Unsupported {
-        key: "program.*.locks.cluster",
-        value: Some("true"),
-    },
-];
+pub const UNSUPPORTED: &[Unsupported] = &[];
 
 /// The entry of [`UNSUPPORTED`] that a key set in a file falls under, if any. `path` is the
 /// key's full path (`["program", "web", "after"]`; an array's items have their array's path),

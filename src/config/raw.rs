@@ -156,6 +156,7 @@ pub(super) enum RawLock {
 pub(super) struct RawLockTable {
     pub name: Option<Spanned<String>>,
     pub shared: Option<bool>,
+    pub cluster: Option<bool>,
 }
 
 /// `listen` entries: an address, or `{ address = …, name = …, mode = "0660" }`.
@@ -787,12 +788,10 @@ impl Reader {
             Node::Value(Value::String(s)) => RawLock::Name(s.value().clone()),
             Node::Table(_) | Node::Inline(_) => {
                 let f = self.fields(node, key, LOCK_KEYS)?;
-                // Only its type is checked here: `cluster = true` is refused as not supported
-                // yet (see `UNSUPPORTED`), and `false` is an ordinary lock.
-                self.boolean(f.get("cluster"), &child(key, "cluster"));
                 RawLock::Table(RawLockTable {
                     name: self.string(f.get("name"), &child(key, "name")),
                     shared: self.boolean(f.get("shared"), &child(key, "shared")),
+                    cluster: self.boolean(f.get("cluster"), &child(key, "cluster")),
                 })
             }
             _ => {

@@ -720,6 +720,7 @@ fn spec_example_parses_to_the_expected_values() {
         locks: vec![LockSpec {
             name: "db-migrations".into(),
             shared: false,
+            cluster: false,
         }],
         ..default_program(
             "web",
@@ -1001,10 +1002,12 @@ fn shared_and_worker_locks() {
             LockSpec {
                 name: "slot-{worker}".into(),
                 shared: false,
+                cluster: false,
             },
             LockSpec {
                 name: "db".into(),
                 shared: true,
+                cluster: false,
             },
         ]
     );
@@ -1910,7 +1913,7 @@ fn node_defaults_to_the_host_name_and_is_checked() {
 }
 
 #[test]
-fn cluster_is_read_and_checked_but_not_supported_yet() {
+fn cluster_is_read_and_checked() {
     let text = "[plumule]\ncluster = { etcd = [\"http://127.0.0.1:2379\"], lease = \"5s\" }\n";
     assert_eq!(
         ok(text).cluster,
@@ -1925,10 +1928,6 @@ fn cluster_is_read_and_checked_but_not_supported_yet() {
             .unwrap()
             .lease,
         Duration::from_secs(10)
-    );
-    assert_eq!(
-        problem(text),
-        line("2:1: plumule.cluster: `cluster` is not supported yet")
     );
     let bad = "[plumule]\ncluster = { etcd = [\"127.0.0.1:2379\"], lease = \"500ms\", ttl = 1 }\n";
     assert_eq!(
@@ -1991,24 +1990,53 @@ fn queue_backend_keys_are_read_and_checked() {
 }
 
 #[test]
-fn cluster_locks_are_not_supported_yet() {
-    let text = format!("{WEB}locks = [{{ name = \"leader\", cluster = true }}]\n");
-    assert_eq!(
-        problem(&text),
-        line("3:29: program.web.locks.cluster: `cluster = true` is not supported yet")
+fn cluster_locks_need_a_cluster_and_a_stop_timeout_shorter_than_the_lease() {
+    const CLUSTER: &str =
+        "[plumule]\ncluster = { etcd = [\"http://127.0.0.1:2379\"], lease = \"5s\" }\n";
+    let text = format!(
+        "{CLUSTER}{WEB}stop_timeout = \"4s\"\nlocks = [{{ name = \"leader\", cluster = true }}]\n"
     );
+    let c = parse_now(&text).unwrap();
+    assert_eq!(
+        c.programs[0].locks,
+        [LockSpec {
+            name: "leader".into(),
+            shared: false,
+            cluster: true,
+        }]
+    );
+    // stop_timeout defaults to 10s: not shorter than the 5s lease.
+    let text = format!("{CLUSTER}{WEB}locks = [{{ name = \"leader\", cluster = true }}]\n");
+    let p = problem(&text);
+    assert!(
+        p.contains("program.web.stop_timeout: must be shorter than the cluster lease (5s)"),
+        "{p}"
+    );
+    // No cluster at all.
+    let text = format!("{WEB}locks = [{{ name = \"leader\", cluster = true }}]\n");
+    let p = problem(&text);
+    assert!(
+        p.contains("program.web.locks: lock `leader` is a cluster lock, which needs `cluster`"),
+        "{p}"
+    );
+    // Never shared.
+    let text = format!(
+        "{CLUSTER}{WEB}stop_timeout = \"1s\"\nlocks = [{{ name = \"l\", cluster = true, shared = true }}]\n"
+    );
+    assert!(problem(&text).contains("a cluster lock cannot be shared"));
     // `cluster = false` is an ordinary lock; a string is a type error.
     let c = parse_now(&format!(
         "{WEB}locks = [{{ name = \"l\", cluster = false }}]\n"
     ))
     .unwrap();
     assert_eq!(c.programs[0].locks[0].name, "l");
+    assert!(!c.programs[0].locks[0].cluster);
     assert!(problem(&format!(
         "{WEB}locks = [{{ name = \"l\", cluster = \"yes\" }}]\n"
     ))
     .contains("expected a boolean"));
-    assert!(unsupported(&["program", "w", "locks", "cluster"], Some("true")).is_some());
-    assert!(unsupported(&["program", "w", "locks", "cluster"], Some("false")).is_none());
+    assert!(unsupported(&["program", "w", "locks", "cluster"], Some("true")).is_none());
+    assert!(unsupported(&["plumule", "cluster"], None).is_none());
 }
 
 // ---- The per-user folder in /tmp. ----

@@ -252,7 +252,9 @@ pub(super) fn validate(
     let mut programs: Vec<Program> = Vec::new();
     for (name, (i, p)) in &raw_programs {
         v.enter(*i, files[*i].source, &dirs[*i]);
-        programs.push(v.program(name, p));
+        let program = v.program(name, p);
+        v.cluster_locks(&program, cluster.as_ref());
+        programs.push(program);
     }
     v.total_workers(files, &dirs, &raw_programs, &programs);
     v.references(files, &dirs, &raw_programs, &raw_queues);
@@ -863,6 +865,36 @@ impl<'a> Validator<'a> {
         }
     }
 
+    /// A program with cluster locks needs `[plumule] cluster`, and a `stop_timeout` shorter
+    /// than the lease: its workers are SIGKILLed by the lease's deadline anyway, so a
+    /// graceful stop that may take longer would be cut short (SPEC §10).
+    fn cluster_locks(&mut self, program: &Program, cluster: Option<&Cluster>) {
+        let Some(lock) = program.locks.iter().find(|l| l.cluster) else {
+            return;
+        };
+        let key = Key(vec!["program".to_owned(), program.name.clone()]);
+        match cluster {
+            None => self.at_key(
+                &key.child("locks"),
+                format!(
+                    "lock `{}` is a cluster lock, which needs `cluster` in [plumule] \
+                     (the etcd endpoints)",
+                    lock.name
+                ),
+            ),
+            Some(c) if program.stop_timeout >= c.lease => self.at_key(
+                &key.child("stop_timeout"),
+                format!(
+                    "must be shorter than the cluster lease ({}) for a program with cluster \
+                     lock `{}`: its workers are killed when the lease may expire",
+                    crate::format_duration(c.lease),
+                    lock.name
+                ),
+            ),
+            Some(_) => {}
+        }
+    }
+
     fn program(&mut self, name_spanned: &Spanned<String>, raw: &RawProgram) -> Program {
         let name = name_spanned.get_ref().clone();
         let key = Key(vec!["program".to_owned(), name.clone()]);
@@ -1275,14 +1307,30 @@ impl<'a> Validator<'a> {
             };
             let max_id = workers.saturating_sub(1);
             if let Err(e) = values::check_lock_template(name, max_id) {
-                self.report(Some(span), key, e);
+                self.report(Some(span.clone()), key, e);
             } else if locks.iter().any(|l| &l.name == name) {
                 // Two open files on one lock would make the worker wait for itself.
-                self.report(Some(span), key, format!("lock `{name}` is listed twice"));
+                self.report(
+                    Some(span.clone()),
+                    key,
+                    format!("lock `{name}` is listed twice"),
+                );
+            }
+            let cluster = match item.get_ref() {
+                RawLock::Table(t) => t.cluster.unwrap_or(false),
+                RawLock::Name(_) => false,
+            };
+            if cluster && shared {
+                self.report(
+                    Some(span),
+                    key,
+                    format!("lock `{name}`: a cluster lock cannot be shared"),
+                );
             }
             locks.push(LockSpec {
                 name: name.clone(),
                 shared,
+                cluster,
             });
         }
         locks

@@ -147,6 +147,25 @@ pub(super) fn warnings(config: &Config, files: &[(PathBuf, String)], probe: &Pro
             }
         }
     }
+    // Endpoints the etcd client of this build refuses (https, a user): valid per the
+    // contract, but the master would stay out of the cluster.
+    if let Some(cluster) = &config.cluster {
+        let source = &sources[0];
+        let path = ["plumule", "cluster", "etcd"];
+        let span = source
+            .key_span(&path)
+            .or_else(|| source.key_span(&path[..2]));
+        for url in &cluster.etcd {
+            if let Err(why) = crate::cluster::etcd::check_endpoint(url) {
+                problems.push(Problem {
+                    file: None,
+                    location: span.clone().map(|s| source.location(s.start)),
+                    key: Some(display_path(&path)),
+                    message: format!("{why}; this master would stay out of the cluster"),
+                });
+            }
+        }
+    }
     problems.sort_by_key(|p| (p.file.clone(), p.location.is_none(), p.location));
     Warnings {
         path: config.path.clone(),

@@ -251,6 +251,7 @@ impl Clients {
                     None => return Some(queue_report(sup, queue, dead)),
                 }
             }
+            Request::Members => return Some(sup.cluster.members_report()),
             Request::Requeue { queue, ids, all } => {
                 let ids = (!all).then_some(ids);
                 if ids.as_ref().is_some_and(|i| i.is_empty()) {

@@ -26,6 +26,11 @@
 //! gives them one pass of their own (`queues_pass`: retries due, job timeouts, group commit,
 //! deliveries) before the supervisor settles.
 //!
+//! The cluster (`cluster`: the etcd helper's link and the workers waiting for cluster locks) is
+//! state of the supervisor's too, since spawns and reaps change it; its link has the tag
+//! `Part::Cluster`, and `cluster_pass` (after the supervisor settles) starts the helper when
+//! due and tells it the master is alive, the one timer the master keeps while in a cluster.
+//!
 //! Every descriptor is registered once with the [`Reactor`](crate::sys::reactor::Reactor)
 //! under a token whose high byte is its `Part`; a wait costs what is ready, not what is
 //! registered. The `Supervisor` holds the state all parts share; each other part owns its own
@@ -42,6 +47,7 @@ use crate::sys::pidfile::PidfileError;
 use crate::sys::reactor::Ready;
 
 mod clients;
+mod cluster;
 mod commands;
 mod hooks;
 mod metrics;
@@ -115,6 +121,8 @@ pub(super) enum Part {
     Queues = 6,
     /// The master's own log, while lines wait for a slow reader of its stderr.
     Log = 7,
+    /// The link to the cluster helper (the supervisor's, see `cluster`).
+    Cluster = 8,
 }
 
 const LOCAL_BITS: u64 = 56;
@@ -134,6 +142,7 @@ impl Part {
             5 => Part::Metrics,
             6 => Part::Queues,
             7 => Part::Log,
+            8 => Part::Cluster,
             _ => return None,
         };
         Some((part, local))
@@ -259,6 +268,7 @@ impl Master {
             self.sup.hook_requests(now);
             self.sup.queues_pass(now);
             self.sup.settle(now);
+            self.sup.cluster_pass(now);
             let mut wake_at = None;
             let (sup, parts) = self.parts();
             for part in parts {
@@ -291,6 +301,7 @@ impl Master {
                     Part::Workers => self.sup.ready(local, now),
                     Part::Queues => self.sup.queue_ready(local, now),
                     Part::Log => crate::logging::flush(),
+                    Part::Cluster => self.sup.cluster_ready(),
                     _ => {
                         let (sup, parts) = self.parts();
                         if let Some(p) = parts.into_iter().find(|p| p.part() == part) {

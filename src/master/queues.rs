@@ -21,6 +21,7 @@
 //! fail (their clients are told, their jobs forgotten), and nothing synced before is touched.
 
 use std::collections::{HashMap, VecDeque};
+use std::hash::{BuildHasherDefault, Hasher};
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::sync::Arc;
 use std::time::Instant;
@@ -159,7 +160,7 @@ impl Conn {
 #[derive(Default)]
 pub(super) struct Queues {
     pub(super) queues: Vec<QueueRt>,
-    conns: HashMap<Pid, Conn>,
+    conns: HashMap<Pid, Conn, BuildHasherDefault<PidHasher>>,
     jitter: Option<Jitter>,
     /// Syncs durable queues' logs away from the loop (see [`crate::sys::syncer`]); `None`
     /// without durable queues, or if it cannot run: then the loop syncs inline.
@@ -168,6 +169,28 @@ pub(super) struct Queues {
     syncer_watch: Option<(i32, bool)>,
     /// The buffer answers are read into.
     read_buf: Vec<u8>,
+}
+
+/// Hashes a pid by multiplying it: the consumers are looked up once per job delivered and
+/// per answer read, and SipHash (which resists keys chosen by an attacker, not a concern for
+/// the master's own children) cost more than the rest of the lookup.
+#[derive(Default)]
+struct PidHasher(u64);
+
+impl Hasher for PidHasher {
+    fn finish(&self) -> u64 {
+        self.0.wrapping_mul(0x9e37_79b9_7f4a_7c15)
+    }
+
+    fn write(&mut self, bytes: &[u8]) {
+        for &b in bytes {
+            self.0 = self.0.rotate_left(8) ^ u64::from(b);
+        }
+    }
+
+    fn write_i32(&mut self, n: i32) {
+        self.0 = self.0.rotate_left(32) ^ u64::from(n as u32);
+    }
 }
 
 /// Why a batch was not taken.
@@ -197,7 +220,7 @@ impl Queues {
     pub(super) fn open(config: &crate::config::Config) -> Result<Queues, (String, store::Error)> {
         let mut queues = Queues {
             queues: Vec::new(),
-            conns: HashMap::new(),
+            conns: HashMap::default(),
             jitter: Some(Jitter::from_entropy()),
             syncer: None,
             syncer_watch: None,
@@ -553,7 +576,6 @@ impl QueueRt {
         if self.remote.is_some() {
             return self.remote_events();
         }
-        let name = self.config.name.clone();
         let events: Vec<JobEvent> = self.state.events().collect();
         for mut ev in events {
             let appended = match &mut ev {
@@ -572,8 +594,7 @@ impl QueueRt {
                     if *watched {
                         // The result moves into the answer for the client, not copied.
                         let result = std::mem::take(result);
-                        self.watched
-                            .end(*id, || job_result(&name, *id, JobOutcome::Ok, result));
+                        self.watched.end(*id, || ended(JobOutcome::Ok, result));
                     }
                     appended
                 }
@@ -597,8 +618,7 @@ impl QueueRt {
                     }
                     if *watched {
                         let reason = reason.clone();
-                        self.watched
-                            .end(*id, || job_result(&name, *id, JobOutcome::Dead, reason));
+                        self.watched.end(*id, || ended(JobOutcome::Dead, reason));
                     }
                     // The attempt that killed it is recorded first, so that the dead letter
                     // keeps its count across a restart.
@@ -674,10 +694,17 @@ impl QueueRt {
         max: usize,
         out: &mut Vec<JobResult>,
     ) {
+        out.reserve((end.saturating_sub(*next)).min(max.saturating_sub(out.len()) as u64) as usize);
         while *next < end && out.len() < max {
             match self.watched.take(*next) {
                 Taken::Running => return,
-                Taken::Ended(r) => out.push(*r),
+                Taken::Ended(e) => out.push(JobResult {
+                    queue: self.config.name.clone(),
+                    id: self.job_id(*next),
+                    outcome: e.outcome,
+                    text: e.text,
+                    base64: e.base64,
+                }),
                 Taken::Nothing => {}
             }
             *next += 1;
@@ -766,14 +793,23 @@ enum Slot {
     /// Nobody waits for it (or waits no more).
     Nothing,
     Running,
-    Ended(Box<JobResult>),
+    Ended(Ended),
+}
+
+/// How a watched job ended: its [`JobResult`] but for the queue and the id, which are known
+/// from where it is kept (no copy of the queue's name, no box, per job).
+#[derive(Debug)]
+struct Ended {
+    outcome: JobOutcome,
+    text: String,
+    base64: bool,
 }
 
 /// What [`Watched::take`] found.
 enum Taken {
     Nothing,
     Running,
-    Ended(Box<JobResult>),
+    Ended(Ended),
 }
 
 impl Watched {
@@ -797,9 +833,9 @@ impl Watched {
     }
 
     /// Job `id` ended: its outcome is kept if someone waits for it.
-    fn end(&mut self, id: u64, result: impl FnOnce() -> JobResult) {
+    fn end(&mut self, id: u64, result: impl FnOnce() -> Ended) {
         if let Some(slot @ Slot::Running) = self.slot(id) {
-            *slot = Slot::Ended(Box::new(result()));
+            *slot = Slot::Ended(result());
         }
     }
 
@@ -832,11 +868,9 @@ impl Watched {
     }
 }
 
-fn job_result(queue: &str, id: u64, outcome: JobOutcome, text: Vec<u8>) -> JobResult {
+fn ended(outcome: JobOutcome, text: Vec<u8>) -> Ended {
     let (text, base64) = crate::protocol::encode_owned(text);
-    JobResult {
-        queue: queue.to_string(),
-        id,
+    Ended {
         outcome,
         text,
         base64,
@@ -1139,6 +1173,11 @@ impl Supervisor {
                 error.get_or_insert(e.to_string());
             }
             if error.is_some() {
+                break;
+            }
+            if n < buf.len() && !to_end {
+                // The pipe is drained: the read that would say so costs a system call, and
+                // the (level-triggered) reactor reports what comes next.
                 break;
             }
         }

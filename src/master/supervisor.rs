@@ -131,6 +131,8 @@ pub(super) struct Supervisor {
     drains: BTreeSet<(Instant, Pid)>,
     /// The embedding program's hooks (the library's); `None` for the binary.
     pub(super) hooks: Option<Box<dyn super::hooks::Hooks>>,
+    /// The etcd helper and the workers waiting for cluster locks (see [`super::cluster`]).
+    pub(super) cluster: super::cluster::Cluster,
 }
 
 /// How long SIGCHLD's sweep for adopted orphans waits, so that a burst of exits costs one.
@@ -210,7 +212,9 @@ impl Supervisor {
         let forkserver = sys::forkserver::ForkServer::start()
             .map_err(|e| log::warn!("cannot start the fork server, forking from the master: {e}"))
             .ok();
+        let cluster = super::cluster::Cluster::new(&config);
         Ok(Supervisor {
+            cluster,
             config: Arc::new(config),
             next_pool: pools.len() as u64,
             pools,
@@ -253,9 +257,13 @@ impl Supervisor {
     /// The earliest slot timer, or the shutdown deadline while workers remain.
     pub(super) fn next_deadline(&self) -> Option<Instant> {
         let mut wake_at = self.timers.first().map(|t| t.0);
-        for at in [self.drains.first().map(|d| d.0), self.queues.deadline()]
-            .into_iter()
-            .flatten()
+        for at in [
+            self.drains.first().map(|d| d.0),
+            self.queues.deadline(),
+            self.cluster.deadline(),
+        ]
+        .into_iter()
+        .flatten()
         {
             wake_at = Some(wake_at.map_or(at, |w| w.min(at)));
         }
@@ -677,8 +685,21 @@ impl Supervisor {
             req.stdout = c.child_stdout.as_raw_fd();
         }
         req.stderr = stderr.0;
+        // Cluster locks: the child waits on a gate the master opens once they are granted.
+        let mut gate_w = None;
+        if let Some(gate) = req.gate.as_mut() {
+            match sys::pipe(false) {
+                Ok((r, w)) => {
+                    gate.fd = r.as_raw_fd();
+                    gate_w = Some((r, w));
+                }
+                Err(e) => return fail(self, format!("cannot make its cluster lock gate: {e}")),
+            }
+        }
         let exec = matches!(prepared.body, sys::spawn::Body::Exec { .. });
-        let forked = match self.forkserver.as_mut().filter(|_| exec) {
+        // A gated worker is forked here: its gate does not travel to the fork server.
+        let served = exec && gate_w.is_none();
+        let forked = match self.forkserver.as_mut().filter(|_| served) {
             // A function body (the library's) runs in a fork of the master itself.
             Some(server) => server.spawn(req, &prepared.body).or_else(|e| match e {
                 // The master could not make the worker's status pipe (out of descriptors):
@@ -708,9 +729,13 @@ impl Supervisor {
                 return;
             }
         };
-        // The write ends now live in the child only.
+        // The write ends now live in the child only (and the gate's read end).
         drop(stdout.1);
         drop(stderr.1);
+        let gate_w = gate_w.map(|(r, w)| {
+            drop(r);
+            w
+        });
         event(
             &mut self.log_ring,
             Level::Info,
@@ -751,6 +776,10 @@ impl Supervisor {
             },
         );
         self.journal.started(&self.procs[&pid].group(pid));
+        if let Some(gate) = gate_w {
+            let start_time = self.procs[&pid].start_time;
+            self.cluster_acquire(pid, start_time, prepared.cluster_locks.clone(), gate);
+        }
         // On disk before the worker can run its own code: a master SIGKILLed right after
         // this spawn still leaves the group on record for the next one to stop.
         self.save_groups();
@@ -866,6 +895,8 @@ impl Supervisor {
             if self.queues.syncer_pid() == Some(pid) {
                 self.syncer_exited(exit, now);
             } else if self.remote_exited(pid, exit, now) {
+            } else if self.cluster.helper_pid() == Some(pid) {
+                self.cluster_helper_exited(exit, now);
             } else if self.forkserver.as_ref().is_some_and(|f| f.pid() == pid) {
                 log::warn!("the fork server ended ({exit}); the master forks workers itself now");
                 if let Some(server) = self.forkserver.take() {
@@ -877,6 +908,7 @@ impl Supervisor {
             return;
         };
         self.journal.gone(pid);
+        self.cluster_release(pid);
         if proc.exit_fd.is_none() {
             self.without_pidfd -= 1;
         }
@@ -1021,6 +1053,7 @@ impl Supervisor {
     /// The master is going away: sockets and records go with it.
     pub(super) fn finish(&mut self) {
         self.forkserver = None;
+        self.cluster_finish();
         self.queues.finish();
         for addr in self.listeners.keys() {
             if let ListenAddr::Unix(path) = addr {

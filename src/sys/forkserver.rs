@@ -326,8 +326,12 @@ impl Reader<'_> {
     }
 }
 
-/// The payload for `setup` and `body`; `None` for a function body, which cannot cross.
+/// The payload for `setup` and `body`; `None` for a function body, which cannot cross, and
+/// for a gated set-up (cluster locks: the master forks those workers itself).
 pub fn encode(setup: &Setup, body: &Body<'_>) -> Option<Vec<u8>> {
+    if setup.gate.is_some() {
+        return None;
+    }
     let Body::Exec {
         path,
         argv,
@@ -495,6 +499,7 @@ pub fn decode(payload: &[u8], fds: &[RawFd]) -> Option<(Setup, Body<'static>)> {
         limits,
         nice,
         oom_score_adj,
+        gate: None,
     };
     Some((
         setup,
@@ -552,6 +557,7 @@ mod tests {
             ],
             nice: Some(-5),
             oom_score_adj: Some(-1000),
+            gate: None,
         };
         let body = Body::Exec {
             path: c("/usr/bin/env"),
@@ -611,6 +617,7 @@ mod tests {
             limits: vec![],
             nice: None,
             oom_score_adj: None,
+            gate: None,
         };
         let body = Body::Exec {
             path: c("/bin/true"),
@@ -657,6 +664,7 @@ mod tests {
             limits: vec![],
             nice: None,
             oom_score_adj: None,
+            gate: None,
         };
         let fds = [3, 4, 5, 6];
         let request = |pid_vars: Vec<usize>| {

@@ -210,6 +210,58 @@ pub fn raise_nofile_limit() -> io::Result<libc::rlimit> {
     Ok(original)
 }
 
+/// Sends `sig` to the process a pidfd refers to (pidfd_send_signal(2)): never to another
+/// process that reused its pid. A process already gone is not an error.
+pub fn signal_pidfd(pidfd: RawFd, sig: Signal) -> io::Result<()> {
+    // SAFETY: plain integer arguments; a null siginfo asks for the kill(2)-like default.
+    let r = unsafe {
+        libc::syscall(
+            libc::SYS_pidfd_send_signal,
+            pidfd,
+            sig as libc::c_int,
+            std::ptr::null::<libc::siginfo_t>(),
+            0,
+        )
+    };
+    if r < 0 {
+        let e = io::Error::last_os_error();
+        if e.raw_os_error() == Some(libc::ESRCH) {
+            return Ok(());
+        }
+        return Err(e);
+    }
+    Ok(())
+}
+
+/// Whether the process of a pidfd has exited (its pidfd is readable).
+pub fn pidfd_exited(pidfd: RawFd) -> bool {
+    let mut fds = [libc::pollfd {
+        fd: pidfd,
+        events: libc::POLLIN,
+        revents: 0,
+    }];
+    matches!(super::poll(&mut fds, Some(std::time::Duration::ZERO)), Ok(n) if n > 0)
+}
+
+/// The time since boot on CLOCK_BOOTTIME, which goes on counting through a suspend.
+pub fn boottime() -> std::time::Duration {
+    match nix::time::clock_gettime(nix::time::ClockId::CLOCK_BOOTTIME) {
+        Ok(ts) => std::time::Duration::new(ts.tv_sec() as u64, ts.tv_nsec() as u32),
+        // Never on Linux ≥ 2.6.39; the monotonic clock is the next best.
+        Err(_) => {
+            let ts = nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC)
+                .expect("CLOCK_MONOTONIC");
+            std::time::Duration::new(ts.tv_sec() as u64, ts.tv_nsec() as u32)
+        }
+    }
+}
+
+/// This process no longer dies with its parent: a helper that must outlive the master for
+/// a moment (to kill what the master can no longer stop) watches its socket instead.
+pub fn keep_after_parent() -> io::Result<()> {
+    nix::sys::prctl::set_pdeathsig(None).map_err(io::Error::from)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

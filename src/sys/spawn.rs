@@ -63,7 +63,28 @@ pub struct Setup {
     pub nice: Option<i32>,
     /// Written to `/proc/self/oom_score_adj`.
     pub oom_score_adj: Option<i32>,
+    /// Cluster locks: after the file locks, the child waits on this gate until the master
+    /// writes the locks' revisions.
+    pub gate: Option<Gate>,
 }
+
+/// Where a worker with cluster locks waits for them, in the child, after its file locks: it
+/// reports "waiting for lock `lock`", then reads `env.len()` little-endian u64 revisions from
+/// `fd` (the master writes them once the locks are its, then closes its end) and writes each
+/// one, in decimal, as the value of the entry of the exec body's `envp` at the same place of
+/// `env` (`PLUMULE_LOCK_REVISION_<NAME>=`, completed in the child). End of file first means
+/// the master gave up on the worker: it fails at stage `Lock(lock)` with ECANCELED.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Gate {
+    pub fd: RawFd,
+    /// The index of the first cluster lock in the worker's lock names.
+    pub lock: u16,
+    /// Indices into the exec body's `envp`, one per revision.
+    pub env: Vec<usize>,
+}
+
+/// The most revisions one gate carries (a worker's cluster locks).
+pub const MAX_GATE_LOCKS: usize = 32;
 
 /// One setrlimit(2) call.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -280,6 +301,9 @@ pub(super) fn start(
     // Everything the child touches is built here, before fork.
     let mut sources: Vec<RawFd> = vec![setup.stdin, setup.stdout, setup.stderr];
     sources.extend(&setup.pass_fds);
+    if let Some(gate) = &setup.gate {
+        sources.push(gate.fd);
+    }
     sources.push(status_w);
     let mut scratch: Vec<RawFd> = vec![-1; sources.len()];
     // The value to write to /proc/self/oom_score_adj, formatted here: no formatting after fork.
@@ -289,6 +313,9 @@ pub(super) fn start(
     let mut env_ptrs: Vec<*const libc::c_char> = Vec::new();
     let mut env_bufs: Vec<Vec<u8>> = Vec::new();
     let mut pid_slots: Vec<(*mut u8, usize)> = Vec::new();
+    let mut rev_slots: Vec<(*mut u8, usize)> = Vec::new();
+    let no_env = Vec::new();
+    let rev_vars = setup.gate.as_ref().map_or(&no_env, |g| &g.env);
     let child_body = match body {
         Body::Exec {
             path,
@@ -299,17 +326,18 @@ pub(super) fn start(
             prepare_exec(
                 argv,
                 envp,
-                pid_vars,
+                &[pid_vars, rev_vars],
                 &mut argv_ptrs,
                 &mut env_ptrs,
                 &mut env_bufs,
-                &mut pid_slots,
+                &mut [&mut pid_slots, &mut rev_slots],
             );
             ChildBody::Exec {
                 path,
                 argv: &argv_ptrs,
                 env: &env_ptrs,
                 pid_slots: &pid_slots,
+                rev_slots: &rev_slots,
             }
         }
         Body::Call(f) => ChildBody::Call(&mut **f),
@@ -369,39 +397,44 @@ pub(super) fn start(
     Ok(Pid::from_raw(pid))
 }
 
-/// Builds the NULL-terminated pointer arrays execve takes. Entries to complete with the
-/// child's pid get a buffer with room for the digits, and a `(buffer, offset)` in `pid_slots`.
+/// Builds the NULL-terminated pointer arrays execve takes. Entries the child completes (with
+/// its pid, with a lock's revision) get a buffer with room for [`SLOT_ROOM`] more bytes, and
+/// a `(buffer, offset)` in the `slots` list of the same place as their list in `vars`.
 fn prepare_exec(
     argv: &[CString],
     envp: &[CString],
-    pid_vars: &[usize],
+    vars: &[&[usize]; 2],
     argv_ptrs: &mut Vec<*const libc::c_char>,
     env_ptrs: &mut Vec<*const libc::c_char>,
     env_bufs: &mut Vec<Vec<u8>>,
-    pid_slots: &mut Vec<(*mut u8, usize)>,
+    slots: &mut [&mut Vec<(*mut u8, usize)>; 2],
 ) {
     argv_ptrs.extend(argv.iter().map(|a| a.as_ptr()));
     argv_ptrs.push(std::ptr::null());
-    for &i in pid_vars {
-        let Some(entry) = envp.get(i) else {
+    // Which list completes entry i: buffers are made first (they must not move once their
+    // pointers are taken), in the order of `envp`.
+    let which = |i: usize| vars.iter().position(|v| v.contains(&i));
+    for (i, entry) in envp.iter().enumerate() {
+        if which(i).is_none() {
             continue;
-        };
+        }
         let bytes = entry.as_bytes();
         let key_len = bytes
             .iter()
             .position(|&b| b == b'=')
             .map_or(bytes.len(), |p| p + 1);
         let mut b = bytes[..key_len].to_vec();
-        b.resize(key_len + 11, 0);
+        b.resize(key_len + SLOT_ROOM, 0);
         env_bufs.push(b);
     }
     let mut bufs = env_bufs.iter_mut();
     env_ptrs.reserve(envp.len() + 1);
+    let mut by_var: [Vec<(usize, (*mut u8, usize))>; 2] = [Vec::new(), Vec::new()];
     for (i, e) in envp.iter().enumerate() {
-        if pid_vars.contains(&i) {
+        if let Some(list) = which(i) {
             if let Some(b) = bufs.next() {
-                let key_len = b.len() - 11;
-                pid_slots.push((b.as_mut_ptr(), key_len));
+                let key_len = b.len() - SLOT_ROOM;
+                by_var[list].push((i, (b.as_mut_ptr(), key_len)));
                 env_ptrs.push(b.as_ptr().cast());
                 continue;
             }
@@ -409,7 +442,18 @@ fn prepare_exec(
         env_ptrs.push(e.as_ptr());
     }
     env_ptrs.push(std::ptr::null());
+    // Each list's slots in the order of its indices (a gate's revisions come in that order).
+    for (list, found) in by_var.iter().enumerate() {
+        for i in vars[list] {
+            if let Some((_, slot)) = found.iter().find(|(j, _)| j == i) {
+                slots[list].push(*slot);
+            }
+        }
+    }
 }
+
+/// Room after `KEY=` for what the child writes: a u64 in decimal (20 digits) and a NUL.
+const SLOT_ROOM: usize = 21;
 
 struct ChildContext<'a> {
     setup: &'a Setup,
@@ -427,6 +471,7 @@ enum ChildBody<'a, 'f> {
         argv: &'a [*const libc::c_char],
         env: &'a [*const libc::c_char],
         pid_slots: &'a [(*mut u8, usize)],
+        rev_slots: &'a [(*mut u8, usize)],
     },
     Call(&'a mut (dyn FnMut() -> i32 + 'f)),
 }
@@ -474,18 +519,27 @@ unsafe fn tie_to_master(master: libc::pid_t) {
 unsafe fn child_after_fork(ctx: &mut ChildContext<'_>, body: ChildBody<'_, '_>) -> ! {
     // SAFETY: same contract as ours.
     let status = unsafe { set_up(ctx) };
+    let mut revisions = [0u64; MAX_GATE_LOCKS];
+    if let Some(gate) = &ctx.setup.gate {
+        // SAFETY: in the child after set-up; the gate sits just below the status pipe.
+        unsafe { wait_gate(gate, status - 1, status, &mut revisions) };
+    }
     match body {
         ChildBody::Exec {
             path,
             argv,
             env,
             pid_slots,
+            rev_slots,
         } => {
             // SAFETY: async-signal-safe calls over buffers prepared before fork, each slot
-            // with room for 11 bytes after its offset (see `prepare_exec`).
+            // with room for SLOT_ROOM bytes after its offset (see `prepare_exec`).
             unsafe {
                 for &(buf, offset) in pid_slots {
                     write_decimal(buf.add(offset), libc::getpid() as u32);
+                }
+                for (&(buf, offset), &rev) in rev_slots.iter().zip(&revisions) {
+                    write_decimal64(buf.add(offset), rev);
                 }
                 libc::execve(path.as_ptr(), argv.as_ptr(), env.as_ptr());
                 fail(status, Stage::Exec)
@@ -503,6 +557,42 @@ unsafe fn child_after_fork(ctx: &mut ChildContext<'_>, body: ChildBody<'_, '_>) 
             // SAFETY: _exit ends this process without running the parent's destructors.
             unsafe { libc::_exit(code) }
         }
+    }
+}
+
+/// Waits on a gate (see [`Gate`]): reports the wait, reads the revisions into `out`, closes
+/// the gate. Exits through [`fail`] if the master closes it first.
+///
+/// # Safety
+/// Only in the forked child, after [`set_up`], with the gate at descriptor `fd`.
+unsafe fn wait_gate(gate: &Gate, fd: RawFd, status: RawFd, out: &mut [u64; MAX_GATE_LOCKS]) {
+    // At least one revision: the master always writes one per cluster lock.
+    let want = gate.env.len().clamp(1, MAX_GATE_LOCKS) * 8;
+    let mut buf = [0u8; MAX_GATE_LOCKS * 8];
+    let mut got = 0;
+    // SAFETY (whole block): write, read, close and _exit are async-signal-safe; the buffers
+    // are ours and the lengths within them.
+    unsafe {
+        let rec = encode(KIND_WAIT, Stage::Lock(gate.lock), 0);
+        libc::write(status, rec.as_ptr().cast(), rec.len());
+        while got < want {
+            let n = libc::read(fd, buf.as_mut_ptr().add(got).cast(), want - got);
+            if n > 0 {
+                got += n as usize;
+                continue;
+            }
+            if n < 0 && *libc::__errno_location() == libc::EINTR {
+                continue;
+            }
+            *libc::__errno_location() = libc::ECANCELED;
+            fail(status, Stage::Lock(gate.lock));
+        }
+        libc::close(fd);
+    }
+    for (i, rev) in out.iter_mut().enumerate().take(want / 8) {
+        let mut b = [0u8; 8];
+        b.copy_from_slice(&buf[i * 8..i * 8 + 8]);
+        *rev = u64::from_le_bytes(b);
     }
 }
 
@@ -690,6 +780,29 @@ unsafe fn write_decimal(out: *mut u8, mut v: u32) {
         unsafe { *out.add(i) = digits[n - 1 - i] };
     }
     // SAFETY: n ≤ 10, so index n is within the 11 bytes.
+    unsafe { *out.add(n) = 0 };
+}
+
+/// Writes `v` in decimal and a NUL at `out`, which has room for 21 bytes.
+///
+/// # Safety
+/// `out` must be valid for 21 bytes of writes.
+unsafe fn write_decimal64(out: *mut u8, mut v: u64) {
+    let mut digits = [0u8; 20];
+    let mut n = 0;
+    loop {
+        digits[n] = b'0' + (v % 10) as u8;
+        n += 1;
+        v /= 10;
+        if v == 0 {
+            break;
+        }
+    }
+    for i in 0..n {
+        // SAFETY: i < n ≤ 20 < 21 bytes available.
+        unsafe { *out.add(i) = digits[n - 1 - i] };
+    }
+    // SAFETY: n ≤ 20, so index n is within the 21 bytes.
     unsafe { *out.add(n) = 0 };
 }
 

@@ -62,11 +62,31 @@ pub(super) fn encode_answer(
     answer: &Answer,
     out: &mut Vec<u8>,
 ) {
-    let (outcome, text): (Outcome, &[u8]) = match answer {
-        Answer::Ok(result) => (Outcome::Ok, result),
-        Answer::Fail(reason) => (Outcome::Fail, reason_bytes(reason)),
-        Answer::Drop(reason) => (Outcome::Drop, reason_bytes(reason)),
-    };
+    match answer {
+        Answer::Ok(result) => encode_ok(protocol, max_frame, result, out),
+        Answer::Fail(reason) => encode(
+            protocol,
+            max_frame,
+            Outcome::Fail,
+            reason_bytes(reason),
+            out,
+        ),
+        Answer::Drop(reason) => encode(
+            protocol,
+            max_frame,
+            Outcome::Drop,
+            reason_bytes(reason),
+            out,
+        ),
+    }
+}
+
+/// [`encode_answer`] of an `ok` with `result`, without making an [`Answer`] of it first.
+pub(super) fn encode_ok(protocol: Protocol, max_frame: usize, result: &[u8], out: &mut Vec<u8>) {
+    encode(protocol, max_frame, Outcome::Ok, result, out)
+}
+
+fn encode(protocol: Protocol, max_frame: usize, outcome: Outcome, text: &[u8], out: &mut Vec<u8>) {
     let max = max_frame as u64;
     // Room for the text: a frame's length counts its status byte and fits in 4 bytes, a line
     // counts its "word ".

@@ -534,8 +534,9 @@ impl Job {
     }
 
     /// Answers `ok`, with `result` unless it is empty (`ok RESULT` in `lines`).
-    pub fn ok(self, result: impl AsRef<[u8]>) -> Result<(), Error> {
-        self.answer(Answer::Ok(result.as_ref().to_vec()))
+    pub fn ok(mut self, result: impl AsRef<[u8]>) -> Result<(), Error> {
+        let sink = self.sink.take().expect("a job is answered once");
+        sink.answer_ok(self.seq, result.as_ref())
     }
 
     /// Answers `ok` with `result` serialized as JSON.

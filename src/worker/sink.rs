@@ -35,6 +35,11 @@ struct State {
     held: BTreeMap<u64, Answer>,
     /// The first write error, kept: once an answer is lost the stream cannot be trusted.
     broken: Option<(io::ErrorKind, String)>,
+    /// The bytes being written, kept between answers (empty between calls).
+    out: Vec<u8>,
+    /// Threads blocked in [`Sink::wait_for_room`]: only then is `written` notified, since a
+    /// notification is a system call even when nobody waits.
+    waiting: usize,
 }
 
 impl State {
@@ -64,6 +69,8 @@ impl Sink {
                 next: 0,
                 held: BTreeMap::new(),
                 broken: None,
+                out: Vec::new(),
+                waiting: 0,
             }),
             written: Condvar::new(),
             buffered: AtomicUsize::new(0),
@@ -117,7 +124,9 @@ impl Sink {
             if ((state.read - state.next) as usize) < limit {
                 return Ok(());
             }
+            state.waiting += 1;
             state = self.written.wait(state).unwrap_or_else(|p| p.into_inner());
+            state.waiting -= 1;
         }
     }
 
@@ -125,7 +134,37 @@ impl Sink {
     ///
     /// `Ok` means the answer is written, or held until the earlier jobs are answered.
     pub(super) fn answer(&self, seq: u64, answer: Answer) -> Result<(), Error> {
-        let mut state = self.lock();
+        self.answer_with(seq, |protocol, max_frame, out| match out {
+            Some(out) => {
+                codec::encode_answer(protocol, max_frame, &answer, out);
+                None
+            }
+            None => Some(answer),
+        })
+    }
+
+    /// [`Sink::answer`] of an `ok` with `result`: copied only when it has to wait for an
+    /// earlier job's answer.
+    pub(super) fn answer_ok(&self, seq: u64, result: &[u8]) -> Result<(), Error> {
+        self.answer_with(seq, |protocol, max_frame, out| match out {
+            Some(out) => {
+                codec::encode_ok(protocol, max_frame, result, out);
+                None
+            }
+            None => Some(Answer::Ok(result.to_vec())),
+        })
+    }
+
+    /// Records the answer to job `seq`: `answer` either encodes it into the buffer it is
+    /// given (when it is the next one due, the common case: no copy, no map), or, given
+    /// `None`, returns it to be held. Then writes and flushes every answer now in order.
+    fn answer_with(
+        &self,
+        seq: u64,
+        answer: impl FnOnce(Protocol, usize, Option<&mut Vec<u8>>) -> Option<Answer>,
+    ) -> Result<(), Error> {
+        let mut guard = self.lock();
+        let state = &mut *guard;
         if let Some(e) = state.broken_error() {
             return Err(e);
         }
@@ -133,26 +172,39 @@ impl Sink {
             seq >= state.next && seq < state.read,
             "answer to job {seq} out of range"
         );
-        state.held.insert(seq, answer);
-        let mut bytes = Vec::new();
-        while let Some(answer) = {
-            let next = state.next;
-            state.held.remove(&next)
-        } {
-            codec::encode_answer(self.protocol, self.max_frame, &answer, &mut bytes);
+        let mut out = std::mem::take(&mut state.out);
+        if seq == state.next {
+            answer(self.protocol, self.max_frame, Some(&mut out));
+            state.next += 1;
+        } else if let Some(held) = answer(self.protocol, self.max_frame, None) {
+            state.held.insert(seq, held);
+        }
+        while !state.held.is_empty() {
+            let Some(answer) = state.held.remove(&state.next) else {
+                break;
+            };
+            codec::encode_answer(self.protocol, self.max_frame, &answer, &mut out);
             state.next += 1;
         }
-        if bytes.is_empty() {
+        if out.is_empty() {
+            state.out = out;
             return Ok(());
         }
         let result = state
             .output
-            .write_all(&bytes)
+            .write_all(&out)
             .and_then(|()| state.output.flush());
         if let Err(e) = result {
             state.broken = Some((e.kind(), e.to_string()));
         }
-        self.written.notify_all();
+        out.clear();
+        if out.capacity() <= 64 * 1024 {
+            // Kept for the next answer; a big one's room is given back.
+            state.out = out;
+        }
+        if state.waiting > 0 {
+            self.written.notify_all();
+        }
         match state.broken_error() {
             Some(e) => Err(e),
             None => Ok(()),

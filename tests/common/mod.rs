@@ -117,12 +117,20 @@ fn forget_child(pid: u32) {
 }
 
 /// Reaps zombies whose parent is this process and which it did not spawn itself: orphans of
-/// workers or of a killed master, adopted because this process is a subreaper.
+/// workers or of a killed master, adopted because this process is a subreaper. Those live in
+/// the process groups of masters or workers; a zombie in this process's own group is a child a
+/// test spawned with a plain `Command` (promtool, a client) and is left for that test's `wait`,
+/// which would otherwise fail with ECHILD when this runs on another thread at the wrong time.
 pub fn reap_adopted_orphans() {
     let me = std::process::id() as i32;
+    let my_group = nix::unistd::getpgrp().as_raw();
     let own = OWN_CHILDREN.lock().unwrap_or_else(|e| e.into_inner());
     for p in processes() {
-        if p.ppid == me && p.state == 'Z' && !own.as_ref().is_some_and(|s| s.contains(&p.pid)) {
+        if p.ppid == me
+            && p.state == 'Z'
+            && p.pgrp != my_group
+            && !own.as_ref().is_some_and(|s| s.contains(&p.pid))
+        {
             let _ = waitpid(Pid::from_raw(p.pid), Some(WaitPidFlag::WNOHANG));
         }
     }

@@ -70,9 +70,12 @@ impl Fake {
         self.requests
             .iter()
             .filter_map(|r| match r {
-                Request::Submit { jobs, base64, .. } => {
-                    Some((*base64, jobs.iter().map(|j| bytes_of(j, *base64)).collect()))
-                }
+                Request::Submit { jobs, base64, .. } => Some((
+                    *base64,
+                    jobs.iter()
+                        .map(|j| bytes_of(j, *base64).into_owned())
+                        .collect(),
+                )),
                 _ => None,
             })
             .collect()

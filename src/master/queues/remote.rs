@@ -23,7 +23,7 @@ use std::time::{Duration, Instant};
 use log::Level;
 use nix::unistd::Pid;
 
-use super::{job_result, token, QueueRt, SubmitError};
+use super::{ended, token, QueueRt, SubmitError};
 use crate::config::Queue;
 use crate::master::commands::WaitKind;
 use crate::master::output::event;
@@ -81,6 +81,9 @@ pub(super) struct Remote {
     watching: bool,
     /// Watched jobs by id: their ticket.
     watch_ids: HashMap<u64, u64>,
+    /// Watched batches by first ticket: (end ticket, first job id), until their outcomes
+    /// are all taken.
+    ids: BTreeMap<u64, (u64, u64)>,
     unconfirmed: VecDeque<(u64, Vec<Op>)>,
     next_seq: u64,
     /// Answers of this pass, sent at its end as one batch.
@@ -119,6 +122,7 @@ impl Remote {
             batches: BTreeMap::new(),
             watching: false,
             watch_ids: HashMap::new(),
+            ids: BTreeMap::new(),
             unconfirmed: VecDeque::new(),
             next_seq: 1,
             ops: Vec::new(),
@@ -282,8 +286,19 @@ impl QueueRt {
         }
     }
 
+    /// The job id of a watched job's ticket (a local queue's ids are its tickets).
+    pub(super) fn job_id(&self, ticket: u64) -> u64 {
+        let Some(r) = self.remote.as_ref() else {
+            return ticket;
+        };
+        match r.ids.range(..=ticket).next_back() {
+            Some((&first, &(end, first_id))) if ticket < end => first_id + (ticket - first),
+            _ => ticket,
+        }
+    }
+
     /// The id the client is told for the batch whose first ticket is `first` (its first
-    /// job's id in Redis); a local queue's ids are its own. The batch is forgotten then.
+    /// job's id in Redis); a local queue's ids are its own.
     pub(crate) fn first_id(&self, first: u64) -> u64 {
         match self.remote.as_ref().and_then(|r| r.batches.get(&first)) {
             Some(Batch::Stored { first_id }) => *first_id,
@@ -363,7 +378,6 @@ impl QueueRt {
 
     /// What the helper said.
     fn on_helper(&mut self, msg: FromHelper) {
-        let name = self.config.name.clone();
         let r = self.remote.as_mut().expect("a Redis queue");
         match msg {
             FromHelper::Jobs(list) => {
@@ -394,6 +408,7 @@ impl QueueRt {
                         for i in 0..end - ticket {
                             r.watch_ids.insert(first_id + i, ticket + i);
                         }
+                        r.ids.insert(ticket, (end, first_id));
                     }
                     r.batches.insert(ticket, Batch::Stored { first_id });
                 }
@@ -427,9 +442,7 @@ impl QueueRt {
                     } else {
                         JobOutcome::Dead
                     };
-                    let id = o.id;
-                    self.watched
-                        .end(ticket, || job_result(&name, id, outcome, o.text.0));
+                    self.watched.end(ticket, || ended(outcome, o.text.0));
                 }
             }
             FromHelper::Reply { token, reply } => {
@@ -483,6 +496,15 @@ impl QueueRt {
             };
             r.unconfirmed.push_back((seq, ops));
             r.send(&msg);
+        }
+        // Watched batches whose outcomes were all taken (or given up).
+        let kept_from = self.watched.base;
+        while r
+            .ids
+            .first_key_value()
+            .is_some_and(|(_, &(end, _))| end <= kept_from || self.watched.slots.is_empty())
+        {
+            r.ids.pop_first();
         }
         if r.watching
             && r.watch_ids.is_empty()
