@@ -2,13 +2,15 @@
 //! `redis-server`, with 1 and 2 masters sharing the queue, prefetch 1 and 64, printed as a
 //! table beside what `redis-benchmark` measures for XADD on the same server in the same run.
 //!
-//! The bench starts its own `redis-server` (appendonly on, the setting the README asks for)
-//! on a free loopback port in a temp dir, and for each row one or two `plumule run` (this
+//! The bench starts its own `redis-server` (appendonly on, the setting the README asks for,
+//! without automatic rewrites of the file during the run) on a free loopback port in a temp
+//! dir, and for each row one or two `plumule run` (this
 //! crate's release binary) with a consumer program of 2 workers of `examples/echo_worker.rs`
 //! (built with `$CARGO build --release --example echo_worker` unless
 //! `QUEUE_BENCH_ECHO_WORKER` names it) and the queue `rN` in that Redis (a fresh stream per
 //! row). It pipes N jobs into `plumule submit rN --wait` on the first master and times from
-//! the first job written to the last answer read, checking each (`ok jI`, in order). A tenth
+//! the first job written to the last answer read (the input made before, the answers checked
+//! after, each `ok jI`, in order). A tenth
 //! of N passes first, untimed. Rows with prefetch 1 run a tenth of the jobs (bound by round
 //! trips).
 //!
@@ -19,7 +21,7 @@ mod common;
 
 use common::machine;
 use std::fmt::Write as _;
-use std::io::{self, BufRead, BufReader, BufWriter, Write};
+use std::io::{self, Write};
 use std::net::TcpStream;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitCode, Stdio};
@@ -138,6 +140,10 @@ impl Redis {
             .arg("--dir")
             .arg(dir.path())
             .args(["--save", "", "--appendonly", "yes"])
+            // No automatic rewrite of the append-only file: one started by the growth of an
+            // earlier row (a fork copying the data set) would land in the middle of a short
+            // row and weigh on it alone.
+            .args(["--auto-aof-rewrite-percentage", "0"])
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
@@ -247,8 +253,15 @@ impl Master {
         }
     }
 
-    /// Streams `n` jobs through `submit --wait`; jobs per second.
+    /// Streams `n` jobs through `submit --wait`; jobs per second. The input is made before
+    /// the clock starts and the answers are checked after it stops (the time is the last
+    /// answer's: `submit` exits right after it), so that the bench's own work takes little of
+    /// the two cores it measures.
     fn pass(&self, queue: &str, n: usize) -> Result<f64> {
+        let mut input = Vec::with_capacity(n * 8);
+        for i in 0..n {
+            let _ = writeln!(input, "j{i}");
+        }
         let mut child = Reaped(
             Command::new(env!("CARGO_BIN_EXE_plumule"))
                 .args(["submit", queue, "--wait", "-c"])
@@ -259,31 +272,28 @@ impl Master {
                 .spawn()
                 .map_err(|e| format!("cannot run plumule submit: {e}"))?,
         );
-        let stdin = child.0.stdin.take().expect("piped");
+        let mut stdin = child.0.stdin.take().expect("piped");
+        let mut stdout = child.0.stdout.take().expect("piped");
         let start = Instant::now();
-        let writer = std::thread::spawn(move || -> io::Result<()> {
-            let mut out = BufWriter::with_capacity(1 << 16, stdin);
-            for i in 0..n {
-                writeln!(out, "j{i}")?;
-            }
-            out.flush()
-        });
-        let mut answers = BufReader::with_capacity(1 << 16, child.0.stdout.take().expect("piped"));
-        let mut line = String::new();
+        let writer = std::thread::spawn(move || stdin.write_all(&input));
+        let mut answers = Vec::with_capacity(n * 12);
+        let read = io::Read::read_to_end(&mut stdout, &mut answers);
+        let elapsed = start.elapsed();
+        read.map_err(|e| format!("cannot read the answers: {e}"))?;
+        let _ = writer.join();
+        if elapsed > RUN_DEADLINE {
+            return Err(format!("{n} answers took {elapsed:?}"));
+        }
+        let mut lines = answers.split(|&b| b == b'\n');
         for i in 0..n {
-            line.clear();
-            if !matches!(answers.read_line(&mut line), Ok(1..)) {
-                return Err(format!("answer {i} of {n} never came"));
-            }
-            if line.trim_end().strip_prefix("ok ") != Some(&format!("j{i}")) {
-                return Err(format!("answer {i} is {:?}", line.trim_end()));
-            }
-            if start.elapsed() > RUN_DEADLINE {
-                return Err(format!("{i} of {n} answers after {RUN_DEADLINE:?}"));
+            let line = lines.next().unwrap_or_default();
+            if line != format!("ok j{i}").as_bytes() {
+                return Err(format!(
+                    "answer {i} of {n} is {:?}",
+                    String::from_utf8_lossy(line)
+                ));
             }
         }
-        let elapsed = start.elapsed();
-        let _ = writer.join();
         Ok(n as f64 / elapsed.as_secs_f64())
     }
 }
