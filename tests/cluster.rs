@@ -513,14 +513,16 @@ fn check_warns_about_an_endpoint_this_build_cannot_use() {
     let config = sandbox.write_file(
         "plumule.toml",
         "[plumule]\ncluster = { etcd = [\"https://root:etcd-s3cret@10.0.0.5:2379\", \
-         \"http://10.0.0.6:2379\"] }\n",
+         \"https://10.0.0.6:2379\"] }\n",
         0o644,
     );
     let out = sandbox.cli(&config, &["check"]);
     assert_eq!(out.status.code(), Some(0), "{out:?}");
+    // A user is refused (no etcd authentication); https itself is fine.
     assert!(
-        out.stderr.contains("plumule.cluster.etcd: invalid etcd endpoint https://***@10.0.0.5:2379: https is not supported")
-            && !out.stderr.contains("s3cret"),
+        out.stderr.contains("plumule.cluster.etcd: invalid etcd endpoint https://***@10.0.0.5:2379: etcd authentication is not supported")
+            && !out.stderr.contains("s3cret")
+            && !out.stderr.contains("10.0.0.6"),
         "{}",
         out.stderr
     );
