@@ -482,7 +482,7 @@ fn failure(ep: &Endpoint, path: &str, timeout: Duration, e: ureq::Error) -> Etcd
 }
 
 /// Sends the request; an HTTP error status is read whole and returned as
-/// [`EtcdError::Status`]. `timeouts` bounds the call (see [`post`] and [`watch`]).
+/// [`EtcdError::Status`]. The request carries its timeouts (see [`post`] and [`watch`]).
 fn send(
     request: ureq::RequestBuilder<ureq::typestate::WithBody>,
     ep: &Endpoint,
