@@ -513,19 +513,78 @@ fn check_warns_about_an_endpoint_this_build_cannot_use() {
     let config = sandbox.write_file(
         "plumule.toml",
         "[plumule]\ncluster = { etcd = [\"https://root:etcd-s3cret@10.0.0.5:2379\", \
-         \"http://10.0.0.6:2379\"] }\n",
+         \"https://10.0.0.6:2379\"] }\n",
         0o644,
     );
     let out = sandbox.cli(&config, &["check"]);
     assert_eq!(out.status.code(), Some(0), "{out:?}");
+    // A user is refused (no etcd authentication); https itself is fine.
     assert!(
-        out.stderr.contains("plumule.cluster.etcd: invalid etcd endpoint https://***@10.0.0.5:2379: https is not supported")
-            && !out.stderr.contains("s3cret"),
+        out.stderr.contains("plumule.cluster.etcd: invalid etcd endpoint https://***@10.0.0.5:2379: etcd authentication is not supported")
+            && !out.stderr.contains("s3cret")
+            && !out.stderr.contains("10.0.0.6"),
         "{}",
         out.stderr
     );
     assert_eq!(
         sandbox.cli(&config, &["check", "--strict"]).status.code(),
         Some(1)
+    );
+}
+
+#[test]
+fn lock_cluster_speaks_tls_to_an_https_endpoint_and_checks_its_certificate() {
+    let Some(etcd) = Etcd::start_tls() else {
+        return;
+    };
+    let sandbox = Sandbox::new();
+    let config = sandbox.write_file(
+        "plumule.toml",
+        &format!(
+            "[plumule]\ncluster = {{ etcd = [\"{}\"], lease = \"2s\" }}\n",
+            etcd.url()
+        ),
+        0o644,
+    );
+    let config = config.display().to_string();
+    // `plumule lock` trusting the CA named by SSL_CERT_FILE, or only the system's roots.
+    let lock = |ca: Option<PathBuf>| {
+        let args = [
+            "lock",
+            "--cluster",
+            "leader",
+            "--timeout",
+            "5s",
+            "-c",
+            &config,
+            "--",
+            "sh",
+            "-c",
+            "echo $PLUMULE_LOCK_REVISION_LEADER",
+        ];
+        let mut run = sandbox.spawn_plumule_with(&args, |cmd| {
+            cmd.env_remove("SSL_CERT_FILE").env_remove("SSL_CERT_DIR");
+            if let Some(ca) = ca {
+                cmd.env("SSL_CERT_FILE", ca);
+            }
+        });
+        let status = run.wait_exit(DEADLINE);
+        (status, run.stdout_text(), run.stderr_text())
+    };
+    let (status, out, err) = lock(Some(etcd.ca()));
+    assert_eq!(status.code(), Some(0), "{err}");
+    let token: i64 = out
+        .trim()
+        .parse()
+        .unwrap_or_else(|_| panic!("{out:?} {err}"));
+    assert!(token > 0);
+
+    // Its certificate is not signed by a CA the system trusts: refused, and said where.
+    let (status, _, err) = lock(None);
+    assert_eq!(status.code(), Some(1), "{err}");
+    assert!(
+        err.contains(&format!("etcd {}/v3/lease/grant: TLS: ", etcd.url()))
+            && err.contains("certificate"),
+        "{err}"
     );
 }

@@ -1,27 +1,34 @@
 //! A small blocking client of etcd's v3 JSON gateway (`/v3/kv/*`, `/v3/lease/*`,
-//! `/v3/watch`), over plain HTTP/1.1 on `std::net::TcpStream`.
+//! `/v3/watch`), over HTTP/1.1 with the `ureq` crate.
 //!
 //! Why this and not gRPC: there is no well-kept blocking gRPC client for Rust, and the async
 //! ones bring a runtime into a helper that needs three calls. The gateway is part of every
-//! etcd since 3.3 (paths under `/v3/` from 3.4), speaks JSON with keys and values in base64,
-//! and a request is one `POST` on a fresh connection (`Connection: close`), so there is no
-//! connection state to get wrong. A watch is one long `POST` whose chunked body carries one
-//! JSON message per line.
+//! etcd since 3.3 (paths under `/v3/` from 3.4) and speaks JSON with keys and values in
+//! base64. A request is one `POST` on a fresh connection (no pool: no idle connection that
+//! etcd may have closed meanwhile, so there is no connection state to get wrong), bounded as a
+//! whole by the client's timeout. A watch is one long `POST` whose body carries one JSON
+//! message per line.
 //!
-//! Endpoints: `http://HOST:PORT` URLs; a call that cannot reach one (refused, timed out, cut
-//! mid-answer) moves on to the next, round the list once. `https://` endpoints are refused
-//! when the client is made (this build has no TLS): put etcd on a private network or a
-//! loopback proxy. A user and password in a URL are never printed ([`redact`]).
+//! Endpoints: `http://HOST:PORT` or `https://HOST:PORT` URLs (TLS by rustls, the server's
+//! certificate checked against the system's trust store); a call that cannot reach one
+//! (refused, timed out, cut mid-answer, a TLS failure) moves on to the next, round the list
+//! once. A user in a URL is refused when the client is made (no etcd authentication); a URL is
+//! never printed with its password ([`redact`]).
 
-use std::io::{self, BufRead, BufReader, Read, Write};
-use std::net::{SocketAddr, TcpStream, ToSocketAddrs};
-use std::time::{Duration, Instant};
+use std::io::{self, BufRead, BufReader};
+use std::sync::mpsc::{self, RecvTimeoutError};
+use std::time::Duration;
 
 use base64::Engine as _;
 use serde_json::{json, Value};
 
 /// The most an answer may weigh: a range of every member record stays far below.
 const MAX_BODY: usize = 16 << 20;
+
+/// How long one watch request may last before it is made again (from the same revision, so
+/// nothing is missed): a waiter that gave up leaves its reading thread behind at most this
+/// long, and an etcd that froze under a watch is noticed within it.
+const WATCH_SPAN: Duration = Duration::from_secs(60);
 
 /// What went wrong talking to etcd; each names the endpoint (redacted) and the call.
 #[derive(Debug, thiserror::Error)]
@@ -47,12 +54,21 @@ pub enum EtcdError {
         path: String,
         reason: String,
     },
+    #[error("etcd {endpoint}{path}: TLS: {reason}")]
+    Tls {
+        endpoint: String,
+        path: String,
+        reason: String,
+    },
 }
 
 impl EtcdError {
     /// Whether another endpoint might do better (not an answer etcd gave on purpose).
     fn is_transport(&self) -> bool {
-        matches!(self, EtcdError::Io { .. } | EtcdError::Garbled { .. })
+        matches!(
+            self,
+            EtcdError::Io { .. } | EtcdError::Garbled { .. } | EtcdError::Tls { .. }
+        )
     }
 }
 
@@ -69,17 +85,16 @@ pub fn redact(url: &str) -> String {
     }
 }
 
-/// Whether this client can use `url` (an http:// URL without a user); else why not, the URL
-/// redacted. `plumule check` warns with it.
+/// Whether this client can use `url` (an http:// or https:// URL without a user); else why
+/// not, the URL redacted. `plumule check` warns with it.
 pub fn check_endpoint(url: &str) -> Result<(), String> {
     parse_endpoint(url).map(|_| ()).map_err(|e| e.to_string())
 }
 
 #[derive(Debug, Clone)]
 struct Endpoint {
-    /// `host:port`, for the Host header and resolution.
-    authority: String,
-    /// How messages name it (`http://host:port`).
+    /// `http://host:port` or `https://host:port`: where requests go, and how messages name
+    /// it (it never has a user).
     shown: String,
 }
 
@@ -88,14 +103,12 @@ fn parse_endpoint(url: &str) -> Result<Endpoint, EtcdError> {
         url: redact(url),
         reason: reason.to_string(),
     };
-    let rest = if let Some(r) = url.strip_prefix("http://") {
-        r
-    } else if url.starts_with("https://") {
-        return Err(bad(
-            "https is not supported by this build (no TLS): use http:// on a private network",
-        ));
+    let (scheme, rest) = if let Some(r) = url.strip_prefix("http://") {
+        ("http", r)
+    } else if let Some(r) = url.strip_prefix("https://") {
+        ("https", r)
     } else {
-        return Err(bad("expected http://HOST:PORT"));
+        return Err(bad("expected http://HOST:PORT or https://HOST:PORT"));
     };
     let auth = rest.split('/').next().unwrap_or("");
     if auth.contains('@') {
@@ -115,10 +128,12 @@ fn parse_endpoint(url: &str) -> Result<Endpoint, EtcdError> {
     } else {
         format!("{auth}:2379")
     };
-    Ok(Endpoint {
-        shown: format!("http://{authority}"),
-        authority,
-    })
+    let shown = format!("{scheme}://{authority}");
+    // What ureq would refuse later (a bad character in the host) is refused here, by name.
+    if shown.parse::<ureq::http::Uri>().is_err() {
+        return Err(bad("not a valid URL"));
+    }
+    Ok(Endpoint { shown })
 }
 
 /// One key and value as etcd returns them.
@@ -137,8 +152,11 @@ pub struct Client {
     endpoints: Vec<Endpoint>,
     /// The endpoint that answered last: tried first.
     current: usize,
-    /// Connect, read and write timeout of one call.
+    /// The most one call may take, connection included.
     pub timeout: Duration,
+    /// The longest a watch lasts before it is made again ([`WATCH_SPAN`]).
+    watch_span: Duration,
+    agent: ureq::Agent,
 }
 
 fn b64(s: &[u8]) -> String {
@@ -183,7 +201,7 @@ fn kv_of(v: &Value) -> Kv {
 }
 
 impl Client {
-    /// A client of these endpoints; an invalid or https URL is an error naming it.
+    /// A client of these endpoints; an invalid URL (or one with a user) is an error naming it.
     pub fn new(urls: &[String], timeout: Duration) -> Result<Client, EtcdError> {
         let endpoints = urls
             .iter()
@@ -199,6 +217,8 @@ impl Client {
             endpoints,
             current: 0,
             timeout,
+            watch_span: WATCH_SPAN,
+            agent: agent(),
         })
     }
 
@@ -218,7 +238,7 @@ impl Client {
         let mut last = None;
         for i in 0..n {
             let at = (self.current + i) % n;
-            match post(&self.endpoints[at], path, body, self.timeout) {
+            match post(&self.agent, &self.endpoints[at], path, body, self.timeout) {
                 Ok(v) => {
                     self.current = at;
                     return Ok(v);
@@ -328,64 +348,43 @@ impl Client {
         }});
         let ep = self.endpoints[self.current].clone();
         let path = "/v3/watch";
-        let io_err = |source| EtcdError::Io {
+        let garbled = |reason: String| EtcdError::Garbled {
             endpoint: ep.shown.clone(),
             path: path.into(),
-            source,
+            reason,
         };
-        let mut reader = open(&ep, path, &body, self.timeout).map_err(io_err)?;
-        let chunked = read_head(&mut reader, &ep, path, self.timeout)?;
-        // From here a read that times out only means "look at give_up again".
-        reader
-            .get_ref()
-            .set_read_timeout(Some(poll))
-            .map_err(io_err)?;
-        let mut stream = Stream {
-            reader,
-            chunked,
-            left: 0,
-            line: Vec::new(),
-        };
-        loop {
+        // The messages are read by a thread of their own, so that `give_up` is looked at
+        // every `poll` whatever the stream does; each watch lasts at most its span, then
+        // the next one starts from the same revision.
+        'watch: loop {
             if give_up() {
                 return Ok(false);
             }
-            let msg = match stream.next_line() {
-                Ok(Some(line)) => line,
-                Ok(None) => {
-                    return Err(EtcdError::Garbled {
-                        endpoint: ep.shown.clone(),
-                        path: path.into(),
-                        reason: "the watch ended".into(),
-                    })
+            let lines = watch(&self.agent, &ep, path, &body, self.timeout, self.watch_span)?;
+            loop {
+                if give_up() {
+                    return Ok(false);
                 }
-                Err(e)
-                    if matches!(
-                        e.kind(),
-                        io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
-                    ) =>
-                {
-                    continue
+                let msg = match lines.recv_timeout(poll) {
+                    Ok(Ok(line)) => line,
+                    Ok(Err(Ended::Span)) => continue 'watch,
+                    Ok(Err(Ended::Closed)) => return Err(garbled("the watch ended".into())),
+                    Ok(Err(Ended::Failed(e))) => return Err(e),
+                    Err(RecvTimeoutError::Timeout) => continue,
+                    Err(RecvTimeoutError::Disconnected) => {
+                        return Err(garbled("the watch ended".into()))
+                    }
+                };
+                let v: Value = serde_json::from_slice(&msg).map_err(|e| garbled(e.to_string()))?;
+                if v.get("error").is_some() || v["result"]["canceled"].as_bool() == Some(true) {
+                    return Err(garbled(format!("the watch was refused: {v}")));
                 }
-                Err(e) => return Err(io_err(e)),
-            };
-            let v: Value = serde_json::from_slice(&msg).map_err(|e| EtcdError::Garbled {
-                endpoint: ep.shown.clone(),
-                path: path.into(),
-                reason: e.to_string(),
-            })?;
-            if v.get("error").is_some() || v["result"]["canceled"].as_bool() == Some(true) {
-                return Err(EtcdError::Garbled {
-                    endpoint: ep.shown.clone(),
-                    path: path.into(),
-                    reason: format!("the watch was refused: {v}"),
-                });
-            }
-            let deleted = v["result"]["events"]
-                .as_array()
-                .is_some_and(|ev| ev.iter().any(|e| e["type"] == "DELETE"));
-            if deleted {
-                return Ok(true);
+                let deleted = v["result"]["events"]
+                    .as_array()
+                    .is_some_and(|ev| ev.iter().any(|e| e["type"] == "DELETE"));
+                if deleted {
+                    return Ok(true);
+                }
             }
         }
     }
@@ -401,112 +400,114 @@ impl Client {
     }
 }
 
-/// A read or write that timed out says so (the socket reports EAGAIN).
-fn timed_out(e: io::Error, timeout: Duration) -> io::Error {
-    if matches!(
-        e.kind(),
-        io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
-    ) {
-        io::Error::new(
-            io::ErrorKind::TimedOut,
-            format!("no answer within {}", crate::format_duration(timeout)),
-        )
-    } else {
-        e
-    }
+/// The agent every call goes through: no pool (a fresh connection per call), no proxy from
+/// the environment (etcd is reached directly), no redirect, HTTP errors given as answers (their
+/// body says why), server certificates checked against the system's trust store.
+fn agent() -> ureq::Agent {
+    let tls = ureq::tls::TlsConfig::builder()
+        .root_certs(ureq::tls::RootCerts::PlatformVerifier)
+        .build();
+    ureq::Agent::config_builder()
+        .proxy(None)
+        .max_redirects(0)
+        .http_status_as_error(false)
+        .max_idle_connections(0)
+        .max_idle_connections_per_host(0)
+        .tls_config(tls)
+        .user_agent(concat!("plumule/", env!("CARGO_PKG_VERSION")))
+        .build()
+        .new_agent()
 }
 
-fn connect(ep: &Endpoint, timeout: Duration) -> io::Result<TcpStream> {
-    let addrs: Vec<SocketAddr> = ep.authority.to_socket_addrs()?.collect();
-    let mut last = io::Error::new(io::ErrorKind::NotFound, "the host name has no address");
-    for addr in addrs {
-        match TcpStream::connect_timeout(&addr, timeout) {
-            Ok(s) => {
-                s.set_nodelay(true)?;
-                return Ok(s);
-            }
-            Err(e) => last = e,
-        }
-    }
-    Err(last)
-}
-
-/// Connects and sends the request; returns the reader of the answer.
-fn open(
-    ep: &Endpoint,
-    path: &str,
-    body: &Value,
-    timeout: Duration,
-) -> io::Result<BufReader<TcpStream>> {
-    let mut sock = connect(ep, timeout)?;
-    sock.set_read_timeout(Some(timeout))?;
-    sock.set_write_timeout(Some(timeout))?;
-    let body = body.to_string();
-    let head = format!(
-        "POST {path} HTTP/1.1\r\nHost: {}\r\nContent-Type: application/json\r\n\
-         Content-Length: {}\r\nConnection: close\r\n\r\n",
-        ep.authority,
-        body.len()
-    );
-    let mut req = head.into_bytes();
-    req.extend_from_slice(body.as_bytes());
-    sock.write_all(&req)?;
-    Ok(BufReader::new(sock))
-}
-
-/// Reads the status line and headers; an HTTP error status is read whole and returned as
-/// [`EtcdError::Status`]. Returns whether the body is chunked.
-fn read_head(
-    r: &mut BufReader<TcpStream>,
-    ep: &Endpoint,
-    path: &str,
-    timeout: Duration,
-) -> Result<bool, EtcdError> {
+/// What went wrong in ureq, said for `path` of `ep`; a timeout says how long it waited.
+fn failure(ep: &Endpoint, path: &str, timeout: Duration, e: ureq::Error) -> EtcdError {
+    let io = |source| EtcdError::Io {
+        endpoint: ep.shown.clone(),
+        path: path.into(),
+        source,
+    };
     let garbled = |reason: String| EtcdError::Garbled {
         endpoint: ep.shown.clone(),
         path: path.into(),
         reason,
     };
-    let io_err = |source| EtcdError::Io {
+    let tls = |reason: String| EtcdError::Tls {
         endpoint: ep.shown.clone(),
         path: path.into(),
-        source: timed_out(source, timeout),
+        reason,
     };
-    let mut line = String::new();
-    r.read_line(&mut line).map_err(io_err)?;
-    let status: u16 = line
-        .split_whitespace()
-        .nth(1)
-        .and_then(|s| s.parse().ok())
-        .ok_or_else(|| garbled(format!("not an HTTP answer: {:?}", line.trim())))?;
-    let mut chunked = false;
-    let mut length = None;
-    loop {
-        line.clear();
-        if r.read_line(&mut line).map_err(io_err)? == 0 {
-            return Err(garbled("the answer ended in its headers".into()));
+    let timed_out = || {
+        io(io::Error::new(
+            io::ErrorKind::TimedOut,
+            format!("no answer within {}", crate::format_duration(timeout)),
+        ))
+    };
+    match e {
+        ureq::Error::Timeout(_) => timed_out(),
+        ureq::Error::Io(e)
+            if matches!(
+                e.kind(),
+                io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+            ) =>
+        {
+            timed_out()
         }
-        let l = line.trim();
-        if l.is_empty() {
-            break;
+        ureq::Error::Io(e) if e.kind() == io::ErrorKind::UnexpectedEof => io(io::Error::new(
+            io::ErrorKind::UnexpectedEof,
+            "the connection was closed before the answer was whole",
+        )),
+        // rustls reports a failed handshake or a bad record as invalid data read.
+        ureq::Error::Io(e)
+            if e.kind() == io::ErrorKind::InvalidData && ep.shown.starts_with("https://") =>
+        {
+            tls(e.to_string())
         }
-        if let Some((k, v)) = l.split_once(':') {
-            let (k, v) = (k.trim().to_ascii_lowercase(), v.trim());
-            if k == "transfer-encoding" && v.eq_ignore_ascii_case("chunked") {
-                chunked = true;
-            } else if k == "content-length" {
-                length = v.parse::<usize>().ok();
-            }
+        ureq::Error::Io(e) => io(e),
+        ureq::Error::HostNotFound => io(io::Error::new(
+            io::ErrorKind::NotFound,
+            "the host name has no address",
+        )),
+        ureq::Error::ConnectionFailed => io(io::Error::new(
+            io::ErrorKind::ConnectionRefused,
+            "cannot connect",
+        )),
+        ureq::Error::Protocol(e) => garbled(format!("not an HTTP answer: {e}")),
+        ureq::Error::BodyExceedsLimit(_) | ureq::Error::LargeResponseHeader(..) => {
+            garbled("the answer is too large".into())
         }
+        ureq::Error::Tls(why) => tls(why.into()),
+        ureq::Error::Rustls(e) => tls(e.to_string()),
+        e => garbled(e.to_string()),
     }
+}
+
+/// Sends the request; an HTTP error status is read whole and returned as
+/// [`EtcdError::Status`]. The request carries its timeouts (see [`post`] and [`watch`]).
+fn send(
+    request: ureq::RequestBuilder<ureq::typestate::WithBody>,
+    ep: &Endpoint,
+    path: &str,
+    body: &Value,
+    timeout: Duration,
+) -> Result<ureq::Body, EtcdError> {
+    let answer = request
+        .header("Content-Type", "application/json")
+        .send(body.to_string())
+        .map_err(|e| failure(ep, path, timeout, e))?;
+    let status = answer.status().as_u16();
+    let mut body = answer.into_body();
     if status != 200 {
-        let body = read_body(r, chunked, length).unwrap_or_default();
-        let v: Value = serde_json::from_slice(&body).unwrap_or(Value::Null);
+        let text = body
+            .with_config()
+            .limit(MAX_BODY as u64)
+            .read_to_vec()
+            .unwrap_or_default();
+        let v: Value = serde_json::from_slice(&text).unwrap_or(Value::Null);
         let message = v["message"]
             .as_str()
             .or(v["error"].as_str())
             .map(str::to_string)
-            .unwrap_or_else(|| String::from_utf8_lossy(&body).chars().take(200).collect());
+            .unwrap_or_else(|| String::from_utf8_lossy(&text).chars().take(200).collect());
         return Err(EtcdError::Status {
             endpoint: ep.shown.clone(),
             path: path.into(),
@@ -514,187 +515,96 @@ fn read_head(
             message,
         });
     }
-    Ok(chunked)
+    Ok(body)
 }
 
-fn read_body(
-    r: &mut BufReader<TcpStream>,
-    chunked: bool,
-    length: Option<usize>,
-) -> io::Result<Vec<u8>> {
-    let too_big = || io::Error::new(io::ErrorKind::InvalidData, "the answer is too large");
-    let mut body = Vec::new();
-    if chunked {
-        let mut s = Stream {
-            reader: r,
-            chunked: true,
-            left: 0,
-            line: Vec::new(),
-        };
-        loop {
-            let mut buf = [0u8; 8192];
-            let n = s.read_body(&mut buf)?;
-            if n == 0 {
-                return Ok(body);
-            }
-            body.extend_from_slice(&buf[..n]);
-            if body.len() > MAX_BODY {
-                return Err(too_big());
-            }
-        }
-    }
-    match length {
-        Some(n) if n > MAX_BODY => Err(too_big()),
-        Some(n) => {
-            body.resize(n, 0);
-            r.read_exact(&mut body)?;
-            Ok(body)
-        }
-        None => {
-            r.take(MAX_BODY as u64 + 1).read_to_end(&mut body)?;
-            if body.len() > MAX_BODY {
-                return Err(too_big());
-            }
-            Ok(body)
-        }
-    }
-}
-
-/// One POST, its answer decoded.
-fn post(ep: &Endpoint, path: &str, body: &Value, timeout: Duration) -> Result<Value, EtcdError> {
-    let io_err = |source| EtcdError::Io {
-        endpoint: ep.shown.clone(),
-        path: path.into(),
-        source: timed_out(source, timeout),
-    };
-    let started = Instant::now();
-    let mut r = open(ep, path, body, timeout).map_err(io_err)?;
-    let chunked = read_head(&mut r, ep, path, timeout)?;
-    // No Content-Length nor chunks: the body runs to the end of the connection.
-    let body = read_body(&mut r, chunked, None).map_err(io_err);
-    let body = match body {
-        Ok(b) => b,
-        Err(e) => {
-            log::debug!("etcd call {path} failed after {:?}", started.elapsed());
-            return Err(e);
-        }
-    };
-    serde_json::from_slice(&body).map_err(|e| EtcdError::Garbled {
+/// One POST, its answer decoded; the whole call (connection included) within `timeout`.
+fn post(
+    agent: &ureq::Agent,
+    ep: &Endpoint,
+    path: &str,
+    body: &Value,
+    timeout: Duration,
+) -> Result<Value, EtcdError> {
+    let request = agent
+        .post(format!("{}{path}", ep.shown))
+        .config()
+        .timeout_global(Some(timeout))
+        .build();
+    let text = send(request, ep, path, body, timeout)?
+        .with_config()
+        .limit(MAX_BODY as u64)
+        .read_to_vec()
+        .map_err(|e| failure(ep, path, timeout, e))?;
+    serde_json::from_slice(&text).map_err(|e| EtcdError::Garbled {
         endpoint: ep.shown.clone(),
         path: path.into(),
         reason: format!("not JSON: {e}"),
     })
 }
 
-/// A chunked (or plain) body read piece by piece, whose state survives a read timeout: a
-/// timeout only ever interrupts a read of the socket, never a half-parsed header.
-struct Stream<R> {
-    reader: R,
-    chunked: bool,
-    /// Bytes left in the current chunk.
-    left: usize,
-    /// The line being assembled (watch messages are one per line).
-    line: Vec<u8>,
+/// Why a watch's messages stopped.
+enum Ended {
+    /// It lasted its span: to be made again.
+    Span,
+    /// etcd ended the answer.
+    Closed,
+    Failed(EtcdError),
 }
 
-impl<R: BufRead> Stream<R> {
-    /// Reads a chunk-size line whole: the buffered reader keeps a partial one across a
-    /// timeout only if we do not consume it, so it is peeked until complete.
-    fn chunk_size(&mut self) -> io::Result<Option<usize>> {
-        loop {
-            let buf = self.reader.fill_buf()?;
-            if buf.is_empty() {
-                return Ok(None);
-            }
-            // Skip the CRLF that ends the previous chunk.
-            let skip = buf
-                .iter()
-                .take_while(|b| **b == b'\r' || **b == b'\n')
-                .count();
-            if skip > 0 {
-                self.reader.consume(skip);
-                continue;
-            }
-            let Some(end) = buf.iter().position(|b| *b == b'\n') else {
-                if buf.len() > 1024 {
-                    return Err(io::Error::new(io::ErrorKind::InvalidData, "bad chunk size"));
+/// Starts a watch: its answer's head within `timeout`, then its body read for at most
+/// `span` by a thread that sends each line (a JSON message), then why it stopped. The
+/// thread ends with the watch, or at the first line after the receiver is dropped.
+fn watch(
+    agent: &ureq::Agent,
+    ep: &Endpoint,
+    path: &str,
+    body: &Value,
+    timeout: Duration,
+    span: Duration,
+) -> Result<mpsc::Receiver<Result<Vec<u8>, Ended>>, EtcdError> {
+    let request = agent
+        .post(format!("{}{path}", ep.shown))
+        .config()
+        .timeout_connect(Some(timeout))
+        .timeout_send_request(Some(timeout))
+        .timeout_send_body(Some(timeout))
+        .timeout_recv_response(Some(timeout))
+        .timeout_recv_body(Some(span))
+        .build();
+    let answer = send(request, ep, path, body, timeout)?;
+    let (tx, rx) = mpsc::channel();
+    let (ep, path) = (ep.clone(), path.to_string());
+    std::thread::spawn(move || {
+        let reader = answer.into_with_config().limit(u64::MAX).reader();
+        let mut lines = BufReader::new(reader).split(b'\n');
+        let end = loop {
+            match lines.next() {
+                Some(Ok(line)) if line.iter().all(u8::is_ascii_whitespace) => {}
+                Some(Ok(line)) if line.len() > MAX_BODY => {
+                    break Ended::Failed(EtcdError::Garbled {
+                        endpoint: ep.shown.clone(),
+                        path,
+                        reason: "a watch message is too large".into(),
+                    })
                 }
-                // An incomplete size line: wait for more (BufReader needs a bigger read).
-                let mut more = buf.to_vec();
-                let n = more.len();
-                self.reader.consume(n);
-                let mut byte = [0u8; 1];
-                loop {
-                    self.reader.read_exact(&mut byte)?;
-                    more.push(byte[0]);
-                    if byte[0] == b'\n' {
-                        break;
+                Some(Ok(line)) => {
+                    if tx.send(Ok(line)).is_err() {
+                        return;
                     }
                 }
-                return parse_size(&more).map(Some);
-            };
-            let size = parse_size(&buf[..=end])?;
-            self.reader.consume(end + 1);
-            return Ok(Some(size));
-        }
-    }
-
-    fn read_body(&mut self, out: &mut [u8]) -> io::Result<usize> {
-        if !self.chunked {
-            return self.reader.read(out);
-        }
-        if self.left == 0 {
-            match self.chunk_size()? {
-                None | Some(0) => return Ok(0),
-                Some(n) => self.left = n,
+                None => break Ended::Closed,
+                Some(Err(e)) => match ureq::Error::from(e) {
+                    ureq::Error::Timeout(ureq::Timeout::RecvBody | ureq::Timeout::Global) => {
+                        break Ended::Span
+                    }
+                    e => break Ended::Failed(failure(&ep, &path, span, e)),
+                },
             }
-        }
-        let want = out.len().min(self.left);
-        let n = self.reader.read(&mut out[..want])?;
-        if n == 0 {
-            return Err(io::ErrorKind::UnexpectedEof.into());
-        }
-        self.left -= n;
-        Ok(n)
-    }
-
-    /// The next complete line of the body; `None` at its end.
-    fn next_line(&mut self) -> io::Result<Option<Vec<u8>>> {
-        loop {
-            if let Some(i) = self.line.iter().position(|b| *b == b'\n') {
-                let rest = self.line.split_off(i + 1);
-                let mut line = std::mem::replace(&mut self.line, rest);
-                line.pop();
-                if line.iter().all(u8::is_ascii_whitespace) {
-                    continue;
-                }
-                return Ok(Some(line));
-            }
-            if self.line.len() > MAX_BODY {
-                return Err(io::Error::new(
-                    io::ErrorKind::InvalidData,
-                    "a watch message is too large",
-                ));
-            }
-            let mut buf = [0u8; 8192];
-            let n = self.read_body(&mut buf)?;
-            if n == 0 {
-                return Ok(None);
-            }
-            self.line.extend_from_slice(&buf[..n]);
-        }
-    }
-}
-
-fn parse_size(line: &[u8]) -> io::Result<usize> {
-    let text = std::str::from_utf8(line).unwrap_or("").trim();
-    let hex = text.split(';').next().unwrap_or("");
-    usize::from_str_radix(hex, 16).map_err(|_| {
-        io::Error::new(
-            io::ErrorKind::InvalidData,
-            format!("bad chunk size {text:?}"),
-        )
-    })
+        };
+        let _ = tx.send(Err(end));
+    });
+    Ok(rx)
 }
 
 #[cfg(test)]
@@ -704,21 +614,29 @@ mod tests {
     #[test]
     fn urls_are_checked_and_credentials_never_shown() {
         assert_eq!(
-            parse_endpoint("http://127.0.0.1:2379").unwrap().authority,
-            "127.0.0.1:2379"
+            parse_endpoint("http://127.0.0.1:2379").unwrap().shown,
+            "http://127.0.0.1:2379"
         );
         assert_eq!(
-            parse_endpoint("http://etcd/").unwrap().authority,
-            "etcd:2379"
+            parse_endpoint("http://etcd/").unwrap().shown,
+            "http://etcd:2379"
         );
         assert_eq!(
-            parse_endpoint("http://[::1]:23").unwrap().authority,
-            "[::1]:23"
+            parse_endpoint("http://[::1]:23").unwrap().shown,
+            "http://[::1]:23"
+        );
+        assert_eq!(
+            parse_endpoint("https://etcd.example").unwrap().shown,
+            "https://etcd.example:2379"
         );
         let e = parse_endpoint("https://u:secret@e:2379")
             .unwrap_err()
             .to_string();
-        assert!(e.contains("no TLS") && !e.contains("secret"), "{e}");
+        assert!(e.contains("authentication") && !e.contains("secret"), "{e}");
+        let e = parse_endpoint("etcd:2379").unwrap_err().to_string();
+        assert!(e.contains("expected http://HOST:PORT"), "{e}");
+        let e = parse_endpoint("http://a b:2379").unwrap_err().to_string();
+        assert!(e.contains("not a valid URL"), "{e}");
         let e = parse_endpoint("http://u:secret@e:2379")
             .unwrap_err()
             .to_string();
@@ -733,33 +651,195 @@ mod tests {
         assert_eq!(prefix_end(b"a\xff"), b"b");
     }
 
-    #[test]
-    fn a_chunked_stream_gives_lines_across_chunk_boundaries() {
-        let raw = b"5\r\n{\"a\":\r\n3\r\n1}\n\r\n8\r\n{\"b\":2}\n\r\n0\r\n\r\n";
-        let mut s = Stream {
-            reader: &raw[..],
-            chunked: true,
-            left: 0,
-            line: Vec::new(),
-        };
-        assert_eq!(s.next_line().unwrap().unwrap(), b"{\"a\":1}");
-        assert_eq!(s.next_line().unwrap().unwrap(), b"{\"b\":2}");
-        assert_eq!(s.next_line().unwrap(), None);
+    /// Reads one request whole (head, then as many bytes as its Content-Length says).
+    fn read_request(s: &mut std::net::TcpStream) -> Vec<u8> {
+        use std::io::Read;
+        let mut got = Vec::new();
+        let mut buf = [0u8; 4096];
+        loop {
+            if let Some(end) = got.windows(4).position(|w| w == b"\r\n\r\n") {
+                let head = String::from_utf8_lossy(&got[..end]).to_ascii_lowercase();
+                let length = head
+                    .lines()
+                    .find_map(|l| l.strip_prefix("content-length:"))
+                    .and_then(|n| n.trim().parse::<usize>().ok())
+                    .unwrap_or(0);
+                if got.len() >= end + 4 + length {
+                    return got;
+                }
+            }
+            match s.read(&mut buf) {
+                Ok(0) | Err(_) => return got,
+                Ok(n) => got.extend_from_slice(&buf[..n]),
+            }
+        }
     }
 
-    /// A fake endpoint that reads one request and answers `reply` to each connection.
+    /// A fake endpoint that reads one request and answers `reply` to each connection, then
+    /// closes it.
     fn fake(replies: Vec<&'static [u8]>) -> String {
+        use std::io::Write;
         let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         let url = format!("http://{}", l.local_addr().unwrap());
         std::thread::spawn(move || {
             for reply in replies {
                 let Ok((mut s, _)) = l.accept() else { return };
-                let mut buf = [0u8; 4096];
-                let _ = s.read(&mut buf);
+                read_request(&mut s);
                 let _ = s.write_all(reply);
             }
         });
         url
+    }
+
+    /// A fake endpoint whose one answer is written in `pieces`, `pause` apart, the connection
+    /// then kept open until `hold` is over.
+    fn fake_stream(pieces: Vec<&'static [u8]>, pause: Duration, hold: Duration) -> String {
+        use std::io::Write;
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let url = format!("http://{}", l.local_addr().unwrap());
+        std::thread::spawn(move || {
+            let Ok((mut s, _)) = l.accept() else { return };
+            let request = read_request(&mut s);
+            assert!(request.starts_with(b"POST /v3/watch HTTP/1.1\r\n"));
+            for piece in pieces {
+                if s.write_all(piece).is_err() {
+                    return;
+                }
+                std::thread::sleep(pause);
+            }
+            std::thread::sleep(hold);
+        });
+        url
+    }
+
+    const WATCH_HEAD: &[u8] = b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n\
+                                Transfer-Encoding: chunked\r\n\r\n";
+    const CREATED: &[u8] = b"28\r\n{\"result\":{\"header\":{},\"created\":true}}\n\r\n";
+    const DELETED: &[u8] = b"2A\r\n{\"result\":{\"events\":[{\"type\":\"DELETE\"}]}}\n\r\n";
+
+    #[test]
+    fn a_watch_reads_its_messages_across_chunk_boundaries() {
+        let t = Duration::from_secs(2);
+        // The created message, then a DELETE split over two chunks, the first cut mid-line.
+        let url = fake_stream(
+            vec![
+                WATCH_HEAD,
+                CREATED,
+                b"12\r\n{\"result\":{\"events\r\n",
+                b"18\r\n\":[{\"type\":\"DELETE\"}]}}\n\r\n",
+            ],
+            Duration::from_millis(50),
+            Duration::from_secs(5),
+        );
+        let mut c = Client::new(&[url], t).unwrap();
+        let deleted = c
+            .wait_deleted("k", 1, Duration::from_millis(20), &|| false)
+            .unwrap();
+        assert!(deleted);
+    }
+
+    #[test]
+    fn a_watch_that_outlasts_its_span_is_made_again_from_the_same_revision() {
+        use std::io::Write;
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let url = format!("http://{}", l.local_addr().unwrap());
+        let (tx, requests) = mpsc::channel();
+        std::thread::spawn(move || {
+            // The first watch hears nothing; the second one hears the deletion.
+            let mut open = Vec::new();
+            for answer in [
+                &[WATCH_HEAD, CREATED][..],
+                &[WATCH_HEAD, CREATED, DELETED][..],
+            ] {
+                let Ok((mut s, _)) = l.accept() else { return };
+                let _ = tx.send(read_request(&mut s));
+                for piece in answer {
+                    let _ = s.write_all(piece);
+                }
+                open.push(s);
+            }
+            std::thread::sleep(Duration::from_secs(10));
+        });
+        let mut c = Client::new(&[url], Duration::from_secs(2)).unwrap();
+        c.watch_span = Duration::from_millis(300);
+        let deleted = c
+            .wait_deleted("k", 41, Duration::from_millis(20), &|| false)
+            .unwrap();
+        assert!(deleted);
+        let requests: Vec<String> = requests
+            .try_iter()
+            .map(|r| String::from_utf8_lossy(&r).into_owned())
+            .collect();
+        assert_eq!(requests.len(), 2);
+        for r in requests {
+            assert!(r.contains("\"start_revision\":\"42\""), "{r}");
+        }
+    }
+
+    #[test]
+    fn a_silent_watch_still_hears_give_up() {
+        let t = Duration::from_secs(2);
+        let url = fake_stream(
+            vec![WATCH_HEAD, CREATED],
+            Duration::ZERO,
+            Duration::from_secs(30),
+        );
+        let mut c = Client::new(&[url], t).unwrap();
+        let asked = std::cell::Cell::new(0);
+        let give_up = || {
+            asked.set(asked.get() + 1);
+            asked.get() > 5
+        };
+        let deleted = c
+            .wait_deleted("k", 1, Duration::from_millis(20), &give_up)
+            .unwrap();
+        assert!(!deleted);
+        assert_eq!(asked.get(), 6);
+    }
+
+    #[test]
+    fn garbage_or_a_cut_in_a_watch_is_an_error_that_says_where() {
+        let t = Duration::from_secs(2);
+        let url = fake_stream(
+            vec![WATCH_HEAD, CREATED, b"6\r\nnotjs\n\r\n"],
+            Duration::ZERO,
+            Duration::from_secs(5),
+        );
+        let mut c = Client::new(std::slice::from_ref(&url), t).unwrap();
+        let e = c
+            .wait_deleted("k", 1, Duration::from_millis(20), &|| false)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains(&format!("{url}/v3/watch: bad answer")), "{e}");
+
+        // Cut mid-chunk, then closed.
+        let url = fake_stream(
+            vec![WATCH_HEAD, CREATED, b"40\r\n{\"result\""],
+            Duration::ZERO,
+            Duration::ZERO,
+        );
+        let mut c = Client::new(std::slice::from_ref(&url), t).unwrap();
+        let e = c
+            .wait_deleted("k", 1, Duration::from_millis(20), &|| false)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains(&format!("{url}/v3/watch: ")), "{e}");
+
+        // A refused watch (etcd cancels it: compacted revision).
+        let url = fake_stream(
+            vec![
+                WATCH_HEAD,
+                b"34\r\n{\"result\":{\"canceled\":true,\"compact_revision\":\"9\"}}\n\r\n",
+            ],
+            Duration::ZERO,
+            Duration::from_secs(5),
+        );
+        let mut c = Client::new(&[url], t).unwrap();
+        let e = c
+            .wait_deleted("k", 1, Duration::from_millis(20), &|| false)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("the watch was refused"), "{e}");
     }
 
     #[test]
@@ -792,6 +872,20 @@ mod tests {
             .to_string();
         assert!(e.contains(&url), "{e}");
 
+        // Cut mid-body.
+        let url = fake(vec![
+            b"HTTP/1.1 200 OK\r\nContent-Length: 50\r\n\r\n{\"ID\":",
+        ]);
+        let e = Client::new(std::slice::from_ref(&url), t)
+            .unwrap()
+            .grant(t)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains(&format!("{url}/v3/lease/grant: the connection was closed")),
+            "{e}"
+        );
+
         let url = fake(vec![b"HTTP/1.1 400 Bad Request\r\nContent-Length: 41\r\n\r\n{\"error\":\"x\",\"message\":\"lease not found\"}"]);
         let e = Client::new(&[url], t)
             .unwrap()
@@ -799,6 +893,61 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(e.contains("HTTP 400: lease not found"), "{e}");
+    }
+
+    #[test]
+    fn a_call_that_gets_no_answer_times_out_and_says_so() {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let url = format!("http://{}", l.local_addr().unwrap());
+        std::thread::spawn(move || {
+            let Ok((mut s, _)) = l.accept() else { return };
+            read_request(&mut s);
+            std::thread::sleep(Duration::from_secs(30));
+        });
+        let t = Duration::from_millis(300);
+        let e = Client::new(std::slice::from_ref(&url), t)
+            .unwrap()
+            .grant(t)
+            .unwrap_err();
+        assert!(
+            matches!(&e, EtcdError::Io { source, .. } if source.kind() == io::ErrorKind::TimedOut)
+        );
+        let e = e.to_string();
+        assert!(
+            e.contains(&format!("{url}/v3/lease/grant")) && e.contains("no answer within 300ms"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn an_https_endpoint_that_speaks_no_tls_fails_over_to_the_next() {
+        // Answers plain HTTP to whatever comes first (a TLS client hello, here).
+        let no_tls = || {
+            use std::io::{Read, Write};
+            let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+            let url = format!("https://{}", l.local_addr().unwrap());
+            std::thread::spawn(move || {
+                let Ok((mut s, _)) = l.accept() else { return };
+                let _ = s.read(&mut [0u8; 4096]);
+                let _ = s.write_all(b"HTTP/1.1 400 Bad Request\r\nContent-Length: 0\r\n\r\n");
+            });
+            url
+        };
+        let t = Duration::from_secs(2);
+        let url = no_tls();
+        let e = Client::new(std::slice::from_ref(&url), t)
+            .unwrap()
+            .grant(t)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains(&format!("{url}/v3/lease/grant: TLS: ")), "{e}");
+        let ok: &[u8] =
+            b"HTTP/1.1 200 OK\r\nContent-Length: 20\r\n\r\n{\"ID\":\"7\",\"TTL\":\"2\"}";
+        let live = fake(vec![ok]);
+        let plain = no_tls();
+        let mut c = Client::new(&[plain, live], t).unwrap();
+        assert_eq!(c.grant(t).unwrap(), (7, Duration::from_secs(2)));
+        assert_eq!(c.current, 1);
     }
 
     #[test]

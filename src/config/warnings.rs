@@ -147,7 +147,7 @@ pub(super) fn warnings(config: &Config, files: &[(PathBuf, String)], probe: &Pro
             }
         }
     }
-    // Endpoints the etcd client of this build refuses (https, a user): valid per the
+    // Endpoints the etcd client refuses (a user: no etcd authentication): valid per the
     // contract, but the master would stay out of the cluster.
     if let Some(cluster) = &config.cluster {
         let source = &sources[0];
