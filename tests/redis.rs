@@ -8,6 +8,8 @@
 //! duplicates (allowed: delivery is at least once) are counted and printed.
 
 mod common;
+#[path = "common/etcd.rs"]
+mod etcd;
 
 use std::collections::BTreeMap;
 use std::fs;
@@ -201,10 +203,28 @@ impl Master {
         delay: &str,
         queue_extra: &str,
     ) -> Master {
+        Master::start_full(node, url, None, worker, workers, delay, queue_extra)
+    }
+
+    /// With `etcd`: a member of the cluster on that etcd (lease 2s).
+    fn start_full(
+        node: &str,
+        url: &str,
+        etcd: Option<&str>,
+        worker: &Path,
+        workers: u32,
+        delay: &str,
+        queue_extra: &str,
+    ) -> Master {
         let sb = Sandbox::with_budget(Duration::from_secs(40));
-        let header =
-            sb.header()
-                .replacen("[plumule]\n", &format!("[plumule]\nnode = \"{node}\"\n"), 1);
+        let cluster = etcd.map_or(String::new(), |e| {
+            format!("cluster = {{ etcd = [\"{e}\"], lease = \"2s\" }}\n")
+        });
+        let header = sb.header().replacen(
+            "[plumule]\n",
+            &format!("[plumule]\nnode = \"{node}\"\n{cluster}"),
+            1,
+        );
         let text = format!(
             "{header}[program.w]\ncommand = [{}]\nworkers = {workers}\nqueue = \"q\"\n\
              env = {{ NODE = \"{node}\", DELAY = \"{delay}\" }}\n\n\
@@ -663,4 +683,164 @@ fn a_reload_of_claim_after_replaces_the_helper_and_the_queue_goes_on() {
     });
     let out = a.cli_ok(&["submit", "q", "--wait", "after-reload"]);
     assert_eq!(out.stdout.trim(), "ok after-reload");
+}
+
+/// A member of a cluster on `etcd` whose queue q (in `redis`) is key-routed: partitioned.
+fn clustered(node: &str, redis: &Redis, etcd: &etcd::Etcd, w: &Path, delay: &str) -> Master {
+    Master::start_full(
+        node,
+        &redis.url(),
+        Some(&etcd.url()),
+        w,
+        2,
+        delay,
+        "route = \"key\"\n",
+    )
+}
+
+/// The lines of `m`'s log saying which partitions it owns among `n` consuming masters.
+fn owner_lines(m: &Master, n: usize) -> usize {
+    let among = format!("({n} master(s) consume it)");
+    m.daemon
+        .as_ref()
+        .expect("running")
+        .stderr_lines_with(&["queue q: owns", &among])
+        .len()
+}
+
+/// Waits until each of `masters` has logged more than `before[i]` lines of partitions
+/// owned among `n` masters.
+fn wait_owners(masters: &[&Master], n: usize, before: &[usize]) {
+    for (m, b) in masters
+        .iter()
+        .zip(before.iter().chain(std::iter::repeat(&0)))
+    {
+        m.sb.wait(
+            &format!("the master owns its partitions among {n}"),
+            DEADLINE,
+            || owner_lines(m, n) > *b,
+        );
+    }
+}
+
+/// Submits two jobs `KEY-TAG-1`, `KEY-TAG-2` with key `KEY` for each key, through `m`, and
+/// waits until all are done; returns the nodes that did each key's jobs of this round.
+fn keyed_round(
+    m: &Master,
+    dir: &Path,
+    keys: &[String],
+    tag: &str,
+) -> BTreeMap<String, std::collections::BTreeSet<String>> {
+    let mut jobs = Vec::new();
+    for k in keys {
+        let (one, two) = (format!("{k}-{tag}-1"), format!("{k}-{tag}-2"));
+        m.cli_ok(&["submit", "q", "--key", k, &one, &two]);
+        jobs.push(one);
+        jobs.push(two);
+    }
+    m.sb.wait(&format!("round {tag} done"), DEADLINE, || {
+        let done = done_log(dir);
+        jobs.iter().all(|j| done.contains_key(j))
+    });
+    let mut placed: BTreeMap<String, std::collections::BTreeSet<String>> = BTreeMap::new();
+    for (job, nodes) in done_log(dir) {
+        for k in keys {
+            if job.starts_with(&format!("{k}-{tag}-")) {
+                placed
+                    .entry(k.clone())
+                    .or_default()
+                    .extend(nodes.iter().cloned());
+            }
+        }
+    }
+    placed
+}
+
+/// The node that owns `key`'s partition among `members` (as every master computes it).
+fn owner_of(key: &str, members: &[&str]) -> String {
+    use plumule::cluster::partition::{owner, partition_of};
+    owner("q", partition_of(key.as_bytes(), 64), members)
+        .expect("a member")
+        .to_string()
+}
+
+#[test]
+fn keyed_jobs_stick_to_their_partition_owner_and_a_third_master_takes_about_a_third() {
+    let Some(etcd) = etcd::Etcd::start() else {
+        return;
+    };
+    let Some(redis) = Redis::start() else { return };
+    let shared = tempfile::tempdir().unwrap();
+    let w = worker_script(shared.path());
+    let a = clustered("a", &redis, &etcd, &w, "");
+    let b = clustered("b", &redis, &etcd, &w, "");
+    wait_owners(&[&a, &b], 2, &[]);
+    let keys: Vec<String> = (0..48).map(|i| format!("user{i}")).collect();
+    // A first round lets reads begun before the membership settled end.
+    keyed_round(&a, shared.path(), &keys, "warm");
+    let two = keyed_round(&b, shared.path(), &keys, "r1");
+    for (k, nodes) in &two {
+        let want = owner_of(k, &["a", "b"]);
+        assert_eq!(
+            nodes.iter().collect::<Vec<_>>(),
+            vec![&want],
+            "key {k}: done by {nodes:?}, its partition's owner is {want}"
+        );
+    }
+    // Both take a share.
+    for n in ["a", "b"] {
+        assert!(
+            two.values().any(|s| s.contains(n)),
+            "{n} did no key: {two:?}"
+        );
+    }
+    // Submitted anywhere, a key goes to the same node again.
+    let again = keyed_round(&a, shared.path(), &keys, "r2");
+    assert_eq!(again, two, "keys moved while the membership was stable");
+
+    let before = [owner_lines(&a, 3), owner_lines(&b, 3)];
+    let c = clustered("c", &redis, &etcd, &w, "");
+    wait_owners(&[&a, &b], 3, &before);
+    wait_owners(&[&c], 3, &[]);
+    keyed_round(&c, shared.path(), &keys, "warm3");
+    let three = keyed_round(&c, shared.path(), &keys, "r3");
+    let mut moved = 0;
+    for (k, nodes) in &three {
+        let want = owner_of(k, &["a", "b", "c"]);
+        assert_eq!(
+            nodes.iter().collect::<Vec<_>>(),
+            vec![&want],
+            "key {k}: done by {nodes:?}, its partition's owner is {want}"
+        );
+        if two[k] != *nodes {
+            moved += 1;
+            // Only to the newcomer: nothing moves between the members that stayed.
+            assert_eq!(want, "c", "key {k} moved from {:?} to {want}", two[k]);
+        }
+    }
+    // The partitions that moved, as computed by every master.
+    let partitions_moved = (0..64)
+        .filter(|&p| {
+            use plumule::cluster::partition::owner;
+            owner("q", p, &["a", "b"]) != owner("q", p, &["a", "b", "c"])
+        })
+        .count();
+    eprintln!(
+        "a third master joined: {partitions_moved}/64 partitions moved, {moved}/{} keys moved \
+         (ideal 1/3)",
+        keys.len()
+    );
+    assert!((10..=32).contains(&partitions_moved), "{partitions_moved}");
+    assert!(
+        moved >= keys.len() / 6 && moved <= keys.len() * 2 / 3,
+        "{moved} keys moved"
+    );
+    // Counts over every partition's stream, from any master.
+    for m in [&a, &b, &c] {
+        let q = m.counts();
+        assert_eq!((q.pending, q.in_flight, q.dead), (0, 0, 0), "{q:?}");
+        assert_eq!(q.done, keys.len() as u64 * 2 * 5, "{q:?}");
+    }
+    // Every stream is one partition's: nothing in the unpartitioned one.
+    assert_eq!(redis.command(&["XLEN", "plumule:q"]), ":0");
 }
