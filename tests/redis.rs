@@ -844,3 +844,90 @@ fn keyed_jobs_stick_to_their_partition_owner_and_a_third_master_takes_about_a_th
     // Every stream is one partition's: nothing in the unpartitioned one.
     assert_eq!(redis.command(&["XLEN", "plumule:q"]), ":0");
 }
+
+#[test]
+fn a_sigkilled_member_s_partitions_go_to_the_others_and_its_jobs_are_claimed() {
+    let Some(etcd) = etcd::Etcd::start() else {
+        return;
+    };
+    let Some(redis) = Redis::start() else { return };
+    let shared = tempfile::tempdir().unwrap();
+    let w = worker_script(shared.path());
+    let a = clustered("a", &redis, &etcd, &w, "0.05");
+    let b = clustered("b", &redis, &etcd, &w, "0.05");
+    let mut c = clustered("c", &redis, &etcd, &w, "0.05");
+    wait_owners(&[&a, &b, &c], 3, &[]);
+    let keys: Vec<String> = (0..48).map(|i| format!("user{i}")).collect();
+    keyed_round(&a, shared.path(), &keys, "warm");
+    let before = [owner_lines(&a, 2), owner_lines(&b, 2)];
+    // Four jobs per key; c is killed while it has some in flight.
+    let mut jobs = Vec::new();
+    for k in &keys {
+        let mine: Vec<String> = (1..=4).map(|i| format!("{k}-x-{i}")).collect();
+        let mut args = vec!["submit", "q", "--key", k];
+        args.extend(mine.iter().map(String::as_str));
+        a.cli_ok(&args);
+        jobs.extend(mine);
+    }
+    let did_c = |n: usize| {
+        done_log(shared.path())
+            .iter()
+            .filter(|(j, nodes)| j.contains("-x-") && nodes.iter().any(|n| n == "c"))
+            .count()
+            >= n
+    };
+    c.sb.wait("c did some of the jobs", DEADLINE, || did_c(4));
+    c.kill();
+    wait_owners(&[&a, &b], 2, &before);
+    all_done(&a, shared.path(), &jobs, Duration::from_secs(30));
+    let log = [&a, &b]
+        .iter()
+        .map(|m| m.daemon.as_ref().unwrap().stderr_text())
+        .collect::<String>();
+    assert!(
+        log.contains("took over"),
+        "c's jobs in flight were claimed: {log}"
+    );
+    let q = a.counts();
+    assert_eq!((q.pending, q.in_flight, q.dead), (0, 0, 0), "{q:?}");
+    // c's partitions are a's and b's now.
+    let after = keyed_round(&b, shared.path(), &keys, "after");
+    for (k, nodes) in &after {
+        let want = owner_of(k, &["a", "b"]);
+        assert_eq!(nodes.iter().collect::<Vec<_>>(), vec![&want], "key {k}");
+    }
+}
+
+#[test]
+fn a_master_whose_workers_stop_gives_back_the_jobs_it_fetched() {
+    let Some(redis) = Redis::start() else { return };
+    let shared = tempfile::tempdir().unwrap();
+    let w = worker_script(shared.path());
+    // a fetches up to twice its workers' prefetch, far more than its one slow worker does.
+    let a = Master::start("a", &redis, &w, 1, "0.3", "prefetch = 8\n");
+    let jobs = numbered(1..41);
+    submit(&a, &jobs);
+    a.sb.wait("a works", DEADLINE, || !done_log(shared.path()).is_empty());
+    let b = Master::start("b", &redis, &w, 2, "", "");
+    a.cli_ok(&["stop", "w"]);
+    // a lives and would hold what it fetched for ever: it gives it back instead, and b
+    // does it (claim_after would never move it).
+    all_done(&b, shared.path(), &jobs, Duration::from_secs(20));
+    let log = a.daemon.as_ref().unwrap().stderr_text();
+    assert!(log.contains("given back to Redis"), "{log}");
+    let by_b = done_log(shared.path())
+        .values()
+        .filter(|n| n.iter().any(|n| n == "b"))
+        .count();
+    assert!(by_b > 0, "b did none");
+    // Given back, not taken over: no attempt counted.
+    let q = b.counts();
+    assert_eq!((q.pending, q.in_flight, q.dead), (0, 0, 0), "{q:?}");
+    // a fetches nothing while it has no worker.
+    submit(&b, &numbered(100..110));
+    all_done(&b, shared.path(), &numbered(100..110), DEADLINE);
+    let late = done_log(shared.path());
+    for j in 100..110 {
+        assert_eq!(late[&j.to_string()], vec!["b".to_string()]);
+    }
+}
