@@ -153,10 +153,19 @@ impl Remote {
         })
     }
 
-    /// New settings from a reload (the URL and node stay until the master restarts): a
-    /// helper started with other `claim_after` or `max_attempts` is replaced (it loses
+    /// New settings from a reload (the URL, node, and a partitioned queue's partitions stay
+    /// until the master restarts): a helper started with other `claim_after` or `max_attempts` is replaced (it loses
     /// nothing: what it did not record is handed to the next one).
     pub(super) fn reconfigure(&mut self, q: &Queue) {
+        if self.setup.partitions.is_some()
+            && (q.route != crate::config::Route::Key || Some(q.partitions) != self.setup.partitions)
+        {
+            log::warn!(
+                "queue {}: a change of `route` or `partitions` of a Redis queue takes effect \
+                 when the master restarts",
+                self.setup.queue
+            );
+        }
         if (self.setup.claim_after, self.setup.max_attempts) == (q.claim_after, q.max_attempts) {
             return;
         }
@@ -409,6 +418,16 @@ impl QueueRt {
                     // given back and read again: a new delivery.
                     if r.held.get(&f.id) == Some(&f.entry) {
                         continue;
+                    }
+                    // Read just before the partition moved away: given back at the end of
+                    // the pass unless a worker took it at once.
+                    if let (Some(_), (Some(p), _)) = (
+                        r.setup.partitions,
+                        crate::queue::redis::split_entry(&f.entry),
+                    ) {
+                        if !r.setup.owned.contains(&p) {
+                            r.moved = true;
+                        }
                     }
                     r.held.insert(f.id, f.entry);
                     if f.attempts > 0 {

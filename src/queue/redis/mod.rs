@@ -8,6 +8,7 @@
 //! | key | type | what |
 //! |---|---|---|
 //! | `plumule:Q` | stream, group `plumule` | the jobs not yet answered: fields `id` (the job id), `p` (payload), `k` (key, optional), `w` (`1`: a client waits for the outcome) |
+//! | `plumule:Q:P` | stream, group `plumule` | with key partitions (`route = "key"` in a cluster), partition P's jobs, instead of `plumule:Q`; the master names their entries `P/ID` |
 //! | `plumule:Q:seq` | string | the last job id given (INCRBY in the submit script: ids are cluster-wide) |
 //! | `plumule:Q:attempts` | hash | job id → attempts so far, for jobs that failed at least once |
 //! | `plumule:Q:stats` | hash | `held` (jobs pending or fetched: what `max_pending` bounds), `done`, `retried` |
