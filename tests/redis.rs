@@ -687,14 +687,26 @@ fn a_reload_of_claim_after_replaces_the_helper_and_the_queue_goes_on() {
 
 /// A member of a cluster on `etcd` whose queue q (in `redis`) is key-routed: partitioned.
 fn clustered(node: &str, redis: &Redis, etcd: &etcd::Etcd, w: &Path, delay: &str) -> Master {
+    clustered_with(node, redis, etcd, w, 2, delay, "")
+}
+
+fn clustered_with(
+    node: &str,
+    redis: &Redis,
+    etcd: &etcd::Etcd,
+    w: &Path,
+    workers: u32,
+    delay: &str,
+    extra: &str,
+) -> Master {
     Master::start_full(
         node,
         &redis.url(),
         Some(&etcd.url()),
         w,
-        2,
+        workers,
         delay,
-        "route = \"key\"\n",
+        &format!("route = \"key\"\n{extra}"),
     )
 }
 
@@ -930,4 +942,93 @@ fn a_master_whose_workers_stop_gives_back_the_jobs_it_fetched() {
     for j in 100..110 {
         assert_eq!(late[&j.to_string()], vec!["b".to_string()]);
     }
+}
+
+#[test]
+fn wait_dead_letters_requeue_and_counts_work_across_partitions() {
+    let Some(etcd) = etcd::Etcd::start() else {
+        return;
+    };
+    let Some(redis) = Redis::start() else { return };
+    let shared = tempfile::tempdir().unwrap();
+    let w = worker_script(shared.path());
+    let a = clustered_with("a", &redis, &etcd, &w, 1, "", "");
+    let b = clustered_with("b", &redis, &etcd, &w, 1, "", "");
+    wait_owners(&[&a, &b], 2, &[]);
+    let out = a.cli(&["submit", "q", "--key", "user1", "--wait", "fail-1", "fine"]);
+    assert_exit_code(out.status, 1, &out.stderr);
+    assert_eq!(
+        out.stdout.lines().collect::<Vec<_>>(),
+        ["dead nope", "ok fine"]
+    );
+    // Without a key: some partition, whoever owns it.
+    let out = b.cli(&["submit", "q", "--wait", "drop-1"]);
+    assert_exit_code(out.status, 1, &out.stderr);
+    assert_eq!(out.stdout.trim(), "dead bad");
+    let runs = done_log(shared.path());
+    let user1 = owner_of("user1", &["a", "b"]);
+    assert_eq!(runs["fail-1"], vec![user1.clone(); 3], "{runs:?}");
+    let out = b.cli_ok(&["queue", "q", "--dead", "--json"]);
+    let dead: DeadLetters = serde_json::from_str(&out.stdout).unwrap();
+    let mut seen: Vec<(String, Option<String>, u32)> = dead
+        .dead
+        .iter()
+        .map(|d| (d.payload.clone(), d.key.clone(), d.attempts))
+        .collect();
+    seen.sort();
+    assert_eq!(
+        seen,
+        [
+            ("drop-1".to_string(), None, 0),
+            ("fail-1".to_string(), Some("user1".to_string()), 3)
+        ]
+    );
+    let out = a.cli(&["requeue", "q", "999999"]);
+    assert_exit_code(out.status, 1, &out.stderr);
+    assert!(
+        out.stderr.contains("no dead letter with id 999999"),
+        "{}",
+        out.stderr
+    );
+    let id = dead.dead.iter().find(|d| d.payload == "fail-1").unwrap().id;
+    a.cli_ok(&["requeue", "q", &id.to_string()]);
+    // Back to its key's partition: run by its owner again, dead again.
+    a.sb.wait("the requeued job ran again, dead again", DEADLINE, || {
+        let c = a.counts();
+        done_log(shared.path())["fail-1"].len() == 6 && c.dead == 2 && c.in_flight == 0
+    });
+    assert_eq!(done_log(shared.path())["fail-1"], vec![user1; 6]);
+    let (ca, cb) = (a.counts(), b.counts());
+    assert_eq!(ca, cb);
+    assert_eq!(
+        (ca.pending, ca.in_flight, ca.dead, ca.done),
+        (0, 0, 2, 1),
+        "{ca:?}"
+    );
+}
+
+#[test]
+fn max_pending_holds_across_partitions() {
+    let Some(etcd) = etcd::Etcd::start() else {
+        return;
+    };
+    let Some(redis) = Redis::start() else { return };
+    let shared = tempfile::tempdir().unwrap();
+    let w = worker_script(shared.path());
+    // Consumers by their config, but no worker runs: the jobs stay pending.
+    let a = clustered_with("a", &redis, &etcd, &w, 0, "", "max_pending = 5\n");
+    let b = clustered_with("b", &redis, &etcd, &w, 0, "", "max_pending = 5\n");
+    for k in ["k1", "k2", "k3"] {
+        a.cli_ok(&["submit", "q", "--key", k, k]);
+    }
+    let out = b.cli(&["submit", "q", "--key", "k4", "4", "5", "6"]);
+    assert_exit_code(out.status, 1, &out.stderr);
+    assert!(
+        out.stderr.contains("queue is full: 3 job(s)"),
+        "{}",
+        out.stderr
+    );
+    b.cli_ok(&["submit", "q", "4", "5"]);
+    let c = a.counts();
+    assert_eq!((c.pending, c.in_flight), (5, 0), "{c:?}");
 }

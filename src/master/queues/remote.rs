@@ -419,17 +419,20 @@ impl QueueRt {
                     if r.held.get(&f.id) == Some(&f.entry) {
                         continue;
                     }
-                    // Read just before the partition moved away: given back at the end of
-                    // the pass unless a worker took it at once.
-                    if let (Some(_), (Some(p), _)) = (
-                        r.setup.partitions,
-                        crate::queue::redis::split_entry(&f.entry),
-                    ) {
-                        if !r.setup.owned.contains(&p) {
-                            r.moved = true;
-                        }
+                    // Read by a read begun before its partition moved away: given back at
+                    // once, for its owner.
+                    let theirs = r.setup.partitions.is_some()
+                        && crate::queue::redis::split_entry(&f.entry)
+                            .0
+                            .is_some_and(|p| !r.setup.owned.contains(&p));
+                    r.held.insert(f.id, f.entry.clone());
+                    if theirs {
+                        r.ops.push(Op::Back {
+                            entry: f.entry,
+                            id: f.id,
+                        });
+                        continue;
                     }
-                    r.held.insert(f.id, f.entry);
                     if f.attempts > 0 {
                         r.retried.insert(f.id);
                     }
