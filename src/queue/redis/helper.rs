@@ -887,6 +887,9 @@ fn fetcher(sh: &Shared) {
     let half = sh.setup.claim_after / 2;
     let mut next_claim = Instant::now();
     let mut claim_cursors: HashMap<Option<u32>, String> = HashMap::new();
+    // Where the next claim round starts among the streams (so that little credit does not
+    // always go to the first ones).
+    let mut claim_turn = 0usize;
     let mut pause = Pause::default();
     'connect: loop {
         pause.wait();
@@ -937,7 +940,9 @@ fn fetcher(sh: &Shared) {
             }
             if Instant::now() >= next_claim {
                 let mut left = credit;
-                for (part, stream) in &streams {
+                claim_turn = claim_turn.wrapping_add(1);
+                let start = claim_turn % streams.len();
+                for (part, stream) in streams.iter().cycle().skip(start).take(streams.len()) {
                     if left == 0 {
                         break;
                     }
@@ -960,7 +965,9 @@ fn fetcher(sh: &Shared) {
                 }
                 continue;
             }
-            let count = credit.min(BATCH);
+            // COUNT is per stream: the credit shared among them (at least one each, so
+            // a few more than the credit may come when many partitions have jobs).
+            let count = credit.div_ceil(streams.len() as u64).min(BATCH);
             match read_group(sh, &mut con, &streams, ">", count, Some(BLOCK_MS)) {
                 Ok(list) => {
                     pause.reset();
