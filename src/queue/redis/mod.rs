@@ -32,6 +32,13 @@
 //! `claim_after / 4` the master names the entries it holds ([`ToHelper::Hold`]) and the
 //! helper resets their idle time (XCLAIM … JUSTID), so that other masters, whose XAUTOCLAIM
 //! takes entries idle longer than `claim_after`, only take the jobs of a master that stopped.
+//!
+//! Jobs fetched and not delivered go back with [`Op::Back`], recorded in order with the
+//! answers. Of a partitioned queue (`route = "key"` in a cluster:
+//! [`helper::Setup::partitions`]) the master says which partitions it owns
+//! ([`ToHelper::Own`]) each time the membership changes them, and the helper reads only those
+//! streams; the master names each entry `P/ID` (its partition, its id in `plumule:Q:P`:
+//! [`entry_name`]), so that answers and holds find their stream.
 
 pub mod helper;
 
