@@ -8,6 +8,8 @@
 //! duplicates (allowed: delivery is at least once) are counted and printed.
 
 mod common;
+#[path = "common/etcd.rs"]
+mod etcd;
 
 use std::collections::BTreeMap;
 use std::fs;
@@ -201,10 +203,28 @@ impl Master {
         delay: &str,
         queue_extra: &str,
     ) -> Master {
+        Master::start_full(node, url, None, worker, workers, delay, queue_extra)
+    }
+
+    /// With `etcd`: a member of the cluster on that etcd (lease 2s).
+    fn start_full(
+        node: &str,
+        url: &str,
+        etcd: Option<&str>,
+        worker: &Path,
+        workers: u32,
+        delay: &str,
+        queue_extra: &str,
+    ) -> Master {
         let sb = Sandbox::with_budget(Duration::from_secs(40));
-        let header =
-            sb.header()
-                .replacen("[plumule]\n", &format!("[plumule]\nnode = \"{node}\"\n"), 1);
+        let cluster = etcd.map_or(String::new(), |e| {
+            format!("cluster = {{ etcd = [\"{e}\"], lease = \"2s\" }}\n")
+        });
+        let header = sb.header().replacen(
+            "[plumule]\n",
+            &format!("[plumule]\nnode = \"{node}\"\n{cluster}"),
+            1,
+        );
         let text = format!(
             "{header}[program.w]\ncommand = [{}]\nworkers = {workers}\nqueue = \"q\"\n\
              env = {{ NODE = \"{node}\", DELAY = \"{delay}\" }}\n\n\
@@ -663,4 +683,352 @@ fn a_reload_of_claim_after_replaces_the_helper_and_the_queue_goes_on() {
     });
     let out = a.cli_ok(&["submit", "q", "--wait", "after-reload"]);
     assert_eq!(out.stdout.trim(), "ok after-reload");
+}
+
+/// A member of a cluster on `etcd` whose queue q (in `redis`) is key-routed: partitioned.
+fn clustered(node: &str, redis: &Redis, etcd: &etcd::Etcd, w: &Path, delay: &str) -> Master {
+    clustered_with(node, redis, etcd, w, 2, delay, "")
+}
+
+fn clustered_with(
+    node: &str,
+    redis: &Redis,
+    etcd: &etcd::Etcd,
+    w: &Path,
+    workers: u32,
+    delay: &str,
+    extra: &str,
+) -> Master {
+    Master::start_full(
+        node,
+        &redis.url(),
+        Some(&etcd.url()),
+        w,
+        workers,
+        delay,
+        &format!("route = \"key\"\n{extra}"),
+    )
+}
+
+/// The lines of `m`'s log saying which partitions it owns among `n` consuming masters.
+fn owner_lines(m: &Master, n: usize) -> usize {
+    let among = format!("({n} master(s) consume it)");
+    m.daemon
+        .as_ref()
+        .expect("running")
+        .stderr_lines_with(&["queue q: owns", &among])
+        .len()
+}
+
+/// Waits until each of `masters` has logged more than `before[i]` lines of partitions
+/// owned among `n` masters.
+fn wait_owners(masters: &[&Master], n: usize, before: &[usize]) {
+    for (m, b) in masters
+        .iter()
+        .zip(before.iter().chain(std::iter::repeat(&0)))
+    {
+        m.sb.wait(
+            &format!("the master owns its partitions among {n}"),
+            DEADLINE,
+            || owner_lines(m, n) > *b,
+        );
+    }
+}
+
+/// Submits two jobs `KEY-TAG-1`, `KEY-TAG-2` with key `KEY` for each key, through `m`, and
+/// waits until all are done; returns the nodes that did each key's jobs of this round.
+fn keyed_round(
+    m: &Master,
+    dir: &Path,
+    keys: &[String],
+    tag: &str,
+) -> BTreeMap<String, std::collections::BTreeSet<String>> {
+    let mut jobs = Vec::new();
+    for k in keys {
+        let (one, two) = (format!("{k}-{tag}-1"), format!("{k}-{tag}-2"));
+        m.cli_ok(&["submit", "q", "--key", k, &one, &two]);
+        jobs.push(one);
+        jobs.push(two);
+    }
+    m.sb.wait(&format!("round {tag} done"), DEADLINE, || {
+        let done = done_log(dir);
+        jobs.iter().all(|j| done.contains_key(j))
+    });
+    let mut placed: BTreeMap<String, std::collections::BTreeSet<String>> = BTreeMap::new();
+    for (job, nodes) in done_log(dir) {
+        for k in keys {
+            if job.starts_with(&format!("{k}-{tag}-")) {
+                placed
+                    .entry(k.clone())
+                    .or_default()
+                    .extend(nodes.iter().cloned());
+            }
+        }
+    }
+    placed
+}
+
+/// The node that owns `key`'s partition among `members` (as every master computes it).
+fn owner_of(key: &str, members: &[&str]) -> String {
+    use plumule::cluster::partition::{owner, partition_of};
+    owner("q", partition_of(key.as_bytes(), 64), members)
+        .expect("a member")
+        .to_string()
+}
+
+#[test]
+fn keyed_jobs_stick_to_their_partition_owner_and_a_third_master_takes_about_a_third() {
+    let Some(etcd) = etcd::Etcd::start() else {
+        return;
+    };
+    let Some(redis) = Redis::start() else { return };
+    let shared = tempfile::tempdir().unwrap();
+    let w = worker_script(shared.path());
+    let a = clustered("a", &redis, &etcd, &w, "");
+    let b = clustered("b", &redis, &etcd, &w, "");
+    wait_owners(&[&a, &b], 2, &[]);
+    let keys: Vec<String> = (0..48).map(|i| format!("user{i}")).collect();
+    // A first round lets reads begun before the membership settled end.
+    keyed_round(&a, shared.path(), &keys, "warm");
+    let two = keyed_round(&b, shared.path(), &keys, "r1");
+    for (k, nodes) in &two {
+        let want = owner_of(k, &["a", "b"]);
+        assert_eq!(
+            nodes.iter().collect::<Vec<_>>(),
+            vec![&want],
+            "key {k}: done by {nodes:?}, its partition's owner is {want}"
+        );
+    }
+    // Both take a share.
+    for n in ["a", "b"] {
+        assert!(
+            two.values().any(|s| s.contains(n)),
+            "{n} did no key: {two:?}"
+        );
+    }
+    // Submitted anywhere, a key goes to the same node again.
+    let again = keyed_round(&a, shared.path(), &keys, "r2");
+    assert_eq!(again, two, "keys moved while the membership was stable");
+
+    let before = [owner_lines(&a, 3), owner_lines(&b, 3)];
+    let c = clustered("c", &redis, &etcd, &w, "");
+    wait_owners(&[&a, &b], 3, &before);
+    wait_owners(&[&c], 3, &[]);
+    keyed_round(&c, shared.path(), &keys, "warm3");
+    let three = keyed_round(&c, shared.path(), &keys, "r3");
+    let mut moved = 0;
+    for (k, nodes) in &three {
+        let want = owner_of(k, &["a", "b", "c"]);
+        assert_eq!(
+            nodes.iter().collect::<Vec<_>>(),
+            vec![&want],
+            "key {k}: done by {nodes:?}, its partition's owner is {want}"
+        );
+        if two[k] != *nodes {
+            moved += 1;
+            // Only to the newcomer: nothing moves between the members that stayed.
+            assert_eq!(want, "c", "key {k} moved from {:?} to {want}", two[k]);
+        }
+    }
+    // The partitions that moved, as computed by every master.
+    let partitions_moved = (0..64)
+        .filter(|&p| {
+            use plumule::cluster::partition::owner;
+            owner("q", p, &["a", "b"]) != owner("q", p, &["a", "b", "c"])
+        })
+        .count();
+    eprintln!(
+        "a third master joined: {partitions_moved}/64 partitions moved, {moved}/{} keys moved \
+         (ideal 1/3)",
+        keys.len()
+    );
+    assert!((10..=32).contains(&partitions_moved), "{partitions_moved}");
+    assert!(
+        moved >= keys.len() / 6 && moved <= keys.len() * 2 / 3,
+        "{moved} keys moved"
+    );
+    // Counts over every partition's stream, from any master.
+    for m in [&a, &b, &c] {
+        let q = m.counts();
+        assert_eq!((q.pending, q.in_flight, q.dead), (0, 0, 0), "{q:?}");
+        assert_eq!(q.done, keys.len() as u64 * 2 * 5, "{q:?}");
+    }
+    // Every stream is one partition's: nothing in the unpartitioned one.
+    assert_eq!(redis.command(&["XLEN", "plumule:q"]), ":0");
+}
+
+#[test]
+fn a_sigkilled_member_s_partitions_go_to_the_others_and_its_jobs_are_claimed() {
+    let Some(etcd) = etcd::Etcd::start() else {
+        return;
+    };
+    let Some(redis) = Redis::start() else { return };
+    let shared = tempfile::tempdir().unwrap();
+    let w = worker_script(shared.path());
+    let a = clustered("a", &redis, &etcd, &w, "0.05");
+    let b = clustered("b", &redis, &etcd, &w, "0.05");
+    let mut c = clustered("c", &redis, &etcd, &w, "0.05");
+    wait_owners(&[&a, &b, &c], 3, &[]);
+    let keys: Vec<String> = (0..48).map(|i| format!("user{i}")).collect();
+    keyed_round(&a, shared.path(), &keys, "warm");
+    let before = [owner_lines(&a, 2), owner_lines(&b, 2)];
+    // Four jobs per key; c is killed while it has some in flight.
+    let mut jobs = Vec::new();
+    for k in &keys {
+        let mine: Vec<String> = (1..=4).map(|i| format!("{k}-x-{i}")).collect();
+        let mut args = vec!["submit", "q", "--key", k];
+        args.extend(mine.iter().map(String::as_str));
+        a.cli_ok(&args);
+        jobs.extend(mine);
+    }
+    let did_c = |n: usize| {
+        done_log(shared.path())
+            .iter()
+            .filter(|(j, nodes)| j.contains("-x-") && nodes.iter().any(|n| n == "c"))
+            .count()
+            >= n
+    };
+    c.sb.wait("c did some of the jobs", DEADLINE, || did_c(4));
+    c.kill();
+    wait_owners(&[&a, &b], 2, &before);
+    all_done(&a, shared.path(), &jobs, Duration::from_secs(30));
+    let log = [&a, &b]
+        .iter()
+        .map(|m| m.daemon.as_ref().unwrap().stderr_text())
+        .collect::<String>();
+    assert!(
+        log.contains("took over"),
+        "c's jobs in flight were claimed: {log}"
+    );
+    let q = a.counts();
+    assert_eq!((q.pending, q.in_flight, q.dead), (0, 0, 0), "{q:?}");
+    // c's partitions are a's and b's now.
+    let after = keyed_round(&b, shared.path(), &keys, "after");
+    for (k, nodes) in &after {
+        let want = owner_of(k, &["a", "b"]);
+        assert_eq!(nodes.iter().collect::<Vec<_>>(), vec![&want], "key {k}");
+    }
+}
+
+#[test]
+fn a_master_whose_workers_stop_gives_back_the_jobs_it_fetched() {
+    let Some(redis) = Redis::start() else { return };
+    let shared = tempfile::tempdir().unwrap();
+    let w = worker_script(shared.path());
+    // a fetches up to twice its workers' prefetch, far more than its one slow worker does.
+    let a = Master::start("a", &redis, &w, 1, "0.3", "prefetch = 8\n");
+    let jobs = numbered(1..41);
+    submit(&a, &jobs);
+    a.sb.wait("a works", DEADLINE, || !done_log(shared.path()).is_empty());
+    let b = Master::start("b", &redis, &w, 2, "", "");
+    a.cli_ok(&["stop", "w"]);
+    // a lives and would hold what it fetched for ever: it gives it back instead, and b
+    // does it (claim_after would never move it).
+    all_done(&b, shared.path(), &jobs, Duration::from_secs(20));
+    let log = a.daemon.as_ref().unwrap().stderr_text();
+    assert!(log.contains("given back to Redis"), "{log}");
+    let by_b = done_log(shared.path())
+        .values()
+        .filter(|n| n.iter().any(|n| n == "b"))
+        .count();
+    assert!(by_b > 0, "b did none");
+    // Given back, not taken over: no attempt counted.
+    let q = b.counts();
+    assert_eq!((q.pending, q.in_flight, q.dead), (0, 0, 0), "{q:?}");
+    // a fetches nothing while it has no worker.
+    submit(&b, &numbered(100..110));
+    all_done(&b, shared.path(), &numbered(100..110), DEADLINE);
+    let late = done_log(shared.path());
+    for j in 100..110 {
+        assert_eq!(late[&j.to_string()], vec!["b".to_string()]);
+    }
+}
+
+#[test]
+fn wait_dead_letters_requeue_and_counts_work_across_partitions() {
+    let Some(etcd) = etcd::Etcd::start() else {
+        return;
+    };
+    let Some(redis) = Redis::start() else { return };
+    let shared = tempfile::tempdir().unwrap();
+    let w = worker_script(shared.path());
+    let a = clustered_with("a", &redis, &etcd, &w, 1, "", "");
+    let b = clustered_with("b", &redis, &etcd, &w, 1, "", "");
+    wait_owners(&[&a, &b], 2, &[]);
+    let out = a.cli(&["submit", "q", "--key", "user1", "--wait", "fail-1", "fine"]);
+    assert_exit_code(out.status, 1, &out.stderr);
+    assert_eq!(
+        out.stdout.lines().collect::<Vec<_>>(),
+        ["dead nope", "ok fine"]
+    );
+    // Without a key: some partition, whoever owns it.
+    let out = b.cli(&["submit", "q", "--wait", "drop-1"]);
+    assert_exit_code(out.status, 1, &out.stderr);
+    assert_eq!(out.stdout.trim(), "dead bad");
+    let runs = done_log(shared.path());
+    let user1 = owner_of("user1", &["a", "b"]);
+    assert_eq!(runs["fail-1"], vec![user1.clone(); 3], "{runs:?}");
+    let out = b.cli_ok(&["queue", "q", "--dead", "--json"]);
+    let dead: DeadLetters = serde_json::from_str(&out.stdout).unwrap();
+    let mut seen: Vec<(String, Option<String>, u32)> = dead
+        .dead
+        .iter()
+        .map(|d| (d.payload.clone(), d.key.clone(), d.attempts))
+        .collect();
+    seen.sort();
+    assert_eq!(
+        seen,
+        [
+            ("drop-1".to_string(), None, 0),
+            ("fail-1".to_string(), Some("user1".to_string()), 3)
+        ]
+    );
+    let out = a.cli(&["requeue", "q", "999999"]);
+    assert_exit_code(out.status, 1, &out.stderr);
+    assert!(
+        out.stderr.contains("no dead letter with id 999999"),
+        "{}",
+        out.stderr
+    );
+    let id = dead.dead.iter().find(|d| d.payload == "fail-1").unwrap().id;
+    a.cli_ok(&["requeue", "q", &id.to_string()]);
+    // Back to its key's partition: run by its owner again, dead again.
+    a.sb.wait("the requeued job ran again, dead again", DEADLINE, || {
+        let c = a.counts();
+        done_log(shared.path())["fail-1"].len() == 6 && c.dead == 2 && c.in_flight == 0
+    });
+    assert_eq!(done_log(shared.path())["fail-1"], vec![user1; 6]);
+    let (ca, cb) = (a.counts(), b.counts());
+    assert_eq!(ca, cb);
+    assert_eq!(
+        (ca.pending, ca.in_flight, ca.dead, ca.done),
+        (0, 0, 2, 1),
+        "{ca:?}"
+    );
+}
+
+#[test]
+fn max_pending_holds_across_partitions() {
+    let Some(etcd) = etcd::Etcd::start() else {
+        return;
+    };
+    let Some(redis) = Redis::start() else { return };
+    let shared = tempfile::tempdir().unwrap();
+    let w = worker_script(shared.path());
+    // Consumers by their config, but no worker runs: the jobs stay pending.
+    let a = clustered_with("a", &redis, &etcd, &w, 0, "", "max_pending = 5\n");
+    let b = clustered_with("b", &redis, &etcd, &w, 0, "", "max_pending = 5\n");
+    for k in ["k1", "k2", "k3"] {
+        a.cli_ok(&["submit", "q", "--key", k, k]);
+    }
+    let out = b.cli(&["submit", "q", "--key", "k4", "4", "5", "6"]);
+    assert_exit_code(out.status, 1, &out.stderr);
+    assert!(
+        out.stderr.contains("queue is full: 3 job(s)"),
+        "{}",
+        out.stderr
+    );
+    b.cli_ok(&["submit", "q", "4", "5"]);
+    let c = a.counts();
+    assert_eq!((c.pending, c.in_flight), (5, 0), "{c:?}");
 }

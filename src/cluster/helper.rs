@@ -53,6 +53,8 @@ pub enum ToHelper {
     Release { pid: u32 },
     /// The programs changed (a reload): the member record says so from the next renewal.
     Programs(Vec<String>),
+    /// The queues the member record lists changed (a reload).
+    Queues(Vec<String>),
 }
 
 /// From the helper to the master.
@@ -362,6 +364,10 @@ impl Helper {
             ToHelper::Alive => self.last_alive = boottime(),
             ToHelper::Programs(programs) => {
                 self.settings.member.programs = programs;
+                self.record_put = false;
+            }
+            ToHelper::Queues(queues) => {
+                self.settings.member.queues = queues;
                 self.record_put = false;
             }
             ToHelper::Acquire {

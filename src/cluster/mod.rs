@@ -41,6 +41,9 @@ pub struct Member {
     pub since: u64,
     /// The programs it runs.
     pub programs: Vec<String>,
+    /// The queues its programs consume (a record without them consumes none).
+    #[serde(default)]
+    pub queues: Vec<String>,
 }
 
 /// The prefix of lock `name`'s keys (with its trailing slash).

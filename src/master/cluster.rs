@@ -66,6 +66,8 @@ pub(super) struct Cluster {
     holders: BTreeSet<u32>,
     /// The live members as last read; `None` while out of the cluster.
     members: Option<Vec<Member>>,
+    /// Counts the changes of `members` (the Redis queues' partitions follow them).
+    generation: u64,
     /// Why we are out of the cluster, for `members`.
     out_because: String,
     /// The config the member record's programs were last compared with: a reload replaces
@@ -86,6 +88,7 @@ impl Cluster {
                     .duration_since(SystemTime::UNIX_EPOCH)
                     .map_or(0, |d| d.as_secs()),
                 programs: config.programs.iter().map(|p| p.name.clone()).collect(),
+                queues: consumed_queues(config),
             },
         });
         Cluster {
@@ -99,9 +102,20 @@ impl Cluster {
             waiting: BTreeMap::new(),
             holders: BTreeSet::new(),
             members: None,
+            generation: 0,
             out_because: "joining".into(),
             config: None,
         }
+    }
+
+    /// Counts the changes of the member list (see [`Cluster::live_members`]).
+    pub(super) fn generation(&self) -> u64 {
+        self.generation
+    }
+
+    /// The live members as last read; `None` while out of the cluster (or not in one).
+    pub(super) fn live_members(&self) -> Option<&[Member]> {
+        self.members.as_deref()
     }
 
     pub(super) fn helper_pid(&self) -> Option<Pid> {
@@ -191,10 +205,17 @@ impl Supervisor {
                 .iter()
                 .map(|p| p.name.clone())
                 .collect();
+            let queues = consumed_queues(&self.config);
             if let Some(s) = c.settings.as_mut() {
                 if s.member.programs != programs {
                     s.member.programs = programs.clone();
                     c.send(&ToHelper::Programs(programs));
+                }
+            }
+            if let Some(s) = c.settings.as_mut() {
+                if s.member.queues != queues {
+                    s.member.queues = queues.clone();
+                    c.send(&ToHelper::Queues(queues));
                 }
             }
         }
@@ -265,11 +286,13 @@ impl Supervisor {
             FromHelper::Lost { reason } => {
                 log::warn!("out of the cluster: {reason}");
                 c.members = None;
+                c.generation += 1;
                 c.out_because = reason;
             }
             FromHelper::Members(members) => {
                 log::debug!("cluster members: {}", members.len());
                 c.members = Some(members);
+                c.generation += 1;
             }
             FromHelper::Granted { pid, revisions } => {
                 let Some(w) = c.waiting.remove(&pid) else {
@@ -380,6 +403,7 @@ impl Supervisor {
         c.helper_pid = None;
         c.link = None;
         c.members = None;
+        c.generation += 1;
         c.out_because = format!("the cluster helper ended ({exit})");
         c.failures += 1;
         let delay = crate::backoff::delay(&HELPER_BACKOFF, c.failures, 0.0);
@@ -404,4 +428,15 @@ impl Supervisor {
         }
         self.cluster.link = None;
     }
+}
+
+/// The queues this master's programs consume, sorted: what its member record says (only
+/// members that consume a partitioned queue take its partitions).
+fn consumed_queues(config: &Config) -> Vec<String> {
+    let set: BTreeSet<String> = config
+        .programs
+        .iter()
+        .filter_map(|p| p.queue.clone())
+        .collect();
+    set.into_iter().collect()
 }

@@ -227,7 +227,7 @@ impl Queues {
             read_buf: Vec::new(),
         };
         for q in &config.queues {
-            let rt = QueueRt::open(q, &config.state_dir, &config.node)
+            let rt = QueueRt::open(q, &config.state_dir, &config.node, config.cluster.is_some())
                 .map_err(|e| (q.name.clone(), e))?;
             queues.queues.push(rt);
         }
@@ -339,7 +339,12 @@ impl Queues {
                     }
                     kept.push(rt);
                 }
-                None => match QueueRt::open(q, &config.state_dir, &config.node) {
+                None => match QueueRt::open(
+                    q,
+                    &config.state_dir,
+                    &config.node,
+                    config.cluster.is_some(),
+                ) {
                     Ok(rt) => {
                         changes.push(format!("queue {}: added", q.name));
                         kept.push(rt);
@@ -386,7 +391,12 @@ impl Queues {
 }
 
 impl QueueRt {
-    fn open(q: &Queue, state_dir: &std::path::Path, node: &str) -> Result<QueueRt, store::Error> {
+    fn open(
+        q: &Queue,
+        state_dir: &std::path::Path,
+        node: &str,
+        clustered: bool,
+    ) -> Result<QueueRt, store::Error> {
         let mut state = QueueState::new(Settings::from(q));
         let mut store_opt = None;
         // A queue in Redis is as durable as Redis is: no log of its own.
@@ -405,7 +415,7 @@ impl QueueRt {
             failed: VecDeque::new(),
             watched: Watched::default(),
             counters: QueueCounters::default(),
-            remote: remote::Remote::for_queue(q, node),
+            remote: remote::Remote::for_queue(q, node, clustered),
         })
     }
 

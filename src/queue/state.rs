@@ -729,6 +729,48 @@ impl QueueState {
         Ok(chosen.len() as u64)
     }
 
+    /// Takes out the jobs not delivered (waiting, parked, or waiting for a retry) that `give`
+    /// picks: a queue fed from elsewhere gives them back there.
+    pub fn take_waiting(&mut self, mut give: impl FnMut(&Job) -> bool) -> Vec<Job> {
+        let mut out = Vec::new();
+        let mut keep = VecDeque::with_capacity(self.pending.len());
+        for job in self.pending.drain(..) {
+            if give(&job) {
+                out.push(job);
+            } else {
+                keep.push_back(job);
+            }
+        }
+        self.pending = keep;
+        for list in self.parked.values_mut() {
+            let before = list.len();
+            let mut kept = VecDeque::with_capacity(before);
+            for job in list.drain(..) {
+                if give(&job) {
+                    out.push(job);
+                } else {
+                    kept.push_back(job);
+                }
+            }
+            self.parked_len -= before - kept.len();
+            *list = kept;
+        }
+        self.parked.retain(|_, l| !l.is_empty());
+        let retrying: std::collections::HashSet<u64> = self
+            .retry_jobs
+            .iter()
+            .filter(|(_, j)| give(j))
+            .map(|(id, _)| *id)
+            .collect();
+        if !retrying.is_empty() {
+            self.retry.retain(|(_, id)| !retrying.contains(id));
+            for id in retrying {
+                out.extend(self.retry_jobs.remove(&id));
+            }
+        }
+        out
+    }
+
     /// Lets a dead letter go: it is kept elsewhere (a queue in Redis keeps its dead letters
     /// there).
     pub fn forget_dead(&mut self, id: u64) {
@@ -853,6 +895,23 @@ mod tests {
         assert_eq!(q.room(0), 5, "three are in flight");
         q.submit(None, jobs(10), false);
         assert_eq!((q.room(0), q.room(8)), (0, 3));
+    }
+
+    #[test]
+    fn jobs_not_delivered_can_be_taken_out_in_flight_ones_stay() {
+        let mut q = QueueState::new(settings(Route::LeastLoaded, 2));
+        q.add_consumer(ConsumerId(1), 0);
+        q.set_accepting(ConsumerId(1), true);
+        q.submit(None, jobs(5), false);
+        dispatch(&mut q, Instant::now());
+        let held = q.held();
+        assert_eq!((held, q.counts().in_flight), (5, 2));
+        let odd = q.take_waiting(|j| j.id % 2 == 1);
+        assert_eq!(odd.iter().map(|j| j.id).collect::<Vec<_>>(), vec![3, 5]);
+        assert_eq!((q.held(), q.counts().pending), (3, 1));
+        let rest = q.take_waiting(|_| true);
+        assert_eq!(rest.iter().map(|j| j.id).collect::<Vec<_>>(), vec![4]);
+        assert_eq!((q.held(), q.counts().in_flight), (2, 2));
     }
 
     /// Delivers and returns (consumer, job id) pairs.

@@ -11,7 +11,16 @@
 //!   them again, so a helper crash or a Redis outage loses no answer;
 //! - the `submit` batches waiting for their ids (`tickets`: a batch has local ticket numbers
 //!   at once, for the clients that wait on it, and its cluster-wide ids once Redis gave them);
-//! - the helper itself: spawned, watched, and after it ends restarted with backoff.
+//! - the helper itself: spawned, watched, and after it ends restarted with backoff;
+//! - of a partitioned queue (`route = "key"` with `[plumule] cluster`), the partitions this
+//!   master owns, computed from the cluster's member list each time it changes
+//!   ([`crate::cluster::partition`]) and told to the helper, which reads only those.
+//!
+//! Jobs fetched and not delivered to a worker are given back to Redis ([`Op::Back`]: the
+//! entry acknowledged and added again, in one script) when no worker of this master takes
+//! jobs any more (their credit withdrawn too), and, of a partitioned queue, when their
+//! partition moved to another master: they do not wait here for workers that may not come
+//! back, nor run on a node their key left.
 //!
 //! The helper is polled through `Part::Queues` (token [`TOKEN_REMOTE`] with its pid); the
 //! only timers are the next hold (while something is held) and a restart due.
@@ -24,6 +33,7 @@ use log::Level;
 use nix::unistd::Pid;
 
 use super::{ended, token, QueueRt, SubmitError};
+use crate::cluster::partition;
 use crate::config::Queue;
 use crate::master::commands::WaitKind;
 use crate::master::output::event;
@@ -92,12 +102,18 @@ pub(super) struct Remote {
     next_token: u64,
     replies: HashMap<u64, Reply>,
     asked: Vec<u64>,
+    /// The cluster membership generation the owned partitions were computed from.
+    members_seen: Option<u64>,
+    /// The partitions owned changed: jobs of the others not delivered yet go back.
+    moved: bool,
 }
 
 impl Remote {
     /// The Redis side of `q`, if it has a backend.
-    pub(super) fn for_queue(q: &Queue, node: &str) -> Option<Remote> {
+    /// `clustered`: `[plumule] cluster` is set (a key-routed queue is then partitioned).
+    pub(super) fn for_queue(q: &Queue, node: &str, clustered: bool) -> Option<Remote> {
         let url = q.backend.clone()?;
+        let partitioned = clustered && q.route == crate::config::Route::Key;
         Some(Remote {
             shown: redact(&url),
             setup: Setup {
@@ -107,6 +123,8 @@ impl Remote {
                 claim_after: q.claim_after,
                 max_attempts: q.max_attempts,
                 results_from: None,
+                partitions: partitioned.then_some(q.partitions),
+                owned: Vec::new(),
             },
             link: None,
             closing: None,
@@ -130,13 +148,24 @@ impl Remote {
             next_token: 1,
             replies: HashMap::new(),
             asked: Vec::new(),
+            members_seen: None,
+            moved: false,
         })
     }
 
-    /// New settings from a reload (the URL and node stay until the master restarts): a
-    /// helper started with other `claim_after` or `max_attempts` is replaced (it loses
+    /// New settings from a reload (the URL, node, and a partitioned queue's partitions stay
+    /// until the master restarts): a helper started with other `claim_after` or `max_attempts` is replaced (it loses
     /// nothing: what it did not record is handed to the next one).
     pub(super) fn reconfigure(&mut self, q: &Queue) {
+        if self.setup.partitions.is_some()
+            && (q.route != crate::config::Route::Key || Some(q.partitions) != self.setup.partitions)
+        {
+            log::warn!(
+                "queue {}: a change of `route` or `partitions` of a Redis queue takes effect \
+                 when the master restarts",
+                self.setup.queue
+            );
+        }
         if (self.setup.claim_after, self.setup.max_attempts) == (q.claim_after, q.max_attempts) {
             return;
         }
@@ -384,10 +413,26 @@ impl QueueRt {
                 r.granted = r.granted.saturating_sub(list.len() as u64);
                 let mut jobs = Vec::with_capacity(list.len());
                 for f in list {
-                    if r.held.contains_key(&f.id) {
+                    // Fetched twice (a new helper reads this consumer's pending entries
+                    // again): the job is here already. The same job in another entry was
+                    // given back and read again: a new delivery.
+                    if r.held.get(&f.id) == Some(&f.entry) {
                         continue;
                     }
-                    r.held.insert(f.id, f.entry);
+                    // Read by a read begun before its partition moved away: given back at
+                    // once, for its owner.
+                    let theirs = r.setup.partitions.is_some()
+                        && crate::queue::redis::split_entry(&f.entry)
+                            .0
+                            .is_some_and(|p| !r.setup.owned.contains(&p));
+                    r.held.insert(f.id, f.entry.clone());
+                    if theirs {
+                        r.ops.push(Op::Back {
+                            entry: f.entry,
+                            id: f.id,
+                        });
+                        continue;
+                    }
                     if f.attempts > 0 {
                         r.retried.insert(f.id);
                     }
@@ -426,8 +471,10 @@ impl QueueRt {
             FromHelper::Recorded { seq } => {
                 while r.unconfirmed.front().is_some_and(|(s, _)| *s <= seq) {
                     let (_, ops) = r.unconfirmed.pop_front().expect("checked");
-                    for id in ops.iter().filter_map(Op::ends) {
-                        r.held.remove(&id);
+                    for (id, entry) in ops.iter().filter_map(Op::ends) {
+                        if r.held.get(&id).is_some_and(|e| e == entry) {
+                            r.held.remove(&id);
+                        }
                     }
                 }
             }
@@ -471,6 +518,43 @@ impl QueueRt {
         let room = self.state.room(capacity);
         let chunk = (capacity / 2).max(1);
         let r = self.remote.as_mut().expect("a Redis queue");
+        // What was fetched and is not delivered goes back when no worker here takes jobs,
+        // or (partitioned) when its partition is not ours any more.
+        let nobody = capacity == 0;
+        let owned = r.setup.partitions.map(|_| &r.setup.owned);
+        let moved = |entry: &str| match (owned, crate::queue::redis::split_entry(entry).0) {
+            (Some(owned), Some(p)) => !owned.contains(&p),
+            _ => false,
+        };
+        if (nobody || std::mem::take(&mut r.moved)) && !r.held.is_empty() {
+            let held = &r.held;
+            let back = self
+                .state
+                .take_waiting(|j| nobody || held.get(&j.id).is_some_and(|e| moved(e)));
+            if !back.is_empty() {
+                log::info!(
+                    "queue {}: {} job(s) fetched and not delivered given back to Redis ({})",
+                    self.config.name,
+                    back.len(),
+                    if nobody {
+                        "no worker here takes jobs"
+                    } else {
+                        "their partition moved to another master"
+                    }
+                );
+            }
+            for j in back {
+                if let Some(entry) = r.held.get(&j.id) {
+                    r.ops.push(Op::Back {
+                        entry: entry.clone(),
+                        id: j.id,
+                    });
+                }
+            }
+        }
+        if nobody && r.granted > 0 && r.send(&ToHelper::NoCredit) {
+            r.granted = 0;
+        }
         if r.link.is_none() {
             if r.pid.is_none() && r.restart_at.is_some_and(|at| at <= now) {
                 r.spawn(now);
@@ -600,7 +684,43 @@ impl QueueRt {
     }
 }
 
+/// The members that consume `queue` (node names).
+fn consumers_of<'a>(members: &'a [crate::cluster::Member], queue: &str) -> Vec<&'a str> {
+    members
+        .iter()
+        .filter(|m| m.queues.iter().any(|q| q == queue))
+        .map(|m| m.node.as_str())
+        .collect()
+}
+
 impl Remote {
+    /// The partitions this master owns now; `None`: the member list is not known (out of
+    /// the cluster, or not joined yet), so none. Told to the helper and logged when changed.
+    fn set_owned(&mut self, owned: Option<Vec<u32>>, partitions: u32, consumers: usize) {
+        let list = owned.clone().unwrap_or_default();
+        let changed = list != self.setup.owned;
+        self.setup.owned = list.clone();
+        if changed {
+            self.moved = true;
+            self.send(&ToHelper::Own(list.clone()));
+        }
+        match owned {
+            None => log::warn!(
+                "queue {}: owns no partition: the cluster's member list is not known (not \
+                 in the cluster now)",
+                self.setup.queue
+            ),
+            Some(_) if changed => log::info!(
+                "queue {}: owns {} of {partitions} partitions ({} master(s) consume it): {}",
+                self.setup.queue,
+                list.len(),
+                consumers,
+                show_partitions(&list)
+            ),
+            Some(_) => {}
+        }
+    }
+
     fn spawn(&mut self, now: Instant) {
         let mut setup = self.setup.clone();
         if !self.watching {
@@ -645,6 +765,29 @@ impl Remote {
             .min(RESTART_MAX);
         self.failures += 1;
         self.restart_at = Some(now + delay);
+    }
+}
+
+/// A list of partitions as ranges: `0-3,7,9-10`, or `none`.
+fn show_partitions(list: &[u32]) -> String {
+    let mut out = Vec::new();
+    let mut i = 0;
+    while i < list.len() {
+        let mut j = i;
+        while j + 1 < list.len() && list[j + 1] == list[j] + 1 {
+            j += 1;
+        }
+        out.push(if i == j {
+            list[i].to_string()
+        } else {
+            format!("{}-{}", list[i], list[j])
+        });
+        i = j + 1;
+    }
+    if out.is_empty() {
+        "none".into()
+    } else {
+        out.join(",")
     }
 }
 
@@ -703,6 +846,24 @@ impl Supervisor {
 
     /// The Redis queues' part of a pass.
     pub(super) fn remotes_pass(&mut self, now: Instant) {
+        let generation = self.cluster.generation();
+        for q in &mut self.queues.queues {
+            let Some(r) = q.remote.as_mut() else {
+                continue;
+            };
+            if let Some(n) = r.setup.partitions {
+                if r.members_seen != Some(generation) {
+                    r.members_seen = Some(generation);
+                    let members = self.cluster.live_members();
+                    let owned = members.map(|m| {
+                        let names = consumers_of(m, &q.config.name);
+                        partition::owned_by(&q.config.name, n, &names, &r.setup.node)
+                    });
+                    let consumers = members.map_or(0, |m| consumers_of(m, &q.config.name).len());
+                    r.set_owned(owned, n, consumers);
+                }
+            }
+        }
         for q in &mut self.queues.queues {
             if q.remote.is_some() {
                 q.remote_pass(now);
@@ -866,5 +1027,17 @@ impl Supervisor {
                 _ => Response::error("unexpected reply from the Redis helper"),
             },
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn partitions_show_as_ranges() {
+        assert_eq!(show_partitions(&[]), "none");
+        assert_eq!(show_partitions(&[0, 1, 2, 3, 7, 9, 10]), "0-3,7,9-10");
+        assert_eq!(show_partitions(&[5]), "5");
     }
 }

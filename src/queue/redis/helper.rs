@@ -9,12 +9,14 @@
 //!   with backoff;
 //! - the *fetcher* reads jobs for the credit it has (XREADGROUP, first this consumer's own
 //!   pending entries after each connect, then new ones), and takes over entries idle longer
-//!   than `claim_after` (XAUTOCLAIM, an attempt counted);
+//!   than `claim_after` (XAUTOCLAIM, an attempt counted); of a partitioned queue it reads
+//!   only the partitions' streams the master says it owns ([`ToHelper::Own`]), all in one
+//!   XREADGROUP;
 //! - the *results* reader follows `plumule:Q:results` for the outcomes of watched jobs.
 //!
 //! Nothing here writes to stderr (the helper has none): log lines go to the master.
 
-use std::collections::VecDeque;
+use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
@@ -22,9 +24,10 @@ use std::time::{Duration, Instant};
 use ::redis::{Connection, RedisError, Script, Value};
 
 use super::{
-    redact, Bytes, Fetched, FromHelper, Keys, Op, Outcome, Query, Reply, ToHelper, ANSWERS,
-    GARBAGE, GROUP, REQUEUE, RESULTS_KEPT, SUBMIT,
+    entry_name, redact, Bytes, Fetched, FromHelper, Keys, Op, Outcome, Query, Reply, ToHelper,
+    ANSWERS, GARBAGE, GROUP, REQUEUE, REQUEUE_ONE, RESULTS_KEPT, SUBMIT,
 };
+use crate::cluster::partition::partition_of;
 use crate::protocol::{DeadLetter, QueueCounts};
 use crate::sys::link::Peer;
 
@@ -40,6 +43,16 @@ pub struct Setup {
     /// `Some` when the master waits for outcomes: where its reading of the results stream
     /// stopped (a restarted helper goes on from there).
     pub results_from: Option<String>,
+    /// `route = "key"` in a cluster: how many partitions (one stream each).
+    pub partitions: Option<u32>,
+    /// The partitions this master owns (of a partitioned queue).
+    pub owned: Vec<u32>,
+}
+
+/// The streams the fetcher reads: the partitions owned, counted by changes.
+struct Owned {
+    epoch: u64,
+    list: Vec<u32>,
 }
 
 /// Whether and from where the results thread reads `plumule:Q:results`: only while the
@@ -77,6 +90,7 @@ struct Shared {
     follow: Mutex<Follow>,
     follow_cv: Condvar,
     quit: AtomicBool,
+    owned: Mutex<Owned>,
 }
 
 impl Shared {
@@ -99,6 +113,28 @@ impl Shared {
 
     fn quitting(&self) -> bool {
         self.quit.load(Ordering::SeqCst)
+    }
+
+    /// The streams to read now (partition, stream), and the ownership epoch they are of.
+    fn streams(&self) -> (u64, Vec<(Option<u32>, String)>) {
+        if self.setup.partitions.is_none() {
+            return (0, vec![(None, self.keys.stream.clone())]);
+        }
+        let o = self.owned.lock().unwrap_or_else(|e| e.into_inner());
+        let list = o
+            .list
+            .iter()
+            .map(|&p| (Some(p), self.keys.partition(p)))
+            .collect();
+        (o.epoch, list)
+    }
+
+    /// Every stream of the queue: the partitions' (all of them, owned or not), or the one.
+    fn all_streams(&self) -> Vec<String> {
+        match self.setup.partitions {
+            Some(n) => (0..n).map(|p| self.keys.partition(p)).collect(),
+            None => vec![self.keys.stream.clone()],
+        }
     }
 
     fn url(&self) -> String {
@@ -126,7 +162,7 @@ impl Shared {
                 return None;
             }
             match self.connect().and_then(|mut c| {
-                make_group(&mut c, &self.keys).map_err(|e| e.to_string())?;
+                make_groups(&mut c, self).map_err(|e| e.to_string())?;
                 Ok(c)
             }) {
                 Ok(c) => return Some(c),
@@ -149,10 +185,18 @@ fn lost(e: &RedisError) -> bool {
         || e.is_unrecoverable_error()
 }
 
-fn make_group(con: &mut Connection, keys: &Keys) -> ::redis::RedisResult<()> {
+/// The group on every stream of the queue.
+fn make_groups(con: &mut Connection, sh: &Shared) -> ::redis::RedisResult<()> {
+    for stream in sh.all_streams() {
+        make_group(con, &stream)?;
+    }
+    Ok(())
+}
+
+fn make_group(con: &mut Connection, stream: &str) -> ::redis::RedisResult<()> {
     let made: ::redis::RedisResult<Value> = ::redis::cmd("XGROUP")
         .arg("CREATE")
-        .arg(&keys.stream)
+        .arg(stream)
         .arg(GROUP)
         .arg("0")
         .arg("MKSTREAM")
@@ -195,6 +239,10 @@ pub fn run(setup: Setup, peer: Peer<FromHelper, ToHelper>) -> i32 {
         }),
         follow_cv: Condvar::new(),
         quit: AtomicBool::new(false),
+        owned: Mutex::new(Owned {
+            epoch: 1,
+            list: setup.owned.clone(),
+        }),
         setup,
     });
     let (tx, rx) = crossbeam_channel::unbounded::<ToHelper>();
@@ -205,6 +253,16 @@ pub fn run(setup: Setup, peer: Peer<FromHelper, ToHelper>) -> i32 {
                 match msg {
                     ToHelper::Credit(n) => {
                         *shared.credit.lock().unwrap_or_else(|e| e.into_inner()) += n;
+                        shared.credit_cv.notify_all();
+                    }
+                    ToHelper::NoCredit => {
+                        *shared.credit.lock().unwrap_or_else(|e| e.into_inner()) = 0;
+                    }
+                    ToHelper::Own(list) => {
+                        let mut o = shared.owned.lock().unwrap_or_else(|e| e.into_inner());
+                        o.list = list;
+                        o.epoch += 1;
+                        drop(o);
                         shared.credit_cv.notify_all();
                     }
                     other => {
@@ -239,6 +297,9 @@ struct Main<'a> {
     submit: Script,
     answer: Script,
     requeue: Script,
+    requeue_one: Script,
+    /// The partition the next batch without a key goes to (they take turns).
+    keyless: u32,
 }
 
 fn main_loop(shared: &Shared, rx: crossbeam_channel::Receiver<ToHelper>) {
@@ -254,6 +315,8 @@ fn main_loop(shared: &Shared, rx: crossbeam_channel::Receiver<ToHelper>) {
         submit: Script::new(SUBMIT),
         answer: Script::new(ANSWERS),
         requeue: Script::new(REQUEUE),
+        requeue_one: Script::new(REQUEUE_ONE),
+        keyless: 0,
     };
     loop {
         if shared.quitting() {
@@ -288,7 +351,7 @@ impl Main<'_> {
         }
         let sh = self.shared;
         match sh.connect().and_then(|mut c| {
-            make_group(&mut c, &sh.keys).map_err(|e| e.to_string())?;
+            make_groups(&mut c, sh).map_err(|e| e.to_string())?;
             Ok(c)
         }) {
             Ok(mut con) => {
@@ -391,7 +454,7 @@ impl Main<'_> {
     fn handle(&mut self, msg: ToHelper) {
         self.ensure_connected();
         match msg {
-            ToHelper::Credit(_) => {}
+            ToHelper::Credit(_) | ToHelper::NoCredit | ToHelper::Own(_) => {}
             ToHelper::Submit {
                 ticket,
                 key,
@@ -427,8 +490,17 @@ impl Main<'_> {
             return Err(self.unreachable());
         };
         let keys = &self.shared.keys;
+        // A partitioned queue: the key's partition, or (no key) each partition in turn.
+        let stream = match (self.shared.setup.partitions, &key) {
+            (None, _) => keys.stream.clone(),
+            (Some(n), Some(k)) => keys.partition(partition_of(&k.0, n)),
+            (Some(n), None) => {
+                self.keyless = (self.keyless + 1) % n.max(1);
+                keys.partition(self.keyless)
+            }
+        };
         let mut inv = self.submit.prepare_invoke();
-        inv.key(&keys.stream).key(&keys.seq).key(&keys.stats);
+        inv.key(&stream).key(&keys.seq).key(&keys.stats);
         inv.arg(max_pending).arg(if watched { "1" } else { "0" });
         match &key {
             Some(k) => {
@@ -479,50 +551,27 @@ impl Main<'_> {
                 size += ops.len();
             }
             let keys = &self.shared.keys;
-            let mut inv = self.answer.prepare_invoke();
-            inv.key(&keys.stream)
-                .key(&keys.attempts)
-                .key(&keys.stats)
-                .key(&keys.dead)
-                .key(&keys.results);
-            inv.arg(GROUP).arg(RESULTS_KEPT);
+            // One script call per stream (a partitioned queue's answers are in several);
+            // attempts counts go with the first. Each op changes nothing the second time, so
+            // a call that fails after others worked is simply made again, all of them.
+            let mut by_stream: BTreeMap<String, Vec<&Op>> = BTreeMap::new();
+            let mut first_stream: Option<String> = None;
             for op in self.answers.iter().take(take).flat_map(|(_, ops)| ops) {
-                match op {
-                    Op::Ok {
-                        entry,
-                        id,
-                        watched,
-                        retried,
-                        result,
-                    } => {
-                        inv.arg("o")
-                            .arg(entry)
-                            .arg(id)
-                            .arg(if *watched { "1" } else { "0" })
-                            .arg(if *retried { "1" } else { "0" })
-                            .arg(&result.0);
-                    }
-                    Op::Attempt { id, attempts } => {
-                        inv.arg("a").arg(id).arg(attempts);
-                    }
-                    Op::Dead {
-                        entry,
-                        id,
-                        attempts,
-                        reason,
-                        watched,
-                    } => {
-                        inv.arg("d")
-                            .arg(entry)
-                            .arg(id)
-                            .arg(attempts)
-                            .arg(&reason.0)
-                            .arg(if *watched { "1" } else { "0" });
-                    }
+                let stream = match op.entry() {
+                    Some(e) => keys.locate(e).0,
+                    None => first_stream.clone().unwrap_or_else(|| keys.stream.clone()),
+                };
+                first_stream.get_or_insert_with(|| stream.clone());
+                by_stream.entry(stream).or_default().push(op);
+            }
+            let mut done: ::redis::RedisResult<Value> = Ok(Value::Nil);
+            for (stream, ops) in &by_stream {
+                done = record(&self.answer, con, keys, stream, ops);
+                if done.is_err() {
+                    break;
                 }
             }
             let seq = self.answers[take - 1].0;
-            let done: ::redis::RedisResult<Value> = inv.invoke(con);
             match done {
                 Ok(_) => {
                     self.answers.drain(..take);
@@ -558,14 +607,19 @@ impl Main<'_> {
         };
         let sh = self.shared;
         let min_idle = (sh.setup.claim_after / 2).as_millis() as u64;
-        for chunk in entries.chunks(BATCH as usize) {
+        let mut by_stream: BTreeMap<String, Vec<&str>> = BTreeMap::new();
+        for e in entries {
+            let (stream, id) = sh.keys.locate(e);
+            by_stream.entry(stream).or_default().push(id);
+        }
+        for (stream, chunk) in by_stream
+            .iter()
+            .flat_map(|(s, ids)| ids.chunks(BATCH as usize).map(move |c| (s, c)))
+        {
             let mut cmd = ::redis::cmd("XCLAIM");
-            cmd.arg(&sh.keys.stream)
-                .arg(GROUP)
-                .arg(&sh.setup.node)
-                .arg(min_idle);
+            cmd.arg(stream).arg(GROUP).arg(&sh.setup.node).arg(min_idle);
             for e in chunk {
-                cmd.arg(e);
+                cmd.arg(*e);
             }
             cmd.arg("JUSTID");
             let r: ::redis::RedisResult<Value> = cmd.query(con);
@@ -583,8 +637,11 @@ impl Main<'_> {
         let sh = self.shared;
         let keys = &sh.keys;
         let got = match query {
-            Query::Counts => counts(con, keys, &sh.setup.queue).map(Reply::Counts),
+            Query::Counts => counts(con, sh).map(Reply::Counts),
             Query::Dead => dead_letters(con, keys).map(Reply::Dead),
+            Query::Requeue(ids) if sh.setup.partitions.is_some() => {
+                requeue_partitioned(con, sh, &self.requeue_one, ids)
+            }
             Query::Requeue(ids) => {
                 let mut inv = self.requeue.prepare_invoke();
                 inv.key(&keys.stream)
@@ -641,12 +698,134 @@ fn check_appendonly(sh: &Shared, con: &mut Connection) {
     }
 }
 
-fn counts(con: &mut Connection, keys: &Keys, queue: &str) -> ::redis::RedisResult<QueueCounts> {
+/// Records `ops` (all of one stream, but attempts) with the answers script.
+fn record(
+    script: &Script,
+    con: &mut Connection,
+    keys: &Keys,
+    stream: &str,
+    ops: &[&Op],
+) -> ::redis::RedisResult<Value> {
+    let mut inv = script.prepare_invoke();
+    inv.key(stream)
+        .key(&keys.attempts)
+        .key(&keys.stats)
+        .key(&keys.dead)
+        .key(&keys.results);
+    inv.arg(GROUP).arg(RESULTS_KEPT);
+    for op in ops {
+        match op {
+            Op::Ok {
+                entry,
+                id,
+                watched,
+                retried,
+                result,
+            } => {
+                inv.arg("o")
+                    .arg(keys.locate(entry).1)
+                    .arg(id)
+                    .arg(if *watched { "1" } else { "0" })
+                    .arg(if *retried { "1" } else { "0" })
+                    .arg(&result.0);
+            }
+            Op::Attempt { id, attempts } => {
+                inv.arg("a").arg(id).arg(attempts);
+            }
+            Op::Dead {
+                entry,
+                id,
+                attempts,
+                reason,
+                watched,
+            } => {
+                inv.arg("d")
+                    .arg(keys.locate(entry).1)
+                    .arg(id)
+                    .arg(attempts)
+                    .arg(&reason.0)
+                    .arg(if *watched { "1" } else { "0" });
+            }
+            Op::Back { entry, .. } => {
+                inv.arg("b").arg(keys.locate(entry).1);
+            }
+        }
+    }
+    inv.invoke(con)
+}
+
+/// `requeue` of a partitioned queue: each dead letter goes back to its key's partition
+/// (one without a key: to partition 0), moved atomically one by one; nothing moves when an id
+/// named is not a dead letter.
+fn requeue_partitioned(
+    con: &mut Connection,
+    sh: &Shared,
+    script: &Script,
+    ids: Option<Vec<u64>>,
+) -> ::redis::RedisResult<Reply> {
+    let n = sh.setup.partitions.unwrap_or(1);
+    let v: Value = ::redis::cmd("XRANGE")
+        .arg(&sh.keys.dead)
+        .arg("-")
+        .arg("+")
+        .query(con)?;
+    let want: Option<HashSet<u64>> = ids.as_ref().map(|l| l.iter().copied().collect());
+    let mut found = Vec::new();
+    for (entry, fields) in entries(&v) {
+        let get = |name: &[u8]| fields.iter().find(|(f, _)| f == name).map(|(_, v)| v);
+        let Some(id) = get(b"id")
+            .and_then(|b| std::str::from_utf8(b).ok())
+            .and_then(|s| s.parse::<u64>().ok())
+        else {
+            continue;
+        };
+        if want.as_ref().is_none_or(|w| w.contains(&id)) {
+            let p = get(b"k").map_or(0, |k| partition_of(k, n));
+            found.push((entry, id, p));
+        }
+    }
+    if let Some(w) = &want {
+        if let Some(missing) = w.iter().find(|id| !found.iter().any(|f| f.1 == **id)) {
+            return Ok(Reply::Error(format!("no dead letter with id {missing}")));
+        }
+    }
+    let mut moved = 0;
+    for (entry, id, p) in found {
+        let got: i64 = script
+            .key(&sh.keys.dead)
+            .key(sh.keys.partition(p))
+            .key(&sh.keys.attempts)
+            .key(&sh.keys.stats)
+            .arg(&entry)
+            .arg(id)
+            .invoke(con)?;
+        moved += got.max(0) as u64;
+    }
+    Ok(Reply::Requeued(moved))
+}
+
+fn counts(con: &mut Connection, sh: &Shared) -> ::redis::RedisResult<QueueCounts> {
     type Stats = (Option<u64>, Option<u64>, Option<i64>);
-    let (pel, stats, dead): (Value, Stats, u64) = ::redis::pipe()
-        .cmd("XPENDING")
-        .arg(&keys.stream)
-        .arg(GROUP)
+    let keys = &sh.keys;
+    let queue = &sh.setup.queue;
+    // The entries pending in the group, over every stream of the queue.
+    let streams = sh.all_streams();
+    let mut pipe = ::redis::pipe();
+    for s in &streams {
+        pipe.cmd("XPENDING").arg(s).arg(GROUP);
+    }
+    let pels: Vec<Value> = pipe.query(con)?;
+    let in_flight: u64 = pels
+        .iter()
+        .map(|pel| {
+            array(pel)
+                .and_then(|a| a.first())
+                .and_then(int)
+                .unwrap_or(0)
+                .max(0) as u64
+        })
+        .sum();
+    let (stats, dead): (Stats, u64) = ::redis::pipe()
         .cmd("HMGET")
         .arg(&keys.stats)
         .arg("done")
@@ -656,11 +835,6 @@ fn counts(con: &mut Connection, keys: &Keys, queue: &str) -> ::redis::RedisResul
         .arg(&keys.dead)
         .query(con)?;
     let len = stats.2.unwrap_or(0).max(0) as u64;
-    let in_flight = array(&pel)
-        .and_then(|a| a.first())
-        .and_then(int)
-        .unwrap_or(0)
-        .max(0) as u64;
     Ok(QueueCounts {
         name: queue.to_string(),
         pending: len.saturating_sub(in_flight),
@@ -712,48 +886,44 @@ fn fetcher(sh: &Shared) {
     let answers = Script::new(ANSWERS);
     let half = sh.setup.claim_after / 2;
     let mut next_claim = Instant::now();
-    let mut claim_cursor = "0-0".to_string();
+    let mut claim_cursors: HashMap<Option<u32>, String> = HashMap::new();
+    // Where the next claim round starts among the streams (so that little credit does not
+    // always go to the first ones).
+    let mut claim_turn = 0usize;
     let mut pause = Pause::default();
     'connect: loop {
         pause.wait();
         let Some(mut con) = sh.connect_patiently() else {
             return;
         };
-        // First what this consumer held when it (or the master before it) stopped.
-        let mut from = "0".to_string();
-        loop {
-            match read_group(sh, &mut con, &from, BATCH, None) {
-                Ok(list) if list.is_empty() => break,
-                Ok(list) => {
-                    from = list.last().map(|(id, _)| id.clone()).unwrap_or_default();
-                    // Ours again: their idle time starts over, so that no claim (ours
-                    // included) takes them for a master that stopped.
-                    let mut reset = ::redis::cmd("XCLAIM");
-                    reset
-                        .arg(&sh.keys.stream)
-                        .arg(GROUP)
-                        .arg(&sh.setup.node)
-                        .arg(0);
-                    for (id, _) in &list {
-                        reset.arg(id);
-                    }
-                    reset.arg("JUSTID");
-                    let reset: ::redis::RedisResult<Value> = reset.query(&mut con);
-                    if reset.is_err() || deliver(sh, &mut con, &garbage, list, None).is_err() {
-                        continue 'connect;
-                    }
-                }
-                Err(_) => continue 'connect,
-            }
-        }
+        // The streams whose own pending entries were read on this connection.
+        let mut known: HashSet<Option<u32>> = HashSet::new();
+        let mut epoch = None;
         loop {
             if sh.quitting() {
                 return;
             }
+            let (now_epoch, streams) = sh.streams();
+            if epoch != Some(now_epoch) {
+                // First what this consumer held in a stream when it (or the master before
+                // it) stopped, or when it last owned the partition.
+                known.retain(|p| streams.iter().any(|(q, _)| q == p));
+                claim_cursors.retain(|p, _| streams.iter().any(|(q, _)| q == p));
+                for (part, stream) in &streams {
+                    if known.contains(part) {
+                        continue;
+                    }
+                    if read_own(sh, &mut con, &garbage, *part, stream).is_err() {
+                        continue 'connect;
+                    }
+                    known.insert(*part);
+                }
+                epoch = Some(now_epoch);
+            }
             let credit = {
                 let mut c = sh.credit.lock().unwrap_or_else(|e| e.into_inner());
                 let until = next_claim.saturating_duration_since(Instant::now());
-                if *c == 0 && !until.is_zero() {
+                if (*c == 0 || streams.is_empty()) && !until.is_zero() {
                     c = sh
                         .credit_cv
                         .wait_timeout(c, until.min(Duration::from_secs(1)))
@@ -762,46 +932,100 @@ fn fetcher(sh: &Shared) {
                 }
                 *c
             };
-            if credit == 0 {
+            if credit == 0 || streams.is_empty() {
                 if Instant::now() >= next_claim {
                     next_claim = Instant::now() + half;
                 }
                 continue;
             }
             if Instant::now() >= next_claim {
-                match claim(sh, &mut con, &garbage, &answers, &claim_cursor, credit) {
-                    Ok(next) => {
-                        if next == "0-0" {
-                            next_claim = Instant::now() + half;
-                        }
-                        claim_cursor = next;
+                let mut left = credit;
+                claim_turn = claim_turn.wrapping_add(1);
+                let start = claim_turn % streams.len();
+                for (part, stream) in streams.iter().cycle().skip(start).take(streams.len()) {
+                    if left == 0 {
+                        break;
                     }
-                    Err(_) => continue 'connect,
+                    let cursor = claim_cursors
+                        .get(part)
+                        .cloned()
+                        .unwrap_or_else(|| "0-0".into());
+                    match claim(
+                        sh, &mut con, &garbage, &answers, *part, stream, &cursor, left,
+                    ) {
+                        Ok((next, n)) => {
+                            left = left.saturating_sub(n);
+                            claim_cursors.insert(*part, next);
+                        }
+                        Err(_) => continue 'connect,
+                    }
+                }
+                if claim_cursors.values().all(|c| c == "0-0") {
+                    next_claim = Instant::now() + half;
                 }
                 continue;
             }
-            let count = credit.min(BATCH);
-            match read_group(sh, &mut con, ">", count, Some(BLOCK_MS)) {
-                Ok(list) if list.is_empty() => pause.reset(),
+            // COUNT is per stream: the credit shared among them (at least one each, so
+            // a few more than the credit may come when many partitions have jobs).
+            let count = credit.div_ceil(streams.len() as u64).min(BATCH);
+            match read_group(sh, &mut con, &streams, ">", count, Some(BLOCK_MS)) {
                 Ok(list) => {
                     pause.reset();
-                    if deliver(sh, &mut con, &garbage, list, None).is_err() {
-                        continue 'connect;
+                    for (part, stream, got) in list {
+                        if got.is_empty() {
+                            continue;
+                        }
+                        if deliver(sh, &mut con, &garbage, part, &stream, got, None).is_err() {
+                            continue 'connect;
+                        }
                     }
                 }
                 Err(e) => {
                     if e.code() == Some("NOGROUP") {
                         // Redis lost the group (restarted without its data): make it again.
-                        let _ = make_group(&mut con, &sh.keys);
+                        let _ = make_groups(&mut con, sh);
                         continue;
                     }
                     if !lost(&e) {
-                        pause.refused(sh, &format!("cannot read {}: {e}", sh.keys.stream));
+                        let what = streams.first().map_or("", |(_, s)| s.as_str());
+                        pause.refused(sh, &format!("cannot read {what}: {e}"));
                     }
                     continue 'connect;
                 }
             }
         }
+    }
+}
+
+/// Reads this consumer's own pending entries of one stream (from an earlier life), resets
+/// their idle time and sends them to the master.
+fn read_own(
+    sh: &Shared,
+    con: &mut Connection,
+    garbage: &Script,
+    part: Option<u32>,
+    stream: &str,
+) -> ::redis::RedisResult<()> {
+    let one = [(part, stream.to_string())];
+    let mut from = "0".to_string();
+    loop {
+        let Some((_, _, list)) = read_group(sh, con, &one, &from, BATCH, None)?.pop() else {
+            return Ok(());
+        };
+        if list.is_empty() {
+            return Ok(());
+        }
+        from = list.last().map(|(id, _)| id.clone()).unwrap_or_default();
+        // Ours again: their idle time starts over, so that no claim (ours included) takes
+        // them for a master that stopped.
+        let mut reset = ::redis::cmd("XCLAIM");
+        reset.arg(stream).arg(GROUP).arg(&sh.setup.node).arg(0);
+        for (id, _) in &list {
+            reset.arg(id);
+        }
+        reset.arg("JUSTID");
+        let _: Value = reset.query(con)?;
+        deliver(sh, con, garbage, part, stream, list, None)?;
     }
 }
 
@@ -838,13 +1062,19 @@ impl Pause {
 
 type Entry = (String, Vec<(Vec<u8>, Vec<u8>)>);
 
+/// What a read got from one stream: its partition, its name, its entries.
+type StreamRead = (Option<u32>, String, Vec<Entry>);
+
+/// Reads the group on `streams` (partition, stream) from `from` (the same for all); returns
+/// each stream's entries.
 fn read_group(
     sh: &Shared,
     con: &mut Connection,
+    streams: &[(Option<u32>, String)],
     from: &str,
     count: u64,
     block: Option<u64>,
-) -> ::redis::RedisResult<Vec<Entry>> {
+) -> ::redis::RedisResult<Vec<StreamRead>> {
     let mut cmd = ::redis::cmd("XREADGROUP");
     cmd.arg("GROUP")
         .arg(GROUP)
@@ -854,29 +1084,57 @@ fn read_group(
     if let Some(ms) = block {
         cmd.arg("BLOCK").arg(ms);
     }
-    cmd.arg("STREAMS").arg(&sh.keys.stream).arg(from);
+    cmd.arg("STREAMS");
+    for (_, s) in streams {
+        cmd.arg(s);
+    }
+    for _ in streams {
+        cmd.arg(from);
+    }
     let v: Value = cmd.query(con)?;
-    // [[stream, [entries]]]
-    Ok(array(&v)
-        .and_then(|streams| streams.first())
-        .and_then(array)
-        .and_then(|s| s.get(1))
-        .map(entries)
-        .unwrap_or_default())
+    // [[stream, [entries]], …] (RESP2), or a map stream → entries (RESP3).
+    let mut got = Vec::new();
+    let mut take = |name: &[u8], list: &Value| {
+        if let Some((part, stream)) = streams.iter().find(|(_, s)| s.as_bytes() == name) {
+            got.push((*part, stream.clone(), entries(list)));
+        }
+    };
+    match &v {
+        Value::Map(pairs) => {
+            for (k, list) in pairs {
+                if let Some(name) = bulk(k) {
+                    take(name, list);
+                }
+            }
+        }
+        other => {
+            for s in array(other).unwrap_or_default() {
+                let s = array(s).unwrap_or_default();
+                if let (Some(name), Some(list)) = (s.first().and_then(bulk), s.get(1)) {
+                    take(name, list);
+                }
+            }
+        }
+    }
+    Ok(got)
 }
 
-/// Takes over entries idle longer than `claim_after` (their master stopped): each counts an
-/// attempt; one out of attempts is dead-lettered. Returns the cursor for the next call.
+/// Takes over entries of one stream idle longer than `claim_after` (their master stopped):
+/// each counts an attempt; one out of attempts is dead-lettered. Returns the cursor for the
+/// next call and how many were taken.
+#[allow(clippy::too_many_arguments)]
 fn claim(
     sh: &Shared,
     con: &mut Connection,
     garbage: &Script,
     answers: &Script,
+    part: Option<u32>,
+    stream: &str,
     cursor: &str,
     credit: u64,
-) -> ::redis::RedisResult<String> {
+) -> ::redis::RedisResult<(String, u64)> {
     let v: Value = ::redis::cmd("XAUTOCLAIM")
-        .arg(&sh.keys.stream)
+        .arg(stream)
         .arg(GROUP)
         .arg(&sh.setup.node)
         .arg(sh.setup.claim_after.as_millis() as u64)
@@ -891,19 +1149,21 @@ fn claim(
         .map(|b| String::from_utf8_lossy(b).into_owned())
         .unwrap_or_else(|| "0-0".into());
     let list = parts.get(1).map(entries).unwrap_or_default();
+    let n = list.len() as u64;
     if !list.is_empty() {
         sh.log(
             false,
             format!(
-                "queue {}: took over {} job(s) left unanswered longer than claim_after ({})",
+                "queue {}: took over {} job(s) of {stream} left unanswered longer than \
+                 claim_after ({})",
                 sh.setup.queue,
                 list.len(),
                 crate::format_duration(sh.setup.claim_after)
             ),
         );
-        deliver(sh, con, garbage, list, Some(answers))?;
+        deliver(sh, con, garbage, part, stream, list, Some(answers))?;
     }
-    Ok(next)
+    Ok((next, n))
 }
 
 /// Sends the jobs among `list` to the master (with their attempts so far); dead-letters the
@@ -913,6 +1173,8 @@ fn deliver(
     sh: &Shared,
     con: &mut Connection,
     garbage: &Script,
+    part: Option<u32>,
+    stream: &str,
     list: Vec<Entry>,
     claimed: Option<&Script>,
 ) -> ::redis::RedisResult<()> {
@@ -921,14 +1183,17 @@ fn deliver(
         if fields.is_empty() {
             // Deleted while pending (answered elsewhere): nothing to do but let it go.
             let _: Value = ::redis::cmd("XACK")
-                .arg(&sh.keys.stream)
+                .arg(stream)
                 .arg(GROUP)
                 .arg(&entry)
                 .query(con)?;
             continue;
         }
         match parse_job(&entry, &fields) {
-            Ok(job) => jobs.push(job),
+            Ok(mut job) => {
+                job.entry = entry_name(part, &entry);
+                jobs.push(job)
+            }
             Err(why) => {
                 let shown = describe_fields(&fields);
                 sh.log(
@@ -936,11 +1201,11 @@ fn deliver(
                     format!(
                         "queue {}: entry {entry} of {} is not a plumule job ({why}); \
                          dead-lettered",
-                        sh.setup.queue, sh.keys.stream
+                        sh.setup.queue, stream
                     ),
                 );
                 let _: Value = garbage
-                    .key(&sh.keys.stream)
+                    .key(stream)
                     .key(&sh.keys.seq)
                     .key(&sh.keys.dead)
                     .arg(GROUP)
@@ -970,7 +1235,7 @@ fn deliver(
         );
         let mut dead = Vec::new();
         let mut inv = answers.prepare_invoke();
-        inv.key(&sh.keys.stream)
+        inv.key(stream)
             .key(&sh.keys.attempts)
             .key(&sh.keys.stats)
             .key(&sh.keys.dead)
@@ -982,7 +1247,7 @@ fn deliver(
             inv.arg("a").arg(j.id).arg(j.attempts);
             if j.attempts >= sh.setup.max_attempts {
                 inv.arg("d")
-                    .arg(&j.entry)
+                    .arg(sh.keys.locate(&j.entry).1)
                     .arg(j.id)
                     .arg(j.attempts)
                     .arg(&reason)

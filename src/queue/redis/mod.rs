@@ -8,6 +8,7 @@
 //! | key | type | what |
 //! |---|---|---|
 //! | `plumule:Q` | stream, group `plumule` | the jobs not yet answered: fields `id` (the job id), `p` (payload), `k` (key, optional), `w` (`1`: a client waits for the outcome) |
+//! | `plumule:Q:P` | stream, group `plumule` | with key partitions (`route = "key"` in a cluster), partition P's jobs, instead of `plumule:Q`; the master names their entries `P/ID` |
 //! | `plumule:Q:seq` | string | the last job id given (INCRBY in the submit script: ids are cluster-wide) |
 //! | `plumule:Q:attempts` | hash | job id → attempts so far, for jobs that failed at least once |
 //! | `plumule:Q:stats` | hash | `held` (jobs pending or fetched: what `max_pending` bounds), `done`, `retried` |
@@ -31,6 +32,13 @@
 //! `claim_after / 4` the master names the entries it holds ([`ToHelper::Hold`]) and the
 //! helper resets their idle time (XCLAIM … JUSTID), so that other masters, whose XAUTOCLAIM
 //! takes entries idle longer than `claim_after`, only take the jobs of a master that stopped.
+//!
+//! Jobs fetched and not delivered go back with [`Op::Back`], recorded in order with the
+//! answers. Of a partitioned queue (`route = "key"` in a cluster:
+//! [`helper::Setup::partitions`]) the master says which partitions it owns
+//! ([`ToHelper::Own`]) each time the membership changes them, and the helper reads only those
+//! streams; the master names each entry `P/ID` (its partition, its id in `plumule:Q:P`:
+//! [`entry_name`]), so that answers and holds find their stream.
 
 pub mod helper;
 
@@ -84,6 +92,7 @@ impl<'de> Deserialize<'de> for Bytes {
 /// The keys of one queue.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Keys {
+    /// The stream of an unpartitioned queue; with partitions, the prefix of theirs.
     pub stream: String,
     pub seq: String,
     pub attempts: String,
@@ -103,6 +112,38 @@ impl Keys {
             results: format!("{stream}:results"),
             stream,
         }
+    }
+
+    /// The stream of partition `p`: `plumule:Q:P`.
+    pub fn partition(&self, p: u32) -> String {
+        format!("{}:{p}", self.stream)
+    }
+
+    /// The stream an entry name (see [`entry_name`]) is in, and its id there.
+    pub fn locate<'a>(&self, entry: &'a str) -> (String, &'a str) {
+        match split_entry(entry) {
+            (Some(p), id) => (self.partition(p), id),
+            (None, id) => (self.stream.clone(), id),
+        }
+    }
+}
+
+/// How the master names an entry: its stream id, after `P/` for partition P's stream.
+pub fn entry_name(partition: Option<u32>, id: &str) -> String {
+    match partition {
+        Some(p) => format!("{p}/{id}"),
+        None => id.to_string(),
+    }
+}
+
+/// The partition of an entry name (`None`: the queue's one stream) and its stream id.
+pub fn split_entry(entry: &str) -> (Option<u32>, &str) {
+    match entry.split_once('/') {
+        Some((p, id)) => match p.parse() {
+            Ok(p) => (Some(p), id),
+            Err(_) => (None, entry),
+        },
+        None => (None, entry),
     }
 }
 
@@ -128,6 +169,11 @@ pub enum ToHelper {
     Watch(bool),
     /// A `queue`, `queue --dead` or `requeue` request; answered by [`FromHelper::Reply`].
     Query { token: u64, query: Query },
+    /// The credit granted and not used yet is withdrawn: no accepting worker is left.
+    NoCredit,
+    /// A partitioned queue: the partitions this master reads now (the rest it leaves to
+    /// their owners).
+    Own(Vec<u32>),
 }
 
 /// One answer to record.
@@ -153,15 +199,26 @@ pub enum Op {
         reason: Bytes,
         watched: bool,
     },
+    /// Fetched but not delivered, and given back (no worker takes it here, or its partition
+    /// moved): the entry is acknowledged and added again at the end of its stream with the
+    /// same fields (job id, payload, key), in one script, so another consumer reads it.
+    Back { entry: String, id: u64 },
 }
 
 impl Op {
-    /// The job an `Ok` or `Dead` ends (its entry leaves the stream).
-    pub fn ends(&self) -> Option<u64> {
+    /// The job an `Ok`, `Dead` or `Back` lets go of here, and its entry.
+    pub fn ends(&self) -> Option<(u64, &str)> {
         match self {
-            Op::Ok { id, .. } | Op::Dead { id, .. } => Some(*id),
+            Op::Ok { id, entry, .. } | Op::Dead { id, entry, .. } | Op::Back { id, entry } => {
+                Some((*id, entry))
+            }
             Op::Attempt { .. } => None,
         }
+    }
+
+    /// The entry the op is about, if any.
+    pub fn entry(&self) -> Option<&str> {
+        self.ends().map(|(_, e)| e)
     }
 }
 
@@ -293,7 +350,9 @@ return {first, held}
 /// trimmed below its oldest entry still pending or not yet delivered (XTRIM MINID ~): an
 /// answered entry is not deleted one by one, which costs Redis more than the rest of an
 /// answer. A `dead` moves its entry to the dead letters (read, acknowledged, deleted).
-/// An `ok` or `dead` whose entry another master answered already changes nothing.
+/// `b ENTRY` gives an entry back: acknowledged and added again at the stream's end with its
+/// fields (job id, payload, key, watched), so that it is read again by whoever reads next.
+/// An `ok`, `dead` or `b` whose entry another master answered already changes nothing.
 pub const ANSWERS: &str = r#"
 local group, cap = ARGV[1], ARGV[2]
 local acks, forget, results = {}, {}, {}
@@ -322,6 +381,15 @@ while i <= #ARGV do
     redis.call('HSET', KEYS[2], ARGV[i + 1], ARGV[i + 2])
     retried = retried + 1
     i = i + 3
+  elseif op == 'b' then
+    flush_acks()
+    local e = ARGV[i + 1]
+    i = i + 2
+    local got = redis.call('XRANGE', KEYS[1], e, e)
+    if #got > 0 and redis.call('XACK', KEYS[1], group, e) == 1 then
+      redis.call('XADD', KEYS[1], '*', unpack(got[1][2]))
+      redis.call('XDEL', KEYS[1], e)
+    end
   else
     flush_acks()
     local e, id, a, r, w = ARGV[i + 1], ARGV[i + 2], ARGV[i + 3], ARGV[i + 4], ARGV[i + 5]
@@ -430,6 +498,24 @@ if #found > 0 then redis.call('HINCRBY', KEYS[4], 'held', #found) end
 return {#found}
 "#;
 
+/// Puts one dead letter back in a stream (a partitioned queue's: the helper chose the
+/// partition), attempts at 0. KEYS: dead, stream, attempts, stats. ARGV: the dead letter's
+/// entry, its job id. Returns 1, or 0 when it is not there any more.
+pub const REQUEUE_ONE: &str = r#"
+local got = redis.call('XRANGE', KEYS[1], ARGV[1], ARGV[1])
+if #got == 0 then return 0 end
+local f = got[1][2]
+local n = {'id', ARGV[2]}
+for j = 1, #f, 2 do
+  if f[j] == 'p' or f[j] == 'k' then n[#n + 1] = f[j]; n[#n + 1] = f[j + 1] end
+end
+redis.call('XADD', KEYS[2], '*', unpack(n))
+redis.call('XDEL', KEYS[1], ARGV[1])
+redis.call('HDEL', KEYS[3], ARGV[2])
+redis.call('HINCRBY', KEYS[4], 'held', 1)
+return 1
+"#;
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -467,5 +553,23 @@ mod tests {
         assert_eq!(k.stream, "plumule:thumbs");
         assert_eq!(k.dead, "plumule:thumbs:dead");
         assert_eq!(k.results, "plumule:thumbs:results");
+        assert_eq!(k.partition(7), "plumule:thumbs:7");
+    }
+
+    #[test]
+    fn entry_names_carry_their_partition() {
+        let k = Keys::new("q");
+        assert_eq!(entry_name(Some(3), "17-0"), "3/17-0");
+        assert_eq!(entry_name(None, "17-0"), "17-0");
+        assert_eq!(split_entry("3/17-0"), (Some(3), "17-0"));
+        assert_eq!(split_entry("17-0"), (None, "17-0"));
+        assert_eq!(k.locate("3/17-0"), ("plumule:q:3".to_string(), "17-0"));
+        assert_eq!(k.locate("17-0"), ("plumule:q".to_string(), "17-0"));
+        let back = Op::Back {
+            entry: "3/17-0".into(),
+            id: 9,
+        };
+        assert_eq!(back.ends(), Some((9, "3/17-0")));
+        assert_eq!(Op::Attempt { id: 9, attempts: 1 }.entry(), None);
     }
 }
