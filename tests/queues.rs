@@ -1202,7 +1202,7 @@ fn dead_letters_and_requeues_are_durable() {
         .iter()
         .map(|d| (d.attempts, d.payload.as_str(), d.base64))
         .collect();
-    assert_eq!(summary, [(0, "drop-1", false), (0, "drop-2", false)]);
+    assert_eq!(summary, [(1, "drop-1", false), (1, "drop-2", false)]);
     // The worker's reason ends in a byte that is not UTF-8: it travels base64, intact.
     let reason = plumule::protocol::decode_bytes(&dead.dead[0].reason, dead.dead[0].reason_base64)
         .expect("base64");

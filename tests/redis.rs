@@ -460,7 +460,7 @@ fn retries_dead_letters_and_requeue_across_masters() {
     assert_eq!(
         seen,
         [
-            ("drop-1".to_string(), 0, "bad".to_string()),
+            ("drop-1".to_string(), 1, "bad".to_string()),
             ("fail-1".to_string(), 3, "nope".to_string())
         ]
     );
@@ -979,7 +979,7 @@ fn wait_dead_letters_requeue_and_counts_work_across_partitions() {
     assert_eq!(
         seen,
         [
-            ("drop-1".to_string(), None, 0),
+            ("drop-1".to_string(), None, 1),
             ("fail-1".to_string(), Some("user1".to_string()), 3)
         ]
     );

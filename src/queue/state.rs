@@ -19,7 +19,7 @@
 //!               └────────────────────────────── backoff over ◄───────────────────────────────┘
 //! ```
 //!
-//! `attempts` counts the deliveries of a job that ended without `ok`: a `fail`, and every
+//! `attempts` counts the deliveries of a job that ended without `ok`: a `fail` or a `drop`, and every
 //! redelivery whatever its cause (the worker died, a protocol error, a job timeout). A job
 //! whose attempts reach `max_attempts` is dead-lettered with the last reason.
 //!
@@ -536,7 +536,11 @@ impl QueueState {
                     took,
                 });
             }
-            Outcome::Drop => self.kill(job, answer.text, Some(took), false),
+            Outcome::Drop => {
+                // A delivery that ended without `ok`: it counts, like a `fail`.
+                job.attempts = job.attempts.saturating_add(1);
+                self.kill(job, answer.text, Some(took), false)
+            }
             Outcome::Fail => {
                 job.attempts = job.attempts.saturating_add(1);
                 if job.attempts >= self.settings.max_attempts {
@@ -1061,7 +1065,7 @@ mod tests {
             &ev[..],
             [JobEvent::Dead {
                 id: 1,
-                attempts: 0,
+                attempts: 1,
                 watched: true,
                 failed: false,
                 ..
