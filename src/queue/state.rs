@@ -19,9 +19,9 @@
 //!               └────────────────────────────── backoff over ◄───────────────────────────────┘
 //! ```
 //!
-//! `attempts` counts the deliveries of a job that ended without `ok`: a `fail` or a `drop`, and every
-//! redelivery whatever its cause (the worker died, a protocol error, a job timeout). A job
-//! whose attempts reach `max_attempts` is dead-lettered with the last reason.
+//! `attempts` counts the deliveries of a job that ended without `ok`: a `fail` or a `drop`,
+//! and every redelivery whatever its cause (the worker died, a protocol error, a job
+//! timeout). A job whose attempts reach `max_attempts` is dead-lettered with the last reason.
 //!
 //! Consumers are worker processes ([`ConsumerId`], the master uses the pid), each in a worker
 //! slot of the consuming program (`slot`, the stable worker id). During a rolling restart a
