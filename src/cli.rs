@@ -1058,6 +1058,20 @@ pub fn describe(config: &config::Config) -> String {
     let _ = writeln!(out, "runtime_dir {}", config.runtime_dir.display());
     let _ = writeln!(out, "state_dir   {}", config.state_dir.display());
     let _ = writeln!(out, "lock_dir    {}", config.lock_dir.display());
+    if let Some(cluster) = &config.cluster {
+        let etcd: Vec<String> = cluster
+            .etcd
+            .iter()
+            .map(|u| crate::cluster::etcd::redact(u))
+            .collect();
+        let _ = writeln!(
+            out,
+            "cluster     node={} etcd={} lease={}",
+            config.node,
+            etcd.join(","),
+            crate::format_duration(cluster.lease)
+        );
+    }
     let _ = writeln!(out, "programs    {}", config.programs.len());
     for p in &config.programs {
         let command = match &p.command {
@@ -1099,10 +1113,25 @@ pub fn describe(config: &config::Config) -> String {
             .map_or("no consumer here".to_string(), |p| {
                 format!("consumed by {}", p.name)
             });
+        let backend = match &q.backend {
+            Some(url) => {
+                let partitions = if q.route == config::Route::Key && config.cluster.is_some() {
+                    format!(" partitions={}", q.partitions)
+                } else {
+                    String::new()
+                };
+                format!(
+                    " backend={} claim_after={}{partitions}",
+                    crate::queue::redis::redact(url),
+                    crate::format_duration(q.claim_after)
+                )
+            }
+            None => String::new(),
+        };
         let _ = writeln!(
             out,
             "  {:<16} durable={} protocol={protocol} prefetch={} max_attempts={} route={route} \
-             max_pending={} {consumer}",
+             max_pending={}{backend} {consumer}",
             q.name, q.durable, q.prefetch, q.max_attempts, q.max_pending
         );
     }

@@ -71,6 +71,44 @@ fn check_accepts_a_valid_config() {
 }
 
 #[test]
+fn check_prints_the_cluster_and_a_queue_backend_without_their_passwords() {
+    let sb = Sandbox::new();
+    let text = format!(
+        "[plumule]\nruntime_dir = {}\nstate_dir = {}\nnode = \"web-7\"\n\
+         cluster = {{ etcd = [\"http://127.0.0.1:2379\"], lease = \"4s\" }}\n\n\
+         [program.w]\ncommand = [\"/bin/cat\"]\nqueue = \"q\"\n\n\
+         [queue.q]\nbackend = \"redis://:hunter2@127.0.0.1:6379/3\"\nroute = \"key\"\n\
+         claim_after = \"12s\"\npartitions = 16\n",
+        toml_str(&sb.runtime_dir()),
+        toml_str(&sb.path("state")),
+    );
+    // A password in the file: readable by its owner only.
+    let config = sb.write_file("plumule.toml", &text, 0o600);
+    let out = check(&sb, &config);
+    assert_exit_code(out.status, 0, &out.stderr);
+    assert!(
+        out.stdout
+            .contains("cluster     node=web-7 etcd=http://127.0.0.1:2379 lease=4s"),
+        "{}",
+        out.stdout
+    );
+    assert!(
+        out.stdout.contains(
+            "route=key max_pending=1000000 backend=redis://***@127.0.0.1:6379/3 \
+             claim_after=12s partitions=16 consumed by w"
+        ),
+        "{}",
+        out.stdout
+    );
+    assert!(
+        !out.stdout.contains("hunter2") && !out.stderr.contains("hunter2"),
+        "the password never shows:\n{}{}",
+        out.stdout,
+        out.stderr
+    );
+}
+
+#[test]
 fn run_refuses_an_invalid_config_with_exit_1() {
     let sb = Sandbox::new();
     let script = sb.worker("w.sh", "exec sleep 1000");
