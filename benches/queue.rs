@@ -44,7 +44,7 @@
 
 mod common;
 
-use common::machine;
+use common::{echo_worker, machine};
 use std::fmt::Write as _;
 use std::fs;
 use std::io::{self, BufRead, BufReader, BufWriter, Read, Write};
@@ -60,7 +60,6 @@ type Result<T> = std::result::Result<T, String>;
 
 const JOBS_VAR: &str = "QUEUE_BENCH_JOBS";
 const DEFAULT_JOBS: usize = 1_000_000;
-const WORKER_VAR: &str = "QUEUE_BENCH_ECHO_WORKER";
 /// The ping-pong message.
 const MSG: usize = 64;
 /// Messages in flight in the batched ping-pong, and the big prefetch.
@@ -416,28 +415,6 @@ fn end_to_end(jobs: usize) -> EndToEnd {
         rows,
         skipped: None,
     }
-}
-
-/// The Rust worker's binary: `QUEUE_BENCH_ECHO_WORKER`, or built now with cargo.
-fn echo_worker() -> Result<PathBuf> {
-    if let Some(path) = std::env::var_os(WORKER_VAR) {
-        return Ok(PathBuf::from(path));
-    }
-    let cargo = std::env::var("CARGO").unwrap_or_else(|_| env!("CARGO").into());
-    let plumule = Path::new(env!("CARGO_BIN_EXE_plumule"));
-    // target/release/plumule: examples land in target/release/examples.
-    let profile_dir = plumule.parent().ok_or("no target dir")?;
-    let target_dir = profile_dir.parent().ok_or("no target dir")?;
-    let status = Command::new(cargo)
-        .args(["build", "--quiet", "--release", "--example", "echo_worker"])
-        .current_dir(env!("CARGO_MANIFEST_DIR"))
-        .env("CARGO_TARGET_DIR", target_dir)
-        .status()
-        .map_err(|e| format!("cannot run cargo to build echo_worker: {e}"))?;
-    if !status.success() {
-        return Err(format!("cargo build --example echo_worker: {status}"));
-    }
-    Ok(profile_dir.join("examples").join("echo_worker"))
 }
 
 /// A running master in its own temp dir: SIGKILLed on drop unless stopped.

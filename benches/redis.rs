@@ -19,7 +19,7 @@
 
 mod common;
 
-use common::machine;
+use common::{echo_worker, machine};
 use std::fmt::Write as _;
 use std::io::{self, Write};
 use std::net::TcpStream;
@@ -31,7 +31,6 @@ type Result<T> = std::result::Result<T, String>;
 
 const JOBS_VAR: &str = "REDIS_BENCH_JOBS";
 const DEFAULT_JOBS: usize = 200_000;
-const WORKER_VAR: &str = "QUEUE_BENCH_ECHO_WORKER";
 const GOAL_TWO_MASTERS_64: f64 = 100_000.0;
 const DEADLINE: Duration = Duration::from_secs(10);
 const RUN_DEADLINE: Duration = Duration::from_secs(300);
@@ -178,26 +177,6 @@ impl Redis {
             .next_back()
             .ok_or_else(|| format!("cannot read redis-benchmark's output: {}", text.trim()))
     }
-}
-
-fn echo_worker() -> Result<PathBuf> {
-    if let Some(path) = std::env::var_os(WORKER_VAR) {
-        return Ok(PathBuf::from(path));
-    }
-    let cargo = std::env::var("CARGO").unwrap_or_else(|_| env!("CARGO").into());
-    let plumule = Path::new(env!("CARGO_BIN_EXE_plumule"));
-    let profile_dir = plumule.parent().ok_or("no target dir")?;
-    let target_dir = profile_dir.parent().ok_or("no target dir")?;
-    let status = Command::new(cargo)
-        .args(["build", "--quiet", "--release", "--example", "echo_worker"])
-        .current_dir(env!("CARGO_MANIFEST_DIR"))
-        .env("CARGO_TARGET_DIR", target_dir)
-        .status()
-        .map_err(|e| format!("cannot run cargo to build echo_worker: {e}"))?;
-    if !status.success() {
-        return Err(format!("cargo build --example echo_worker: {status}"));
-    }
-    Ok(profile_dir.join("examples").join("echo_worker"))
 }
 
 struct Master {

@@ -1,5 +1,5 @@
-//! What the benches share: the machine's description, today's date, and the system calls
-//! they wait and measure with. Each bench includes it with `mod common;` and uses what it
+//! What the benches share: the machine's description, today's date, the system calls they
+//! wait and measure with, and the Rust echo worker of the queue benches. Each bench includes it with `mod common;` and uses what it
 //! needs, so not every item is used by every bench.
 #![allow(dead_code)]
 
@@ -151,4 +151,27 @@ pub mod sys {
             });
         }
     }
+}
+
+/// The queue benches' Rust worker (`examples/echo_worker.rs`): the binary named by
+/// `QUEUE_BENCH_ECHO_WORKER`, or built now with cargo into this build's target dir.
+pub fn echo_worker() -> Result<std::path::PathBuf, String> {
+    if let Some(path) = std::env::var_os("QUEUE_BENCH_ECHO_WORKER") {
+        return Ok(std::path::PathBuf::from(path));
+    }
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| env!("CARGO").into());
+    let plumule = Path::new(env!("CARGO_BIN_EXE_plumule"));
+    // target/release/plumule: examples land in target/release/examples.
+    let profile_dir = plumule.parent().ok_or("no target dir")?;
+    let target_dir = profile_dir.parent().ok_or("no target dir")?;
+    let status = Command::new(cargo)
+        .args(["build", "--quiet", "--release", "--example", "echo_worker"])
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .env("CARGO_TARGET_DIR", target_dir)
+        .status()
+        .map_err(|e| format!("cannot run cargo to build echo_worker: {e}"))?;
+    if !status.success() {
+        return Err(format!("cargo build --example echo_worker: {status}"));
+    }
+    Ok(profile_dir.join("examples").join("echo_worker"))
 }
