@@ -44,7 +44,7 @@
 
 mod common;
 
-use common::{echo_worker, machine};
+use common::{echo_worker, machine, table};
 use std::fmt::Write as _;
 use std::fs;
 use std::io::{self, BufRead, BufReader, BufWriter, Read, Write};
@@ -822,31 +822,6 @@ fn rate(fig: &Figure, unit: &str) -> String {
 
 fn mib(kib: u64) -> String {
     format!("{:.1} MiB", kib as f64 / 1024.0)
-}
-
-/// A Markdown-style table, every column padded to its widest cell.
-fn table(head: &[&str], rows: &[Vec<String>]) -> String {
-    let head: Vec<String> = head.iter().map(|h| h.to_string()).collect();
-    let mut widths = vec![0; head.len()];
-    for r in std::iter::once(&head).chain(rows) {
-        for (w, c) in widths.iter_mut().zip(r) {
-            *w = (*w).max(c.chars().count());
-        }
-    }
-    let mut out = String::new();
-    let mut line = |cells: &[String]| {
-        out.push('|');
-        for (c, w) in cells.iter().zip(&widths) {
-            let _ = write!(out, " {c}{} |", " ".repeat(w - c.chars().count()));
-        }
-        out.push('\n');
-    };
-    line(&head);
-    line(&widths.iter().map(|&w| "-".repeat(w)).collect::<Vec<_>>());
-    for r in rows {
-        line(r);
-    }
-    out
 }
 
 /// Appends `n` in decimal (what `format!("{n}")` writes).

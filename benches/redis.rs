@@ -19,8 +19,7 @@
 
 mod common;
 
-use common::{echo_worker, machine};
-use std::fmt::Write as _;
+use common::{echo_worker, machine, table};
 use std::io::{self, Write};
 use std::net::TcpStream;
 use std::path::{Path, PathBuf};
@@ -298,31 +297,6 @@ fn rate(fig: &Result<f64>, unit: &str) -> String {
         Ok(v) => format!("{v:.0} {unit}"),
         Err(why) => why.clone(),
     }
-}
-
-/// A Markdown-style table, every column padded to its widest cell.
-fn table(head: &[&str], rows: &[Vec<String>]) -> String {
-    let head: Vec<String> = head.iter().map(|h| h.to_string()).collect();
-    let mut widths = vec![0; head.len()];
-    for r in std::iter::once(&head).chain(rows) {
-        for (w, c) in widths.iter_mut().zip(r) {
-            *w = (*w).max(c.chars().count());
-        }
-    }
-    let mut out = String::new();
-    let mut line = |cells: &[String]| {
-        out.push('|');
-        for (c, w) in cells.iter().zip(&widths) {
-            let _ = write!(out, " {c}{} |", " ".repeat(w - c.chars().count()));
-        }
-        out.push('\n');
-    };
-    line(&head);
-    line(&widths.iter().map(|&w| "-".repeat(w)).collect::<Vec<_>>());
-    for r in rows {
-        line(r);
-    }
-    out
 }
 
 fn toml_str(s: &str) -> String {

@@ -1,5 +1,5 @@
 //! What the benches share: the machine's description, today's date, the system calls they
-//! wait and measure with, and the Rust echo worker of the queue benches. Each bench includes it with `mod common;` and uses what it
+//! wait and measure with, the Rust echo worker of the queue benches, and their tables. Each bench includes it with `mod common;` and uses what it
 //! needs, so not every item is used by every bench.
 #![allow(dead_code)]
 
@@ -174,4 +174,30 @@ pub fn echo_worker() -> Result<std::path::PathBuf, String> {
         return Err(format!("cargo build --example echo_worker: {status}"));
     }
     Ok(profile_dir.join("examples").join("echo_worker"))
+}
+
+/// A Markdown-style table, every column padded to its widest cell.
+pub fn table(head: &[&str], rows: &[Vec<String>]) -> String {
+    use std::fmt::Write;
+    let head: Vec<String> = head.iter().map(|h| h.to_string()).collect();
+    let mut widths = vec![0; head.len()];
+    for r in std::iter::once(&head).chain(rows) {
+        for (w, c) in widths.iter_mut().zip(r) {
+            *w = (*w).max(c.chars().count());
+        }
+    }
+    let mut out = String::new();
+    let mut line = |cells: &[String]| {
+        out.push('|');
+        for (c, w) in cells.iter().zip(&widths) {
+            let _ = write!(out, " {c}{} |", " ".repeat(w - c.chars().count()));
+        }
+        out.push('\n');
+    };
+    line(&head);
+    line(&widths.iter().map(|&w| "-".repeat(w)).collect::<Vec<_>>());
+    for r in rows {
+        line(r);
+    }
+    out
 }
