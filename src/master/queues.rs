@@ -115,6 +115,39 @@ pub(super) struct QueueCounters {
     pub(super) durations: crate::master::metrics::Histogram,
 }
 
+impl QueueCounters {
+    /// Counts what `ev` says happened to a job: the same for a local and a Redis queue.
+    pub(super) fn count(&mut self, ev: &JobEvent) {
+        match ev {
+            JobEvent::Done { took, .. } => {
+                self.ok += 1;
+                self.durations.observe(took.as_secs_f64());
+            }
+            JobEvent::Dead { took, failed, .. } => {
+                if let Some(t) = took {
+                    self.durations.observe(t.as_secs_f64());
+                }
+                // Answered `fail` on its last attempt, answered `drop`, or out of attempts by
+                // redeliveries (then counted as those, under `retried`).
+                if *failed {
+                    self.fail += 1;
+                } else if took.is_some() {
+                    self.dropped += 1;
+                }
+            }
+            JobEvent::Attempt { took, .. } => {
+                if let Some(t) = took {
+                    self.fail += 1;
+                    self.durations.observe(t.as_secs_f64());
+                }
+                self.retried += 1;
+            }
+            JobEvent::Requeued { .. } => {}
+            JobEvent::TimedOut { .. } => self.timeout += 1,
+        }
+    }
+}
+
 /// A consumer's pipes and what travels on them.
 struct Conn {
     queue: String,
@@ -588,15 +621,14 @@ impl QueueRt {
         }
         let events: Vec<JobEvent> = self.state.events().collect();
         for mut ev in events {
+            self.counters.count(&ev);
             let appended = match &mut ev {
                 JobEvent::Done {
                     id,
                     result,
                     watched,
-                    took,
+                    ..
                 } => {
-                    self.counters.ok += 1;
-                    self.counters.durations.observe(took.as_secs_f64());
                     let appended = self
                         .store
                         .as_mut()
@@ -613,19 +645,8 @@ impl QueueRt {
                     attempts,
                     reason,
                     watched,
-                    took,
-                    failed,
+                    ..
                 } => {
-                    if let Some(t) = took {
-                        self.counters.durations.observe(t.as_secs_f64());
-                    }
-                    // Answered `fail` on its last attempt, answered `drop`, or out of
-                    // attempts by redeliveries (then counted as those, under `retried`).
-                    if *failed {
-                        self.counters.fail += 1;
-                    } else if took.is_some() {
-                        self.counters.dropped += 1;
-                    }
                     if *watched {
                         let reason = reason.clone();
                         self.watched.end(*id, || ended(JobOutcome::Dead, reason));
@@ -643,22 +664,13 @@ impl QueueRt {
                     id,
                     attempts,
                     reason,
-                    took,
-                } => {
-                    if let Some(t) = took {
-                        self.counters.fail += 1;
-                        self.counters.durations.observe(t.as_secs_f64());
-                    }
-                    self.counters.retried += 1;
-                    self.store
-                        .as_mut()
-                        .map(|s| s.append_attempt(*id, *attempts, reason))
-                }
+                    ..
+                } => self
+                    .store
+                    .as_mut()
+                    .map(|s| s.append_attempt(*id, *attempts, reason)),
                 JobEvent::Requeued { id } => self.store.as_mut().map(|s| s.append_requeued(*id)),
-                JobEvent::TimedOut { .. } => {
-                    self.counters.timeout += 1;
-                    None
-                }
+                JobEvent::TimedOut { .. } => None,
             };
             if let Some(Err(failed)) = appended {
                 // The change stays in memory; on disk the job keeps its earlier state, so

@@ -340,15 +340,14 @@ impl QueueRt {
         let events: Vec<JobEvent> = self.state.events().collect();
         let r = self.remote.as_mut().expect("a Redis queue");
         for ev in events {
+            self.counters.count(&ev);
             match ev {
                 JobEvent::Done {
                     id,
                     result,
                     watched,
-                    took,
+                    ..
                 } => {
-                    self.counters.ok += 1;
-                    self.counters.durations.observe(took.as_secs_f64());
                     if let Some(entry) = r.held.get(&id) {
                         r.ops.push(Op::Ok {
                             entry: entry.clone(),
@@ -364,17 +363,8 @@ impl QueueRt {
                     attempts,
                     reason,
                     watched,
-                    took,
-                    failed,
+                    ..
                 } => {
-                    if let Some(t) = took {
-                        self.counters.durations.observe(t.as_secs_f64());
-                    }
-                    if failed {
-                        self.counters.fail += 1;
-                    } else if took.is_some() {
-                        self.counters.dropped += 1;
-                    }
                     // The dead letters of a Redis queue live in Redis.
                     self.state.forget_dead(id);
                     r.retried.remove(&id);
@@ -388,19 +378,11 @@ impl QueueRt {
                         });
                     }
                 }
-                JobEvent::Attempt {
-                    id, attempts, took, ..
-                } => {
-                    if let Some(t) = took {
-                        self.counters.fail += 1;
-                        self.counters.durations.observe(t.as_secs_f64());
-                    }
-                    self.counters.retried += 1;
+                JobEvent::Attempt { id, attempts, .. } => {
                     r.retried.insert(id);
                     r.ops.push(Op::Attempt { id, attempts });
                 }
-                JobEvent::Requeued { .. } => {}
-                JobEvent::TimedOut { .. } => self.counters.timeout += 1,
+                JobEvent::Requeued { .. } | JobEvent::TimedOut { .. } => {}
             }
         }
     }
