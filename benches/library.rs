@@ -37,7 +37,7 @@
 
 mod common;
 
-use common::{machine, sys, today};
+use common::{machine, sys, table, today};
 use std::fmt::Write as _;
 use std::fs::{self, File};
 use std::io::{Read, Write as _};
@@ -962,32 +962,6 @@ fn render(opts: &Options, load: &str, lib: &Figures, bin: &Figures, peer: &Peer)
          binary's master and PSS no more than 1.2×.",
         HEALTHY_AFTER.as_millis()
     );
-    out
-}
-
-/// A Markdown table, every column padded to its widest cell.
-fn table(head: &[String], rows: &[Vec<String>]) -> String {
-    let mut widths = vec![0; head.len()];
-    for r in std::iter::once(head).chain(rows.iter().map(Vec::as_slice)) {
-        for (w, c) in widths.iter_mut().zip(r) {
-            *w = (*w).max(c.chars().count());
-        }
-    }
-    let mut out = String::new();
-    let mut line = |cells: &[String]| {
-        out.push('|');
-        for (c, w) in cells.iter().zip(&widths) {
-            let pad = w - c.chars().count();
-            let _ = write!(out, " {c}{} |", " ".repeat(pad));
-        }
-        out.push('\n');
-    };
-    line(head);
-    let rule: Vec<String> = widths.iter().map(|&w| "-".repeat(w)).collect();
-    line(&rule);
-    for r in rows {
-        line(r);
-    }
     out
 }
 

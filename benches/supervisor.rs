@@ -30,7 +30,7 @@
 
 mod common;
 
-use common::{machine, today};
+use common::{machine, table, today};
 use std::fmt::Write as _;
 use std::fs::{self, File};
 use std::io::{self, Read};
@@ -1260,32 +1260,6 @@ fn grown(g: &Growth, base: &Report, r: &Report) -> String {
         }
         Growth::Not => String::new(),
     }
-}
-
-/// A Markdown-style table, every column padded to its widest cell.
-fn table(head: &[String], rows: &[Vec<String>]) -> String {
-    let mut widths = vec![0; head.len()];
-    for r in std::iter::once(head).chain(rows.iter().map(Vec::as_slice)) {
-        for (w, c) in widths.iter_mut().zip(r) {
-            *w = (*w).max(c.chars().count());
-        }
-    }
-    let mut out = String::new();
-    let mut line = |cells: &[String]| {
-        out.push('|');
-        for (c, w) in cells.iter().zip(&widths) {
-            let pad = w - c.chars().count();
-            let _ = write!(out, " {c}{} |", " ".repeat(pad));
-        }
-        out.push('\n');
-    };
-    line(head);
-    let rule: Vec<String> = widths.iter().map(|&w| "-".repeat(w)).collect();
-    line(&rule);
-    for r in rows {
-        line(r);
-    }
-    out
 }
 
 /// " (built from git COMMIT)" when `bin` is this crate's own binary and git knows the commit.

@@ -177,9 +177,9 @@ pub fn echo_worker() -> Result<std::path::PathBuf, String> {
 }
 
 /// A Markdown-style table, every column padded to its widest cell.
-pub fn table(head: &[&str], rows: &[Vec<String>]) -> String {
+pub fn table<S: AsRef<str>>(head: &[S], rows: &[Vec<String>]) -> String {
     use std::fmt::Write;
-    let head: Vec<String> = head.iter().map(|h| h.to_string()).collect();
+    let head: Vec<String> = head.iter().map(|h| h.as_ref().to_string()).collect();
     let mut widths = vec![0; head.len()];
     for r in std::iter::once(&head).chain(rows) {
         for (w, c) in widths.iter_mut().zip(r) {
